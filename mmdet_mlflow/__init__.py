@@ -1,0 +1,1 @@
+"""mmdet-mlflow's library beyond the served model: CLI, data, training, evaluation, Azure."""

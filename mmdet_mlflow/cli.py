@@ -1,0 +1,41 @@
+"""``mmdet-mlflow``: one command, a subcommand per job. Each subcommand lives in
+``mmdet_mlflow/commands/<name>.py`` with ``add_parser(subparsers)``; its handler only turns
+arguments into a library call."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = ("package", "predict")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mmdet-mlflow",
+        description="RTMDet-Ins instance segmentation as an MLflow model: package, predict, "
+                    "fine-tune, evaluate, serve and deploy on Azure ML.")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"mmdet_mlflow.commands.{name}").add_parser(subparsers)
+    return parser
+
+
+def main(argv=None) -> int:
+    from mlflow_model.checkpoints import CheckpointError
+    from mlflow_model.configs import ConfigError
+    from scoring.errors import InputError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args) or 0
+    except (CheckpointError, ConfigError, InputError, FileNotFoundError, FileExistsError) as err:
+        print(f"mmdet-mlflow {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mmdet-mlflow {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

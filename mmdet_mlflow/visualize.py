@@ -1,0 +1,49 @@
+"""Pictures of predictions: the public response (normalized boxes and polygons) drawn on the
+image, so anything that has a response (CLI, servers, evaluation) draws the same way."""
+from __future__ import annotations
+
+import colorsys
+import zlib
+
+import cv2
+import numpy as np
+
+
+def label_color(label: str) -> tuple[int, int, int]:
+    """A stable, distinct BGR colour per label."""
+    hue = (zlib.crc32(label.encode()) % 360) / 360.0
+    r, g, b = colorsys.hsv_to_rgb(hue, 0.75, 1.0)
+    return int(b * 255), int(g * 255), int(r * 255)
+
+
+def draw_detections(image_bgr: np.ndarray, boxes: list[dict], alpha: float = 0.45) -> np.ndarray:
+    """A copy of the image with each detection's polygons filled, its box and 'label score'."""
+    height, width = image_bgr.shape[:2]
+    scale = np.array([width, height], dtype=np.float64)
+    overlay = image_bgr.copy()
+    out = image_bgr.copy()
+    for det in boxes:
+        color = label_color(det["label"])
+        polygons = [np.round(np.asarray(seg, dtype=np.float64).reshape(-1, 2) * scale).astype(np.int32)
+                    for seg in det.get("polygon") or [] if len(seg) >= 6]
+        if polygons:
+            cv2.fillPoly(overlay, polygons, color)
+    cv2.addWeighted(overlay, alpha, out, 1 - alpha, 0, dst=out)
+    thickness = max(1, round(min(width, height) / 400))
+    font_scale = max(0.4, min(width, height) / 1000)
+    for det in boxes:
+        color = label_color(det["label"])
+        b = det["box"]
+        p1 = (int(round(b["topX"] * width)), int(round(b["topY"] * height)))
+        p2 = (int(round(b["bottomX"] * width)), int(round(b["bottomY"] * height)))
+        cv2.rectangle(out, p1, p2, color, thickness)
+        for seg in det.get("polygon") or []:
+            pts = np.round(np.asarray(seg, dtype=np.float64).reshape(-1, 2) * scale).astype(np.int32)
+            cv2.polylines(out, [pts], True, color, thickness)
+        text = f"{det['label']} {det['score']:.2f}"
+        (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, font_scale, thickness)
+        y = max(p1[1], th + base)
+        cv2.rectangle(out, (p1[0], y - th - base), (p1[0] + tw, y), color, -1)
+        cv2.putText(out, text, (p1[0], y - base), cv2.FONT_HERSHEY_SIMPLEX, font_scale,
+                    (0, 0, 0), thickness, cv2.LINE_AA)
+    return out

@@ -1,0 +1,38 @@
+"""Session fixtures: one tiny RTMDet-Ins checkpoint in the official format, one packaged model
+and a few test pictures, made once and shared (keeps the suite fast)."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+os.environ.setdefault("MLFLOW_TRACKING_URI", "sqlite:///" + str(ROOT / "outputs" / "test-mlflow.db"))
+os.environ.setdefault("MMDET_MLFLOW_CACHE", str(ROOT / "outputs" / "test-cache"))
+
+from helpers import TINY, make_official_checkpoint, scene_image, write_png  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    return make_official_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny_coco.pth")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_checkpoint) -> Path:
+    import mlflow_model
+
+    path = tmp_path_factory.mktemp("models") / "tiny"
+    mlflow_model.save_model(path, TINY, str(tiny_checkpoint))
+    return path
+
+
+@pytest.fixture(scope="session")
+def image_files(tmp_path_factory) -> list[Path]:
+    """Two PNGs of different sizes and aspect ratios (lossless: exact pixels everywhere)."""
+    folder = tmp_path_factory.mktemp("images")
+    return [write_png(folder / "scene0.png", scene_image(320, 240, 0)),
+            write_png(folder / "scene1.png", scene_image(200, 300, 1))]

@@ -1,0 +1,119 @@
+"""Small test utilities shared by the test modules (real files, real processes)."""
+from __future__ import annotations
+
+import base64
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+TINY = "rtmdet-ins_tiny_8xb32-300e_coco"
+X = "rtmdet-ins_x_8xb16-300e_coco"
+VENV_BIN = Path(sys.executable).parent
+
+
+def make_official_checkpoint(path: Path, config: str = TINY, classes=None, seed: int = 0,
+                             confident: bool = True) -> Path:
+    """A checkpoint in the format mmdet publishes (``{"meta": ..., "state_dict": ...}``), from
+    the same config, with randomly initialised weights. ``confident`` lifts the classifier
+    biases so that an untrained model still yields detections worth comparing."""
+    import torch
+    from mmdet.evaluation import get_classes
+    from mmdet.registry import MODELS
+    from mmengine.registry import init_default_scope
+
+    from mlflow_model.configs import load_config
+
+    classes = list(classes or get_classes("coco"))
+    torch.manual_seed(seed)
+    init_default_scope("mmdet")
+    cfg = load_config(config, num_classes=len(classes))
+    model = MODELS.build(cfg.model)
+    model.init_weights()
+    if confident:
+        with torch.no_grad():
+            for conv in model.bbox_head.rtm_cls:
+                conv.bias.normal_(-1.0, 1.0)
+    torch.save({"meta": {"mmdet_version": "3.3.0", "dataset_meta": {"classes": tuple(classes)}},
+                "state_dict": model.state_dict()}, path)
+    return path
+
+
+def scene_image(width: int, height: int, seed: int) -> np.ndarray:
+    """A BGR test picture: textured background with a few filled shapes (red and blue differ,
+    so a channel swap changes what the model sees)."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    img = np.full((height, width, 3), (40, 90, 160), np.uint8)
+    img[:] = (img + rng.integers(0, 40, img.shape)).clip(0, 255).astype(np.uint8)
+    for _ in range(4):
+        color = tuple(int(c) for c in rng.integers(0, 255, 3))
+        x, y = int(rng.integers(0, width - 40)), int(rng.integers(0, height - 40))
+        w, h = int(rng.integers(20, width // 2)), int(rng.integers(20, height // 2))
+        if rng.random() < 0.5:
+            cv2.rectangle(img, (x, y), (x + w, y + h), color, -1)
+        else:
+            cv2.ellipse(img, (x, y), (w // 2, h // 2), 0, 0, 360, color, -1)
+    return img
+
+
+def write_png(path: Path, image_bgr: np.ndarray) -> Path:
+    import cv2
+
+    cv2.imwrite(str(path), image_bgr)
+    return path
+
+
+def b64(path: Path) -> str:
+    return base64.b64encode(Path(path).read_bytes()).decode()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_http(url: str, process: subprocess.Popen, timeout: float = 180) -> None:
+    import requests
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode} before answering {url}")
+        try:
+            if requests.get(url, timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {timeout} s")
+
+
+@contextlib.contextmanager
+def running(cmd: list[str], health_url: str, log_path: Path, env=None, cwd=None, timeout: float = 180):
+    """Start a server process, wait until ``health_url`` answers 200, stop it afterwards."""
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=cwd,
+                                   env={**os.environ, **(env or {})}, start_new_session=True)
+        try:
+            try:
+                wait_for_http(health_url, process, timeout)
+            except Exception:
+                log.flush()
+                raise RuntimeError(f"{cmd[0]} did not start:\n{Path(log_path).read_text()[-4000:]}")
+            yield process
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, 15)
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, 9)
+                process.wait()
