@@ -218,12 +218,14 @@ def _local_path(value: str, folder: Path) -> Path:
             remote = remote.split("/paths/", 1)[1]
         parts = [p for p in remote.split("/") if p]
         candidates = [folder.joinpath(*parts[i:]) for i in range(len(parts))]
+        candidates = [Path(os.path.normpath(c)) for c in candidates]
         for candidate in candidates:
             if candidate.exists():
                 return candidate
         return candidates[0] if candidates else folder
     path = Path(value).expanduser()
-    return path if path.is_absolute() else folder / path
+    # normpath, not resolve: "train/../images/1.jpg" -> "images/1.jpg", symlinks left alone
+    return Path(os.path.normpath(path if path.is_absolute() else folder / path))
 
 
 def _load_jsonl_files(files: list[Path], classes, validate: bool, source) -> Dataset:
@@ -637,3 +639,18 @@ def convert(input_path, output_path, classes: list[str] | None = None, validate:
         write_jsonl(dataset, jsonl)
         write_mltable(output, jsonl)
     return dataset
+
+
+def response_boxes(record: ImageRecord, score: float = 1.0) -> list[dict]:
+    """An image's ground truth in the public response format (normalized box and polygons), so
+    it is drawn by the same ``visualize.draw_detections`` as predictions."""
+    from scoring.encode import normalized_segments
+    from scoring.schema import detection_record
+
+    size = (record.width, record.height)
+    boxes = []
+    for inst in record.instances:
+        x, y, w, h = inst.bbox()
+        segments = normalized_segments([np.asarray(s, dtype=np.float64).reshape(-1, 2) for s in inst.polygons], size)
+        boxes.append(detection_record((x, y, x + w, y + h), size, inst.label, score, segments))
+    return boxes
