@@ -401,14 +401,17 @@ def _load_coco(path: Path, classes, validate: bool) -> Dataset:
             problems.add(where, key, "missing or not a list (expected COCO instances JSON)")
     problems.raise_if_any(path)
 
-    category_ids, names = [], []
+    category_ids, names, broken_categories = [], [], set()
     for i, cat in enumerate(doc["categories"]):
-        if not isinstance(cat, dict) or not isinstance(cat.get("id"), int) \
-                or not isinstance(cat.get("name"), str) or not cat["name"].strip():
-            problems.add(where, f"categories[{i}]", f"expected an integer id and a non-empty name, got {cat!r}")
+        if not isinstance(cat, dict) or not isinstance(cat.get("id"), int):
+            problems.add(f"{where}: categories[{i}]", "id", f"expected an integer id, got {cat!r}")
+            continue
+        if not isinstance(cat.get("name"), str) or not cat["name"].strip():
+            problems.add(f"{where}: categories[{i}]", "name", f"missing or empty (id {cat['id']})")
+            broken_categories.add(cat["id"])   # its annotations are not reported again
             continue
         if cat["id"] in category_ids:
-            problems.add(where, f"categories[{i}].id", f"duplicate category id {cat['id']}")
+            problems.add(f"{where}: categories[{i}]", "id", f"duplicate category id {cat['id']}")
             continue
         category_ids.append(cat["id"])
         names.append(cat["name"])
@@ -420,7 +423,7 @@ def _load_coco(path: Path, classes, validate: bool) -> Dataset:
         fld = f"images[{i}]"
         if not isinstance(image, dict) or not isinstance(image.get("id"), int) \
                 or not isinstance(image.get("file_name"), str) or not image["file_name"]:
-            problems.add(where, fld, "expected an integer id and a file_name")
+            problems.add(f"{where}: {fld}", "id/file_name", "expected an integer id and a file_name")
             continue
         iwhere = f"{where}: {fld} (id {image['id']})"
         if image["id"] in records:
@@ -450,6 +453,8 @@ def _load_coco(path: Path, classes, validate: bool) -> Dataset:
         if record is None:
             if not any(isinstance(im, dict) and im.get("id") == ann.get("image_id") for im in doc["images"]):
                 problems.add(awhere, "image_id", f"no image with id {ann.get('image_id')!r}")
+            continue
+        if ann.get("category_id") in broken_categories:
             continue
         if ann.get("category_id") not in name_of:
             problems.add(awhere, "category_id", f"no category with id {ann.get('category_id')!r}")

@@ -36,6 +36,7 @@ VIVID = [(40, 40, 200), (200, 90, 30), (40, 150, 40), (30, 140, 230), (150, 40, 
 class SynthObject:
     label: str
     mask: np.ndarray          # bool (H, W): the visible part in the final image
+    hidden_pixels: int = 0    # pixels of its silhouette hidden by nearer objects
 
 
 @dataclass
@@ -277,7 +278,8 @@ def synth_scene(seed: int, index: int) -> Scene:
 
     image += rng.normal(0, 3.0, (height, width, 1)).astype(np.float32)   # sensor noise
     image = np.clip(image, 0, 255).astype(np.uint8)
-    return Scene(image=image, objects=[SynthObject(placed[i][0], v) for i, v in zip(keep, visible)])
+    return Scene(image=image, objects=[SynthObject(placed[i][0], v, int(full_masks[i].sum() - v.sum()))
+                                      for i, v in zip(keep, visible)])
 
 
 def _visible_masks(masks: list[np.ndarray]) -> list[np.ndarray]:
