@@ -234,6 +234,8 @@ def _load_jsonl_files(files: list[Path], classes, validate: bool, source) -> Dat
     for file in files:
         located.extend(_read_jsonl(file, problems, validate))
     problems.raise_if_any(source)
+    if not located:
+        raise DataError(f"{source}: no images (no JSON lines with an image_url)")
     images = [record for _, record in located]
     labels = sorted({inst.label for rec in images for inst in rec.instances})
     dataset = Dataset(images=images, classes=list(classes) if classes is not None else labels)
@@ -468,6 +470,9 @@ def _load_coco(path: Path, classes, validate: bool) -> Dataset:
                 problems.add(awhere, "segmentation", f"invalid RLE: {err}")
                 continue
             mask = mask_utils.decode(rle).astype(bool)
+            if not mask.any():
+                problems.add(awhere, "segmentation", "RLE mask is empty")
+                continue
             polygons = [p.ravel().astype(float).tolist() for p in mask_polygons(mask, 0)]
             instance = Instance(label=name_of[ann["category_id"]], polygons=polygons, iscrowd=iscrowd,
                                 rle={"size": list(rle["size"]), "counts": rle["counts"].decode()})
@@ -480,6 +485,8 @@ def _load_coco(path: Path, classes, validate: bool) -> Dataset:
             instance = Instance(label=name_of[ann["category_id"]], polygons=segments, iscrowd=iscrowd)
         record.instances.append(instance)
     problems.raise_if_any(path)
+    if not records:
+        raise DataError(f"{path}: images: no images")
 
     dataset = Dataset(images=list(records.values()), classes=names, category_ids=category_ids)
     if classes is not None:
@@ -557,7 +564,7 @@ def to_jsonl_rows(dataset: Dataset, relative_to: Path | None = None) -> list[dic
         scale = np.array([record.width, record.height], dtype=np.float64)
         labels = [{"label": inst.label, "isCrowd": int(inst.iscrowd),
                    "polygon": [np.round(np.clip(np.asarray(s, dtype=np.float64).reshape(-1, 2) / scale, 0, 1),
-                                        JSONL_DECIMALS).ravel().tolist() for s in inst.polygons]}
+                                        JSONL_DECIMALS).ravel().tolist() for s in _outline(inst)]}
                   for inst in record.instances]
         suffix = record.path.suffix.lower().lstrip(".")
         rows.append({"image_url": _path_text(record.path, relative_to),
@@ -565,6 +572,15 @@ def to_jsonl_rows(dataset: Dataset, relative_to: Path | None = None) -> list[dic
                                        "width": record.width, "height": record.height},
                      "label": labels})
     return rows
+
+
+def _outline(inst: Instance) -> list[list[float]]:
+    """Polygons for formats that only hold polygons (outer outlines: holes are not kept). An RLE
+    mask too small to trace (a pixel or two) becomes its box."""
+    if inst.polygons:
+        return inst.polygons
+    x, y, w, h = inst.bbox()
+    return [[x, y, x + w, y, x + w, y + h, x, y + h]]
 
 
 def _path_text(path: Path, relative_to: Path | None) -> str:

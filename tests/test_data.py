@@ -253,6 +253,12 @@ def test_all_problems_reported_in_one_error_up_to_a_cap(tmp_path):
                                "(Expecting property name enclosed in double quotes at column 2)"
 
 
+def test_no_images_is_an_error(tmp_path):
+    path = write_lines(tmp_path / "t.jsonl", [])
+    with pytest.raises(DataError, match="no images"):
+        load_dataset(path)
+
+
 def test_validate_false_does_not_open_images(tmp_path):
     path = write_lines(tmp_path / "t.jsonl", [row("images/not-yet-there.png")])
     dataset = load_dataset(path, validate=False)
@@ -274,11 +280,16 @@ COCO_ERRORS = [  # (change to the document, where, field, problem)
     (lambda d: d["annotations"][0].update(image_id=5), "annotations[0] (id 100)", "image_id",
      "no image with id 5"),
     (lambda d: d["categories"][0].update(name=""), "categories[0]", "name", "missing or empty (id 9)"),
+    (lambda d: d["annotations"][2].update(segmentation={"size": [40, 32], "counts": [1280]}),
+     "annotations[2] (id 102)", "segmentation", "RLE mask is empty"),
+    (lambda d: d["annotations"][2].update(segmentation={"size": [40, 31], "counts": [1240]}),
+     "annotations[2] (id 102)", "segmentation", "invalid RLE: size [40, 31] differs"),
 ]
 
 
 @pytest.mark.parametrize("change, where, fld, problem", COCO_ERRORS,
-                         ids=["missing", "size", "outside", "two-points", "category", "image", "empty-name"])
+                         ids=["missing", "size", "outside", "two-points", "category", "image", "empty-name",
+                              "empty-rle", "rle-size"])
 def test_each_coco_problem_names_file_record_and_field(tmp_path, change, where, fld, problem):
     path = coco_doc(tmp_path)
     doc = json.loads(path.read_text())
@@ -336,3 +347,26 @@ def test_written_files_are_complete_or_absent(tmp_path):
     with pytest.raises(DataError, match="label 'can' is not one of the dataset's classes"):
         write_coco(dataset, tmp_path / "x.json")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]   # no leftovers
+
+
+def test_mmdet_reads_our_coco_as_written(synth_dir, tmp_path):
+    """The fine-tune and evaluate code feeds our COCO to mmdet's CocoDataset: same images,
+    instances, boxes and masks."""
+    from mmdet.datasets import CocoDataset
+    from mmengine.registry import init_default_scope
+
+    dataset = load_dataset(synth_dir / "train.jsonl")
+    coco_path = write_coco(dataset, tmp_path / "elsewhere" / "train.json")    # absolute file names
+    init_default_scope("mmdet")
+    mm = CocoDataset(ann_file=str(coco_path), data_prefix=dict(img=""), metainfo=dict(classes=tuple(dataset.classes)),
+                     filter_cfg=dict(filter_empty_gt=False),
+                     pipeline=[dict(type="LoadImageFromFile"),
+                               dict(type="LoadAnnotations", with_bbox=True, with_mask=True, poly2mask=True)])
+    assert len(mm) == len(dataset.images)
+    for i, record in enumerate(dataset.images):
+        item = mm[i]
+        assert item["img_path"] == str(record.path) and item["img"].shape[:2] == (record.height, record.width)
+        assert [dataset.classes[k] for k in item["gt_bboxes_labels"]] == [inst.label for inst in record.instances]
+        boxes = [[x, y, x + w, y + h] for x, y, w, h in (inst.bbox() for inst in record.instances)]
+        np.testing.assert_allclose(item["gt_bboxes"].numpy(), np.reshape(boxes, (-1, 4)), atol=1e-4)
+        assert item["gt_masks"].masks.shape == (len(record.instances), record.height, record.width)
