@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
@@ -37,8 +38,10 @@ def test_same_seed_same_bytes_other_seed_other_images(synth_dir, tmp_path):
 
 def test_layout_and_every_form_loads_the_same_validated_data(synth_dir):
     assert sorted(p.name for p in synth_dir.iterdir()) == [
-        "images", "train", "train.coco.json", "train.jsonl", "validation", "validation.coco.json",
-        "validation.jsonl"]
+        "images", "preview.png", "train", "train.coco.json", "train.jsonl", "validation",
+        "validation.coco.json", "validation.jsonl"]
+    preview = cv2.imread(str(synth_dir / "preview.png"))
+    assert preview.shape == (600, 1200, 3)               # 2 rows x 3 columns of 400x300 tiles
     assert len(list((synth_dir / "images").glob("*.jpg"))) == 10
     splits = {}
     for split in ("train", "validation"):
