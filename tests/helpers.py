@@ -121,7 +121,8 @@ def running(cmd: list[str], health_url: str, log_path: Path, env=None, cwd=None,
     """Start a server process, wait until ``health_url`` answers 200, stop it afterwards."""
     with open(log_path, "wb") as log:
         process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=cwd,
-                                   env={**os.environ, **(env or {})}, start_new_session=True)
+                                   env={**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}",
+                                        **(env or {})}, start_new_session=True)
         try:
             try:
                 wait_for_http(health_url, process, timeout)
