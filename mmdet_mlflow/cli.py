@@ -7,7 +7,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("package", "predict")
+COMMANDS = ("package", "predict", "batch")
 
 
 def build_parser() -> argparse.ArgumentParser:

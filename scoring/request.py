@@ -77,10 +77,17 @@ def split_frame(split: Any, key: str = "input_data") -> pd.DataFrame:
         rows.append(row)
     frame = pd.DataFrame(rows, columns=columns, index=index)
     for label, value in frame[INPUT_COLUMN].items():
-        if not isinstance(value, str):
-            raise InputError(f"the {INPUT_COLUMN!r} value must be a base64 string or an http(s) "
-                             f"URL, got {_preview(value)}", row=label)
+        problem = image_value_problem(value)
+        if problem:
+            raise InputError(problem, row=label)
     return frame
+
+
+def image_value_problem(value: Any) -> str | None:
+    """What is wrong with a request's image value before decoding (it must be a string)."""
+    if isinstance(value, str):
+        return None
+    return f"the {INPUT_COLUMN!r} value must be a base64 string or an http(s) URL, got {_preview(value)}"
 
 
 def _keys() -> str:
@@ -88,5 +95,8 @@ def _keys() -> str:
 
 
 def _preview(value: Any) -> str:
-    text = json.dumps(value) if not isinstance(value, str) else repr(value)
+    try:
+        text = repr(value) if isinstance(value, str) else json.dumps(value)
+    except (TypeError, ValueError):  # numpy scalars and the like, from tables
+        text = f"{type(value).__name__} {value!r}"
     return text if len(text) <= 60 else text[:60] + "..."

@@ -55,12 +55,13 @@ def find_model_dir(root: str | os.PathLike) -> Path:
                             f"{SEARCH_DEPTH} folder levels below it")
 
 
-def init():
-    """Load the model once per worker; a failure here fails the deployment, with the reason."""
+def init(model_root: str | os.PathLike | None = None):
+    """Load the model once per worker (from ``model_root``, by default AZUREML_MODEL_DIR); a
+    failure here fails the deployment, with the reason."""
     global model
     import mlflow.pyfunc
 
-    model_dir = find_model_dir(os.environ.get(MODEL_DIR_ENV, "."))
+    model_dir = find_model_dir(model_root or os.environ.get(MODEL_DIR_ENV, "."))
     logger.info("loading the MLflow model in %s", model_dir)
     model = mlflow.pyfunc.load_model(str(model_dir))
     import scoring
