@@ -23,6 +23,22 @@ SERVER = ("import sys; from azureml_inference_server_http import amlserver; "
 
 
 @pytest.fixture(scope="module")
+def image_server(image_files):
+    """The test images over HTTP on 127.0.0.1 (allow-listed for the scoring server)."""
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(image_files[0].parent))
+    handler.log_message = lambda *args: None
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_model_dir):
     base = tmp_path_factory.mktemp("azure-online")
     app = base / "app"
@@ -35,7 +51,8 @@ def server(tmp_path_factory, tiny_model_dir):
            "--model_dir", str(model_root), "--port", str(port)]
     log = base / "server.log"
     with running(cmd, f"http://127.0.0.1:{port}/", log, cwd=app,
-                 env={"PYTHONPATH": "", "AML_APP_ROOT": str(app), "WORKER_COUNT": "1"}):
+                 env={"PYTHONPATH": "", "AML_APP_ROOT": str(app), "WORKER_COUNT": "1",
+                      "MMDET_MLFLOW_URL_ALLOWLIST": "127.0.0.1/32"}):
         # the liveness route answers before init() finishes; wait until scoring works
         _wait_ready(f"http://127.0.0.1:{port}")
         yield f"http://127.0.0.1:{port}", log, model_root / "tiny-model"
@@ -60,12 +77,17 @@ def _seed_request(image_files, **extra) -> dict:
                            "data": [b64(p) for p in image_files]}, **extra}
 
 
-def _expected(tiny_model_dir, image_files, params=None) -> list:
+@pytest.fixture(scope="module")
+def pyfunc(tiny_model_dir):
     import mlflow
 
-    model = mlflow.pyfunc.load_model(str(tiny_model_dir))
+    return mlflow.pyfunc.load_model(str(tiny_model_dir))
+
+
+def _expected(pyfunc, image_files, params=None) -> list:
+    """What the model's pyfunc answers (as under mlflow models serve)."""
     frame = pd.DataFrame({"image": [b64(p) for p in image_files]})
-    return model.predict(frame, params=params).to_dict(orient="records")
+    return pyfunc.predict(frame, params=params).to_dict(orient="records")
 
 
 def test_liveness_and_readiness_routes(server):
@@ -75,13 +97,13 @@ def test_liveness_and_readiness_routes(server):
     assert requests.get(f"{url}/swagger.json", timeout=10).status_code in (200, 404)
 
 
-def test_seed_request_gives_the_seed_response(server, image_files, tiny_model_dir):
+def test_seed_request_gives_the_seed_response(server, image_files, pyfunc):
     url, log, model_dir = server
     response = requests.post(f"{url}/score", json=_seed_request(image_files), timeout=120)
     assert response.status_code == 200, response.text
     body = response.json()
     assert isinstance(body, list) and len(body) == 2
-    assert body == _expected(tiny_model_dir, image_files)
+    assert body == _expected(pyfunc, image_files)
     assert any(body[i]["boxes"] for i in range(2)), "the tiny model should find something"
     for entry in body:
         assert set(entry) == {"boxes"}
@@ -93,17 +115,30 @@ def test_seed_request_gives_the_seed_response(server, image_files, tiny_model_di
     assert f"scoring code from {model_dir / 'code'}" in log.read_text()
 
 
-def test_params_and_dataframe_split(server, image_files, tiny_model_dir):
+def test_params_and_dataframe_split(server, image_files, pyfunc):
     url, _, _ = server
     params = {"score_threshold": 0.6, "max_detections": 3}
     response = requests.post(f"{url}/score", json=_seed_request(image_files, params=params), timeout=120)
     assert response.status_code == 200, response.text
     body = response.json()
-    assert body == _expected(tiny_model_dir, image_files, params)
+    assert body == _expected(pyfunc, image_files, params)
     assert all(len(e["boxes"]) <= 3 and all(d["score"] >= 0.6 for d in e["boxes"]) for e in body)
     split = {"dataframe_split": {"columns": ["image"], "index": [0, 1],
                                  "data": [[b64(p)] for p in image_files]}, "params": params}
     assert requests.post(f"{url}/score", json=split, timeout=120).json() == body
+
+
+def test_image_urls_from_an_allow_listed_host(server, image_server, image_files, pyfunc):
+    url, _, _ = server
+    request = {"input_data": {"columns": ["image"], "index": [0, 1],
+                              "data": [f"{image_server}/{image_files[0].name}", b64(image_files[1])]}}
+    response = requests.post(f"{url}/score", json=request, timeout=120)
+    assert response.status_code == 200, response.text
+    assert response.json() == _expected(pyfunc, image_files)
+    request["input_data"]["data"][0] = f"{image_server}/missing.png"
+    response = requests.post(f"{url}/score", json=request, timeout=120)
+    assert response.status_code == 400 and response.json()["message"].startswith("row 0: fetching")
+    assert "HTTP 404" in response.json()["message"]
 
 
 @pytest.mark.parametrize("body, message", [
@@ -120,6 +155,7 @@ def test_params_and_dataframe_split(server, image_files, tiny_model_dir):
      "row 0: not an image"),
     (json.dumps({"input_data": {"data": ["http://169.254.169.254/latest/meta-data/"]}}),
      "row 0: refusing to fetch .*link-local"),
+    (json.dumps({"input_data": {"data": ["http://10.0.0.7/cat.png"]}}), "row 0: refusing .*private"),
     (json.dumps({"input_data": {"data": ["aGVsbG8="]}, "params": {"score_threshold": 7}}),
      "score_threshold' must be between 0.0 and 1.0"),
     (json.dumps({"input_data": {"data": ["aGVsbG8="]}, "params": {"score_threshold": "high"}}),
@@ -161,3 +197,19 @@ def test_get_is_not_allowed(server):
     url, _, _ = server
     response = requests.get(f"{url}/score", timeout=30)
     assert response.status_code == 405 and "POST" in response.json()["message"]
+
+
+def test_find_model_dir(tmp_path):
+    from scoring.score import find_model_dir
+
+    (tmp_path / "MLmodel").write_text("")
+    assert find_model_dir(tmp_path) == tmp_path
+    deeper = tmp_path / "deep"
+    for version in ("1", "2"):
+        (deeper / "name" / version / "model").mkdir(parents=True)
+        (deeper / "name" / version / "model" / "MLmodel").write_text("")
+    with pytest.raises(RuntimeError, match="2 MLflow models .*deploy one"):
+        find_model_dir(deeper)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no MLflow model"):
+        find_model_dir(tmp_path / "empty")
