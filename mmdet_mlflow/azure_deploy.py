@@ -197,22 +197,37 @@ def _without_empty(data):
     return data
 
 
-def write_yaml(kind: str, entities, out_dir: Path, with_environment: bool = True) -> dict[str, Path]:
-    """Write ``<kind>-endpoint.yml`` and ``<kind>-deployment.yml`` (and ``environment.yml`` when
-    the deployment uses this repo's environment) to ``out_dir``. Returns name -> path."""
+def yaml_texts(kind: str, entities, base_dir: Path, with_environment: bool = True) -> dict[str, str]:
+    """``<kind>-endpoint.yml``, ``<kind>-deployment.yml`` and (when the deployment uses this
+    repo's environment) ``environment.yml``, as text for files in ``base_dir``."""
     endpoint, deployment, env = entities
+    base_dir = Path(base_dir).resolve()
+    if kind == "online":
+        # The service refuses traffic for a deployment that does not exist yet, so the endpoint
+        # file carries none; deploy() and the commands below set it once the deployment is up.
+        traffic = dict(endpoint.traffic or {})
+        endpoint.traffic = {}
+        shown = ",".join(f"{name}={percent}" for name, percent in traffic.items())
+        endpoint_text = (f"# Traffic ({shown}) is set once the deployment exists:\n"
+                         f"#   az ml online-endpoint update -n {endpoint.name} --traffic \"{shown}\"\n"
+                         + entity_yaml(endpoint, "managedOnlineEndpoint", base_dir))
+        endpoint.traffic = traffic
+        files = {"online-endpoint.yml": endpoint_text,
+                 "online-deployment.yml": entity_yaml(deployment, "managedOnlineDeployment", base_dir)}
+    else:
+        files = {"batch-endpoint.yml": entity_yaml(endpoint, "batchEndpoint", base_dir),
+                 "batch-deployment.yml": entity_yaml(deployment, "modelBatchDeployment", base_dir)}
+    if env is not None and with_environment:
+        files["environment.yml"] = environment_yaml(base_dir)
+    return files
+
+
+def write_yaml(kind: str, entities, out_dir: Path) -> dict[str, Path]:
+    """Write yaml_texts() to ``out_dir``. Returns name -> path."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    endpoint_schema, deployment_schema = {
-        "online": ("managedOnlineEndpoint", "managedOnlineDeployment"),
-        "batch": ("batchEndpoint", "modelBatchDeployment"),
-    }[kind]
-    files = {f"{kind}-endpoint.yml": entity_yaml(endpoint, endpoint_schema, out_dir),
-             f"{kind}-deployment.yml": entity_yaml(deployment, deployment_schema, out_dir)}
-    if env is not None and with_environment:
-        files["environment.yml"] = environment_yaml(out_dir)
     written = {}
-    for name, text in files.items():
+    for name, text in yaml_texts(kind, entities, out_dir).items():
         (out_dir / name).write_text(text)
         written[name] = out_dir / name
     return written
@@ -419,11 +434,8 @@ def example_files() -> dict[Path, str]:
     for kind, settings in EXAMPLES.items():
         out_dir = REPO / "components" / f"deploy_{kind}"
         entities = (online_entities if kind == "online" else batch_entities)(settings())
-        endpoint, deployment, _ = entities
-        schemas = {"online": ("managedOnlineEndpoint", "managedOnlineDeployment"),
-                   "batch": ("batchEndpoint", "modelBatchDeployment")}[kind]
-        files[out_dir / f"{kind}-endpoint.yml"] = entity_yaml(endpoint, schemas[0], out_dir)
-        files[out_dir / f"{kind}-deployment.yml"] = entity_yaml(deployment, schemas[1], out_dir)
+        for name, text in yaml_texts(kind, entities, out_dir, with_environment=False).items():
+            files[out_dir / name] = text
         files[out_dir / "component.yml"] = component_yaml(kind)
     return files
 

@@ -153,7 +153,10 @@ def test_online_dry_run(tmp_path):
                                "--url-allowlist", "10.1.0.0/16,images.internal")
     assert set(loaded) == {"online-endpoint.yml", "online-deployment.yml", "environment.yml"}
     endpoint, deployment = loaded["online-endpoint.yml"], loaded["online-deployment.yml"]
-    assert endpoint.name == "seg-ep" and endpoint.traffic == {"blue": 100} and endpoint.auth_mode == "key"
+    assert endpoint.name == "seg-ep" and endpoint.auth_mode == "key"
+    # traffic goes to the deployment once it exists (the service refuses it before)
+    assert not endpoint.traffic
+    assert '#   az ml online-endpoint update -n seg-ep --traffic "blue=100"' in printed
     assert (_ref(deployment.model), deployment.instance_type, deployment.instance_count) == \
         ("seg:3", "Standard_F8s_v2", 2)
     settings = deployment.request_settings
