@@ -40,14 +40,16 @@ def _png() -> bytes:
 
 class Handler(http.server.BaseHTTPRequestHandler):
     png = _png()
+    hosts_seen: list = []  # the Host header of every request
 
     def log_message(self, *args):
         pass
 
     def do_GET(self):
+        self.hosts_seen.append(self.headers["Host"])
         path = self.path.split("?")[0]
         if path == "/img.png":
-            self._send(200, self.png, {"Content-Type": "image/png", "X-Host-Seen": self.headers["Host"]})
+            self._send(200, self.png, {"Content-Type": "image/png"})
         elif path.startswith("/redirect/"):
             self._send(302, b"", {"Location": {
                 "ok": "/img.png",
@@ -187,6 +189,62 @@ def test_connects_to_the_checked_address_with_the_host_header_of_the_name(server
     fetch.fetch_url(f"http://localhost:{port}/img.png")
     connected = {address[0] for address in CONNECTS[before:]}
     assert connected and connected <= set(target.addresses)
+    assert Handler.hosts_seen[-1] == f"localhost:{port}"
+
+
+def _certificate(tmp_path, name: str):
+    """A self-signed certificate for ``name`` (the test's own CA), as PEM files."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_file, key_file = tmp_path / f"{name}.pem", tmp_path / f"{name}.key"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_file, key_file
+
+
+@pytest.mark.parametrize("cert_name, ok", [("localhost", True), ("somewhere.else", False)])
+def test_https_uses_the_host_name_for_sni_and_the_certificate(tmp_path, monkeypatch, cert_name, ok):
+    """Connected to the checked address, TLS still sends the name (SNI) and verifies the
+    certificate against it."""
+    import ssl
+
+    cert_file, key_file = _certificate(tmp_path, cert_name)
+    server_names = []
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert_file, key_file)
+    context.sni_callback = lambda sock, name, ctx: server_names.append(name)
+    httpd = QuietServer(("127.0.0.1", 0), Handler)
+    httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert_file))  # trust only the test's certificate
+    monkeypatch.setenv(fetch.ALLOWLIST_ENV, "localhost")
+    url = f"https://localhost:{httpd.server_address[1]}/img.png"
+    try:
+        if ok:
+            assert fetch.fetch_url(url) == Handler.png
+        else:
+            with pytest.raises(InputError, match="certificate"):
+                fetch.fetch_url(url)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert "localhost" in server_names
 
 
 def test_http_errors_are_input_errors(server, allow_loopback):
