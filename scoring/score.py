@@ -67,6 +67,11 @@ def init(model_root: str | os.PathLike | None = None):
     import scoring
 
     logger.info("model loaded; scoring code from %s", Path(scoring.__file__).parent.parent)
+    try:
+        import scoring.request  # noqa: F401  (what run() parses requests with)
+    except ImportError:
+        raise RuntimeError(f"the model in {model_dir} was packaged by an mmdet-mlflow without "
+                           f"scoring.request; package it again with this version") from None
 
 
 @rawhttp
@@ -91,15 +96,21 @@ def run(request):
 
 
 def _read_body(request) -> bytes:
-    """The body, refused before it is read when its declared length is over the limit."""
+    """The body, refused before it is read when its declared length is over the limit, and as
+    soon as it passes the limit when it declares none (chunked)."""
     from scoring.request import MAX_REQUEST_BYTES, RequestTooLarge
 
     if request.content_length is not None and request.content_length > MAX_REQUEST_BYTES:
         raise RequestTooLarge(request.content_length)
-    body = request.stream.read(MAX_REQUEST_BYTES + 1)  # chunked bodies declare no length
-    if len(body) > MAX_REQUEST_BYTES:
-        raise RequestTooLarge(None)
-    return body
+    chunks, size = [], 0
+    while True:  # a stream read may return less than asked: read to the end
+        chunk = request.stream.read(min(1 << 20, MAX_REQUEST_BYTES + 1 - size))
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > MAX_REQUEST_BYTES:
+            raise RequestTooLarge(None)
 
 
 def _predict(body) -> list:

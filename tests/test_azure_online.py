@@ -128,6 +128,22 @@ def test_params_and_dataframe_split(server, image_files, pyfunc):
     assert requests.post(f"{url}/score", json=split, timeout=120).json() == body
 
 
+def test_a_large_request_is_read_whole(server, tmp_path, pyfunc):
+    """A multi-megabyte body (a noisy 1600x1200 PNG, ~7 MB of base64) arrives complete."""
+    import numpy as np
+
+    from helpers import write_png
+
+    noise = np.random.default_rng(0).integers(0, 255, (1200, 1600, 3), dtype=np.uint8)
+    big = write_png(tmp_path / "big.png", noise)
+    url, _, _ = server
+    body = {"input_data": {"columns": ["image"], "index": [0], "data": [b64(big)]}}
+    assert len(json.dumps(body)) > 5_000_000
+    response = requests.post(f"{url}/score", json=body, timeout=300)
+    assert response.status_code == 200, response.text
+    assert response.json() == _expected(pyfunc, [big])
+
+
 def test_image_urls_from_an_allow_listed_host(server, image_server, image_files, pyfunc):
     url, _, _ = server
     request = {"input_data": {"columns": ["image"], "index": [0, 1],
