@@ -53,23 +53,8 @@ def server(tmp_path_factory, tiny_model_dir):
     with running(cmd, f"http://127.0.0.1:{port}/", log, cwd=app,
                  env={"PYTHONPATH": "", "AML_APP_ROOT": str(app), "WORKER_COUNT": "1",
                       "MMDET_MLFLOW_URL_ALLOWLIST": "127.0.0.1/32"}):
-        # the liveness route answers before init() finishes; wait until scoring works
-        _wait_ready(f"http://127.0.0.1:{port}")
-        yield f"http://127.0.0.1:{port}", log, model_root / "tiny-model"
-
-
-def _wait_ready(url: str):
-    import time
-
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if requests.post(f"{url}/score", data="{}", timeout=5).status_code == 400:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError("the scoring route never answered")
+        log_when_healthy = log.read_text()  # running() returned: GET / has answered 200
+        yield f"http://127.0.0.1:{port}", log, model_root / "tiny-model", log_when_healthy
 
 
 def _seed_request(image_files, **extra) -> dict:
@@ -91,14 +76,17 @@ def _expected(pyfunc, image_files, params=None) -> list:
 
 
 def test_liveness_and_readiness_routes(server):
-    url, _, _ = server
+    """Azure probes GET / for both liveness and readiness: it must answer only once init() has
+    loaded the model (the worker accepts connections after init), then stay healthy."""
+    url, _, _, log_when_healthy = server
+    assert "model loaded; scoring code from" in log_when_healthy
+    assert "Users's init has completed successfully" in log_when_healthy
     live = requests.get(f"{url}/", timeout=10)
     assert live.status_code == 200 and live.text == "Healthy"
-    assert requests.get(f"{url}/swagger.json", timeout=10).status_code in (200, 404)
 
 
 def test_seed_request_gives_the_seed_response(server, image_files, pyfunc):
-    url, log, model_dir = server
+    url, log, model_dir, _ = server
     response = requests.post(f"{url}/score", json=_seed_request(image_files), timeout=120)
     assert response.status_code == 200, response.text
     body = response.json()
@@ -116,7 +104,7 @@ def test_seed_request_gives_the_seed_response(server, image_files, pyfunc):
 
 
 def test_params_and_dataframe_split(server, image_files, pyfunc):
-    url, _, _ = server
+    url = server[0]
     params = {"score_threshold": 0.6, "max_detections": 3}
     response = requests.post(f"{url}/score", json=_seed_request(image_files, params=params), timeout=120)
     assert response.status_code == 200, response.text
@@ -136,7 +124,7 @@ def test_a_large_request_is_read_whole(server, tmp_path, pyfunc):
 
     noise = np.random.default_rng(0).integers(0, 255, (1200, 1600, 3), dtype=np.uint8)
     big = write_png(tmp_path / "big.png", noise)
-    url, _, _ = server
+    url = server[0]
     body = {"input_data": {"columns": ["image"], "index": [0], "data": [b64(big)]}}
     assert len(json.dumps(body)) > 5_000_000
     response = requests.post(f"{url}/score", json=body, timeout=300)
@@ -145,7 +133,7 @@ def test_a_large_request_is_read_whole(server, tmp_path, pyfunc):
 
 
 def test_image_urls_from_an_allow_listed_host(server, image_server, image_files, pyfunc):
-    url, _, _ = server
+    url = server[0]
     request = {"input_data": {"columns": ["image"], "index": [0, 1],
                               "data": [f"{image_server}/{image_files[0].name}", b64(image_files[1])]}}
     response = requests.post(f"{url}/score", json=request, timeout=120)
@@ -181,7 +169,7 @@ def test_image_urls_from_an_allow_listed_host(server, image_server, image_files,
 def test_malformed_requests_get_400_naming_the_problem(server, body, message):
     import re
 
-    url, _, _ = server
+    url = server[0]
     response = requests.post(f"{url}/score", data=body, headers={"Content-Type": "application/json"},
                              timeout=60)
     assert response.status_code == 400, response.text
@@ -193,7 +181,7 @@ def test_malformed_requests_get_400_naming_the_problem(server, body, message):
 def test_oversized_request_is_refused_before_reading(server, monkeypatch):
     from scoring.request import MAX_REQUEST_BYTES
 
-    url, _, _ = server
+    url = server[0]
     # a declared length over the limit is refused without sending (or reading) the body
     import http.client
 
@@ -210,7 +198,7 @@ def test_oversized_request_is_refused_before_reading(server, monkeypatch):
 
 
 def test_get_is_not_allowed(server):
-    url, _, _ = server
+    url = server[0]
     response = requests.get(f"{url}/score", timeout=30)
     assert response.status_code == 405 and "POST" in response.json()["message"]
 
