@@ -224,3 +224,16 @@ def test_component_command_runs_main_as_azure_would(kind, required, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     for path in (tmp_path / "out").iterdir():
         load_azure_yaml(path)
+
+
+@pytest.mark.parametrize("existing, percent, expected", [
+    ({}, 100, {"blue": 100}),
+    ({"green": 100}, 100, {"green": 0, "blue": 100}),
+    ({"green": 100}, 10, {"green": 90, "blue": 10}),
+    ({"green": 50, "red": 50}, 10, {"green": 45, "red": 45, "blue": 10}),
+    ({"green": 67, "red": 33, "blue": 0}, 50, {"green": 34, "red": 16, "blue": 50}),
+    ({"blue": 100}, 100, {"blue": 100}),
+])
+def test_traffic_for_a_new_deployment_keeps_a_total_of_100(existing, percent, expected):
+    traffic = azure_deploy.traffic_with(existing, "blue", percent)
+    assert traffic == expected and sum(traffic.values()) == 100
