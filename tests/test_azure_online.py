@@ -69,6 +69,12 @@ def pyfunc(tiny_model_dir):
     return mlflow.pyfunc.load_model(str(tiny_model_dir))
 
 
+@pytest.fixture(scope="module")
+def expected_default(pyfunc, image_files) -> list:
+    """The pyfunc's answer for the two test images with the model's default params."""
+    return _expected(pyfunc, image_files)
+
+
 def _expected(pyfunc, image_files, params=None) -> list:
     """What the model's pyfunc answers (as under mlflow models serve)."""
     frame = pd.DataFrame({"image": [b64(p) for p in image_files]})
@@ -85,13 +91,13 @@ def test_liveness_and_readiness_routes(server):
     assert live.status_code == 200 and live.text == "Healthy"
 
 
-def test_seed_request_gives_the_seed_response(server, image_files, pyfunc):
+def test_seed_request_gives_the_seed_response(server, image_files, expected_default):
     url, log, model_dir, _ = server
     response = requests.post(f"{url}/score", json=_seed_request(image_files), timeout=120)
     assert response.status_code == 200, response.text
     body = response.json()
     assert isinstance(body, list) and len(body) == 2
-    assert body == _expected(pyfunc, image_files)
+    assert body == expected_default
     assert any(body[i]["boxes"] for i in range(2)), "the tiny model should find something"
     for entry in body:
         assert set(entry) == {"boxes"}
@@ -125,20 +131,21 @@ def test_a_large_request_is_read_whole(server, tmp_path, pyfunc):
     noise = np.random.default_rng(0).integers(0, 255, (1200, 1600, 3), dtype=np.uint8)
     big = write_png(tmp_path / "big.png", noise)
     url = server[0]
-    body = {"input_data": {"columns": ["image"], "index": [0], "data": [b64(big)]}}
+    params = {"max_detections": 2}  # the size is the point, not the masks of a noise picture
+    body = {"input_data": {"columns": ["image"], "index": [0], "data": [b64(big)]}, "params": params}
     assert len(json.dumps(body)) > 5_000_000
     response = requests.post(f"{url}/score", json=body, timeout=300)
     assert response.status_code == 200, response.text
-    assert response.json() == _expected(pyfunc, [big])
+    assert response.json() == _expected(pyfunc, [big], params)
 
 
-def test_image_urls_from_an_allow_listed_host(server, image_server, image_files, pyfunc):
+def test_image_urls_from_an_allow_listed_host(server, image_server, image_files, expected_default):
     url = server[0]
     request = {"input_data": {"columns": ["image"], "index": [0, 1],
                               "data": [f"{image_server}/{image_files[0].name}", b64(image_files[1])]}}
     response = requests.post(f"{url}/score", json=request, timeout=120)
     assert response.status_code == 200, response.text
-    assert response.json() == _expected(pyfunc, image_files)
+    assert response.json() == expected_default
     request["input_data"]["data"][0] = f"{image_server}/missing.png"
     response = requests.post(f"{url}/score", json=request, timeout=120)
     assert response.status_code == 400 and response.json()["message"].startswith("row 0: fetching")
