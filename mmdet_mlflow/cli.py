@@ -7,7 +7,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("package", "predict", "convert", "synth", "demo")
+COMMANDS = ("package", "predict", "batch", "convert", "synth", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
