@@ -320,7 +320,9 @@ def add_arguments(parser, kind: str) -> None:
 
     for f in dataclasses.fields(SETTINGS[kind]):
         option = "--" + f.name.replace("_", "-")
-        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+        if f.name == "model":  # or --registration-details
+            parser.add_argument(option, dest=f.name, help=_FIELD_HELP["model"])
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             parser.add_argument(option, dest=f.name, required=True)
         elif f.default_factory is not dataclasses.MISSING:
             parser.add_argument(option, dest=f.name, type=json.loads, default=None,
@@ -329,6 +331,10 @@ def add_arguments(parser, kind: str) -> None:
             kind_of = type(f.default) if f.default is not None else str
             parser.add_argument(option, dest=f.name, type=kind_of, default=None,
                                 help=f"default: {f.default}")
+    parser.add_argument("--registration-details", type=Path,
+                        help="instead of --model: the output folder of a register step (model.json)")
+    parser.add_argument("--enabled", type=_boolean, default=True,
+                        help="false: deploy nothing (lets a pipeline switch this deployment off)")
     parser.add_argument("--subscription-id", help="default: AZUREML_ARM_SUBSCRIPTION in a job, else config.json")
     parser.add_argument("--resource-group", help="default: AZUREML_ARM_RESOURCEGROUP in a job, else config.json")
     parser.add_argument("--workspace-name", help="default: AZUREML_ARM_WORKSPACE_NAME in a job, else config.json")
@@ -342,6 +348,15 @@ def run_from_args(kind: str, args) -> int:
     """Build the entities from parsed arguments; write/print them (--dry-run) or deploy them."""
     import dataclasses
 
+    if not args.enabled:
+        print(f"{kind} deployment switched off (--enabled false): nothing to do")
+        return 0
+    if args.model is None:
+        if args.registration_details is None:
+            raise SystemExit("give --model azureml:<name>:<version> or --registration-details DIR")
+        from mmdet_mlflow.azure_register import registered_model_id
+
+        args.model = registered_model_id(args.registration_details)
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(SETTINGS[kind])
              if getattr(args, f.name) is not None}
     settings = SETTINGS[kind](**given)
@@ -360,7 +375,7 @@ def run_from_args(kind: str, args) -> int:
 
 
 def component_yaml(kind: str) -> str:
-    """components/deploy_<kind>/component.yml: one input per settings field, so the component,
+    """components/deploy_<kind>/spec.yaml: one input per settings field, so the component,
     main.py and the library cannot drift apart."""
     import dataclasses
 
@@ -368,7 +383,9 @@ def component_yaml(kind: str) -> str:
     for f in dataclasses.fields(SETTINGS[kind]):
         option = "--" + f.name.replace("_", "-")
         spec: dict[str, Any] = {}
-        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+        if f.name == "model":  # or registration_details, from a register step
+            spec.update(type="string", optional=True)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             spec["type"] = "string"
         elif f.default_factory is not dataclasses.MISSING or f.default is None:
             spec.update(type="string", optional=True)
@@ -378,9 +395,16 @@ def component_yaml(kind: str) -> str:
         inputs[f.name] = spec
         part = f"{option} ${{{{inputs.{f.name}}}}}"
         command.append(f"$[[{part}]]" if spec.get("optional") else part)
+    inputs["registration_details"] = {
+        "type": "uri_folder", "optional": True,
+        "description": "instead of model: the registration_details output of the register component"}
+    inputs["enabled"] = {"type": "boolean", "default": True,
+                         "description": "false: deploy nothing (switch this deployment off in a pipeline)"}
     inputs["dry_run"] = {"type": "boolean", "default": False,
                          "description": "write the YAML to the output only; deploy nothing"}
-    command += ["--dry-run ${{inputs.dry_run}}", "--output-dir ${{outputs.deployment_yaml}}"]
+    command += ["$[[--registration-details ${{inputs.registration_details}}]]",
+                "--enabled ${{inputs.enabled}}",
+                "--dry-run ${{inputs.dry_run}}", "--output-dir ${{outputs.deployment_yaml}}"]
     what = "a managed online endpoint" if kind == "online" else "a batch endpoint"
     data = {
         "$schema": SCHEMA.format("commandComponent"),
@@ -406,7 +430,7 @@ def component_yaml(kind: str) -> str:
 
 _FIELD_HELP = {
     "endpoint_name": "endpoint name (unique in the Azure region)",
-    "model": "registered MLflow model, azureml:<name>:<version>",
+    "model": "registered MLflow model, azureml:<name>:<version> (or give registration_details)",
     "environment": "azureml:<name>:<version>; default: components/environment (built on first use)",
     "compute": "AmlCompute cluster that runs the batch jobs",
     "params": "predict params for every image, a JSON object",
@@ -456,7 +480,7 @@ def example_files() -> dict[Path, str]:
         entities = (online_entities if kind == "online" else batch_entities)(settings())
         for name, text in yaml_texts(kind, entities, out_dir, with_environment=False).items():
             files[out_dir / name] = text
-        files[out_dir / "component.yml"] = component_yaml(kind)
+        files[out_dir / "spec.yaml"] = component_yaml(kind)
     return files
 
 

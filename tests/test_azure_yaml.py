@@ -72,8 +72,8 @@ def repo_yaml_files() -> list[Path]:
 def test_the_repo_has_the_azure_yaml_we_expect():
     names = {p.relative_to(ROOT).as_posix() for p in repo_yaml_files()}
     assert {"components/environment/environment.yml", "components/environment/deploy-conda.yaml",
-            "components/deploy_online/component.yml", "components/deploy_online/online-endpoint.yml",
-            "components/deploy_online/online-deployment.yml", "components/deploy_batch/component.yml",
+            "components/deploy_online/spec.yaml", "components/deploy_online/online-endpoint.yml",
+            "components/deploy_online/online-deployment.yml", "components/deploy_batch/spec.yaml",
             "components/deploy_batch/batch-endpoint.yml",
             "components/deploy_batch/batch-deployment.yml"} <= names
 
@@ -206,7 +206,7 @@ def test_batch_dry_run_refuses_bad_params(tmp_path):
 def test_component_command_runs_main_as_azure_would(kind, required, tmp_path):
     """Fill the component's command the way Azure does (inputs, defaults, optional parts left
     out) and run it, dry."""
-    component = load_azure_yaml(ROOT / "components" / f"deploy_{kind}" / "component.yml")
+    component = load_azure_yaml(ROOT / "components" / f"deploy_{kind}" / "spec.yaml")
     import dataclasses
 
     fields = {f.name for f in dataclasses.fields(azure_deploy.SETTINGS[kind])}
