@@ -210,7 +210,7 @@ def test_component_command_runs_main_as_azure_would(kind, required, tmp_path):
     import dataclasses
 
     fields = {f.name for f in dataclasses.fields(azure_deploy.SETTINGS[kind])}
-    assert set(component.inputs) == fields | {"dry_run"}
+    assert set(component.inputs) == fields | {"dry_run", "enabled", "registration_details"}
     values = {name: spec.default for name, spec in component.inputs.items() if spec.default is not None}
     values.update(required, dry_run=True)
     command = re.sub(r"\$\[\[(.*?)\]\]",
