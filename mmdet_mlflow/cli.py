@@ -7,7 +7,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("package", "predict", "convert")
+COMMANDS = ("package", "predict", "convert", "synth")
 
 
 def build_parser() -> argparse.ArgumentParser:
