@@ -246,7 +246,7 @@ def prepare_data(training_data, validation_data, folder: Path | None, validate: 
     """Read and validate both sets (AutoML JSONL, MLTable or COCO), write them as COCO JSON into
     ``folder`` (None: they are COCO files already, use them as they are). The validation set
     must use the training set's labels."""
-    from mmdet_mlflow.data import load_dataset, write_coco
+    from mmdet_mlflow.data import load_dataset
 
     train = load_dataset(training_data, validate=validate)
     val = load_dataset(validation_data, classes=train.classes, validate=validate)
@@ -256,11 +256,22 @@ def prepare_data(training_data, validation_data, folder: Path | None, validate: 
     if folder is None:
         train_coco, val_coco = Path(training_data).absolute(), Path(validation_data).absolute()
     else:
-        train_coco = write_coco(train, Path(folder) / "train.coco.json")
-        val_coco = write_coco(val, Path(folder) / "validation.coco.json")
+        train_coco = _write_coco_for_mmdet(train, Path(folder) / "train.coco.json")
+        val_coco = _write_coco_for_mmdet(val, Path(folder) / "validation.coco.json")
     return PreparedData(train_coco, val_coco, list(train.classes),
                         sum(1 for r in train.images if any(not i.iscrowd for i in r.instances)),
                         len(val.images), has_rle)
+
+
+def _write_coco_for_mmdet(dataset, path: Path) -> Path:
+    """data.to_coco's dict (absolute image paths) plus the ``info`` block that pycocotools'
+    loadRes (mmdet's CocoMetric) requires."""
+    from mmdet_mlflow.data import to_coco
+
+    coco = to_coco(dataset)
+    coco.setdefault("info", {"description": "mmdet-mlflow fine-tune data"})
+    _write_json(path, coco)
+    return path
 
 
 def _scaled_pipeline(pipeline, size: tuple[int, int], poly2mask: bool, strong: bool) -> list:
@@ -425,89 +436,12 @@ def _replace_type(node, old: str, new: str) -> None:
 # Training
 
 
-def _register_mmengine_parts() -> None:
-    """The step-limited loop, registered once in mmengine's LOOPS."""
-    from mmengine.registry import LOOPS
-    from mmengine.runner import EpochBasedTrainLoop
-
-    if LOOPS.get("StepLimitedEpochTrainLoop") is not None:
-        return
-
-    @LOOPS.register_module()
-    class StepLimitedEpochTrainLoop(EpochBasedTrainLoop):
-        """mmengine's epoch loop that also stops after ``max_steps`` (Azure's max_steps): the last
-        epoch ends early and is validated as usual."""
-
-        def __init__(self, runner, dataloader, max_epochs: int, max_steps: int | None = None, **kwargs):
-            super().__init__(runner, dataloader, max_epochs, **kwargs)
-            if max_steps:
-                self._max_iters = min(self._max_iters, int(max_steps))
-
-        def run_epoch(self) -> None:
-            self.runner.call_hook("before_train_epoch")
-            self.runner.model.train()
-            for idx, data_batch in enumerate(self.dataloader):
-                if self._iter >= self._max_iters:
-                    break
-                self.run_iter(idx, data_batch)
-            self.runner.call_hook("after_train_epoch")
-            self._epoch += 1
-
-
-def _runner_class():
-    from mmengine.runner import Runner
-
-    class FinetuneRunner(Runner):
-        """mmengine's Runner with two changes, neither in the training step:
-        the starting weights are loaded (class-adapted) right after the model's own
-        initialisation, and resuming reads our checkpoints with a narrow allow-list."""
-
-        start: StartingPoint | None = None   # weights to start from (not when resuming)
-        classes: Sequence[str] = ()
-        start_notes: list[str] = []
-
-        def _init_model_weights(self) -> None:
-            super()._init_model_weights()
-            if self.start is not None and self.start.weights is not None:
-                # Against the freshly initialised model: re-initialised classifier rows get the
-                # head's own initialisation (the same on every rank: weights were broadcast).
-                model = self.model.module if hasattr(self.model, "module") else self.model
-                adapted, notes = adapt_weights(model, self.start.weights, self.start.weight_classes,
-                                               self.classes)
-                model.load_state_dict(adapted, strict=True)
-                self.start_notes = notes
-
-        def load_or_resume(self) -> None:
-            with resume_allow_list():
-                super().load_or_resume()
-
-    return FinetuneRunner
-
-
-def resume_allow_list():
-    """``torch.serialization.safe_globals`` with exactly what mmengine 0.10.7 pickles into a
-    training checkpoint besides tensors: the message hub's HistoryBuffer (numpy arrays inside)
-    and numpy scalars/dtypes in runtime info. Anything else is still refused."""
-    import numpy as np
-    import torch
-    from mmengine.logging.history_buffer import HistoryBuffer
-
-    return torch.serialization.safe_globals(_allowed_globals(np, HistoryBuffer))
-
-
-def _allowed_globals(np, history_buffer) -> list:
-    from numpy.core.multiarray import _reconstruct, scalar
-
-    dtypes = [type(np.dtype(t)) for t in (np.float64, np.float32, np.int64, np.int32, np.bool_)]
-    return [history_buffer, _reconstruct, scalar, np.ndarray, np.dtype, *dtypes]
-
-
 def load_training_checkpoint(path: Path) -> dict:
-    """One of our own training checkpoints, read with weights_only=True plus the allow-list."""
+    """One of our training checkpoints: plain tensors and containers only (see
+    finetune_runtime.PlainResumeStateHook), so weights_only=True reads it as it is."""
     import torch
 
-    with resume_allow_list():
-        return torch.load(path, map_location="cpu", weights_only=True)
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def latest_checkpoint(work_dir: Path) -> Path | None:
@@ -585,6 +519,7 @@ def finetune(training_data, validation_data, output_dir, *, model=None, config=N
     import torch
 
     from mmdet_mlflow import finetune_tracking as tracking
+    from mmdet_mlflow.finetune_runtime import FinetuneRunner
 
     settings = settings or FinetuneSettings()
     settings.check()
@@ -618,8 +553,7 @@ def finetune(training_data, validation_data, output_dir, *, model=None, config=N
                                 f"but the data has {data.classes}: use another --output")
         cfg.resume, cfg.load_from = True, str(resume_from)
 
-    _register_mmengine_parts()
-    runner = _runner_class().from_cfg(cfg)
+    runner = FinetuneRunner.from_cfg(cfg)
     runner.classes = data.classes
     if resume_from is None:
         runner.start = start

@@ -219,7 +219,8 @@ class TrainingMonitorHook(Hook):
 
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
         step = runner.iter + 1
-        values = {k: float(v) for k, v in (outputs or {}).items() if k.startswith("loss")}
+        values = {k: float(v.detach() if hasattr(v, "detach") else v)
+                  for k, v in (outputs or {}).items() if k.startswith("loss")}
         values["learning_rate"] = float(runner.optim_wrapper.get_lr()["lr"][0])
         seconds = step_seconds(runner)
         if seconds is not None:
@@ -236,9 +237,9 @@ class TrainingMonitorHook(Hook):
         self.run.flush()
 
     def after_val_epoch(self, runner, metrics=None) -> None:
-        if not metrics:
-            return
-        named = {name: float(metrics[key]) for name, key in self.metric_names.items() if key in metrics}
+        # mmdet's CocoMetric returns nothing at all when the model detected nothing: that is
+        # an average precision and recall of 0, not a missing epoch.
+        named = {name: float((metrics or {}).get(key, 0.0)) for name, key in self.metric_names.items()}
         entry = dict(kind="epoch", epoch=runner.epoch, step=runner.iter, **named)
         self.epochs.append(entry)
         self._record(entry)
