@@ -143,18 +143,25 @@ class StartingPoint:
     description: str
 
     @classmethod
-    def from_mlflow_model(cls, model_dir) -> "StartingPoint":
+    def from_model_folder(cls, folder) -> "StartingPoint":
+        """An MLflow model we saved (``model/config.py`` + ``model/weights.pth``) or a
+        ``pytorch_model_folder`` from an earlier fine-tune (``config.py`` + ``weights.pth``)."""
         from mlflow_model import CONFIG_FILE, MODEL_DATA_DIR, MODEL_INFO_FILE, WEIGHTS_FILE
         from mlflow_model.checkpoints import read_state_dict
 
-        data_dir = Path(model_dir).expanduser() / MODEL_DATA_DIR
-        if not (data_dir / CONFIG_FILE).is_file() or not (data_dir / WEIGHTS_FILE).is_file():
-            raise FinetuneError(f"{model_dir} is not an MLflow model saved by mmdet-mlflow "
-                                f"(no {MODEL_DATA_DIR}/{CONFIG_FILE} and {MODEL_DATA_DIR}/{WEIGHTS_FILE})")
-        info = json.loads((data_dir / MODEL_INFO_FILE).read_text())
+        folder = Path(folder).expanduser()
+        for data_dir, kind in ((folder / MODEL_DATA_DIR, "MLflow model"), (folder, "PyTorch model folder")):
+            if (data_dir / CONFIG_FILE).is_file() and (data_dir / WEIGHTS_FILE).is_file():
+                break
+        else:
+            raise FinetuneError(f"{folder} is neither an MLflow model saved by mmdet-mlflow "
+                                f"({MODEL_DATA_DIR}/{CONFIG_FILE} + {MODEL_DATA_DIR}/{WEIGHTS_FILE}) "
+                                f"nor a pytorch_model_folder ({CONFIG_FILE} + {WEIGHTS_FILE})")
+        info_path = data_dir / MODEL_INFO_FILE
+        classes = json.loads(info_path.read_text()).get("classes") if info_path.is_file() else None
         weights, _ = read_state_dict(data_dir / WEIGHTS_FILE)
-        return cls(str(model_dir), (data_dir / CONFIG_FILE).resolve(), weights,
-                   list(info["classes"]), f"the MLflow model {model_dir}")
+        return cls(str(folder), (data_dir / CONFIG_FILE).resolve(), weights,
+                   list(classes) if classes else None, f"the {kind} {folder}")
 
     @classmethod
     def from_config(cls, config, checkpoint: str | None) -> "StartingPoint":
@@ -511,7 +518,8 @@ def finetune(training_data, validation_data, output_dir, *, model=None, config=N
              checkpoint=None, settings: FinetuneSettings | None = None,
              mlflow_model_dir=None, pytorch_model_dir=None, device: str | None = None,
              track: bool = True, progress: bool = True, validate_data: bool = True) -> FinetuneResult:
-    """Fine-tune and export. Start from ``model`` (an MLflow model folder we saved) or
+    """Fine-tune and export. Start from ``model`` (an MLflow model folder we saved, or a
+    pytorch_model_folder) or
     ``config`` + ``checkpoint`` (path, URL, ``official`` or None/``"none"``: from scratch).
     ``output_dir`` holds checkpoints and, by default, the two model folders; running again with
     the same ``output_dir`` resumes. ``mlflow_model_dir``/``pytorch_model_dir`` put the model
@@ -535,7 +543,7 @@ def finetune(training_data, validation_data, output_dir, *, model=None, config=N
     dist = _distributed(device)
 
     def load_inputs(main: bool):
-        start = StartingPoint.from_mlflow_model(model) if model is not None else \
+        start = StartingPoint.from_model_folder(model) if model is not None else \
             StartingPoint.from_config(config, checkpoint)
         if main:
             return start, prepare_data(training_data, validation_data, output_dir / DATA_DIR, validate_data)
@@ -557,6 +565,8 @@ def finetune(training_data, validation_data, output_dir, *, model=None, config=N
     runner.classes = data.classes
     if resume_from is None:
         runner.start = start
+    else:  # mmengine checkpoints an epoch before validating it: validate it now
+        runner.validate_resumed_epoch = resume_from.name.startswith("epoch_")
 
     result = FinetuneResult(output_dir, None, None, data.classes, notes=notes,
                             resumed_from=str(resume_from) if resume_from else None)

@@ -64,6 +64,19 @@ class PlainResumeStateHook(Hook):
                                   for key, value in hub["log_scalars"].items()}
 
 
+class ResumeValidationHook(Hook):
+    """mmengine writes an epoch's checkpoint before validating that epoch, so a run killed
+    during validation would resume with that epoch never validated (and never a candidate for
+    the best model). Resuming from an epoch checkpoint therefore validates it first, on every
+    rank (validation gathers results across processes)."""
+
+    priority = "LOWEST"  # after the monitor (rank 0) has loaded its history
+
+    def before_train(self, runner) -> None:
+        if getattr(runner, "validate_resumed_epoch", False) and runner.val_loop is not None:
+            runner.val_loop.run()
+
+
 def _plain_buffer(buffer):
     if not isinstance(buffer, HistoryBuffer):
         return buffer
@@ -89,10 +102,12 @@ class FinetuneRunner(Runner):
     start = None                       # finetune.StartingPoint, or None (scratch / resuming)
     classes: Sequence[str] = ()
     start_notes: list[str] = []
+    validate_resumed_epoch = False     # resuming from an epoch checkpoint: validate it first
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.register_hook(PlainResumeStateHook())
+        self.register_hook(ResumeValidationHook())
 
     def _init_model_weights(self) -> None:
         from mmdet_mlflow.finetune import adapt_weights

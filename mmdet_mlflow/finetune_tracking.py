@@ -175,12 +175,13 @@ class TrainingMonitorHook(Hook):
     # -- history that survives a restart
     def _load_history(self, runner) -> None:
         """Keep what happened up to the checkpoint resumed from; later lines (steps redone after
-        the restart) are dropped."""
+        the restart, and the resumed epoch's validation when it is redone) are dropped."""
         from mmdet_mlflow.finetune import HISTORY_FILE
 
         path = self.output_dir / HISTORY_FILE
         lines = path.read_text().splitlines() if (self.resumed and path.is_file()) else []
         kept = []
+        last_validated = runner.epoch - 1 if getattr(runner, "validate_resumed_epoch", False) else runner.epoch
         for line in lines:
             try:
                 entry = json.loads(line)
@@ -188,7 +189,7 @@ class TrainingMonitorHook(Hook):
                 continue  # a line cut short by the crash
             if entry.get("kind") == "step" and entry["step"] <= runner.iter:
                 self.steps.append(entry)
-            elif entry.get("kind") == "epoch" and entry["epoch"] <= runner.epoch:
+            elif entry.get("kind") == "epoch" and entry["epoch"] <= last_validated:
                 self.epochs.append(entry)
             else:
                 continue
