@@ -404,8 +404,10 @@ def build_config(start: StartingPoint, data: PreparedData, settings: FinetuneSet
     cfg.custom_hooks = hooks
 
     if device == "cpu":
-        # SyncBN needs CUDA: plain BatchNorm per process (DDP on CPU: gloo, no SyncBN).
+        # SyncBN needs CUDA: plain BatchNorm per process (DDP on CPU: gloo, no SyncBN), and
+        # mmdet's RTMDet would convert every BatchNorm to SyncBN when distributed.
         _replace_type(cfg.model, "SyncBN", "BN")
+        cfg.model.use_syncbn = False
     cfg.env_cfg = dict(cudnn_benchmark=False,
                        mp_cfg=dict(mp_start_method="fork", opencv_num_threads=0),
                        dist_cfg=dict(backend="nccl" if device == "cuda" else "gloo"))
