@@ -183,43 +183,37 @@ def adapt_weights(model, weights: dict, weight_classes: Sequence[str] | None,
     """The starting weights for ``model`` (already initialised) set up for ``classes``: the
     classifier (``rtm_cls``) rows of classes the checkpoint knows by name are kept, the others
     keep the model's fresh initialisation; every other tensor must fit exactly. Returns the
-    state dict to load strictly and a description of what was re-initialised."""
+    state dict to load strictly and what was re-initialised, in words."""
     from mlflow_model.checkpoints import check_state_dict
 
     own = model.state_dict()
-    is_classifier = lambda key: ".rtm_cls." in f".{key}"  # noqa: E731
-    others = {k: v for k, v in weights.items() if not is_classifier(k)}
-    check_state_dict(_Keys({k: v for k, v in own.items() if not is_classifier(k)}), others,
+    classifier = [k for k in own if ".rtm_cls." in f".{k}"]
+    check_state_dict(_Keys({k: v for k, v in own.items() if k not in classifier}),
+                     {k: v for k, v in weights.items() if ".rtm_cls." not in f".{k}"},
                      "(everything but the classifier)")
-    adapted, notes = dict(weights), []
-    if weight_classes is None:
-        same = all(k in weights and weights[k].shape == v.shape for k, v in own.items() if is_classifier(k))
-        if same:
-            notes.append(f"the checkpoint names no classes; its {len(classes)}-class classifier "
-                         f"is used as is, in the dataset's class order")
-            return adapted, notes
-        weight_classes = []
-    row_of = {name: i for i, name in enumerate(weight_classes)}
-    kept = [c for c in classes if c in row_of]
-    for key, fresh in own.items():
-        if not is_classifier(key):
-            continue
-        old = weights.get(key)
-        new = fresh.clone()
-        if old is not None and old.shape[1:] == fresh.shape[1:] and old.shape[0] == len(weight_classes):
-            for i, name in enumerate(classes):
-                if name in row_of:
-                    new[i] = old[row_of[name]]
+    adapted = {k: weights[k] for k in own if k not in classifier}
+    fits = all(k in weights and weights[k].shape == own[k].shape for k in classifier)
+    if fits and (weight_classes is None or list(weight_classes) == list(classes)):
+        adapted.update({k: weights[k] for k in classifier})
+        return adapted, [] if weight_classes else [
+            "the checkpoint names no classes: its classifier is used as is, in the data's class order"]
+
+    row_of = {name: i for i, name in enumerate(weight_classes or [])}
+    kept = []
+    for key in classifier:
+        old, new = weights.get(key), own[key].clone()
+        if old is not None and old.shape[1:] == new.shape[1:] and old.shape[0] == len(row_of):
+            kept = [name for name in classes if name in row_of]
+            for name in kept:
+                new[classes.index(name)] = old[row_of[name]]
         adapted[key] = new
-    if list(weight_classes) == list(classes):
-        return weights, notes
-    fresh_classes = [c for c in classes if c not in row_of]
-    notes.append(f"classifier re-initialised for {len(fresh_classes)} new classes "
-                 f"({', '.join(fresh_classes) or 'none'})"
-                 + (f", kept for {', '.join(kept)}" if kept else "")
-                 + (f"; dropped the checkpoint's other {len(weight_classes) - len(kept)} classes"
-                    if len(weight_classes) > len(kept) else ""))
-    return adapted, notes
+    fresh = [name for name in classes if name not in kept]
+    note = f"classifier re-initialised for {len(fresh)} new classes ({', '.join(fresh) or 'none'})"
+    if kept:
+        note += f", kept for {', '.join(kept)}"
+    if len(row_of) > len(kept):
+        note += f"; the checkpoint's other {len(row_of) - len(kept)} classes are dropped"
+    return adapted, [note]
 
 
 class _Keys:

@@ -19,8 +19,10 @@ _BUFFER_MARK = "__history_buffer__"
 
 @LOOPS.register_module(force=True)
 class StepLimitedEpochTrainLoop(EpochBasedTrainLoop):
-    """mmengine's epoch loop that also stops after ``max_steps`` (Azure's max_steps): the last
-    epoch ends early and is validated as usual."""
+    """mmengine's epoch loop, plus: it stops after ``max_steps`` (Azure's max_steps; the last
+    epoch ends early and is validated as usual), and resuming from a mid-epoch checkpoint skips
+    the batches that epoch already trained on (mmengine would run the whole epoch again, adding
+    steps). The sampler's per-epoch seed gives the same batch order again."""
 
     def __init__(self, runner, dataloader, max_epochs: int, max_steps: int | None = None, **kwargs):
         super().__init__(runner, dataloader, max_epochs, **kwargs)
@@ -30,9 +32,13 @@ class StepLimitedEpochTrainLoop(EpochBasedTrainLoop):
     def run_epoch(self) -> None:
         self.runner.call_hook("before_train_epoch")
         self.runner.model.train()
+        per_epoch = len(self.dataloader)
+        done = min(max(0, self._iter - self._epoch * per_epoch), per_epoch)
         for idx, data_batch in enumerate(self.dataloader):
             if self._iter >= self._max_iters:
                 break
+            if idx < done:
+                continue
             self.run_iter(idx, data_batch)
         self.runner.call_hook("after_train_epoch")
         self._epoch += 1
