@@ -34,6 +34,7 @@ RUN_INFO_FILE = "run.json"          # start point, classes, settings, MLflow run
 METRICS_FILE = "metrics.json"       # per-epoch validation metrics, for people and the demo
 CURVES_FILE = "training_curves.png"
 HISTORY_FILE = "history.jsonl"      # per-step losses and per-epoch metrics (survives restarts)
+EVALUATION_LOG_FILE = "evaluation.log"  # pycocotools' tables, per validation
 
 # Validation metric (mmdet CocoMetric key) behind each metric_for_best_model name.
 BEST_MODEL_METRICS = {
@@ -69,7 +70,7 @@ class FinetuneSettings:
     precision: str = "32"                    # "16": mixed precision (AMP) on GPU
     checkpoint_interval_steps: int | None = None  # also checkpoint every N steps
     num_workers: int | None = None           # data-loading processes (default: 0 on CPU, 2 on GPU)
-    strong_augmentation: bool = True         # RTMDet's mosaic + mixup (off: resize/crop/flip only)
+    strong_augmentation: bool = True         # RTMDet's mosaic + mixup (off: its stage-2 pipeline throughout)
     seed: int = 0
 
     def check(self) -> None:
@@ -86,6 +87,10 @@ class FinetuneSettings:
             problems.append(f"learning_rate must be positive (got {self.learning_rate})")
         if self.weight_decay < 0:
             problems.append(f"weight_decay must not be negative (got {self.weight_decay})")
+        for name in ("image_size", "image_min_size", "image_max_size"):
+            value = getattr(self, name)
+            if value is not None and int(value) % 32:
+                problems.append(f"{name} must be a multiple of 32, RTMDet's largest stride (got {value})")
         if (self.image_min_size is None) != (self.image_max_size is None):
             problems.append("image_min_size and image_max_size go together")
         elif self.image_min_size and self.image_min_size > self.image_max_size:
@@ -275,16 +280,13 @@ def _write_coco_for_mmdet(dataset, path: Path) -> Path:
     return path
 
 
-def _scaled_pipeline(pipeline, size: tuple[int, int], poly2mask: bool, strong: bool) -> list:
-    """RTMDet's pipeline at another input size: 640 -> size, 1280 -> 2 x size (mmdet's (w, h)).
-    Without ``strong``, mosaic and mixup are left out (the config's own stage-2 pipeline)."""
+def _scaled_pipeline(pipeline, size: tuple[int, int], poly2mask: bool) -> list:
+    """RTMDet's pipeline at another input size: 640 -> size, 1280 -> 2 x size (mmdet's (w, h))."""
     w, h = size
     steps = []
     for step in pipeline:
         step = dict(step)
         kind = step["type"]
-        if not strong and kind in ("CachedMosaic", "CachedMixUp", "Mosaic", "MixUp"):
-            continue
         if kind == "LoadAnnotations" and "with_mask" in step:
             step["poly2mask"] = poly2mask
         for key in ("img_scale", "scale", "crop_size", "size"):
@@ -334,10 +336,21 @@ def build_config(start: StartingPoint, data: PreparedData, settings: FinetuneSet
     metainfo = dict(classes=tuple(data.classes))
     poly2mask = data.has_rle
 
-    train_pipeline = _scaled_pipeline(cfg.train_pipeline, size, poly2mask, settings.strong_augmentation)
+    # RTMDet trains with mosaic + mixup, then switches to a milder stage-2 pipeline (no mosaic,
+    # a balanced zoom) for its last epochs; without strong augmentation, stage 2 throughout.
     stage2 = cfg.get("train_pipeline_stage2")
-    stage2_pipeline = _scaled_pipeline(stage2, size, poly2mask, True) if stage2 else None
-    test_pipeline = _scaled_pipeline(cfg.test_pipeline, size, poly2mask, True)
+    stage2_pipeline = _scaled_pipeline(stage2, size, poly2mask) if stage2 else None
+    train_pipeline = _scaled_pipeline(cfg.train_pipeline, size, poly2mask)
+    if not settings.strong_augmentation and stage2_pipeline is not None:
+        train_pipeline, stage2_pipeline = stage2_pipeline, None
+    test_pipeline = _scaled_pipeline(cfg.test_pipeline, size, poly2mask)
+    if size[0] != size[1]:
+        # Resizing to fit max x min keeps portrait images portrait: pad each to a multiple of
+        # the stride instead of to a landscape canvas it may not fit.
+        for step in test_pipeline:
+            if step["type"] == "Pad":
+                step.pop("size", None)
+                step["size_divisor"] = 32
 
     def loader(coco: Path, pipeline, batch, shuffle, test_mode):
         dataset = dict(type="CocoDataset", metainfo=metainfo, data_root="",
@@ -567,7 +580,7 @@ def finetune(training_data, validation_data, output_dir, *, model=None, config=N
     result = FinetuneResult(output_dir, None, None, data.classes, notes=notes,
                             resumed_from=str(resume_from) if resume_from else None)
     if not dist.is_main:
-        runner.train()
+        _train(runner)
         return result
 
     for note in notes:
@@ -583,7 +596,10 @@ def finetune(training_data, validation_data, output_dir, *, model=None, config=N
                                             BEST_MODEL_METRICS, progress=progress,
                                             resumed=resume_from is not None)
         runner.register_hook(hook, priority="VERY_LOW")
-        runner.train()
+        try:
+            _train(runner)
+        finally:
+            hook.close()
         result.notes += runner.start_notes
         result.epochs, result.steps = hook.epochs, runner.iter
         result.seconds_per_step = hook.mean_step_seconds()
@@ -598,6 +614,16 @@ def finetune(training_data, validation_data, output_dir, *, model=None, config=N
                                                     metric_for_best_model=settings.metric_for_best_model))
         run.finish(result)
     return result
+
+
+def _train(runner) -> None:
+    """runner.train(), without the deprecation warnings mmdet's own code triggers every run."""
+    import warnings
+
+    with warnings.catch_warnings():
+        for message in (r".*torch\.cuda\.amp\.autocast", r"torch\.meshgrid"):
+            warnings.filterwarnings("ignore", message=message)
+        runner.train()
 
 
 def _best_checkpoint(runner, epochs: list[dict], settings: FinetuneSettings) -> tuple[Path, dict | None]:

@@ -5,6 +5,7 @@ None of them touches the training step: the step is mmengine's and mmdet's own.
 """
 from __future__ import annotations
 
+import logging
 from typing import Sequence
 
 import numpy as np
@@ -99,6 +100,18 @@ def _history_buffer(value):
     return value
 
 
+class _KnownNoise(logging.Filter):
+    """mmengine warnings that say nothing to act on: RTMDet's shared head convs are skipped by
+    design (the config's bypass_duplicate), and mmengine's own deprecations."""
+
+    NOISE = ("It is skipped since bypass_duplicate=True", '"FileClient" will be deprecated',
+             '"HardDiskBackend" is the alias of "LocalBackend"')
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(noise in message for noise in self.NOISE)
+
+
 class FinetuneRunner(Runner):
     """mmengine's Runner that starts from the given weights, adapted to the dataset's classes,
     right after the model's own initialisation (re-initialised classifier rows thus get the
@@ -112,6 +125,7 @@ class FinetuneRunner(Runner):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        self.logger.addFilter(_KnownNoise())
         self.register_hook(PlainResumeStateHook())
         self.register_hook(ResumeValidationHook())
 

@@ -8,6 +8,8 @@ run (its id is kept in ``output/run.json``).
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import sys
@@ -171,6 +173,8 @@ class TrainingMonitorHook(Hook):
         self.step_times: list[float] = []
         self._bar = None
         self._history = None
+        self._quiet = None
+        self._captured = None
 
     # -- history that survives a restart
     def _load_history(self, runner) -> None:
@@ -237,7 +241,25 @@ class TrainingMonitorHook(Hook):
     def after_train_epoch(self, runner) -> None:
         self.run.flush()
 
+    def before_val_epoch(self, runner) -> None:
+        # pycocotools prints its tables on stdout: keep them in a file, not between the bars.
+        self._captured = io.StringIO()
+        self._quiet = contextlib.redirect_stdout(self._captured)
+        self._quiet.__enter__()
+
+    def _end_capture(self, runner) -> None:
+        if self._quiet is None:
+            return
+        self._quiet.__exit__(None, None, None)
+        self._quiet = None
+        from mmdet_mlflow.finetune import EVALUATION_LOG_FILE
+
+        where = f"epoch {runner.epoch}, step {runner.iter}" if runner is not None else "interrupted"
+        with open(self.output_dir / EVALUATION_LOG_FILE, "a") as log:
+            log.write(f"== {where}\n{self._captured.getvalue()}")
+
     def after_val_epoch(self, runner, metrics=None) -> None:
+        self._end_capture(runner)
         # mmdet's CocoMetric returns nothing at all when the model detected nothing: that is
         # an average precision and recall of 0, not a missing epoch.
         named = {name: float((metrics or {}).get(key, 0.0)) for name, key in self.metric_names.items()}
@@ -253,10 +275,17 @@ class TrainingMonitorHook(Hook):
     def after_train(self, runner) -> None:
         self.run.flush()
         self.write_plot()
+        self.close()
+
+    def close(self) -> None:
+        """Give stdout back, close the bar and the history file (also after a failure)."""
+        self._end_capture(None)
         if self._bar is not None:
             self._bar.close()
+            self._bar = None
         if self._history is not None:
             self._history.close()
+            self._history = None
 
     def mean_step_seconds(self) -> float | None:
         return mean_step_time(self.step_times)
