@@ -71,7 +71,7 @@ class Instance:
         x1, y1 = points.max(axis=0)
         return float(x0), float(y0), float(x1 - x0), float(y1 - y0)
 
-    def coco_segmentation(self, height: int, width: int):
+    def coco_segmentation(self):
         """COCO ``segmentation``: the RLE as read, else the polygons."""
         return dict(self.rle) if self.rle is not None else [list(map(float, s)) for s in self.polygons]
 
@@ -550,7 +550,7 @@ def to_coco(dataset: Dataset, relative_to: Path | None = None) -> dict:
             annotations.append({
                 "id": len(annotations) + 1, "image_id": image_id,
                 "category_id": category_of[inst.label],
-                "segmentation": inst.coco_segmentation(record.height, record.width),
+                "segmentation": inst.coco_segmentation(),
                 "area": inst.area(record.height, record.width),
                 "bbox": list(inst.bbox()), "iscrowd": int(inst.iscrowd)})
     categories = [{"id": cid, "name": name} for name, cid in category_of.items()]
