@@ -125,8 +125,8 @@ QUICK_CPU_CONFIG = "rtmdet-ins_tiny_8xb32-300e_coco"
 
 def quick_cpu_recipe(**overrides) -> FinetuneSettings:
     """Settings for the tiny model from scratch on CPU within ~10 minutes (the demo recipe)."""
-    recipe = dict(number_of_epochs=12, training_batch_size=8, validation_batch_size=8,
-                  learning_rate=0.004, weight_decay=0.05, warmup_steps=30, image_size=320,
+    recipe = dict(number_of_epochs=15, training_batch_size=8, validation_batch_size=8,
+                  learning_rate=0.004, weight_decay=0.05, warmup_steps=30, image_size=256,
                   strong_augmentation=False, num_workers=0)
     recipe.update(overrides)
     return FinetuneSettings(**recipe)
@@ -490,7 +490,7 @@ class FinetuneResult:
     best: dict | None = None                          # the epoch whose weights were exported
     resumed_from: str | None = None
     steps: int = 0
-    seconds_per_step: float | None = None             # mean train step time after the first epoch's start
+    seconds_per_step: float | None = None             # mean step time (mmengine's timer), first 2 left out
     mlflow_run_id: str | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -528,8 +528,8 @@ def finetune(training_data, validation_data, output_dir, *, model=None, config=N
              mlflow_model_dir=None, pytorch_model_dir=None, device: str | None = None,
              track: bool = True, progress: bool = True, validate_data: bool = True) -> FinetuneResult:
     """Fine-tune and export. Start from ``model`` (an MLflow model folder we saved, or a
-    pytorch_model_folder) or
-    ``config`` + ``checkpoint`` (path, URL, ``official`` or None/``"none"``: from scratch).
+    pytorch_model_folder) or ``config`` + ``checkpoint`` (path, URL, ``official``, or
+    None/``"none"``: from scratch).
     ``output_dir`` holds checkpoints and, by default, the two model folders; running again with
     the same ``output_dir`` resumes. ``mlflow_model_dir``/``pytorch_model_dir`` put the model
     folders elsewhere (Azure ML outputs)."""

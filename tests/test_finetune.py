@@ -251,7 +251,7 @@ def test_bad_data_stops_before_training_naming_the_file(fridge, tmp_path, capsys
 def test_quick_cpu_recipe_is_a_valid_setting():
     recipe = quick_cpu_recipe(number_of_epochs=3)
     recipe.check()
-    assert recipe.number_of_epochs == 3 and recipe.image_size == 320
+    assert recipe.number_of_epochs == 3 and recipe.image_size == 256
 
 
 def test_component_spec_loads_and_its_command_parses():
