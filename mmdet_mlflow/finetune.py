@@ -526,13 +526,15 @@ def _distributed(device: str) -> _Dist:
 def finetune(training_data, validation_data, output_dir, *, model=None, config=None,
              checkpoint=None, settings: FinetuneSettings | None = None,
              mlflow_model_dir=None, pytorch_model_dir=None, device: str | None = None,
-             track: bool = True, progress: bool = True, validate_data: bool = True) -> FinetuneResult:
+             track: bool = True, progress: bool = True, validate_data: bool = True,
+             extra_hooks: Sequence = ()) -> FinetuneResult:
     """Fine-tune and export. Start from ``model`` (an MLflow model folder we saved, or a
     pytorch_model_folder) or ``config`` + ``checkpoint`` (path, URL, ``official``, or
     None/``"none"``: from scratch).
     ``output_dir`` holds checkpoints and, by default, the two model folders; running again with
     the same ``output_dir`` resumes. ``mlflow_model_dir``/``pytorch_model_dir`` put the model
-    folders elsewhere (Azure ML outputs)."""
+    folders elsewhere (Azure ML outputs). ``extra_hooks``: mmengine Hook objects to add (every
+    rank)."""
     import torch
 
     from mmdet_mlflow import finetune_tracking as tracking
@@ -571,6 +573,8 @@ def finetune(training_data, validation_data, output_dir, *, model=None, config=N
         cfg.resume, cfg.load_from = True, str(resume_from)
 
     runner = FinetuneRunner.from_cfg(cfg)
+    for hook in extra_hooks:
+        runner.register_hook(hook)
     runner.classes = data.classes
     if resume_from is None:
         runner.start = start

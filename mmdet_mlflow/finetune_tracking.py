@@ -40,8 +40,9 @@ class TrainingRun:
         if not self.enabled:
             return self
         import mlflow
+        from mlflow.tracking._tracking_service.utils import is_tracking_uri_set
 
-        if not os.environ.get("MLFLOW_TRACKING_URI"):
+        if not is_tracking_uri_set():  # neither MLFLOW_TRACKING_URI nor set by the caller's code
             mlflow.set_tracking_uri(DEFAULT_TRACKING_URI)
         active = mlflow.active_run()
         if active is not None:

@@ -48,8 +48,13 @@ def fridge(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def tracking_uri(tmp_path, monkeypatch) -> str:
+    """A tracking store of the test's own, for this process (even if other tests set one in
+    code) and its subprocesses."""
+    from mlflow.tracking._tracking_service import utils
+
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setattr(utils, "_tracking_uri", uri)
     return uri
 
 
