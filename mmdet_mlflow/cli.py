@@ -7,7 +7,8 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("package", "predict", "batch", "convert", "synth", "demo", "pipeline")
+COMMANDS = ("package", "predict", "batch", "convert", "synth", "finetune", "evaluate", "demo",
+            "pipeline")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,12 +27,13 @@ def main(argv=None) -> int:
     from mlflow_model.configs import ConfigError
     from mmdet_mlflow.azure_pipeline import PipelineError
     from mmdet_mlflow.data import DataError
+    from mmdet_mlflow.finetune import FinetuneError
     from scoring.errors import InputError
 
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args) or 0
-    except (CheckpointError, ConfigError, DataError, InputError, PipelineError,
+    except (CheckpointError, ConfigError, DataError, FinetuneError, InputError, PipelineError,
             FileNotFoundError, FileExistsError) as err:
         print(f"mmdet-mlflow {args.command}: error: {err}", file=sys.stderr)
         return 2
