@@ -7,7 +7,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("package", "predict", "convert", "synth")
+COMMANDS = ("package", "predict", "convert", "synth", "evaluate")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,12 +25,13 @@ def main(argv=None) -> int:
     from mlflow_model.checkpoints import CheckpointError
     from mlflow_model.configs import ConfigError
     from mmdet_mlflow.data import DataError
+    from mmdet_mlflow.metrics import EvaluationError
     from scoring.errors import InputError
 
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args) or 0
-    except (CheckpointError, ConfigError, DataError, InputError, FileNotFoundError, FileExistsError) as err:
+    except (CheckpointError, ConfigError, DataError, EvaluationError, InputError, FileNotFoundError, FileExistsError) as err:
         print(f"mmdet-mlflow {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

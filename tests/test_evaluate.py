@@ -146,3 +146,234 @@ def test_predictions_for_unknown_images_are_refused():
     result = {**_segm_result(gt["annotations"][0], 0.9), "image_id": 42}
     with pytest.raises(metrics.EvaluationError, match="not in the ground truth"):
         metrics.coco_evaluate(metrics.coco_api(gt), [result], "segm")
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole command, with a real tiny model on a synthetic fridge-objects set.
+
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from helpers import TINY, make_official_checkpoint, with_visible_outputs  # noqa: E402
+
+# Category ids on purpose neither 1..K nor sorted by name: they must come through unchanged.
+TEST_CATEGORIES = [{"id": 30, "name": "can"}, {"id": 10, "name": "carton"}, {"id": 20, "name": "milk_bottle"}]
+IMAGE_ID_BASE = 500
+
+
+@pytest.fixture(scope="module")
+def fridge_model(tmp_path_factory) -> Path:
+    """A tiny RTMDet-Ins with the synthetic set's four classes (random weights, masks made
+    and scores worth measuring: see helpers.with_visible_outputs)."""
+    import mlflow_model
+    from mmdet_mlflow.synth import CLASSES
+
+    folder = tmp_path_factory.mktemp("fridge_model")
+    checkpoint = with_visible_outputs(make_official_checkpoint(folder / "fridge.pth", classes=CLASSES))
+    mlflow_model.save_model(folder / "model", TINY, str(checkpoint), classes=CLASSES)
+    return folder / "model"
+
+
+@pytest.fixture(scope="module")
+def labelled_set(tmp_path_factory, fridge_model):
+    """Synthetic scenes whose COCO ground truth mixes the scenes' own objects (which a random
+    model will not find) with some of the model's own masks (which it finds exactly), so AP lands
+    strictly between 0 and 1. Defines only three of the model's four classes (water_bottle
+    predictions must be left out), keeps odd image / category ids, has one image without
+    annotations and one crowd region. Returns (COCO path, the model's masks/scores per image)."""
+    import mlflow_model
+    from mmdet_mlflow.data import load_dataset, to_coco
+    from mmdet_mlflow.evaluate import mask_rle
+    from mmdet_mlflow.synth import generate
+    from scoring.decode import decode_image
+
+    folder = tmp_path_factory.mktemp("fridge_data")
+    generate(folder, num_images=5, seed=7, progress=False)
+    dataset = load_dataset(folder / "train.coco.json")
+    segmenter = mlflow_model.load_segmenter(fridge_model / mlflow_model.MODEL_DATA_DIR)
+    params = segmenter.default_params.updated({"score_threshold": 0.05})  # what evaluate uses
+    images = [decode_image(r.path.read_bytes()) for r in dataset.images]
+    detections = segmenter(images, params)  # one batch, as evaluate's (batch size 8) will be
+    model_masks = [(list(d.iter_masks(params.mask_threshold)), d.scores.copy(),
+                    [d.label_name(i) for i in range(len(d))], d.boxes.copy()) for d in detections]
+
+    coco = to_coco(dataset, relative_to=folder)
+    category_id = {c["name"]: c["id"] for c in TEST_CATEGORIES}
+    old_names = {c["id"]: c["name"] for c in coco["categories"]}
+    annotations = []
+    for n, image in enumerate(coco["images"]):
+        old_id, image["id"] = image["id"], IMAGE_ID_BASE + 7 * n
+        if n == 2:
+            continue  # an image without annotations: every detection on it is a false positive
+        for ann in coco["annotations"]:
+            name = old_names[ann["category_id"]]
+            if ann["image_id"] == old_id and name in category_id:
+                annotations.append({**ann, "image_id": image["id"], "category_id": category_id[name]})
+        masks, scores, labels, boxes = model_masks[n]
+        for k in range(min(3, len(masks))):
+            name = labels[k] if labels[k] in category_id else "can"
+            if k != 1:  # the model's own mask: found exactly by segm
+                segmentation = mask_rle(masks[k])
+            else:  # the model's own box: found exactly by bbox
+                x1, y1, x2, y2 = np.clip(boxes[k], 0, [image["width"], image["height"]] * 2).tolist()
+                segmentation = [[x1, y1, x2, y1, x2, y2, x1, y2]]
+            if k == 2:  # a label the model did not give: a confusion in the matrix
+                name = "carton" if name != "carton" else "milk_bottle"
+            annotations.append({"image_id": image["id"], "category_id": category_id[name],
+                                "segmentation": segmentation, "iscrowd": int(n == 1 and k == 0),
+                                "bbox": [0.0, 0.0, 1.0, 1.0], "area": 1.0})  # both recomputed on reading
+    for i, ann in enumerate(annotations, 1):
+        ann["id"] = 1000 + i
+    coco.update(annotations=annotations, categories=TEST_CATEGORIES)
+    path = folder / "test.coco.json"
+    path.write_text(json.dumps(coco))
+    return path, model_masks
+
+
+def _coco_recomputed(out: Path, iou_type: str, file_name: str):
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    gt = COCO(str(out / "ground_truth.json"))
+    evaluator = COCOeval(gt, gt.loadRes(str(out / file_name)), iou_type)
+    evaluator.evaluate()
+    evaluator.accumulate()
+    evaluator.summarize()
+    return evaluator
+
+
+def test_evaluate_matches_pycocotools_on_its_own_files(tmp_path, labelled_set, fridge_model, capsys):
+    import mlflow
+
+    from mmdet_mlflow.cli import main
+
+    test_file, model_masks = labelled_set
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--model", str(fridge_model), "--test", str(test_file),
+                 "--output", str(out)]) == 0
+    assert "segm AP" in capsys.readouterr().out
+    doc = json.loads((out / "metrics.json").read_text())
+
+    # Our numbers are COCOeval's on the files we wrote, recomputed here from scratch.
+    for section, iou_type, file_name in (("bbox", "bbox", "predictions.bbox.json"),
+                                         ("segm", "segm", "predictions.segm.json"),
+                                         ("segm_from_polygons", "segm", "predictions.segm_from_polygons.json")):
+        evaluator = _coco_recomputed(out, iou_type, file_name)
+        for name, value in zip(metrics.COCO_STAT_NAMES, evaluator.stats):
+            assert doc[section][name] == pytest.approx(value, abs=1e-9), (section, name)
+        if section == "segm":
+            segm = evaluator
+    for section in ("bbox", "segm", "segm_from_polygons"):  # a test with teeth
+        assert 0 < doc[section]["AP"] < 1 and 0 < doc[section]["AP50"] < 1, section
+    # Azure's mAP at IoU 0.5 is COCO's AP50; per label, COCOeval's precision array at IoU 0.5.
+    assert doc["mean_average_precision"] == pytest.approx(doc["segm"]["AP50"], abs=1e-9)
+    for k, cat_id in enumerate(segm.params.catIds):
+        curve = segm.eval["precision"][0, :, k, 0, 2]
+        expected = float(np.mean(curve)) if (curve > -1).all() else -1.0
+        name = segm.cocoGt.cats[cat_id]["name"]
+        assert doc["per_label_metrics"][name]["average_precision"] == pytest.approx(expected, abs=1e-9)
+    # The model's own masks, not polygons: exact masks found exactly, polygons cost something.
+    assert doc["segm_from_polygons"]["AP"] <= doc["segm"]["AP"]
+
+    gt = json.loads((out / "ground_truth.json").read_text())
+    source = json.loads(test_file.read_text())
+    assert [i["id"] for i in gt["images"]] == [i["id"] for i in source["images"]]
+    assert gt["categories"] == TEST_CATEGORIES
+    assert [i["file_name"] for i in gt["images"]] == [i["file_name"] for i in source["images"]]
+
+    # predictions.segm.json holds the model's masks bit for bit (RLE of iter_masks).
+    segm_results = json.loads((out / "predictions.segm.json").read_text())
+    kept_ids = {c["id"] for c in TEST_CATEGORIES}
+    assert {r["category_id"] for r in segm_results} <= kept_ids
+    for n, image in enumerate(source["images"]):
+        masks, scores, labels, _ = model_masks[n]
+        mine = [r for r in segm_results if r["image_id"] == image["id"]]
+        expected = [i for i, label in enumerate(labels) if label != "water_bottle"]
+        assert [r["score"] for r in mine] == [float(scores[i]) for i in expected]
+        for r, i in zip(mine, expected):
+            rle = {**r["segmentation"], "counts": r["segmentation"]["counts"].encode()}
+            assert np.array_equal(mask_util.decode(rle).astype(bool), masks[i])
+    outside = sum(label == "water_bottle" for _, _, labels, _ in model_masks for label in labels)
+    assert outside > 0 and doc["counts"]["predictions_outside_test_labels"] == outside
+
+    # Counts and the confusion matrix agree with each other and with the data.
+    per_image = {p["image_id"]: p for p in doc["per_image"]}
+    assert per_image[IMAGE_ID_BASE + 14]["ground_truth"] == 0
+    assert per_image[IMAGE_ID_BASE + 7]["crowd_regions"] == 1
+    for p in doc["per_image"]:
+        anns = [a for a in source["annotations"] if a["image_id"] == p["image_id"]]
+        assert p["ground_truth"] == sum(not a["iscrowd"] for a in anns)
+        assert p["predicted_for_ap"] == sum(r["image_id"] == p["image_id"] for r in segm_results)
+    matrix = np.array(doc["confusion_matrix"]["matrix"])
+    labels = doc["per_label_metrics"]
+    by_id = [c["name"] for c in sorted(TEST_CATEGORIES, key=lambda c: c["id"])]  # COCOeval's order
+    assert doc["confusion_matrix"]["labels"] == by_id + ["background"]
+    for k, name in enumerate(by_id):
+        assert matrix[k].sum() == labels[name]["ground_truth"]
+        assert matrix[:, k].sum() == labels[name]["true_positives"] + labels[name]["false_positives"]
+        assert matrix[k, k] == labels[name]["true_positives"]
+    assert matrix[:3, :3].sum() > np.trace(matrix[:3, :3])  # the relabelled masks are confusions
+    tp = np.trace(matrix[:3, :3])
+    assert doc["precision"] == pytest.approx(tp / matrix[:, :3].sum())
+    assert doc["recall"] == pytest.approx(tp / matrix[:3].sum())
+
+    for picture in ("pr_curves.png", "samples.png"):
+        assert (out / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # Logged to MLflow (the suite sets MLFLOW_TRACKING_URI): a run with the metrics and pictures.
+    run = mlflow.search_runs(search_all_experiments=True, filter_string="attributes.run_name = 'evaluate'",
+                             order_by=["attributes.start_time DESC"], output_format="list")[0]
+    assert run.data.metrics["segm_AP"] == pytest.approx(doc["segm"]["AP"])
+    assert run.data.metrics["mean_average_precision"] == pytest.approx(doc["mean_average_precision"])
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "evaluation")}
+    assert {"evaluation/metrics.json", "evaluation/pr_curves.png", "evaluation/samples.png"} <= artifacts
+
+
+def test_evaluate_reads_an_mltable_folder_into_an_active_run(tmp_path, labelled_set, fridge_model):
+    import mlflow
+
+    from mmdet_mlflow.evaluate import evaluate
+
+    test_file, _ = labelled_set
+    with mlflow.start_run() as run:
+        doc = evaluate(fridge_model, test_file.parent / "validation", tmp_path / "eval",
+                       iou_threshold=0.3, box_score_threshold=0.5, progress=False)
+    assert doc["counts"]["images"] == 1
+    assert doc["settings"]["iou_threshold"] == 0.3 and doc["settings"]["map_score_threshold"] == 0.05
+    logged = mlflow.get_run(run.info.run_id).data.metrics
+    assert logged["segm_AP"] == pytest.approx(doc["segm"]["AP"])
+    evaluator = _coco_recomputed(tmp_path / "eval", "segm", "predictions.segm.json")
+    assert doc["segm"]["AP"] == pytest.approx(evaluator.stats[0], abs=1e-9)
+
+
+def _run_cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mmdet_mlflow.cli", "evaluate", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_bad_test_data_is_a_clear_error(tmp_path, labelled_set, fridge_model, tiny_model_dir):
+    test_file, _ = labelled_set
+    out = str(tmp_path / "out")
+    # The COCO-classed model does not know the fridge labels: refused before scoring.
+    result = _run_cli("--model", str(tiny_model_dir), "--test", str(test_file), "--output", out)
+    assert result.returncode == 2
+    assert "labels the model does not know: can, carton, milk_bottle" in result.stderr
+    assert "Traceback" not in result.stderr
+
+    coco = json.loads(test_file.read_text())
+    missing = tmp_path / "missing.coco.json"
+    missing.write_text(json.dumps({**coco, "images": [{**coco["images"][0], "file_name": "images/nope.jpg"}]
+                                   + coco["images"][1:]}))
+    result = _run_cli("--model", str(fridge_model), "--test", str(missing), "--output", out)
+    assert result.returncode == 2 and "image file not found" in result.stderr and "nope.jpg" in result.stderr
+
+    unlabelled = test_file.parent / "unlabelled.coco.json"
+    unlabelled.write_text(json.dumps({**coco, "annotations": []}))
+    result = _run_cli("--model", str(fridge_model), "--test", str(unlabelled), "--output", out)
+    assert result.returncode == 2 and "no image has annotations" in result.stderr
+
+    result = _run_cli("--model", str(tmp_path), "--test", str(test_file), "--output", out)
+    assert result.returncode == 2 and "not a model directory" in result.stderr
+    assert not Path(out).exists()  # nothing half-written
