@@ -8,8 +8,9 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 setup:
 	@bash tools/setup_venv.sh
 
+# The venv's bin goes first on PATH: servers the tests start (mlflow, uvicorn, azmlinfsrv) run from it.
 test: setup
-	$(PY) -m pytest tests
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest tests
 
 # Until the end-to-end demo lands: package a checkpoint you give and serve it.
 #   make demo CHECKPOINT=path/or/url/or/official [CONFIG=rtmdet-ins_tiny_8xb32-300e_coco]

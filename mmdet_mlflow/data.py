@@ -71,7 +71,7 @@ class Instance:
         x1, y1 = points.max(axis=0)
         return float(x0), float(y0), float(x1 - x0), float(y1 - y0)
 
-    def coco_segmentation(self, height: int, width: int):
+    def coco_segmentation(self):
         """COCO ``segmentation``: the RLE as read, else the polygons."""
         return dict(self.rle) if self.rle is not None else [list(map(float, s)) for s in self.polygons]
 
@@ -234,6 +234,8 @@ def _load_jsonl_files(files: list[Path], classes, validate: bool, source) -> Dat
     for file in files:
         located.extend(_read_jsonl(file, problems, validate))
     problems.raise_if_any(source)
+    if not located:
+        raise DataError(f"{source}: no images (no JSON lines with an image_url)")
     images = [record for _, record in located]
     labels = sorted({inst.label for rec in images for inst in rec.instances})
     dataset = Dataset(images=images, classes=list(classes) if classes is not None else labels)
@@ -401,14 +403,17 @@ def _load_coco(path: Path, classes, validate: bool) -> Dataset:
             problems.add(where, key, "missing or not a list (expected COCO instances JSON)")
     problems.raise_if_any(path)
 
-    category_ids, names = [], []
+    category_ids, names, broken_categories = [], [], set()
     for i, cat in enumerate(doc["categories"]):
-        if not isinstance(cat, dict) or not isinstance(cat.get("id"), int) \
-                or not isinstance(cat.get("name"), str) or not cat["name"].strip():
-            problems.add(where, f"categories[{i}]", f"expected an integer id and a non-empty name, got {cat!r}")
+        if not isinstance(cat, dict) or not isinstance(cat.get("id"), int):
+            problems.add(f"{where}: categories[{i}]", "id", f"expected an integer id, got {cat!r}")
+            continue
+        if not isinstance(cat.get("name"), str) or not cat["name"].strip():
+            problems.add(f"{where}: categories[{i}]", "name", f"missing or empty (id {cat['id']})")
+            broken_categories.add(cat["id"])   # its annotations are not reported again
             continue
         if cat["id"] in category_ids:
-            problems.add(where, f"categories[{i}].id", f"duplicate category id {cat['id']}")
+            problems.add(f"{where}: categories[{i}]", "id", f"duplicate category id {cat['id']}")
             continue
         category_ids.append(cat["id"])
         names.append(cat["name"])
@@ -420,7 +425,7 @@ def _load_coco(path: Path, classes, validate: bool) -> Dataset:
         fld = f"images[{i}]"
         if not isinstance(image, dict) or not isinstance(image.get("id"), int) \
                 or not isinstance(image.get("file_name"), str) or not image["file_name"]:
-            problems.add(where, fld, "expected an integer id and a file_name")
+            problems.add(f"{where}: {fld}", "id/file_name", "expected an integer id and a file_name")
             continue
         iwhere = f"{where}: {fld} (id {image['id']})"
         if image["id"] in records:
@@ -451,6 +456,8 @@ def _load_coco(path: Path, classes, validate: bool) -> Dataset:
             if not any(isinstance(im, dict) and im.get("id") == ann.get("image_id") for im in doc["images"]):
                 problems.add(awhere, "image_id", f"no image with id {ann.get('image_id')!r}")
             continue
+        if ann.get("category_id") in broken_categories:
+            continue
         if ann.get("category_id") not in name_of:
             problems.add(awhere, "category_id", f"no category with id {ann.get('category_id')!r}")
             continue
@@ -463,6 +470,9 @@ def _load_coco(path: Path, classes, validate: bool) -> Dataset:
                 problems.add(awhere, "segmentation", f"invalid RLE: {err}")
                 continue
             mask = mask_utils.decode(rle).astype(bool)
+            if not mask.any():
+                problems.add(awhere, "segmentation", "RLE mask is empty")
+                continue
             polygons = [p.ravel().astype(float).tolist() for p in mask_polygons(mask, 0)]
             instance = Instance(label=name_of[ann["category_id"]], polygons=polygons, iscrowd=iscrowd,
                                 rle={"size": list(rle["size"]), "counts": rle["counts"].decode()})
@@ -475,6 +485,8 @@ def _load_coco(path: Path, classes, validate: bool) -> Dataset:
             instance = Instance(label=name_of[ann["category_id"]], polygons=segments, iscrowd=iscrowd)
         record.instances.append(instance)
     problems.raise_if_any(path)
+    if not records:
+        raise DataError(f"{path}: images: no images")
 
     dataset = Dataset(images=list(records.values()), classes=names, category_ids=category_ids)
     if classes is not None:
@@ -538,7 +550,7 @@ def to_coco(dataset: Dataset, relative_to: Path | None = None) -> dict:
             annotations.append({
                 "id": len(annotations) + 1, "image_id": image_id,
                 "category_id": category_of[inst.label],
-                "segmentation": inst.coco_segmentation(record.height, record.width),
+                "segmentation": inst.coco_segmentation(),
                 "area": inst.area(record.height, record.width),
                 "bbox": list(inst.bbox()), "iscrowd": int(inst.iscrowd)})
     categories = [{"id": cid, "name": name} for name, cid in category_of.items()]
@@ -552,7 +564,7 @@ def to_jsonl_rows(dataset: Dataset, relative_to: Path | None = None) -> list[dic
         scale = np.array([record.width, record.height], dtype=np.float64)
         labels = [{"label": inst.label, "isCrowd": int(inst.iscrowd),
                    "polygon": [np.round(np.clip(np.asarray(s, dtype=np.float64).reshape(-1, 2) / scale, 0, 1),
-                                        JSONL_DECIMALS).ravel().tolist() for s in inst.polygons]}
+                                        JSONL_DECIMALS).ravel().tolist() for s in _outline(inst)]}
                   for inst in record.instances]
         suffix = record.path.suffix.lower().lstrip(".")
         rows.append({"image_url": _path_text(record.path, relative_to),
@@ -560,6 +572,15 @@ def to_jsonl_rows(dataset: Dataset, relative_to: Path | None = None) -> list[dic
                                        "width": record.width, "height": record.height},
                      "label": labels})
     return rows
+
+
+def _outline(inst: Instance) -> list[list[float]]:
+    """Polygons for formats that only hold polygons (outer outlines: holes are not kept). An RLE
+    mask too small to trace (a pixel or two) becomes its box."""
+    if inst.polygons:
+        return inst.polygons
+    x, y, w, h = inst.bbox()
+    return [[x, y, x + w, y, x + w, y + h, x, y + h]]
 
 
 def _path_text(path: Path, relative_to: Path | None) -> str:

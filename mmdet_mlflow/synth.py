@@ -24,7 +24,7 @@ MIN_VISIBLE_FRACTION = 0.35           # objects hidden more than this are not dr
 MIN_VISIBLE_PIXELS = 300
 POLYGON_TOLERANCE = 0.5               # pixels, Douglas-Peucker on the traced visible mask
 JPEG_QUALITY = 92
-SPLITS = ("train", "validation")
+PREVIEW_FILE = "preview.png"          # a few training images with their annotations drawn
 
 # Aspect ratios (height / width) per class, and label / cap colours (BGR).
 ASPECT = {"can": (1.35, 1.95), "carton": (1.5, 2.2), "milk_bottle": (2.1, 2.8), "water_bottle": (2.5, 3.4)}
@@ -36,6 +36,7 @@ VIVID = [(40, 40, 200), (200, 90, 30), (40, 150, 40), (30, 140, 230), (150, 40, 
 class SynthObject:
     label: str
     mask: np.ndarray          # bool (H, W): the visible part in the final image
+    hidden_pixels: int = 0    # pixels of its silhouette hidden by nearer objects
 
 
 @dataclass
@@ -277,7 +278,8 @@ def synth_scene(seed: int, index: int) -> Scene:
 
     image += rng.normal(0, 3.0, (height, width, 1)).astype(np.float32)   # sensor noise
     image = np.clip(image, 0, 255).astype(np.uint8)
-    return Scene(image=image, objects=[SynthObject(placed[i][0], v) for i, v in zip(keep, visible)])
+    return Scene(image=image, objects=[SynthObject(placed[i][0], v, int(full_masks[i].sum() - v.sum()))
+                                      for i, v in zip(keep, visible)])
 
 
 def _visible_masks(masks: list[np.ndarray]) -> list[np.ndarray]:
@@ -326,8 +328,8 @@ def split_indices(num_images: int, seed: int, validation_fraction: float) -> dic
 
 def generate(output, num_images: int = 200, seed: int = 0, validation_fraction: float = 0.2,
              progress: bool = True) -> dict[str, Dataset]:
-    """Write ``output``/images/*.jpg, {train,validation}.jsonl (AutoML), {train,validation}.coco.json
-    and MLTable folders train/ and validation/. Returns the two datasets."""
+    """Write ``output``/images/*.jpg, {train,validation}.jsonl (AutoML), {train,validation}.coco.json,
+    MLTable folders train/ and validation/, and preview.png. Returns the two datasets."""
     from tqdm import tqdm
 
     if num_images < 1:
@@ -357,4 +359,26 @@ def generate(output, num_images: int = 200, seed: int = 0, validation_fraction: 
         write_coco(dataset, output / f"{split}.coco.json")
         write_mltable(output / split, output / f"{split}.jsonl")
         datasets[split] = dataset
+    write_preview(datasets["train"], output / PREVIEW_FILE)
     return datasets
+
+
+def write_preview(dataset: Dataset, path: Path, count: int = 6, columns: int = 3, tile_width: int = 400):
+    """A PNG grid of the first images with their ground truth drawn (what the set looks like)."""
+    from mmdet_mlflow.data import response_boxes
+    from mmdet_mlflow.visualize import draw_detections
+
+    tiles = []
+    for record in dataset.images[:count]:
+        drawn = draw_detections(cv2.imread(str(record.path)), response_boxes(record))
+        tile_height = round(tile_width * 3 / 4)
+        tiles.append(cv2.resize(drawn, (tile_width, tile_height), interpolation=cv2.INTER_AREA))
+    if not tiles:
+        return
+    while len(tiles) % columns:
+        tiles.append(np.full_like(tiles[0], 255))
+    rows = [np.hstack(tiles[i:i + columns]) for i in range(0, len(tiles), columns)]
+    ok, encoded = cv2.imencode(".png", np.vstack(rows))
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(encoded.tobytes())
+    tmp.replace(path)

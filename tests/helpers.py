@@ -21,7 +21,8 @@ def make_official_checkpoint(path: Path, config: str = TINY, classes=None, seed:
                              confident: bool = True) -> Path:
     """A checkpoint in the format mmdet publishes (``{"meta": ..., "state_dict": ...}``), from
     the same config, with randomly initialised weights. ``confident`` lifts the classifier
-    biases so that an untrained model still yields detections worth comparing."""
+    biases and widens the mask kernels so that an untrained model still yields detections with
+    non-empty masks of varied shapes, worth comparing."""
     import torch
     from mmdet.evaluation import get_classes
     from mmdet.registry import MODELS
@@ -37,11 +38,30 @@ def make_official_checkpoint(path: Path, config: str = TINY, classes=None, seed:
     model.init_weights()
     if confident:
         with torch.no_grad():
-            for conv in model.bbox_head.rtm_cls:
-                conv.bias.normal_(-1.0, 1.0)
+            _liven_head(model, seed)
     torch.save({"meta": {"mmdet_version": "3.3.0", "dataset_meta": {"classes": tuple(classes)}},
                 "state_dict": model.state_dict()}, path)
     return path
+
+
+def _liven_head(model, seed: int) -> None:
+    """Scale the classifier so its logits spread (std ~2 around -1.5 on a test picture) and
+    widen the mask kernels: an untrained model then yields varied scores and masks."""
+    import torch
+    from mmdet.structures import DetDataSample
+
+    model.eval()
+    image = torch.from_numpy(scene_image(320, 320, seed)).permute(2, 0, 1).float()[None]
+    feats = model.extract_feat(model.data_preprocessor({"inputs": [image[0]],
+                                                       "data_samples": [DetDataSample()]})["inputs"])
+    cls_scores = model.bbox_head(feats)[0]
+    for conv, logits in zip(model.bbox_head.rtm_cls, cls_scores):
+        spread = float(logits.std()) or 1.0
+        conv.weight.mul_(2.0 / spread)
+        conv.bias.fill_(-1.5)
+    for conv in model.bbox_head.rtm_kernel:
+        conv.weight.normal_(0.0, 0.05)
+        conv.bias.normal_(0.0, 1.0)
 
 
 def scene_image(width: int, height: int, seed: int) -> np.ndarray:
@@ -101,7 +121,8 @@ def running(cmd: list[str], health_url: str, log_path: Path, env=None, cwd=None,
     """Start a server process, wait until ``health_url`` answers 200, stop it afterwards."""
     with open(log_path, "wb") as log:
         process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=cwd,
-                                   env={**os.environ, **(env or {})}, start_new_session=True)
+                                   env={**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}",
+                                        **(env or {})}, start_new_session=True)
         try:
             try:
                 wait_for_http(health_url, process, timeout)

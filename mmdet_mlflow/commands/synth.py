@@ -7,8 +7,9 @@ def add_parser(subparsers):
         "synth", help="write a deterministic synthetic fridge-objects instance-segmentation set",
         description="Fridge-shelf scenes with can, carton, milk_bottle and water_bottle, annotated "
                     "with the polygons of each object's visible part. Writes DIR/images/*.jpg, "
-                    "DIR/{train,validation}.jsonl (AutoML), DIR/{train,validation}.coco.json and "
-                    "MLTable folders DIR/train/ and DIR/validation/. Same seed, same bytes.")
+                    "DIR/{train,validation}.jsonl (AutoML), DIR/{train,validation}.coco.json, "
+                    "MLTable folders DIR/train/ and DIR/validation/, and DIR/preview.png (a few "
+                    "images with their annotations drawn). Same seed, same bytes.")
     p.add_argument("--output", required=True, metavar="DIR")
     p.add_argument("--num-images", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
@@ -23,4 +24,4 @@ def run(args):
                         validation_fraction=args.validation_fraction)
     counts = ", ".join(f"{split}: {len(d.images)} images / {sum(len(r.instances) for r in d.images)} "
                        f"instances" for split, d in datasets.items())
-    print(f"{counts} -> {args.output}")
+    print(f"{counts} -> {args.output} (look at {args.output}/preview.png)")

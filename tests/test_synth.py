@@ -1,0 +1,95 @@
+"""The synthetic fridge-objects set: deterministic, annotated with the visible part of each
+object, written in every format with paths that resolve."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from pycocotools import mask as mask_utils
+
+from mmdet_mlflow import cli
+from mmdet_mlflow.data import load_dataset
+from mmdet_mlflow.synth import (CLASSES, MIN_VISIBLE_FRACTION, OBJECTS_PER_IMAGE, generate,
+                                 scene_instances, synth_scene)
+
+
+def all_files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def synth_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("synth") / "fridge"
+    assert cli.main(["synth", "--output", str(folder), "--num-images", "10", "--seed", "5"]) == 0
+    return folder
+
+
+def test_same_seed_same_bytes_other_seed_other_images(synth_dir, tmp_path):
+    generate(tmp_path / "again", num_images=10, seed=5, progress=False)
+    assert all_files(tmp_path / "again") == all_files(synth_dir)
+    generate(tmp_path / "other", num_images=10, seed=6, progress=False)
+    other = all_files(tmp_path / "other")
+    assert other.keys() == all_files(synth_dir).keys()
+    assert other["images/0001.jpg"] != all_files(synth_dir)["images/0001.jpg"]
+
+
+def test_layout_and_every_form_loads_the_same_validated_data(synth_dir):
+    assert sorted(p.name for p in synth_dir.iterdir()) == [
+        "images", "preview.png", "train", "train.coco.json", "train.jsonl", "validation",
+        "validation.coco.json", "validation.jsonl"]
+    preview = cv2.imread(str(synth_dir / "preview.png"))
+    assert preview.shape == (600, 1200, 3)               # 2 rows x 3 columns of 400x300 tiles
+    assert len(list((synth_dir / "images").glob("*.jpg"))) == 10
+    splits = {}
+    for split in ("train", "validation"):
+        first = json.loads((synth_dir / f"{split}.jsonl").read_text().splitlines()[0])
+        assert first["image_url"].startswith("images/") and first["image_details"]["format"] == "jpg"
+        assert "file: ../" in (synth_dir / split / "MLTable").read_text()
+        forms = [load_dataset(synth_dir / f"{split}.jsonl", classes=CLASSES),   # validate=True
+                 load_dataset(synth_dir / split, classes=CLASSES),
+                 load_dataset(synth_dir / f"{split}.coco.json")]
+        assert forms[2].classes == CLASSES
+        for form in forms[1:]:
+            assert [r.path for r in form.images] == [r.path for r in forms[0].images]
+            assert [[i.label for i in r.instances] for r in form.images] == \
+                [[i.label for i in r.instances] for r in forms[0].images]
+        assert all(r.path.parent == synth_dir / "images" for r in forms[0].images)
+        splits[split] = {r.path.name for r in forms[0].images}
+    assert len(splits["train"]) == 8 and len(splits["validation"]) == 2
+    assert not splits["train"] & splits["validation"]
+
+
+def test_objects_are_sized_and_counted_as_intended():
+    labels = set()
+    for index in range(30):
+        scene = synth_scene(0, index)
+        height, width = scene.image.shape[:2]
+        assert 480 <= width <= 640 and 360 <= height <= 480 and scene.image.dtype == np.uint8
+        assert OBJECTS_PER_IMAGE[0] <= len(scene.objects) <= OBJECTS_PER_IMAGE[1]
+        for obj in scene.objects:
+            labels.add(obj.label)
+            ys, xs = np.nonzero(obj.mask)
+            assert max(ys.ptp(), xs.ptp()) + 1 <= 260
+    assert labels == set(CLASSES)
+
+
+def test_masks_are_the_visible_parts_and_polygons_trace_them():
+    occluded = 0
+    for index in range(30):
+        scene = synth_scene(1, index)
+        height, width = scene.image.shape[:2]
+        assert np.sum([o.mask for o in scene.objects], axis=0).max() <= 1   # visible parts are disjoint
+        instances = scene_instances(scene)
+        assert [i.label for i in instances] == [o.label for o in scene.objects]
+        for obj, inst in zip(scene.objects, instances):
+            visible = obj.mask.sum()
+            assert visible >= MIN_VISIBLE_FRACTION * (visible + obj.hidden_pixels)
+            occluded += obj.hidden_pixels > 0
+            rle = mask_utils.merge(mask_utils.frPyObjects(inst.polygons, height, width))
+            traced = mask_utils.decode(rle).astype(bool)
+            iou = (traced & obj.mask).sum() / (traced | obj.mask).sum()
+            assert iou > 0.9, (index, obj.label, iou)
+    assert occluded >= 5                                # occlusion is common, not a corner case
