@@ -142,9 +142,11 @@ def running(cmd: list[str], health_url: str, log_path: Path, env=None, cwd=None,
 
 def with_visible_outputs(checkpoint: Path, radius: float = 0.5, cls_weight_scale: float = 1e7,
                          cls_bias: float = -3.5) -> Path:
-    """Rewrite a tiny RTMDet-Ins checkpoint (from ``make_official_checkpoint``) so its random
-    outputs are worth measuring. Random weights give mask logits of ~1e-9 (empty masks) and
-    scores that are one constant per class (no ranking, one class everywhere). Here:
+    """Rewrite a tiny RTMDet-Ins checkpoint from ``make_official_checkpoint(..., confident=False)``
+    so its random outputs are worth measuring on any picture, with known shapes: masks that are
+    never empty and top scores on both sides of 0.3 (evaluation tests and bench/evaluate.py).
+    Plain random weights give mask logits of ~1e-9 (empty masks) and scores that are one
+    constant per class. Here:
     - masks: the dynamic kernels become constants giving ``radius - |dx| - |dy|`` (relative
       coordinates, in units of 8 strides), a visible diamond around each detection's prior;
     - scores: the classifier weights are scaled up so scores vary with the image (and so do the

@@ -165,13 +165,14 @@ IMAGE_ID_BASE = 500
 
 @pytest.fixture(scope="module")
 def fridge_model(tmp_path_factory) -> Path:
-    """A tiny RTMDet-Ins with the synthetic set's four classes (random weights, masks made
-    and scores worth measuring: see helpers.with_visible_outputs)."""
+    """A tiny RTMDet-Ins with the synthetic set's four classes (random weights; masks and scores
+    made worth measuring: see helpers.with_visible_outputs)."""
     import mlflow_model
     from mmdet_mlflow.synth import CLASSES
 
     folder = tmp_path_factory.mktemp("fridge_model")
-    checkpoint = with_visible_outputs(make_official_checkpoint(folder / "fridge.pth", classes=CLASSES))
+    checkpoint = with_visible_outputs(make_official_checkpoint(folder / "fridge.pth", classes=CLASSES,
+                                                               confident=False))
     mlflow_model.save_model(folder / "model", TINY, str(checkpoint), classes=CLASSES)
     return folder / "model"
 
@@ -377,3 +378,37 @@ def test_bad_test_data_is_a_clear_error(tmp_path, labelled_set, fridge_model, ti
     result = _run_cli("--model", str(tmp_path), "--test", str(test_file), "--output", out)
     assert result.returncode == 2 and "not a model directory" in result.stderr
     assert not Path(out).exists()  # nothing half-written
+
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPONENT = ROOT / "components" / "evaluate"
+
+
+def test_component_spec_is_valid_and_matches_the_cli():
+    import re
+
+    from azure.ai.ml import load_component
+
+    from mmdet_mlflow.cli import build_parser
+
+    component = load_component(str(COMPONENT / "spec.yaml"))
+    assert component.type == "command"
+    assert set(component.inputs) == {"mlflow_model", "test_data", "iou_threshold", "box_score_threshold",
+                                     "map_score_threshold", "batch_size"}
+    assert set(component.outputs) == {"evaluation_result"}
+    assert component.inputs["iou_threshold"].default == 0.5
+    assert component.inputs["box_score_threshold"].default == 0.3
+    # every flag the command passes is one `mmdet-mlflow evaluate` knows
+    evaluate_parser = build_parser()._subparsers._group_actions[0].choices["evaluate"]
+    known = {flag for action in evaluate_parser._actions for flag in action.option_strings}
+    flags = set(re.findall(r"(--[a-z-]+) ", component.command))
+    assert flags and flags <= known, flags - known
+
+
+def test_component_entry_reports_bad_data_like_the_cli(tmp_path, labelled_set, tiny_model_dir):
+    test_file, _ = labelled_set
+    result = subprocess.run([sys.executable, str(COMPONENT / "main.py"), "--model", str(tiny_model_dir),
+                             "--test", str(test_file), "--output", str(tmp_path / "out")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "labels the model does not know" in result.stderr and "Traceback" not in result.stderr
