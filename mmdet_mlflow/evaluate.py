@@ -59,6 +59,10 @@ def evaluate(model_dir, test_data, output_dir, iou_threshold: float = 0.5,
     for name, value in (("iou_threshold", iou_threshold), ("box_score_threshold", box_score_threshold)):
         if not 0.0 <= value <= 1.0:
             raise EvaluationError(f"{name} must be between 0 and 1, got {value}")
+    if map_score_threshold is not None and not 0.0 <= map_score_threshold <= box_score_threshold:
+        raise EvaluationError(f"map_score_threshold must be between 0 and box_score_threshold "
+                              f"({box_score_threshold}), got {map_score_threshold}: precision and "
+                              f"recall are read from the predictions scored for AP")
     model_dir, test_data, output_dir = Path(model_dir), Path(test_data), Path(output_dir)
     data_dir = model_dir / mlflow_model.MODEL_DATA_DIR
     if not (data_dir / mlflow_model.MODEL_INFO_FILE).is_file():

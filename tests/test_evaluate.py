@@ -349,36 +349,38 @@ def test_evaluate_reads_an_mltable_folder_into_an_active_run(tmp_path, labelled_
     assert doc["segm"]["AP"] == pytest.approx(evaluator.stats[0], abs=1e-9)
 
 
-def _run_cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mmdet_mlflow.cli", "evaluate", *args],
-                          capture_output=True, text=True, timeout=120)
+def test_bad_test_data_is_a_clear_error(tmp_path, labelled_set, fridge_model, tiny_model_dir, capsys):
+    from mmdet_mlflow.cli import main
 
+    def run(model, test, *more):
+        code = main(["evaluate", "--model", str(model), "--test", str(test), "--output", out, *more])
+        return code, capsys.readouterr().err
 
-def test_bad_test_data_is_a_clear_error(tmp_path, labelled_set, fridge_model, tiny_model_dir):
     test_file, _ = labelled_set
     out = str(tmp_path / "out")
     # The COCO-classed model does not know the fridge labels: refused before scoring.
-    result = _run_cli("--model", str(tiny_model_dir), "--test", str(test_file), "--output", out)
-    assert result.returncode == 2
-    assert "labels the model does not know: can, carton, milk_bottle" in result.stderr
-    assert "Traceback" not in result.stderr
+    code, err = run(tiny_model_dir, test_file)
+    assert code == 2 and "labels the model does not know: can, carton, milk_bottle" in err
 
     coco = json.loads(test_file.read_text())
     missing = tmp_path / "missing.coco.json"
     missing.write_text(json.dumps({**coco, "images": [{**coco["images"][0], "file_name": "images/nope.jpg"}]
                                    + coco["images"][1:]}))
-    result = _run_cli("--model", str(fridge_model), "--test", str(missing), "--output", out)
-    assert result.returncode == 2 and "image file not found" in result.stderr and "nope.jpg" in result.stderr
+    code, err = run(fridge_model, missing)
+    assert code == 2 and "image file not found" in err and "nope.jpg" in err
 
     unlabelled = test_file.parent / "unlabelled.coco.json"
     unlabelled.write_text(json.dumps({**coco, "annotations": []}))
-    result = _run_cli("--model", str(fridge_model), "--test", str(unlabelled), "--output", out)
-    assert result.returncode == 2 and "no image has annotations" in result.stderr
+    code, err = run(fridge_model, unlabelled)
+    assert code == 2 and "no image has annotations" in err
 
-    result = _run_cli("--model", str(tmp_path), "--test", str(test_file), "--output", out)
-    assert result.returncode == 2 and "not a model directory" in result.stderr
+    code, err = run(tmp_path, test_file)
+    assert code == 2 and "not a model directory" in err
+    code, err = run(fridge_model, test_file, "--map-score-threshold", "0.5")
+    assert code == 2 and "map_score_threshold must be between 0 and box_score_threshold" in err
+    code, err = run(fridge_model, test_file, "--iou-threshold", "1.5")
+    assert code == 2 and "iou_threshold must be between 0 and 1" in err
     assert not Path(out).exists()  # nothing half-written
-
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPONENT = ROOT / "components" / "evaluate"
