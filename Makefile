@@ -25,6 +25,7 @@ demo: setup
 
 bench: setup
 	$(PY) bench/predict.py
+	$(PY) bench/evaluate.py
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -28,13 +28,14 @@ def main(argv=None) -> int:
     from mmdet_mlflow.azure_pipeline import PipelineError
     from mmdet_mlflow.data import DataError
     from mmdet_mlflow.finetune import FinetuneError
+    from mmdet_mlflow.metrics import EvaluationError
     from scoring.errors import InputError
 
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args) or 0
-    except (CheckpointError, ConfigError, DataError, FinetuneError, InputError, PipelineError,
-            FileNotFoundError, FileExistsError) as err:
+    except (CheckpointError, ConfigError, DataError, EvaluationError, FinetuneError, InputError,
+            PipelineError, FileNotFoundError, FileExistsError) as err:
         print(f"mmdet-mlflow {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -138,3 +138,40 @@ def running(cmd: list[str], health_url: str, log_path: Path, env=None, cwd=None,
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, 9)
                 process.wait()
+
+
+def with_visible_outputs(checkpoint: Path, radius: float = 0.5, cls_weight_scale: float = 1e7,
+                         cls_bias: float = -3.5) -> Path:
+    """Rewrite a tiny RTMDet-Ins checkpoint from ``make_official_checkpoint(..., confident=False)``
+    so its random outputs are worth measuring on any picture, with known shapes: masks that are
+    never empty and top scores on both sides of 0.3 (evaluation tests and bench/evaluate.py).
+    Plain random weights give mask logits of ~1e-9 (empty masks) and scores that are one
+    constant per class. Here:
+    - masks: the dynamic kernels become constants giving ``radius - |dx| - |dy|`` (relative
+      coordinates, in units of 8 strides), a visible diamond around each detection's prior;
+    - scores: the classifier weights are scaled up so scores vary with the image (and so do the
+      classes), and the biases set so the top detections straddle 0.3 (0.15..0.65)."""
+    import torch
+
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    state = ckpt["state_dict"]
+    w0 = torch.zeros(8, 10)               # 8 out x (2 coords + 8 prototypes) in
+    w0[0, 0], w0[1, 0], w0[2, 1], w0[3, 1] = 1.0, -1.0, 1.0, -1.0
+    w1 = torch.zeros(8, 8)
+    w1[:4, :4] = torch.eye(4)
+    w2 = torch.zeros(1, 8)
+    w2[0, :4] = -1.0
+    kernel = torch.cat([w0.ravel(), w1.ravel(), w2.ravel(), torch.zeros(8), torch.zeros(8),
+                        torch.tensor([radius])])
+    for key in list(state):
+        if key.startswith("bbox_head.rtm_kernel."):
+            if key.endswith(".weight"):
+                state[key] = torch.zeros_like(state[key])
+            else:
+                assert state[key].shape == kernel.shape, "expected the tiny config's 169 kernel parameters"
+                state[key] = kernel.clone()
+        elif key.startswith("bbox_head.rtm_cls."):
+            state[key] = state[key] * cls_weight_scale if key.endswith(".weight") \
+                else torch.full_like(state[key], cls_bias)
+    torch.save(ckpt, checkpoint)
+    return checkpoint
