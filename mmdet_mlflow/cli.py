@@ -22,6 +22,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_known_noise() -> None:
+    """Deprecation chatter from mmdet 3.3 / mmengine under torch 2.13 that users can do nothing
+    about; real warnings still show."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(mmdet|mmengine|mmcv)\.")
+    warnings.filterwarnings("ignore", message=r"torch\.meshgrid")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
 def main(argv=None) -> int:
     from mlflow_model.checkpoints import CheckpointError
     from mlflow_model.configs import ConfigError
@@ -31,6 +41,7 @@ def main(argv=None) -> int:
     from mmdet_mlflow.metrics import EvaluationError
     from scoring.errors import InputError
 
+    quiet_known_noise()
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args) or 0

@@ -50,18 +50,17 @@ class Steps:
         self.stamps.mkdir(parents=True, exist_ok=True)
         self.keys: dict[str, str] = {}
 
-    def run(self, name: str, args: list[str], after: tuple[str, ...] = (), env: dict | None = None) -> bool:
+    def run(self, name: str, args: list[str], produces: Path, after: tuple[str, ...] = ()) -> bool:
         key = hashlib.sha256(json.dumps([args, [self.keys[a] for a in after]]).encode()).hexdigest()
         self.keys[name] = key
         stamp = self.stamps / name
         shown = " ".join(["mmdet-mlflow", *args])
-        if stamp.is_file() and stamp.read_text() == key:
+        if stamp.is_file() and stamp.read_text() == key and produces.exists():
             print(f"$ {shown}\n  (reused: unchanged since the last run)", flush=True)
             return False
         print(f"$ {shown}", flush=True)
         stamp.unlink(missing_ok=True)
-        subprocess.run([sys.executable, "-m", "mmdet_mlflow.cli", *args], check=True,
-                       env={**os.environ, **(env or {})})
+        subprocess.run([sys.executable, "-m", "mmdet_mlflow.cli", *args], check=True)
         stamp.write_text(key)
         return True
 
@@ -76,19 +75,20 @@ def run_demo(settings: DemoSettings) -> dict:
 
     say(f"1/7 synthetic fridge-objects data -> {data}")
     steps.run("synth", ["synth", "--output", str(data), "--num-images", str(settings.num_images),
-                        "--seed", str(settings.seed)])
+                        "--seed", str(settings.seed)], produces=data / "validation.coco.json")
 
     say(f"2/7 fine-tune {CONFIG} from scratch on it (tracked in {tracking})")
     steps.run("finetune", ["finetune", "--config", CONFIG, "--checkpoint", "none",
                            "--training-data", str(data / "train.jsonl"),
                            "--validation-data", str(data / "validation"),
-                           "--output", str(finetuned), *settings.finetune_args], after=("synth",))
+                           "--output", str(finetuned), *settings.finetune_args],
+              produces=finetuned / "mlflow_model_folder" / "MLmodel", after=("synth",))
     model_dir = finetuned / "mlflow_model_folder"
 
     say(f"3/7 evaluate on the validation set -> {evaluation}")
     steps.run("evaluate", ["evaluate", "--model", str(model_dir), "--test",
                            str(data / "validation.coco.json"), "--output", str(evaluation)],
-              after=("finetune",))
+              produces=evaluation / "metrics.json", after=("finetune",))
     metrics = json.loads((evaluation / "metrics.json").read_text())
     headline = {"segm mAP@[.5:.95]": metrics["segm"]["AP"], "segm AP50": metrics["segm"]["AP50"],
                 "bbox mAP@[.5:.95]": metrics["bbox"]["AP"],
@@ -112,6 +112,7 @@ def run_demo(settings: DemoSettings) -> dict:
             [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager",
              "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
             f"http://127.0.0.1:{port}/ping", out / "mlflow-serve.log"))
+        print(f"  serving on http://127.0.0.1:{port} (log: mlflow-serve.log)", flush=True)
         # MLflow's scoring server reads the same columns/index/data under "dataframe_split".
         body = {"dataframe_split": request["input_data"]}
         answer = post(f"http://127.0.0.1:{port}/invocations", body)["predictions"]
@@ -129,6 +130,7 @@ def run_demo(settings: DemoSettings) -> dict:
              "--model_dir", str(model_dir), "--port", str(port)],
             f"http://127.0.0.1:{port}/", out / "azmlinfsrv.log", cwd=app,
             env={"AML_APP_ROOT": str(app), "WORKER_COUNT": "1", "PYTHONPATH": ""}))
+        print(f"  serving on http://127.0.0.1:{port}/score (log: azmlinfsrv.log)", flush=True)
         azure_answer = post_when_ready(f"http://127.0.0.1:{port}/score",
                                        {"input_data": request["input_data"]})
         show_response(azure_answer)
@@ -140,7 +142,8 @@ def run_demo(settings: DemoSettings) -> dict:
     validation_images = out / "validation-images"
     link_validation_images(data, validation_images)
     steps.run("batch", ["batch", "--model", str(model_dir), "--input", str(validation_images),
-                        "--output", str(out / "batch" / "predictions.jsonl")], after=("finetune",))
+                        "--output", str(out / "batch" / "predictions.jsonl")],
+              produces=out / "batch" / "predictions.jsonl", after=("finetune",))
 
     say("done")
     summary = {"data": str(data), "model": str(model_dir), "registered": model_uri,
