@@ -193,8 +193,11 @@ def test_log_model_registers_and_load_model_returns_the_mmdet_detector(tmp_path,
     from mmdet.models.detectors import RTMDet
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    for inherited in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID"):
+        monkeypatch.delenv(inherited, raising=False)  # another test's experiment lives elsewhere
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
-    with mlflow.start_run():
+    experiment = mlflow.create_experiment("flavor-test")
+    with mlflow.start_run(experiment_id=experiment):
         info = mlflow_model.log_model(TINY, str(tiny_checkpoint), name="model",
                                       registered_model_name="rtmdet-tiny-test")
     assert info.registered_model_version == 1
