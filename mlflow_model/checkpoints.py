@@ -135,14 +135,17 @@ def read_state_dict(path: Path) -> tuple[dict, dict]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        unsupported = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+        if not unsupported:
+            raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (corrupt or "
+                                  f"truncated?): {_first_line(err)}") from None
         raise CheckpointError(
-            f"{path} holds pickled Python objects besides tensors and plain containers, and we "
-            f"never unpickle those ({first}). Save just the weights: "
-            f"torch.save({{'state_dict': model.state_dict()}}, path)") from None
+            f"{path} holds pickled Python objects besides tensors and plain containers "
+            f"({unsupported.group(1)}), and we never unpickle those: they can run arbitrary code. "
+            f"Save just the weights: torch.save({{'state_dict': model.state_dict()}}, path)") from None
     except Exception as err:
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (corrupt or "
-                              f"truncated?): {type(err).__name__}: {err}") from None
+                              f"truncated?): {type(err).__name__}: {_first_line(err)}") from None
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         state_dict, meta = obj["state_dict"], obj.get("meta") or {}
     elif isinstance(obj, Mapping):
@@ -155,6 +158,11 @@ def read_state_dict(path: Path) -> tuple[dict, dict]:
             raise CheckpointError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
         cleaned[key.removeprefix("module.")] = value  # DDP-wrapped saves
     return cleaned, dict(meta) if isinstance(meta, Mapping) else {}
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:300] if text else type(err).__name__
 
 
 def classes_from_meta(meta: Mapping) -> list[str] | None:

@@ -7,7 +7,8 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("package", "predict", "convert", "synth", "finetune")
+COMMANDS = ("package", "predict", "batch", "convert", "synth", "finetune", "evaluate", "demo",
+            "pipeline")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,18 +22,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_known_noise() -> None:
+    """Deprecation chatter from mmdet 3.3 / mmengine under torch 2.13 that users can do nothing
+    about; real warnings still show."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(mmdet|mmengine|mmcv)\.")
+    warnings.filterwarnings("ignore", message=r"torch\.meshgrid")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
 def main(argv=None) -> int:
     from mlflow_model.checkpoints import CheckpointError
     from mlflow_model.configs import ConfigError
+    from mmdet_mlflow.azure_pipeline import PipelineError
     from mmdet_mlflow.data import DataError
     from mmdet_mlflow.finetune import FinetuneError
+    from mmdet_mlflow.metrics import EvaluationError
     from scoring.errors import InputError
 
+    quiet_known_noise()
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args) or 0
-    except (CheckpointError, ConfigError, DataError, FinetuneError, InputError, FileNotFoundError,
-            FileExistsError) as err:
+    except (CheckpointError, ConfigError, DataError, EvaluationError, FinetuneError, InputError,
+            PipelineError, FileNotFoundError, FileExistsError) as err:
         print(f"mmdet-mlflow {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,30 +1,233 @@
-"""Fetching images given as URLs: http(s) only, with timeouts and a size cap."""
+"""THE URL fetcher for images given as URLs (scoring.decode calls it), safe with untrusted input.
+
+A request may name any URL, so the server must not become a proxy into its own network (SSRF):
+- http and https only, no credentials in the URL;
+- every address a host resolves to must be public: loopback, private, link-local (the cloud
+  metadata service 169.254.169.254 included), shared, multicast, reserved and unspecified
+  addresses are refused, after DNS resolution and again on every redirect (redirects are
+  followed here, at most MAX_REDIRECTS);
+- the connection goes to the very address that was checked (no second DNS lookup an attacker
+  could answer differently), while the Host header and TLS SNI/certificate check use the name;
+- connect and read timeouts, a deadline for the whole download and a byte cap.
+``MMDET_MLFLOW_URL_ALLOWLIST`` (comma-separated host names, IP addresses or CIDR networks)
+allows hosts or networks that would otherwise be refused, e.g. a storage account on a private
+endpoint. Every refusal is an InputError (a 4xx) that says why. Error messages show URLs without
+their query string or credentials, so SAS tokens never reach a response or a log.
+"""
 from __future__ import annotations
 
+import http.client
+import ipaddress
 import os
-import urllib.error
-import urllib.request
-from urllib.parse import urlsplit
+import socket
+import ssl
+import time
+from dataclasses import dataclass
+from urllib.parse import urljoin, urlsplit
 
 from scoring.errors import InputError
 
 MAX_DOWNLOAD_BYTES = int(os.environ.get("MMDET_MLFLOW_MAX_DOWNLOAD_BYTES", 32 * 1024 * 1024))
-TIMEOUT_SECONDS = float(os.environ.get("MMDET_MLFLOW_FETCH_TIMEOUT", 10))
+TIMEOUT_SECONDS = float(os.environ.get("MMDET_MLFLOW_FETCH_TIMEOUT", 10))  # each read
+CONNECT_TIMEOUT_SECONDS = float(os.environ.get("MMDET_MLFLOW_FETCH_CONNECT_TIMEOUT", 5))
+TOTAL_TIMEOUT_SECONDS = float(os.environ.get("MMDET_MLFLOW_FETCH_TOTAL_TIMEOUT", 60))
+MAX_REDIRECTS = int(os.environ.get("MMDET_MLFLOW_FETCH_MAX_REDIRECTS", 5))
+ALLOWLIST_ENV = "MMDET_MLFLOW_URL_ALLOWLIST"
+_REDIRECTS = {301, 302, 303, 307, 308}
+_CHUNK = 64 * 1024
 
 
 def fetch_url(url: str) -> bytes:
-    parts = urlsplit(url)
-    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
-        raise InputError(f"only http(s) URLs with a host can be fetched, got {url!r}")
-    request = urllib.request.Request(url, headers={"User-Agent": "mmdet-mlflow"})
+    """The body of ``url`` (following redirects), or an InputError saying why not."""
+    deadline = time.monotonic() + TOTAL_TIMEOUT_SECONDS
+    for _ in range(MAX_REDIRECTS + 1):
+        target = checked_target(url)
+        status, location, body = _get(target, deadline)
+        if status in _REDIRECTS:
+            if not location:
+                raise InputError(f"fetching {display_url(url)} failed: HTTP {status} without a Location")
+            url = urljoin(url, location)
+            continue
+        if status != 200:
+            raise InputError(f"fetching {display_url(url)} failed: HTTP {status}")
+        return body
+    raise InputError(f"fetching {display_url(url)} failed: more than {MAX_REDIRECTS} redirects")
+
+
+@dataclass(frozen=True)
+class Target:
+    """A URL whose host has been resolved and checked: connect only to ``addresses``."""
+
+    url: str
+    scheme: str
+    host: str
+    port: int
+    path: str  # path and query, as sent in the request line
+    addresses: tuple[str, ...]
+
+
+def checked_target(url: str) -> Target:
+    """Parse ``url``, resolve its host and check every address; refuse with an InputError."""
     try:
-        with urllib.request.urlopen(request, timeout=TIMEOUT_SECONDS) as response:
-            data = response.read(MAX_DOWNLOAD_BYTES + 1)
-    except urllib.error.HTTPError as err:
-        raise InputError(f"fetching {url} failed: HTTP {err.code}") from None
-    except (urllib.error.URLError, OSError, ValueError) as err:
-        reason = getattr(err, "reason", err)
-        raise InputError(f"fetching {url} failed: {reason}") from None
-    if len(data) > MAX_DOWNLOAD_BYTES:
-        raise InputError(f"{url} is larger than {MAX_DOWNLOAD_BYTES} bytes")
-    return data
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as err:
+        raise InputError(f"not a valid URL ({err}): {display_url(url)}") from None
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https") or not parts.hostname:
+        raise InputError(f"only http(s) URLs with a host can be fetched, got {display_url(url)}")
+    if parts.username is not None or parts.password is not None:
+        raise InputError(f"URLs with credentials are not fetched: {display_url(url)}")
+    host = parts.hostname.lower()
+    port = port or (443 if scheme == "https" else 80)
+    addresses = _resolve(host, port, url)
+    allowlist = Allowlist.from_env()
+    if not allowlist.allows_host(host):
+        for address in addresses:
+            reason = refusal_reason(address)
+            if reason and not allowlist.allows_address(address):
+                shown = host if host == address else f"{host} (resolves to {address})"
+                raise InputError(
+                    f"refusing to fetch {display_url(url)}: {shown} is a {reason} address; "
+                    f"only public hosts are fetched unless listed in {ALLOWLIST_ENV}")
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return Target(url, scheme, host, port, path, tuple(addresses))
+
+
+def refusal_reason(address: str) -> str | None:
+    """Why a server must not fetch from this IP address, or None when it is public."""
+    ip = ipaddress.ip_address(address)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # ::ffff:127.0.0.1 is 127.0.0.1
+    checks = (
+        ("unspecified", ip.is_unspecified),
+        ("loopback", ip.is_loopback),
+        ("link-local", ip.is_link_local),  # includes 169.254.169.254, the metadata service
+        ("multicast", ip.is_multicast),
+        ("reserved", ip.is_reserved),
+        ("private", ip.is_private),
+        ("non-global", not ip.is_global),  # e.g. 100.64.0.0/10 (carrier-grade NAT)
+    )
+    return next((name for name, hit in checks if hit), None)
+
+
+@dataclass(frozen=True)
+class Allowlist:
+    hosts: frozenset[str]
+    networks: tuple
+
+    @classmethod
+    def from_env(cls) -> "Allowlist":
+        hosts, networks = set(), []
+        for entry in os.environ.get(ALLOWLIST_ENV, "").split(","):
+            entry = entry.strip().lower()
+            if not entry:
+                continue
+            try:
+                networks.append(ipaddress.ip_network(entry, strict=False))
+            except ValueError:
+                hosts.add(entry.rstrip("."))
+        return cls(frozenset(hosts), tuple(networks))
+
+    def allows_host(self, host: str) -> bool:
+        return host.rstrip(".") in self.hosts
+
+    def allows_address(self, address: str) -> bool:
+        ip = ipaddress.ip_address(address)
+        return any(ip.version == net.version and ip in net for net in self.networks)
+
+
+def display_url(url: str) -> str:
+    """``url`` without credentials or query (SAS tokens, signatures), short enough to show."""
+    try:
+        parts = urlsplit(str(url))
+        host = parts.hostname or ""
+        if parts.port:
+            host = f"{host}:{parts.port}"
+        shown = f"{parts.scheme}://{host}{parts.path}" + ("?..." if parts.query else "")
+    except ValueError:
+        shown = str(url)
+    return repr(shown if len(shown) <= 200 else shown[:200] + "...")
+
+
+def _resolve(host: str, port: int, url: str) -> list[str]:
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as err:
+        raise InputError(f"fetching {display_url(url)} failed: cannot resolve {host!r} ({err})") from None
+    addresses = list(dict.fromkeys(info[4][0].split("%")[0] for info in infos))
+    if not addresses:
+        raise InputError(f"fetching {display_url(url)} failed: {host!r} has no address")
+    return addresses
+
+
+class _PinnedHTTPConnection(http.client.HTTPConnection):
+    """Connects to one checked address; the Host header still names the host."""
+
+    def __init__(self, target: Target, address: str):
+        super().__init__(target.host, target.port, timeout=TIMEOUT_SECONDS)
+        self._address = address
+
+    def connect(self):
+        self.sock = socket.create_connection((self._address, self.port), CONNECT_TIMEOUT_SECONDS)
+        self.sock.settimeout(self.timeout)  # the read timeout from here on
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class _PinnedHTTPSConnection(_PinnedHTTPConnection):
+    default_port = 443
+
+    def connect(self):
+        super().connect()
+        # SNI and the certificate check use the host name, not the address we connected to.
+        self.sock = ssl.create_default_context().wrap_socket(self.sock, server_hostname=self.host)
+
+
+def _get(target: Target, deadline: float) -> tuple[int, str | None, bytes]:
+    connection_class = _PinnedHTTPSConnection if target.scheme == "https" else _PinnedHTTPConnection
+    shown = display_url(target.url)
+    last_error = None
+    for address in target.addresses:  # e.g. IPv6 unreachable: try the next checked address
+        connection = connection_class(target, address)
+        try:
+            connection.connect()
+        except OSError as err:
+            connection.close()
+            last_error = err
+            continue
+        try:
+            return _request(connection, target, deadline, shown)
+        except (OSError, http.client.HTTPException) as err:
+            reason = "timed out" if isinstance(err, (socket.timeout, TimeoutError)) else err
+            raise InputError(f"fetching {shown} failed: {reason}") from None
+        finally:
+            connection.close()
+    reason = "timed out" if isinstance(last_error, (socket.timeout, TimeoutError)) else last_error
+    raise InputError(f"fetching {shown} failed: cannot connect ({reason})")
+
+
+def _request(connection, target: Target, deadline: float, shown: str):
+    connection.request("GET", target.path, headers={"User-Agent": "mmdet-mlflow",
+                                                    "Accept": "image/*, */*;q=0.5",
+                                                    "Accept-Encoding": "identity"})
+    response = connection.getresponse()
+    if response.status != 200:
+        return response.status, response.getheader("Location"), b""
+    declared = response.getheader("Content-Length")
+    if declared and declared.isdigit() and int(declared) > MAX_DOWNLOAD_BYTES:
+        raise InputError(f"{shown} is {int(declared)} bytes, over the limit of {MAX_DOWNLOAD_BYTES} "
+                         f"(MMDET_MLFLOW_MAX_DOWNLOAD_BYTES)")
+    chunks, size = [], 0
+    while True:
+        if time.monotonic() > deadline:
+            raise InputError(f"fetching {shown} failed: took longer than {TOTAL_TIMEOUT_SECONDS:g} s "
+                             f"(MMDET_MLFLOW_FETCH_TOTAL_TIMEOUT)")
+        chunk = response.read1(_CHUNK) if hasattr(response, "read1") else response.read(_CHUNK)
+        if not chunk:
+            break
+        size += len(chunk)
+        if size > MAX_DOWNLOAD_BYTES:
+            raise InputError(f"{shown} is larger than {MAX_DOWNLOAD_BYTES} bytes "
+                             f"(MMDET_MLFLOW_MAX_DOWNLOAD_BYTES)")
+        chunks.append(chunk)
+    return 200, None, b"".join(chunks)

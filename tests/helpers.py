@@ -21,7 +21,8 @@ def make_official_checkpoint(path: Path, config: str = TINY, classes=None, seed:
                              confident: bool = True) -> Path:
     """A checkpoint in the format mmdet publishes (``{"meta": ..., "state_dict": ...}``), from
     the same config, with randomly initialised weights. ``confident`` lifts the classifier
-    biases so that an untrained model still yields detections worth comparing."""
+    biases and widens the mask kernels so that an untrained model still yields detections with
+    non-empty masks of varied shapes, worth comparing."""
     import torch
     from mmdet.evaluation import get_classes
     from mmdet.registry import MODELS
@@ -37,11 +38,30 @@ def make_official_checkpoint(path: Path, config: str = TINY, classes=None, seed:
     model.init_weights()
     if confident:
         with torch.no_grad():
-            for conv in model.bbox_head.rtm_cls:
-                conv.bias.normal_(-1.0, 1.0)
+            _liven_head(model, seed)
     torch.save({"meta": {"mmdet_version": "3.3.0", "dataset_meta": {"classes": tuple(classes)}},
                 "state_dict": model.state_dict()}, path)
     return path
+
+
+def _liven_head(model, seed: int) -> None:
+    """Scale the classifier so its logits spread (std ~2 around -1.5 on a test picture) and
+    widen the mask kernels: an untrained model then yields varied scores and masks."""
+    import torch
+    from mmdet.structures import DetDataSample
+
+    model.eval()
+    image = torch.from_numpy(scene_image(320, 320, seed)).permute(2, 0, 1).float()[None]
+    feats = model.extract_feat(model.data_preprocessor({"inputs": [image[0]],
+                                                       "data_samples": [DetDataSample()]})["inputs"])
+    cls_scores = model.bbox_head(feats)[0]
+    for conv, logits in zip(model.bbox_head.rtm_cls, cls_scores):
+        spread = float(logits.std()) or 1.0
+        conv.weight.mul_(2.0 / spread)
+        conv.bias.fill_(-1.5)
+    for conv in model.bbox_head.rtm_kernel:
+        conv.weight.normal_(0.0, 0.05)
+        conv.bias.normal_(0.0, 1.0)
 
 
 def scene_image(width: int, height: int, seed: int) -> np.ndarray:
@@ -101,7 +121,8 @@ def running(cmd: list[str], health_url: str, log_path: Path, env=None, cwd=None,
     """Start a server process, wait until ``health_url`` answers 200, stop it afterwards."""
     with open(log_path, "wb") as log:
         process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=cwd,
-                                   env={**os.environ, **(env or {})}, start_new_session=True)
+                                   env={**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}",
+                                        **(env or {})}, start_new_session=True)
         try:
             try:
                 wait_for_http(health_url, process, timeout)
@@ -117,3 +138,40 @@ def running(cmd: list[str], health_url: str, log_path: Path, env=None, cwd=None,
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, 9)
                 process.wait()
+
+
+def with_visible_outputs(checkpoint: Path, radius: float = 0.5, cls_weight_scale: float = 1e7,
+                         cls_bias: float = -3.5) -> Path:
+    """Rewrite a tiny RTMDet-Ins checkpoint from ``make_official_checkpoint(..., confident=False)``
+    so its random outputs are worth measuring on any picture, with known shapes: masks that are
+    never empty and top scores on both sides of 0.3 (evaluation tests and bench/evaluate.py).
+    Plain random weights give mask logits of ~1e-9 (empty masks) and scores that are one
+    constant per class. Here:
+    - masks: the dynamic kernels become constants giving ``radius - |dx| - |dy|`` (relative
+      coordinates, in units of 8 strides), a visible diamond around each detection's prior;
+    - scores: the classifier weights are scaled up so scores vary with the image (and so do the
+      classes), and the biases set so the top detections straddle 0.3 (0.15..0.65)."""
+    import torch
+
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    state = ckpt["state_dict"]
+    w0 = torch.zeros(8, 10)               # 8 out x (2 coords + 8 prototypes) in
+    w0[0, 0], w0[1, 0], w0[2, 1], w0[3, 1] = 1.0, -1.0, 1.0, -1.0
+    w1 = torch.zeros(8, 8)
+    w1[:4, :4] = torch.eye(4)
+    w2 = torch.zeros(1, 8)
+    w2[0, :4] = -1.0
+    kernel = torch.cat([w0.ravel(), w1.ravel(), w2.ravel(), torch.zeros(8), torch.zeros(8),
+                        torch.tensor([radius])])
+    for key in list(state):
+        if key.startswith("bbox_head.rtm_kernel."):
+            if key.endswith(".weight"):
+                state[key] = torch.zeros_like(state[key])
+            else:
+                assert state[key].shape == kernel.shape, "expected the tiny config's 169 kernel parameters"
+                state[key] = kernel.clone()
+        elif key.startswith("bbox_head.rtm_cls."):
+            state[key] = state[key] * cls_weight_scale if key.endswith(".weight") \
+                else torch.full_like(state[key], cls_bias)
+    torch.save(ckpt, checkpoint)
+    return checkpoint

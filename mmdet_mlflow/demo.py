@@ -1,0 +1,304 @@
+"""The main job, offline, end to end (``make demo``): synthetic data -> fine-tune -> evaluate ->
+register -> serve with ``mlflow models serve`` -> the Azure online entry script under
+``azmlinfsrv`` -> batch scoring. Each step is the ``mmdet-mlflow`` command a user would run,
+printed before it runs; a step whose inputs have not changed since its last success is reused.
+Servers are started on 127.0.0.1 only and stopped on the way out, Ctrl-C included."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL_NAME = "rtmdet-ins-tiny-fridge"
+CONFIG = "rtmdet-ins_tiny_8xb32-300e_coco"
+# azmlinfsrv binds 0.0.0.0 by default; the demo runs the same entry point bound to 127.0.0.1.
+AZMLINFSRV_ON_LOOPBACK = ("import sys; from azureml_inference_server_http import amlserver; "
+                          "amlserver.DEFAULT_HOST = '127.0.0.1'; sys.argv[0] = 'azmlinfsrv'; amlserver.run()")
+
+
+@dataclass
+class DemoSettings:
+    output: Path
+    num_images: int = 300
+    seed: int = 0
+    finetune_args: list[str] = field(default_factory=lambda: ["--recipe", "quick-cpu"])
+    request_images: int = 2
+
+
+def say(text: str) -> None:
+    print(f"\n== {text}", flush=True)
+
+
+class Steps:
+    """Runs commands, skipping one whose key (its command and the keys of what it reads) matches
+    its last successful run."""
+
+    def __init__(self, output: Path):
+        self.stamps = output / ".stamps"
+        self.stamps.mkdir(parents=True, exist_ok=True)
+        self.keys: dict[str, str] = {}
+
+    def run(self, name: str, args: list[str], produces: Path, after: tuple[str, ...] = ()) -> bool:
+        key = hashlib.sha256(json.dumps([args, [self.keys[a] for a in after]]).encode()).hexdigest()
+        self.keys[name] = key
+        stamp = self.stamps / name
+        shown = " ".join(["mmdet-mlflow", *args])
+        if stamp.is_file() and stamp.read_text() == key and produces.exists():
+            print(f"$ {shown}\n  (reused: unchanged since the last run)", flush=True)
+            return False
+        print(f"$ {shown}", flush=True)
+        stamp.unlink(missing_ok=True)
+        subprocess.run([sys.executable, "-m", "mmdet_mlflow.cli", *args], check=True)
+        stamp.write_text(key)
+        return True
+
+
+def run_demo(settings: DemoSettings) -> dict:
+    out = settings.output.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    tracking = f"sqlite:///{out / 'mlflow.db'}"
+    os.environ["MLFLOW_TRACKING_URI"] = tracking
+    steps = Steps(out)
+    data, finetuned, evaluation = out / "data", out / "finetune", out / "evaluation"
+
+    say(f"1/7 synthetic fridge-objects data -> {data}")
+    steps.run("synth", ["synth", "--output", str(data), "--num-images", str(settings.num_images),
+                        "--seed", str(settings.seed)], produces=data / "validation.coco.json")
+
+    say(f"2/7 fine-tune {CONFIG} from scratch on it (tracked in {tracking})")
+    steps.run("finetune", ["finetune", "--config", CONFIG, "--checkpoint", "none",
+                           "--training-data", str(data / "train.jsonl"),
+                           "--validation-data", str(data / "validation"),
+                           "--output", str(finetuned), *settings.finetune_args],
+              produces=finetuned / "mlflow_model_folder" / "MLmodel", after=("synth",))
+    model_dir = finetuned / "mlflow_model_folder"
+
+    say(f"3/7 evaluate on the validation set -> {evaluation}")
+    steps.run("evaluate", ["evaluate", "--model", str(model_dir), "--test",
+                           str(data / "validation.coco.json"), "--output", str(evaluation)],
+              produces=evaluation / "metrics.json", after=("finetune",))
+    metrics = json.loads((evaluation / "metrics.json").read_text())
+    headline = {"segm mAP@[.5:.95]": metrics["segm"]["AP"], "segm AP50": metrics["segm"]["AP50"],
+                "bbox mAP@[.5:.95]": metrics["bbox"]["AP"],
+                "mean_average_precision": metrics.get("mean_average_precision"),
+                "precision": metrics.get("precision"), "recall": metrics.get("recall")}
+    for name, value in headline.items():
+        print(f"  {name}: {value:.4f}" if isinstance(value, float) else f"  {name}: {value}")
+    print(f"  pictures: {', '.join(sorted(p.name for p in evaluation.glob('*.png')))}")
+
+    say(f"4/7 register the model in the embedded MLflow registry as {MODEL_NAME!r}")
+    version = register(finetuned, steps.keys["finetune"])
+    model_uri = f"models:/{MODEL_NAME}/{version}"
+    print(f"  {model_uri}")
+
+    request = seed_request(sorted((data / "images").glob("*.jpg")), data, settings.request_images)
+    (out / "request.json").write_text(json.dumps(request))
+    with contextlib.ExitStack() as servers:
+        say(f"5/7 mlflow models serve -m {model_uri}, the model card's request (request.json)")
+        port = free_port()
+        servers.enter_context(serve(
+            [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager",
+             "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
+            f"http://127.0.0.1:{port}/ping", out / "mlflow-serve.log"))
+        print(f"  serving on http://127.0.0.1:{port} (log: mlflow-serve.log)", flush=True)
+        # MLflow's scoring server reads the same columns/index/data under "dataframe_split".
+        body = {"dataframe_split": request["input_data"]}
+        answer = post(f"http://127.0.0.1:{port}/invocations", body)["predictions"]
+        show_response(answer)
+        pictures = draw(request["files"], answer, out / "serving")
+        print(f"  annotated: {', '.join(str(p.relative_to(out)) for p in pictures)}")
+
+        say("6/7 the Azure ML online entry script (scoring/score.py) under azmlinfsrv, same request")
+        port = free_port()
+        app = out / "azure-app"
+        app.mkdir(exist_ok=True)
+        shutil.copy(ROOT / "scoring" / "score.py", app / "score.py")
+        servers.enter_context(serve(
+            [sys.executable, "-c", AZMLINFSRV_ON_LOOPBACK, "--entry_script", "score.py",
+             "--model_dir", str(model_dir), "--port", str(port)],
+            f"http://127.0.0.1:{port}/", out / "azmlinfsrv.log", cwd=app,
+            env={"AML_APP_ROOT": str(app), "WORKER_COUNT": "1", "PYTHONPATH": ""}))
+        print(f"  serving on http://127.0.0.1:{port}/score (log: azmlinfsrv.log)", flush=True)
+        azure_answer = post_when_ready(f"http://127.0.0.1:{port}/score",
+                                       {"input_data": request["input_data"]})
+        show_response(azure_answer)
+        same = [len(a["boxes"]) for a in azure_answer] == [len(a["boxes"]) for a in answer]
+        print(f"  same detections as mlflow models serve: {same}")
+    print("  servers stopped")
+
+    say("7/7 batch scoring over the validation images, as Azure's batch driver runs it")
+    validation_images = out / "validation-images"
+    link_validation_images(data, validation_images)
+    steps.run("batch", ["batch", "--model", str(model_dir), "--input", str(validation_images),
+                        "--output", str(out / "batch" / "predictions.jsonl")],
+              produces=out / "batch" / "predictions.jsonl", after=("finetune",))
+
+    say("done")
+    summary = {"data": str(data), "model": str(model_dir), "registered": model_uri,
+               "evaluation": str(evaluation), "metrics": headline,
+               "serving_pictures": str(out / "serving"),
+               "batch_predictions": str(out / "batch" / "predictions.jsonl"),
+               "mlflow_ui": f"mlflow ui --backend-store-uri {tracking}"}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    for name, value in summary.items():
+        print(f"  {name}: {value}")
+    return summary
+
+
+def register(finetuned: Path, key: str) -> int:
+    """Log the fine-tuned weights as our flavor and register them; reuse the version already
+    registered from the same fine-tuning run."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    import mlflow_model
+
+    client = MlflowClient()
+    with contextlib.suppress(Exception):
+        for version in client.search_model_versions(f"name='{MODEL_NAME}'"):
+            if version.tags.get("demo_key") == key:
+                print(f"  (reused: version {version.version} holds this fine-tuning run)")
+                return int(version.version)
+    pytorch = finetuned / "pytorch_model_folder"
+    info = json.loads((finetuned / "mlflow_model_folder" / "model" / "model.json").read_text())
+    mlflow.set_experiment("mmdet-mlflow-demo")
+    with mlflow.start_run(run_name="register"):
+        logged = mlflow_model.log_model(str(pytorch / "config.py"), str(weights_file(pytorch)),
+                                        name="model", classes=info["classes"],
+                                        registered_model_name=MODEL_NAME)
+    version = int(logged.registered_model_version)
+    client.set_model_version_tag(MODEL_NAME, str(version), "demo_key", key)
+    return version
+
+
+def weights_file(folder: Path) -> Path:
+    candidates = sorted(folder.glob("*.pth"))
+    if len(candidates) != 1:
+        raise FileNotFoundError(f"expected one weights file in {folder}, found {candidates}")
+    return candidates[0]
+
+
+def seed_request(images: list[Path], data: Path, count: int) -> dict:
+    """The model card's request: base64 images of the validation set."""
+    import base64
+
+    validation = json.loads((data / "validation.coco.json").read_text())["images"]
+    names = {Path(im["file_name"]).name for im in validation}
+    chosen = [p for p in images if p.name in names][:count]
+    return {"input_data": {"columns": ["image"], "index": list(range(len(chosen))),
+                           "data": [base64.b64encode(p.read_bytes()).decode() for p in chosen]},
+            "files": [str(p) for p in chosen]}
+
+
+def link_validation_images(data: Path, target: Path) -> None:
+    validation = json.loads((data / "validation.coco.json").read_text())["images"]
+    target.mkdir(exist_ok=True)
+    for image in validation:
+        source = (data / image["file_name"]).resolve() if not Path(image["file_name"]).is_absolute() \
+            else Path(image["file_name"])
+        link = target / source.name
+        if not link.exists():
+            link.symlink_to(source)
+
+
+def show_response(predictions: list) -> None:
+    for i, prediction in enumerate(predictions):
+        boxes = prediction["boxes"]
+        shown = [{"label": b["label"], "score": round(b["score"], 3),
+                  "box": {k: round(v, 3) for k, v in b["box"].items()},
+                  "polygon": f"{len(b['polygon'])} segment(s), {sum(len(s) for s in b['polygon']) // 2} points"}
+                 for b in boxes[:3]]
+        more = f" (+{len(boxes) - 3} more)" if len(boxes) > 3 else ""
+        print(f"  image {i}: {len(boxes)} detections{more}: {json.dumps(shown)}")
+
+
+def draw(files: list[str], predictions: list, folder: Path) -> list[Path]:
+    import cv2
+
+    from mmdet_mlflow.visualize import draw_detections
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for file, prediction in zip(files, predictions):
+        target = folder / f"{Path(file).stem}.png"
+        cv2.imwrite(str(target), draw_detections(cv2.imread(file), prediction["boxes"]))
+        written.append(target)
+    return written
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve(cmd: list[str], health_url: str, log_path: Path, cwd=None, env=None, timeout: float = 300):
+    """A server in its own process group, waited for, and stopped (the whole group) on exit."""
+    import requests
+
+    bin_dir = str(Path(sys.executable).parent)
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=cwd,
+                                   env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", **(env or {})},
+                                   start_new_session=True)
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                if process.poll() is not None:
+                    raise RuntimeError(f"{cmd[2] if cmd[1] == '-m' else cmd[0]} exited; see {log_path}")
+                with contextlib.suppress(requests.RequestException):
+                    if requests.get(health_url, timeout=2).status_code == 200:
+                        break
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{health_url} did not answer in {timeout} s; see {log_path}")
+                time.sleep(0.5)
+            yield process
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+
+def post(url: str, body: dict):
+    import requests
+
+    response = requests.post(url, json=body, timeout=300)
+    if response.status_code != 200:
+        raise RuntimeError(f"{url} answered {response.status_code}: {response.text[:500]}")
+    return response.json()
+
+
+def post_when_ready(url: str, body: dict, timeout: float = 300):
+    """azmlinfsrv answers its health route before the entry script's init() has loaded the
+    model; retry while it says it is not ready."""
+    import requests
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            response = requests.post(url, json=body, timeout=300)
+            if response.status_code == 200:
+                return response.json()
+            if response.status_code < 500 or time.monotonic() > deadline:
+                raise RuntimeError(f"{url} answered {response.status_code}: {response.text[:500]}")
+        except requests.ConnectionError:
+            if time.monotonic() > deadline:
+                raise
+        time.sleep(1)

@@ -1,0 +1,329 @@
+"""Evaluate a saved model on labelled test data: score every image, write the predictions and the
+ground truth in COCO format, compute COCO and Azure-named metrics (mmdet_mlflow.metrics), draw
+PR curves and sample pictures, log to MLflow when tracking is on.
+
+Scoring uses a LOW score threshold (the model config's ``score_thr``, 0.05 for RTMDet-Ins, or
+``box_score_threshold`` if lower): COCO AP integrates precision over the whole ranking of
+detections, so cutting at 0.3 would drop the low-score tail and under-report AP. Precision,
+recall and the confusion matrix are then read at ``box_score_threshold``.
+
+Masks are the model's own (``ImageDetections.iter_masks``) encoded as RLE, not the simplified
+polygons of the public response; ``segm_from_polygons`` scores those polygons (rasterized back
+with pycocotools) so the cost of the polygon output is visible.
+
+Test data (AutoML JSONL, MLTable folder or COCO JSON; see mmdet_mlflow.data):
+- labels are matched to the model's classes by name; an annotated label the model does not know
+  is an error (it could never be found); predictions of model classes the test data does not
+  define are left out (the data says nothing about them) and counted in
+  ``counts.predictions_outside_test_labels``;
+- a missing or unreadable image is an error that names it (the data layer checks first);
+- images without annotations are test images like any other (their detections are false
+  positives); test data without a single annotation is an error (nothing to measure).
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import os
+import sys
+import tempfile
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from mmdet_mlflow.metrics import (DEFINITIONS, EvaluationError, azure_metrics, coco_api,
+                                  coco_evaluate, coco_stats)
+
+METRICS_FILE = "metrics.json"
+GROUND_TRUTH_FILE = "ground_truth.json"
+PREDICTION_FILES = {"bbox": "predictions.bbox.json", "segm": "predictions.segm.json",
+                    "segm_from_polygons": "predictions.segm_from_polygons.json"}
+PR_CURVES_FILE = "pr_curves.png"
+SAMPLES_FILE = "samples.png"
+DEFAULT_MAP_SCORE_THRESHOLD = 0.05  # RTMDet-Ins configs' score_thr
+DEFAULT_SAMPLES = 8
+
+
+def evaluate(model_dir, test_data, output_dir, iou_threshold: float = 0.5,
+             box_score_threshold: float = 0.3, batch_size: int | None = None,
+             map_score_threshold: float | None = None, num_samples: int = DEFAULT_SAMPLES,
+             progress: bool = True) -> dict:
+    """Evaluate ``model_dir`` (saved by ``package``) on ``test_data``; write everything to
+    ``output_dir`` and return the metrics.json document."""
+    import mlflow_model
+    from mmdet_mlflow.data import load_dataset, to_coco
+
+    for name, value in (("iou_threshold", iou_threshold), ("box_score_threshold", box_score_threshold)):
+        if not 0.0 <= value <= 1.0:
+            raise EvaluationError(f"{name} must be between 0 and 1, got {value}")
+    if map_score_threshold is not None and not 0.0 <= map_score_threshold <= box_score_threshold:
+        raise EvaluationError(f"map_score_threshold must be between 0 and box_score_threshold "
+                              f"({box_score_threshold}), got {map_score_threshold}: precision and "
+                              f"recall are read from the predictions scored for AP")
+    model_dir, test_data, output_dir = Path(model_dir), Path(test_data), Path(output_dir)
+    data_dir = model_dir / mlflow_model.MODEL_DATA_DIR
+    if not (data_dir / mlflow_model.MODEL_INFO_FILE).is_file():
+        raise EvaluationError(f"{model_dir} is not a model directory saved by `mmdet-mlflow package` "
+                              f"(no {mlflow_model.MODEL_DATA_DIR}/{mlflow_model.MODEL_INFO_FILE})")
+
+    dataset = load_dataset(test_data)
+    model_classes = json.loads((data_dir / mlflow_model.MODEL_INFO_FILE).read_text())["classes"]
+    category_of = _category_ids(dataset, model_classes, test_data)
+    data_folder = test_data if test_data.is_dir() else test_data.parent
+    ground_truth = {"info": {"description": f"ground truth of {test_data}"},
+                    **to_coco(dataset, relative_to=data_folder.absolute())}
+    if not ground_truth["annotations"]:
+        raise EvaluationError(f"{test_data}: no image has annotations: there is nothing to measure "
+                              f"predictions against")
+    # Everything is scored against the very text written to ground_truth.json (a fresh COCO
+    # object each time, as anyone recomputing from the files would do).
+    gt_text = json.dumps(ground_truth)
+    coco_api(json.loads(gt_text))  # refuses a ground truth COCOeval would choke on, before scoring
+
+    segmenter = mlflow_model.load_segmenter(data_dir)
+    if batch_size:
+        segmenter.batch_size = int(batch_size)
+    if map_score_threshold is None:
+        configured = segmenter.detector.bbox_head.test_cfg.get("score_thr", DEFAULT_MAP_SCORE_THRESHOLD)
+        map_score_threshold = min(float(configured), box_score_threshold)
+    params = segmenter.default_params.updated({"score_threshold": map_score_threshold})
+
+    image_ids = [image["id"] for image in ground_truth["images"]]
+    sample_indices = set(_spread(len(dataset.images), num_samples))
+    scored = _score(segmenter, dataset.images, image_ids, params, category_of, box_score_threshold,
+                    sample_indices, progress)
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    _write_text(output_dir / GROUND_TRUTH_FILE, gt_text)
+    stats, evaluators = {}, {}
+    for iou_type, file_name in PREDICTION_FILES.items():
+        text = json.dumps(scored.results[iou_type])
+        _write_text(output_dir / file_name, text)
+        evaluators[iou_type] = coco_evaluate(coco_api(json.loads(gt_text)), json.loads(text),
+                                             iou_type.split("_")[0])
+        stats[iou_type] = coco_stats(evaluators[iou_type])
+    azure = azure_metrics(evaluators["segm"], iou_threshold, box_score_threshold)
+
+    per_image = []
+    for image, counts in zip(ground_truth["images"], scored.per_image):
+        anns = evaluators["segm"].cocoGt.imgToAnns[image["id"]]
+        per_image.append({"image_id": image["id"], "file_name": image["file_name"],
+                          "ground_truth": sum(1 for a in anns if not a["iscrowd"]),
+                          "crowd_regions": sum(1 for a in anns if a["iscrowd"]),
+                          **counts, **azure["per_image"][image["id"]]})
+    document = {
+        "bbox": stats["bbox"],
+        "segm": stats["segm"],
+        "segm_from_polygons": stats["segm_from_polygons"],
+        "mean_average_precision": azure["mean_average_precision"],
+        "precision": azure["precision"],
+        "recall": azure["recall"],
+        "per_label_metrics": azure["per_label_metrics"],
+        "confusion_matrix": azure["confusion_matrix"],
+        "settings": {
+            "iou_threshold": iou_threshold, "box_score_threshold": box_score_threshold,
+            "map_score_threshold": map_score_threshold, "max_detections": params.max_detections,
+            "mask_threshold": params.mask_threshold, "polygon_tolerance": params.polygon_tolerance,
+            "nms_iou_threshold": params.iou_threshold,
+            "model": str(model_dir), "test_data": str(test_data),
+        },
+        "counts": {"images": len(per_image), "ground_truth": sum(p["ground_truth"] for p in per_image),
+                   "predictions": len(scored.results["segm"]),
+                   "predictions_at_box_score_threshold": sum(p["predicted"] for p in per_image),
+                   "predictions_outside_test_labels": scored.outside_labels},
+        "per_image": per_image,
+        "definitions": DEFINITIONS,
+    }
+
+    from mmdet_mlflow.plots import pr_curves, sample_grid
+
+    pr_curves(evaluators["segm"], azure["evaluator"], azure["per_label_metrics"],
+              output_dir / PR_CURVES_FILE)
+    sample_grid(scored.samples, box_score_threshold, output_dir / SAMPLES_FILE)
+    _write_json(output_dir / METRICS_FILE, document, indent=2)
+    _log_to_mlflow(document, output_dir)
+    return document
+
+
+class _Scored:
+    def __init__(self):
+        self.results = {iou_type: [] for iou_type in PREDICTION_FILES}
+        self.per_image: list[dict] = []  # per image: predictions at box_score_threshold / for AP
+        self.samples: list[tuple] = []  # (file name, image, ground-truth boxes, predicted boxes)
+        self.outside_labels = 0
+
+
+def _score(segmenter, records, image_ids, params, category_of, box_score_threshold,
+           sample_indices, progress) -> _Scored:
+    """Every test image through the model, batch by batch; each detection's mask is made once
+    and gives its RLE (segm) and, through the one encoder, its polygons (segm_from_polygons)."""
+    from tqdm import tqdm
+
+    from mmdet_mlflow.data import response_boxes
+    from scoring.decode import decode_image
+
+    out = _Scored()
+    with tqdm(total=len(records), desc="evaluate", unit="img", file=sys.stderr,
+              disable=None if progress else True) as bar:
+        for start in range(0, len(records), segmenter.batch_size):
+            batch = records[start:start + segmenter.batch_size]
+            images = [decode_image(r.path.read_bytes(), row=str(r.path)) for r in batch]
+            for record, image in zip(batch, images):
+                if image.shape[:2] != (record.height, record.width):
+                    raise EvaluationError(
+                        f"{record.path}: decodes to {image.shape[1]}x{image.shape[0]} (EXIF "
+                        f"orientation applied) but the test data says {record.width}x{record.height}")
+            for offset, (record, image, dets) in enumerate(zip(batch, images, segmenter(images, params))):
+                index = start + offset
+                boxes = _add_results(out, image_ids[index], dets, params, category_of)
+                shown = [b for b in boxes if b["score"] >= box_score_threshold]
+                out.per_image.append({"predicted": len(shown), "predicted_for_ap": len(boxes)})
+                if index in sample_indices:
+                    out.samples.append((record.path.name, image, response_boxes(record), shown))
+            bar.update(len(batch))
+    return out
+
+
+def _add_results(out: _Scored, image_id: int, dets, params, category_of) -> list[dict]:
+    """One image's detections appended as COCO results (bbox as mmdet's CocoMetric writes it:
+    x, y, w, h of the model's box, unclipped); returns its response boxes for the test labels."""
+    rles, boxes = _encode_keeping_rles(dets, params)
+    width, height = dets.image_size
+    kept = []
+    for i, (rle, box) in enumerate(zip(rles, boxes)):
+        category_id = category_of.get(box["label"])
+        if category_id is None:
+            out.outside_labels += 1
+            continue
+        kept.append(box)
+        score = float(dets.scores[i])
+        x1, y1, x2, y2 = (float(v) for v in dets.boxes[i])
+        head = {"image_id": image_id, "category_id": category_id}
+        out.results["bbox"].append({**head, "bbox": [x1, y1, x2 - x1, y2 - y1], "score": score})
+        out.results["segm"].append({**head, "segmentation": rle, "score": score})
+        out.results["segm_from_polygons"].append(
+            {**head, "segmentation": _polygons_rle(box["polygon"], width, height), "score": score})
+    return kept
+
+
+def _encode_keeping_rles(dets, params) -> tuple[list[dict], list[dict]]:
+    """The public response boxes (scoring.encode, the one encoder) and, from the same masks as
+    they go by, each detection's RLE: every full-size mask is made once, used twice."""
+    from scoring.encode import encode_detections
+    from scoring.schema import OUTPUT_COLUMN
+
+    rles = []
+    make_masks = dets.iter_masks
+
+    def iter_masks(threshold):
+        for mask in make_masks(threshold):
+            rles.append(mask_rle(mask))
+            yield mask
+
+    tapped = copy.copy(dets)
+    tapped.iter_masks = iter_masks
+    boxes = encode_detections(tapped, params)[OUTPUT_COLUMN]
+    return rles, boxes
+
+
+def mask_rle(mask: np.ndarray) -> dict:
+    """A boolean HxW mask as COCO compressed RLE with a str ``counts`` (JSON-ready)."""
+    from pycocotools import mask as mask_util
+
+    rle = mask_util.encode(np.asfortranarray(mask, dtype=np.uint8))
+    rle["counts"] = rle["counts"].decode("ascii")
+    return rle
+
+
+def _polygons_rle(segments: Sequence[Sequence[float]], width: int, height: int) -> dict:
+    """Normalized response polygons rasterized back at the image size, as COCO tools would."""
+    from pycocotools import mask as mask_util
+
+    pixel = [(np.asarray(s, dtype=np.float64).reshape(-1, 2) * (width, height)).ravel().tolist()
+             for s in segments]
+    if not pixel:  # a speck whose polygon was dropped: an empty mask
+        return _empty_rle(width, height)
+    rle = mask_util.merge(mask_util.frPyObjects(pixel, height, width))
+    rle["counts"] = rle["counts"].decode("ascii")
+    return rle
+
+
+@functools.lru_cache(maxsize=16)
+def _empty_rle_counts(width: int, height: int) -> str:
+    return mask_rle(np.zeros((height, width), dtype=bool))["counts"]
+
+
+def _empty_rle(width: int, height: int) -> dict:
+    return {"size": [height, width], "counts": _empty_rle_counts(width, height)}
+
+
+def _category_ids(dataset, model_classes: Sequence[str], test_data) -> dict[str, int]:
+    """Model class name -> test-data category id, for the names they share. Annotated labels
+    the model does not know are an error."""
+    category_of = dict(zip(dataset.classes, dataset.coco_category_ids()))
+    used = {inst.label for record in dataset.images for inst in record.instances}
+    unknown = sorted(used - set(model_classes))
+    if unknown:
+        raise EvaluationError(
+            f"{test_data}: labels the model does not know: {', '.join(unknown)} (the model's "
+            f"classes: {', '.join(model_classes)}); labels are matched by name")
+    return {name: category_of[name] for name in model_classes if name in category_of}
+
+
+def _spread(count: int, wanted: int) -> list[int]:
+    """Up to ``wanted`` indices spread evenly over ``range(count)``."""
+    if count == 0 or wanted <= 0:
+        return []
+    return sorted({int(round(i)) for i in np.linspace(0, count - 1, min(wanted, count))})
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Temporary file + rename: a crash never leaves a half-written file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; these are results to share
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_json(path: Path, document, indent: int | None = None) -> None:
+    _write_text(path, json.dumps(document, indent=indent))
+
+
+def mlflow_metrics(document: dict) -> dict[str, float]:
+    """metrics.json's numbers under MLflow metric names; undefined (-1) values are left out."""
+    import re
+
+    flat = {f"{section}_{name}": value for section in ("bbox", "segm", "segm_from_polygons")
+            for name, value in document[section].items()}
+    for name in ("mean_average_precision", "precision", "recall"):
+        flat[name] = document[name]
+    for label, values in document["per_label_metrics"].items():
+        safe = re.sub(r"[^\w\-. ]", "_", label)
+        for name in ("average_precision", "precision", "recall"):
+            flat[f"per_label/{safe}/{name}"] = values[name]
+    return {k: float(v) for k, v in flat.items() if v >= 0}
+
+
+def _log_to_mlflow(document: dict, output_dir: Path) -> str | None:
+    """Log metrics and pictures to the active MLflow run, or to a new one when only a tracking
+    URI is set (as in an Azure ML job); returns the run id, or None when tracking is off."""
+    import mlflow
+
+    active = mlflow.active_run()
+    if active is None and not os.environ.get("MLFLOW_TRACKING_URI"):
+        return None
+    with (nullcontext(active) if active else mlflow.start_run(run_name="evaluate")) as run:
+        if active is None:
+            mlflow.log_params({f"evaluate.{k}": v for k, v in document["settings"].items()})
+        mlflow.log_metrics(mlflow_metrics(document))
+        for name in (METRICS_FILE, PR_CURVES_FILE, SAMPLES_FILE):
+            mlflow.log_artifact(str(output_dir / name), artifact_path="evaluation")
+        return run.info.run_id

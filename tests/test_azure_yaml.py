@@ -1,0 +1,239 @@
+"""Every Azure ML YAML in the repo, and what the deploy components' --dry-run writes, loaded with
+azure-ai-ml's own loaders (strict schemas: an unknown or mistyped field fails); the generated
+files follow the pins; --dry-run contacts nothing."""
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mmdet_mlflow import azure_deploy
+
+ROOT = Path(__file__).resolve().parent.parent
+SKIP_DIRS = {".venv", ".git", "outputs", "node_modules", "mlruns", ".pytest_cache"}
+
+CONNECTS: list = []
+
+
+def _audit(event, args):
+    if event in ("socket.connect", "socket.getaddrinfo"):
+        CONNECTS.append((event, args[1] if event == "socket.connect" else args[0]))
+
+
+sys.addaudithook(_audit)
+
+
+def _loaders():
+    from azure.ai.ml import (load_batch_endpoint, load_component, load_environment, load_job,
+                             load_online_deployment, load_online_endpoint)
+    # the SDK's loader for `type: model` batch deployments (the schema `az ml batch-deployment`
+    # takes with a `settings:` block); load_batch_deployment reads the older flat schema
+    from azure.ai.ml.entities._load_functions import load_model_batch_deployment
+
+    return {
+        "environment": load_environment,
+        "commandComponent": load_component,
+        "pipelineComponent": load_component,
+        "managedOnlineEndpoint": load_online_endpoint,
+        "managedOnlineDeployment": load_online_deployment,
+        "batchEndpoint": load_batch_endpoint,
+        "modelBatchDeployment": load_model_batch_deployment,
+        "pipelineJob": load_job,
+        "commandJob": load_job,
+    }
+
+
+def load_azure_yaml(path: Path):
+    """Load ``path`` with the loader its $schema names; a conda file is checked as one."""
+    data = yaml.safe_load(path.read_text())
+    schema = (data or {}).get("$schema", "")
+    match = re.search(r"/latest/(\w+)\.schema\.json$", schema)
+    if match is None:
+        assert {"dependencies"} <= set(data or {}), f"{path}: neither an Azure ML YAML ($schema) nor a conda file"
+        assert any(isinstance(d, dict) and "pip" in d for d in data["dependencies"]), path
+        return data
+    loader = _loaders().get(match.group(1))
+    assert loader is not None, f"{path}: no loader for schema {match.group(1)}"
+    return loader(path)
+
+
+def repo_yaml_files() -> list[Path]:
+    return sorted(p for p in ROOT.rglob("*.y*ml")
+                  if p.suffix in (".yml", ".yaml") and not SKIP_DIRS & set(p.relative_to(ROOT).parts)
+                  and p.relative_to(ROOT).parts[0] in ("components", "pipelines"))
+
+
+def test_the_repo_has_the_azure_yaml_we_expect():
+    names = {p.relative_to(ROOT).as_posix() for p in repo_yaml_files()}
+    assert {"components/environment/environment.yml", "components/environment/deploy-conda.yaml",
+            "components/deploy_online/spec.yaml", "components/deploy_online/online-endpoint.yml",
+            "components/deploy_online/online-deployment.yml", "components/deploy_batch/spec.yaml",
+            "components/deploy_batch/batch-endpoint.yml",
+            "components/deploy_batch/batch-deployment.yml"} <= names
+
+
+@pytest.mark.parametrize("path", repo_yaml_files(), ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_every_repo_yaml_loads_with_azure_ai_ml(path):
+    load_azure_yaml(path)
+
+
+def test_the_loaders_are_strict(tmp_path):
+    """A misspelt field or a wrong type fails: loading is a real schema check."""
+    from marshmallow.exceptions import ValidationError
+
+    source = (ROOT / "components/deploy_online/online-deployment.yml").read_text()
+    for broken in (source.replace("instance_count: 1", "instance_cont: 1"),
+                   source.replace("initial_delay: 180", "initial_delay: soon")):
+        path = tmp_path / "online-deployment.yml"
+        path.write_text(broken)
+        with pytest.raises(ValidationError):
+            load_azure_yaml(path)
+
+
+def test_generated_files_follow_the_pins():
+    assert azure_deploy.sync_generated(check=True) == [], \
+        "run `python -m mmdet_mlflow.azure_deploy` and commit the result"
+    context = azure_deploy.ENVIRONMENT_CONTEXT
+    pins = (ROOT / "mlflow_model/requirements.txt").read_text()
+    assert (context / "requirements.txt").read_text().endswith(pins)
+    import mlflow_model
+
+    build = (context / "build-requirements.txt").read_text().splitlines()
+    assert [line for line in build if not line.startswith("#")] == mlflow_model.mmcv_build_requirements()
+
+
+def test_environment_builds_mmcv_as_setup_venv_does():
+    env = load_azure_yaml(ROOT / "components/environment/environment.yml")
+    context = ROOT / "components/environment" / env.build.path
+    assert env.version == azure_deploy.environment_version()
+    dockerfile = (context / env.build.dockerfile_path).read_text()
+    steps = [line for line in dockerfile.splitlines() if line.startswith(("RUN", "COPY", "FROM"))]
+    copied = steps[[s.startswith("COPY") for s in steps].index(True)].split()[1:-1]
+    assert sorted(copied) == sorted(azure_deploy.environment_context_files())
+    torch_first = dockerfile.index("-r /opt/pins/build-requirements.txt")
+    mmcv = dockerfile.index("--no-build-isolation")
+    assert torch_first < mmcv < dockerfile.index("-r /opt/pins/requirements.txt")
+    assert "MMCV_WITH_OPS=1" in dockerfile and 'python -c "import mmcv._ext"' in dockerfile
+
+
+def _dry_run(kind: str, tmp_path: Path, *extra: str) -> tuple[dict, str]:
+    """Run the component's main.py in this process (so the audit hook sees every connection)
+    and load what it wrote."""
+    import contextlib
+    import importlib.util
+    import io
+
+    spec = importlib.util.spec_from_file_location(f"deploy_{kind}_main",
+                                                  ROOT / "components" / f"deploy_{kind}" / "main.py")
+    main = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(main)
+    out = tmp_path / kind
+    before = len(CONNECTS)
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert main.main(["--dry-run", "--output-dir", str(out), *extra]) == 0
+    assert CONNECTS[before:] == [], f"--dry-run reached out: {CONNECTS[before:]}"
+    loaded = {p.name: load_azure_yaml(p) for p in sorted(out.iterdir())}
+    return loaded, stdout.getvalue()
+
+
+def _ref(reference: str) -> str:
+    return reference.removeprefix("azureml:")  # the loaders drop the prefix
+
+
+def test_online_dry_run(tmp_path):
+    loaded, printed = _dry_run("online", tmp_path, "--endpoint-name", "seg-ep", "--model", "azureml:seg:3",
+                               "--instance-type", "Standard_F8s_v2", "--instance-count", "2",
+                               "--url-allowlist", "10.1.0.0/16,images.internal")
+    assert set(loaded) == {"online-endpoint.yml", "online-deployment.yml", "environment.yml"}
+    endpoint, deployment = loaded["online-endpoint.yml"], loaded["online-deployment.yml"]
+    assert endpoint.name == "seg-ep" and endpoint.auth_mode == "key"
+    # traffic goes to the deployment once it exists (the service refuses it before)
+    assert not endpoint.traffic
+    assert '#   az ml online-endpoint update -n seg-ep --traffic "blue=100"' in printed
+    assert (_ref(deployment.model), deployment.instance_type, deployment.instance_count) == \
+        ("seg:3", "Standard_F8s_v2", 2)
+    settings = deployment.request_settings
+    assert (settings.request_timeout_ms, settings.max_concurrent_requests_per_instance,
+            settings.max_queue_wait_ms) == (90_000, 1, 500)
+    assert deployment.liveness_probe.initial_delay == 180
+    assert deployment.liveness_probe.failure_threshold * deployment.liveness_probe.period > 90
+    assert deployment.environment_variables == {"WORKER_COUNT": "1",
+                                                "MMDET_MLFLOW_URL_ALLOWLIST": "10.1.0.0/16,images.internal"}
+    code = (tmp_path / "online" / deployment.code_configuration.code).resolve()
+    assert (code / deployment.code_configuration.scoring_script) == ROOT / "scoring" / "score.py"
+    env = loaded["environment.yml"]
+    assert _ref(deployment.environment) == f"{env.name}:{env.version}"
+    assert (tmp_path / "online" / env.build.path).resolve() == azure_deploy.ENVIRONMENT_CONTEXT
+    assert "name: seg-ep" in printed and "scoring_script: score.py" in printed
+
+
+def test_batch_dry_run(tmp_path):
+    loaded, _ = _dry_run("batch", tmp_path, "--endpoint-name", "seg-batch", "--model", "azureml:seg:3",
+                         "--compute", "gpu-cluster", "--mini-batch-size", "4",
+                         "--params", json.dumps({"score_threshold": 0.5}),
+                         "--environment", "azureml:my-env:7")
+    assert set(loaded) == {"batch-endpoint.yml", "batch-deployment.yml"}  # its own environment
+    deployment = loaded["batch-deployment.yml"]
+    s = deployment.settings
+    assert (deployment.compute, _ref(deployment.environment), s.mini_batch_size, s.output_action,
+            s.output_file_name, s.error_threshold, s.max_concurrency_per_instance) == \
+        ("gpu-cluster", "my-env:7", 4, "append_row", "predictions.csv", 0, 1)
+    assert (s.retry_settings.max_retries, s.retry_settings.timeout) == (3, 600)
+    assert s.environment_variables == {"MMDET_MLFLOW_BATCH_PARAMS": '{"score_threshold": 0.5}'}
+    code = (tmp_path / "batch" / deployment.code_configuration.code).resolve()
+    assert (code / deployment.code_configuration.scoring_script) == ROOT / "scoring" / "batch_score.py"
+
+
+def test_batch_dry_run_refuses_bad_params(tmp_path):
+    from scoring.errors import InputError
+
+    with pytest.raises(InputError, match="unknown param 'score'"):
+        _dry_run("batch", tmp_path, "--endpoint-name", "e", "--model", "azureml:m:1", "--compute", "c",
+                 "--params", '{"score": 1}')
+
+
+@pytest.mark.parametrize("kind, required", [
+    ("online", {"endpoint_name": "ep", "model": "azureml:m:1"}),
+    ("batch", {"endpoint_name": "ep", "model": "azureml:m:1", "compute": "cluster"}),
+])
+def test_component_command_runs_main_as_azure_would(kind, required, tmp_path):
+    """Fill the component's command the way Azure does (inputs, defaults, optional parts left
+    out) and run it, dry."""
+    component = load_azure_yaml(ROOT / "components" / f"deploy_{kind}" / "spec.yaml")
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(azure_deploy.SETTINGS[kind])}
+    assert set(component.inputs) == fields | {"dry_run", "enabled", "registration_details"}
+    values = {name: spec.default for name, spec in component.inputs.items() if spec.default is not None}
+    values.update(required, dry_run=True)
+    command = re.sub(r"\$\[\[(.*?)\]\]",
+                     lambda m: m.group(1) if re.search(r"inputs\.(\w+)", m.group(1)).group(1) in values else "",
+                     component.command)
+    command = re.sub(r"\$\{\{inputs\.(\w+)\}\}", lambda m: shlex.quote(str(values[m.group(1)])), command)
+    command = command.replace("${{outputs.deployment_yaml}}", shlex.quote(str(tmp_path / "out")))
+    argv = shlex.split(command)
+    assert argv[0] == "python"
+    result = subprocess.run([sys.executable, *argv[1:]], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for path in (tmp_path / "out").iterdir():
+        load_azure_yaml(path)
+
+
+@pytest.mark.parametrize("existing, percent, expected", [
+    ({}, 100, {"blue": 100}),
+    ({"green": 100}, 100, {"green": 0, "blue": 100}),
+    ({"green": 100}, 10, {"green": 90, "blue": 10}),
+    ({"green": 50, "red": 50}, 10, {"green": 45, "red": 45, "blue": 10}),
+    ({"green": 67, "red": 33, "blue": 0}, 50, {"green": 34, "red": 16, "blue": 50}),
+    ({"blue": 100}, 100, {"blue": 100}),
+])
+def test_traffic_for_a_new_deployment_keeps_a_total_of_100(existing, percent, expected):
+    traffic = azure_deploy.traffic_with(existing, "blue", percent)
+    assert traffic == expected and sum(traffic.values()) == 100

@@ -1,0 +1,88 @@
+"""`make demo`'s job, reduced (a small set, a few training steps), end to end; and MLproject."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from helpers import VENV_BIN
+
+ROOT = Path(__file__).resolve().parent.parent
+REDUCED = ["--num-images", "12", "--finetune-args",
+           "--max-steps 2 --image-size 128 --training-batch-size 2 --validation-batch-size 2 --warmup-steps 1"]
+
+
+def demo_command(output: Path) -> list[str]:
+    return [sys.executable, "-m", "mmdet_mlflow.cli", "demo", "--output", str(output), *REDUCED]
+
+
+def env() -> dict:
+    return {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "PYTHONUNBUFFERED": "1"}
+
+
+def port_is_open(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_reduced_demo_end_to_end_then_reused_and_interruptible(tmp_path):
+    out = tmp_path / "demo"
+    first = subprocess.run(demo_command(out), capture_output=True, text=True, env=env(), timeout=1500)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    for step in range(1, 8):
+        assert f"== {step}/7" in first.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["registered"] == "models:/rtmdet-ins-tiny-fridge/1"
+    metrics = json.loads((out / "evaluation" / "metrics.json").read_text())
+    assert set(metrics["segm"]) >= {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100"}
+    assert (out / "evaluation" / "pr_curves.png").is_file()
+    assert len(list((out / "serving").glob("*.png"))) == 2
+    request = json.loads((out / "request.json").read_text())
+    assert request["input_data"]["columns"] == ["image"] and len(request["input_data"]["data"]) == 2
+    assert "same detections as mlflow models serve: True" in first.stdout
+    lines = (out / "batch" / "predictions.jsonl").read_text().splitlines()
+    validation = json.loads((out / "data" / "validation.coco.json").read_text())["images"]
+    assert len(lines) == len(validation)
+
+    # Ctrl-C while a server runs: the demo stops, and so do its servers.
+    second = subprocess.Popen(demo_command(out), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, env=env(), start_new_session=True)
+    port = None
+    for line in second.stdout:
+        match = re.search(r"serving on http://127\.0\.0\.1:(\d+)", line)
+        if match:
+            port = int(match.group(1))
+            break
+    assert port and port_is_open(port)
+    os.killpg(second.pid, signal.SIGINT)  # what a terminal's Ctrl-C sends
+    rest = second.stdout.read()
+    assert second.wait(timeout=120) != 0
+    deadline = time.monotonic() + 30
+    while port_is_open(port) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not port_is_open(port), "the server outlived the demo"
+    assert "interrupted" in rest
+
+    # Nothing changed: every step is reused, the same model version serves.
+    third = subprocess.run(demo_command(out), capture_output=True, text=True, env=env(), timeout=900)
+    assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
+    assert third.stdout.count("(reused: unchanged since the last run)") == 4
+    assert "(reused: version 1 holds this fine-tuning run)" in third.stdout
+
+
+def test_mlproject_entry_point_runs_with_mlflow_run(tmp_path):
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    done = subprocess.run(
+        [str(VENV_BIN / "mlflow"), "run", str(ROOT), "-e", "synth", "--env-manager", "local",
+         "-P", f"output={tmp_path / 'data'}", "-P", "num_images=4", "-P", "seed=3",
+         "--experiment-name", "mlproject-test"],
+        capture_output=True, text=True, env={**env(), "MLFLOW_TRACKING_URI": tracking}, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert (tmp_path / "data" / "train.jsonl").is_file()
+    assert "succeeded" in done.stderr

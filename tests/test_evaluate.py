@@ -1,0 +1,416 @@
+"""Evaluation: the metric core on hand-made COCO dicts with known answers, then the whole
+``evaluate`` command on a synthetic set with a real tiny model, checked against pycocotools'
+COCOeval run here on the files it wrote."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+from pycocotools import mask as mask_util
+
+from mmdet_mlflow import metrics
+
+W, H = 100, 80
+
+
+def _rect(x, y, w, h):
+    return [float(x), float(y), float(x + w), float(y), float(x + w), float(y + h), float(x), float(y + h)]
+
+
+def _ground_truth():
+    """Two labelled images, one with no annotations; label 'c' has no ground truth; one crowd."""
+    boxes = [  # image, category, x, y, w, h, iscrowd
+        (1, 1, 10, 10, 30, 20, 0),
+        (1, 2, 50, 30, 40, 40, 0),
+        (2, 1, 5, 5, 60, 50, 0),
+        (2, 1, 70, 60, 20, 15, 1),
+    ]
+    anns = [{"id": n + 1, "image_id": i, "category_id": c, "bbox": [float(x), float(y), float(w), float(h)],
+             "area": float(w * h), "iscrowd": crowd, "segmentation": [_rect(x, y, w, h)]}
+            for n, (i, c, x, y, w, h, crowd) in enumerate(boxes)]
+    return {"images": [{"id": i, "width": W, "height": H, "file_name": f"{i}.png"} for i in (1, 2, 3)],
+            "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}, {"id": 3, "name": "c"}],
+            "annotations": anns}
+
+
+def _segm_result(ann, score, category_id=None):
+    rle = mask_util.merge(mask_util.frPyObjects(ann["segmentation"], H, W))
+    rle["counts"] = rle["counts"].decode()
+    return {"image_id": ann["image_id"], "category_id": category_id or ann["category_id"],
+            "segmentation": rle, "score": score}
+
+
+def _evaluate(gt, results, iou_threshold=0.5, box_score_threshold=0.3):
+    api = metrics.coco_api(copy.deepcopy(gt))
+    base = metrics.coco_evaluate(api, copy.deepcopy(results), "segm")
+    return metrics.coco_stats(base), metrics.azure_metrics(base, iou_threshold, box_score_threshold)
+
+
+def test_perfect_predictions_score_one():
+    gt = _ground_truth()
+    results = [_segm_result(a, 0.9) for a in gt["annotations"] if not a["iscrowd"]]
+    stats, azure = _evaluate(gt, results)
+    assert stats["AP"] == pytest.approx(1.0, abs=1e-12)
+    assert stats["AP50"] == pytest.approx(1.0, abs=1e-12)
+    assert stats["AP75"] == pytest.approx(1.0, abs=1e-12)
+    assert azure["mean_average_precision"] == pytest.approx(1.0, abs=1e-12)
+    assert azure["precision"] == azure["recall"] == 1.0
+    labels = azure["per_label_metrics"]
+    assert labels["a"]["average_precision"] == pytest.approx(1.0)
+    assert labels["b"]["average_precision"] == pytest.approx(1.0)
+    assert labels["c"] == {"average_precision": -1.0, "precision": -1.0, "recall": -1.0,
+                           "true_positives": 0, "false_positives": 0, "ground_truth": 0}
+    assert labels["a"]["ground_truth"] == 2  # the crowd region is not ground truth to find
+    cm = azure["confusion_matrix"]
+    assert cm["labels"] == ["a", "b", "c", "background"]
+    assert cm["matrix"] == [[2, 0, 0, 0], [0, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
+
+
+def test_no_predictions_score_zero():
+    stats, azure = _evaluate(_ground_truth(), [])
+    assert stats["AP"] == 0.0 and stats["AR100"] == 0.0
+    assert azure["mean_average_precision"] == 0.0
+    assert azure["recall"] == 0.0
+    assert azure["precision"] == -1.0  # undefined without predictions
+    assert azure["per_label_metrics"]["c"]["average_precision"] == -1.0
+    assert azure["confusion_matrix"]["matrix"][0] == [0, 0, 0, 2]  # both 'a' missed
+
+
+def test_one_class_missing_halves_map():
+    gt = _ground_truth()
+    results = [_segm_result(a, 0.8) for a in gt["annotations"] if a["category_id"] == 1 and not a["iscrowd"]]
+    stats, azure = _evaluate(gt, results)
+    labels = azure["per_label_metrics"]
+    assert labels["a"]["average_precision"] == pytest.approx(1.0)
+    assert labels["b"]["average_precision"] == 0.0
+    assert azure["mean_average_precision"] == pytest.approx(0.5)
+    assert stats["AP50"] == pytest.approx(0.5)
+    assert azure["recall"] == pytest.approx(2 / 3)
+    assert azure["precision"] == 1.0
+
+
+def test_matching_thresholds_crowd_and_confusion():
+    gt = _ground_truth()
+    a1, b1, a2, crowd = gt["annotations"]
+    results = [
+        _segm_result(a1, 0.9),                  # true positive
+        _segm_result(a1, 0.8),                  # duplicate of a1: false positive -> background
+        _segm_result(b1, 0.7, category_id=1),   # 'a' predicted on a 'b': confused (b, a)
+        _segm_result(a2, 0.2),                  # below box_score_threshold: not counted in P/R
+        _segm_result(crowd, 0.9),               # on the crowd region: ignored
+        {**_segm_result(a1, 0.6), "image_id": 3},  # on the image without annotations: FP
+    ]
+    _, azure = _evaluate(gt, results)
+    a = azure["per_label_metrics"]["a"]
+    assert (a["true_positives"], a["false_positives"], a["ground_truth"]) == (1, 3, 2)
+    assert azure["precision"] == pytest.approx(1 / 4)
+    assert azure["recall"] == pytest.approx(1 / 3)
+    # rows: truth a, b, c, background; columns: predicted a, b, c, missed
+    assert azure["confusion_matrix"]["matrix"] == [[1, 0, 0, 1], [1, 0, 0, 0], [0, 0, 0, 0], [2, 0, 0, 0]]
+    assert azure["per_image"] == {1: {"true_positives": 1}, 2: {"true_positives": 0},
+                                  3: {"true_positives": 0}}
+    # the 0.2 prediction still counts for AP (its ranking is what AP measures)
+    assert a["average_precision"] > 0
+    # with a score threshold below it, it becomes a true positive
+    _, low = _evaluate(gt, results, box_score_threshold=0.1)
+    assert low["per_label_metrics"]["a"]["true_positives"] == 2
+
+
+def test_iou_threshold_is_used():
+    gt = _ground_truth()
+    a1 = gt["annotations"][0]
+    shifted = {**a1, "segmentation": [_rect(10 + 12, 10, 30, 20)]}  # IoU 18*20 / (42*20) = 0.43
+    results = [_segm_result(shifted, 0.9)]
+    for threshold, expected_tp in ((0.5, 0), (0.4, 1)):
+        _, azure = _evaluate(gt, results, iou_threshold=threshold)
+        assert azure["per_label_metrics"]["a"]["true_positives"] == expected_tp
+
+
+@pytest.mark.parametrize("break_it, message", [
+    (lambda gt: gt["images"].clear(), "no images"),
+    (lambda gt: gt["annotations"][0].update(segmentation=[]), "at least 3 points"),
+    (lambda gt: gt["annotations"][0].update(image_id=99), "no such image"),
+    (lambda gt: gt["annotations"][0].update(category_id=9), "category 9 is not defined"),
+    (lambda gt: gt["categories"][1].update(name="a"), "unique"),
+])
+def test_bad_ground_truth_is_a_clear_error(break_it, message):
+    gt = _ground_truth()
+    break_it(gt)
+    with pytest.raises(metrics.EvaluationError, match=message):
+        metrics.coco_api(gt)
+
+
+def test_predictions_for_unknown_images_are_refused():
+    gt = _ground_truth()
+    result = {**_segm_result(gt["annotations"][0], 0.9), "image_id": 42}
+    with pytest.raises(metrics.EvaluationError, match="not in the ground truth"):
+        metrics.coco_evaluate(metrics.coco_api(gt), [result], "segm")
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole command, with a real tiny model on a synthetic fridge-objects set.
+
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from helpers import TINY, make_official_checkpoint, with_visible_outputs  # noqa: E402
+
+# Category ids on purpose neither 1..K nor sorted by name: they must come through unchanged.
+TEST_CATEGORIES = [{"id": 30, "name": "can"}, {"id": 10, "name": "carton"}, {"id": 20, "name": "milk_bottle"}]
+IMAGE_ID_BASE = 500
+
+
+@pytest.fixture(scope="module")
+def fridge_model(tmp_path_factory) -> Path:
+    """A tiny RTMDet-Ins with the synthetic set's four classes (random weights; masks and scores
+    made worth measuring: see helpers.with_visible_outputs)."""
+    import mlflow_model
+    from mmdet_mlflow.synth import CLASSES
+
+    folder = tmp_path_factory.mktemp("fridge_model")
+    checkpoint = with_visible_outputs(make_official_checkpoint(folder / "fridge.pth", classes=CLASSES,
+                                                               confident=False))
+    mlflow_model.save_model(folder / "model", TINY, str(checkpoint), classes=CLASSES)
+    return folder / "model"
+
+
+@pytest.fixture(scope="module")
+def labelled_set(tmp_path_factory, fridge_model):
+    """Synthetic scenes whose COCO ground truth mixes the scenes' own objects (which a random
+    model will not find) with some of the model's own masks (which it finds exactly), so AP lands
+    strictly between 0 and 1. Defines only three of the model's four classes (water_bottle
+    predictions must be left out), keeps odd image / category ids, has one image without
+    annotations and one crowd region. Returns (COCO path, the model's masks/scores per image)."""
+    import mlflow_model
+    from mmdet_mlflow.data import load_dataset, to_coco
+    from mmdet_mlflow.evaluate import mask_rle
+    from mmdet_mlflow.synth import generate
+    from scoring.decode import decode_image
+
+    folder = tmp_path_factory.mktemp("fridge_data")
+    generate(folder, num_images=5, seed=7, progress=False)
+    dataset = load_dataset(folder / "train.coco.json")
+    segmenter = mlflow_model.load_segmenter(fridge_model / mlflow_model.MODEL_DATA_DIR)
+    params = segmenter.default_params.updated({"score_threshold": 0.05})  # what evaluate uses
+    images = [decode_image(r.path.read_bytes()) for r in dataset.images]
+    detections = segmenter(images, params)  # one batch, as evaluate's (batch size 8) will be
+    model_masks = [(list(d.iter_masks(params.mask_threshold)), d.scores.copy(),
+                    [d.label_name(i) for i in range(len(d))], d.boxes.copy()) for d in detections]
+
+    coco = to_coco(dataset, relative_to=folder)
+    category_id = {c["name"]: c["id"] for c in TEST_CATEGORIES}
+    old_names = {c["id"]: c["name"] for c in coco["categories"]}
+    annotations = []
+    for n, image in enumerate(coco["images"]):
+        old_id, image["id"] = image["id"], IMAGE_ID_BASE + 7 * n
+        if n == 2:
+            continue  # an image without annotations: every detection on it is a false positive
+        for ann in coco["annotations"]:
+            name = old_names[ann["category_id"]]
+            if ann["image_id"] == old_id and name in category_id:
+                annotations.append({**ann, "image_id": image["id"], "category_id": category_id[name]})
+        masks, scores, labels, boxes = model_masks[n]
+        for k in range(min(3, len(masks))):
+            name = labels[k] if labels[k] in category_id else "can"
+            if k != 1:  # the model's own mask: found exactly by segm
+                segmentation = mask_rle(masks[k])
+            else:  # the model's own box: found exactly by bbox
+                x1, y1, x2, y2 = np.clip(boxes[k], 0, [image["width"], image["height"]] * 2).tolist()
+                segmentation = [[x1, y1, x2, y1, x2, y2, x1, y2]]
+            if k == 2:  # a label the model did not give: a confusion in the matrix
+                name = "carton" if name != "carton" else "milk_bottle"
+            annotations.append({"image_id": image["id"], "category_id": category_id[name],
+                                "segmentation": segmentation, "iscrowd": int(n == 1 and k == 0),
+                                "bbox": [0.0, 0.0, 1.0, 1.0], "area": 1.0})  # both recomputed on reading
+    for i, ann in enumerate(annotations, 1):
+        ann["id"] = 1000 + i
+    coco.update(annotations=annotations, categories=TEST_CATEGORIES)
+    path = folder / "test.coco.json"
+    path.write_text(json.dumps(coco))
+    return path, model_masks
+
+
+def _coco_recomputed(out: Path, iou_type: str, file_name: str):
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    gt = COCO(str(out / "ground_truth.json"))
+    evaluator = COCOeval(gt, gt.loadRes(str(out / file_name)), iou_type)
+    evaluator.evaluate()
+    evaluator.accumulate()
+    evaluator.summarize()
+    return evaluator
+
+
+def test_evaluate_matches_pycocotools_on_its_own_files(tmp_path, labelled_set, fridge_model, capsys):
+    import mlflow
+
+    from mmdet_mlflow.cli import main
+
+    test_file, model_masks = labelled_set
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--model", str(fridge_model), "--test", str(test_file),
+                 "--output", str(out)]) == 0
+    assert "segm AP" in capsys.readouterr().out
+    doc = json.loads((out / "metrics.json").read_text())
+
+    # Our numbers are COCOeval's on the files we wrote, recomputed here from scratch.
+    for section, iou_type, file_name in (("bbox", "bbox", "predictions.bbox.json"),
+                                         ("segm", "segm", "predictions.segm.json"),
+                                         ("segm_from_polygons", "segm", "predictions.segm_from_polygons.json")):
+        evaluator = _coco_recomputed(out, iou_type, file_name)
+        for name, value in zip(metrics.COCO_STAT_NAMES, evaluator.stats):
+            assert doc[section][name] == pytest.approx(value, abs=1e-9), (section, name)
+        if section == "segm":
+            segm = evaluator
+    for section in ("bbox", "segm", "segm_from_polygons"):  # a test with teeth
+        assert 0 < doc[section]["AP"] < 1 and 0 < doc[section]["AP50"] < 1, section
+    # Azure's mAP at IoU 0.5 is COCO's AP50; per label, COCOeval's precision array at IoU 0.5.
+    assert doc["mean_average_precision"] == pytest.approx(doc["segm"]["AP50"], abs=1e-9)
+    for k, cat_id in enumerate(segm.params.catIds):
+        curve = segm.eval["precision"][0, :, k, 0, 2]
+        expected = float(np.mean(curve)) if (curve > -1).all() else -1.0
+        name = segm.cocoGt.cats[cat_id]["name"]
+        assert doc["per_label_metrics"][name]["average_precision"] == pytest.approx(expected, abs=1e-9)
+    # The model's own masks, not polygons: exact masks found exactly, polygons cost something.
+    assert doc["segm_from_polygons"]["AP"] <= doc["segm"]["AP"]
+
+    gt = json.loads((out / "ground_truth.json").read_text())
+    source = json.loads(test_file.read_text())
+    assert [i["id"] for i in gt["images"]] == [i["id"] for i in source["images"]]
+    assert gt["categories"] == TEST_CATEGORIES
+    assert [i["file_name"] for i in gt["images"]] == [i["file_name"] for i in source["images"]]
+
+    # predictions.segm.json holds the model's masks bit for bit (RLE of iter_masks).
+    segm_results = json.loads((out / "predictions.segm.json").read_text())
+    kept_ids = {c["id"] for c in TEST_CATEGORIES}
+    assert {r["category_id"] for r in segm_results} <= kept_ids
+    for n, image in enumerate(source["images"]):
+        masks, scores, labels, _ = model_masks[n]
+        mine = [r for r in segm_results if r["image_id"] == image["id"]]
+        expected = [i for i, label in enumerate(labels) if label != "water_bottle"]
+        assert [r["score"] for r in mine] == [float(scores[i]) for i in expected]
+        for r, i in zip(mine, expected):
+            rle = {**r["segmentation"], "counts": r["segmentation"]["counts"].encode()}
+            assert np.array_equal(mask_util.decode(rle).astype(bool), masks[i])
+    outside = sum(label == "water_bottle" for _, _, labels, _ in model_masks for label in labels)
+    assert outside > 0 and doc["counts"]["predictions_outside_test_labels"] == outside
+
+    # Counts and the confusion matrix agree with each other and with the data.
+    per_image = {p["image_id"]: p for p in doc["per_image"]}
+    assert per_image[IMAGE_ID_BASE + 14]["ground_truth"] == 0
+    assert per_image[IMAGE_ID_BASE + 7]["crowd_regions"] == 1
+    for p in doc["per_image"]:
+        anns = [a for a in source["annotations"] if a["image_id"] == p["image_id"]]
+        assert p["ground_truth"] == sum(not a["iscrowd"] for a in anns)
+        assert p["predicted_for_ap"] == sum(r["image_id"] == p["image_id"] for r in segm_results)
+    matrix = np.array(doc["confusion_matrix"]["matrix"])
+    labels = doc["per_label_metrics"]
+    by_id = [c["name"] for c in sorted(TEST_CATEGORIES, key=lambda c: c["id"])]  # COCOeval's order
+    assert doc["confusion_matrix"]["labels"] == by_id + ["background"]
+    for k, name in enumerate(by_id):
+        assert matrix[k].sum() == labels[name]["ground_truth"]
+        assert matrix[:, k].sum() == labels[name]["true_positives"] + labels[name]["false_positives"]
+        assert matrix[k, k] == labels[name]["true_positives"]
+    assert matrix[:3, :3].sum() > np.trace(matrix[:3, :3])  # the relabelled masks are confusions
+    tp = np.trace(matrix[:3, :3])
+    assert doc["precision"] == pytest.approx(tp / matrix[:, :3].sum())
+    assert doc["recall"] == pytest.approx(tp / matrix[:3].sum())
+
+    for picture in ("pr_curves.png", "samples.png"):
+        assert (out / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # Logged to MLflow (the suite sets MLFLOW_TRACKING_URI): a run with the metrics and pictures.
+    run = mlflow.search_runs(search_all_experiments=True, filter_string="attributes.run_name = 'evaluate'",
+                             order_by=["attributes.start_time DESC"], output_format="list")[0]
+    assert run.data.metrics["segm_AP"] == pytest.approx(doc["segm"]["AP"])
+    assert run.data.metrics["mean_average_precision"] == pytest.approx(doc["mean_average_precision"])
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "evaluation")}
+    assert {"evaluation/metrics.json", "evaluation/pr_curves.png", "evaluation/samples.png"} <= artifacts
+
+
+def test_evaluate_reads_an_mltable_folder_into_an_active_run(tmp_path, labelled_set, fridge_model):
+    import mlflow
+
+    from mmdet_mlflow.evaluate import evaluate
+
+    test_file, _ = labelled_set
+    with mlflow.start_run() as run:
+        doc = evaluate(fridge_model, test_file.parent / "validation", tmp_path / "eval",
+                       iou_threshold=0.3, box_score_threshold=0.5, progress=False)
+    assert doc["counts"]["images"] == 1
+    assert doc["settings"]["iou_threshold"] == 0.3 and doc["settings"]["map_score_threshold"] == 0.05
+    logged = mlflow.get_run(run.info.run_id).data.metrics
+    assert logged["segm_AP"] == pytest.approx(doc["segm"]["AP"])
+    evaluator = _coco_recomputed(tmp_path / "eval", "segm", "predictions.segm.json")
+    assert doc["segm"]["AP"] == pytest.approx(evaluator.stats[0], abs=1e-9)
+
+
+def test_bad_test_data_is_a_clear_error(tmp_path, labelled_set, fridge_model, tiny_model_dir, capsys):
+    from mmdet_mlflow.cli import main
+
+    def run(model, test, *more):
+        code = main(["evaluate", "--model", str(model), "--test", str(test), "--output", out, *more])
+        return code, capsys.readouterr().err
+
+    test_file, _ = labelled_set
+    out = str(tmp_path / "out")
+    # The COCO-classed model does not know the fridge labels: refused before scoring.
+    code, err = run(tiny_model_dir, test_file)
+    assert code == 2 and "labels the model does not know: can, carton, milk_bottle" in err
+
+    coco = json.loads(test_file.read_text())
+    missing = tmp_path / "missing.coco.json"
+    missing.write_text(json.dumps({**coco, "images": [{**coco["images"][0], "file_name": "images/nope.jpg"}]
+                                   + coco["images"][1:]}))
+    code, err = run(fridge_model, missing)
+    assert code == 2 and "image file not found" in err and "nope.jpg" in err
+
+    unlabelled = test_file.parent / "unlabelled.coco.json"
+    unlabelled.write_text(json.dumps({**coco, "annotations": []}))
+    code, err = run(fridge_model, unlabelled)
+    assert code == 2 and "no image has annotations" in err
+
+    code, err = run(tmp_path, test_file)
+    assert code == 2 and "not a model directory" in err
+    code, err = run(fridge_model, test_file, "--map-score-threshold", "0.5")
+    assert code == 2 and "map_score_threshold must be between 0 and box_score_threshold" in err
+    code, err = run(fridge_model, test_file, "--iou-threshold", "1.5")
+    assert code == 2 and "iou_threshold must be between 0 and 1" in err
+    assert not Path(out).exists()  # nothing half-written
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPONENT = ROOT / "components" / "evaluate"
+
+
+def test_component_spec_is_valid_and_matches_the_cli():
+    import re
+
+    from azure.ai.ml import load_component
+
+    from mmdet_mlflow.cli import build_parser
+
+    component = load_component(str(COMPONENT / "spec.yaml"))
+    assert component.type == "command"
+    assert set(component.inputs) == {"mlflow_model", "test_data", "iou_threshold", "box_score_threshold",
+                                     "map_score_threshold", "batch_size"}
+    assert set(component.outputs) == {"evaluation_result"}
+    assert component.inputs["iou_threshold"].default == 0.5
+    assert component.inputs["box_score_threshold"].default == 0.3
+    # every flag the command passes is one `mmdet-mlflow evaluate` knows
+    evaluate_parser = build_parser()._subparsers._group_actions[0].choices["evaluate"]
+    known = {flag for action in evaluate_parser._actions for flag in action.option_strings}
+    flags = set(re.findall(r"(--[a-z-]+) ", component.command))
+    assert flags and flags <= known, flags - known
+
+
+def test_component_entry_reports_bad_data_like_the_cli(tmp_path, labelled_set, tiny_model_dir):
+    test_file, _ = labelled_set
+    result = subprocess.run([sys.executable, str(COMPONENT / "main.py"), "--model", str(tiny_model_dir),
+                             "--test", str(test_file), "--output", str(tmp_path / "out")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "labels the model does not know" in result.stderr and "Traceback" not in result.stderr
