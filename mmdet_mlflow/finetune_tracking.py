@@ -48,9 +48,6 @@ class TrainingRun:
         if active is not None:
             self.run_id = active.info.run_id
             return self
-        if not (os.environ.get("MLFLOW_EXPERIMENT_NAME") or os.environ.get("MLFLOW_EXPERIMENT_ID")
-                or os.environ.get("MLFLOW_RUN_ID")):
-            mlflow.set_experiment(DEFAULT_EXPERIMENT)
         run = None
         if self.previous_run_id and not os.environ.get("MLFLOW_RUN_ID"):
             try:
@@ -58,7 +55,8 @@ class TrainingRun:
             except mlflow.exceptions.MlflowException:
                 run = None  # another tracking store than last time: a new run
         if run is None:
-            run = mlflow.start_run(run_name=f"finetune-{self.output_dir.name}")
+            run = mlflow.start_run(experiment_id=_experiment_id(),
+                                   run_name=f"finetune-{self.output_dir.name}")
         self.run_id, self._started_here = run.info.run_id, True
         return self
 
@@ -140,6 +138,19 @@ class TrainingRun:
         self.log_artifact(pytorch_dir / "config.py", "training_config")
         mlflow_model.log_model(str(pytorch_dir / "config.py"), str(pytorch_dir / "weights.pth"),
                                name="model", classes=result.classes)
+
+
+def _experiment_id() -> str | None:
+    """The experiment the environment names (Azure ML sets it), else ours, created if needed.
+    Not mlflow.set_experiment: that exports MLFLOW_EXPERIMENT_ID to every later subprocess,
+    whatever tracking store it uses."""
+    import mlflow
+
+    if any(os.environ.get(v) for v in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID")):
+        return None
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name(DEFAULT_EXPERIMENT)
+    return experiment.experiment_id if experiment else client.create_experiment(DEFAULT_EXPERIMENT)
 
 
 def step_seconds(runner) -> float | None:

@@ -59,7 +59,11 @@ def tracking_uri(tmp_path, monkeypatch) -> str:
 
 
 def subprocess_env(tracking_uri: str) -> dict:
-    return {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "OMP_NUM_THREADS": "1",
+    """This environment with the test's tracking store, and no experiment or run that another
+    test's MLflow calls may have exported (they belong to other stores)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID")}
+    return {**env, "MLFLOW_TRACKING_URI": tracking_uri, "OMP_NUM_THREADS": "1",
             "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
 
 
