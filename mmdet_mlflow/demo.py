@@ -173,8 +173,10 @@ def register(finetuned: Path, key: str) -> int:
                 return int(version.version)
     pytorch = finetuned / "pytorch_model_folder"
     info = json.loads((finetuned / "mlflow_model_folder" / "model" / "model.json").read_text())
-    mlflow.set_experiment("mmdet-mlflow-demo")
-    with mlflow.start_run(run_name="register"):
+    # not mlflow.set_experiment: it exports MLFLOW_EXPERIMENT_ID to the steps started after this
+    experiment = client.get_experiment_by_name("mmdet-mlflow-demo")
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment("mmdet-mlflow-demo")
+    with mlflow.start_run(run_name="register", experiment_id=experiment_id):
         logged = mlflow_model.log_model(str(pytorch / "config.py"), str(weights_file(pytorch)),
                                         name="model", classes=info["classes"],
                                         registered_model_name=MODEL_NAME)
