@@ -54,4 +54,4 @@ fi
 "${pip[@]}" install -q --no-build-isolation --no-deps -e .
 has_ops
 echo "$want" > "$STAMP"
-echo "setup: done ($("$VENV/bin/python" -c 'import torch, mmcv, mmdet, mmengine, mlflow; print(f"torch {torch.__version__}, mmcv {mmcv.__version__} with ops, mmdet {mmdet.__version__}, mmengine {mmengine.__version__}, mlflow {mlflow.__version__}")'))"
+echo "setup: done in ${SECONDS}s ($("$VENV/bin/python" -c 'import torch, mmcv, mmdet, mmengine, mlflow; print(f"torch {torch.__version__}, mmcv {mmcv.__version__} with ops, mmdet {mmdet.__version__}, mmengine {mmengine.__version__}, mlflow {mlflow.__version__}")'))"
