@@ -554,7 +554,10 @@ def to_coco(dataset: Dataset, relative_to: Path | None = None) -> dict:
                 "area": inst.area(record.height, record.width),
                 "bbox": list(inst.bbox()), "iscrowd": int(inst.iscrowd)})
     categories = [{"id": cid, "name": name} for name, cid in category_of.items()]
-    return {"images": images, "annotations": annotations, "categories": categories}
+    # "info" is optional in COCO, but pycocotools 2.0.10's loadRes (mmdet's CocoMetric, our
+    # evaluation) fails without it.
+    return {"info": {"description": "written by mmdet-mlflow"}, "images": images,
+            "annotations": annotations, "categories": categories}
 
 
 def to_jsonl_rows(dataset: Dataset, relative_to: Path | None = None) -> list[dict]:

@@ -73,8 +73,8 @@ def evaluate(model_dir, test_data, output_dir, iou_threshold: float = 0.5,
     model_classes = json.loads((data_dir / mlflow_model.MODEL_INFO_FILE).read_text())["classes"]
     category_of = _category_ids(dataset, model_classes, test_data)
     data_folder = test_data if test_data.is_dir() else test_data.parent
-    ground_truth = {"info": {"description": f"ground truth of {test_data}"},
-                    **to_coco(dataset, relative_to=data_folder.absolute())}
+    ground_truth = to_coco(dataset, relative_to=data_folder.absolute())
+    ground_truth["info"]["description"] = f"ground truth of {test_data}"
     if not ground_truth["annotations"]:
         raise EvaluationError(f"{test_data}: no image has annotations: there is nothing to measure "
                               f"predictions against")

@@ -272,13 +272,10 @@ def prepare_data(training_data, validation_data, folder: Path | None, validate: 
 
 
 def _write_coco_for_mmdet(dataset, path: Path) -> Path:
-    """data.to_coco's dict (absolute image paths) plus the ``info`` block that pycocotools'
-    loadRes (mmdet's CocoMetric) requires."""
+    """data.to_coco's dict, with absolute image paths, for mmdet's CocoDataset and CocoMetric."""
     from mmdet_mlflow.data import to_coco
 
-    coco = to_coco(dataset)
-    coco.setdefault("info", {"description": "mmdet-mlflow fine-tune data"})
-    _write_json(path, coco)
+    _write_json(path, to_coco(dataset))
     return path
 
 
