@@ -11,7 +11,7 @@
 Models are untrained (this machine cannot download the COCO weights), with heads scaled so that
 every image gets 100 detections with real masks: the worst case for post-processing.
 
-    .venv/bin/python bench/predict.py [--models tiny,x] [--repeats 3]
+    .venv/bin/python bench/predict.py [--models tiny,x] [--repeats 3] [--batches 1,8] [--skip-memory]
 """
 from __future__ import annotations
 
@@ -160,6 +160,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="tiny,x")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batches", default="1,8", help="batch sizes to time (default 1,8)")
+    parser.add_argument("--skip-memory", action="store_true", help="only time throughput")
     args = parser.parse_args()
     import torch
 
@@ -169,10 +171,12 @@ def main() -> None:
         work = Path(tmp)
         for name in args.models.split(","):
             model_dir = package(work, name)
-            for batch in (1, 8):
+            for batch in map(int, args.batches.split(",")):
                 ours, bare = throughput(model_dir, batch, args.repeats)
                 print(f"[throughput] {name} batch {batch}: ours {ours:.2f} img/s, bare mmdet "
                       f"{bare:.2f} img/s, ratio {ours / bare:.3f} (goal >= 0.95)", flush=True)
+            if args.skip_memory:
+                continue
             ours, bare = peak_rss(model_dir, "ours"), peak_rss(model_dir, "bare")
             print(f"[memory] {name}, one 4000x3000 image, {ours['detections']} detections: peak RSS "
                   f"above the loaded model: ours {ours['peak_above_model'] / 2**30:.2f} GB, bare mmdet "
