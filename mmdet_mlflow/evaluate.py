@@ -83,9 +83,7 @@ def evaluate(model_dir, test_data, output_dir, iou_threshold: float = 0.5,
     gt_text = json.dumps(ground_truth)
     coco_api(json.loads(gt_text))  # refuses a ground truth COCOeval would choke on, before scoring
 
-    segmenter = mlflow_model.load_segmenter(data_dir)
-    if batch_size:
-        segmenter.batch_size = int(batch_size)
+    segmenter = mlflow_model.load_segmenter(data_dir, batch_size=batch_size)
     if map_score_threshold is None:
         configured = segmenter.detector.bbox_head.test_cfg.get("score_thr", DEFAULT_MAP_SCORE_THRESHOLD)
         map_score_threshold = min(float(configured), box_score_threshold)

@@ -151,7 +151,7 @@ def test_masks_are_bit_identical_to_mmdet_even_in_small_chunks(tiny_model_dir, t
 def test_a_batch_is_one_forward_pass_with_the_same_results(tiny_model_dir, image_files):
     from scoring.decode import decode_image
 
-    segmenter = mlflow_model.load_segmenter(tiny_model_dir / "model", device="cpu")
+    segmenter = mlflow_model.load_segmenter(tiny_model_dir / "model", device="cpu", batch_size=8)
     images = [decode_image(p.read_bytes()) for p in image_files]
     calls = []
     original = segmenter.detector.extract_feat
@@ -168,6 +168,13 @@ def test_a_batch_is_one_forward_pass_with_the_same_results(tiny_model_dir, image
             for i in range(len(a)))
         assert len(a) == len(b) and matched >= 0.9 * len(a)
         np.testing.assert_allclose(a.scores[:5], b.scores[:5], atol=1e-4)
+
+
+def test_forward_batches_are_single_images_on_cpu_unless_asked(tiny_model_dir, monkeypatch):
+    """On CPU one image per pass is fastest (bench/predict.py); the model's 8 is for GPUs."""
+    assert mlflow_model.load_segmenter(tiny_model_dir / "model", device="cpu").batch_size == 1
+    monkeypatch.setenv("MMDET_MLFLOW_BATCH_SIZE", "4")
+    assert mlflow_model.load_segmenter(tiny_model_dir / "model", device="cpu").batch_size == 4
 
 
 def test_params_change_the_result(tiny_model_dir, image_files):
