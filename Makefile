@@ -18,9 +18,11 @@ test: setup
 demo: setup
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m mmdet_mlflow.cli demo --output outputs/demo $(DEMO_ARGS)
 
+# Benchmarks print ratios against a baseline run in the same process (not tests).
 bench: setup
 	$(PY) bench/predict.py
 	$(PY) bench/evaluate.py
+	$(PY) bench/finetune.py --part a
 
 clean:
 	rm -rf outputs .pytest_cache
