@@ -1,0 +1,115 @@
+"""The one owner of the folder layouts we write models into.
+
+A saved MLflow model (``save_model``)::
+
+    MLmodel                     python_function (loader_module: mlflow_model) + mmdet flavors
+    model/                      the weights folder (``WeightsDir``):
+      config.py                   the mmengine config, flattened
+      weights.pth                 plain tensors, read with torch.load(weights_only=True)
+      model.json                  class names, default predict params, where the weights came from
+    code/mlflow_model, code/scoring   the code that loads and scores it
+    requirements.txt, python_env.yaml, conda.yaml, input_example.json, serving_input_example.json
+
+A fine-tune's ``pytorch_model_folder`` is a weights folder on its own (the same three files).
+A fine-tune's output folder holds ``mlflow_model_folder/`` and ``pytorch_model_folder/`` beside
+its training state. An Azure registration step writes ``registration.json`` (what was registered,
+its id) into its output folder. This module knows these names; nobody else spells them.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+MLMODEL_FILE = "MLmodel"
+DATA_DIR = "model"
+CODE_DIR = "code"
+CONFIG_FILE = "config.py"
+WEIGHTS_FILE = "weights.pth"
+INFO_FILE = "model.json"
+REQUIREMENTS_FILE = "requirements.txt"
+PYTHON_ENV_FILE = "python_env.yaml"
+CONDA_FILE = "conda.yaml"
+
+FINETUNE_MLFLOW_DIR = "mlflow_model_folder"
+FINETUNE_PYTORCH_DIR = "pytorch_model_folder"
+REGISTRATION_FILE = "registration.json"
+
+# Azure mounts a registered model a folder or more below AZUREML_MODEL_DIR
+# (<name>/<version>/<folder>/MLmodel at most).
+SEARCH_DEPTH = 4
+
+
+class WeightsDir:
+    """A folder with ``config.py``, ``weights.pth`` and ``model.json``: a saved model's ``model/``
+    and a fine-tune's ``pytorch_model_folder``."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    @property
+    def config(self) -> Path:
+        return self.path / CONFIG_FILE
+
+    @property
+    def weights(self) -> Path:
+        return self.path / WEIGHTS_FILE
+
+    @property
+    def info_file(self) -> Path:
+        return self.path / INFO_FILE
+
+    def exists(self) -> bool:
+        return self.info_file.is_file() and self.config.is_file()
+
+    def read_info(self) -> dict:
+        return json.loads(self.info_file.read_text())
+
+    def write_info(self, info: dict) -> None:
+        self.info_file.write_text(json.dumps(info, indent=2))
+
+
+class ModelDir:
+    """A saved MLflow model folder."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    @property
+    def mlmodel(self) -> Path:
+        return self.path / MLMODEL_FILE
+
+    @property
+    def data(self) -> WeightsDir:
+        return WeightsDir(self.path / DATA_DIR)
+
+    @property
+    def code(self) -> Path:
+        return self.path / CODE_DIR
+
+    def is_model(self) -> bool:
+        return self.mlmodel.is_file()
+
+
+def find_model_dir(root: str | os.PathLike, depth: int = SEARCH_DEPTH) -> Path:
+    """The MLflow model folder under ``root``: ``root`` itself or the one folder below it (up to
+    ``depth`` levels) that holds an MLmodel file."""
+    root = Path(root)
+    if (root / MLMODEL_FILE).is_file():
+        return root
+    for level in range(1, depth + 1):
+        found = sorted(p.parent for p in root.glob("/".join(["*"] * level) + f"/{MLMODEL_FILE}")
+                       if p.is_file())
+        if len(found) == 1:
+            return found[0]
+        if len(found) > 1:
+            raise FileNotFoundError(f"{len(found)} MLflow models under {root}: "
+                                    f"{', '.join(str(p.relative_to(root)) for p in found)}; deploy one")
+    raise FileNotFoundError(f"no MLflow model ({MLMODEL_FILE} file) in {root} or the {depth} "
+                            f"folder levels below it")
+
+
+def finetune_outputs(output_dir: str | os.PathLike) -> tuple[Path, Path]:
+    """(mlflow_model_folder, pytorch_model_folder) of a fine-tune's output folder."""
+    output_dir = Path(output_dir)
+    return output_dir / FINETUNE_MLFLOW_DIR, output_dir / FINETUNE_PYTORCH_DIR

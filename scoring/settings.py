@@ -1,0 +1,108 @@
+"""Every setting mmdet-mlflow reads from the environment, in one place, read at use.
+
+Each ``Setting`` names its variable, its default and what it means; ``value()`` reads the
+environment every time it is called (never frozen at import), so a server, a test or a batch
+job that sets a variable sees it take effect. A value that does not parse is an error naming the
+variable. The README's settings table is generated from ``SETTINGS`` (``markdown_table``), and a
+test keeps the two the same. This module ships inside every saved model (``code/scoring``).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from scoring.errors import MmdetMlflowError
+
+PREFIX = "MMDET_MLFLOW_"
+
+
+class SettingError(MmdetMlflowError, ValueError):
+    """An environment variable of ours holds a value that does not parse."""
+
+
+def _json_object(text: str) -> dict:
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise ValueError("not a JSON object")
+    return value
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str  # without the MMDET_MLFLOW_ prefix
+    default: Any
+    parse: Callable[[str], Any]
+    doc: str
+    used_by: str
+
+    @property
+    def env(self) -> str:
+        return PREFIX + self.name
+
+    def value(self) -> Any:
+        """The variable's value now (parsed), or the default when it is unset or empty."""
+        raw = os.environ.get(self.env, "").strip()
+        if not raw:
+            return self.default
+        try:
+            return self.parse(raw)
+        except (ValueError, TypeError) as err:
+            raise SettingError(f"{self.env}={raw!r} is not valid: {err} ({self.doc})") from None
+
+    def is_set(self) -> bool:
+        return bool(os.environ.get(self.env, "").strip())
+
+
+DEVICE = Setting("DEVICE", None, str, "torch device for inference, e.g. cpu or cuda:1 (default: cuda when "
+                 "available, else cpu)", "serving, predict, evaluate")
+BATCH_SIZE = Setting("BATCH_SIZE", None, int, "images per forward pass (default: the model's batch "
+                     "of 8 on a GPU, 1 on a CPU, where batching was measured slower)",
+                     "serving, predict, evaluate, batch")
+MAX_IMAGE_PIXELS = Setting("MAX_IMAGE_PIXELS", 50_000_000, int, "largest image accepted, in "
+                           "pixels (width x height), checked before decoding", "every input")
+MAX_REQUEST_BYTES = Setting("MAX_REQUEST_BYTES", 64 * 1024 * 1024, int, "largest request body "
+                            "the Azure online scoring script reads (413 above it)", "Azure online")
+MAX_DOWNLOAD_BYTES = Setting("MAX_DOWNLOAD_BYTES", 32 * 1024 * 1024, int, "largest image "
+                             "downloaded from a URL", "image URLs")
+FETCH_TIMEOUT = Setting("FETCH_TIMEOUT", 10.0, float, "seconds one read from an image URL may "
+                        "wait", "image URLs")
+FETCH_CONNECT_TIMEOUT = Setting("FETCH_CONNECT_TIMEOUT", 5.0, float, "seconds connecting to one "
+                                "address of an image URL's host may take", "image URLs")
+FETCH_TOTAL_TIMEOUT = Setting("FETCH_TOTAL_TIMEOUT", 60.0, float, "seconds one image URL may take "
+                              "in all, redirects included", "image URLs")
+FETCH_MAX_REDIRECTS = Setting("FETCH_MAX_REDIRECTS", 5, int, "redirects followed for one image "
+                              "URL", "image URLs")
+URL_ALLOWLIST = Setting("URL_ALLOWLIST", (), _names, "comma-separated host names, IP addresses "
+                        "or CIDR networks that image URLs may reach although they are not public "
+                        "(e.g. a storage account's private endpoint)", "image URLs")
+BATCH_PARAMS = Setting("BATCH_PARAMS", None, _json_object, "predict params for every image of a "
+                       "batch job, a JSON object", "Azure batch, mmdet-mlflow batch")
+BATCH_INPUT_ROOT = Setting("BATCH_INPUT_ROOT", None, str, "folder that batch records name files "
+                           "relative to (default: the file's base name)", "Azure batch")
+CACHE = Setting("CACHE", None, str, "where downloaded checkpoints are cached (default: "
+                "~/.cache/mmdet-mlflow)", "package, finetune")
+CHECKPOINT_MIRROR = Setting("CHECKPOINT_MIRROR", None, str, "a server laid out like "
+                            "download.openmmlab.com to take official checkpoints from",
+                            "package, finetune")
+DOWNLOAD_TIMEOUT = Setting("DOWNLOAD_TIMEOUT", 20.0, float, "seconds to wait for a checkpoint "
+                           "server to answer", "package, finetune")
+
+SETTINGS = (DEVICE, BATCH_SIZE, MAX_IMAGE_PIXELS, MAX_REQUEST_BYTES, MAX_DOWNLOAD_BYTES,
+            FETCH_TIMEOUT, FETCH_CONNECT_TIMEOUT, FETCH_TOTAL_TIMEOUT, FETCH_MAX_REDIRECTS,
+            URL_ALLOWLIST, BATCH_PARAMS, BATCH_INPUT_ROOT, CACHE, CHECKPOINT_MIRROR,
+            DOWNLOAD_TIMEOUT)
+
+
+def markdown_table() -> str:
+    """The settings as the README's table."""
+    rows = ["| variable | default | used by | meaning |", "| --- | --- | --- | --- |"]
+    for s in SETTINGS:
+        default = "unset" if s.default in (None, ()) else f"`{s.default}`"
+        rows.append(f"| `{s.env}` | {default} | {s.used_by} | {s.doc} |")
+    return "\n".join(rows)
