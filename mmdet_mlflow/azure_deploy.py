@@ -1,5 +1,5 @@
 """Azure ML deployment with the azure-ai-ml SDK (v2): managed online endpoints and batch endpoints
-for a registered MLflow model, scored by scoring/score.py and scoring/batch_score.py, in the
+for a registered MLflow model, scored by scoring/azureml/score.py and scoring/azureml/batch_score.py, in the
 environment of components/environment (built as tools/setup_venv.sh builds .venv).
 
 ``online_entities`` / ``batch_entities`` build the SDK entities from settings; ``write_yaml``
@@ -26,15 +26,15 @@ PINS = REPO / "mlflow_model" / "requirements.txt"
 DEV_PINS = REPO / "requirements-dev.txt"
 SCHEMA = "https://azuremlschemas.azureedge.net/latest/{}.schema.json"
 ALLOWLIST_ENV = "MMDET_MLFLOW_URL_ALLOWLIST"  # scoring.fetch reads it in the deployment
-BATCH_PARAMS_ENV = "MMDET_MLFLOW_BATCH_PARAMS"  # scoring.batch_score reads it
+BATCH_PARAMS_ENV = "MMDET_MLFLOW_BATCH_PARAMS"  # scoring.azureml.batch_score reads it
 logger = logging.getLogger("mmdet_mlflow.azure")
 
 
 def scoring_dir() -> Path:
     """The code folder both deployments upload: score.py and batch_score.py."""
-    import scoring
+    import scoring.azureml
 
-    return Path(scoring.__file__).resolve().parent
+    return Path(scoring.azureml.__file__).resolve().parent
 
 
 @dataclass

@@ -7,7 +7,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("package", "predict", "batch", "convert", "synth", "finetune", "evaluate", "demo",
+COMMANDS = ("package", "predict", "serve", "batch", "convert", "synth", "finetune", "evaluate", "demo",
             "pipeline")
 
 

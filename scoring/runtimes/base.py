@@ -61,6 +61,9 @@ class Segmenter:
     class_names: list[str]
     default_params: PredictParams
     batch_size: int
+    # The score threshold of the model config's test settings (RTMDet-Ins: 0.05): evaluation
+    # scores for AP at it. None when the runtime does not know it.
+    configured_score_threshold: float | None = None
 
     def preprocess(self, images: Sequence[np.ndarray]) -> Any:
         raise NotImplementedError
