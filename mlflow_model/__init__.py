@@ -190,7 +190,9 @@ def load_model(model_uri: str, device: str | None = None, dst_path: str | None =
 
 class MMDetPyfuncModel:
     """What ``mlflow.pyfunc.load_model`` wraps: DataFrame in, DataFrame out (scoring.frame).
-    Bad input becomes an MlflowException with a 400 error code, so servers answer 4xx."""
+    Bad input becomes an MlflowException with a 400 error code, so servers answer 4xx; anything
+    else is our bug: logged with its traceback, answered 500 without one (MLflow's server would
+    otherwise put the traceback in the response body)."""
 
     def __init__(self, segmenter):
         self.segmenter = segmenter
@@ -211,6 +213,14 @@ class MMDetPyfuncModel:
             return score_frame(self.segmenter, model_input, params)
         except InputError as err:
             raise MlflowException(str(err), error_code=INVALID_PARAMETER_VALUE) from None
+        except Exception as err:
+            import logging
+
+            from mlflow.protos.databricks_pb2 import INTERNAL_ERROR
+
+            logging.getLogger("mmdet_mlflow").exception("prediction failed")
+            raise MlflowException(f"prediction failed: {type(err).__name__} (see the server log)",
+                                  error_code=INTERNAL_ERROR) from None
 
 
 def load_segmenter(data_dir, device: str | None = None, batch_size: int | None = None):
@@ -222,7 +232,37 @@ def load_segmenter(data_dir, device: str | None = None, batch_size: int | None =
 
 def _load_pyfunc(path):
     """The pyfunc loader: ``path`` is the model's data directory."""
+    _refuse_unknown_params()
     return MMDetPyfuncModel(load_segmenter(path))
+
+
+def _refuse_unknown_params() -> None:
+    """Make ``PyFuncModel.predict`` refuse, for our models only, params the signature does not
+    declare. MLflow drops them with a log warning before our predict sees them, so a request
+    with ``{"score_thresold": 0.9}`` (a typo) silently got the defaults; a user must get a 400
+    that names the known params instead. MLflow offers no hook for this, so the check wraps
+    ``mlflow.pyfunc._validate_prediction_input``, which ``predict`` calls with the model's
+    loader module; if a later MLflow moves it, nothing is wrapped and
+    tests/test_serve.py's unknown-param test says so."""
+    import mlflow.pyfunc as pyfunc
+    from mlflow.exceptions import MlflowException
+
+    original = getattr(pyfunc, "_validate_prediction_input", None)
+    if original is None or getattr(original, "refuses_unknown_params", False):
+        return
+
+    def validate(data, params, input_schema, params_schema, flavor=None, *args, **kwargs):
+        if flavor == __name__ and isinstance(params, dict) and params_schema is not None:
+            known = [spec.name for spec in params_schema.params]
+            unknown = [name for name in params if name not in known]
+            if unknown:
+                raise MlflowException.invalid_parameter_value(
+                    f"unknown param{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+                    f"known params: {', '.join(known)}")
+        return original(data, params, input_schema, params_schema, flavor, *args, **kwargs)
+
+    validate.refuses_unknown_params = True
+    pyfunc._validate_prediction_input = validate
 
 
 def _class_count(state_dict) -> int:

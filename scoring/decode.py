@@ -20,16 +20,17 @@ _DATA_URI = re.compile(r"^data:[\w/+.-]*(;[\w=.-]+)*;base64,", re.IGNORECASE)
 _WHITESPACE = re.compile(rb"\s+")
 
 
-def decode_image(value, row: int | str | None = None) -> np.ndarray:
+def decode_image(value, row: int | str | None = None, budget=None) -> np.ndarray:
     """base64 (optionally a ``data:`` URI), an http(s) URL or raw bytes -> HxWx3 uint8 BGR, EXIF
-    orientation applied. Raises InputError naming ``row``."""
+    orientation applied. Raises InputError naming ``row``. ``budget``: the request's deadline
+    for fetching URLs (scoring.fetch.Deadline), when there is one."""
     try:
-        return image_from_bytes(image_bytes(value))
+        return image_from_bytes(image_bytes(value, budget))
     except InputError as err:
         raise err.for_row(row) if row is not None else err
 
 
-def image_bytes(value) -> bytes:
+def image_bytes(value, budget=None) -> bytes:
     """The encoded image that ``value`` stands for (fetched, when it is a URL)."""
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value)
@@ -42,7 +43,7 @@ def image_bytes(value) -> bytes:
     if _URL.match(text):
         from scoring.fetch import fetch_url
 
-        return fetch_url(text)
+        return fetch_url(text, budget)
     data_uri = _DATA_URI.match(text)
     if data_uri:
         text = text[data_uri.end():]
@@ -78,10 +79,19 @@ def _b64decode(text: str) -> bytes:
         raise InputError(f"not valid base64 and not an http(s) URL: {preview!r}") from None
 
 
+# The formats we accept, by Pillow's name for them, and who decodes each. Only these are even
+# identified (Pillow's open() is told so), so no other plugin parses untrusted bytes, and each
+# one's size is read from its header before any pixel is allocated. (Pillow opens the
+# multi-picture JPEGs many phones write as JPEG and names them MPO: OpenCV decodes them.)
+OPENCV_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF")
+PILLOW_FORMATS = ("GIF",)  # OpenCV 4.10 reads no GIF: Pillow decodes its first frame
+ACCEPTED_FORMATS = OPENCV_FORMATS + PILLOW_FORMATS
+
+
 def image_from_bytes(data: bytes) -> np.ndarray:
-    """Decode with the same call mmdet's LoadImageFromFile makes (mmcv.imfrombytes, OpenCV), so
-    our pixels are mmdet's pixels; the size is checked from the header before anything is
-    allocated."""
+    """Decode as mmdet's LoadImageFromFile does (mmcv.imfrombytes with the cv2 backend is
+    ``cv2.imdecode(..., IMREAD_COLOR)``: BGR, EXIF orientation applied), so our pixels are
+    mmdet's pixels, without needing mmcv; the format and size are checked from the header first."""
     if not data:
         raise InputError("empty image")
     width, height, fmt = _header(data)
@@ -91,32 +101,44 @@ def image_from_bytes(data: bytes) -> np.ndarray:
             f"image is {width}x{height} = {width * height} pixels, over the limit of "
             f"{limit} ({settings.MAX_IMAGE_PIXELS.env})"
         )
-    import mmcv
+    if fmt in PILLOW_FORMATS:
+        return _decode_with_pillow(data, fmt)
+    import cv2
 
     try:
-        image = mmcv.imfrombytes(data, flag="color", channel_order="bgr", backend="cv2")
-    except Exception:  # OpenCV raises cv2.error for some corrupt streams
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    except cv2.error:
         image = None
-    if image is None:  # a format OpenCV does not read (e.g. GIF): let Pillow try
-        image = _decode_with_pillow(data, fmt)
+    if image is None or image.ndim != 3 or image.shape[2] != 3:
+        raise InputError(f"corrupt or truncated {fmt} image ({len(data)} bytes)")
+    if sorted(image.shape[:2]) != sorted((height, width)):  # EXIF orientation may swap them
+        raise InputError(f"{fmt} image decodes to {image.shape[1]}x{image.shape[0]} but its header "
+                         f"says {width}x{height}")
     return image
 
 
 def _header(data: bytes) -> tuple[int, int, str]:
     from PIL import Image, UnidentifiedImageError
+    # Registers exactly the accepted formats' plugins (Pillow loads the rest only on demand).
+    from PIL import (BmpImagePlugin, GifImagePlugin, JpegImagePlugin, PngImagePlugin,  # noqa: F401
+                     TiffImagePlugin, WebPImagePlugin)
 
     try:
-        with Image.open(io.BytesIO(data)) as img:  # reads the header only
-            return img.width, img.height, img.format or "unknown"
+        with Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS) as img:  # the header only
+            width, height, fmt = img.width, img.height, img.format or "unknown"
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
-        raise InputError(f"not an image ({len(data)} bytes in no format we can read)") from None
+        raise InputError(f"not an image ({len(data)} bytes in no format we can read; we accept "
+                         f"{', '.join(ACCEPTED_FORMATS)})") from None
+    if width < 1 or height < 1:
+        raise InputError(f"{fmt} image has no pixels ({width}x{height})")
+    return width, height, fmt
 
 
 def _decode_with_pillow(data: bytes, fmt: str) -> np.ndarray:
     from PIL import Image, ImageOps
 
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with Image.open(io.BytesIO(data), formats=PILLOW_FORMATS) as img:  # the first frame
             rgb = ImageOps.exif_transpose(img).convert("RGB")
             return np.ascontiguousarray(np.asarray(rgb)[:, :, ::-1])
     except Exception as err:

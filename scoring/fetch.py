@@ -8,7 +8,10 @@ A request may name any URL, so the server must not become a proxy into its own n
   followed here, at most MMDET_MLFLOW_FETCH_MAX_REDIRECTS);
 - the connection goes to the very address that was checked (no second DNS lookup an attacker
   could answer differently), while the Host header and TLS SNI/certificate check use the name;
-- connect and read timeouts, a deadline for the whole download and a byte cap.
+- connect and read timeouts, one deadline per URL that covers everything (DNS, every connect
+  attempt, the TLS handshake, the status line and headers, the body, redirects: a server that
+  drips a byte every few seconds is cut off by a watchdog, not just by read timeouts), an
+  optional tighter deadline from the caller (the budget of a whole request), and a byte cap.
 ``MMDET_MLFLOW_URL_ALLOWLIST`` (comma-separated host names, IP addresses or CIDR networks)
 allows hosts or networks that would otherwise be refused, e.g. a storage account on a private
 endpoint. Every refusal is an InputError (a 4xx) that says why. Error messages show URLs without
@@ -18,8 +21,10 @@ from __future__ import annotations
 
 import http.client
 import ipaddress
+import re
 import socket
 import ssl
+import threading
 import time
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
@@ -31,12 +36,47 @@ _REDIRECTS = {301, 302, 303, 307, 308}
 _CHUNK = 64 * 1024
 
 
-def fetch_url(url: str) -> bytes:
-    """The body of ``url`` (following redirects), or an InputError saying why not."""
-    deadline = time.monotonic() + settings.FETCH_TOTAL_TIMEOUT.value()
+@dataclass(frozen=True)
+class Deadline:
+    """A point in time (time.monotonic) and what it stands for, to say so when it passes."""
+
+    at: float
+    what: str
+
+    @classmethod
+    def after(cls, seconds: float, what: str) -> "Deadline":
+        return cls(time.monotonic() + seconds, what)
+
+    def remaining(self) -> float:
+        return self.at - time.monotonic()
+
+    def passed(self) -> bool:
+        return self.remaining() <= 0
+
+
+def url_deadline() -> Deadline:
+    seconds = settings.FETCH_TOTAL_TIMEOUT.value()
+    return Deadline.after(seconds, f"took longer than {seconds:g} s ({settings.FETCH_TOTAL_TIMEOUT.env})")
+
+
+def request_deadline() -> Deadline:
+    """The budget of all of one request's URLs together (the runner makes one per request)."""
+    seconds = settings.FETCH_REQUEST_BUDGET.value()
+    return Deadline.after(seconds, f"the request's image URLs took longer than {seconds:g} s in all "
+                                   f"({settings.FETCH_REQUEST_BUDGET.env})")
+
+
+def fetch_url(url: str, budget: Deadline | None = None) -> bytes:
+    """The body of ``url`` (following redirects), or an InputError saying why not, within this
+    URL's own deadline and ``budget`` (the request's), whichever comes first."""
+    deadline = url_deadline()
+    if budget is not None and budget.at < deadline.at:
+        deadline = budget
     max_redirects = settings.FETCH_MAX_REDIRECTS.value()
     for _ in range(max_redirects + 1):
-        target = checked_target(url)
+        if deadline.passed():
+            raise InputError(f"fetching {display_url(url)} failed: {deadline.what}")
+        target = checked_target(url, deadline)
         status, location, body = _get(target, deadline)
         if status in _REDIRECTS:
             if not location:
@@ -61,7 +101,7 @@ class Target:
     addresses: tuple[str, ...]
 
 
-def checked_target(url: str) -> Target:
+def checked_target(url: str, deadline: Deadline | None = None) -> Target:
     """Parse ``url``, resolve its host and check every address; refuse with an InputError."""
     try:
         parts = urlsplit(url)
@@ -75,7 +115,7 @@ def checked_target(url: str) -> Target:
         raise InputError(f"URLs with credentials are not fetched: {display_url(url)}")
     host = parts.hostname.lower()
     port = port or (443 if scheme == "https" else 80)
-    addresses = _resolve(host, port, url)
+    addresses = _resolve(host, port, url, deadline or url_deadline())
     allowlist = Allowlist.from_env()
     if not allowlist.allows_host(host):
         for address in addresses:
@@ -143,12 +183,26 @@ def display_url(url: str) -> str:
     return repr(shown if len(shown) <= 200 else shown[:200] + "...")
 
 
-def _resolve(host: str, port: int, url: str) -> list[str]:
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError) as err:
-        raise InputError(f"fetching {display_url(url)} failed: cannot resolve {host!r} ({err})") from None
-    addresses = list(dict.fromkeys(info[4][0].split("%")[0] for info in infos))
+def _resolve(host: str, port: int, url: str, deadline: Deadline) -> list[str]:
+    """getaddrinfo within the deadline: the system resolver has no timeout of its own that we
+    control, so it runs in a daemon thread we stop waiting for."""
+    outcome: dict = {}
+
+    def lookup():
+        try:
+            outcome["infos"] = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError) as err:
+            outcome["error"] = err
+
+    worker = threading.Thread(target=lookup, name="mmdet-mlflow-dns", daemon=True)
+    worker.start()
+    worker.join(max(0.0, deadline.remaining()))
+    if worker.is_alive():
+        raise InputError(f"fetching {display_url(url)} failed: {deadline.what} (resolving {host!r})")
+    if "error" in outcome:
+        raise InputError(f"fetching {display_url(url)} failed: cannot resolve {host!r} "
+                         f"({outcome['error']})") from None
+    addresses = list(dict.fromkeys(info[4][0].split("%")[0] for info in outcome["infos"]))
     if not addresses:
         raise InputError(f"fetching {display_url(url)} failed: {host!r} has no address")
     return addresses
@@ -157,13 +211,14 @@ def _resolve(host: str, port: int, url: str) -> list[str]:
 class _PinnedHTTPConnection(http.client.HTTPConnection):
     """Connects to one checked address; the Host header still names the host."""
 
-    def __init__(self, target: Target, address: str):
+    def __init__(self, target: Target, address: str, deadline: Deadline):
         super().__init__(target.host, target.port, timeout=settings.FETCH_TIMEOUT.value())
         self._address = address
+        self._deadline = deadline
 
     def connect(self):
-        self.sock = socket.create_connection((self._address, self.port),
-                                             settings.FETCH_CONNECT_TIMEOUT.value())
+        timeout = min(settings.FETCH_CONNECT_TIMEOUT.value(), max(0.001, self._deadline.remaining()))
+        self.sock = socket.create_connection((self._address, self.port), timeout)
         self.sock.settimeout(self.timeout)  # the read timeout from here on
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
@@ -177,30 +232,64 @@ class _PinnedHTTPSConnection(_PinnedHTTPConnection):
         self.sock = ssl.create_default_context().wrap_socket(self.sock, server_hostname=self.host)
 
 
-def _get(target: Target, deadline: float) -> tuple[int, str | None, bytes]:
+def _get(target: Target, deadline: Deadline) -> tuple[int, str | None, bytes]:
     connection_class = _PinnedHTTPSConnection if target.scheme == "https" else _PinnedHTTPConnection
     shown = display_url(target.url)
     last_error = None
     for address in target.addresses:  # e.g. IPv6 unreachable: try the next checked address
-        connection = connection_class(target, address)
+        if deadline.passed():
+            raise InputError(f"fetching {shown} failed: {deadline.what}")
+        connection = connection_class(target, address, deadline)
+        watchdog = _Watchdog(connection, deadline)
         try:
-            connection.connect()
-        except OSError as err:
-            connection.close()
-            last_error = err
-            continue
-        try:
+            try:
+                connection.connect()
+            except OSError as err:
+                last_error = err
+                continue
             return _request(connection, target, deadline, shown)
         except (OSError, http.client.HTTPException) as err:
+            if watchdog.fired or deadline.passed():
+                raise InputError(f"fetching {shown} failed: {deadline.what}") from None
             reason = "timed out" if isinstance(err, (socket.timeout, TimeoutError)) else err
             raise InputError(f"fetching {shown} failed: {reason}") from None
         finally:
+            watchdog.cancel()
             connection.close()
+    if deadline.passed():
+        raise InputError(f"fetching {shown} failed: {deadline.what}")
     reason = "timed out" if isinstance(last_error, (socket.timeout, TimeoutError)) else last_error
     raise InputError(f"fetching {shown} failed: cannot connect ({reason})")
 
 
-def _request(connection, target: Target, deadline: float, shown: str):
+class _Watchdog:
+    """Shuts the connection's socket down when the deadline passes, wherever the exchange is
+    (TLS handshake, status line, headers, body): read timeouts alone restart with every byte."""
+
+    def __init__(self, connection: http.client.HTTPConnection, deadline: Deadline):
+        self.connection = connection
+        self.fired = False
+        self._timer = threading.Timer(max(0.0, deadline.remaining()), self._fire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _fire(self):
+        self.fired = True
+        sock = self.connection.sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cancel(self):
+        self._timer.cancel()
+
+
+_DIGITS = re.compile(r"[0-9]{1,18}")  # ASCII only: str.isdigit() accepts "²", which int() refuses
+
+
+def _request(connection, target: Target, deadline: Deadline, shown: str):
     connection.request("GET", target.path, headers={"User-Agent": "mmdet-mlflow",
                                                     "Accept": "image/*, */*;q=0.5",
                                                     "Accept-Encoding": "identity"})
@@ -209,14 +298,13 @@ def _request(connection, target: Target, deadline: float, shown: str):
         return response.status, response.getheader("Location"), b""
     limit = settings.MAX_DOWNLOAD_BYTES.value()
     declared = response.getheader("Content-Length")
-    if declared and declared.isdigit() and int(declared) > limit:
+    if declared and _DIGITS.fullmatch(declared.strip()) and int(declared) > limit:
         raise InputError(f"{shown} is {int(declared)} bytes, over the limit of {limit} "
                          f"({settings.MAX_DOWNLOAD_BYTES.env})")
     chunks, size = [], 0
     while True:
-        if time.monotonic() > deadline:
-            raise InputError(f"fetching {shown} failed: took longer than "
-                             f"{settings.FETCH_TOTAL_TIMEOUT.value():g} s ({settings.FETCH_TOTAL_TIMEOUT.env})")
+        if deadline.passed():
+            raise InputError(f"fetching {shown} failed: {deadline.what}")
         chunk = response.read1(_CHUNK) if hasattr(response, "read1") else response.read(_CHUNK)
         if not chunk:
             break

@@ -6,7 +6,9 @@ from typing import Any, Mapping
 
 import pandas as pd
 
+from scoring import settings
 from scoring.errors import InputError
+from scoring.fetch import Deadline, request_deadline
 from scoring.runner import score_images
 from scoring.runtimes.base import Segmenter
 from scoring.schema import INPUT_COLUMN, OUTPUT_COLUMN
@@ -30,14 +32,24 @@ def as_frame(model_input: Any) -> pd.DataFrame:
                          f"(columns: {', '.join(map(str, frame.columns)) or 'none'})")
     if len(frame) == 0:
         raise InputError("the input has no rows")
+    if isinstance(frame.index, pd.MultiIndex):  # nested index lists multiply rows
+        raise InputError("the request's index must be a flat list of labels, one per image")
     return frame
 
 
 def score_frame(segmenter: Segmenter, model_input: Any,
                 params: Mapping[str, Any] | None = None) -> pd.DataFrame:
-    """Decode, predict and encode, one batch at a time. Errors name the row by its index label
+    """Decode, predict and encode, one batch at a time, within a served request's limits (rows,
+    work deadline, URL budget: see scoring.settings). Errors name the row by its index label
     (the request's ``index``)."""
     frame = as_frame(model_input)
+    max_rows = settings.MAX_ROWS.value()
+    if len(frame) > max_rows:
+        raise InputError(f"the request has {len(frame)} images, over the limit of {max_rows} "
+                         f"({settings.MAX_ROWS.env}); split it, or use batch scoring")
     rows = zip(frame.index, frame[INPUT_COLUMN])
-    out = [scored.response[OUTPUT_COLUMN] for scored in score_images(segmenter, rows, params)]
+    seconds = settings.REQUEST_TIMEOUT.value()
+    deadline = Deadline.after(seconds, f"took longer than {seconds:g} s ({settings.REQUEST_TIMEOUT.env})")
+    out = [scored.response[OUTPUT_COLUMN]
+           for scored in score_images(segmenter, rows, params, deadline=deadline, budget=request_deadline())]
     return pd.DataFrame({OUTPUT_COLUMN: out}, index=frame.index)

@@ -12,7 +12,14 @@ encoder. Callers differ only in
   answered 4xx as a whole), ``"yield"`` reports it as a ``Scored`` with ``error`` set and goes on
   (batch jobs, predict on a folder);
 - how detections are encoded: ``encode`` defaults to the public response; evaluation passes one
-  that also keeps each mask's RLE (see ``mmdet_mlflow.evaluate``).
+  that also keeps each mask's RLE (see ``mmdet_mlflow.evaluate``);
+- limits: a served request has a ``deadline`` for its work (checked between forward passes, so
+  a request whose client gave up stops instead of holding the worker) and a ``budget`` for its
+  image URLs together; batch jobs have neither.
+
+Every image is checked before it reaches the model: it must survive the model's resize (a 1 x
+2000 image would become 0 pixels high) and its worst-case mask work (max_detections x pixels)
+must be within ``MMDET_MLFLOW_MAX_MASK_PIXELS``.
 """
 from __future__ import annotations
 
@@ -21,9 +28,11 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
+from scoring import settings
 from scoring.decode import decode_image
 from scoring.encode import encode_detections
 from scoring.errors import InputError
+from scoring.fetch import Deadline
 from scoring.runtimes.base import ImageDetections, Segmenter
 from scoring.schema import PredictParams
 
@@ -49,36 +58,60 @@ def score_images(segmenter: Segmenter, items: Iterable[tuple[Any, Any]],
                  params: PredictParams | dict | None = None, *, encode: Encoder = encode_detections,
                  on_error: str = "raise", keep_images: bool = False,
                  decode: Callable[[Any, Any], np.ndarray] | None = None,
-                 batch_size: int | None = None) -> Iterator[Scored]:
+                 batch_size: int | None = None, deadline: Deadline | None = None,
+                 budget: Deadline | None = None) -> Iterator[Scored]:
     """Score ``items`` in order, ``batch_size`` (default: the segmenter's) images per forward pass.
 
     ``params`` are this call's predict params (a dict is checked against the model's defaults).
-    ``decode(key, value)`` overrides how a value becomes a BGR image (default: the one decoder).
+    ``decode(key, value)`` overrides how a value becomes a BGR image (default: the one decoder,
+    fetching URLs within ``budget``). ``deadline``: stop with an InputError once it has passed.
     """
     if on_error not in ("raise", "yield"):
         raise ValueError(f"on_error must be 'raise' or 'yield', not {on_error!r}")
     if not isinstance(params, PredictParams):
         params = segmenter.default_params.updated(params)
-    decode = decode or _decode
+    decode = decode or (lambda key, value: decode_image(value, row=key, budget=budget))
     size = batch_size or segmenter.batch_size
+    max_mask_pixels = settings.MAX_MASK_PIXELS.value()
     batch: list[tuple[Any, np.ndarray]] = []
     for key, value in items:
         try:
-            batch.append((key, decode(key, value)))
+            _check_deadline(deadline)
+            image = decode(key, value)
+            _check_work(segmenter, image, params, max_mask_pixels, key)
+            batch.append((key, image))
         except InputError as err:
             if on_error == "raise":
                 raise
             yield Scored(key, error=err)
             continue
         if len(batch) == size:
+            _check_deadline(deadline)
             yield from _score_batch(segmenter, batch, params, encode, keep_images)
             batch = []
     if batch:
+        _check_deadline(deadline)
         yield from _score_batch(segmenter, batch, params, encode, keep_images)
 
 
-def _decode(key, value) -> np.ndarray:
-    return decode_image(value, row=key)
+def _check_deadline(deadline: Deadline | None) -> None:
+    if deadline is not None and deadline.passed():
+        raise InputError(f"the request {deadline.what}; send fewer or smaller images per request")
+
+
+def _check_work(segmenter: Segmenter, image: np.ndarray, params: PredictParams,
+                max_mask_pixels: int, key) -> None:
+    """Refuse, before the model runs, what it cannot take or what would cost too much."""
+    problem = segmenter.image_problem(image)
+    if problem:
+        raise InputError(problem, row=key)
+    height, width = image.shape[:2]
+    if params.max_detections * width * height > max_mask_pixels:
+        raise InputError(
+            f"max_detections {params.max_detections} x {width}x{height} pixels = "
+            f"{params.max_detections * width * height} mask pixels, over the limit of "
+            f"{max_mask_pixels} ({settings.MAX_MASK_PIXELS.env}); lower max_detections or send a "
+            f"smaller image", row=key)
 
 
 def _score_batch(segmenter, batch, params, encode, keep_images) -> Iterator[Scored]:

@@ -66,6 +66,16 @@ BATCH_SIZE = Setting("BATCH_SIZE", None, int, "images per forward pass (default:
                      "serving, predict, evaluate, batch")
 MAX_IMAGE_PIXELS = Setting("MAX_IMAGE_PIXELS", 50_000_000, int, "largest image accepted, in "
                            "pixels (width x height), checked before decoding", "every input")
+MAX_ROWS = Setting("MAX_ROWS", 64, int, "most images one request may carry (400 above it); "
+                   "batch jobs are not limited", "serving")
+MAX_MASK_PIXELS = Setting("MAX_MASK_PIXELS", 5_000_000_000, int, "most mask pixels one image may "
+                          "cost: max_detections x width x height (400 above it); the default lets "
+                          "100 detections through on the largest image", "every input")
+REQUEST_TIMEOUT = Setting("REQUEST_TIMEOUT", 60.0, float, "seconds a request's work may take; "
+                          "checked between forward passes, so a request whose client gave up stops "
+                          "instead of holding the worker", "serving")
+FETCH_REQUEST_BUDGET = Setting("FETCH_REQUEST_BUDGET", 30.0, float, "seconds all of one request's "
+                               "image URLs may take together", "image URLs")
 MAX_REQUEST_BYTES = Setting("MAX_REQUEST_BYTES", 64 * 1024 * 1024, int, "largest request body "
                             "the Azure online scoring script reads (413 above it)", "Azure online")
 MAX_DOWNLOAD_BYTES = Setting("MAX_DOWNLOAD_BYTES", 32 * 1024 * 1024, int, "largest image "
@@ -74,8 +84,8 @@ FETCH_TIMEOUT = Setting("FETCH_TIMEOUT", 10.0, float, "seconds one read from an 
                         "wait", "image URLs")
 FETCH_CONNECT_TIMEOUT = Setting("FETCH_CONNECT_TIMEOUT", 5.0, float, "seconds connecting to one "
                                 "address of an image URL's host may take", "image URLs")
-FETCH_TOTAL_TIMEOUT = Setting("FETCH_TOTAL_TIMEOUT", 60.0, float, "seconds one image URL may take "
-                              "in all, redirects included", "image URLs")
+FETCH_TOTAL_TIMEOUT = Setting("FETCH_TOTAL_TIMEOUT", 20.0, float, "seconds one image URL may take "
+                              "in all: DNS, connecting, TLS, headers, body and redirects", "image URLs")
 FETCH_MAX_REDIRECTS = Setting("FETCH_MAX_REDIRECTS", 5, int, "redirects followed for one image "
                               "URL", "image URLs")
 URL_ALLOWLIST = Setting("URL_ALLOWLIST", (), _names, "comma-separated host names, IP addresses "
@@ -93,8 +103,9 @@ CHECKPOINT_MIRROR = Setting("CHECKPOINT_MIRROR", None, str, "a server laid out l
 DOWNLOAD_TIMEOUT = Setting("DOWNLOAD_TIMEOUT", 20.0, float, "seconds to wait for a checkpoint "
                            "server to answer", "package, finetune")
 
-SETTINGS = (DEVICE, BATCH_SIZE, MAX_IMAGE_PIXELS, MAX_REQUEST_BYTES, MAX_DOWNLOAD_BYTES,
-            FETCH_TIMEOUT, FETCH_CONNECT_TIMEOUT, FETCH_TOTAL_TIMEOUT, FETCH_MAX_REDIRECTS,
+SETTINGS = (DEVICE, BATCH_SIZE, MAX_IMAGE_PIXELS, MAX_ROWS, MAX_MASK_PIXELS, REQUEST_TIMEOUT,
+            MAX_REQUEST_BYTES, MAX_DOWNLOAD_BYTES, FETCH_TIMEOUT, FETCH_CONNECT_TIMEOUT,
+            FETCH_TOTAL_TIMEOUT, FETCH_REQUEST_BUDGET, FETCH_MAX_REDIRECTS,
             URL_ALLOWLIST, BATCH_PARAMS, BATCH_INPUT_ROOT, CACHE, CHECKPOINT_MIRROR,
             DOWNLOAD_TIMEOUT)
 

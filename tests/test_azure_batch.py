@@ -156,7 +156,7 @@ def test_cli_resumes_after_a_kill(tmp_path, tiny_model_dir, image_files, expecte
     assert len(after) == len({r["file"] for r in after}) == IMAGES + 1, "one record per file"
     assert sorted(r["file"] for r in after) == sorted(["zz_bad.txt"] + [f"img{i:02d}.png" for i in range(IMAGES)])
     assert [r["error"] for r in after if r["file"] == "zz_bad.txt"] == [
-        "row 0: not an image (4 bytes in no format we can read)"]
+        "row 0: not an image (4 bytes in no format we can read; we accept JPEG, PNG, WEBP, BMP, TIFF, GIF)"]
     # and the results are those of the model's pyfunc, whichever run wrote them
     for record in after[:-1]:
         assert_same_detections(record["prediction"], expected[int(record["file"][3:5]) % 2])

@@ -73,6 +73,12 @@ def test_params_in_the_body_change_the_result(server, image_files):
     ({"input_data": {"columns": ["image"], "data": ["x"]}}, ""),
     ({"dataframe_split": {"columns": ["image"], "data": [["x"]]},
       "params": {"score_threshold": "high"}}, ""),
+    # MLflow drops params its signature does not declare: a typo must not silently mean defaults
+    ({"dataframe_split": {"columns": ["image"], "data": [["x"]]},
+      "params": {"score_thresold": 0.9}}, "unknown param 'score_thresold'; known params: score_threshold"),
+    # one image, a nested index of 100000 labels: pandas would score 100000 rows
+    ({"dataframe_split": {"columns": ["image"], "index": [list(range(100_000))], "data": [["x"]]}}, ""),
+    ({"dataframe_split": {"columns": ["image"], "data": [["x"]] * 65}}, "over the limit of 64"),
 ])
 def test_malformed_requests_get_4xx_and_the_server_keeps_serving(server, image_files, body, message):
     response = invoke(server, body)

@@ -15,7 +15,7 @@ import pandas as pd
 from scoring import settings
 from scoring.decode import image_value_problem, preview
 from scoring.errors import InputError, RequestTooLarge
-from scoring.schema import INPUT_COLUMN
+from scoring.schema import INPUT_COLUMN, PredictParams
 
 DATA_KEYS = ("input_data", "dataframe_split")
 PARAMS_KEY = "params"
@@ -42,6 +42,8 @@ def parse_request(body: str | bytes | Mapping) -> tuple[pd.DataFrame, dict | Non
             body = json.loads(body)
         except (ValueError, UnicodeDecodeError) as err:
             raise InputError(f"the request body is not valid JSON ({err})") from None
+        except RecursionError:  # [[[[...]]]] deeper than the parser's stack
+            raise InputError("the request body is JSON nested too deeply") from None
     if not isinstance(body, Mapping):
         raise InputError(f"the request body must be a JSON object with one of {_keys()}, "
                          f"got a JSON {type(body).__name__}")
@@ -52,6 +54,8 @@ def parse_request(body: str | bytes | Mapping) -> tuple[pd.DataFrame, dict | Non
     params = body.get(PARAMS_KEY)
     if params is not None and not isinstance(params, Mapping):
         raise InputError(f"{PARAMS_KEY!r} must be a JSON object, got {type(params).__name__}")
+    if params:
+        PredictParams().updated(params)  # unknown names and bad values: 400 here, never dropped
     return split_frame(body[present[0]], present[0]), (dict(params) if params else None)
 
 
@@ -61,13 +65,22 @@ def split_frame(split: Any, key: str = "input_data") -> pd.DataFrame:
         raise InputError(f"{key!r} must be an object with 'columns', 'index' and 'data'")
     columns = split.get("columns", [INPUT_COLUMN])
     data = split.get("data")
-    if not isinstance(columns, list) or INPUT_COLUMN not in columns:
-        raise InputError(f"{key}.columns must be a list that includes {INPUT_COLUMN!r}, got {columns!r}")
+    if (not isinstance(columns, list) or not all(isinstance(c, str) for c in columns)
+            or INPUT_COLUMN not in columns or len(set(columns)) != len(columns)):
+        raise InputError(f"{key}.columns must be a list of distinct names that includes "
+                         f"{INPUT_COLUMN!r}, got {preview(columns)}")
     if not isinstance(data, list) or not data:
         raise InputError(f"{key}.data must be a non-empty list of images (base64 or http(s) URLs)")
+    max_rows = settings.MAX_ROWS.value()
+    if len(data) > max_rows:
+        raise InputError(f"the request has {len(data)} images, over the limit of {max_rows} "
+                         f"({settings.MAX_ROWS.env}); split it, or use batch scoring")
     index = split.get("index", list(range(len(data))))
     if not isinstance(index, list) or len(index) != len(data):
         raise InputError(f"{key}.index must be a list as long as {key}.data ({len(data)} rows)")
+    for label in index:  # a list label would make pandas multiply rows (a MultiIndex)
+        if isinstance(label, bool) or not isinstance(label, (str, int, float)):
+            raise InputError(f"{key}.index labels must be strings or numbers, got {preview(label)}")
     rows = []
     for label, row in zip(index, data):
         if len(columns) == 1 and not isinstance(row, list):

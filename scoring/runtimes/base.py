@@ -53,6 +53,14 @@ class ImageDetections:
         return self.masks.iter_masks(threshold)
 
 
+def keep_ratio_size(width: int, height: int, scale: tuple[int, int]) -> tuple[int, int]:
+    """mmcv's ``rescale_size`` for a keep-ratio resize into ``scale`` (long edge, short edge):
+    the factor is min(long / max(w, h), short / min(w, h)), sizes rounded half up."""
+    long_edge, short_edge = max(scale), min(scale)
+    factor = min(long_edge / max(width, height), short_edge / min(width, height))
+    return int(width * factor + 0.5), int(height * factor + 0.5)
+
+
 class Segmenter:
     """Base of every runtime. Subclasses set ``class_names``, ``default_params`` and
     ``batch_size`` and implement the three steps; ``__call__`` runs them batch by batch."""
@@ -64,6 +72,22 @@ class Segmenter:
     # The score threshold of the model config's test settings (RTMDet-Ins: 0.05): evaluation
     # scores for AP at it. None when the runtime does not know it.
     configured_score_threshold: float | None = None
+
+    # The (width, height) box the test pipeline resizes into, keeping the aspect ratio (RTMDet:
+    # 640 x 640); None when the runtime does not resize.
+    input_scale: tuple[int, int] | None = None
+
+    def image_problem(self, image: np.ndarray) -> str | None:
+        """Why ``image`` cannot go through this model (None when it can): a side that the
+        keep-ratio resize would shrink to 0 pixels, which mmcv's resize and OpenCV refuse."""
+        if self.input_scale is None:
+            return None
+        height, width = image.shape[:2]
+        new_w, new_h = keep_ratio_size(width, height, self.input_scale)
+        if new_w < 1 or new_h < 1:
+            return (f"image is {width}x{height}: too thin for the model, whose {self.input_scale[0]}x"
+                    f"{self.input_scale[1]} input would make it {new_w}x{new_h} pixels")
+        return None
 
     def preprocess(self, images: Sequence[np.ndarray]) -> Any:
         raise NotImplementedError

@@ -245,6 +245,9 @@ class TorchSegmenter(Segmenter):
         steps = [s for s in copy.deepcopy(get_test_pipeline_cfg(detector.cfg))
                  if "LoadAnnotations" not in s["type"]]  # nothing to annotate at inference
         steps[0]["type"] = "mmdet.LoadImageFromNDArray"  # as mmdet's inference_detector does
+        resize = next((s for s in steps if s["type"].split(".")[-1] == "Resize" and s.get("keep_ratio")), None)
+        if resize is not None:
+            self.input_scale = tuple(resize["scale"])
         self.pipeline = Compose(steps)
         head = detector.bbox_head
         self._test_cfg = head.test_cfg
