@@ -8,7 +8,7 @@ import importlib
 import sys
 
 COMMANDS = ("package", "predict", "batch", "convert", "synth", "finetune", "evaluate", "demo",
-            "pipeline")
+            "register", "deploy", "pipeline")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,7 +35,8 @@ def quiet_known_noise() -> None:
 def main(argv=None) -> int:
     from mlflow_model.checkpoints import CheckpointError
     from mlflow_model.configs import ConfigError
-    from mmdet_mlflow.azure_pipeline import PipelineError
+    from mmdet_mlflow.azure.deployment_settings import DeploySettingsError
+    from mmdet_mlflow.azure.pipeline import PipelineError
     from mmdet_mlflow.data import DataError
     from mmdet_mlflow.finetune import FinetuneError
     from mmdet_mlflow.metrics import EvaluationError
@@ -46,7 +47,7 @@ def main(argv=None) -> int:
     try:
         return args.handler(args) or 0
     except (CheckpointError, ConfigError, DataError, EvaluationError, FinetuneError, InputError,
-            PipelineError, FileNotFoundError, FileExistsError) as err:
+            PipelineError, DeploySettingsError, FileNotFoundError, FileExistsError) as err:
         print(f"mmdet-mlflow {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

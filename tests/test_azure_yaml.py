@@ -1,6 +1,7 @@
-"""Every Azure ML YAML in the repo, and what the deploy components' --dry-run writes, loaded with
-azure-ai-ml's own loaders (strict schemas: an unknown or mistyped field fails); the generated
-files follow the pins; --dry-run contacts nothing."""
+"""Every Azure ML YAML in the repo, and what `mmdet-mlflow deploy --dry-run` writes, loaded with
+azure-ai-ml's own loaders (strict schemas: an unknown or mistyped field fails); every
+component's command parses with the CLI; the generated files follow the pins; --dry-run
+contacts nothing."""
 from __future__ import annotations
 
 import json
@@ -13,7 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mmdet_mlflow import azure_deploy
+from mmdet_mlflow.azure import deploy, deployment_settings, environment, generate
+from mmdet_mlflow.cli import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 SKIP_DIRS = {".venv", ".git", "outputs", "node_modules", "mlruns", ".pytest_cache"}
@@ -97,9 +99,9 @@ def test_the_loaders_are_strict(tmp_path):
 
 
 def test_generated_files_follow_the_pins():
-    assert azure_deploy.sync_generated(check=True) == [], \
-        "run `python -m mmdet_mlflow.azure_deploy` and commit the result"
-    context = azure_deploy.ENVIRONMENT_CONTEXT
+    assert generate.sync_generated(ROOT, check=True) == [], \
+        "run `python -m mmdet_mlflow.azure.generate` and commit the result"
+    context = environment.CONTEXT_DIR
     pins = (ROOT / "mlflow_model/requirements.txt").read_text()
     assert (context / "requirements.txt").read_text().endswith(pins)
     import mlflow_model
@@ -111,11 +113,11 @@ def test_generated_files_follow_the_pins():
 def test_environment_builds_mmcv_as_setup_venv_does():
     env = load_azure_yaml(ROOT / "components/environment/environment.yml")
     context = ROOT / "components/environment" / env.build.path
-    assert env.version == azure_deploy.environment_version()
+    assert env.version == environment.environment_version()
     dockerfile = (context / env.build.dockerfile_path).read_text()
     steps = [line for line in dockerfile.splitlines() if line.startswith(("RUN", "COPY", "FROM"))]
     copied = steps[[s.startswith("COPY") for s in steps].index(True)].split()[1:-1]
-    assert sorted(copied) == sorted(azure_deploy.environment_context_files())
+    assert sorted(copied) == sorted(environment.context_files(ROOT / "requirements-dev.txt"))
     torch_first = dockerfile.index("-r /opt/pins/build-requirements.txt")
     mmcv = dockerfile.index("--no-build-isolation")
     assert torch_first < mmcv < dockerfile.index("-r /opt/pins/requirements.txt")
@@ -123,21 +125,17 @@ def test_environment_builds_mmcv_as_setup_venv_does():
 
 
 def _dry_run(kind: str, tmp_path: Path, *extra: str) -> tuple[dict, str]:
-    """Run the component's main.py in this process (so the audit hook sees every connection)
-    and load what it wrote."""
+    """Run `mmdet-mlflow deploy <kind> --dry-run` in this process (so the audit hook sees every
+    connection; errors propagate as they are raised) and load what it wrote."""
     import contextlib
-    import importlib.util
     import io
 
-    spec = importlib.util.spec_from_file_location(f"deploy_{kind}_main",
-                                                  ROOT / "components" / f"deploy_{kind}" / "main.py")
-    main = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(main)
     out = tmp_path / kind
+    args = build_parser().parse_args(["deploy", kind, "--dry-run", "--output-dir", str(out), *extra])
     before = len(CONNECTS)
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
-        assert main.main(["--dry-run", "--output-dir", str(out), *extra]) == 0
+        assert args.handler(args) == 0
     assert CONNECTS[before:] == [], f"--dry-run reached out: {CONNECTS[before:]}"
     loaded = {p.name: load_azure_yaml(p) for p in sorted(out.iterdir())}
     return loaded, stdout.getvalue()
@@ -170,7 +168,7 @@ def test_online_dry_run(tmp_path):
     assert (code / deployment.code_configuration.scoring_script) == ROOT / "scoring" / "score.py"
     env = loaded["environment.yml"]
     assert _ref(deployment.environment) == f"{env.name}:{env.version}"
-    assert (tmp_path / "online" / env.build.path).resolve() == azure_deploy.ENVIRONMENT_CONTEXT
+    assert (tmp_path / "online" / env.build.path).resolve() == environment.CONTEXT_DIR
     assert "name: seg-ep" in printed and "scoring_script: score.py" in printed
 
 
@@ -199,30 +197,93 @@ def test_batch_dry_run_refuses_bad_params(tmp_path):
                  "--params", '{"score": 1}')
 
 
+def filled_command(component, values: dict, outputs: Path) -> list[str]:
+    """The component's command as Azure fills it: ``$[[...]]`` parts kept only when their input
+    has a value, inputs and outputs replaced by their values."""
+    command = re.sub(r"\$\[\[(.*?)\]\]",
+                     lambda m: m.group(1) if re.search(r"inputs\.(\w+)", m.group(1)).group(1) in values else "",
+                     component.command)
+    command = re.sub(r"\$\{\{inputs\.(\w+)\}\}", lambda m: shlex.quote(str(values[m.group(1)])), command)
+    command = re.sub(r"\$\{\{outputs\.(\w+)\}\}", lambda m: shlex.quote(str(outputs / m.group(1))), command)
+    return shlex.split(command)
+
+
+def component_specs() -> list[Path]:
+    return sorted((ROOT / "components").glob("*/spec.yaml"))
+
+
+CLI_PREFIX = ["python", "-m", "mmdet_mlflow.cli"]
+# Components whose entry is the CLI (the fine-tune component's is its own until it moves over).
+OURS = {"batch_score", "deploy_batch", "deploy_online", "evaluate", "package", "register"}
+# Inputs passed to an option another input may override (package: checkpoint_file comes after
+# checkpoint as a second --checkpoint, and the last value wins).
+OVERRIDDEN = {"package": {"checkpoint"}}
+
+
+def _sample_values(component) -> dict:
+    """A distinct value for every input, so that each can be found where the parser put it."""
+    values = {}
+    for number, (name, spec) in enumerate(component.inputs.items(), start=1):
+        values[name] = {"string": f"{name}-value", "integer": 1000 + number, "number": number / 100,
+                        "boolean": True}.get(spec.type, f"/mnt/inputs/{name}")
+    if "params" in values:  # deploy batch: predict params, a JSON object
+        values["params"] = json.dumps({"score_threshold": 0.5})
+    return values
+
+
+def test_the_components_we_own_run_the_cli():
+    running_the_cli = {p.parent.name for p in component_specs()
+                       if load_azure_yaml(p).command.split()[:3] == CLI_PREFIX}
+    assert OURS <= running_the_cli
+
+
+@pytest.mark.parametrize("path", component_specs(), ids=lambda p: p.parent.name)
+def test_every_component_command_parses_with_the_cli(path, tmp_path):
+    """Every input reaches an option the CLI knows, with every optional input given and with
+    only the required ones and defaults: spec, CLI and library cannot drift apart."""
+    component = load_azure_yaml(path)
+    if component.command.split()[:3] != CLI_PREFIX:
+        pytest.skip(f"{path.parent.name} does not run the CLI")
+    everything = _sample_values(component)
+    minimal = {name: spec.default for name, spec in component.inputs.items() if spec.default is not None}
+    minimal.update({name: everything[name] for name, spec in component.inputs.items()
+                    if not spec.optional and spec.default is None})
+    for values in (everything, minimal):
+        argv = filled_command(component, values, tmp_path)
+        args = build_parser().parse_args(argv[3:])  # argparse exits on an unknown option
+        parsed = {json.dumps(v) if isinstance(v, dict) else str(v) for v in vars(args).values()}
+        missing = {name for name, value in values.items() if str(value) not in parsed
+                   and name not in OVERRIDDEN.get(path.parent.name, ())}
+        assert not missing, f"inputs that reach no option: {missing}"
+
+
+def test_the_package_component_prefers_checkpoint_file(tmp_path):
+    component = load_azure_yaml(ROOT / "components/package/spec.yaml")
+    for given, expected in (({}, "official"), ({"checkpoint_file": "/mnt/ckpt.pth"}, "/mnt/ckpt.pth")):
+        values = {"model_name": "rtmdet-ins_tiny_8xb32-300e_coco", "checkpoint": "official", **given}
+        args = build_parser().parse_args(filled_command(component, values, tmp_path)[3:])
+        assert args.checkpoint == expected
+
+
 @pytest.mark.parametrize("kind, required", [
     ("online", {"endpoint_name": "ep", "model": "azureml:m:1"}),
     ("batch", {"endpoint_name": "ep", "model": "azureml:m:1", "compute": "cluster"}),
 ])
-def test_component_command_runs_main_as_azure_would(kind, required, tmp_path):
+def test_component_command_runs_the_cli_as_azure_would(kind, required, tmp_path):
     """Fill the component's command the way Azure does (inputs, defaults, optional parts left
     out) and run it, dry."""
     component = load_azure_yaml(ROOT / "components" / f"deploy_{kind}" / "spec.yaml")
     import dataclasses
 
-    fields = {f.name for f in dataclasses.fields(azure_deploy.SETTINGS[kind])}
+    fields = {f.name for f in dataclasses.fields(deployment_settings.SETTINGS[kind])}
     assert set(component.inputs) == fields | {"dry_run", "enabled", "registration_details"}
     values = {name: spec.default for name, spec in component.inputs.items() if spec.default is not None}
     values.update(required, dry_run=True)
-    command = re.sub(r"\$\[\[(.*?)\]\]",
-                     lambda m: m.group(1) if re.search(r"inputs\.(\w+)", m.group(1)).group(1) in values else "",
-                     component.command)
-    command = re.sub(r"\$\{\{inputs\.(\w+)\}\}", lambda m: shlex.quote(str(values[m.group(1)])), command)
-    command = command.replace("${{outputs.deployment_yaml}}", shlex.quote(str(tmp_path / "out")))
-    argv = shlex.split(command)
+    argv = filled_command(component, values, tmp_path)
     assert argv[0] == "python"
     result = subprocess.run([sys.executable, *argv[1:]], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
-    for path in (tmp_path / "out").iterdir():
+    for path in (tmp_path / "deployment_yaml").iterdir():
         load_azure_yaml(path)
 
 
@@ -235,5 +296,5 @@ def test_component_command_runs_main_as_azure_would(kind, required, tmp_path):
     ({"blue": 100}, 100, {"blue": 100}),
 ])
 def test_traffic_for_a_new_deployment_keeps_a_total_of_100(existing, percent, expected):
-    traffic = azure_deploy.traffic_with(existing, "blue", percent)
+    traffic = deploy.traffic_with(existing, "blue", percent)
     assert traffic == expected and sum(traffic.values()) == 100

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mmdet_mlflow.azure_pipeline import PipelineError, load_pipeline
+from mmdet_mlflow.azure.pipeline import PipelineError, load_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
 PIPELINES = sorted((ROOT / "pipelines").glob("*.yaml"))
@@ -57,4 +57,10 @@ def test_submit_dry_run_prints_the_resolved_job():
     assert done.returncode == 0, done.stderr[-2000:]
     printed = yaml.safe_load(done.stdout)
     assert printed["type"] == "pipeline"
-    assert "components/finetune/main.py" in printed["jobs"]["finetune"]["component"]["command"]
+    # every step's component is inlined: its command is the one of its spec file
+    from azure.ai.ml import load_component
+
+    raw = yaml.safe_load((ROOT / "pipelines" / "finetune-evaluate-deploy.yaml").read_text())["jobs"]
+    for name, step in printed["jobs"].items():
+        spec = load_component(ROOT / "pipelines" / raw[name]["component"])
+        assert " ".join(step["component"]["command"].split()) == " ".join(spec.command.split())
