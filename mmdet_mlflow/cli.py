@@ -7,6 +7,10 @@ import argparse
 import importlib
 import sys
 
+# Only the error base class, nothing heavy: the register and deploy components run the CLI in
+# an environment without the serving stack, so commands import their libraries when they run.
+from scoring.errors import MmdetMlflowError
+
 COMMANDS = ("package", "predict", "batch", "convert", "synth", "finetune", "evaluate", "demo",
             "register", "deploy", "pipeline")
 
@@ -33,21 +37,11 @@ def quiet_known_noise() -> None:
 
 
 def main(argv=None) -> int:
-    from mlflow_model.checkpoints import CheckpointError
-    from mlflow_model.configs import ConfigError
-    from mmdet_mlflow.azure.deployment_settings import DeploySettingsError
-    from mmdet_mlflow.azure.pipeline import PipelineError
-    from mmdet_mlflow.data import DataError
-    from mmdet_mlflow.finetune import FinetuneError
-    from mmdet_mlflow.metrics import EvaluationError
-    from scoring.errors import InputError
-
     quiet_known_noise()
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args) or 0
-    except (CheckpointError, ConfigError, DataError, EvaluationError, FinetuneError, InputError,
-            PipelineError, DeploySettingsError, FileNotFoundError, FileExistsError) as err:
+    except (MmdetMlflowError, FileNotFoundError, FileExistsError) as err:
         print(f"mmdet-mlflow {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
