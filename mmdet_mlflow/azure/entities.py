@@ -32,11 +32,6 @@ def scoring_code(kind: str) -> tuple[Path, str]:
     return Path(scoring.__file__).resolve().parent, {"online": "score.py", "batch": "batch_score.py"}[kind]
 
 
-def code_configuration(kind: str) -> CodeConfiguration:
-    folder, script = scoring_code(kind)
-    return CodeConfiguration(code=str(folder), scoring_script=script)
-
-
 def environment_reference(environment: str | None) -> tuple[str, Environment | None]:
     """(the ``azureml:name:version`` a deployment names, the Environment entity to create
     first or None when it is already registered)."""
@@ -46,8 +41,18 @@ def environment_reference(environment: str | None) -> tuple[str, Environment | N
     return f"azureml:{ours.name}:{ours.version}", ours
 
 
-def online_entities(settings: OnlineSettings) -> Entities:
+def deployment_basics(kind: str, settings: OnlineSettings | BatchSettings) -> tuple[dict, Environment | None]:
+    """(what both kinds of deployment name: itself, its endpoint, model, environment and
+    scoring code; our environment to create first, or None)."""
     env_ref, environment = environment_reference(settings.environment)
+    folder, script = scoring_code(kind)
+    return dict(name=settings.deployment_name, endpoint_name=settings.endpoint_name,
+                model=settings.model, environment=env_ref,
+                code_configuration=CodeConfiguration(code=str(folder), scoring_script=script)), environment
+
+
+def online_entities(settings: OnlineSettings) -> Entities:
+    basics, environment = deployment_basics("online", settings)
     endpoint = ManagedOnlineEndpoint(
         name=settings.endpoint_name, auth_mode=settings.auth_mode, description=DESCRIPTION,
         traffic={settings.deployment_name: settings.traffic_percent})
@@ -58,11 +63,7 @@ def online_entities(settings: OnlineSettings) -> Entities:
                              failure_threshold=settings.probe_failure_threshold, success_threshold=1)
 
     deployment = ManagedOnlineDeployment(
-        name=settings.deployment_name,
-        endpoint_name=settings.endpoint_name,
-        model=settings.model,
-        environment=env_ref,
-        code_configuration=code_configuration("online"),
+        **basics,
         instance_type=settings.instance_type,
         instance_count=settings.instance_count,
         request_settings=OnlineRequestSettings(
@@ -79,15 +80,11 @@ def online_entities(settings: OnlineSettings) -> Entities:
 
 def batch_entities(settings: BatchSettings) -> Entities:
     PredictParams().updated(settings.params)  # a bad param fails here, not in every job
-    env_ref, environment = environment_reference(settings.environment)
+    basics, environment = deployment_basics("batch", settings)
     endpoint = BatchEndpoint(name=settings.endpoint_name, description=DESCRIPTION)
     variables = {env_settings.BATCH_PARAMS.env: json.dumps(settings.params)} if settings.params else {}
     deployment = ModelBatchDeployment(
-        name=settings.deployment_name,
-        endpoint_name=settings.endpoint_name,
-        model=settings.model,
-        environment=env_ref,
-        code_configuration=code_configuration("batch"),
+        **basics,
         compute=settings.compute,
         resources=ResourceConfiguration(instance_count=settings.instance_count),
         settings=ModelBatchDeploymentSettings(
