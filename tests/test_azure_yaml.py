@@ -5,6 +5,7 @@ contacts nothing."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -298,3 +299,37 @@ def test_component_command_runs_the_cli_as_azure_would(kind, required, tmp_path)
 def test_traffic_for_a_new_deployment_keeps_a_total_of_100(existing, percent, expected):
     traffic = deploy.traffic_with(existing, "blue", percent)
     assert traffic == expected and sum(traffic.values()) == 100
+
+
+def test_deploy_dry_run_from_an_installed_wheel(tmp_path):
+    """Installed from a wheel (no checkout, no components/), deploy still finds the scoring
+    code and the environment's build context: both are in the package."""
+    import shutil
+    import zipfile
+
+    source = tmp_path / "source"  # building writes build/ and *.egg-info beside the sources
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    for package in ("mlflow_model", "scoring", "mmdet_mlflow"):
+        shutil.copytree(ROOT / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                            "--no-index", "-w", str(tmp_path / "dist"), str(source)],
+                           capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr[-3000:]
+    site = tmp_path / "site"
+    zipfile.ZipFile(next((tmp_path / "dist").glob("*.whl"))).extractall(site)
+
+    out = tmp_path / "yaml"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"PYTHONPATH": str(site)}
+    done = subprocess.run([sys.executable, "-m", "mmdet_mlflow.cli", "deploy", "online", "--dry-run",
+                           "--endpoint-name", "e", "--model", "azureml:m:1", "--output-dir", str(out)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    deployment = load_azure_yaml(out / "online-deployment.yml")
+    code = (out / deployment.code_configuration.code).resolve()
+    assert code.is_relative_to(site) and (code / deployment.code_configuration.scoring_script).is_file()
+    environment_file = load_azure_yaml(out / "environment.yml")
+    context = (out / environment_file.build.path).resolve()
+    assert context.is_relative_to(site) and (context / environment_file.build.dockerfile_path).is_file()
+    assert environment_file.version == environment.environment_version()  # the same image

@@ -15,7 +15,8 @@ def ml_client(subscription_id: str | None = None, resource_group: str | None = N
               workspace: str | None = None):
     """An MLClient with DefaultAzureCredential. The workspace comes from the arguments, else
     from the variables Azure sets inside a job (AZUREML_ARM_*), else from a config.json."""
-    # azure.ai.ml takes seconds to import: only the paths that talk to a workspace pay for it
+    # azure.ai.ml takes seconds to import, and the CLI imports this module to build its parser:
+    # only the paths that talk to a workspace pay for it
     from azure.ai.ml import MLClient
     from azure.identity import DefaultAzureCredential
 

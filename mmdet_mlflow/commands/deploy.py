@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mmdet_mlflow.azure.client import log_progress
 from mmdet_mlflow.azure.deployment_settings import FIELD_HELP, SETTINGS, DeploySettingsError, field_help
 from mmdet_mlflow.commands.args import add_dataclass_arguments, boolean, dataclass_values
 from mmdet_mlflow.commands.workspace import add_workspace_arguments, workspace_client
@@ -38,7 +39,6 @@ def run(args):
         print(f"{args.kind} deployment switched off (--enabled false): nothing to do")
         return 0
     # azure.ai.ml takes seconds to import: only when the command runs, not for `--help`
-    from mmdet_mlflow.azure.client import log_progress
     from mmdet_mlflow.azure.deploy import deploy
     from mmdet_mlflow.azure.entities import build_entities
     from mmdet_mlflow.azure.register import registered_model_id

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mmdet_mlflow.azure.client import log_progress
 from mmdet_mlflow.commands.args import boolean
 from mmdet_mlflow.commands.workspace import add_workspace_arguments, workspace_client
 
@@ -24,7 +25,6 @@ def add_parser(subparsers):
 def run(args):
     # azure.ai.ml takes seconds to import: only when the command runs, not for `--help`
     from mmdet_mlflow.azure import register
-    from mmdet_mlflow.azure.client import log_progress
 
     log_progress()
     client = None if args.dry_run else workspace_client(args)

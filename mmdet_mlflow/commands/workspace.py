@@ -1,6 +1,8 @@
 """The workspace options of the commands that talk to Azure ML (register, deploy, pipeline)."""
 from __future__ import annotations
 
+from mmdet_mlflow.azure.client import ml_client
+
 
 def add_workspace_arguments(parser) -> None:
     group = parser.add_argument_group("workspace (default: the job's own inside Azure ML, else config.json)")
@@ -11,6 +13,4 @@ def add_workspace_arguments(parser) -> None:
 
 def workspace_client(args):
     """An MLClient for the workspace the options name (DefaultAzureCredential)."""
-    from mmdet_mlflow.azure.client import ml_client
-
     return ml_client(args.subscription_id, args.resource_group, args.workspace_name)
