@@ -216,9 +216,6 @@ def component_specs() -> list[Path]:
 CLI_PREFIX = ["python", "-m", "mmdet_mlflow.cli"]
 # Components whose entry is the CLI (the fine-tune component's is its own until it moves over).
 OURS = {"batch_score", "deploy_batch", "deploy_online", "evaluate", "package", "register"}
-# Inputs passed to an option another input may override (package: checkpoint_file comes after
-# checkpoint as a second --checkpoint, and the last value wins).
-OVERRIDDEN = {"package": {"checkpoint"}}
 
 
 def _sample_values(component) -> dict:
@@ -230,6 +227,16 @@ def _sample_values(component) -> dict:
     if "params" in values:  # deploy batch: predict params, a JSON object
         values["params"] = json.dumps({"score_threshold": 0.5})
     return values
+
+
+def _arriving_inputs(component, values: dict) -> set[str]:
+    """The given inputs whose value the parser keeps: where two inputs feed the same option
+    (package: checkpoint_file after checkpoint), the last one given wins."""
+    last = {}
+    for option, name in re.findall(r"(--[\w-]+) \$\{\{inputs\.(\w+)\}\}", component.command):
+        if name in values:
+            last[option] = name
+    return set(last.values())
 
 
 def test_the_components_we_own_run_the_cli():
@@ -253,8 +260,9 @@ def test_every_component_command_parses_with_the_cli(path, tmp_path):
         argv = filled_command(component, values, tmp_path)
         args = build_parser().parse_args(argv[3:])  # argparse exits on an unknown option
         parsed = {json.dumps(v) if isinstance(v, dict) else str(v) for v in vars(args).values()}
-        missing = {name for name, value in values.items() if str(value) not in parsed
-                   and name not in OVERRIDDEN.get(path.parent.name, ())}
+        unused = set(values) - set(re.findall(r"\$\{\{inputs\.(\w+)\}\}", component.command))
+        assert not unused, f"inputs the command never passes: {unused}"
+        missing = {name for name in _arriving_inputs(component, values) if str(values[name]) not in parsed}
         assert not missing, f"inputs that reach no option: {missing}"
 
 
