@@ -341,3 +341,33 @@ def test_deploy_dry_run_from_an_installed_wheel(tmp_path):
     context = (out / environment_file.build.path).resolve()
     assert context.is_relative_to(site) and (context / environment_file.build.dockerfile_path).is_file()
     assert environment_file.version == environment.environment_version()  # the same image
+
+
+def test_the_package_component_fills_the_output_folder_azure_made(tmp_path, tiny_checkpoint):
+    """Run as Azure runs it: the output folder exists (empty) before the command starts, and
+    checkpoint_file overrides the default checkpoint `official` (nothing is downloaded)."""
+    from helpers import TINY
+
+    component = load_azure_yaml(ROOT / "components/package/spec.yaml")
+    (tmp_path / "mlflow_model_folder").mkdir()
+    values = {"model_name": TINY, "checkpoint": "official", "checkpoint_file": tiny_checkpoint}
+    argv = filled_command(component, values, tmp_path)
+    done = subprocess.run([sys.executable, *argv[1:]], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "mlflow_model_folder" / "MLmodel").is_file()
+
+
+def test_the_register_component_dry_run_writes_what_deploy_reads(tmp_path, tiny_model_dir):
+    from mlflow_model.model_dir import REGISTRATION_FILE
+
+    component = load_azure_yaml(ROOT / "components/register/spec.yaml")
+    values = {name: spec.default for name, spec in component.inputs.items() if spec.default is not None}
+    values.update(model=tiny_model_dir, dry_run=True)
+    argv = filled_command(component, values, tmp_path)
+    done = subprocess.run([sys.executable, *argv[1:]], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    registered = json.loads((tmp_path / "registration_details" / REGISTRATION_FILE).read_text())
+    assert registered["id"] == f"azureml:{values['registered_model_name']}@latest"
+    loaded, _ = _dry_run("online", tmp_path, "--endpoint-name", "e",
+                         "--registration-details", str(tmp_path / "registration_details"))
+    assert _ref(loaded["online-deployment.yml"].model) == registered["id"].removeprefix("azureml:")
