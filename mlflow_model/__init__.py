@@ -2,33 +2,28 @@
 
 Laid out like MLflow's own flavor modules (``mlflow.pytorch``): ``save_model``, ``log_model``,
 ``load_model`` (the mmdet detector) and ``_load_pyfunc`` (the ``python_function`` flavor, through
-this module as ``loader_module``: nothing is pickled). A saved model directory holds::
-
-    MLmodel                  python_function (loader_module: mlflow_model) + mmdet flavors
-    model/config.py          the mmengine config, flattened
-    model/weights.pth        plain tensors, read with torch.load(weights_only=True)
-    model/model.json         class names, default predict params, where the weights came from
-    code/mlflow_model, code/scoring   the code that loads and scores it
-    requirements.txt, python_env.yaml, conda.yaml   the pinned stack
+this module as ``loader_module``: nothing is pickled). ``mlflow_model.model_dir`` owns the
+folder layout; ``scoring.runtimes`` loads a saved model for inference.
 """
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from mlflow_model import model_dir
+from mlflow_model.model_dir import ModelDir
+
 FLAVOR_NAME = "mmdet"
-MODEL_DATA_DIR = "model"
-CONFIG_FILE = "config.py"
-WEIGHTS_FILE = "weights.pth"
-MODEL_INFO_FILE = "model.json"
-CODE_DIR = "code"
+# Kept for callers of the first release; the names live in mlflow_model.model_dir.
+MODEL_DATA_DIR = model_dir.DATA_DIR
+CONFIG_FILE = model_dir.CONFIG_FILE
+WEIGHTS_FILE = model_dir.WEIGHTS_FILE
+MODEL_INFO_FILE = model_dir.INFO_FILE
+CODE_DIR = model_dir.CODE_DIR
 _PACKAGES = ("mlflow_model", "scoring")  # what a saved model needs to load and score
 _PINS_FILE = Path(__file__).with_name("requirements.txt")
-DEVICE_ENV = "MMDET_MLFLOW_DEVICE"
 
 
 def pinned_requirements(path: str | os.PathLike = _PINS_FILE) -> list[str]:
@@ -60,30 +55,6 @@ def get_default_conda_env() -> dict:
     return _mlflow_conda_env(additional_pip_deps=get_default_pip_requirements())
 
 
-def default_device() -> str:
-    import torch
-
-    return os.environ.get(DEVICE_ENV) or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def build_detector(config, state_dict, class_names: Sequence[str], device: str | None = None):
-    """An mmdet detector in eval mode with exactly these weights (strict: every key, every
-    shape), as mmdet's init_detector would build it."""
-    from mmdet.registry import MODELS
-    from mmengine.model.utils import revert_sync_batchnorm
-    from mmengine.registry import init_default_scope
-
-    from mlflow_model.checkpoints import check_state_dict
-
-    init_default_scope(config.get("default_scope", "mmdet"))
-    model = revert_sync_batchnorm(MODELS.build(config.model))
-    check_state_dict(model, state_dict, "weights")
-    model.load_state_dict(state_dict, strict=True)
-    model.cfg = config
-    model.dataset_meta = {"classes": tuple(class_names)}
-    return model.to(device or default_device()).eval()
-
-
 def save_model(
     path,
     config,
@@ -106,7 +77,6 @@ def save_model(
     checkpoint, else COCO's when it has 80 classes. The weights must match the config exactly.
     """
     from mlflow.models import Model
-    from mlflow.models.model import MLMODEL_FILE_NAME
     from mlflow.models.utils import _save_example
     from mlflow.utils.environment import _PythonEnv
     from mlflow.utils.model_utils import _validate_and_prepare_target_save_path
@@ -114,6 +84,7 @@ def save_model(
 
     from mlflow_model.checkpoints import read_state_dict, resolve_checkpoint, write_weights, classes_from_meta
     from mlflow_model.configs import config_name, load_config
+    from scoring.runtimes.torch_rtmdet import build_detector
     from scoring.schema import TASK, PredictParams, mlflow_signature
 
     path = Path(path).resolve()
@@ -127,12 +98,14 @@ def save_model(
     build_detector(cfg, state_dict, class_names, device="cpu")
 
     _validate_and_prepare_target_save_path(str(path))
-    data_dir = path / MODEL_DATA_DIR
-    data_dir.mkdir(parents=True)
-    cfg.dump(str(data_dir / CONFIG_FILE))
-    write_weights(state_dict, data_dir / WEIGHTS_FILE)
+    saved = ModelDir(path)
+    weights_dir = saved.data
+    weights_dir.path.mkdir(parents=True)
+    cfg.dump(str(weights_dir.config))
+    write_weights(state_dict, weights_dir.weights)
     defaults = PredictParams.for_config(cfg.model.test_cfg)
     info = {
+        "runtime": "torch",
         "classes": class_names,
         "config_name": config_name(config),
         "checkpoint": source.as_dict(),
@@ -140,8 +113,8 @@ def save_model(
         "batch_size": batch_size,
         "versions": _library_versions(),
     }
-    (data_dir / MODEL_INFO_FILE).write_text(json.dumps(info, indent=2))
-    _copy_code(path / CODE_DIR)
+    weights_dir.write_info(info)
+    _copy_code(saved.code)
 
     mlflow_model = mlflow_model or Model()
     mlflow_model.signature = signature or mlflow_signature(defaults)
@@ -151,15 +124,15 @@ def save_model(
     mlflow.pyfunc.add_to_model(
         mlflow_model,
         loader_module="mlflow_model",
-        data=MODEL_DATA_DIR,
-        code=CODE_DIR,
-        conda_env="conda.yaml",
-        python_env="python_env.yaml",
+        data=model_dir.DATA_DIR,
+        code=model_dir.CODE_DIR,
+        conda_env=model_dir.CONDA_FILE,
+        python_env=model_dir.PYTHON_ENV_FILE,
     )
     mlflow_model.add_flavor(
         FLAVOR_NAME,
-        config=f"{MODEL_DATA_DIR}/{CONFIG_FILE}",
-        weights=f"{MODEL_DATA_DIR}/{WEIGHTS_FILE}",
+        config=f"{model_dir.DATA_DIR}/{model_dir.CONFIG_FILE}",
+        weights=f"{model_dir.DATA_DIR}/{model_dir.WEIGHTS_FILE}",
         classes=class_names,
         config_name=info["config_name"],
         checkpoint=info["checkpoint"],
@@ -167,22 +140,22 @@ def save_model(
     )
     mlflow_model.metadata = {"base_model_task": TASK, "config_name": info["config_name"],
                              "checkpoint_sha256": source.sha256, **(metadata or {})}
-    mlflow_model.save(str(path / MLMODEL_FILE_NAME))
+    mlflow_model.save(str(saved.mlmodel))
 
     requirements = list(pip_requirements or get_default_pip_requirements())
     requirements += list(extra_pip_requirements or [])
-    (path / "requirements.txt").write_text("\n".join(requirements) + "\n")
+    (path / model_dir.REQUIREMENTS_FILE).write_text("\n".join(requirements) + "\n")
     _PythonEnv(
         python=".".join(map(str, sys.version_info[:3])),
         build_dependencies=mmcv_build_requirements(),
-        dependencies=["-r requirements.txt"],
-    ).to_yaml(str(path / "python_env.yaml"))
+        dependencies=[f"-r {model_dir.REQUIREMENTS_FILE}"],
+    ).to_yaml(str(path / model_dir.PYTHON_ENV_FILE))
     import yaml
 
     from mlflow.utils.environment import _mlflow_conda_env
 
     conda = _mlflow_conda_env(additional_pip_deps=mmcv_build_requirements()[1:] + requirements)
-    (path / "conda.yaml").write_text(
+    (path / model_dir.CONDA_FILE).write_text(
         "# mmcv builds its compiled ops only when torch is already installed: prefer\n"
         "# `--env-manager virtualenv` (python_env.yaml installs torch first).\n"
         + yaml.safe_dump(conda, sort_keys=False))
@@ -210,18 +183,10 @@ def load_model(model_uri: str, device: str | None = None, dst_path: str | None =
     """The plain mmdet detector (eval mode) of a saved model: use it with mmdet's APIs."""
     from mlflow.tracking.artifact_utils import _download_artifact_from_uri
 
+    from scoring.runtimes.torch_rtmdet import load_detector
+
     local = Path(_download_artifact_from_uri(artifact_uri=model_uri, output_path=dst_path))
-    return _load_detector(local / MODEL_DATA_DIR, device)[0]
-
-
-def _load_detector(data_dir: Path, device: str | None = None):
-    import torch
-    from mmengine.config import Config
-
-    info = json.loads((data_dir / MODEL_INFO_FILE).read_text())
-    cfg = Config.fromfile(str(data_dir / CONFIG_FILE))
-    state_dict = torch.load(data_dir / WEIGHTS_FILE, map_location="cpu", weights_only=True)
-    return build_detector(cfg, state_dict, info["classes"], device), info
+    return load_detector(ModelDir(local).data, device)[0]
 
 
 class MMDetPyfuncModel:
@@ -230,6 +195,11 @@ class MMDetPyfuncModel:
 
     def __init__(self, segmenter):
         self.segmenter = segmenter
+
+    def get_raw_model(self):
+        """The segmenter (``scoring.runtimes``): what ``PyFuncModel.get_raw_model()`` returns,
+        so batch scoring can drive the runner directly."""
+        return self.segmenter
 
     def predict(self, model_input, params=None):
         from mlflow.exceptions import MlflowException
@@ -245,24 +215,10 @@ class MMDetPyfuncModel:
 
 
 def load_segmenter(data_dir, device: str | None = None, batch_size: int | None = None):
-    """The scoring.predictor.InstanceSegmenter of a saved model's data directory."""
-    from scoring.predictor import InstanceSegmenter
-    from scoring.schema import PredictParams
+    """The segmenter (``scoring.runtimes``) of a saved model's ``model/`` folder."""
+    from scoring.runtimes import load_segmenter as load
 
-    detector, info = _load_detector(Path(data_dir), device)
-    return InstanceSegmenter(detector, info["classes"],
-                             PredictParams.from_dict(info["default_params"]),
-                             batch_size=batch_size or forward_batch_size(info, detector))
-
-
-def forward_batch_size(info: dict, detector) -> int:
-    """Images per forward pass: MMDET_MLFLOW_BATCH_SIZE if set, else the model's (8) on a GPU,
-    else 1. On CPU, batches of 8 ran 14-16 % slower per image than single passes for both
-    tiny and x (bench/predict.py on 2 cores), while a GPU gains from batching."""
-    if os.environ.get("MMDET_MLFLOW_BATCH_SIZE"):
-        return int(os.environ["MMDET_MLFLOW_BATCH_SIZE"])
-    on_gpu = detector.data_preprocessor.device.type == "cuda"
-    return int(info.get("batch_size", 8)) if on_gpu else 1
+    return load(data_dir, device=device, batch_size=batch_size)
 
 
 def _load_pyfunc(path):

@@ -18,18 +18,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Mapping
 
+from scoring import settings
+from scoring.errors import MmdetMlflowError
+
 OFFICIAL = "official"
 OFFICIAL_HOST = "https://download.openmmlab.com/"
-# Where ``official`` checkpoints come from: set to a mirror (an internal artifact store, a local
-# server) that lays files out as download.openmmlab.com does.
-MIRROR_ENV = "MMDET_MLFLOW_CHECKPOINT_MIRROR"
-CACHE_ENV = "MMDET_MLFLOW_CACHE"
-CONNECT_TIMEOUT_SECONDS = float(os.environ.get("MMDET_MLFLOW_DOWNLOAD_TIMEOUT", 20))
 _HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,64})\.pth$")
 
 
-class CheckpointError(ValueError):
-    pass
+class CheckpointError(MmdetMlflowError, ValueError):
+    """A checkpoint that cannot be had, read safely, or does not fit its config."""
 
 
 @dataclass(frozen=True)
@@ -45,7 +43,7 @@ class CheckpointSource:
 
 
 def cache_dir() -> Path:
-    root = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "mmdet-mlflow"
+    root = settings.CACHE.value() or Path.home() / ".cache" / "mmdet-mlflow"
     return Path(root) / "checkpoints"
 
 
@@ -60,7 +58,8 @@ def resolve_checkpoint(checkpoint: str | Path, config_name: str | None = None) -
             raise CheckpointError("--checkpoint official needs a config name")
         published = official_checkpoint(config_name)
         url = published.url
-        mirror = os.environ.get(MIRROR_ENV)
+        # A mirror (an internal artifact store, a local server) laid out as the official host.
+        mirror = settings.CHECKPOINT_MIRROR.value()
         if mirror and url.startswith(OFFICIAL_HOST):
             url = mirror.rstrip("/") + "/" + url[len(OFFICIAL_HOST):]
         path = download(url, expected_sha256_prefix=published.sha256_prefix)
@@ -87,7 +86,8 @@ def download(url: str, expected_sha256_prefix: str | None = None) -> Path:
     """Download into the cache (once), checking the sha256 against the hash prefix in the file
     name when there is one. A partial or mismatched download never lands in the cache."""
     name = Path(url.split("?")[0]).name or "checkpoint.pth"
-    target = cache_dir() / name
+    # Keyed by the whole URL: two URLs ending in the same file name (best.pth) must not collide.
+    target = cache_dir() / hashlib.sha256(url.encode()).hexdigest()[:16] / name
     if target.is_file() and (expected_sha256_prefix is None
                              or sha256_of(target).startswith(expected_sha256_prefix)):
         return target
@@ -95,12 +95,12 @@ def download(url: str, expected_sha256_prefix: str | None = None) -> Path:
     try:
         response = urllib.request.urlopen(
             urllib.request.Request(url, headers={"User-Agent": "mmdet-mlflow"}),
-            timeout=CONNECT_TIMEOUT_SECONDS)
+            timeout=settings.DOWNLOAD_TIMEOUT.value())
     except (urllib.error.URLError, OSError, ValueError) as err:
         reason = getattr(err, "reason", err)
         raise CheckpointError(
             f"could not download {url}: {reason}. Without network access, download the file "
-            f"elsewhere and pass --checkpoint PATH, or point {MIRROR_ENV} at a mirror."
+            f"elsewhere and pass --checkpoint PATH, or point {settings.CHECKPOINT_MIRROR.env} at a mirror."
         ) from None
     digest = hashlib.sha256()
     total = int(response.headers.get("Content-Length") or 0)

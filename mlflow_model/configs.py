@@ -5,6 +5,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from scoring.errors import MmdetMlflowError
+
 RTMDET_INS_CONFIGS = (
     "rtmdet-ins_tiny_8xb32-300e_coco",
     "rtmdet-ins_s_8xb32-300e_coco",
@@ -15,8 +17,8 @@ RTMDET_INS_CONFIGS = (
 COCO_CONFIG_NAME_SUFFIX = "_coco"
 
 
-class ConfigError(ValueError):
-    pass
+class ConfigError(MmdetMlflowError, ValueError):
+    """A config that is not an RTMDet-Ins config we can package."""
 
 
 def mmdet_config_dir() -> Path:

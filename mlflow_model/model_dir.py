@@ -35,10 +35,6 @@ FINETUNE_MLFLOW_DIR = "mlflow_model_folder"
 FINETUNE_PYTORCH_DIR = "pytorch_model_folder"
 REGISTRATION_FILE = "registration.json"
 
-# Azure mounts a registered model a folder or more below AZUREML_MODEL_DIR
-# (<name>/<version>/<folder>/MLmodel at most).
-SEARCH_DEPTH = 4
-
 
 class WeightsDir:
     """A folder with ``config.py``, ``weights.pth`` and ``model.json``: a saved model's ``model/``
@@ -89,24 +85,6 @@ class ModelDir:
 
     def is_model(self) -> bool:
         return self.mlmodel.is_file()
-
-
-def find_model_dir(root: str | os.PathLike, depth: int = SEARCH_DEPTH) -> Path:
-    """The MLflow model folder under ``root``: ``root`` itself or the one folder below it (up to
-    ``depth`` levels) that holds an MLmodel file."""
-    root = Path(root)
-    if (root / MLMODEL_FILE).is_file():
-        return root
-    for level in range(1, depth + 1):
-        found = sorted(p.parent for p in root.glob("/".join(["*"] * level) + f"/{MLMODEL_FILE}")
-                       if p.is_file())
-        if len(found) == 1:
-            return found[0]
-        if len(found) > 1:
-            raise FileNotFoundError(f"{len(found)} MLflow models under {root}: "
-                                    f"{', '.join(str(p.relative_to(root)) for p in found)}; deploy one")
-    raise FileNotFoundError(f"no MLflow model ({MLMODEL_FILE} file) in {root} or the {depth} "
-                            f"folder levels below it")
 
 
 def finetune_outputs(output_dir: str | os.PathLike) -> tuple[Path, Path]:

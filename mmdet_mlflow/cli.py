@@ -11,7 +11,7 @@ import sys
 # an environment without the serving stack, so commands import their libraries when they run.
 from scoring.errors import MmdetMlflowError
 
-COMMANDS = ("package", "predict", "batch", "convert", "synth", "finetune", "evaluate", "demo",
+COMMANDS = ("package", "predict", "serve", "batch", "convert", "synth", "finetune", "evaluate", "demo",
             "register", "deploy", "pipeline")
 
 

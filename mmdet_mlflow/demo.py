@@ -9,23 +9,18 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
+from mlflow_model.model_dir import ModelDir, WeightsDir, finetune_outputs
+from mmdet_mlflow import servers
 
-ROOT = Path(__file__).resolve().parent.parent
 MODEL_NAME = "rtmdet-ins-tiny-fridge"
 CONFIG = "rtmdet-ins_tiny_8xb32-300e_coco"
-# azmlinfsrv binds 0.0.0.0 by default; the demo runs the same entry point bound to 127.0.0.1.
-AZMLINFSRV_ON_LOOPBACK = ("import sys; from azureml_inference_server_http import amlserver; "
-                          "amlserver.DEFAULT_HOST = '127.0.0.1'; sys.argv[0] = 'azmlinfsrv'; amlserver.run()")
 
 
 @dataclass
@@ -61,11 +56,48 @@ class Steps:
         print(f"$ {shown}", flush=True)
         stamp.unlink(missing_ok=True)
         subprocess.run([sys.executable, "-m", "mmdet_mlflow.cli", *args], check=True)
+        interruption.check()  # the step saw the Ctrl-C too and may have exited cleanly
         stamp.write_text(key)
         return True
 
 
+class Interruption:
+    """Ctrl-C (SIGINT) and SIGTERM end the demo with a non-zero status and stopped servers.
+
+    Python turns SIGINT into a KeyboardInterrupt wherever the main thread is; raised inside a
+    finalizer (a socket or connection being garbage-collected) it is printed as "Exception
+    ignored" and lost, and the demo ran on to exit 0 (the flaky test of issue 12). So the
+    handler also remembers the signal, and ``check()`` at every step, inside every wait loop
+    and at the very end raises again: an interruption can be delayed, never lost."""
+
+    def __init__(self):
+        self.signal: int | None = None
+
+    def install(self) -> None:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signum
+        raise KeyboardInterrupt
+
+    def check(self) -> None:
+        if self.signal is not None:
+            raise KeyboardInterrupt
+
+
+interruption = Interruption()
+
+
 def run_demo(settings: DemoSettings) -> dict:
+    interruption.install()
+    try:
+        return _run_demo(settings)
+    finally:
+        interruption.check()
+
+
+def _run_demo(settings: DemoSettings) -> dict:
     out = settings.output.resolve()
     out.mkdir(parents=True, exist_ok=True)
     tracking = f"sqlite:///{out / 'mlflow.db'}"
@@ -78,12 +110,12 @@ def run_demo(settings: DemoSettings) -> dict:
                         "--seed", str(settings.seed)], produces=data / "validation.coco.json")
 
     say(f"2/7 fine-tune {CONFIG} from scratch on it (tracked in {tracking})")
+    model_dir, _ = finetune_outputs(finetuned)
     steps.run("finetune", ["finetune", "--config", CONFIG, "--checkpoint", "none",
                            "--training-data", str(data / "train.jsonl"),
                            "--validation-data", str(data / "validation"),
                            "--output", str(finetuned), *settings.finetune_args],
-              produces=finetuned / "mlflow_model_folder" / "MLmodel", after=("synth",))
-    model_dir = finetuned / "mlflow_model_folder"
+              produces=ModelDir(model_dir).mlmodel, after=("synth",))
 
     say(f"3/7 evaluate on the validation set -> {evaluation}")
     steps.run("evaluate", ["evaluate", "--model", str(model_dir), "--test",
@@ -105,13 +137,11 @@ def run_demo(settings: DemoSettings) -> dict:
 
     request = seed_request(sorted((data / "images").glob("*.jpg")), data, settings.request_images)
     (out / "request.json").write_text(json.dumps(request))
-    with contextlib.ExitStack() as servers:
+    with contextlib.ExitStack() as running:
         say(f"5/7 mlflow models serve -m {model_uri}, the model card's request (request.json)")
-        port = free_port()
-        servers.enter_context(serve(
-            [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager",
-             "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
-            f"http://127.0.0.1:{port}/ping", out / "mlflow-serve.log"))
+        port = servers.free_port()
+        running.enter_context(servers.serve(servers.mlflow_serve_command(model_uri, port),
+                                            f"http://127.0.0.1:{port}/ping", out / "mlflow-serve.log"))
         print(f"  serving on http://127.0.0.1:{port} (log: mlflow-serve.log)", flush=True)
         # MLflow's scoring server reads the same columns/index/data under "dataframe_split".
         body = {"dataframe_split": request["input_data"]}
@@ -120,16 +150,12 @@ def run_demo(settings: DemoSettings) -> dict:
         pictures = draw(request["files"], answer, out / "serving")
         print(f"  annotated: {', '.join(str(p.relative_to(out)) for p in pictures)}")
 
-        say("6/7 the Azure ML online entry script (scoring/score.py) under azmlinfsrv, same request")
-        port = free_port()
-        app = out / "azure-app"
-        app.mkdir(exist_ok=True)
-        shutil.copy(ROOT / "scoring" / "score.py", app / "score.py")
-        servers.enter_context(serve(
-            [sys.executable, "-c", AZMLINFSRV_ON_LOOPBACK, "--entry_script", "score.py",
-             "--model_dir", str(model_dir), "--port", str(port)],
-            f"http://127.0.0.1:{port}/", out / "azmlinfsrv.log", cwd=app,
-            env={"AML_APP_ROOT": str(app), "WORKER_COUNT": "1", "PYTHONPATH": ""}))
+        say("6/7 the Azure ML online entry script (scoring/azureml/score.py) under azmlinfsrv, same request")
+        port = servers.free_port()
+        app = servers.azure_app_folder(out / "azure-app")
+        running.enter_context(servers.serve(servers.azmlinfsrv_command(model_dir, port),
+                                            f"http://127.0.0.1:{port}/", out / "azmlinfsrv.log",
+                                            cwd=app, env=servers.azmlinfsrv_env(app)))
         print(f"  serving on http://127.0.0.1:{port}/score (log: azmlinfsrv.log)", flush=True)
         azure_answer = post_when_ready(f"http://127.0.0.1:{port}/score",
                                        {"input_data": request["input_data"]})
@@ -171,25 +197,19 @@ def register(finetuned: Path, key: str) -> int:
             if version.tags.get("demo_key") == key:
                 print(f"  (reused: version {version.version} holds this fine-tuning run)")
                 return int(version.version)
-    pytorch = finetuned / "pytorch_model_folder"
-    info = json.loads((finetuned / "mlflow_model_folder" / "model" / "model.json").read_text())
+    mlflow_dir, pytorch_dir = finetune_outputs(finetuned)
+    pytorch = WeightsDir(pytorch_dir)
+    info = ModelDir(mlflow_dir).data.read_info()
     # not mlflow.set_experiment: it exports MLFLOW_EXPERIMENT_ID to the steps started after this
     experiment = client.get_experiment_by_name("mmdet-mlflow-demo")
     experiment_id = experiment.experiment_id if experiment else client.create_experiment("mmdet-mlflow-demo")
     with mlflow.start_run(run_name="register", experiment_id=experiment_id):
-        logged = mlflow_model.log_model(str(pytorch / "config.py"), str(weights_file(pytorch)),
+        logged = mlflow_model.log_model(str(pytorch.config), str(pytorch.weights),
                                         name="model", classes=info["classes"],
                                         registered_model_name=MODEL_NAME)
     version = int(logged.registered_model_version)
     client.set_model_version_tag(MODEL_NAME, str(version), "demo_key", key)
     return version
-
-
-def weights_file(folder: Path) -> Path:
-    candidates = sorted(folder.glob("*.pth"))
-    if len(candidates) != 1:
-        raise FileNotFoundError(f"expected one weights file in {folder}, found {candidates}")
-    return candidates[0]
 
 
 def seed_request(images: list[Path], data: Path, count: int) -> dict:
@@ -240,44 +260,6 @@ def draw(files: list[str], predictions: list, folder: Path) -> list[Path]:
     return written
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def serve(cmd: list[str], health_url: str, log_path: Path, cwd=None, env=None, timeout: float = 300):
-    """A server in its own process group, waited for, and stopped (the whole group) on exit."""
-    import requests
-
-    bin_dir = str(Path(sys.executable).parent)
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=cwd,
-                                   env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", **(env or {})},
-                                   start_new_session=True)
-        try:
-            deadline = time.monotonic() + timeout
-            while True:
-                if process.poll() is not None:
-                    raise RuntimeError(f"{cmd[2] if cmd[1] == '-m' else cmd[0]} exited; see {log_path}")
-                with contextlib.suppress(requests.RequestException):
-                    if requests.get(health_url, timeout=2).status_code == 200:
-                        break
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{health_url} did not answer in {timeout} s; see {log_path}")
-                time.sleep(0.5)
-            yield process
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-
-
 def post(url: str, body: dict):
     import requests
 
@@ -294,6 +276,7 @@ def post_when_ready(url: str, body: dict, timeout: float = 300):
 
     deadline = time.monotonic() + timeout
     while True:
+        interruption.check()
         try:
             response = requests.post(url, json=body, timeout=300)
             if response.status_code == 200:

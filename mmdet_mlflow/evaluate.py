@@ -22,7 +22,6 @@ Test data (AutoML JSONL, MLTable folder or COCO JSON; see mmdet_mlflow.data):
 """
 from __future__ import annotations
 
-import copy
 import functools
 import json
 import os
@@ -85,7 +84,7 @@ def evaluate(model_dir, test_data, output_dir, iou_threshold: float = 0.5,
 
     segmenter = mlflow_model.load_segmenter(data_dir, batch_size=batch_size)
     if map_score_threshold is None:
-        configured = segmenter.detector.bbox_head.test_cfg.get("score_thr", DEFAULT_MAP_SCORE_THRESHOLD)
+        configured = segmenter.configured_score_threshold or DEFAULT_MAP_SCORE_THRESHOLD
         map_score_threshold = min(float(configured), box_score_threshold)
     params = segmenter.default_params.updated({"score_threshold": map_score_threshold})
 
@@ -156,39 +155,41 @@ class _Scored:
 
 def _score(segmenter, records, image_ids, params, category_of, box_score_threshold,
            sample_indices, progress) -> _Scored:
-    """Every test image through the model, batch by batch; each detection's mask is made once
-    and gives its RLE (segm) and, through the one encoder, its polygons (segm_from_polygons)."""
+    """Every test image through the one runner; each detection's mask is made once and gives
+    its RLE (segm) and, through the one encoder, its polygons (segm_from_polygons)."""
     from tqdm import tqdm
 
     from mmdet_mlflow.data import response_boxes
     from scoring.decode import decode_image
+    from scoring.runner import score_images
+
+    def decode_checked(index, record):
+        image = decode_image(record.path.read_bytes(), row=str(record.path))
+        if image.shape[:2] != (record.height, record.width):
+            raise EvaluationError(
+                f"{record.path}: decodes to {image.shape[1]}x{image.shape[0]} (EXIF "
+                f"orientation applied) but the test data says {record.width}x{record.height}")
+        return image
 
     out = _Scored()
     with tqdm(total=len(records), desc="evaluate", unit="img", file=sys.stderr,
               disable=None if progress else True) as bar:
-        for start in range(0, len(records), segmenter.batch_size):
-            batch = records[start:start + segmenter.batch_size]
-            images = [decode_image(r.path.read_bytes(), row=str(r.path)) for r in batch]
-            for record, image in zip(batch, images):
-                if image.shape[:2] != (record.height, record.width):
-                    raise EvaluationError(
-                        f"{record.path}: decodes to {image.shape[1]}x{image.shape[0]} (EXIF "
-                        f"orientation applied) but the test data says {record.width}x{record.height}")
-            for offset, (record, image, dets) in enumerate(zip(batch, images, segmenter(images, params))):
-                index = start + offset
-                boxes = _add_results(out, image_ids[index], dets, params, category_of)
-                shown = [b for b in boxes if b["score"] >= box_score_threshold]
-                out.per_image.append({"predicted": len(shown), "predicted_for_ap": len(boxes)})
-                if index in sample_indices:
-                    out.samples.append((record.path.name, image, response_boxes(record), shown))
-            bar.update(len(batch))
+        for scored in score_images(segmenter, enumerate(records), params, encode=encode_keeping_rles,
+                                   decode=decode_checked, keep_images=True):
+            index, record = scored.key, records[scored.key]
+            boxes = _add_results(out, image_ids[index], scored.detections, scored.response, category_of)
+            shown = [b for b in boxes if b["score"] >= box_score_threshold]
+            out.per_image.append({"predicted": len(shown), "predicted_for_ap": len(boxes)})
+            if index in sample_indices:
+                out.samples.append((record.path.name, scored.image, response_boxes(record), shown))
+            bar.update(1)
     return out
 
 
-def _add_results(out: _Scored, image_id: int, dets, params, category_of) -> list[dict]:
+def _add_results(out: _Scored, image_id: int, dets, encoded, category_of) -> list[dict]:
     """One image's detections appended as COCO results (bbox as mmdet's CocoMetric writes it:
     x, y, w, h of the model's box, unclipped); returns its response boxes for the test labels."""
-    rles, boxes = _encode_keeping_rles(dets, params)
+    boxes, rles = encoded
     width, height = dets.image_size
     kept = []
     for i, (rle, box) in enumerate(zip(rles, boxes)):
@@ -207,24 +208,15 @@ def _add_results(out: _Scored, image_id: int, dets, params, category_of) -> list
     return kept
 
 
-def _encode_keeping_rles(dets, params) -> tuple[list[dict], list[dict]]:
-    """The public response boxes (scoring.encode, the one encoder) and, from the same masks as
-    they go by, each detection's RLE: every full-size mask is made once, used twice."""
+def encode_keeping_rles(dets, params) -> tuple[list[dict], list[dict]]:
+    """The runner's encoder for evaluation: the public response boxes (the one encoder) and,
+    from the same masks as they go by, each detection's RLE."""
     from scoring.encode import encode_detections
     from scoring.schema import OUTPUT_COLUMN
 
-    rles = []
-    make_masks = dets.iter_masks
-
-    def iter_masks(threshold):
-        for mask in make_masks(threshold):
-            rles.append(mask_rle(mask))
-            yield mask
-
-    tapped = copy.copy(dets)
-    tapped.iter_masks = iter_masks
-    boxes = encode_detections(tapped, params)[OUTPUT_COLUMN]
-    return rles, boxes
+    rles: list[dict] = []
+    response = encode_detections(dets, params, on_mask=lambda mask: rles.append(mask_rle(mask)))
+    return response[OUTPUT_COLUMN], rles
 
 
 def mask_rle(mask: np.ndarray) -> dict:

@@ -20,44 +20,44 @@ def image_files(path: Path) -> list[Path]:
 
 def predict_files(model_dir: Path, files: Iterable[Path], output: Path,
                   params: dict | None = None, visualize_dir: Path | None = None) -> dict:
-    """Score ``files`` in batches; a file that cannot be read gets an ``error`` line instead of
-    stopping the run. Returns counts."""
+    """Score ``files`` through the one runner; a file that cannot be read gets an ``error``
+    line instead of stopping the run. Returns counts."""
     from tqdm import tqdm
 
     import mlflow_model
+    from mlflow_model.model_dir import ModelDir
     from scoring.decode import decode_image
-    from scoring.encode import encode_detections
-    from scoring.errors import InputError
+    from scoring.runner import score_images
     from scoring.schema import OUTPUT_COLUMN
 
     files = list(files)
-    segmenter = mlflow_model.load_segmenter(Path(model_dir) / mlflow_model.MODEL_DATA_DIR)
-    predict_params = segmenter.default_params.updated(params)
+    segmenter = mlflow_model.load_segmenter(ModelDir(model_dir).data.path)
     if visualize_dir:
-        from mmdet_mlflow.visualize import draw_detections
         import cv2
+
+        from mmdet_mlflow.visualize import draw_detections
 
         visualize_dir.mkdir(parents=True, exist_ok=True)
     output.parent.mkdir(parents=True, exist_ok=True)
     counts = {"images": 0, "errors": 0, "detections": 0}
+    items = ((path, path) for path in files)
     with open(output, "w") as out, tqdm(total=len(files), unit="img", desc="predict",
                                         file=sys.stderr, disable=None) as bar:
-        for start in range(0, len(files), segmenter.batch_size):
-            batch, images = [], []
-            for path in files[start:start + segmenter.batch_size]:
-                try:
-                    images.append(decode_image(path.read_bytes(), row=str(path)))
-                    batch.append(path)
-                except InputError as err:
-                    out.write(json.dumps({"file": str(path), "error": str(err)}) + "\n")
-                    counts["errors"] += 1
-            for path, image, dets in zip(batch, images, segmenter(images, predict_params)):
-                boxes = encode_detections(dets, predict_params)[OUTPUT_COLUMN]
+        for scored in score_images(segmenter, items, params, on_error="yield",
+                                   keep_images=bool(visualize_dir),
+                                   decode=lambda path, _: decode_image(path.read_bytes(), row=str(path))):
+            path = scored.key
+            if not scored.ok:
+                out.write(json.dumps({"file": str(path), "error": str(scored.error)}) + "\n")
+                counts["errors"] += 1
+            else:
+                boxes = scored.response[OUTPUT_COLUMN]
                 out.write(json.dumps({"file": str(path), OUTPUT_COLUMN: boxes}) + "\n")
                 counts["images"] += 1
                 counts["detections"] += len(boxes)
                 if visualize_dir:
-                    cv2.imwrite(str(visualize_dir / f"{path.stem}.png"), draw_detections(image, boxes))
+                    cv2.imwrite(str(visualize_dir / f"{path.stem}.png"),
+                                draw_detections(scored.image, boxes))
             out.flush()
-            bar.update(len(files[start:start + segmenter.batch_size]))
+            bar.update(1)
     return counts

@@ -5,15 +5,15 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import os
+import json
 import re
+from typing import Any
 
 import numpy as np
 
+from scoring import settings
 from scoring.errors import InputError
-
-# A 12-megapixel photo must pass; a decompression bomb must not be allocated.
-MAX_IMAGE_PIXELS = int(os.environ.get("MMDET_MLFLOW_MAX_IMAGE_PIXELS", 50_000_000))
+from scoring.schema import INPUT_COLUMN
 
 _URL = re.compile(r"^https?://", re.IGNORECASE)
 _DATA_URI = re.compile(r"^data:[\w/+.-]*(;[\w=.-]+)*;base64,", re.IGNORECASE)
@@ -49,6 +49,23 @@ def image_bytes(value) -> bytes:
     return _b64decode(text)
 
 
+def image_value_problem(value: Any) -> str | None:
+    """What is wrong with a request's or a table's image value, said in the request's terms
+    before anything is decoded: it must be a string (bytes, from a parquet table, too)."""
+    if isinstance(value, (str, bytes, bytearray, memoryview)):
+        return None
+    return f"the {INPUT_COLUMN!r} value must be a base64 string or an http(s) URL, got {preview(value)}"
+
+
+def preview(value: Any, limit: int = 60) -> str:
+    """A short, safe rendering of a request value for an error message."""
+    try:
+        text = repr(value) if isinstance(value, str) else json.dumps(value)
+    except (TypeError, ValueError):  # numpy scalars and the like, from tables
+        text = f"{type(value).__name__} {value!r}"
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _b64decode(text: str) -> bytes:
     raw = _WHITESPACE.sub(b"", text.encode("ascii", errors="replace"))
     if b"-" in raw or b"_" in raw:  # the URL-safe alphabet
@@ -68,10 +85,11 @@ def image_from_bytes(data: bytes) -> np.ndarray:
     if not data:
         raise InputError("empty image")
     width, height, fmt = _header(data)
-    if width * height > MAX_IMAGE_PIXELS:
+    limit = settings.MAX_IMAGE_PIXELS.value()  # a 12-megapixel photo passes, a bomb does not
+    if width * height > limit:
         raise InputError(
             f"image is {width}x{height} = {width * height} pixels, over the limit of "
-            f"{MAX_IMAGE_PIXELS} (MMDET_MLFLOW_MAX_IMAGE_PIXELS)"
+            f"{limit} ({settings.MAX_IMAGE_PIXELS.env})"
         )
     import mmcv
 

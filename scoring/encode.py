@@ -1,10 +1,12 @@
 """The one encoder: detections -> the model card's response, ``{"boxes": [...]}`` per image."""
 from __future__ import annotations
 
+from typing import Callable
+
 import cv2
 import numpy as np
 
-from scoring.predictor import ImageDetections
+from scoring.runtimes.base import ImageDetections
 from scoring.schema import OUTPUT_COLUMN, PredictParams, detection_record
 
 # Normalized coordinates keep 5 decimals: under 0.05 px on a 10,000-pixel side.
@@ -34,10 +36,14 @@ def normalized_segments(polygons: list[np.ndarray], image_size) -> list[list[flo
     return [np.round(p / scale, DECIMALS).ravel().tolist() for p in polygons]
 
 
-def encode_detections(detections: ImageDetections, params: PredictParams) -> dict:
-    """One image's response entry. Masks are made and encoded a chunk at a time."""
+def encode_detections(detections: ImageDetections, params: PredictParams,
+                      on_mask: Callable[[np.ndarray], None] | None = None) -> dict:
+    """One image's response entry. Masks are made and encoded a chunk at a time; ``on_mask``
+    sees each full-size mask as it goes by (evaluation keeps its RLE: made once, used twice)."""
     records = []
     for i, mask in enumerate(detections.iter_masks(params.mask_threshold)):
+        if on_mask is not None:
+            on_mask(mask)
         polygons = mask_polygons(mask, params.polygon_tolerance)
         records.append(
             detection_record(

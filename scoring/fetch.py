@@ -5,7 +5,7 @@ A request may name any URL, so the server must not become a proxy into its own n
 - every address a host resolves to must be public: loopback, private, link-local (the cloud
   metadata service 169.254.169.254 included), shared, multicast, reserved and unspecified
   addresses are refused, after DNS resolution and again on every redirect (redirects are
-  followed here, at most MAX_REDIRECTS);
+  followed here, at most MMDET_MLFLOW_FETCH_MAX_REDIRECTS);
 - the connection goes to the very address that was checked (no second DNS lookup an attacker
   could answer differently), while the Host header and TLS SNI/certificate check use the name;
 - connect and read timeouts, a deadline for the whole download and a byte cap.
@@ -18,29 +18,24 @@ from __future__ import annotations
 
 import http.client
 import ipaddress
-import os
 import socket
 import ssl
 import time
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
+from scoring import settings
 from scoring.errors import InputError
 
-MAX_DOWNLOAD_BYTES = int(os.environ.get("MMDET_MLFLOW_MAX_DOWNLOAD_BYTES", 32 * 1024 * 1024))
-TIMEOUT_SECONDS = float(os.environ.get("MMDET_MLFLOW_FETCH_TIMEOUT", 10))  # each read
-CONNECT_TIMEOUT_SECONDS = float(os.environ.get("MMDET_MLFLOW_FETCH_CONNECT_TIMEOUT", 5))
-TOTAL_TIMEOUT_SECONDS = float(os.environ.get("MMDET_MLFLOW_FETCH_TOTAL_TIMEOUT", 60))
-MAX_REDIRECTS = int(os.environ.get("MMDET_MLFLOW_FETCH_MAX_REDIRECTS", 5))
-ALLOWLIST_ENV = "MMDET_MLFLOW_URL_ALLOWLIST"
 _REDIRECTS = {301, 302, 303, 307, 308}
 _CHUNK = 64 * 1024
 
 
 def fetch_url(url: str) -> bytes:
     """The body of ``url`` (following redirects), or an InputError saying why not."""
-    deadline = time.monotonic() + TOTAL_TIMEOUT_SECONDS
-    for _ in range(MAX_REDIRECTS + 1):
+    deadline = time.monotonic() + settings.FETCH_TOTAL_TIMEOUT.value()
+    max_redirects = settings.FETCH_MAX_REDIRECTS.value()
+    for _ in range(max_redirects + 1):
         target = checked_target(url)
         status, location, body = _get(target, deadline)
         if status in _REDIRECTS:
@@ -51,7 +46,7 @@ def fetch_url(url: str) -> bytes:
         if status != 200:
             raise InputError(f"fetching {display_url(url)} failed: HTTP {status}")
         return body
-    raise InputError(f"fetching {display_url(url)} failed: more than {MAX_REDIRECTS} redirects")
+    raise InputError(f"fetching {display_url(url)} failed: more than {max_redirects} redirects")
 
 
 @dataclass(frozen=True)
@@ -89,7 +84,7 @@ def checked_target(url: str) -> Target:
                 shown = host if host == address else f"{host} (resolves to {address})"
                 raise InputError(
                     f"refusing to fetch {display_url(url)}: {shown} is a {reason} address; "
-                    f"only public hosts are fetched unless listed in {ALLOWLIST_ENV}")
+                    f"only public hosts are fetched unless listed in {settings.URL_ALLOWLIST.env}")
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     return Target(url, scheme, host, port, path, tuple(addresses))
 
@@ -119,10 +114,8 @@ class Allowlist:
     @classmethod
     def from_env(cls) -> "Allowlist":
         hosts, networks = set(), []
-        for entry in os.environ.get(ALLOWLIST_ENV, "").split(","):
-            entry = entry.strip().lower()
-            if not entry:
-                continue
+        for entry in settings.URL_ALLOWLIST.value():
+            entry = entry.lower()
             try:
                 networks.append(ipaddress.ip_network(entry, strict=False))
             except ValueError:
@@ -165,11 +158,12 @@ class _PinnedHTTPConnection(http.client.HTTPConnection):
     """Connects to one checked address; the Host header still names the host."""
 
     def __init__(self, target: Target, address: str):
-        super().__init__(target.host, target.port, timeout=TIMEOUT_SECONDS)
+        super().__init__(target.host, target.port, timeout=settings.FETCH_TIMEOUT.value())
         self._address = address
 
     def connect(self):
-        self.sock = socket.create_connection((self._address, self.port), CONNECT_TIMEOUT_SECONDS)
+        self.sock = socket.create_connection((self._address, self.port),
+                                             settings.FETCH_CONNECT_TIMEOUT.value())
         self.sock.settimeout(self.timeout)  # the read timeout from here on
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
@@ -213,21 +207,21 @@ def _request(connection, target: Target, deadline: float, shown: str):
     response = connection.getresponse()
     if response.status != 200:
         return response.status, response.getheader("Location"), b""
+    limit = settings.MAX_DOWNLOAD_BYTES.value()
     declared = response.getheader("Content-Length")
-    if declared and declared.isdigit() and int(declared) > MAX_DOWNLOAD_BYTES:
-        raise InputError(f"{shown} is {int(declared)} bytes, over the limit of {MAX_DOWNLOAD_BYTES} "
-                         f"(MMDET_MLFLOW_MAX_DOWNLOAD_BYTES)")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise InputError(f"{shown} is {int(declared)} bytes, over the limit of {limit} "
+                         f"({settings.MAX_DOWNLOAD_BYTES.env})")
     chunks, size = [], 0
     while True:
         if time.monotonic() > deadline:
-            raise InputError(f"fetching {shown} failed: took longer than {TOTAL_TIMEOUT_SECONDS:g} s "
-                             f"(MMDET_MLFLOW_FETCH_TOTAL_TIMEOUT)")
+            raise InputError(f"fetching {shown} failed: took longer than "
+                             f"{settings.FETCH_TOTAL_TIMEOUT.value():g} s ({settings.FETCH_TOTAL_TIMEOUT.env})")
         chunk = response.read1(_CHUNK) if hasattr(response, "read1") else response.read(_CHUNK)
         if not chunk:
             break
         size += len(chunk)
-        if size > MAX_DOWNLOAD_BYTES:
-            raise InputError(f"{shown} is larger than {MAX_DOWNLOAD_BYTES} bytes "
-                             f"(MMDET_MLFLOW_MAX_DOWNLOAD_BYTES)")
+        if size > limit:
+            raise InputError(f"{shown} is larger than {limit} bytes ({settings.MAX_DOWNLOAD_BYTES.env})")
         chunks.append(chunk)
     return 200, None, b"".join(chunks)

@@ -1,15 +1,14 @@
 """The DataFrame scoring interface every server uses: a frame with an ``image`` column in, a
-frame with a ``boxes`` column out, one row per image, in order."""
+frame with a ``boxes`` column out, one row per image, in order (through the one runner)."""
 from __future__ import annotations
 
 from typing import Any, Mapping
 
 import pandas as pd
 
-from scoring.decode import decode_image
-from scoring.encode import encode_detections
 from scoring.errors import InputError
-from scoring.predictor import InstanceSegmenter
+from scoring.runner import score_images
+from scoring.runtimes.base import Segmenter
 from scoring.schema import INPUT_COLUMN, OUTPUT_COLUMN
 
 
@@ -34,17 +33,11 @@ def as_frame(model_input: Any) -> pd.DataFrame:
     return frame
 
 
-def score_frame(segmenter: InstanceSegmenter, model_input: Any,
+def score_frame(segmenter: Segmenter, model_input: Any,
                 params: Mapping[str, Any] | None = None) -> pd.DataFrame:
-    """Decode, predict and encode, one batch at a time so that only a batch of decoded images
-    is ever in memory. Errors name the row by its index label (the request's ``index``)."""
+    """Decode, predict and encode, one batch at a time. Errors name the row by its index label
+    (the request's ``index``)."""
     frame = as_frame(model_input)
-    predict_params = segmenter.default_params.updated(params)
-    rows = list(zip(frame.index, frame[INPUT_COLUMN]))
-    out = []
-    for start in range(0, len(rows), segmenter.batch_size):
-        chunk = rows[start : start + segmenter.batch_size]
-        images = [decode_image(value, row=label) for label, value in chunk]
-        for detections in segmenter(images, predict_params):
-            out.append(encode_detections(detections, predict_params)[OUTPUT_COLUMN])
+    rows = zip(frame.index, frame[INPUT_COLUMN])
+    out = [scored.response[OUTPUT_COLUMN] for scored in score_images(segmenter, rows, params)]
     return pd.DataFrame({OUTPUT_COLUMN: out}, index=frame.index)

@@ -23,6 +23,9 @@ class PredictParams:
     max_detections: int = 100
     mask_threshold: float = 0.5
     polygon_tolerance: float = 1.0  # pixels of Douglas-Peucker simplification; 0 = raw contours
+    # NMS across classes too (Ultralytics' agnostic_nms): one object, one label. mmdet's default
+    # is per class, which can report one bottle as both "milk_bottle" and "water_bottle".
+    class_agnostic_nms: bool = False
 
     # name -> (low, high, inclusive high) for validation
     _RANGES = {
@@ -62,7 +65,9 @@ class PredictParams:
             changes[name] = self._checked(name, value)
         return replace(self, **changes)
 
-    def _checked(self, name: str, value: Any) -> float | int:
+    def _checked(self, name: str, value: Any) -> float | int | bool:
+        if name == "class_agnostic_nms":
+            return _boolean_param(name, value)
         want_int = name == "max_detections"
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             if isinstance(value, str):
@@ -101,7 +106,7 @@ def mlflow_signature(defaults: PredictParams):
             Property("polygon", Array(Array("double"))),
         ]
     )
-    param_types = {int: "long", float: "double"}
+    param_types = {bool: "boolean", int: "long", float: "double"}
     params = ParamSchema(
         [
             ParamSpec(name, param_types[type(value)], value)
@@ -113,6 +118,14 @@ def mlflow_signature(defaults: PredictParams):
         outputs=Schema([ColSpec(Array(detection), OUTPUT_COLUMN)]),
         params=params,
     )
+
+
+def _boolean_param(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise InputError(f"param {name!r} must be true or false, got {value!r}")
 
 
 def detection_record(box_xyxy, image_size, label: str, score: float, polygons) -> dict:

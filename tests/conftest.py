@@ -2,16 +2,23 @@
 and a few test pictures, made once and shared (keeps the suite fast)."""
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
-os.environ.setdefault("MLFLOW_TRACKING_URI", "sqlite:///" + str(ROOT / "outputs" / "test-mlflow.db"))
-os.environ.setdefault("MMDET_MLFLOW_CACHE", str(ROOT / "outputs" / "test-cache"))
+# Tests never write into the repository, and two runs at once must not share state: the MLflow
+# store and the checkpoint cache of a run live in a scratch folder of its own.
+SCRATCH = Path(tempfile.mkdtemp(prefix="mmdet-mlflow-tests-"))
+atexit.register(shutil.rmtree, SCRATCH, ignore_errors=True)
+os.environ.setdefault("MLFLOW_TRACKING_URI", "sqlite:///" + str(SCRATCH / "mlflow.db"))
+os.environ.setdefault("MMDET_MLFLOW_CACHE", str(SCRATCH / "cache"))
 
 from helpers import TINY, make_official_checkpoint, scene_image, write_png  # noqa: E402
 

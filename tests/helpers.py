@@ -2,12 +2,7 @@
 from __future__ import annotations
 
 import base64
-import contextlib
-import os
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -94,50 +89,16 @@ def b64(path: Path) -> str:
     return base64.b64encode(Path(path).read_bytes()).decode()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def wait_for_http(url: str, process: subprocess.Popen, timeout: float = 180) -> None:
-    import requests
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode} before answering {url}")
-        try:
-            if requests.get(url, timeout=2).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} did not answer within {timeout} s")
+from mmdet_mlflow.servers import free_port  # noqa: E402,F401  (the tests import it from here)
 
 
-@contextlib.contextmanager
 def running(cmd: list[str], health_url: str, log_path: Path, env=None, cwd=None, timeout: float = 180):
     """Start a server process, wait until ``health_url`` answers 200, stop it afterwards."""
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=cwd,
-                                   env={**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}",
-                                        **(env or {})}, start_new_session=True)
-        try:
-            try:
-                wait_for_http(health_url, process, timeout)
-            except Exception:
-                log.flush()
-                raise RuntimeError(f"{cmd[0]} did not start:\n{Path(log_path).read_text()[-4000:]}")
-            yield process
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, 15)
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, 9)
-                process.wait()
+    from mmdet_mlflow.servers import serve
+
+    return serve(cmd, health_url, log_path, cwd=cwd, env=env, timeout=timeout)
 
 
 def with_visible_outputs(checkpoint: Path, radius: float = 0.5, cls_weight_scale: float = 1e7,

@@ -1,4 +1,4 @@
-"""scoring/batch_score.py as Azure's batch driver calls it, and `mmdet-mlflow batch` (the same
+"""scoring/azureml/batch_score.py as Azure's batch driver calls it, and `mmdet-mlflow batch` (the same
 run() driven locally): images and tables in, one CSV record per image out, bad files and rows
 as error records, resume after a kill."""
 from __future__ import annotations
@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -44,7 +45,7 @@ def batch_folder(tmp_path_factory, image_files) -> Path:
 
 @pytest.fixture(scope="module")
 def scored(batch_folder, tiny_model_dir):
-    from scoring import batch_score
+    from scoring.azureml import batch_score
 
     batch_score.init(model_dir=str(tiny_model_dir), input_root=str(batch_folder))
     files = sorted(p for p in batch_folder.rglob("*") if p.is_file() and not p.name.startswith("."))
@@ -63,7 +64,7 @@ def expected(tiny_model_dir, image_files):
 
 
 def test_run_returns_one_csv_record_per_image(scored, expected):
-    from scoring.batch_score import COLUMNS, parse_record
+    from scoring.batch_files import COLUMNS, parse_record
 
     assert all(isinstance(line, str) and "\n" not in line for line in scored)
     # predictions.csv is these lines, one per line: it reads back as CSV with COLUMNS
@@ -92,16 +93,18 @@ def test_run_returns_one_csv_record_per_image(scored, expected):
 
 
 def test_params_from_the_deployment_environment(tiny_model_dir, image_files, monkeypatch):
-    from scoring import batch_score
+    from scoring import settings
+    from scoring.azureml import batch_score
+    from scoring.batch_files import parse_record
     from scoring.errors import InputError
 
-    monkeypatch.setenv(batch_score.PARAMS_ENV, json.dumps({"score_threshold": 0.7, "max_detections": 2}))
+    monkeypatch.setenv(settings.BATCH_PARAMS.env, json.dumps({"score_threshold": 0.7, "max_detections": 2}))
     batch_score.init(model_dir=str(tiny_model_dir))
-    records = [batch_score.parse_record(line) for line in batch_score.run([str(image_files[0])])]
+    records = [parse_record(line) for line in batch_score.run([str(image_files[0])])]
     assert records[0]["file"] == image_files[0].name  # no input root: the base name, as in Azure
     boxes = records[0]["prediction"]["boxes"]
     assert len(boxes) <= 2 and all(d["score"] >= 0.7 for d in boxes)
-    monkeypatch.setenv(batch_score.PARAMS_ENV, json.dumps({"score_threshold": 2}))
+    monkeypatch.setenv(settings.BATCH_PARAMS.env, json.dumps({"score_threshold": 2}))
     with pytest.raises(InputError, match="score_threshold"):
         batch_score.init(model_dir=str(tiny_model_dir))
 
@@ -144,9 +147,13 @@ def test_cli_resumes_after_a_kill(tmp_path, tiny_model_dir, image_files, expecte
     rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 1, rerun.stderr[-3000:]  # zz_bad.txt (scored after the kill) is an error record
     done = len({r["file"] for r in before})
-    assert f"{IMAGES + 1} files ({done - 1} already done)" in rerun.stdout  # the cut file is redone
+    # The progress file vouches for every file whose records were fsynced before it: all of
+    # `before`, or all but the last when the kill fell between the two writes. The cut line goes.
+    vouched = int(re.search(r"files \((\d+) already done\)", rerun.stdout).group(1))
+    assert f"{IMAGES + 1} files ({vouched} already done)" in rerun.stdout and vouched in (done - 1, done)
     after = _read_jsonl(output)  # every line parses: the partial one is gone
     assert after[:len(before) - 1] == before[:-1]
+    assert len(after) == len({r["file"] for r in after}) == IMAGES + 1, "one record per file"
     assert sorted(r["file"] for r in after) == sorted(["zz_bad.txt"] + [f"img{i:02d}.png" for i in range(IMAGES)])
     assert [r["error"] for r in after if r["file"] == "zz_bad.txt"] == [
         "row 0: not an image (4 bytes in no format we can read)"]

@@ -1,4 +1,4 @@
-"""scoring/score.py under the real Azure ML inference server (azureml-inference-server-http),
+"""scoring/azureml/score.py under the real Azure ML inference server (azureml-inference-server-http),
 laid out as Azure lays it out: the script alone in the app folder, the MLflow model mounted a
 few folders down AZUREML_MODEL_DIR, and none of this project on the path (the model's own
 code/ is all the script gets)."""
@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -14,12 +13,9 @@ import pytest
 import requests
 
 from helpers import b64, free_port, running
+from mmdet_mlflow import servers
 
 ROOT = Path(__file__).resolve().parent.parent
-# azmlinfsrv always binds 0.0.0.0 (DEFAULT_HOST); the tests run the very same entry point,
-# amlserver.run(), with the host set to 127.0.0.1 so that nothing listens beyond this machine.
-SERVER = ("import sys; from azureml_inference_server_http import amlserver; "
-          "amlserver.DEFAULT_HOST = '127.0.0.1'; sys.argv[0] = 'azmlinfsrv'; amlserver.run()")
 
 
 @pytest.fixture(scope="module")
@@ -41,18 +37,15 @@ def image_server(image_files):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_model_dir):
     base = tmp_path_factory.mktemp("azure-online")
-    app = base / "app"
-    app.mkdir()
-    shutil.copy(ROOT / "scoring" / "score.py", app / "score.py")
+    # azmlinfsrv always binds 0.0.0.0 (DEFAULT_HOST); the tests run the very same entry point,
+    # amlserver.run(), with the host set to 127.0.0.1 so that nothing listens beyond this machine.
+    app = servers.azure_app_folder(base / "app")
     model_root = base / "azureml-models" / "rtmdet-ins-tiny" / "1"  # as Azure mounts it
     shutil.copytree(tiny_model_dir, model_root / "tiny-model")
     port = free_port()
-    cmd = [sys.executable, "-c", SERVER, "--entry_script", "score.py",
-           "--model_dir", str(model_root), "--port", str(port)]
     log = base / "server.log"
-    with running(cmd, f"http://127.0.0.1:{port}/", log, cwd=app,
-                 env={"PYTHONPATH": "", "AML_APP_ROOT": str(app), "WORKER_COUNT": "1",
-                      "MMDET_MLFLOW_URL_ALLOWLIST": "127.0.0.1/32"}):
+    with running(servers.azmlinfsrv_command(model_root, port), f"http://127.0.0.1:{port}/", log, cwd=app,
+                 env={**servers.azmlinfsrv_env(app), "MMDET_MLFLOW_URL_ALLOWLIST": "127.0.0.1/32"}):
         log_when_healthy = log.read_text()  # running() returned: GET / has answered 200
         yield f"http://127.0.0.1:{port}", log, model_root / "tiny-model", log_when_healthy
 
@@ -186,7 +179,7 @@ def test_malformed_requests_get_400_naming_the_problem(server, body, message):
 
 
 def test_oversized_request_is_refused_before_reading(server, monkeypatch):
-    from scoring.request import MAX_REQUEST_BYTES
+    from scoring import settings
 
     url = server[0]
     # a declared length over the limit is refused without sending (or reading) the body
@@ -196,7 +189,7 @@ def test_oversized_request_is_refused_before_reading(server, monkeypatch):
     conn = http.client.HTTPConnection(host, int(port), timeout=30)
     conn.putrequest("POST", "/score")
     conn.putheader("Content-Type", "application/json")
-    conn.putheader("Content-Length", str(MAX_REQUEST_BYTES + 1))
+    conn.putheader("Content-Length", str(settings.MAX_REQUEST_BYTES.value() + 1))
     conn.endheaders()
     response = conn.getresponse()
     assert response.status == 413
@@ -211,7 +204,7 @@ def test_get_is_not_allowed(server):
 
 
 def test_find_model_dir(tmp_path):
-    from scoring.score import find_model_dir
+    from scoring.azureml.score import find_model_dir
 
     (tmp_path / "MLmodel").write_text("")
     assert find_model_dir(tmp_path) == tmp_path

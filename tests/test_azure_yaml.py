@@ -166,7 +166,7 @@ def test_online_dry_run(tmp_path):
     assert deployment.environment_variables == {"WORKER_COUNT": "1",
                                                 "MMDET_MLFLOW_URL_ALLOWLIST": "10.1.0.0/16,images.internal"}
     code = (tmp_path / "online" / deployment.code_configuration.code).resolve()
-    assert (code / deployment.code_configuration.scoring_script) == ROOT / "scoring" / "score.py"
+    assert (code / deployment.code_configuration.scoring_script) == ROOT / "scoring" / "azureml" / "score.py"
     env = loaded["environment.yml"]
     assert _ref(deployment.environment) == f"{env.name}:{env.version}"
     assert (tmp_path / "online" / env.build.path).resolve() == environment.CONTEXT_DIR
@@ -187,7 +187,7 @@ def test_batch_dry_run(tmp_path):
     assert (s.retry_settings.max_retries, s.retry_settings.timeout) == (3, 600)
     assert s.environment_variables == {"MMDET_MLFLOW_BATCH_PARAMS": '{"score_threshold": 0.5}'}
     code = (tmp_path / "batch" / deployment.code_configuration.code).resolve()
-    assert (code / deployment.code_configuration.scoring_script) == ROOT / "scoring" / "batch_score.py"
+    assert (code / deployment.code_configuration.scoring_script) == ROOT / "scoring" / "azureml" / "batch_score.py"
 
 
 def test_batch_dry_run_refuses_bad_params(tmp_path):

@@ -8,14 +8,13 @@ import http.server
 import shutil
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
 import mlflow_model
 from helpers import TINY, X
-from mlflow_model.checkpoints import CheckpointError, read_state_dict, resolve_checkpoint
+from mlflow_model.checkpoints import CheckpointError, download, read_state_dict, resolve_checkpoint
 from mlflow_model.configs import official_checkpoint
 
 
@@ -56,9 +55,22 @@ def test_url_checkpoint_is_hash_checked_and_cached(served_folder, tiny_checkpoin
     shutil.copy(tiny_checkpoint, folder / f"tiny-{digest[:8]}.pth")
     path, source = resolve_checkpoint(f"{base}/tiny-{digest[:8]}.pth")
     assert source.sha256 == digest and path.read_bytes() == tiny_checkpoint.read_bytes()
-    assert path.parent == tmp_path / "cache" / "checkpoints"
+    assert path.parent.parent == tmp_path / "cache" / "checkpoints"
     again, _ = resolve_checkpoint(f"{base}/tiny-{digest[:8]}.pth")
     assert again == path and len([p for p in seen if "tiny-" in p]) == 1, "the second time is cached"
+
+
+def test_two_urls_ending_in_the_same_file_name_are_cached_apart(served_folder, tiny_checkpoint,
+                                                                tmp_path, monkeypatch):
+    folder, base, _ = served_folder
+    monkeypatch.setenv("MMDET_MLFLOW_CACHE", str(tmp_path / "cache"))
+    for run, content in (("run1", tiny_checkpoint.read_bytes()), ("run2", b"other bytes")):
+        (folder / run).mkdir()
+        (folder / run / "best.pth").write_bytes(content)
+    first = download(f"{base}/run1/best.pth")
+    second = download(f"{base}/run2/best.pth")
+    assert first != second
+    assert first.read_bytes() == tiny_checkpoint.read_bytes() and second.read_bytes() == b"other bytes"
 
 
 def test_official_through_a_mirror_refuses_a_file_whose_hash_differs(served_folder, tiny_checkpoint,
@@ -72,7 +84,7 @@ def test_official_through_a_mirror_refuses_a_file_whose_hash_differs(served_fold
     shutil.copy(tiny_checkpoint, folder / relative)  # right path, wrong bytes
     with pytest.raises(CheckpointError, match=f"does not start with {published.sha256_prefix}"):
         resolve_checkpoint("official", TINY)
-    assert not any((tmp_path / "cache" / "checkpoints").iterdir()), "nothing cached"
+    assert not any(p.is_file() for p in (tmp_path / "cache" / "checkpoints").rglob("*")), "nothing cached"
 
 
 def test_official_fails_fast_and_clearly_without_network(tmp_path, monkeypatch):

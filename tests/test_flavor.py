@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -43,7 +42,8 @@ def test_signature_declares_the_image_column_boxes_and_params(tiny_model_dir):
     assert signature.outputs.input_names() == ["boxes"]
     params = {p.name: p.default for p in signature.params}
     assert params == {"score_threshold": 0.3, "iou_threshold": 0.6, "max_detections": 100,
-                      "mask_threshold": 0.5, "polygon_tolerance": 1.0}
+                      "mask_threshold": 0.5, "polygon_tolerance": 1.0,
+                      "class_agnostic_nms": False}
     assert (tiny_model_dir / "input_example.json").is_file()
     assert (tiny_model_dir / "serving_input_example.json").is_file()
 
@@ -133,13 +133,13 @@ def test_pyfunc_predictions_equal_mmdet_inference_detector(tiny_model_dir, tiny_
 
 def test_masks_are_bit_identical_to_mmdet_even_in_small_chunks(tiny_model_dir, tiny_checkpoint,
                                                                image_files, monkeypatch):
-    import scoring.rtmdet
+    import scoring.runtimes.torch_rtmdet
     from scoring.decode import decode_image
     from scoring.schema import PredictParams
 
     segmenter = mlflow_model.load_segmenter(tiny_model_dir / "model", device="cpu")
     # A budget of one full-size mask per chunk: the chunked path must change nothing.
-    monkeypatch.setattr(scoring.rtmdet, "MASK_CHUNK_BYTES", 1)
+    monkeypatch.setattr(scoring.runtimes.torch_rtmdet, "MASK_CHUNK_BYTES", 1)
     image = decode_image(image_files[0].read_bytes())
     dets = segmenter([image], PredictParams(score_threshold=0.05))[0]
     ref = _mmdet_reference(tiny_checkpoint, image_files[0])

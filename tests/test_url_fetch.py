@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from scoring import fetch
+from scoring import fetch, settings
 from scoring.decode import decode_image
 from scoring.errors import InputError
 
@@ -108,7 +108,7 @@ def server():
 
 @pytest.fixture
 def allow_loopback(monkeypatch):
-    monkeypatch.setenv(fetch.ALLOWLIST_ENV, "127.0.0.0/8")
+    monkeypatch.setenv(settings.URL_ALLOWLIST.env, "127.0.0.0/8")
 
 
 def _refused(url: str, reason: str, via_local_server: bool = False) -> InputError:
@@ -131,7 +131,7 @@ def test_allow_listed_local_server_serves_an_image(server, allow_loopback):
 
 
 def test_allowlist_by_host_name(server, monkeypatch):
-    monkeypatch.setenv(fetch.ALLOWLIST_ENV, "localhost")
+    monkeypatch.setenv(settings.URL_ALLOWLIST.env, "localhost")
     port = server.rsplit(":", 1)[1]
     assert fetch.fetch_url(f"http://localhost:{port}/img.png") == Handler.png
     _refused(f"{server}/img.png", "loopback")  # the name is allowed, the bare address is not
@@ -152,7 +152,7 @@ def test_allowlist_by_host_name(server, monkeypatch):
 ])
 def test_non_public_hosts_are_refused_before_connecting(url, reason):
     err = _refused(url, reason)
-    assert fetch.ALLOWLIST_ENV in str(err)
+    assert settings.URL_ALLOWLIST.env in str(err)
 
 
 @pytest.mark.parametrize("url, reason", [
@@ -177,12 +177,12 @@ def test_redirects_are_followed_and_checked_every_hop(server, allow_loopback):
     err = _refused(f"{server}/redirect/private", "10.11.12.13 is a private address", True)
     assert "'http://10.11.12.13/img.png'" in str(err)
     _refused(f"{server}/redirect/metadata", "169.254.169.254 is a link-local address", True)
-    with pytest.raises(InputError, match=f"more than {fetch.MAX_REDIRECTS} redirects"):
+    with pytest.raises(InputError, match=f"more than {settings.FETCH_MAX_REDIRECTS.default} redirects"):
         fetch.fetch_url(f"{server}/redirect/loop")
 
 
 def test_connects_to_the_checked_address_with_the_host_header_of_the_name(server, monkeypatch):
-    monkeypatch.setenv(fetch.ALLOWLIST_ENV, "localhost")
+    monkeypatch.setenv(settings.URL_ALLOWLIST.env, "localhost")
     port = server.rsplit(":", 1)[1]
     target = fetch.checked_target(f"http://localhost:{port}/img.png")
     before = len(CONNECTS)
@@ -233,7 +233,7 @@ def test_https_uses_the_host_name_for_sni_and_the_certificate(tmp_path, monkeypa
     httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     monkeypatch.setenv("SSL_CERT_FILE", str(cert_file))  # trust only the test's certificate
-    monkeypatch.setenv(fetch.ALLOWLIST_ENV, "localhost")
+    monkeypatch.setenv(settings.URL_ALLOWLIST.env, "localhost")
     url = f"https://localhost:{httpd.server_address[1]}/img.png"
     try:
         if ok:
@@ -253,7 +253,7 @@ def test_http_errors_are_input_errors(server, allow_loopback):
 
 
 def test_size_cap(server, allow_loopback, monkeypatch):
-    monkeypatch.setattr(fetch, "MAX_DOWNLOAD_BYTES", 1000)
+    monkeypatch.setenv(settings.MAX_DOWNLOAD_BYTES.env, "1000")
     with pytest.raises(InputError, match="2048 bytes, over the limit of 1000"):
         fetch.fetch_url(f"{server}/big-declared")
     with pytest.raises(InputError, match="larger than 1000 bytes"):
@@ -261,7 +261,7 @@ def test_size_cap(server, allow_loopback, monkeypatch):
 
 
 def test_read_timeout(server, allow_loopback, monkeypatch):
-    monkeypatch.setattr(fetch, "TIMEOUT_SECONDS", 0.3)
+    monkeypatch.setenv(settings.FETCH_TIMEOUT.env, "0.3")
     start = time.monotonic()
     with pytest.raises(InputError, match="timed out"):
         fetch.fetch_url(f"{server}/slow")
@@ -269,7 +269,7 @@ def test_read_timeout(server, allow_loopback, monkeypatch):
 
 
 def test_total_deadline_stops_a_slow_drip(server, allow_loopback, monkeypatch):
-    monkeypatch.setattr(fetch, "TOTAL_TIMEOUT_SECONDS", 0.8)
+    monkeypatch.setenv(settings.FETCH_TOTAL_TIMEOUT.env, "0.8")
     with pytest.raises(InputError, match="took longer than 0.8 s"):
         fetch.fetch_url(f"{server}/drip")
 

@@ -11,7 +11,7 @@ from azure.ai.ml.entities import (BatchEndpoint, BatchRetrySettings, CodeConfigu
                                   ModelBatchDeployment, ModelBatchDeploymentSettings,
                                   OnlineRequestSettings, ProbeSettings, ResourceConfiguration)
 
-import scoring
+import scoring.azureml
 from mmdet_mlflow.azure.deployment_settings import BatchSettings, OnlineSettings
 from mmdet_mlflow.azure.environment import environment_entity
 from scoring import settings as env_settings
@@ -29,7 +29,7 @@ class Entities(NamedTuple):
 def scoring_code(kind: str) -> tuple[Path, str]:
     """(the folder a deployment uploads as its code, the entry script in it): the one place
     that knows where the Azure entry scripts live."""
-    return Path(scoring.__file__).resolve().parent, {"online": "score.py", "batch": "batch_score.py"}[kind]
+    return Path(scoring.azureml.__file__).resolve().parent, {"online": "score.py", "batch": "batch_score.py"}[kind]
 
 
 def environment_reference(environment: str | None) -> tuple[str, Environment | None]:

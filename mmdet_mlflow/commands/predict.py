@@ -3,13 +3,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mmdet_mlflow.commands.args import boolean
 from scoring.schema import PredictParams
 
 
 def add_params_arguments(parser):
     """--score-threshold etc., one per predict param (defaults: the model's own)."""
     for name, value in PredictParams().as_dict().items():
-        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=type(value), default=None,
+        kind = boolean if isinstance(value, bool) else type(value)
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=None,
                             help=f"predict param {name} (default: the model's, usually {value})")
 
 

@@ -8,35 +8,36 @@ frame goes to the model's pyfunc ``predict`` (scoring.frame), which decodes and 
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Mapping
 
 import pandas as pd
 
-from scoring.errors import InputError
+from scoring import settings
+from scoring.decode import image_value_problem, preview
+from scoring.errors import InputError, RequestTooLarge
 from scoring.schema import INPUT_COLUMN
 
-# Base64 inflates images by 4/3: 64 MiB is a handful of 12-megapixel photos per request.
-MAX_REQUEST_BYTES = int(os.environ.get("MMDET_MLFLOW_MAX_REQUEST_BYTES", 64 * 1024 * 1024))
 DATA_KEYS = ("input_data", "dataframe_split")
 PARAMS_KEY = "params"
 
 
-class RequestTooLarge(InputError):
-    """The body is over MAX_REQUEST_BYTES (HTTP 413)."""
+def max_request_bytes() -> int:
+    """Base64 inflates images by 4/3: the default 64 MiB is a handful of 12-megapixel photos."""
+    return settings.MAX_REQUEST_BYTES.value()
 
-    def __init__(self, size: int | None):
-        shown = f"{size} bytes" if size is not None else "more bytes"
-        super().__init__(f"the request is {shown}, over the limit of {MAX_REQUEST_BYTES} bytes "
-                         f"(MMDET_MLFLOW_MAX_REQUEST_BYTES); send fewer or smaller images per request")
+
+def too_large(size: int | None) -> RequestTooLarge:
+    shown = f"{size} bytes" if size is not None else "more bytes"
+    return RequestTooLarge(f"the request is {shown}, over the limit of {max_request_bytes()} bytes "
+                           f"({settings.MAX_REQUEST_BYTES.env}); send fewer or smaller images per request")
 
 
 def parse_request(body: str | bytes | Mapping) -> tuple[pd.DataFrame, dict | None]:
     """The request's images as a frame with an ``image`` column (indexed by the request's
     ``index``) and its params (or None). Raises InputError for anything malformed."""
     if isinstance(body, (str, bytes, bytearray)):
-        if len(body) > MAX_REQUEST_BYTES:
-            raise RequestTooLarge(len(body))
+        if len(body) > max_request_bytes():
+            raise too_large(len(body))
         try:
             body = json.loads(body)
         except (ValueError, UnicodeDecodeError) as err:
@@ -73,7 +74,7 @@ def split_frame(split: Any, key: str = "input_data") -> pd.DataFrame:
             row = [row]  # the flat list Azure's examples send for the single image column
         if not isinstance(row, list) or len(row) != len(columns):
             raise InputError(f"expected a row of {len(columns)} value(s) for columns {columns}, "
-                             f"got {_preview(row)}", row=label)
+                             f"got {preview(row)}", row=label)
         rows.append(row)
     frame = pd.DataFrame(rows, columns=columns, index=index)
     for label, value in frame[INPUT_COLUMN].items():
@@ -83,20 +84,5 @@ def split_frame(split: Any, key: str = "input_data") -> pd.DataFrame:
     return frame
 
 
-def image_value_problem(value: Any) -> str | None:
-    """What is wrong with a request's image value before decoding (it must be a string)."""
-    if isinstance(value, str):
-        return None
-    return f"the {INPUT_COLUMN!r} value must be a base64 string or an http(s) URL, got {_preview(value)}"
-
-
 def _keys() -> str:
     return " or ".join(map(repr, DATA_KEYS))
-
-
-def _preview(value: Any) -> str:
-    try:
-        text = repr(value) if isinstance(value, str) else json.dumps(value)
-    except (TypeError, ValueError):  # numpy scalars and the like, from tables
-        text = f"{type(value).__name__} {value!r}"
-    return text if len(text) <= 60 else text[:60] + "..."

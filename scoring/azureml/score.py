@@ -3,9 +3,10 @@
 Azure mounts the registered MLflow model under ``AZUREML_MODEL_DIR`` (often a folder or two
 down: ``<model-name>/``, ``<version>/<folder>/``) and runs this file under the inference server
 (azmlinfsrv). Only the model directory and this script are there, so nothing here imports the
-project: the model is loaded with ``mlflow.pyfunc.load_model``, which puts the model's own
-``code/`` (mlflow_model, scoring) on ``sys.path``, and scoring happens in the model's pyfunc
-(scoring.frame) exactly as under ``mlflow models serve``.
+project before the model is loaded: ``mlflow.pyfunc.load_model`` puts the model's own ``code/``
+(mlflow_model, scoring) on ``sys.path``; requests are then parsed by ``scoring.azureml.request``
+and scored by the model's pyfunc (``scoring.frame`` over the one runner), exactly as under
+``mlflow models serve``. This file only finds the model and maps errors to HTTP answers.
 
 Request: ``{"input_data": {"columns": ["image"], "index": [...], "data": [<base64 or URL>, ...]}}``
 (or ``"dataframe_split"``), optional ``"params": {...}``. Response: a list with one
@@ -40,7 +41,8 @@ model = None
 
 def find_model_dir(root: str | os.PathLike) -> Path:
     """The MLflow model folder under ``root``: ``root`` itself or the one folder below it (up to
-    SEARCH_DEPTH levels) that holds an MLmodel file."""
+    SEARCH_DEPTH levels) that holds an MLmodel file. (Here, not in mlflow_model.model_dir: it
+    runs before the model's code is importable.)"""
     root = Path(root)
     if (root / MLMODEL).is_file():
         return root
@@ -67,11 +69,6 @@ def init(model_root: str | os.PathLike | None = None):
     import scoring
 
     logger.info("model loaded; scoring code from %s", Path(scoring.__file__).parent.parent)
-    try:
-        import scoring.request  # noqa: F401  (what run() parses requests with)
-    except ImportError:
-        raise RuntimeError(f"the model in {model_dir} was packaged by an mmdet-mlflow without "
-                           f"scoring.request; package it again with this version") from None
 
 
 @rawhttp
@@ -79,7 +76,6 @@ def run(request):
     """Score one request: the server's HTTP request object, or a JSON body (str, bytes or an
     already parsed dict) when called from Python."""
     from scoring.errors import InputError  # importable once init() loaded the model's code/
-    from scoring.request import RequestTooLarge
 
     try:
         if hasattr(request, "method"):  # an HTTP request from azmlinfsrv
@@ -89,35 +85,34 @@ def run(request):
         else:
             body = request
         return _predict(body)
-    except RequestTooLarge as err:
-        return _error(413, str(err), err)
     except InputError as err:
-        return _error(400, str(err), err)
+        return _error(err.status, str(err), err)
 
 
 def _read_body(request) -> bytes:
     """The body, refused before it is read when its declared length is over the limit, and as
     soon as it passes the limit when it declares none (chunked)."""
-    from scoring.request import MAX_REQUEST_BYTES, RequestTooLarge
+    from scoring.azureml.request import max_request_bytes, too_large
 
-    if request.content_length is not None and request.content_length > MAX_REQUEST_BYTES:
-        raise RequestTooLarge(request.content_length)
+    limit = max_request_bytes()
+    if request.content_length is not None and request.content_length > limit:
+        raise too_large(request.content_length)
     chunks, size = [], 0
     while True:  # a stream read may return less than asked: read to the end
-        chunk = request.stream.read(min(1 << 20, MAX_REQUEST_BYTES + 1 - size))
+        chunk = request.stream.read(min(1 << 20, limit + 1 - size))
         if not chunk:
             return b"".join(chunks)
         chunks.append(chunk)
         size += len(chunk)
-        if size > MAX_REQUEST_BYTES:
-            raise RequestTooLarge(None)
+        if size > limit:
+            raise too_large(None)
 
 
 def _predict(body) -> list:
     from mlflow.exceptions import MlflowException
 
+    from scoring.azureml.request import parse_request
     from scoring.errors import InputError
-    from scoring.request import parse_request
 
     if model is None:
         raise RuntimeError("init() has not loaded the model")

@@ -1,0 +1,145 @@
+"""Batch scoring of files, shared by Azure's batch entry script (``scoring.azureml.batch_score``)
+and ``mmdet-mlflow batch``: which images a file holds, and the record each image gets.
+
+A file is an image (row 0), or a table (CSV, JSON lines, parquet) with an ``image`` column of
+base64 strings, URLs or bytes (one row each). Every image gets one record ``{"row",
+"prediction", "file", "error"}``: ``prediction`` is the online response's entry for it
+(``{"boxes": [...]}``) or ``error`` says what was wrong with that file or row, so one bad input
+never costs the others. Scoring goes through the one runner (``scoring.runner``).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import traceback
+from pathlib import Path
+from typing import Callable, Iterable
+
+from scoring.errors import InputError
+from scoring.runner import score_images
+from scoring.runtimes.base import Segmenter
+from scoring.schema import INPUT_COLUMN, PredictParams
+
+COLUMNS = ("row", "prediction", "file", "error")  # predictions.csv's columns, in order
+logger = logging.getLogger("mmdet_mlflow.batch")
+
+
+def file_images(path: str | os.PathLike) -> list[tuple[int, object]]:
+    """(row, image value) of a file: a table's ``image`` column, or the file itself as row 0.
+    Values that are not strings come back as they are; scoring reports them per row."""
+    suffix = Path(path).suffix.lower()
+    reader = TABLE_READERS.get(suffix)
+    if reader is None:
+        return [(0, Path(path).read_bytes())]
+    table = reader(path)
+    if INPUT_COLUMN not in table.columns:
+        raise InputError(f"the table has no {INPUT_COLUMN!r} column (columns: "
+                         f"{', '.join(map(str, table.columns)) or 'none'})")
+    if len(table) == 0:
+        raise InputError("the table has no rows")
+    return list(enumerate(table[INPUT_COLUMN].tolist()))
+
+
+def _read_csv(path):
+    import pandas as pd
+
+    return pd.read_csv(path, dtype=str, keep_default_na=False)
+
+
+def _read_jsonl(path):
+    import pandas as pd
+
+    return pd.read_json(path, lines=True, dtype=False)
+
+
+def _read_parquet(path):
+    import pandas as pd
+
+    return pd.read_parquet(path)
+
+
+TABLE_READERS = {".csv": _read_csv, ".jsonl": _read_jsonl, ".parquet": _read_parquet}
+
+
+def file_name(path: str | os.PathLike, root: str | os.PathLike | None = None) -> str:
+    """How records name a file: relative to ``root`` when it lies below it, else its base name
+    (as Azure's batch output does). Links are not resolved: a symlinked input keeps its own
+    name, so a resumed run recognises it."""
+    if root:
+        try:
+            return Path(os.path.abspath(path)).relative_to(os.path.abspath(root)).as_posix()
+        except ValueError:
+            pass
+    return os.path.basename(path)
+
+
+def score_files(segmenter: Segmenter, paths: Iterable[str | os.PathLike],
+                params: PredictParams | dict | None = None,
+                file_name: Callable[[str], str] = file_name) -> list[dict]:
+    """Records for every image in ``paths``, in order (see the module docstring)."""
+    records: list[dict] = []
+    items = []  # (index into records, image value)
+    for path in map(str, paths):
+        name = file_name(path)
+        try:
+            images = file_images(path)
+        except Exception as err:  # an unreadable file is one error record, not a failed batch
+            records.append(record(name, None, error=problem(err)))
+            continue
+        for row, value in images:
+            records.append(record(name, row))
+            items.append((len(records) - 1, value))
+    for scored in score_images(segmenter, items, params, on_error="yield",
+                               decode=lambda index, value: _decode(value, records[index]["row"])):
+        if scored.ok:
+            records[scored.key]["prediction"] = scored.response
+        else:
+            records[scored.key]["error"] = problem(scored.error)
+    return records
+
+
+def _decode(value, row):
+    from scoring.decode import decode_image, image_value_problem
+
+    problem = image_value_problem(value)  # a table's cell, in the request's terms
+    if problem:
+        raise InputError(problem, row=row)
+    return decode_image(value, row=row)
+
+
+def record(file: str, row, error: str | None = None) -> dict:
+    return {"row": row, "prediction": None, "file": file, "error": error}
+
+
+def problem(err: Exception) -> str:
+    """The message for an error record: input problems as they are, anything else with its type
+    (and the traceback in the log, for whoever runs the job)."""
+    if isinstance(err, InputError):
+        return str(err)
+    if isinstance(err, OSError):
+        return f"cannot read the file: {err.strerror or err}"
+    logger.error("scoring failed:\n%s", "".join(traceback.format_exception(err)))
+    return f"scoring failed: {type(err).__name__}: {err}"
+
+
+def format_record(rec: dict) -> str:
+    """One CSV line (no line break) for a record: predictions.csv stays valid CSV."""
+    prediction = json.dumps(rec["prediction"]) if rec["prediction"] is not None else ""
+    row = "" if rec["row"] is None else rec["row"]
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="").writerow([row, prediction, rec["file"], rec["error"] or ""])
+    return buffer.getvalue()
+
+
+def parse_record(line: str) -> dict:
+    """The inverse of format_record (to read predictions.csv lines back)."""
+    row, prediction, file, error = next(csv.reader([line]))
+    return {"row": int(row) if row else None, "prediction": json.loads(prediction) if prediction else None,
+            "file": file, "error": error or None}
+
+
+__all__ = ["COLUMNS", "file_images", "format_record", "parse_record", "problem",
+           "record", "score_files"]

@@ -1,0 +1,85 @@
+"""The runtime seam: what the runner needs from a model, whatever executes it.
+
+A runtime turns BGR uint8 images into ``ImageDetections`` in three steps, Hugging Face pipeline
+style, each testable on its own::
+
+    batch = segmenter.preprocess(images)          # test pipeline: resize, pad, normalize, stack
+    raw = segmenter.forward(batch, params)         # the network (and box post-processing + NMS)
+    detections = segmenter.postprocess(raw, params)  # -> one ImageDetections per image
+
+Two implementations: ``scoring.runtimes.torch_rtmdet`` (torch + mmdet, imported only for a model
+that uses them) and ``scoring.runtimes.onnx_rtmdet`` (ONNX Runtime + numpy). This module imports
+numpy only, so the code shipped in a saved model stays importable without torch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator, Protocol, Sequence
+
+import numpy as np
+
+from scoring.schema import PredictParams
+
+
+class MaskSource(Protocol):
+    """Makes one image's full-size boolean masks on demand, a chunk at a time: all of them at
+    once may not fit in memory (100 masks of a 12-megapixel image are 1.2 GB as bools)."""
+
+    def __len__(self) -> int: ...
+
+    def iter_masks(self, threshold: float) -> Iterator[np.ndarray]:
+        """One (height, width) boolean array per detection, in detection order."""
+
+
+@dataclass
+class ImageDetections:
+    """One image's detections in original-image pixels; masks made lazily by ``masks``."""
+
+    image_size: tuple[int, int]  # (width, height) of the original image
+    boxes: np.ndarray  # (N, 4) float x1, y1, x2, y2
+    scores: np.ndarray  # (N,)
+    labels: np.ndarray  # (N,) class indices
+    class_names: Sequence[str]
+    masks: MaskSource
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    def label_name(self, i: int) -> str:
+        return self.class_names[int(self.labels[i])]
+
+    def iter_masks(self, threshold: float) -> Iterator[np.ndarray]:
+        """The full-size boolean mask of each detection, in order."""
+        return self.masks.iter_masks(threshold)
+
+
+class Segmenter:
+    """Base of every runtime. Subclasses set ``class_names``, ``default_params`` and
+    ``batch_size`` and implement the three steps; ``__call__`` runs them batch by batch."""
+
+    runtime: str = ""  # "torch" or "onnx": what model.json's "runtime" names
+    class_names: list[str]
+    default_params: PredictParams
+    batch_size: int
+    # The score threshold of the model config's test settings (RTMDet-Ins: 0.05): evaluation
+    # scores for AP at it. None when the runtime does not know it.
+    configured_score_threshold: float | None = None
+
+    def preprocess(self, images: Sequence[np.ndarray]) -> Any:
+        raise NotImplementedError
+
+    def forward(self, batch: Any, params: PredictParams) -> Any:
+        raise NotImplementedError
+
+    def postprocess(self, raw: Any, params: PredictParams) -> list[ImageDetections]:
+        raise NotImplementedError
+
+    def __call__(self, images: Sequence[np.ndarray],
+                 params: PredictParams | None = None) -> list[ImageDetections]:
+        """Detections for ``images`` (BGR uint8, HxWx3), ``batch_size`` images per forward pass."""
+        params = params or self.default_params
+        out: list[ImageDetections] = []
+        for start in range(0, len(images), self.batch_size):
+            batch = self.preprocess(images[start : start + self.batch_size])
+            out.extend(self.postprocess(self.forward(batch, params), params))
+        return out

@@ -1,0 +1,300 @@
+"""The torch runtime: an mmdet RTMDet-Ins detector behind the ``Segmenter`` seam.
+
+Loading (``build_detector``, ``load_torch_segmenter``), the three steps (preprocess with mmdet's
+own test pipeline, forward with the detector's data preprocessor, backbone, neck and head, and
+post-processing) and RTMDet-Ins post-processing with the full-image masks deferred:
+
+mmdet's ``RTMDetInsHead._bbox_mask_post_process`` upsamples every detection's mask logits to the
+original image size in one tensor: 100 detections on a 12-megapixel image is 4.8 GB of float32.
+Here the boxes, scores and labels are computed exactly as mmdet 3.3.0 does, but each detection
+keeps only its low-resolution mask logits (N x H/8 x W/8); ``MaskResampler`` turns them into
+full-size boolean masks a few at a time with the very same interpolation calls (per-channel,
+so bit-identical to mmdet's), and the caller encodes each chunk before the next is made.
+
+Only a model whose ``model.json`` names the torch runtime imports this module (and torch).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import types
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from scoring import settings
+from scoring.runtimes.base import ImageDetections, Segmenter
+from scoring.schema import PredictParams
+
+# Upsampled float logits one chunk may hold; a 12-megapixel image gets ~4 masks per chunk.
+MASK_CHUNK_BYTES = 256 * 1024 * 1024
+
+
+def bbox_post_process_deferring_masks(
+    head, results, mask_feat, cfg, rescale=False, with_nms=True, img_meta=None
+):
+    """Drop-in for ``RTMDetInsHead._bbox_mask_post_process`` (mmdet 3.3.0, same steps in the same
+    order) that leaves ``results.mask_logits`` (low resolution) instead of ``results.masks``;
+    ``MaskResampler.for_image`` makes the masks from them."""
+    from mmcv.ops import batched_nms
+    from mmdet.structures.bbox import get_box_tensor, get_box_wh, scale_boxes
+
+    assert rescale, "the deferred masks are always resampled to the original image size"
+    assert with_nms, "with_nms must be True for RTMDet-Ins"
+    scale_factor = [1 / s for s in img_meta["scale_factor"]]
+    results.bboxes = scale_boxes(results.bboxes, scale_factor)
+
+    if hasattr(results, "score_factors"):
+        results.scores = results.scores * results.pop("score_factors")
+
+    if cfg.get("min_bbox_size", -1) >= 0:
+        w, h = get_box_wh(results.bboxes)
+        valid = (w > cfg.min_bbox_size) & (h > cfg.min_bbox_size)
+        if not valid.all():
+            results = results[valid]
+
+    if results.bboxes.numel() > 0:
+        det_bboxes, keep = batched_nms(
+            get_box_tensor(results.bboxes), results.scores, results.labels, cfg.nms
+        )
+        results = results[keep]
+        results.scores = det_bboxes[:, -1]
+        results = results[: cfg.max_per_img]
+        mask_logits = head._mask_predict_by_feat_single(mask_feat, results.kernels, results.priors)
+    else:
+        mask_logits = mask_feat.new_zeros((0, *mask_feat.shape[-2:]))
+    del results.kernels, results.priors
+    results.mask_logits = mask_logits
+    return results
+
+
+class MaskResampler:
+    """Low-resolution mask logits -> boolean masks at the original image size, as mmdet does."""
+
+    def __init__(self, stride: int, inverse_scale_factor, ori_shape):
+        self.stride = stride
+        self.inverse_scale_factor = inverse_scale_factor
+        self.ori_h, self.ori_w = int(ori_shape[0]), int(ori_shape[1])
+
+    @classmethod
+    def for_image(cls, head, img_meta: dict) -> "MaskResampler":
+        return cls(head.prior_generator.strides[0][0],
+                   [1 / s for s in img_meta["scale_factor"]], img_meta["ori_shape"][:2])
+
+    def _upsampled_shape(self, low_h: int, low_w: int) -> tuple[int, int]:
+        h, w = low_h * self.stride, low_w * self.stride
+        # mmdet 3.3.0 scales the height with scale_factor[0] (the width factor) too; we keep
+        # that so our masks stay identical to mmdet's.
+        return math.ceil(h * self.inverse_scale_factor[0]), math.ceil(w * self.inverse_scale_factor[1])
+
+    def windowed(self, mask_logits: torch.Tensor) -> bool:
+        """Whether to resample only the part of the image that survives the crop. mmdet upsamples
+        to the padded input's shape scaled back, then crops the image out of it: for a long, thin
+        image (70000 x 700 pads to a square) that is (long side)^2, 19.5 GiB for one mask, while
+        the image has 49 M pixels. The exact path is kept wherever the crop drops little."""
+        big_h, big_w = self._upsampled_shape(*mask_logits.shape[-2:])
+        return big_h * big_w > 2 * self.ori_h * self.ori_w
+
+    def chunk_size(self, mask_logits: torch.Tensor) -> int:
+        if self.windowed(mask_logits):
+            return 1  # one mask at a time, made in bands of rows (see _windowed_masks)
+        big_h, big_w = self._upsampled_shape(*mask_logits.shape[-2:])
+        return max(1, MASK_CHUNK_BYTES // (big_h * big_w * 4))
+
+    def masks(self, mask_logits: torch.Tensor, threshold: float) -> torch.Tensor:
+        """Boolean masks (k, ori_h, ori_w) for a chunk of low-resolution logits (k, h, w)."""
+        logits = F.interpolate(mask_logits.unsqueeze(0), scale_factor=self.stride, mode="bilinear")
+        if self.windowed(mask_logits):
+            return self._windowed_masks(logits[0], threshold)
+        logits = F.interpolate(
+            logits,
+            size=list(self._upsampled_shape(*mask_logits.shape[-2:])),
+            mode="bilinear",
+            align_corners=False,
+        )[..., : self.ori_h, : self.ori_w]
+        return logits.sigmoid().squeeze(0) > threshold
+
+    def _windowed_masks(self, logits: torch.Tensor, threshold: float) -> torch.Tensor:
+        """The second bilinear resize of ``masks`` computed for the kept ``ori_h x ori_w`` window
+        only, with torch's own source-index rule (align_corners=False, float32), a band of rows
+        at a time so that the float temporaries stay within MASK_CHUNK_BYTES."""
+        in_h, in_w = logits.shape[-2:]
+        big_h, big_w = self._upsampled_shape(*(n // self.stride for n in (in_h, in_w)))
+        rows = _source_index(in_h, big_h, self.ori_h, logits.device)
+        cols = _source_index(in_w, big_w, self.ori_w, logits.device)
+        out = torch.empty((logits.shape[0], self.ori_h, self.ori_w), dtype=torch.bool, device=logits.device)
+        band = max(1, MASK_CHUNK_BYTES // (self.ori_w * 4 * 8 * max(1, logits.shape[0])))
+        w0, w1, wl = cols
+        for top in range(0, self.ori_h, band):
+            h0, h1, hl = (t[top:top + band] for t in rows)
+            upper, lower = logits[:, h0, :], logits[:, h1, :]
+            hl = hl[None, :, None]
+            wl_ = wl[None, None, :]
+            value = (1 - hl) * ((1 - wl_) * upper[:, :, w0] + wl_ * upper[:, :, w1]) \
+                + hl * ((1 - wl_) * lower[:, :, w0] + wl_ * lower[:, :, w1])
+            out[:, top:top + band] = value.sigmoid() > threshold
+        return out
+
+    def iter_masks(self, mask_logits: torch.Tensor, threshold: float) -> Iterator[np.ndarray]:
+        """One HxW boolean numpy mask per detection, never more than a chunk in memory."""
+        step = self.chunk_size(mask_logits)
+        for start in range(0, mask_logits.shape[0], step):
+            chunk = self.masks(mask_logits[start : start + step], threshold).cpu().numpy()
+            yield from chunk
+
+
+def _source_index(in_size: int, out_size: int, count: int, device):
+    """For the first ``count`` of ``out_size`` output positions of a bilinear resize from
+    ``in_size`` (align_corners=False): the two source indices and the weight of the second, as
+    torch computes them (scale = in/out in float32, src = max(scale * (dst + 0.5) - 0.5, 0))."""
+    scale = torch.tensor(in_size / out_size, dtype=torch.float32)
+    dst = torch.arange(count, dtype=torch.float32, device=device)
+    src = torch.clamp(scale * (dst + 0.5) - 0.5, min=0)
+    first = torch.clamp(src.floor().long(), max=in_size - 1)
+    second = torch.clamp(first + 1, max=in_size - 1)
+    return first, second, src - first
+
+
+class DeferredMasks:
+    """The ``MaskSource`` of one image: its low-resolution logits and the resampler."""
+
+    def __init__(self, mask_logits: torch.Tensor, resampler: MaskResampler):
+        self.mask_logits = mask_logits
+        self.resampler = resampler
+
+    def __len__(self) -> int:
+        return int(self.mask_logits.shape[0])
+
+    def iter_masks(self, threshold: float) -> Iterator[np.ndarray]:
+        return self.resampler.iter_masks(self.mask_logits, threshold)
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+def default_device() -> str:
+    return settings.DEVICE.value() or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def build_detector(config, state_dict, class_names: Sequence[str], device: str | None = None):
+    """An mmdet detector in eval mode with exactly these weights (strict: every key, every
+    shape), as mmdet's init_detector would build it."""
+    from mmdet.registry import MODELS
+    from mmengine.model.utils import revert_sync_batchnorm
+    from mmengine.registry import init_default_scope
+
+    from mlflow_model.checkpoints import check_state_dict
+
+    init_default_scope(config.get("default_scope", "mmdet"))
+    model = revert_sync_batchnorm(MODELS.build(config.model))
+    check_state_dict(model, state_dict, "weights")
+    model.load_state_dict(state_dict, strict=True)
+    model.cfg = config
+    model.dataset_meta = {"classes": tuple(class_names)}
+    return model.to(device or default_device()).eval()
+
+
+def load_detector(weights_dir, device: str | None = None):
+    """(detector, model.json info) of a weights folder (``mlflow_model.model_dir.WeightsDir``)."""
+    from mmengine.config import Config
+
+    info = weights_dir.read_info()
+    cfg = Config.fromfile(str(weights_dir.config))
+    state_dict = torch.load(weights_dir.weights, map_location="cpu", weights_only=True)
+    return build_detector(cfg, state_dict, info["classes"], device), info
+
+
+def forward_batch_size(info: dict, on_gpu: bool) -> int:
+    """Images per forward pass: MMDET_MLFLOW_BATCH_SIZE if set, else the model's (8) on a GPU,
+    else 1. On CPU, batches of 8 ran 14-16 % slower per image than single passes for both
+    tiny and x (bench/predict.py on 2 cores), while a GPU gains from batching."""
+    chosen = settings.BATCH_SIZE.value()
+    if chosen:
+        return int(chosen)
+    return int(info.get("batch_size", 8)) if on_gpu else 1
+
+
+def load_torch_segmenter(weights_dir, device: str | None = None,
+                         batch_size: int | None = None) -> "TorchSegmenter":
+    detector, info = load_detector(weights_dir, device)
+    on_gpu = detector.data_preprocessor.device.type == "cuda"
+    return TorchSegmenter(detector, info["classes"], PredictParams.from_dict(info["default_params"]),
+                          batch_size=batch_size or forward_batch_size(info, on_gpu))
+
+
+# --- the three steps ---------------------------------------------------------------------------
+
+class TorchSegmenter(Segmenter):
+    """Runs an mmdet RTMDet-Ins detector on BGR uint8 arrays, real batches (one forward pass
+    per batch, not a loop of images)."""
+
+    runtime = "torch"
+
+    def __init__(self, detector, class_names: Sequence[str], default_params: PredictParams,
+                 batch_size: int = 8):
+        from mmcv.transforms import Compose
+        from mmdet.utils import get_test_pipeline_cfg
+        from mmengine.registry import init_default_scope
+
+        init_default_scope("mmdet")
+        self.detector = detector
+        self.class_names = list(class_names)
+        self.default_params = default_params
+        self.batch_size = batch_size
+        steps = [s for s in copy.deepcopy(get_test_pipeline_cfg(detector.cfg))
+                 if "LoadAnnotations" not in s["type"]]  # nothing to annotate at inference
+        steps[0]["type"] = "mmdet.LoadImageFromNDArray"  # as mmdet's inference_detector does
+        self.pipeline = Compose(steps)
+        head = detector.bbox_head
+        self._test_cfg = head.test_cfg
+        self.configured_score_threshold = self._test_cfg.get("score_thr")
+        # Our instance only: the detector object itself stays a plain mmdet model elsewhere.
+        head._bbox_mask_post_process = types.MethodType(bbox_post_process_deferring_masks, head)
+
+    @property
+    def device(self) -> torch.device:
+        return self.detector.data_preprocessor.device
+
+    def preprocess(self, images: Sequence[np.ndarray]) -> dict:
+        """mmdet's test pipeline (resize, pad, pack) for each image, collated into one batch."""
+        packed = [self.pipeline(dict(img=img, img_id=i)) for i, img in enumerate(images)]
+        return dict(inputs=[p["inputs"] for p in packed],
+                    data_samples=[p["data_samples"] for p in packed])
+
+    def test_cfg(self, params: PredictParams):
+        """The model's test settings with this request's params: passed per call, never written
+        into the shared model, so concurrent requests cannot see each other's settings."""
+        cfg = copy.deepcopy(self._test_cfg)
+        cfg.score_thr = params.score_threshold
+        cfg.nms.iou_threshold = params.iou_threshold
+        cfg.nms.class_agnostic = params.class_agnostic_nms  # mmcv's batched_nms reads it
+        cfg.max_per_img = params.max_detections
+        cfg.nms_pre = max(cfg.get("nms_pre", 1000), params.max_detections)
+        cfg.mask_thr_binary = params.mask_threshold
+        return cfg
+
+    @torch.no_grad()
+    def forward(self, batch: dict, params: PredictParams) -> list:
+        """One batched pass: normalize, backbone + neck, head, box post-processing with NMS."""
+        data = self.detector.data_preprocessor(batch, False)
+        feats = self.detector.extract_feat(data["inputs"])
+        head = self.detector.bbox_head
+        metas = [sample.metainfo for sample in data["data_samples"]]
+        results = head.predict_by_feat(*head(feats), batch_img_metas=metas,
+                                       cfg=self.test_cfg(params), rescale=True)
+        return list(zip(results, metas))
+
+    def postprocess(self, raw: list, params: PredictParams) -> list[ImageDetections]:
+        out = []
+        for res, meta in raw:
+            resampler = MaskResampler.for_image(self.detector.bbox_head, meta)
+            out.append(ImageDetections(
+                image_size=(resampler.ori_w, resampler.ori_h),
+                boxes=res.bboxes.cpu().numpy(),
+                scores=res.scores.cpu().numpy(),
+                labels=res.labels.cpu().numpy(),
+                class_names=self.class_names,
+                masks=DeferredMasks(res.mask_logits, resampler),
+            ))
+        return out
