@@ -26,10 +26,11 @@ _PACKAGES = ("mlflow_model", "scoring")  # what a saved model needs to load and 
 _PINS_FILE = Path(__file__).with_name("requirements.txt")
 
 
-def pinned_requirements() -> list[str]:
-    """The pinned serving stack (mlflow_model/requirements.txt, the one list of pins)."""
-    lines = (line.split("#")[0].strip() for line in _PINS_FILE.read_text().splitlines())
-    return [line for line in lines if line]
+def pinned_requirements(path: str | os.PathLike = _PINS_FILE) -> list[str]:
+    """The requirements of a pip requirements file, without comments and options (``-r ...``);
+    by default the pinned serving stack (mlflow_model/requirements.txt, the one list of pins)."""
+    lines = (line.split("#")[0].strip() for line in Path(path).read_text().splitlines())
+    return [line for line in lines if line and not line.startswith("-")]
 
 
 def _pin(name: str) -> str:

@@ -7,17 +7,21 @@ import argparse
 import importlib
 import sys
 
+# Only the error base class, nothing heavy: the register and deploy components run the CLI in
+# an environment without the serving stack (components/environment/deploy-conda.yaml).
+from scoring.errors import MmdetMlflowError
+
 COMMANDS = ("package", "predict", "serve", "batch", "convert", "synth", "finetune", "evaluate", "demo",
-            "pipeline")
+            "register", "deploy", "pipeline")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(commands: tuple[str, ...] = COMMANDS) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mmdet-mlflow",
         description="RTMDet-Ins instance segmentation as an MLflow model: package, predict, "
                     "fine-tune, evaluate, serve and deploy on Azure ML.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMANDS:
+    for name in commands:
         importlib.import_module(f"mmdet_mlflow.commands.{name}").add_parser(subparsers)
     return parser
 
@@ -32,21 +36,20 @@ def quiet_known_noise() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
-def main(argv=None) -> int:
-    from mlflow_model.checkpoints import CheckpointError
-    from mlflow_model.configs import ConfigError
-    from mmdet_mlflow.azure_pipeline import PipelineError
-    from mmdet_mlflow.data import DataError
-    from mmdet_mlflow.finetune import FinetuneError
-    from mmdet_mlflow.metrics import EvaluationError
-    from scoring.errors import InputError
+def commands_to_load(argv: list[str]) -> tuple[str, ...]:
+    """Only the command being run when it comes first: a command's module may import what
+    another command's environment lacks (fine-tuning needs numpy; the deploy components have
+    only the Azure ML SDK). Otherwise (``--help``, a typo) all of them, for the usage message."""
+    return (argv[0],) if argv and argv[0] in COMMANDS else COMMANDS
 
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     quiet_known_noise()
-    args = build_parser().parse_args(argv)
+    args = build_parser(commands_to_load(argv)).parse_args(argv)
     try:
         return args.handler(args) or 0
-    except (CheckpointError, ConfigError, DataError, EvaluationError, FinetuneError, InputError,
-            PipelineError, FileNotFoundError, FileExistsError) as err:
+    except (MmdetMlflowError, FileNotFoundError, FileExistsError) as err:
         print(f"mmdet-mlflow {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,9 +1,11 @@
-"""Every Azure ML YAML in the repo, and what the deploy components' --dry-run writes, loaded with
-azure-ai-ml's own loaders (strict schemas: an unknown or mistyped field fails); the generated
-files follow the pins; --dry-run contacts nothing."""
+"""Every Azure ML YAML in the repo, and what `mmdet-mlflow deploy --dry-run` writes, loaded with
+azure-ai-ml's own loaders (strict schemas: an unknown or mistyped field fails); every
+component's command parses with the CLI; the generated files follow the pins; --dry-run
+contacts nothing."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -13,7 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mmdet_mlflow import azure_deploy
+from mmdet_mlflow.azure import deploy, deployment_settings, environment, generate
+from mmdet_mlflow.cli import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 SKIP_DIRS = {".venv", ".git", "outputs", "node_modules", "mlruns", ".pytest_cache"}
@@ -97,9 +100,9 @@ def test_the_loaders_are_strict(tmp_path):
 
 
 def test_generated_files_follow_the_pins():
-    assert azure_deploy.sync_generated(check=True) == [], \
-        "run `python -m mmdet_mlflow.azure_deploy` and commit the result"
-    context = azure_deploy.ENVIRONMENT_CONTEXT
+    assert generate.sync_generated(ROOT, check=True) == [], \
+        "run `python -m mmdet_mlflow.azure.generate` and commit the result"
+    context = environment.CONTEXT_DIR
     pins = (ROOT / "mlflow_model/requirements.txt").read_text()
     assert (context / "requirements.txt").read_text().endswith(pins)
     import mlflow_model
@@ -111,11 +114,11 @@ def test_generated_files_follow_the_pins():
 def test_environment_builds_mmcv_as_setup_venv_does():
     env = load_azure_yaml(ROOT / "components/environment/environment.yml")
     context = ROOT / "components/environment" / env.build.path
-    assert env.version == azure_deploy.environment_version()
+    assert env.version == environment.environment_version()
     dockerfile = (context / env.build.dockerfile_path).read_text()
     steps = [line for line in dockerfile.splitlines() if line.startswith(("RUN", "COPY", "FROM"))]
     copied = steps[[s.startswith("COPY") for s in steps].index(True)].split()[1:-1]
-    assert sorted(copied) == sorted(azure_deploy.environment_context_files())
+    assert sorted(copied) == sorted(environment.context_files(ROOT / "requirements-dev.txt"))
     torch_first = dockerfile.index("-r /opt/pins/build-requirements.txt")
     mmcv = dockerfile.index("--no-build-isolation")
     assert torch_first < mmcv < dockerfile.index("-r /opt/pins/requirements.txt")
@@ -123,21 +126,17 @@ def test_environment_builds_mmcv_as_setup_venv_does():
 
 
 def _dry_run(kind: str, tmp_path: Path, *extra: str) -> tuple[dict, str]:
-    """Run the component's main.py in this process (so the audit hook sees every connection)
-    and load what it wrote."""
+    """Run `mmdet-mlflow deploy <kind> --dry-run` in this process (so the audit hook sees every
+    connection; errors propagate as they are raised) and load what it wrote."""
     import contextlib
-    import importlib.util
     import io
 
-    spec = importlib.util.spec_from_file_location(f"deploy_{kind}_main",
-                                                  ROOT / "components" / f"deploy_{kind}" / "main.py")
-    main = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(main)
     out = tmp_path / kind
+    args = build_parser().parse_args(["deploy", kind, "--dry-run", "--output-dir", str(out), *extra])
     before = len(CONNECTS)
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
-        assert main.main(["--dry-run", "--output-dir", str(out), *extra]) == 0
+        assert args.handler(args) == 0
     assert CONNECTS[before:] == [], f"--dry-run reached out: {CONNECTS[before:]}"
     loaded = {p.name: load_azure_yaml(p) for p in sorted(out.iterdir())}
     return loaded, stdout.getvalue()
@@ -170,7 +169,7 @@ def test_online_dry_run(tmp_path):
     assert (code / deployment.code_configuration.scoring_script) == ROOT / "scoring" / "azureml" / "score.py"
     env = loaded["environment.yml"]
     assert _ref(deployment.environment) == f"{env.name}:{env.version}"
-    assert (tmp_path / "online" / env.build.path).resolve() == azure_deploy.ENVIRONMENT_CONTEXT
+    assert (tmp_path / "online" / env.build.path).resolve() == environment.CONTEXT_DIR
     assert "name: seg-ep" in printed and "scoring_script: score.py" in printed
 
 
@@ -199,30 +198,101 @@ def test_batch_dry_run_refuses_bad_params(tmp_path):
                  "--params", '{"score": 1}')
 
 
+def filled_command(component, values: dict, outputs: Path) -> list[str]:
+    """The component's command as Azure fills it: ``$[[...]]`` parts kept only when their input
+    has a value, inputs and outputs replaced by their values."""
+    command = re.sub(r"\$\[\[(.*?)\]\]",
+                     lambda m: m.group(1) if re.search(r"inputs\.(\w+)", m.group(1)).group(1) in values else "",
+                     component.command)
+    command = re.sub(r"\$\{\{inputs\.(\w+)\}\}", lambda m: shlex.quote(str(values[m.group(1)])), command)
+    command = re.sub(r"\$\{\{outputs\.(\w+)\}\}", lambda m: shlex.quote(str(outputs / m.group(1))), command)
+    return shlex.split(command)
+
+
+def component_specs() -> list[Path]:
+    return sorted((ROOT / "components").glob("*/spec.yaml"))
+
+
+CLI_PREFIX = ["python", "-m", "mmdet_mlflow.cli"]
+# Components whose entry is the CLI (the fine-tune component's is its own until it moves over).
+OURS = {"batch_score", "deploy_batch", "deploy_online", "evaluate", "package", "register"}
+
+
+def _sample_values(component) -> dict:
+    """A distinct value for every input, so that each can be found where the parser put it."""
+    values = {}
+    for number, (name, spec) in enumerate(component.inputs.items(), start=1):
+        values[name] = {"string": f"{name}-value", "integer": 1000 + number, "number": number / 100,
+                        "boolean": True}.get(spec.type, f"/mnt/inputs/{name}")
+    if "params" in values:  # deploy batch: predict params, a JSON object
+        values["params"] = json.dumps({"score_threshold": 0.5})
+    return values
+
+
+def _arriving_inputs(component, values: dict) -> set[str]:
+    """The given inputs whose value the parser keeps: where two inputs feed the same option
+    (package: checkpoint_file after checkpoint), the last one given wins."""
+    last = {}
+    for option, name in re.findall(r"(--[\w-]+) \$\{\{inputs\.(\w+)\}\}", component.command):
+        if name in values:
+            last[option] = name
+    return set(last.values())
+
+
+def test_the_components_we_own_run_the_cli():
+    running_the_cli = {p.parent.name for p in component_specs()
+                       if load_azure_yaml(p).command.split()[:3] == CLI_PREFIX}
+    assert OURS <= running_the_cli
+
+
+@pytest.mark.parametrize("path", component_specs(), ids=lambda p: p.parent.name)
+def test_every_component_command_parses_with_the_cli(path, tmp_path):
+    """Every input reaches an option the CLI knows, with every optional input given and with
+    only the required ones and defaults: spec, CLI and library cannot drift apart."""
+    component = load_azure_yaml(path)
+    if component.command.split()[:3] != CLI_PREFIX:
+        pytest.skip(f"{path.parent.name} does not run the CLI")
+    everything = _sample_values(component)
+    minimal = {name: spec.default for name, spec in component.inputs.items() if spec.default is not None}
+    minimal.update({name: everything[name] for name, spec in component.inputs.items()
+                    if not spec.optional and spec.default is None})
+    for values in (everything, minimal):
+        argv = filled_command(component, values, tmp_path)
+        args = build_parser().parse_args(argv[3:])  # argparse exits on an unknown option
+        parsed = {json.dumps(v) if isinstance(v, dict) else str(v) for v in vars(args).values()}
+        unused = set(values) - set(re.findall(r"\$\{\{inputs\.(\w+)\}\}", component.command))
+        assert not unused, f"inputs the command never passes: {unused}"
+        missing = {name for name in _arriving_inputs(component, values) if str(values[name]) not in parsed}
+        assert not missing, f"inputs that reach no option: {missing}"
+
+
+def test_the_package_component_prefers_checkpoint_file(tmp_path):
+    component = load_azure_yaml(ROOT / "components/package/spec.yaml")
+    for given, expected in (({}, "official"), ({"checkpoint_file": "/mnt/ckpt.pth"}, "/mnt/ckpt.pth")):
+        values = {"model_name": "rtmdet-ins_tiny_8xb32-300e_coco", "checkpoint": "official", **given}
+        args = build_parser().parse_args(filled_command(component, values, tmp_path)[3:])
+        assert args.checkpoint == expected
+
+
 @pytest.mark.parametrize("kind, required", [
     ("online", {"endpoint_name": "ep", "model": "azureml:m:1"}),
     ("batch", {"endpoint_name": "ep", "model": "azureml:m:1", "compute": "cluster"}),
 ])
-def test_component_command_runs_main_as_azure_would(kind, required, tmp_path):
+def test_component_command_runs_the_cli_as_azure_would(kind, required, tmp_path):
     """Fill the component's command the way Azure does (inputs, defaults, optional parts left
     out) and run it, dry."""
     component = load_azure_yaml(ROOT / "components" / f"deploy_{kind}" / "spec.yaml")
     import dataclasses
 
-    fields = {f.name for f in dataclasses.fields(azure_deploy.SETTINGS[kind])}
+    fields = {f.name for f in dataclasses.fields(deployment_settings.SETTINGS[kind])}
     assert set(component.inputs) == fields | {"dry_run", "enabled", "registration_details"}
     values = {name: spec.default for name, spec in component.inputs.items() if spec.default is not None}
     values.update(required, dry_run=True)
-    command = re.sub(r"\$\[\[(.*?)\]\]",
-                     lambda m: m.group(1) if re.search(r"inputs\.(\w+)", m.group(1)).group(1) in values else "",
-                     component.command)
-    command = re.sub(r"\$\{\{inputs\.(\w+)\}\}", lambda m: shlex.quote(str(values[m.group(1)])), command)
-    command = command.replace("${{outputs.deployment_yaml}}", shlex.quote(str(tmp_path / "out")))
-    argv = shlex.split(command)
+    argv = filled_command(component, values, tmp_path)
     assert argv[0] == "python"
     result = subprocess.run([sys.executable, *argv[1:]], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
-    for path in (tmp_path / "out").iterdir():
+    for path in (tmp_path / "deployment_yaml").iterdir():
         load_azure_yaml(path)
 
 
@@ -235,5 +305,69 @@ def test_component_command_runs_main_as_azure_would(kind, required, tmp_path):
     ({"blue": 100}, 100, {"blue": 100}),
 ])
 def test_traffic_for_a_new_deployment_keeps_a_total_of_100(existing, percent, expected):
-    traffic = azure_deploy.traffic_with(existing, "blue", percent)
+    traffic = deploy.traffic_with(existing, "blue", percent)
     assert traffic == expected and sum(traffic.values()) == 100
+
+
+def test_deploy_dry_run_from_an_installed_wheel(tmp_path):
+    """Installed from a wheel (no checkout, no components/), deploy still finds the scoring
+    code and the environment's build context: both are in the package."""
+    import shutil
+    import zipfile
+
+    source = tmp_path / "source"  # building writes build/ and *.egg-info beside the sources
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    for package in ("mlflow_model", "scoring", "mmdet_mlflow"):
+        shutil.copytree(ROOT / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                            "--no-index", "-w", str(tmp_path / "dist"), str(source)],
+                           capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr[-3000:]
+    site = tmp_path / "site"
+    zipfile.ZipFile(next((tmp_path / "dist").glob("*.whl"))).extractall(site)
+
+    out = tmp_path / "yaml"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"PYTHONPATH": str(site)}
+    done = subprocess.run([sys.executable, "-m", "mmdet_mlflow.cli", "deploy", "online", "--dry-run",
+                           "--endpoint-name", "e", "--model", "azureml:m:1", "--output-dir", str(out)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    deployment = load_azure_yaml(out / "online-deployment.yml")
+    code = (out / deployment.code_configuration.code).resolve()
+    assert code.is_relative_to(site) and (code / deployment.code_configuration.scoring_script).is_file()
+    environment_file = load_azure_yaml(out / "environment.yml")
+    context = (out / environment_file.build.path).resolve()
+    assert context.is_relative_to(site) and (context / environment_file.build.dockerfile_path).is_file()
+    assert environment_file.version == environment.environment_version()  # the same image
+
+
+def test_the_package_component_fills_the_output_folder_azure_made(tmp_path, tiny_checkpoint):
+    """Run as Azure runs it: the output folder exists (empty) before the command starts, and
+    checkpoint_file overrides the default checkpoint `official` (nothing is downloaded)."""
+    from helpers import TINY
+
+    component = load_azure_yaml(ROOT / "components/package/spec.yaml")
+    (tmp_path / "mlflow_model_folder").mkdir()
+    values = {"model_name": TINY, "checkpoint": "official", "checkpoint_file": tiny_checkpoint}
+    argv = filled_command(component, values, tmp_path)
+    done = subprocess.run([sys.executable, *argv[1:]], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "mlflow_model_folder" / "MLmodel").is_file()
+
+
+def test_the_register_component_dry_run_writes_what_deploy_reads(tmp_path, tiny_model_dir):
+    from mlflow_model.model_dir import REGISTRATION_FILE
+
+    component = load_azure_yaml(ROOT / "components/register/spec.yaml")
+    values = {name: spec.default for name, spec in component.inputs.items() if spec.default is not None}
+    values.update(model=tiny_model_dir, dry_run=True)
+    argv = filled_command(component, values, tmp_path)
+    done = subprocess.run([sys.executable, *argv[1:]], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    registered = json.loads((tmp_path / "registration_details" / REGISTRATION_FILE).read_text())
+    assert registered["id"] == f"azureml:{values['registered_model_name']}@latest"
+    loaded, _ = _dry_run("online", tmp_path, "--endpoint-name", "e",
+                         "--registration-details", str(tmp_path / "registration_details"))
+    assert _ref(loaded["online-deployment.yml"].model) == registered["id"].removeprefix("azureml:")

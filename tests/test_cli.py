@@ -48,3 +48,70 @@ def test_package_errors_are_one_clear_line(tmp_path, tiny_checkpoint):
     done = cli("package", "--config", TINY, "--checkpoint", tmp_path / "nope.pth",
                "--output", tmp_path / "m")
     assert done.returncode == 2 and "is not a file, an http(s) URL or 'official'" in done.stderr
+
+
+# --- the Azure commands (register, deploy): dry runs contact nothing ---------------------------
+
+# The register and deploy components run in a small environment (components/environment/
+# deploy-conda.yaml: the Azure ML SDK and azure-identity only): the CLI must not need the
+# serving stack for them.
+NOT_IN_THE_DEPLOY_ENVIRONMENT = ("torch", "torchvision", "mmdet", "mmcv", "mmengine", "mlflow",
+                                 "numpy", "pandas", "cv2", "PIL", "pycocotools")
+LIGHT_CLI = ("import sys\n"
+             f"for name in {NOT_IN_THE_DEPLOY_ENVIRONMENT!r}:\n"
+             "    sys.modules[name] = None  # importing it raises ImportError\n"
+             "from mmdet_mlflow.cli import main\n"
+             "sys.exit(main(sys.argv[1:]))\n")
+
+
+def light_cli(*args):
+    return subprocess.run([sys.executable, "-c", LIGHT_CLI, *map(str, args)],
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_register_then_deploy_dry_run_without_the_serving_stack(tmp_path, tiny_model_dir):
+    from mlflow_model.model_dir import REGISTRATION_FILE
+
+    details = tmp_path / "registration_details"
+    done = light_cli("register", "--model", tiny_model_dir, "--name", "seg", "--output", details,
+                     "--dry-run", "true")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["azureml:seg@latest"]
+    registration = json.loads((details / REGISTRATION_FILE).read_text())
+    assert registration == {"name": "seg", "version": None, "id": "azureml:seg@latest", "dry_run": True}
+
+    out = tmp_path / "deployment_yaml"
+    done = light_cli("deploy", "batch", "--registration-details", details, "--endpoint-name", "seg-batch",
+                     "--compute", "cpu-cluster", "--dry-run", "--output-dir", out)
+    assert done.returncode == 0, done.stderr
+    import yaml
+
+    deployment = yaml.safe_load((out / "batch-deployment.yml").read_text())
+    assert deployment["model"] == "azureml:seg@latest"
+    assert deployment["endpoint_name"] == "seg-batch"
+
+
+def test_a_mistyped_boolean_is_refused_not_read_as_false(tmp_path):
+    """`ture` must never turn a dry run into a real registration or deployment."""
+    for args in (("register", "--model", tmp_path, "--name", "m", "--output", tmp_path / "out",
+                  "--dry-run", "ture"),
+                 ("deploy", "online", "--endpoint-name", "e", "--model", "azureml:m:1",
+                  "--output-dir", tmp_path / "out", "--dry-run", "ture"),
+                 ("deploy", "batch", "--endpoint-name", "e", "--model", "azureml:m:1", "--compute", "c",
+                  "--output-dir", tmp_path / "out", "--dry-run", "true", "--enabled", "flase")):
+        done = cli(*args)
+        assert done.returncode == 2, (args, done.stderr)
+        assert "not a boolean" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_deploy_errors_are_one_clear_line(tmp_path):
+    common = ("--endpoint-name", "e", "--compute", "c", "--dry-run", "--output-dir", tmp_path / "yaml")
+    for args, message in (
+            (("--model", "azureml:m:1", "--params", '{"score": 1}'), "unknown param 'score'"),
+            ((), "give --model azureml:<name>:<version> or --registration-details DIR"),
+            (("--registration-details", tmp_path / "no-such-step"), "registration.json")):
+        done = cli("deploy", "batch", *common, *args)
+        assert done.returncode == 2, done.stderr
+        assert "Traceback" not in done.stderr and message in done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr

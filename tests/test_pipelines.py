@@ -1,6 +1,7 @@
 """Pipeline job YAML: loaded with azure-ai-ml, components resolved from this repo, validated."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -8,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mmdet_mlflow.azure_pipeline import PipelineError, load_pipeline
+from mmdet_mlflow.azure.pipeline import PipelineError, load_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
 PIPELINES = sorted((ROOT / "pipelines").glob("*.yaml"))
@@ -28,14 +29,29 @@ def test_pipeline_loads_resolves_its_components_and_validates(path):
         assert set(step.component.inputs) == set(spec["inputs"])
 
 
+def data_flow(job) -> dict[tuple[str, str], tuple[str, str]]:
+    """(consuming step, input) -> (producing step, output), as the SDK resolved the job."""
+    flow = {}
+    for name, step in job.jobs.items():
+        for input_name, node_input in step.inputs.items():
+            source = re.fullmatch(r"\$\{\{parent\.jobs\.(\w+)\.outputs\.(\w+)\}\}", str(node_input._data))
+            if source:
+                flow[(name, input_name)] = source.groups()
+    return flow
+
+
 def test_the_main_pipeline_chains_finetune_evaluate_register_deploy():
     job = load_pipeline(ROOT / "pipelines" / "finetune-evaluate-deploy.yaml")
-    raw = yaml.safe_load((ROOT / "pipelines" / "finetune-evaluate-deploy.yaml").read_text())["jobs"]
-    assert raw["evaluate"]["inputs"]["mlflow_model"] == "${{parent.jobs.finetune.outputs.mlflow_model_folder}}"
-    assert raw["register"]["inputs"]["model"] == "${{parent.jobs.finetune.outputs.mlflow_model_folder}}"
-    for deploy in ("deploy_online", "deploy_batch"):
-        assert raw[deploy]["inputs"]["registration_details"] == \
-            "${{parent.jobs.register.outputs.registration_details}}"
+    flow = data_flow(job)
+    assert flow == {
+        ("evaluate", "mlflow_model"): ("finetune", "mlflow_model_folder"),
+        ("register", "model"): ("finetune", "mlflow_model_folder"),
+        ("deploy_online", "registration_details"): ("register", "registration_details"),
+        ("deploy_batch", "registration_details"): ("register", "registration_details"),
+    }
+    for (step, input_name), (source, output) in flow.items():  # what flows is what is expected
+        assert job.jobs[source].component.outputs[output].type == \
+            job.jobs[step].component.inputs[input_name].type, (step, input_name)
     assert job.jobs["finetune"].distribution.type == "pytorch"
     # switches and compute are pipeline inputs
     for name in ("deploy_online", "deploy_batch", "compute_finetune", "instance_count"):
@@ -57,4 +73,10 @@ def test_submit_dry_run_prints_the_resolved_job():
     assert done.returncode == 0, done.stderr[-2000:]
     printed = yaml.safe_load(done.stdout)
     assert printed["type"] == "pipeline"
-    assert "components/finetune/main.py" in printed["jobs"]["finetune"]["component"]["command"]
+    # every step's component is inlined: its command is the one of its spec file
+    from azure.ai.ml import load_component
+
+    raw = yaml.safe_load((ROOT / "pipelines" / "finetune-evaluate-deploy.yaml").read_text())["jobs"]
+    for name, step in printed["jobs"].items():
+        spec = load_component(ROOT / "pipelines" / raw[name]["component"])
+        assert " ".join(step["component"]["command"].split()) == " ".join(spec.command.split())

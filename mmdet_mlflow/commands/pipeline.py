@@ -1,8 +1,10 @@
 """mmdet-mlflow pipeline submit: load a pipeline job YAML with azure-ai-ml, resolve its
-components from this repo, validate it, then print it (--dry-run) or submit it."""
+components from their files, validate it, then print it (--dry-run) or submit it."""
 from __future__ import annotations
 
 from pathlib import Path
+
+from mmdet_mlflow.commands.workspace import add_workspace_arguments, workspace_client
 
 
 def add_parser(subparsers):
@@ -13,19 +15,18 @@ def add_parser(subparsers):
     submit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a field, as `az ml job create --set` does (e.g. inputs.number_of_epochs=5)")
     submit.add_argument("--dry-run", action="store_true", help="print the resolved job; contact nothing")
-    submit.add_argument("--subscription-id")
-    submit.add_argument("--resource-group")
-    submit.add_argument("--workspace-name")
+    add_workspace_arguments(submit)
     submit.set_defaults(handler=run)
 
 
 def run(args):
-    from mmdet_mlflow.azure_pipeline import load_pipeline, resolved_yaml, submit
+    # azure.ai.ml takes seconds to import: only when the command runs, not for `--help`
+    from mmdet_mlflow.azure.pipeline import load_pipeline, resolved_yaml, submit
 
     job = load_pipeline(args.file, args.overrides)
     print(resolved_yaml(job), end="")
     if args.dry_run:
         return 0
-    created = submit(job, args.subscription_id, args.resource_group, args.workspace_name)
+    created = submit(job, workspace_client(args))
     print(f"submitted {created.name}: {created.studio_url}")
     return 0

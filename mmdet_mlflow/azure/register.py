@@ -1,20 +1,24 @@
-"""Register an MLflow model folder as an Azure ML model (azure-ai-ml SDK v2), and say which
-version it became in a small JSON file the deploy steps of a pipeline read."""
+"""Register a saved MLflow model folder as an Azure ML model (azure-ai-ml SDK v2), and say
+which version it became in ``registration.json`` (``model_dir.REGISTRATION_FILE``), the file the
+deploy steps of a pipeline read."""
 from __future__ import annotations
 
 import json
 import logging
 from pathlib import Path
 
+from azure.ai.ml.constants import AssetTypes
+from azure.ai.ml.entities import Model
+
+from mlflow_model.model_dir import REGISTRATION_FILE, ModelDir
+from mmdet_mlflow.azure.client import ml_client
+from mmdet_mlflow.files import atomic_write_json
+
 logger = logging.getLogger(__name__)
-DETAILS_FILE = "model.json"
 
 
 def model_entity(model_folder: Path, name: str, description: str | None = None):
-    from azure.ai.ml.constants import AssetTypes
-    from azure.ai.ml.entities import Model
-
-    info = json.loads((Path(model_folder) / "model" / "model.json").read_text())
+    info = ModelDir(model_folder).data.read_info()
     return Model(
         path=str(model_folder), type=AssetTypes.MLFLOW_MODEL, name=name,
         description=description or f"RTMDet-Ins ({info['config_name']}) instance segmentation, "
@@ -25,26 +29,22 @@ def model_entity(model_folder: Path, name: str, description: str | None = None):
 
 
 def register(model_folder: Path, name: str, details_dir: Path, client=None, dry_run: bool = False) -> dict:
-    """Create the model version (unless ``dry_run``) and write ``details_dir/model.json`` with
-    its ``azureml:name:version`` id (``azureml:name@latest`` in a dry run)."""
+    """Create the model version (unless ``dry_run``) and write ``details_dir/registration.json``
+    with its ``azureml:name:version`` id (``azureml:name@latest`` in a dry run). ``client``:
+    an MLClient (default: ``client.ml_client()``); a dry run never makes one."""
     entity = model_entity(model_folder, name)
-    details_dir.mkdir(parents=True, exist_ok=True)
     if dry_run:
         details = {"name": name, "version": None, "id": f"azureml:{name}@latest", "dry_run": True}
         logger.info("dry run: would register %s from %s", name, model_folder)
     else:
-        if client is None:
-            from mmdet_mlflow.azure_deploy import ml_client
-
-            client = ml_client()
-        created = client.models.create_or_update(entity)
+        created = (client or ml_client()).models.create_or_update(entity)
         details = {"name": created.name, "version": created.version,
                    "id": f"azureml:{created.name}:{created.version}", "dry_run": False}
         logger.info("registered %s", details["id"])
-    (details_dir / DETAILS_FILE).write_text(json.dumps(details, indent=2))
+    atomic_write_json(Path(details_dir) / REGISTRATION_FILE, details)
     return details
 
 
 def registered_model_id(details_dir: Path) -> str:
-    """The model id a register step wrote."""
-    return json.loads((Path(details_dir) / DETAILS_FILE).read_text())["id"]
+    """The model id a register step wrote into ``details_dir``."""
+    return json.loads((Path(details_dir) / REGISTRATION_FILE).read_text())["id"]
