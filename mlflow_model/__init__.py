@@ -7,6 +7,7 @@ folder layout; ``scoring.runtimes`` loads a saved model for inference.
 """
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from pathlib import Path
