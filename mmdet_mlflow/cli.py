@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     from mlflow_model.configs import ConfigError
     from mmdet_mlflow.azure_pipeline import PipelineError
     from mmdet_mlflow.data import DataError
-    from mmdet_mlflow.finetune import FinetuneError
+    from mmdet_mlflow.training import FinetuneError
     from mmdet_mlflow.metrics import EvaluationError
     from scoring.errors import InputError
 

@@ -57,4 +57,4 @@ def test_submit_dry_run_prints_the_resolved_job():
     assert done.returncode == 0, done.stderr[-2000:]
     printed = yaml.safe_load(done.stdout)
     assert printed["type"] == "pipeline"
-    assert "components/finetune/main.py" in printed["jobs"]["finetune"]["component"]["command"]
+    assert "mmdet_mlflow.cli finetune" in printed["jobs"]["finetune"]["component"]["command"]
