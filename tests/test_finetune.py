@@ -19,7 +19,8 @@ from helpers import TINY, b64
 
 from mmdet_mlflow import cli
 from mmdet_mlflow.synth import CLASSES, generate
-from mmdet_mlflow.training import FinetuneError, FinetuneSettings, finetune, quick_cpu_recipe
+from mmdet_mlflow.training import (FinetuneError, FinetuneSettings, finetune, finetuned_classes,
+                                   quick_cpu_recipe)
 from mmdet_mlflow.training.start import adapt_weights
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -96,6 +97,7 @@ def test_finetune_coco_checkpoint_on_jsonl_gives_servable_model_with_new_classes
     assert start["bbox_head.rtm_cls.0.weight"].shape[0] == 80
     assert not torch.equal(weights["backbone.stem.0.conv.weight"], start["backbone.stem.0.conv.weight"])
     assert json.loads((out / "pytorch_model_folder" / "model.json").read_text())["classes"] == CLASSES
+    assert finetuned_classes(out) == CLASSES
     # published like any result: readable by others, directories listable (not mkstemp's 0600/0700)
     for path in [out / "pytorch_model_folder", *(out / "pytorch_model_folder").iterdir(),
                  out / "mlflow_model_folder", out / "mlflow_model_folder" / "MLmodel",
@@ -279,6 +281,17 @@ def test_bad_data_stops_before_training_naming_the_file(fridge, tmp_path, capsys
     err = capsys.readouterr().err
     assert str(bad) in err and "kan" in err
     assert not (tmp_path / "o" / "checkpoints").exists()
+
+
+def test_the_finetune_command_loads_no_training_library_until_it_trains():
+    """The CLI imports the package to build its options: torch, mmengine and mlflow load only
+    when finetune() runs (they take seconds)."""
+    code = ("import sys; import mmdet_mlflow.training, mmdet_mlflow.commands.finetune; "
+            "print([m for m in ('torch', 'mmengine', 'mmdet', 'mlflow') if m in sys.modules])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env=subprocess_env("sqlite://"))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
 
 
 def test_quick_cpu_recipe_is_a_valid_setting():

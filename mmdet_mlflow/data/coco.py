@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from pycocotools import mask as mask_utils
+
 from mmdet_mlflow.data.dataset import Dataset, ImageRecord, Instance
 from mmdet_mlflow.data.paths import OutsideDataFolder, image_path, path_text
 from mmdet_mlflow.data.problems import DataError, Problems
@@ -85,8 +87,6 @@ def _images(doc: dict, where: str, folder: Path, problems: Problems, validate: b
 
 def _annotations(doc: dict, where: str, records: dict[int, ImageRecord], name_of: dict[int, str],
                  broken_categories: set, problems: Problems) -> None:
-    from pycocotools import mask as mask_utils
-
     from scoring.encode import mask_polygons
 
     for i, ann in enumerate(doc["annotations"]):
@@ -152,8 +152,6 @@ def _with_classes(dataset: Dataset, classes: list[str], source) -> Dataset:
 
 
 def _compressed_rle(seg: dict, height: int, width: int) -> dict:
-    from pycocotools import mask as mask_utils
-
     size = list(seg["size"])
     if size != [height, width]:
         raise ValueError(f"size {size} differs from the image's [height, width] [{height}, {width}]")

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from pycocotools import mask as mask_utils
 
 
 @dataclass
@@ -20,8 +21,6 @@ class Instance:
     def bbox(self) -> tuple[float, float, float, float]:
         """x, y, w, h in pixels."""
         if self.rle is not None:
-            from pycocotools import mask as mask_utils
-
             return tuple(float(v) for v in mask_utils.toBbox(self.rle))
         points = np.concatenate([np.asarray(s, dtype=np.float64) for s in self.polygons]).reshape(-1, 2)
         x0, y0 = points.min(axis=0)
@@ -34,8 +33,6 @@ class Instance:
 
     def area(self, height: int, width: int) -> float:
         """Mask area in pixels, as pycocotools computes it (what COCOeval uses)."""
-        from pycocotools import mask as mask_utils
-
         if self.rle is not None:
             rle = dict(self.rle)
             rle["counts"] = rle["counts"].encode() if isinstance(rle["counts"], str) else rle["counts"]

@@ -56,12 +56,12 @@ def finetune(training_data, validation_data, output_dir, *, model=None, config=N
     # package, which the CLI imports to build its options.
     import torch
 
-    from mmdet_mlflow.training import tracking
     from mmdet_mlflow.training.checkpoints import best_checkpoint, latest_checkpoint, load_training_checkpoint
     from mmdet_mlflow.training.config import build_config
     from mmdet_mlflow.training.distributed import join_process_group, main_first
     from mmdet_mlflow.training.export import export_models
     from mmdet_mlflow.training.runner import FinetuneRunner
+    from mmdet_mlflow.training.tracking import TrainingMonitorHook, TrainingRun
 
     settings = settings or FinetuneSettings()
     settings.check()
@@ -112,13 +112,13 @@ def finetune(training_data, validation_data, output_dir, *, model=None, config=N
         print(f"finetune: {note}", file=sys.stderr)
     run_info.update(start=start.description, classes=data.classes, settings=settings.as_params(),
                     world_size=processes.world_size, device=device)
-    with tracking.TrainingRun(out.folder, run_info, enabled=track) as run:
+    with TrainingRun(out.folder, run_info, enabled=track) as run:
         run_info["mlflow_run_id"] = run.run_id
         atomic_write_json(out.run_info, run_info)
         if resume_from is None:
             run.log_params(settings, start, data, processes.world_size, device)
-        hook = tracking.TrainingMonitorHook(run, out.folder, settings.metric_for_best_model,
-                                            progress=progress, resumed=resume_from is not None)
+        hook = TrainingMonitorHook(run, out.folder, settings.metric_for_best_model,
+                                   progress=progress, resumed=resume_from is not None)
         runner.register_hook(hook, priority="VERY_LOW")
         try:
             _train(runner)

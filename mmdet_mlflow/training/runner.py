@@ -16,7 +16,7 @@ from mmengine.logging import HistoryBuffer
 from mmengine.registry import LOOPS
 from mmengine.runner import EpochBasedTrainLoop, Runner
 
-from mmdet_mlflow.training import validation  # noqa: F401  (registers ValidationMetric)
+from mmdet_mlflow.training.validation import ValidationMetric  # noqa: F401  (registers it with mmdet)
 from mmdet_mlflow.training.start import StartingPoint, adapt_weights
 
 _BUFFER_MARK = "__history_buffer__"

@@ -97,11 +97,9 @@ class TrainingRun:
             mlflow.set_tags({k: str(v)[:5000] for k, v in tags.items()})
 
     def log_metrics(self, metrics: dict, step: int, now: bool = False) -> None:
-        """Queue ``metrics`` at ``step`` (undefined ones, -1 by COCO's convention, are left out,
-        as evaluation leaves them out); written in batches."""
+        """Queue ``metrics`` at ``step``; they are written in batches."""
         if not self.enabled:
             return
-        metrics = {k: v for k, v in metrics.items() if v >= 0}
         timestamp = int(time.time() * 1000)
         self._pending += [Metric(k, float(v), timestamp, int(step)) for k, v in metrics.items()]
         if now or len(self._pending) >= FLUSH_EVERY_STEPS * 6 or \
@@ -265,7 +263,8 @@ class TrainingMonitorHook(Hook):
         entry = dict(kind="epoch", epoch=runner.epoch, step=runner.iter, **named)
         self.epochs.append(entry)
         self._record(entry)
-        self.run.log_metrics(named, runner.iter, now=True)
+        # undefined values (-1, COCO's convention) stay in the history, not in MLflow: as evaluate
+        self.run.log_metrics({k: v for k, v in named.items() if v >= 0}, runner.iter, now=True)
         self.write_plot()
         shown = ", ".join(f"{k} {named[k]:.4f}" for k in HEADLINE_METRICS if k in named)
         self._bar.write(f"epoch {runner.epoch}: {shown}", file=sys.stderr)
