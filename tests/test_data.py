@@ -207,6 +207,7 @@ def test_confined_image_paths_stay_in_the_annotation_folder(tmp_path):
 def test_a_datastore_uri_never_leaves_the_annotation_folder(tmp_path):
     data = tmp_path / "data"
     write_image(tmp_path / "secret.png", 200, 100)
+    data.mkdir()
     jsonl = write_lines(data / "t.jsonl", [row("AmlDatastore://workspaceblobstore/../secret.png")])
     with pytest.raises(DataError, match="outside the data folder"):
         load_dataset(jsonl)
