@@ -54,6 +54,9 @@ def tracking_uri(tmp_path, monkeypatch) -> str:
     from mlflow.tracking._tracking_service import utils
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # A sqlite store keeps its artifacts in ./mlruns of the working directory: the test's, not
+    # the repository (subprocesses inherit it).
+    monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setattr(utils, "_tracking_uri", uri)
     return uri
