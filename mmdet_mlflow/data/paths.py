@@ -25,11 +25,14 @@ import re
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+from scoring.errors import MmdetMlflowError
+
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+://")
 
 
-class OutsideDataFolder(ValueError):
-    """An image reference that resolves outside the folder it must stay in."""
+class OutsideDataFolder(MmdetMlflowError, ValueError):
+    """An image reference that resolves outside the folder it must stay in (the readers report
+    it as one of a DataError's problems)."""
 
 
 def image_path(value: str, folder: Path, confine: bool = False) -> Path:
