@@ -1,13 +1,13 @@
 """Fine-tuning benchmark (not a test). Two numbers, each measured in this run:
 
 (a) wrapper overhead: the mean training-step time of mmengine's bare Runner on the same config
-    and data, divided by ours (``mmdet_mlflow.finetune.finetune``, with its hooks, progress bar
+    and data, divided by ours (``mmdet_mlflow.training.finetune``, with its hooks, progress bar
     and MLflow tracking). Higher is better: 1.0 = no overhead, >= 0.95 = our steps take at most
     ~5 % longer. Runs alternate (bare, ours, bare, ours, ...) so machine load hits both alike;
     the same hook times both (mmengine's step timer, wall clock), and the process CPU time per
     step is reported beside it (less sensitive to other load on a shared machine).
 (b) quality: the tiny model trained from scratch with the quick CPU recipe (the demo's) on a
-    few hundred synthetic images; mask mAP@[.5:.95] on the synthetic validation set, with the
+    few hundred synthetic images; segm_AP (mask mAP@[.5:.95]) on the synthetic validation set, with the
     wall and CPU time it took.
 
     python bench/finetune.py [--part a|b|all] [--rounds 3] [--threads N] [--work DIR]
@@ -27,9 +27,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mmdet_mlflow.finetune import (QUICK_CPU_CONFIG, FinetuneSettings, StartingPoint,  # noqa: E402
-                                   build_config, finetune, prepare_data, quick_cpu_recipe)
-from mmdet_mlflow.finetune_tracking import mean_step_time, step_seconds  # noqa: E402
+from mmdet_mlflow.training import QUICK_CPU_CONFIG, FinetuneSettings, finetune, quick_cpu_recipe  # noqa: E402
+from mmdet_mlflow.training.config import build_config  # noqa: E402
+from mmdet_mlflow.training.data_prep import prepare_data  # noqa: E402
+from mmdet_mlflow.training.start import StartingPoint  # noqa: E402
+from mmdet_mlflow.training.tracking import mean_step_time, step_seconds  # noqa: E402
 from mmdet_mlflow.synth import generate  # noqa: E402
 
 OVERHEAD_IMAGES = 80          # 64 training images: 8 steps an epoch at batch 8
@@ -87,7 +89,9 @@ def part_a(work: Path, rounds: int) -> dict:
     if not (data_dir / "train.jsonl").is_file():
         generate(data_dir, num_images=OVERHEAD_IMAGES, seed=1, progress=False)
     settings = quick_cpu_recipe(number_of_epochs=OVERHEAD_EPOCHS)
-    data = prepare_data(data_dir / "train.jsonl", data_dir / "validation.jsonl", work / "overhead-coco")
+    coco = work / "overhead-coco"
+    data = prepare_data(data_dir / "train.jsonl", data_dir / "validation.jsonl",
+                        (coco / "train.coco.json", coco / "validation.coco.json"))
     runs = {"bare": [], "ours": []}
     for i in range(rounds):
         for name, run in (("bare", lambda: bare_runner(data, settings, work / f"bare-{i}")),
@@ -151,10 +155,10 @@ def main() -> int:
     if args.part in ("b", "all"):
         report["quality"] = b = part_b(work)
         best = b["best"] or {}
-        print(f"(b) tiny from scratch, {QUALITY_IMAGES} synthetic images, quick CPU recipe: mask "
-              f"mAP@[.5:.95] {best.get('mean_average_precision', 0):.4f} (mAP@.5 "
-              f"{best.get('mean_average_precision_50', 0):.4f}, box mAP "
-              f"{best.get('bbox_mean_average_precision', 0):.4f}) at epoch {best.get('epoch')} in "
+        print(f"(b) tiny from scratch, {QUALITY_IMAGES} synthetic images, quick CPU recipe: "
+              f"segm_AP {best.get('segm_AP', 0):.4f} (segm_AP50 "
+              f"{best.get('segm_AP50', 0):.4f}, bbox_AP "
+              f"{best.get('bbox_AP', 0):.4f}) at epoch {best.get('epoch')} in "
               f"{b['wall_seconds'] / 60:.1f} min wall, {b['cpu_seconds'] / 60:.1f} min CPU; "
               f"recipe {json.dumps(b['recipe'])}")
     (work / "bench-finetune.json").write_text(json.dumps(report, indent=2, default=str))

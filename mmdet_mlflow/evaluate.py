@@ -11,6 +11,8 @@ Masks are the model's own (``ImageDetections.iter_masks``) encoded as RLE, not t
 polygons of the public response; ``segm_from_polygons`` scores those polygons (rasterized back
 with pycocotools) so the cost of the polygon output is visible.
 
+Metric names (Azure's keep Azure's meaning, COCO's are ``segm_AP``, ...): docs/metrics.md.
+
 Test data (AutoML JSONL, MLTable folder or COCO JSON; see mmdet_mlflow.data):
 - labels are matched to the model's classes by name; an annotated label the model does not know
   is an error (it could never be found); predictions of model classes the test data does not
@@ -25,16 +27,22 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import sys
-import tempfile
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from mmdet_mlflow.metrics import (DEFINITIONS, EvaluationError, azure_metrics, coco_api,
-                                  coco_evaluate, coco_stats)
+import mlflow_model
+from mlflow_model.model_dir import ModelDir
+from mmdet_mlflow.data import load_dataset, to_coco
+from mmdet_mlflow.files import atomic_write_json, atomic_write_text
+from mmdet_mlflow.metrics import (AZURE_BOX_SCORE_THRESHOLD, AZURE_IOU_THRESHOLD, AZURE_METRIC_NAMES,
+                                  DEFINITIONS, EvaluationError, azure_metrics, coco_api,
+                                  coco_evaluate, coco_metric_names, coco_stats)
+from mmdet_mlflow.plots import pr_curves, sample_grid
 
 METRICS_FILE = "metrics.json"
 GROUND_TRUTH_FILE = "ground_truth.json"
@@ -46,15 +54,13 @@ DEFAULT_MAP_SCORE_THRESHOLD = 0.05  # RTMDet-Ins configs' score_thr
 DEFAULT_SAMPLES = 8
 
 
-def evaluate(model_dir, test_data, output_dir, iou_threshold: float = 0.5,
-             box_score_threshold: float = 0.3, batch_size: int | None = None,
+def evaluate(model_dir, test_data, output_dir, iou_threshold: float = AZURE_IOU_THRESHOLD,
+             box_score_threshold: float = AZURE_BOX_SCORE_THRESHOLD, batch_size: int | None = None,
              map_score_threshold: float | None = None, num_samples: int = DEFAULT_SAMPLES,
-             progress: bool = True) -> dict:
+             progress: bool = True, confine_images: bool = False) -> dict:
     """Evaluate ``model_dir`` (saved by ``package``) on ``test_data``; write everything to
-    ``output_dir`` and return the metrics.json document."""
-    import mlflow_model
-    from mmdet_mlflow.data import load_dataset, to_coco
-
+    ``output_dir`` and return the metrics.json document. ``confine_images``: refuse test images
+    outside the test data's folder (mmdet_mlflow.data.paths)."""
     for name, value in (("iou_threshold", iou_threshold), ("box_score_threshold", box_score_threshold)):
         if not 0.0 <= value <= 1.0:
             raise EvaluationError(f"{name} must be between 0 and 1, got {value}")
@@ -63,13 +69,13 @@ def evaluate(model_dir, test_data, output_dir, iou_threshold: float = 0.5,
                               f"({box_score_threshold}), got {map_score_threshold}: precision and "
                               f"recall are read from the predictions scored for AP")
     model_dir, test_data, output_dir = Path(model_dir), Path(test_data), Path(output_dir)
-    data_dir = model_dir / mlflow_model.MODEL_DATA_DIR
-    if not (data_dir / mlflow_model.MODEL_INFO_FILE).is_file():
+    weights = ModelDir(model_dir).data
+    if not weights.info_file.is_file():
         raise EvaluationError(f"{model_dir} is not a model directory saved by `mmdet-mlflow package` "
-                              f"(no {mlflow_model.MODEL_DATA_DIR}/{mlflow_model.MODEL_INFO_FILE})")
+                              f"(no {weights.info_file.relative_to(model_dir)})")
 
-    dataset = load_dataset(test_data)
-    model_classes = json.loads((data_dir / mlflow_model.MODEL_INFO_FILE).read_text())["classes"]
+    dataset = load_dataset(test_data, confine_images=confine_images)
+    model_classes = weights.read_info()["classes"]
     category_of = _category_ids(dataset, model_classes, test_data)
     data_folder = test_data if test_data.is_dir() else test_data.parent
     ground_truth = to_coco(dataset, relative_to=data_folder.absolute())
@@ -82,7 +88,7 @@ def evaluate(model_dir, test_data, output_dir, iou_threshold: float = 0.5,
     gt_text = json.dumps(ground_truth)
     coco_api(json.loads(gt_text))  # refuses a ground truth COCOeval would choke on, before scoring
 
-    segmenter = mlflow_model.load_segmenter(data_dir, batch_size=batch_size)
+    segmenter = mlflow_model.load_segmenter(weights.path, batch_size=batch_size)
     if map_score_threshold is None:
         configured = segmenter.configured_score_threshold or DEFAULT_MAP_SCORE_THRESHOLD
         map_score_threshold = min(float(configured), box_score_threshold)
@@ -94,11 +100,11 @@ def evaluate(model_dir, test_data, output_dir, iou_threshold: float = 0.5,
                     sample_indices, progress)
 
     output_dir.mkdir(parents=True, exist_ok=True)
-    _write_text(output_dir / GROUND_TRUTH_FILE, gt_text)
+    atomic_write_text(output_dir / GROUND_TRUTH_FILE, gt_text)
     stats, evaluators = {}, {}
     for iou_type, file_name in PREDICTION_FILES.items():
         text = json.dumps(scored.results[iou_type])
-        _write_text(output_dir / file_name, text)
+        atomic_write_text(output_dir / file_name, text)
         evaluators[iou_type] = coco_evaluate(coco_api(json.loads(gt_text)), json.loads(text),
                                              iou_type.split("_")[0])
         stats[iou_type] = coco_stats(evaluators[iou_type])
@@ -115,9 +121,7 @@ def evaluate(model_dir, test_data, output_dir, iou_threshold: float = 0.5,
         "bbox": stats["bbox"],
         "segm": stats["segm"],
         "segm_from_polygons": stats["segm_from_polygons"],
-        "mean_average_precision": azure["mean_average_precision"],
-        "precision": azure["precision"],
-        "recall": azure["recall"],
+        **{name: azure[name] for name in AZURE_METRIC_NAMES},
         "per_label_metrics": azure["per_label_metrics"],
         "confusion_matrix": azure["confusion_matrix"],
         "settings": {
@@ -135,12 +139,10 @@ def evaluate(model_dir, test_data, output_dir, iou_threshold: float = 0.5,
         "definitions": DEFINITIONS,
     }
 
-    from mmdet_mlflow.plots import pr_curves, sample_grid
-
     pr_curves(evaluators["segm"], azure["evaluator"], azure["per_label_metrics"],
               output_dir / PR_CURVES_FILE)
     sample_grid(scored.samples, box_score_threshold, output_dir / SAMPLES_FILE)
-    _write_json(output_dir / METRICS_FILE, document, indent=2)
+    atomic_write_json(output_dir / METRICS_FILE, document, indent=2)
     _log_to_mlflow(document, output_dir)
     return document
 
@@ -270,30 +272,12 @@ def _spread(count: int, wanted: int) -> list[int]:
     return sorted({int(round(i)) for i in np.linspace(0, count - 1, min(wanted, count))})
 
 
-def _write_text(path: Path, text: str) -> None:
-    """Temporary file + rename: a crash never leaves a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; these are results to share
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _write_json(path: Path, document, indent: int | None = None) -> None:
-    _write_text(path, json.dumps(document, indent=indent))
-
-
 def mlflow_metrics(document: dict) -> dict[str, float]:
     """metrics.json's numbers under MLflow metric names; undefined (-1) values are left out."""
-    import re
-
-    flat = {f"{section}_{name}": value for section in ("bbox", "segm", "segm_from_polygons")
-            for name, value in document[section].items()}
-    for name in ("mean_average_precision", "precision", "recall"):
+    flat = {}
+    for section in ("bbox", "segm", "segm_from_polygons"):
+        flat.update(coco_metric_names(section, document[section]))
+    for name in AZURE_METRIC_NAMES:
         flat[name] = document[name]
     for label, values in document["per_label_metrics"].items():
         safe = re.sub(r"[^\w\-. ]", "_", label)

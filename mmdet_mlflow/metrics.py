@@ -10,6 +10,10 @@ Conventions (also written into metrics.json as ``definitions``):
   order each take the unmatched ground truth with the highest IoU >= the threshold; a detection
   that matches a crowd region is ignored (neither true nor false positive); at most 100
   detections per image and class count (COCO's maxDets).
+
+The names every metric goes by, here, in fine-tuning and in MLflow, are in docs/metrics.md:
+Azure's names keep Azure's meaning (``AZURE_METRIC_NAMES``); COCO's stats are
+``<bbox|segm>_<COCOeval stat>`` (``coco_metric_names``), never Azure's names.
 """
 from __future__ import annotations
 
@@ -19,11 +23,18 @@ from typing import Sequence
 
 import numpy as np
 
+from scoring.errors import MmdetMlflowError
+
 # COCOeval.summarize()'s stats, in its order.
 COCO_STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl",
                    "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 BACKGROUND = "background"
 UNDEFINED = -1.0
+# Azure's metric names, with Azure's meaning: mask AP at one IoU threshold, precision and recall
+# at one score threshold (azure_metrics). Azure's defaults for the two thresholds:
+AZURE_METRIC_NAMES = ("mean_average_precision", "precision", "recall")
+AZURE_IOU_THRESHOLD = 0.5
+AZURE_BOX_SCORE_THRESHOLD = 0.3
 
 DEFINITIONS = {
     "undefined": "-1 means undefined (COCO's convention): AP or recall of a label without ground "
@@ -53,7 +64,7 @@ DEFINITIONS = {
 }
 
 
-class EvaluationError(ValueError):
+class EvaluationError(MmdetMlflowError, ValueError):
     """Test data or predictions that cannot be evaluated; the message says what and where."""
 
 
@@ -140,6 +151,17 @@ def coco_evaluate(gt_api, results: list[dict], iou_type: str):
 
 def coco_stats(evaluator) -> dict[str, float]:
     return {name: float(v) for name, v in zip(COCO_STAT_NAMES, evaluator.stats)}
+
+
+def coco_metric_name(section: str, stat: str) -> str:
+    """A COCO stat's metric name: ``segm_AP``, ``segm_AP50``, ``bbox_AR100``, ... (``section``:
+    bbox, segm or segm_from_polygons)."""
+    return f"{section}_{stat}"
+
+
+def coco_metric_names(section: str, stats: dict[str, float]) -> dict[str, float]:
+    """``coco_stats`` under their metric names (``coco_metric_name``)."""
+    return {coco_metric_name(section, stat): value for stat, value in stats.items()}
 
 
 def _at_iou_threshold(base, iou_threshold: float):

@@ -14,7 +14,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from mmdet_mlflow.data import Dataset, ImageRecord, Instance, write_coco, write_jsonl, write_mltable
+from mmdet_mlflow.data import (Dataset, ImageRecord, Instance, response_boxes, write_coco, write_jsonl,
+                               write_mltable)
+from mmdet_mlflow.files import atomic_write_bytes
+from mmdet_mlflow.plots import write_image
+from mmdet_mlflow.visualize import draw_detections
 
 CLASSES = ["can", "carton", "milk_bottle", "water_bottle"]
 IMAGE_SIZES = [(480, 360), (512, 384), (560, 420), (640, 480)]
@@ -345,9 +349,7 @@ def generate(output, num_images: int = 200, seed: int = 0, validation_fraction: 
         path = images_dir / f"{index + 1:0{digits}d}.jpg"
         ok, encoded = cv2.imencode(".jpg", scene.image, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
         assert ok
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_bytes(encoded.tobytes())
-        tmp.replace(path)
+        atomic_write_bytes(path, encoded.tobytes())
         height, width = scene.image.shape[:2]
         records.append(ImageRecord(path=path, width=width, height=height,
                                    instances=scene_instances(scene), image_id=index + 1))
@@ -365,9 +367,6 @@ def generate(output, num_images: int = 200, seed: int = 0, validation_fraction: 
 
 def write_preview(dataset: Dataset, path: Path, count: int = 6, columns: int = 3, tile_width: int = 400):
     """A PNG grid of the first images with their ground truth drawn (what the set looks like)."""
-    from mmdet_mlflow.data import response_boxes
-    from mmdet_mlflow.visualize import draw_detections
-
     tiles = []
     for record in dataset.images[:count]:
         drawn = draw_detections(cv2.imread(str(record.path)), response_boxes(record))
@@ -378,7 +377,4 @@ def write_preview(dataset: Dataset, path: Path, count: int = 6, columns: int = 3
     while len(tiles) % columns:
         tiles.append(np.full_like(tiles[0], 255))
     rows = [np.hstack(tiles[i:i + columns]) for i in range(0, len(tiles), columns)]
-    ok, encoded = cv2.imencode(".png", np.vstack(rows))
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(encoded.tobytes())
-    tmp.replace(path)
+    write_image(path, np.vstack(rows))

@@ -179,6 +179,63 @@ def test_image_paths_resolve_against_the_annotation_folder(tmp_path):
     assert [r.path for r in load_dataset(table / "MLTable").images] == [a, b, a, c, d]
 
 
+def test_confined_image_paths_stay_in_the_annotation_folder(tmp_path):
+    """By default an image may be anywhere (the test above); confined (the CLI's
+    --confine-images, the Azure fine-tune component), only inside the annotation file's folder."""
+    data = tmp_path / "data"
+    a = write_image(data / "images" / "a.png", 200, 100)
+    write_image(tmp_path / "elsewhere" / "b.png", 200, 100)
+    inside = [row("images/a.png"), row(str(a)), row("images/../images/a.png"), row(f"file://{a}")]
+    assert [r.path for r in load_dataset(write_lines(data / "ok.jsonl", inside), confine_images=True).images] == [a] * 4
+    outside = ["../elsewhere/b.png", str(tmp_path / "elsewhere" / "b.png"), f"file://{tmp_path}/elsewhere/b.png",
+               "images/../../elsewhere/b.png"]
+    jsonl = write_lines(data / "t.jsonl", [row(url) for url in outside])
+    with pytest.raises(DataError) as caught:
+        load_dataset(jsonl, confine_images=True)
+    assert len(caught.value.problems) == len(outside)
+    for line, problem in enumerate(caught.value.problems, 1):
+        assert problem.startswith(f"{jsonl}:{line}: image_url: ") and f"outside the data folder {data}" in problem
+
+    coco = coco_doc(data)
+    doc = json.loads(coco.read_text())
+    doc["images"][0]["file_name"] = "../elsewhere/b.png"
+    coco.write_text(json.dumps(doc))
+    with pytest.raises(DataError, match=r"images\[0\] \(id 42\): file_name: .*outside the data folder"):
+        load_dataset(coco, confine_images=True)
+
+
+def test_a_datastore_uri_never_leaves_the_annotation_folder(tmp_path):
+    data = tmp_path / "data"
+    write_image(tmp_path / "secret.png", 200, 100)
+    data.mkdir()
+    jsonl = write_lines(data / "t.jsonl", [row("AmlDatastore://workspaceblobstore/../secret.png")])
+    with pytest.raises(DataError, match="outside the data folder"):
+        load_dataset(jsonl)
+
+
+def write_png_header(path: Path, width: int, height: int) -> Path:
+    """A PNG that claims ``width`` x ``height`` pixels and holds none (a decompression bomb's
+    header: PIL refuses it on opening, before decoding anything)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+    return path
+
+
+def test_a_decompression_bomb_is_a_data_error_naming_the_file(tmp_path):
+    bomb = write_png_header(tmp_path / "images" / "bomb.png", 30000, 30000)
+    jsonl = write_lines(tmp_path / "t.jsonl", [row("images/bomb.png", 30000, 30000)])
+    with pytest.raises(DataError) as caught:
+        load_dataset(jsonl)
+    assert str(caught.value).startswith(f"{jsonl}:1: image_url: image {bomb} is too large to decode safely")
+
+
 def test_hand_written_mltable_with_azure_layout(tmp_path):
     write_image(tmp_path / "images" / "a.png", 200, 100)
     write_lines(tmp_path / "train_annotations.jsonl", [row()])
@@ -347,6 +404,10 @@ def test_written_files_are_complete_or_absent(tmp_path):
     with pytest.raises(DataError, match="label 'can' is not one of the dataset's classes"):
         write_coco(dataset, tmp_path / "x.json")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]   # no leftovers
+    dataset.classes = ["can"]
+    written = [write_coco(dataset, tmp_path / "x.json"), write_jsonl(dataset, tmp_path / "x.jsonl"),
+               write_mltable(tmp_path / "table", tmp_path / "x.jsonl") / "MLTable"]
+    assert [p.stat().st_mode & 0o777 for p in written] == [0o644] * 3   # results to share, not mkstemp's 0600
 
 
 def test_mmdet_reads_our_coco_as_written(synth_dir, tmp_path):

@@ -14,6 +14,13 @@ from mmdet_mlflow import metrics
 W, H = 100, 80
 
 
+@pytest.fixture(autouse=True)
+def artifacts_outside_the_repository(tmp_path, monkeypatch):
+    """The suite's sqlite tracking store keeps logged artifacts in ./mlruns of the working
+    directory: make that the test's own folder."""
+    monkeypatch.chdir(tmp_path)
+
+
 def _rect(x, y, w, h):
     return [float(x), float(y), float(x + w), float(y), float(x + w), float(y + h), float(x), float(y + h)]
 

@@ -18,9 +18,10 @@ import torch
 from helpers import TINY, b64
 
 from mmdet_mlflow import cli
-from mmdet_mlflow.finetune import (FinetuneError, FinetuneSettings, adapt_weights, finetune,
-                                   quick_cpu_recipe)
 from mmdet_mlflow.synth import CLASSES, generate
+from mmdet_mlflow.training import (FinetuneError, FinetuneSettings, finetune, finetuned_classes,
+                                   quick_cpu_recipe)
+from mmdet_mlflow.training.start import adapt_weights
 
 ROOT = Path(__file__).resolve().parent.parent
 # Small and fast: 8 training images, 128-pixel input, 4 images a step.
@@ -53,6 +54,9 @@ def tracking_uri(tmp_path, monkeypatch) -> str:
     from mlflow.tracking._tracking_service import utils
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # A sqlite store keeps its artifacts in ./mlruns of the working directory: the test's, not
+    # the repository (subprocesses inherit it).
+    monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setattr(utils, "_tracking_uri", uri)
     return uri
@@ -96,6 +100,21 @@ def test_finetune_coco_checkpoint_on_jsonl_gives_servable_model_with_new_classes
     assert start["bbox_head.rtm_cls.0.weight"].shape[0] == 80
     assert not torch.equal(weights["backbone.stem.0.conv.weight"], start["backbone.stem.0.conv.weight"])
     assert json.loads((out / "pytorch_model_folder" / "model.json").read_text())["classes"] == CLASSES
+    assert finetuned_classes(out) == CLASSES
+    # published like any result: readable by others, directories listable (not mkstemp's 0600/0700)
+    for path in [out / "pytorch_model_folder", *(out / "pytorch_model_folder").iterdir(),
+                 out / "mlflow_model_folder", out / "mlflow_model_folder" / "MLmodel",
+                 out / "metrics.json", out / "run.json", out / "training_curves.png"]:
+        assert path.stat().st_mode & 0o777 == (0o755 if path.is_dir() else 0o644), path
+
+    # validation metrics under docs/metrics.md's names: Azure's mean_average_precision is mask AP
+    # at IoU 0.5 (COCO's segm_AP50), never COCO's mAP@[.5:.95] (segm_AP)
+    for epoch in result.epochs:
+        assert {"mean_average_precision", "precision", "recall", "segm_AP", "segm_AP50",
+                "bbox_AP"} <= set(epoch)
+        assert epoch["mean_average_precision"] == pytest.approx(epoch["segm_AP50"], abs=1e-9)
+    log = (out / "evaluation.log").read_text()
+    assert "Average Precision" in log and "mean_average_precision" in log
 
     # mlflow_model_folder: loads and predicts with the synthetic class names.
     model = mlflow.pyfunc.load_model(str(out / "mlflow_model_folder"))
@@ -112,6 +131,7 @@ def test_finetune_coco_checkpoint_on_jsonl_gives_servable_model_with_new_classes
     assert run.data.params["learning_rate"] == "0.001" and run.data.params["image_size"] == "128"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4]
     assert len(client.get_metric_history(run.info.run_id, "mean_average_precision")) == 2
+    assert len(client.get_metric_history(run.info.run_id, "segm_AP")) == 2
     assert "training_curves.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
     logged = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
     assert any(m.source_run_id == run.info.run_id for m in logged)
@@ -244,6 +264,15 @@ def test_bad_settings_are_refused_with_the_reason(change, message):
         FinetuneSettings(**change).check()
 
 
+def test_metric_for_best_model_takes_azure_and_coco_names_and_names_renamed_ones():
+    for name in ("mean_average_precision", "recall", "segm_AP", "segm_AP50", "bbox_AP", "segm_AR100"):
+        FinetuneSettings(metric_for_best_model=name).check()
+    with pytest.raises(FinetuneError, match="mean_average_precision_50 is now called segm_AP50"):
+        FinetuneSettings(metric_for_best_model="mean_average_precision_50").check()
+    with pytest.raises(FinetuneError, match="got 'segm_mAP'"):
+        FinetuneSettings(metric_for_best_model="segm_mAP").check()
+
+
 def test_bad_data_stops_before_training_naming_the_file(fridge, tmp_path, capsys):
     bad = tmp_path / "validation.jsonl"
     text = (fridge / "validation.jsonl").read_text().replace("images/", str(fridge / "images") + "/")
@@ -257,13 +286,40 @@ def test_bad_data_stops_before_training_naming_the_file(fridge, tmp_path, capsys
     assert not (tmp_path / "o" / "checkpoints").exists()
 
 
+def test_the_finetune_command_loads_no_training_library_until_it_trains():
+    """The CLI imports the package to build its options: torch, mmengine and mlflow load only
+    when finetune() runs (they take seconds)."""
+    code = ("import sys; import mmdet_mlflow.training, mmdet_mlflow.commands.finetune; "
+            "print([m for m in ('torch', 'mmengine', 'mmdet', 'mlflow') if m in sys.modules])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env=subprocess_env("sqlite://"))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
 def test_quick_cpu_recipe_is_a_valid_setting():
     recipe = quick_cpu_recipe(number_of_epochs=3)
     recipe.check()
     assert recipe.number_of_epochs == 3 and recipe.image_size == 256
 
 
-def test_component_spec_loads_and_its_command_parses():
+def component_argv(component, values: dict) -> list[str]:
+    """The component's command line as Azure ML builds it: ``$[[...]]`` parts only for the
+    inputs given in ``values``, every ``${{inputs.x}}``/``${{outputs.x}}`` replaced by its value."""
+    command = " ".join(component.command.split())
+
+    def optional(match):
+        names = re.findall(r"\$\{\{(?:inputs|outputs)\.(\w+)\}\}", match.group(1))
+        return match.group(1) if all(n in values for n in names) else ""
+
+    command = re.sub(r"\$\[\[(.*?)\]\]", optional, command)
+    command = re.sub(r"\$\{\{(?:inputs|outputs)\.(\w+)\}\}", lambda m: str(values[m.group(1)]), command)
+    argv = command.split()
+    assert argv[:4] == ["python", "-m", "mmdet_mlflow.cli", "finetune"], argv
+    return argv[3:]
+
+
+def test_component_spec_loads_and_runs_the_cli_with_its_options():
     from azure.ai.ml import load_component
 
     component = load_component(str(ROOT / "components" / "finetune" / "spec.yaml"))
@@ -275,19 +331,39 @@ def test_component_spec_loads_and_its_command_parses():
                  "image_min_size", "image_max_size", "metric_for_best_model", "precision"):
         assert name in component.inputs, name
 
-    sys.path.insert(0, str(ROOT / "components" / "finetune"))
-    try:
-        import main
-    finally:
-        sys.path.pop(0)
-    # Every option the command can pass, with a value of the input's type.
-    argv = []
-    for flag, source in re.findall(r"(--[\w-]+) \$\{\{(inputs|outputs)\.\w+\}\}", component.command):
-        name = flag[2:].replace("-", "_")
-        spec = component.inputs.get(name) if source == "inputs" else None
-        value = {"integer": "3", "number": "0.5"}.get(getattr(spec, "type", ""), "x")
-        argv += [flag, "32" if name == "precision" else value]
-    args = main.parse_args(argv)
-    settings = main.settings_from_args(args)
+    # Every input given, each with a value of its type: the CLI's own parser takes them all.
+    values = {name: {"integer": "3", "number": "0.5"}.get(spec.type, "x")
+              for name, spec in component.inputs.items()}
+    values.update(precision="32", metric_for_best_model="segm_AP", checkpoint="official",
+                  mlflow_model="m", pytorch_model="p", model_name="cfg")
+    values.update({name: "x" for name in component.outputs})
+    argv = component_argv(component, values)
+    args = cli.build_parser().parse_args(argv)
+    from mmdet_mlflow.commands.finetune import settings_from_args, start_point
+
+    settings = settings_from_args(args)
     assert settings.number_of_epochs == 3 and settings.learning_rate == 0.5
-    assert args.mlflow_model_folder == "x" and args.output == "x"
+    assert settings.metric_for_best_model == "segm_AP"
+    assert args.mlflow_model_folder == "x" and args.output == "x" and args.confine_images
+    assert start_point(args) == ("m", None, None)      # mlflow_model wins, as the pipeline says
+
+
+def test_component_reports_bad_data_in_one_line(fridge, tmp_path, capsys):
+    """What Azure runs, with data whose image_url leaves the data folder: exit code 2 and one
+    line naming the file, no traceback."""
+    from azure.ai.ml import load_component
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text((fridge / "train.jsonl").read_text().replace(
+        '"images/', '"' + str(fridge / "images") + "/"))
+    component = load_component(str(ROOT / "components" / "finetune" / "spec.yaml"))
+    argv = component_argv(component, dict(
+        model_name=TINY, checkpoint="none", training_data=data / "train.jsonl",
+        validation_data=fridge / "validation.jsonl", mlflow_model_folder=tmp_path / "m",
+        pytorch_model_folder=tmp_path / "p", training_state=tmp_path / "state"))
+    assert cli.main(argv + ["--no-tracking"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mmdet-mlflow finetune: error: ") and "Traceback" not in err
+    assert str(data / "train.jsonl") in err and "outside the data folder" in err
+    assert not (tmp_path / "state" / "checkpoints").exists()

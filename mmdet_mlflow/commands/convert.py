@@ -15,6 +15,8 @@ def add_parser(subparsers):
                                      "(default: COCO's order, or the sorted labels of JSONL)")
     p.add_argument("--no-validate", dest="validate", action="store_false",
                    help="do not open the images (existence, decoding, size) before converting")
+    p.add_argument("--confine-images", action="store_true",
+                   help="refuse image paths outside the folder of the annotation file naming them")
     p.set_defaults(handler=run)
 
 
@@ -22,7 +24,8 @@ def run(args):
     from mmdet_mlflow.data import convert
 
     classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
-    dataset = convert(args.input, args.output, classes=classes, validate=args.validate)
+    dataset = convert(args.input, args.output, classes=classes, validate=args.validate,
+                      confine_images=args.confine_images)
     instances = sum(len(r.instances) for r in dataset.images)
     print(f"{len(dataset.images)} images, {instances} instances, classes {', '.join(dataset.classes)} "
           f"-> {args.output}")

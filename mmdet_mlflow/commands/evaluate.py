@@ -24,6 +24,8 @@ def add_parser(subparsers):
                         "AP needs the low-score tail)")
     p.add_argument("--batch-size", type=int, default=None, help="images per forward pass (default: the model's)")
     p.add_argument("--samples", type=int, default=8, help="images in samples.png (default 8)")
+    p.add_argument("--confine-images", action="store_true",
+                   help="refuse image paths outside the folder of the annotation file naming them")
     p.set_defaults(handler=run)
 
 
@@ -32,7 +34,8 @@ def run(args):
 
     doc = evaluate(args.model, args.test, args.output, iou_threshold=args.iou_threshold,
                    box_score_threshold=args.box_score_threshold, batch_size=args.batch_size,
-                   map_score_threshold=args.map_score_threshold, num_samples=args.samples)
+                   map_score_threshold=args.map_score_threshold, num_samples=args.samples,
+                   confine_images=args.confine_images)
     segm, bbox = doc["segm"], doc["bbox"]
     print(f"{doc['counts']['images']} images: segm AP {segm['AP']:.4f} (AP50 {segm['AP50']:.4f}), "
           f"bbox AP {bbox['AP']:.4f}, segm AP from polygons {doc['segm_from_polygons']['AP']:.4f}; "

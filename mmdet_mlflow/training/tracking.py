@@ -4,7 +4,7 @@ the loss/mAP plot (``output/training_curves.png``) and, at the end, the model.
 
 Tracking store: ``MLFLOW_TRACKING_URI`` when set (Azure ML sets it), else an embedded
 ``sqlite:///mlflow.db`` in the working directory. A resumed training continues the same MLflow
-run (its id is kept in ``output/run.json``).
+run (its id is kept in ``output/run.json``). Metric names: docs/metrics.md.
 """
 from __future__ import annotations
 
@@ -16,19 +16,34 @@ import sys
 import time
 from pathlib import Path
 
+import mlflow
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+from mlflow.tracking._tracking_service.utils import is_tracking_uri_set
 from mmengine.hooks import Hook
+from tqdm import tqdm
+
+import mlflow_model
+from mlflow_model.model_dir import WeightsDir
+from mmdet_mlflow.files import atomic_write_text
+from mmdet_mlflow.plots import training_curves
+from mmdet_mlflow.training.config import validation_key
+from mmdet_mlflow.training.outputs import TrainingOutput
+from mmdet_mlflow.training.settings import VALIDATION_METRICS
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "mmdet-mlflow-finetune"
 FLUSH_EVERY_STEPS = 20          # per-step metrics go to MLflow in batches: one write per 20 steps
 FLUSH_EVERY_SECONDS = 30.0
+# Shown after each validation, and drawn beside the metric that picks the exported epoch.
+HEADLINE_METRICS = ("mean_average_precision", "segm_AP", "precision", "recall")
 
 
 class TrainingRun:
     """The MLflow run of a fine-tune (or nothing, when ``enabled`` is False)."""
 
     def __init__(self, output_dir: Path, run_info: dict, enabled: bool = True):
-        self.output_dir = Path(output_dir)
+        self.output = TrainingOutput(output_dir)
         self.enabled = enabled
         self.previous_run_id = run_info.get("mlflow_run_id")
         self.run_id: str | None = None
@@ -39,9 +54,6 @@ class TrainingRun:
     def __enter__(self):
         if not self.enabled:
             return self
-        import mlflow
-        from mlflow.tracking._tracking_service.utils import is_tracking_uri_set
-
         if not is_tracking_uri_set():  # neither MLFLOW_TRACKING_URI nor set by the caller's code
             mlflow.set_tracking_uri(DEFAULT_TRACKING_URI)
         active = mlflow.active_run()
@@ -56,15 +68,13 @@ class TrainingRun:
                 run = None  # another tracking store than last time: a new run
         if run is None:
             run = mlflow.start_run(experiment_id=_experiment_id(),
-                                   run_name=f"finetune-{self.output_dir.name}")
+                                   run_name=f"finetune-{self.output.folder.name}")
         self.run_id, self._started_here = run.info.run_id, True
         return self
 
     def __exit__(self, exc_type, exc, tb):
         if not self.enabled:
             return False
-        import mlflow
-
         try:
             self.flush()
         finally:
@@ -76,8 +86,6 @@ class TrainingRun:
     def log_params(self, settings, start, data, world_size: int, device: str) -> None:
         if not self.enabled:
             return
-        import mlflow
-
         params = dict(settings.as_params(), start=start.description[:500],
                       classes=",".join(data.classes)[:500], num_classes=len(data.classes),
                       training_images=data.train_images, validation_images=data.val_images,
@@ -86,15 +94,12 @@ class TrainingRun:
 
     def set_tags(self, tags: dict) -> None:
         if self.enabled:
-            import mlflow
-
             mlflow.set_tags({k: str(v)[:5000] for k, v in tags.items()})
 
     def log_metrics(self, metrics: dict, step: int, now: bool = False) -> None:
+        """Queue ``metrics`` at ``step``; they are written in batches."""
         if not self.enabled:
             return
-        from mlflow.entities import Metric
-
         timestamp = int(time.time() * 1000)
         self._pending += [Metric(k, float(v), timestamp, int(step)) for k, v in metrics.items()]
         if now or len(self._pending) >= FLUSH_EVERY_STEPS * 6 or \
@@ -104,8 +109,6 @@ class TrainingRun:
     def flush(self) -> None:
         if not (self.enabled and self._pending):
             return
-        from mlflow.tracking import MlflowClient
-
         client = MlflowClient()
         for i in range(0, len(self._pending), 1000):  # log_batch takes up to 1000 metrics
             client.log_batch(self.run_id, metrics=self._pending[i:i + 1000])
@@ -113,39 +116,30 @@ class TrainingRun:
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         if self.enabled and Path(path).exists():
-            import mlflow
-
             mlflow.log_artifact(str(path), artifact_path)
 
     def finish(self, result) -> None:
         """The end of a successful training: summary metrics, files and the model."""
         if not self.enabled:
             return
-        import mlflow
-
-        import mlflow_model
-        from mmdet_mlflow.finetune import CURVES_FILE, METRICS_FILE, RUN_INFO_FILE
-
         self.flush()
         if result.best:
             mlflow.log_metrics({f"best_{k}": v for k, v in result.best.items()
-                                if isinstance(v, (int, float)) and k not in ("epoch", "step")})
+                                if isinstance(v, (int, float)) and v >= 0 and k not in ("epoch", "step")})
         if result.seconds_per_step:
             mlflow.log_metric("seconds_per_step", result.seconds_per_step)
-        for name in (CURVES_FILE, METRICS_FILE, RUN_INFO_FILE):
-            self.log_artifact(self.output_dir / name)
-        pytorch_dir = Path(result.pytorch_model_dir)
-        self.log_artifact(pytorch_dir / "config.py", "training_config")
-        mlflow_model.log_model(str(pytorch_dir / "config.py"), str(pytorch_dir / "weights.pth"),
-                               name="model", classes=result.classes)
+        for path in (self.output.curves, self.output.metrics, self.output.run_info):
+            self.log_artifact(path)
+        exported = WeightsDir(result.pytorch_model_dir)
+        self.log_artifact(exported.config, "training_config")
+        mlflow_model.log_model(str(exported.config), str(exported.weights), name="model",
+                               classes=result.classes)
 
 
 def _experiment_id() -> str | None:
     """The experiment the environment names (Azure ML sets it), else ours, created if needed.
     Not mlflow.set_experiment: that exports MLFLOW_EXPERIMENT_ID to every later subprocess,
     whatever tracking store it uses."""
-    import mlflow
-
     if any(os.environ.get(v) for v in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID")):
         return None
     client = mlflow.MlflowClient()
@@ -173,11 +167,10 @@ class TrainingMonitorHook(Hook):
     priority = "VERY_LOW"
 
     def __init__(self, run: TrainingRun, output_dir: Path, metric_for_best_model: str,
-                 metric_names: dict, progress: bool = True, resumed: bool = False):
+                 progress: bool = True, resumed: bool = False):
         self.run = run
-        self.output_dir = Path(output_dir)
+        self.output = TrainingOutput(output_dir)
         self.metric_for_best_model = metric_for_best_model
-        self.metric_names = metric_names       # our name -> mmdet CocoMetric key
         self.progress = progress
         self.resumed = resumed
         self.steps: list[dict] = []
@@ -192,9 +185,7 @@ class TrainingMonitorHook(Hook):
     def _load_history(self, runner) -> None:
         """Keep what happened up to the checkpoint resumed from; later lines (steps redone after
         the restart, and the resumed epoch's validation when it is redone) are dropped."""
-        from mmdet_mlflow.finetune import HISTORY_FILE
-
-        path = self.output_dir / HISTORY_FILE
+        path = self.output.history
         lines = path.read_text().splitlines() if (self.resumed and path.is_file()) else []
         kept = []
         last_validated = runner.epoch - 1 if getattr(runner, "validate_resumed_epoch", False) else runner.epoch
@@ -210,9 +201,7 @@ class TrainingMonitorHook(Hook):
             else:
                 continue
             kept.append(line)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, path)
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
         self._history = open(path, "a", buffering=1)
 
     def _record(self, entry: dict) -> None:
@@ -220,8 +209,6 @@ class TrainingMonitorHook(Hook):
 
     # -- mmengine hook points
     def before_train(self, runner) -> None:
-        from tqdm import tqdm
-
         self._load_history(runner)
         notes = getattr(runner, "start_notes", [])
         if notes:
@@ -264,24 +251,22 @@ class TrainingMonitorHook(Hook):
             return
         self._quiet.__exit__(None, None, None)
         self._quiet = None
-        from mmdet_mlflow.finetune import EVALUATION_LOG_FILE
-
         where = f"epoch {runner.epoch}, step {runner.iter}" if runner is not None else "interrupted"
-        with open(self.output_dir / EVALUATION_LOG_FILE, "a") as log:
+        with open(self.output.evaluation_log, "a") as log:
             log.write(f"== {where}\n{self._captured.getvalue()}")
 
     def after_val_epoch(self, runner, metrics=None) -> None:
         self._end_capture(runner)
-        # mmdet's CocoMetric returns nothing at all when the model detected nothing: that is
-        # an average precision and recall of 0, not a missing epoch.
-        named = {name: float((metrics or {}).get(key, 0.0)) for name, key in self.metric_names.items()}
+        metrics = metrics or {}
+        named = {name: float(metrics[validation_key(name)]) for name in VALIDATION_METRICS
+                 if validation_key(name) in metrics}
         entry = dict(kind="epoch", epoch=runner.epoch, step=runner.iter, **named)
         self.epochs.append(entry)
         self._record(entry)
-        self.run.log_metrics(named, runner.iter, now=True)
+        # undefined values (-1, COCO's convention) stay in the history, not in MLflow: as evaluate
+        self.run.log_metrics({k: v for k, v in named.items() if v >= 0}, runner.iter, now=True)
         self.write_plot()
-        shown = ", ".join(f"{k} {v:.4f}" for k, v in named.items()
-                          if k in ("mean_average_precision", "mean_average_precision_50", "recall"))
+        shown = ", ".join(f"{k} {named[k]:.4f}" for k in HEADLINE_METRICS if k in named)
         self._bar.write(f"epoch {runner.epoch}: {shown}", file=sys.stderr)
 
     def after_train(self, runner) -> None:
@@ -303,56 +288,6 @@ class TrainingMonitorHook(Hook):
         return mean_step_time(self.step_times)
 
     def write_plot(self) -> None:
-        from mmdet_mlflow.finetune import CURVES_FILE
-
         if self.steps or self.epochs:
-            plot_training_curves(self.steps, self.epochs, self.output_dir / CURVES_FILE,
-                                 self.metric_for_best_model)
-
-
-def plot_training_curves(steps: list[dict], epochs: list[dict], path: Path,
-                         metric: str = "mean_average_precision") -> Path:
-    """Loss per step (raw and smoothed) beside validation mAP per epoch, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    fig, (ax_loss, ax_map) = plt.subplots(1, 2, figsize=(11, 4))
-    if steps:
-        x = np.array([s["step"] for s in steps])
-        for key, color in (("loss", "tab:blue"), ("loss_cls", "tab:orange"),
-                           ("loss_bbox", "tab:green"), ("loss_mask", "tab:red")):
-            y = np.array([s.get(key, np.nan) for s in steps], dtype=float)
-            if np.isnan(y).all():
-                continue
-            window = max(1, min(25, len(y) // 10))
-            smooth = np.convolve(np.nan_to_num(y), np.ones(window) / window, mode="valid")
-            if key == "loss":
-                ax_loss.plot(x, y, color=color, alpha=0.25, linewidth=0.8)
-            ax_loss.plot(x[window - 1:], smooth, color=color, label=key)
-        ax_loss.set_xlabel("step")
-        ax_loss.set_ylabel("training loss")
-        ax_loss.legend()
-        ax_loss.grid(alpha=0.3)
-    if epochs:
-        x = [e["epoch"] for e in epochs]
-        for key, style in ((metric, "o-"), ("mean_average_precision_50", "s--"),
-                           ("bbox_mean_average_precision", "^:")):
-            values = [e.get(key) for e in epochs]
-            if any(v is not None for v in values):
-                ax_map.plot(x, [np.nan if v is None else v for v in values], style, label=key)
-        ax_map.set_xlabel("epoch")
-        ax_map.set_ylabel("validation (COCO masks unless bbox_)")
-        ax_map.set_ylim(bottom=0)
-        ax_map.legend()
-        ax_map.grid(alpha=0.3)
-    fig.suptitle("fine-tuning")
-    fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+            shown = dict.fromkeys((self.metric_for_best_model,) + HEADLINE_METRICS[:2] + ("bbox_AP",))
+            training_curves(self.steps, self.epochs, self.output.curves, list(shown))

@@ -1,7 +1,8 @@
 """The mmengine parts of fine-tuning: a Runner that starts from class-adapted weights, a loop
 that honours ``max_steps``, and checkpoints that ``torch.load(weights_only=True)`` can read.
 
-None of them touches the training step: the step is mmengine's and mmdet's own.
+None of them touches the training step: the step is mmengine's and mmdet's own. Importing this
+module registers the loop with mmengine (and the validation metric with mmdet).
 """
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ from mmengine.hooks import Hook
 from mmengine.logging import HistoryBuffer
 from mmengine.registry import LOOPS
 from mmengine.runner import EpochBasedTrainLoop, Runner
+
+from mmdet_mlflow.training.validation import ValidationMetric  # noqa: F401  (registers it with mmdet)
+from mmdet_mlflow.training.start import StartingPoint, adapt_weights
 
 _BUFFER_MARK = "__history_buffer__"
 
@@ -49,8 +53,9 @@ class PlainResumeStateHook(Hook):
     """mmengine pickles its message hub's HistoryBuffer objects (numpy arrays and bound methods
     inside) into every checkpoint, and torch.load(weights_only=True) rightly refuses them, so
     mmengine cannot resume under torch >= 2.6 without unpickling arbitrary objects. We store
-    each buffer as tensors instead (and numpy scalars as numbers) and rebuild it when resuming (after the file is read, before
-    the message hub takes it): our checkpoints need no allow-list at all."""
+    each buffer as tensors instead (and numpy scalars as numbers) and rebuild it when resuming
+    (after the file is read, before the message hub takes it): our checkpoints need no
+    allow-list at all."""
 
     priority = "VERY_HIGH"
 
@@ -118,20 +123,21 @@ class FinetuneRunner(Runner):
     head's own initialisation, the same on every rank since mmengine broadcasts it), and writes
     checkpoints weights_only can read. Not used when resuming: the checkpoint has everything."""
 
-    start = None                       # finetune.StartingPoint, or None (scratch / resuming)
-    classes: Sequence[str] = ()
-    start_notes: list[str] = []
-    validate_resumed_epoch = False     # resuming from an epoch checkpoint: validate it first
-
     def __init__(self, *args, **kwargs):
+        self.start: StartingPoint | None = None   # None: from scratch, or resuming
+        self.classes: Sequence[str] = ()
+        self.start_notes: list[str] = []           # what adapting the weights changed, in words
+        self.validate_resumed_epoch = False         # resuming from an epoch checkpoint: validate it first
         super().__init__(*args, **kwargs)
         self.logger.addFilter(_KnownNoise())
         self.register_hook(PlainResumeStateHook())
         self.register_hook(ResumeValidationHook())
 
-    def _init_model_weights(self) -> None:
-        from mmdet_mlflow.finetune import adapt_weights
+    def start_from(self, start: StartingPoint, classes: Sequence[str]) -> None:
+        """Train ``start``'s weights, adapted to ``classes``, rather than a fresh model."""
+        self.start, self.classes = start, list(classes)
 
+    def _init_model_weights(self) -> None:
         super()._init_model_weights()
         if self.start is None or self.start.weights is None:
             return

@@ -1,0 +1,108 @@
+"""The checks every reader applies: image files (present, decodable, the stated size, not a
+decompression bomb), sizes, polygons and labels. Each problem is recorded, none stops the read."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from mmdet_mlflow.data.dataset import Dataset
+from mmdet_mlflow.data.problems import Problems
+
+# JSONL values this far outside 0..1 (float noise from other tools) are clipped, not refused.
+NORMALIZED_TOLERANCE = 1e-6
+# COCO polygons may overshoot the image by up to a pixel (annotation tools round outward).
+PIXEL_TOLERANCE = 1.0
+
+
+def stated_size(details: dict, where: str, problems: Problems):
+    width, height = details.get("width"), details.get("height")
+    if width is None and height is None:
+        return None
+    ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 and float(v).is_integer()
+             for v in (width, height))
+    if not ok:
+        problems.add(where, "image_details.width/height", f"expected positive integers, got {width!r}, {height!r}")
+        return None
+    return int(width), int(height)
+
+
+def image_size(path: Path, where: str, fld: str, problems: Problems):
+    """(width, height) from the image header, or None after recording why not."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        problems.add(where, fld, f"image file not found: {path}")
+        return None
+    try:
+        with Image.open(path) as image:
+            size = image.size
+            image.verify()  # structural check (PNG CRCs etc.) without decoding pixels
+        return size
+    except Image.DecompressionBombError as err:
+        # A header claiming billions of pixels: refused before any decoding (PIL's guard).
+        problems.add(where, fld, f"image {path} is too large to decode safely: {err}")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        problems.add(where, fld, f"cannot decode image {path}: {err}")
+    return None
+
+
+def checked_size(path: Path, stated, where: str, fld: str, size_fld: str, problems: Problems,
+                 validate: bool):
+    """The image's size: from its header when ``validate`` (or when the annotation states none),
+    compared with the stated one; else the stated one. None after recording why not."""
+    actual = image_size(path, where, fld, problems) if (validate or stated is None) else None
+    if validate and stated is not None and actual is not None and stated != actual:
+        problems.add(where, size_fld, f"say {stated[0]}x{stated[1]} but {path} is {actual[0]}x{actual[1]}")
+    return actual or stated
+
+
+def check_polygons(value, where: str, fld: str, problems: Problems, low, high, tolerance):
+    """Validated segments (clipped within ``tolerance``), or None after recording problems."""
+    if not isinstance(value, list) or not value:
+        problems.add(where, fld, "missing or empty (expected [[x0, y0, x1, y1, ...], ...])")
+        return None
+    segments, ok = [], True
+    for k, seg in enumerate(value):
+        sfld = f"{fld}[{k}]"
+        if not isinstance(seg, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                and math.isfinite(v) for v in seg):
+            problems.add(where, sfld, "expected a list of numbers")
+            ok = False
+            continue
+        if len(seg) % 2:
+            problems.add(where, sfld, f"odd number of values ({len(seg)}): expected x, y pairs")
+            ok = False
+            continue
+        if len(seg) < 6:
+            problems.add(where, sfld, f"{len(seg) // 2} point(s): a polygon needs at least 3")
+            ok = False
+            continue
+        points = np.asarray(seg, dtype=np.float64).reshape(-1, 2)
+        lo, hi = np.asarray(low) - tolerance, np.asarray(high) + tolerance
+        if (points < lo).any() or (points > hi).any():
+            bad = points[((points < lo) | (points > hi)).any(axis=1)][0]
+            problems.add(where, sfld, f"point ({bad[0]:g}, {bad[1]:g}) is outside "
+                                      f"{_range_text(low, high)}")
+            ok = False
+            continue
+        segments.append(np.clip(points, low, high).ravel().tolist())
+    return segments if ok else None
+
+
+def _range_text(low, high) -> str:
+    if tuple(high) == (1.0, 1.0):
+        return "0..1 (AutoML polygons are normalized by the image width and height)"
+    return f"the image (0..{high[0]:g} x 0..{high[1]:g} pixels)"
+
+
+def check_labels(dataset: Dataset, problems: Problems, where_field):
+    known = set(dataset.classes)
+    if len(known) != len(dataset.classes):
+        problems.add("classes", "classes", f"duplicate class names in {dataset.classes}")
+    for i, record in enumerate(dataset.images):
+        for j, inst in enumerate(record.instances):
+            if inst.label not in known:
+                problems.items.append(f"{where_field(i, j)}: unknown label {inst.label!r} "
+                                      f"(classes: {', '.join(dataset.classes)})")

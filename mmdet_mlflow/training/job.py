@@ -1,0 +1,156 @@
+"""One fine-tune, start to end::
+
+    starting point  ->  training config  ->  FinetuneRunner.train()  ->  export
+    (start.py)          (config.py)          (runner.py, tracking.py)    (export.py)
+
+Runs the same in one process or under torchrun (distributed.py): rank 0 prepares the data and
+the others read what it wrote; only rank 0 writes outputs and talks to MLflow. The output folder
+(outputs.py) is also the resume state: run the same call again after a crash and training
+continues from the last checkpoint (checkpoints.py).
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from mmdet_mlflow.files import atomic_write_json
+from mmdet_mlflow.training.data_prep import prepare_data
+from mmdet_mlflow.training.outputs import TrainingOutput
+from mmdet_mlflow.training.settings import FinetuneError, FinetuneSettings
+from mmdet_mlflow.training.start import StartingPoint
+
+
+@dataclass
+class FinetuneResult:
+    output_dir: Path
+    mlflow_model_dir: Path | None
+    pytorch_model_dir: Path | None
+    classes: list[str]
+    epochs: list[dict] = field(default_factory=list)  # per-epoch validation metrics
+    best: dict | None = None                          # the epoch whose weights were exported
+    resumed_from: str | None = None
+    steps: int = 0
+    seconds_per_step: float | None = None             # mean step time (mmengine's timer), first 2 left out
+    mlflow_run_id: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def finetune(training_data, validation_data, output_dir, *, model=None, config=None,
+             checkpoint=None, settings: FinetuneSettings | None = None,
+             mlflow_model_dir=None, pytorch_model_dir=None, device: str | None = None,
+             track: bool = True, progress: bool = True, validate_data: bool = True,
+             confine_images: bool = False, extra_hooks: Sequence = ()) -> FinetuneResult:
+    """Fine-tune and export. Start from ``model`` (an MLflow model folder we saved, or a
+    pytorch_model_folder) or ``config`` + ``checkpoint`` (path, URL, ``official``, or
+    None/``"none"``: from scratch).
+    ``output_dir`` holds checkpoints and, by default, the two model folders; running again with
+    the same ``output_dir`` resumes. ``mlflow_model_dir``/``pytorch_model_dir`` put the model
+    folders elsewhere (Azure ML outputs). ``confine_images``: refuse image paths outside the
+    data's folders (mmdet_mlflow.data.paths). ``extra_hooks``: mmengine Hook objects to add
+    (every rank)."""
+    # torch, mmengine, mmdet and mlflow take seconds to import: loaded here, not with the
+    # package, which the CLI imports to build its options.
+    import torch
+
+    from mmdet_mlflow.training.checkpoints import best_checkpoint, latest_checkpoint, load_training_checkpoint
+    from mmdet_mlflow.training.config import build_config
+    from mmdet_mlflow.training.distributed import join_process_group, main_first
+    from mmdet_mlflow.training.export import export_models
+    from mmdet_mlflow.training.runner import FinetuneRunner
+    from mmdet_mlflow.training.tracking import TrainingMonitorHook, TrainingRun
+
+    settings = settings or FinetuneSettings()
+    settings.check()
+    if (model is None) == (config is None):
+        raise FinetuneError("start from --model (an MLflow model folder) or --config with "
+                            "--checkpoint (a path, URL, 'official' or 'none'), not both or neither")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    notes = []
+    if str(settings.precision) == "16" and device != "cuda":
+        notes.append("precision 16 (AMP) needs a GPU: training in 32-bit on CPU")
+    out = TrainingOutput(Path(output_dir).expanduser().absolute())
+    processes = join_process_group(device)
+
+    def load_inputs(main: bool):
+        start = StartingPoint.from_model_folder(model) if model is not None else \
+            StartingPoint.from_config(config, checkpoint)
+        if main:
+            return start, prepare_data(training_data, validation_data, (out.train_coco, out.validation_coco),
+                                       validate_data, confine_images)
+        # Other ranks read the COCO files rank 0 wrote (validated there) and write nothing.
+        return start, prepare_data(out.train_coco, out.validation_coco, None, validate=False)
+
+    start, data = main_first(processes, load_inputs)
+    cfg = build_config(start, data, settings, out.checkpoints, device, processes.world_size)
+    resume_from = latest_checkpoint(out.checkpoints)
+    run_info = out.read_run_info()
+    if resume_from is not None:
+        if run_info.get("classes") and run_info["classes"] != data.classes:
+            raise FinetuneError(f"{out.folder} holds a training run for classes {run_info['classes']}, "
+                                f"but the data has {data.classes}: use another --output")
+        cfg.resume, cfg.load_from = True, str(resume_from)
+
+    runner = FinetuneRunner.from_cfg(cfg)
+    for hook in extra_hooks:
+        runner.register_hook(hook)
+    if resume_from is None:
+        runner.start_from(start, data.classes)
+    else:  # mmengine checkpoints an epoch before validating it: validate it now
+        runner.validate_resumed_epoch = resume_from.name.startswith("epoch_")
+
+    result = FinetuneResult(out.folder, None, None, data.classes, notes=notes,
+                            resumed_from=str(resume_from) if resume_from else None)
+    if not processes.is_main:
+        _train(runner)
+        return result
+
+    for note in notes:
+        print(f"finetune: {note}", file=sys.stderr)
+    run_info.update(start=start.description, classes=data.classes, settings=settings.as_params(),
+                    world_size=processes.world_size, device=device)
+    with TrainingRun(out.folder, run_info, enabled=track) as run:
+        run_info["mlflow_run_id"] = run.run_id
+        atomic_write_json(out.run_info, run_info)
+        if resume_from is None:
+            run.log_params(settings, start, data, processes.world_size, device)
+        hook = TrainingMonitorHook(run, out.folder, settings.metric_for_best_model,
+                                   progress=progress, resumed=resume_from is not None)
+        runner.register_hook(hook, priority="VERY_LOW")
+        try:
+            _train(runner)
+        finally:
+            hook.close()
+        result.notes += runner.start_notes
+        result.epochs, result.steps = hook.epochs, runner.iter
+        result.seconds_per_step = hook.mean_step_seconds()
+        result.mlflow_run_id = run.run_id
+        best_path, result.best = best_checkpoint(runner, hook.epochs, settings.metric_for_best_model)
+        weights = load_training_checkpoint(best_path)["state_dict"]
+        result.pytorch_model_dir, result.mlflow_model_dir = export_models(
+            cfg, weights, data.classes, Path(pytorch_model_dir or out.pytorch_model),
+            Path(mlflow_model_dir or out.mlflow_model),
+            info=dict(start=start.description, best=result.best, settings=settings.as_params()))
+        atomic_write_json(out.metrics, dict(epochs=result.epochs, best=result.best,
+                                            metric_for_best_model=settings.metric_for_best_model))
+        with _without_known_warnings():
+            run.finish(result)
+    return result
+
+
+@contextlib.contextmanager
+def _without_known_warnings():
+    """Without the deprecation warnings mmdet 3.3's own code raises on every run (nothing a
+    user can act on)."""
+    with warnings.catch_warnings():
+        for message in (r".*torch\.cuda\.amp\.autocast", r"torch\.meshgrid"):
+            warnings.filterwarnings("ignore", message=message)
+        yield
+
+
+def _train(runner) -> None:
+    with _without_known_warnings():
+        runner.train()

@@ -1,0 +1,118 @@
+"""Fine-tuning's hyperparameters (named as Azure ML's fine-tune component names them), the
+validation metrics that may pick the exported epoch, and the measured quick CPU recipe."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from mmdet_mlflow.metrics import AZURE_METRIC_NAMES, COCO_STAT_NAMES, coco_metric_name
+from scoring.errors import MmdetMlflowError
+
+# What validation reports each epoch (training.validation.ValidationMetric), by the names
+# docs/metrics.md defines: Azure's (mask AP at IoU 0.5, precision and recall at score 0.3) and
+# COCO's stats for masks and boxes.
+VALIDATION_METRICS = AZURE_METRIC_NAMES + tuple(
+    coco_metric_name(section, stat) for section in ("segm", "bbox") for stat in COCO_STAT_NAMES)
+# Any of them may pick the exported epoch, but precision: a model that predicts almost nothing
+# has a high one.
+BEST_MODEL_METRICS = tuple(name for name in VALIDATION_METRICS if name != "precision")
+# Names an earlier version took, for a clear error (mean_average_precision then meant COCO's
+# segm mAP@[.5:.95]; it now has Azure's meaning, mask AP at IoU 0.5, everywhere).
+RENAMED_METRICS = {"mean_average_precision_50": "segm_AP50", "mean_average_precision_75": "segm_AP75",
+                   "bbox_mean_average_precision": "bbox_AP"}
+
+
+class FinetuneError(MmdetMlflowError, ValueError):
+    """Bad fine-tune settings or starting point (the CLI prints it without a traceback)."""
+
+
+@dataclass
+class FinetuneSettings:
+    """Hyperparameters, named as Azure ML's fine-tune component names them."""
+
+    number_of_epochs: int = 15
+    max_steps: int | None = None             # stop after this many steps (overrides epochs)
+    training_batch_size: int = 8             # per process
+    validation_batch_size: int = 8
+    learning_rate: float = 0.001             # AdamW, after warm-up; flat, then cosine
+    weight_decay: float = 0.05
+    warmup_steps: int | None = None          # default: a tenth of training, at most 1000
+    gradient_accumulation_step: int = 1
+    image_size: int = 640                    # square training/inference size (RTMDet: 640)
+    image_min_size: int | None = None        # with image_max_size: a (max x min) input instead
+    image_max_size: int | None = None
+    metric_for_best_model: str = "mean_average_precision"   # docs/metrics.md
+    precision: str = "32"                    # "16": mixed precision (AMP) on GPU
+    checkpoint_interval_steps: int | None = None  # also checkpoint every N steps
+    num_workers: int | None = None           # data-loading processes (default: 0 on CPU, 2 on GPU)
+    strong_augmentation: bool = True         # RTMDet's mosaic + mixup (off: its stage-2 pipeline throughout)
+    seed: int = 0
+
+    def check(self) -> None:
+        problems = []
+        for name in ("number_of_epochs", "training_batch_size", "validation_batch_size",
+                     "image_size", "gradient_accumulation_step"):
+            if int(getattr(self, name)) < 1:
+                problems.append(f"{name} must be at least 1 (got {getattr(self, name)})")
+        for name in ("max_steps", "checkpoint_interval_steps", "image_min_size", "image_max_size"):
+            value = getattr(self, name)
+            if value is not None and int(value) < 1:
+                problems.append(f"{name} must be at least 1 (got {value})")
+        if not self.learning_rate > 0:
+            problems.append(f"learning_rate must be positive (got {self.learning_rate})")
+        if self.weight_decay < 0:
+            problems.append(f"weight_decay must not be negative (got {self.weight_decay})")
+        for name in ("image_size", "image_min_size", "image_max_size"):
+            value = getattr(self, name)
+            if value is not None and int(value) % 32:
+                problems.append(f"{name} must be a multiple of 32, RTMDet's largest stride (got {value})")
+        if (self.image_min_size is None) != (self.image_max_size is None):
+            problems.append("image_min_size and image_max_size go together")
+        elif self.image_min_size and self.image_min_size > self.image_max_size:
+            problems.append("image_min_size is larger than image_max_size")
+        if str(self.precision) not in ("32", "16"):
+            problems.append(f"precision must be 32 or 16 (got {self.precision})")
+        if self.metric_for_best_model not in BEST_MODEL_METRICS:
+            problems.append(_best_model_metric_problem(self.metric_for_best_model))
+        if problems:
+            raise FinetuneError("; ".join(problems))
+
+    def input_size(self) -> tuple[int, int]:
+        """(width, height) of the network input, mmdet's (w, h) scale convention."""
+        if self.image_max_size:
+            return int(self.image_max_size), int(self.image_min_size)
+        return int(self.image_size), int(self.image_size)
+
+    def as_params(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+def _best_model_metric_problem(name: str) -> str:
+    if name == "precision":
+        hint = (" (precision favours a model that predicts little; it is logged each epoch, and "
+                "precision at a chosen score threshold is the evaluation step's job)")
+    elif name in RENAMED_METRICS:
+        hint = f" ({name} is now called {RENAMED_METRICS[name]}: docs/metrics.md)"
+    else:
+        hint = " (docs/metrics.md)"
+    return (f"metric_for_best_model must be mean_average_precision or recall (Azure's meaning), "
+            f"or a COCO stat segm_<stat> or bbox_<stat> with <stat> one of "
+            f"{', '.join(COCO_STAT_NAMES)}{hint} (got {name!r})")
+
+
+# The recipe the offline demo uses: the tiny model trained from scratch on a few hundred
+# synthetic images on 2 CPU cores within 10 minutes (bench/finetune.py part b measures it: 240
+# training images, 360 steps, segm_AP (mask mAP@[.5:.95]) about 0.5 on the 60 validation images).
+# From scratch there is no pretrained feature to protect, so a high learning rate and a short
+# warm-up; 256 px (the synthetic objects are large) and RTMDet's stage-2 augmentation (no mosaic)
+# keep a step near a second on 2 cores and let the model see every object whole.
+QUICK_CPU_CONFIG = "rtmdet-ins_tiny_8xb32-300e_coco"
+
+
+def quick_cpu_recipe(**overrides) -> FinetuneSettings:
+    """Settings for the tiny model from scratch on CPU within ~10 minutes (the demo recipe)."""
+    recipe = dict(number_of_epochs=12, training_batch_size=8, validation_batch_size=8,
+                  learning_rate=0.004, weight_decay=0.05, warmup_steps=30, image_size=256,
+                  strong_augmentation=False, num_workers=0)
+    recipe.update(overrides)
+    return FinetuneSettings(**recipe)
