@@ -19,6 +19,9 @@ SCRATCH = Path(tempfile.mkdtemp(prefix="mmdet-mlflow-tests-"))
 atexit.register(shutil.rmtree, SCRATCH, ignore_errors=True)
 os.environ.setdefault("MLFLOW_TRACKING_URI", "sqlite:///" + str(SCRATCH / "mlflow.db"))
 os.environ.setdefault("MMDET_MLFLOW_CACHE", str(SCRATCH / "cache"))
+# A sqlite tracking store keeps logged artifacts in ./mlruns of the working directory: the
+# suite works from its scratch folder, so nothing lands in the checkout it was started in.
+os.chdir(SCRATCH)
 
 from helpers import TINY, make_official_checkpoint, scene_image, write_png  # noqa: E402
 
