@@ -416,7 +416,8 @@ def test_component_spec_is_valid_and_matches_the_cli():
 
 def test_component_entry_reports_bad_data_like_the_cli(tmp_path, labelled_set, tiny_model_dir):
     test_file, _ = labelled_set
-    result = subprocess.run([sys.executable, str(COMPONENT / "main.py"), "--model", str(tiny_model_dir),
+    # what the component's command runs (components/evaluate/spec.yaml)
+    result = subprocess.run([sys.executable, "-m", "mmdet_mlflow.cli", "evaluate", "--model", str(tiny_model_dir),
                              "--test", str(test_file), "--output", str(tmp_path / "out")],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
