@@ -135,6 +135,9 @@ def test_class_agnostic_nms_keeps_one_box_per_place(segmenters, images):
                                      torch.from_numpy(labels),
                                      {"type": "nms", "iou_threshold": 0.5}, class_agnostic=agnostic)
         assert ours.tolist() == theirs.tolist()
+        # stopping at max_per_img boxes gives the first of the full answer
+        assert batched_nms(boxes, scores, labels, 0.5, agnostic, max_num=7).tolist() == \
+            theirs[:7].tolist()
 
     _, onnx_segmenter = segmenters
     base = onnx_segmenter.default_params.updated({"score_threshold": 0.05})
