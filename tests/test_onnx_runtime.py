@@ -117,6 +117,17 @@ def test_detections_and_masks_equal_the_torch_runtime(segmenters, images, param_
     assert min(ious) >= 0.99, f"worst matched mask IoU {min(ious):.4f}"
 
 
+def test_class_agnostic_nms_equals_the_torch_runtime(segmenters, images):
+    from scoring.schema import PredictParams
+
+    if "class_agnostic_nms" not in PredictParams.__dataclass_fields__:
+        pytest.skip("PredictParams has no class_agnostic_nms yet (the torch runtime adds it)")
+    torch_segmenter, onnx_segmenter = segmenters
+    params = _with_class_agnostic_nms(torch_segmenter.default_params)
+    matched, total, ious = _compare(torch_segmenter, onnx_segmenter, images, params)
+    assert matched >= 0.99 * total and min(ious) >= 0.99
+
+
 def test_class_agnostic_nms_keeps_one_box_per_place(segmenters, images):
     """The same boxes as mmcv's batched_nms with class_agnostic=True (mmdet's nms cfg option)."""
     import torch
@@ -217,6 +228,34 @@ def test_export_refuses_outputs_that_differ_from_torch(onnx_weights_dir, tmp_pat
         compare_with_torch(detector, onnx_weights_dir / "model.onnx", spec,
                            network_inputs(spec, sample_images(2)))
     assert "max |ORT - torch|" in capsys.readouterr().out
+
+
+def test_int8_model_is_recorded_loads_and_finds_what_fp32_finds(onnx_weights_dir, tmp_path,
+                                                                 images):
+    """Static QDQ int8: a smaller file, recorded in model.json, served by the same runtime.
+    Random weights say nothing about accuracy (the bench prints it); this checks it is the same
+    model: most fp32 detections are found again within 2 px and 0.05 score."""
+    from mlflow_model.onnx_export import add_int8_to_weights_dir, sample_images
+    from scoring.runtimes.onnx_rtmdet import load_onnx_segmenter
+
+    folder = _copy(onnx_weights_dir, tmp_path)
+    record = add_int8_to_weights_dir(folder, sample_images(4))
+    info = json.loads((folder / "model.json").read_text())["onnx"]["files"]
+    assert info["model.int8.onnx"] == record and record["precision"] == "int8"
+    assert (folder / "model.int8.onnx").stat().st_size < 0.5 * (folder / "model.onnx").stat().st_size
+
+    fp32 = load_onnx_segmenter(folder, num_threads=2)
+    int8 = load_onnx_segmenter(folder, num_threads=2, onnx_file="model.int8.onnx")
+    params = fp32.default_params
+    found = close = 0
+    for image in images[:3]:
+        [a], [b] = fp32([image], params), int8([image], params)
+        found += len(a)
+        for i in range(len(a)):
+            close += any(b.labels[j] == a.labels[i] and np.abs(b.boxes[j] - a.boxes[i]).max() <= 2
+                         and abs(float(b.scores[j]) - float(a.scores[i])) <= 0.05
+                         for j in range(len(b)))
+    assert found > 0 and close >= 0.5 * found, f"int8 found {close} of fp32's {found} detections"
 
 
 # ----------------------------------------------------------------------------- loading

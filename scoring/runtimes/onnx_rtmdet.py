@@ -463,14 +463,18 @@ def default_providers() -> list[str]:
 
 
 def open_session(onnx_path: Path, spec: OnnxModelSpec, num_threads: int | None = None,
-                 providers: Sequence[str] | None = None):
+                 providers: Sequence[str] | None = None, spin: bool = True):
     """An ORT session on ``onnx_path``, refused with OnnxModelError unless its input and outputs
-    are the ones ``spec`` describes (names, channels, spatial sizes)."""
+    are the ones ``spec`` describes (names, channels, spatial sizes). ``spin=False`` stops ORT's
+    threads busy-waiting for work after each run, which steals the CPU from anything else in
+    the process (torch, the mask encoding) on a machine with few cores."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     if num_threads:
         options.intra_op_num_threads = int(num_threads)
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     try:
         session = ort.InferenceSession(str(onnx_path), sess_options=options,
@@ -509,7 +513,7 @@ def check_session_fits(session, spec: OnnxModelSpec, onnx_path: Path) -> None:
 
 def load_onnx_segmenter(weights_dir_path: str | os.PathLike, batch_size: int | None = None,
                         num_threads: int | None = None, onnx_file: str = ONNX_FILE,
-                        providers: Sequence[str] | None = None) -> OnnxSegmenter:
+                        providers: Sequence[str] | None = None, spin: bool = True) -> OnnxSegmenter:
     """The OnnxSegmenter of a weights folder holding model.json (with its "onnx" section) and
     the ONNX file. Clear OnnxModelError for a missing, corrupt or mismatched ONNX file."""
     from scoring.settings import BATCH_SIZE
@@ -530,7 +534,7 @@ def load_onnx_segmenter(weights_dir_path: str | os.PathLike, batch_size: int | N
     if recorded and sha256_of(onnx_path) != recorded:
         raise OnnxModelError(f"{onnx_path} is not the file exported with this model (its sha256 "
                              f"differs from the one in {INFO_FILE}): re-export the model")
-    session = open_session(onnx_path, spec, num_threads, providers)
+    session = open_session(onnx_path, spec, num_threads, providers, spin)
     # As the torch runtime: one image per pass on CPU, the model's batch on a GPU.
     on_gpu = session.get_providers()[0] == "CUDAExecutionProvider"
     batch_size = batch_size or BATCH_SIZE.value() or (int(info.get("batch_size", 8)) if on_gpu else 1)
