@@ -7,6 +7,9 @@ A saved MLflow model (``save_model``)::
       config.py                   the mmengine config, flattened
       weights.pth                 plain tensors, read with torch.load(weights_only=True)
       model.json                  class names, default predict params, where the weights came from
+                                  (an ONNX model also records its "onnx" settings here)
+      model.onnx                  an ONNX model only: the exported network (raw head outputs)
+      model.int8.onnx             an ONNX model only, if quantized: the int8 (QDQ) network
     code/mlflow_model, code/scoring   the code that loads and scores it
     requirements.txt, python_env.yaml, conda.yaml, input_example.json, serving_input_example.json
 
@@ -27,6 +30,9 @@ CODE_DIR = "code"
 CONFIG_FILE = "config.py"
 WEIGHTS_FILE = "weights.pth"
 INFO_FILE = "model.json"
+ONNX_FILE = "model.onnx"
+ONNX_INT8_FILE = "model.int8.onnx"
+ONNX_INFO_KEY = "onnx"  # model.json's section of export-time settings the ONNX runtime reads
 REQUIREMENTS_FILE = "requirements.txt"
 PYTHON_ENV_FILE = "python_env.yaml"
 CONDA_FILE = "conda.yaml"
@@ -50,6 +56,14 @@ class WeightsDir:
     @property
     def weights(self) -> Path:
         return self.path / WEIGHTS_FILE
+
+    @property
+    def onnx(self) -> Path:
+        return self.path / ONNX_FILE
+
+    @property
+    def onnx_int8(self) -> Path:
+        return self.path / ONNX_INT8_FILE
 
     @property
     def info_file(self) -> Path:
