@@ -7,6 +7,7 @@ folder layout; ``scoring.runtimes`` loads a saved model for inference.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -38,8 +39,21 @@ def _pin(name: str) -> str:
     return next(r for r in pinned_requirements() if r.split("==")[0] == name)
 
 
-def get_default_pip_requirements() -> list[str]:
-    return pinned_requirements()
+RUNTIMES = ("torch", "onnx")
+# What a model on the ONNX runtime needs to load and serve: wheels only, no torch/mmcv/mmdet.
+ONNX_SERVING_PACKAGES = ("mlflow-skinny", "onnxruntime", "numpy", "pandas", "pillow",
+                         "opencv-python-headless")
+# Only for export, quantization or Azure's no-code scoring script, never in a torch model.
+_NOT_FOR_TORCH_MODELS = ("onnxruntime", "onnx", "ml_dtypes", "azureml-ai-monitoring")
+
+
+def get_default_pip_requirements(runtime: str = "torch") -> list[str]:
+    """A saved model's requirements.txt: the pins its runtime needs."""
+    pins = {r.split("==")[0]: r for r in pinned_requirements()}
+    if runtime == "onnx":
+        pins["mlflow-skinny"] = pins["mlflow"].replace("mlflow", "mlflow-skinny", 1)
+        return [pins[name] for name in ONNX_SERVING_PACKAGES]
+    return [pin for name, pin in pins.items() if name not in _NOT_FOR_TORCH_MODELS]
 
 
 def mmcv_build_requirements() -> list[str]:
@@ -50,10 +64,10 @@ def mmcv_build_requirements() -> list[str]:
     return ["pip==25.2", "setuptools>=77,<81", "wheel", "ninja", _pin("numpy"), _pin("torch")]
 
 
-def get_default_conda_env() -> dict:
+def get_default_conda_env(runtime: str = "torch") -> dict:
     from mlflow.utils.environment import _mlflow_conda_env
 
-    return _mlflow_conda_env(additional_pip_deps=get_default_pip_requirements())
+    return _mlflow_conda_env(additional_pip_deps=get_default_pip_requirements(runtime))
 
 
 def save_model(
@@ -68,6 +82,9 @@ def save_model(
     extra_pip_requirements: Sequence[str] | None = None,
     metadata: dict | None = None,
     batch_size: int = 8,
+    runtime: str = "torch",
+    quantize: str | None = None,
+    calibration_images=None,
     **_ignored,
 ):
     """Save an RTMDet-Ins model as an MLflow model directory at ``path``.
@@ -76,10 +93,15 @@ def save_model(
     ``checkpoint``: a path, an http(s) URL or ``"official"`` (the published COCO weights,
     sha256-checked and cached). ``classes``: class names; by default those stored in the
     checkpoint, else COCO's when it has 80 classes. The weights must match the config exactly.
+    ``runtime``: ``"torch"`` (mmdet on torch) or ``"onnx"``: the network exported to ONNX and
+    checked against torch on sample images (refused beyond the tolerance), served by ONNX
+    Runtime with numpy pre/post-processing; such a model needs none of torch, mmcv, mmdet,
+    mmengine, and its requirements install from wheels. ``quantize="int8"`` (ONNX only) adds a
+    statically quantized network, calibrated on ``calibration_images`` (BGR arrays), and serves
+    it; its speed and agreement with fp32 are measured and printed.
     """
     from mlflow.models import Model
     from mlflow.models.utils import _save_example
-    from mlflow.utils.environment import _PythonEnv
     from mlflow.utils.model_utils import _validate_and_prepare_target_save_path
     import mlflow.pyfunc
 
@@ -88,6 +110,12 @@ def save_model(
     from scoring.runtimes.torch_rtmdet import build_detector
     from scoring.schema import TASK, PredictParams, mlflow_signature
 
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
+    if quantize not in (None, "int8"):
+        raise ValueError(f"quantize must be 'int8' or None, not {quantize!r}")
+    if quantize and runtime != "onnx":
+        raise ValueError("quantize='int8' needs runtime='onnx'")
     path = Path(path).resolve()
     checkpoint_path, source = resolve_checkpoint(checkpoint, config_name(config))
     state_dict, meta = read_state_dict(checkpoint_path)
@@ -96,7 +124,7 @@ def save_model(
         class_names = _classes_for_count(_class_count(state_dict))
     cfg = load_config(config, num_classes=len(class_names))
     # Builds the model and refuses weights that do not fit it, before anything is written.
-    build_detector(cfg, state_dict, class_names, device="cpu")
+    detector = build_detector(cfg, state_dict, class_names, device="cpu")
 
     _validate_and_prepare_target_save_path(str(path))
     saved = ModelDir(path)
@@ -106,7 +134,7 @@ def save_model(
     write_weights(state_dict, weights_dir.weights)
     defaults = PredictParams.for_config(cfg.model.test_cfg)
     info = {
-        "runtime": "torch",
+        "runtime": runtime,
         "classes": class_names,
         "config_name": config_name(config),
         "checkpoint": source.as_dict(),
@@ -115,6 +143,8 @@ def save_model(
         "versions": _library_versions(),
     }
     weights_dir.write_info(info)
+    if runtime == "onnx":
+        _export_onnx(weights_dir, detector, quantize, calibration_images)
     _copy_code(saved.code)
 
     mlflow_model = mlflow_model or Model()
@@ -133,7 +163,9 @@ def save_model(
     mlflow_model.add_flavor(
         FLAVOR_NAME,
         config=f"{model_dir.DATA_DIR}/{model_dir.CONFIG_FILE}",
-        weights=f"{model_dir.DATA_DIR}/{model_dir.WEIGHTS_FILE}",
+        weights=f"{model_dir.DATA_DIR}/"
+                + (model_dir.WEIGHTS_FILE if runtime == "torch" else model_dir.ONNX_FILE),
+        runtime=runtime,
         classes=class_names,
         config_name=info["config_name"],
         checkpoint=info["checkpoint"],
@@ -143,24 +175,56 @@ def save_model(
                              "checkpoint_sha256": source.sha256, **(metadata or {})}
     mlflow_model.save(str(saved.mlmodel))
 
-    requirements = list(pip_requirements or get_default_pip_requirements())
+    requirements = list(pip_requirements or get_default_pip_requirements(runtime))
     requirements += list(extra_pip_requirements or [])
-    (path / model_dir.REQUIREMENTS_FILE).write_text("\n".join(requirements) + "\n")
-    _PythonEnv(
-        python=".".join(map(str, sys.version_info[:3])),
-        build_dependencies=mmcv_build_requirements(),
-        dependencies=[f"-r {model_dir.REQUIREMENTS_FILE}"],
-    ).to_yaml(str(path / model_dir.PYTHON_ENV_FILE))
+    _write_environment(path, requirements, runtime)
+    return mlflow_model
+
+
+def _write_environment(path: Path, requirements: list[str], runtime: str) -> None:
+    """requirements.txt, python_env.yaml and conda.yaml of a saved model. A torch model's mmcv
+    builds its ops from source with torch installed first (python_env.yaml's build
+    dependencies); an ONNX model's packages are all wheels, and its conda.yaml (what Azure's
+    no-code deployment installs) adds the package Azure's generated scoring script imports."""
     import yaml
 
-    from mlflow.utils.environment import _mlflow_conda_env
+    from mlflow.utils.environment import _mlflow_conda_env, _PythonEnv
 
-    conda = _mlflow_conda_env(additional_pip_deps=mmcv_build_requirements()[1:] + requirements)
-    (path / model_dir.CONDA_FILE).write_text(
-        "# mmcv builds its compiled ops only when torch is already installed: prefer\n"
-        "# `--env-manager virtualenv` (python_env.yaml installs torch first).\n"
-        + yaml.safe_dump(conda, sort_keys=False))
-    return mlflow_model
+    (path / model_dir.REQUIREMENTS_FILE).write_text("\n".join(requirements) + "\n")
+    torch_model = runtime == "torch"
+    _PythonEnv(
+        python=".".join(map(str, sys.version_info[:3])),
+        build_dependencies=mmcv_build_requirements() if torch_model else None,
+        dependencies=[f"-r {model_dir.REQUIREMENTS_FILE}"],
+    ).to_yaml(str(path / model_dir.PYTHON_ENV_FILE))
+    if torch_model:
+        conda = _mlflow_conda_env(additional_pip_deps=mmcv_build_requirements()[1:] + requirements)
+        header = ("# mmcv builds its compiled ops only when torch is already installed: prefer\n"
+                  "# `--env-manager virtualenv` (python_env.yaml installs torch first).\n")
+    else:
+        conda = _mlflow_conda_env(additional_pip_deps=requirements + [_pin("azureml-ai-monitoring")])
+        header = "# Wheels only: installs in about a minute (Azure ML no-code deployments read this file).\n"
+    (path / model_dir.CONDA_FILE).write_text(header + yaml.safe_dump(conda, sort_keys=False))
+
+
+def _export_onnx(weights_dir, detector, quantize: str | None, calibration_images) -> None:
+    """Export to ONNX (checked against torch), optionally add int8, then drop the torch weights:
+    an ONNX model serves from model.onnx alone (config.py stays, for provenance)."""
+    from mlflow_model.onnx_export import add_int8_to_weights_dir, export_to_weights_dir
+
+    spec = export_to_weights_dir(weights_dir.path, detector=detector)
+    print(f"exported to ONNX; max |onnx - torch| on the raw outputs of sample images: "
+          f"{spec['files'][model_dir.ONNX_FILE]['max_abs_diff_vs_torch']:.2e}", flush=True)
+    if quantize == "int8":
+        if not calibration_images:
+            raise ValueError("quantize='int8' needs calibration images")
+        record = add_int8_to_weights_dir(weights_dir.path, list(calibration_images))
+        info = weights_dir.read_info()
+        info[model_dir.ONNX_INFO_KEY]["serve"] = model_dir.ONNX_INT8_FILE
+        weights_dir.write_info(info)
+        print(f"quantized to int8 on {len(calibration_images)} calibration images: "
+              f"{json.dumps({k: v for k, v in record.items() if k != 'sha256'})}", flush=True)
+    weights_dir.weights.unlink()
 
 
 def log_model(config, checkpoint, name: str = "model", classes=None,
@@ -181,13 +245,21 @@ def log_model(config, checkpoint, name: str = "model", classes=None,
 
 
 def load_model(model_uri: str, device: str | None = None, dst_path: str | None = None):
-    """The plain mmdet detector (eval mode) of a saved model: use it with mmdet's APIs."""
+    """A torch model: the plain mmdet detector (eval mode), to use with mmdet's APIs. An ONNX
+    model: its runtime object (``scoring.runtimes.onnx_rtmdet.OnnxSegmenter``: call it on BGR
+    arrays, or use its ``session``, an ``onnxruntime.InferenceSession``), since it carries no
+    torch weights and needs no torch."""
     from mlflow.tracking.artifact_utils import _download_artifact_from_uri
 
-    from scoring.runtimes.torch_rtmdet import load_detector
+    from scoring.runtimes import runtime_of
 
     local = Path(_download_artifact_from_uri(artifact_uri=model_uri, output_path=dst_path))
-    return load_detector(ModelDir(local).data, device)[0]
+    weights = ModelDir(local).data
+    if runtime_of(weights.read_info()) == "onnx":
+        return load_segmenter(weights.path, device=device)
+    from scoring.runtimes.torch_rtmdet import load_detector
+
+    return load_detector(weights, device)[0]
 
 
 class MMDetPyfuncModel:

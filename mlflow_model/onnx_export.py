@@ -270,9 +270,9 @@ def export_to_weights_dir(weights_dir: str | os.PathLike, detector=None,
     Returns the section."""
     folder = WeightsDir(weights_dir)
     if detector is None:
-        from mlflow_model import _load_detector
+        from scoring.runtimes.torch_rtmdet import load_detector
 
-        detector, _ = _load_detector(folder.path, device="cpu")
+        detector, _ = load_detector(folder, device="cpu")
     spec = onnx_model_spec(detector)
     images = list(images) if images is not None else sample_images()
     with tempfile.TemporaryDirectory(dir=folder.path) as tmp:

@@ -215,11 +215,13 @@ def test_export_refuses_outputs_that_differ_from_torch(onnx_weights_dir, tmp_pat
     """An ONNX file from other weights must not pass the torch comparison."""
     import torch
 
-    import mlflow_model
     from mlflow_model.onnx_export import (OnnxExportError, compare_with_torch, network_inputs,
                                           sample_images)
 
-    detector, _ = mlflow_model._load_detector(onnx_weights_dir, device="cpu")
+    from mlflow_model.model_dir import WeightsDir
+    from scoring.runtimes.torch_rtmdet import load_detector
+
+    detector, _ = load_detector(WeightsDir(onnx_weights_dir), device="cpu")
     spec = json.loads((onnx_weights_dir / "model.json").read_text())["onnx"]
     with torch.no_grad():
         # the file now answers for other weights: box distances +0.5 x stride 8

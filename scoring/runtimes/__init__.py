@@ -39,9 +39,13 @@ def load_segmenter(weights_dir: str | os.PathLike, device: str | None = None,
     weights = WeightsDir(Path(weights_dir))
     runtime = runtime_of(weights.read_info())
     if runtime == "onnx":
+        from mlflow_model.model_dir import ONNX_FILE, ONNX_INFO_KEY
         from scoring.runtimes.onnx_rtmdet import load_onnx_segmenter
 
-        return load_onnx_segmenter(weights, device=device, batch_size=batch_size)
+        served = weights.read_info().get(ONNX_INFO_KEY, {}).get("serve", ONNX_FILE)
+        providers = ["CPUExecutionProvider"] if device == "cpu" else None  # else CUDA when present
+        return load_onnx_segmenter(weights.path, batch_size=batch_size, onnx_file=served,
+                                   providers=providers)
     from scoring.runtimes.torch_rtmdet import load_torch_segmenter
 
     return load_torch_segmenter(weights, device=device, batch_size=batch_size)

@@ -11,7 +11,7 @@ prototype features. Everything around it is reproduced here in numpy, step by st
 - ``postprocess``: ``RTMDetInsHead.predict_by_feat`` -> ``_predict_by_feat_single`` ->
   ``_bbox_mask_post_process`` (score filter and top-k, box decoding from the priors, rescale,
   min size, mmcv's ``batched_nms``, ``max_per_img``, the dynamic mask convolutions), with the
-  full-size masks made a chunk at a time as ``scoring.rtmdet.MaskResampler`` makes them.
+  full-size masks made a chunk at a time as ``scoring.runtimes.torch_rtmdet.MaskResampler`` makes them.
 
 The settings these steps need (input size, normalization, strides, test_cfg, ...) are written
 into model.json's ``"onnx"`` section at export time, so no mmengine config is read here.
@@ -31,11 +31,11 @@ import numpy as np
 from mlflow_model.checkpoints import sha256_of
 from mlflow_model.model_dir import INFO_FILE, ONNX_FILE, ONNX_INFO_KEY
 from scoring.errors import MmdetMlflowError
+from scoring.runtimes import masks as mask_windows
 from scoring.runtimes.base import ImageDetections, Segmenter
 from scoring.schema import PredictParams
 
-# Upsampled float logits one chunk of masks may hold (as scoring.rtmdet.MASK_CHUNK_BYTES).
-MASK_CHUNK_BYTES = 256 * 1024 * 1024
+MASK_CHUNK_BYTES = mask_windows.MASK_CHUNK_BYTES
 # cv2.resize works on at most this many channels (CV_CN_MAX): masks are resized as channels.
 CV2_MAX_CHANNELS = 512
 # Version of the "onnx" section of model.json this module reads.
@@ -280,7 +280,7 @@ def dynamic_mask_logits(mask_feat: np.ndarray, kernels: np.ndarray, priors: np.n
 
 
 class NumpyMaskResampler:
-    """Low-resolution mask logits -> full-size boolean masks, as scoring.rtmdet.MaskResampler
+    """Low-resolution mask logits -> full-size boolean masks, as scoring.runtimes.torch_rtmdet.MaskResampler
     (and mmdet's _bbox_mask_post_process) make them, a chunk at a time: bilinear upsampling by
     the stride, bilinear resize to the rescaled size (height scaled by the *width* factor, as
     mmdet 3.3.0 does), crop to the original image, sigmoid > threshold. cv2's INTER_LINEAR on
@@ -302,7 +302,13 @@ class NumpyMaskResampler:
         return (math.ceil(h * self.inverse_scale_factor[0]),
                 math.ceil(w * self.inverse_scale_factor[1]))
 
+    def windowed(self) -> bool:
+        big_h, big_w = self._upsampled_shape(*self.mask_logits.shape[-2:])
+        return mask_windows.windowed(big_h, big_w, self.ori_h, self.ori_w)
+
     def chunk_size(self) -> int:
+        if self.windowed():
+            return 1  # one mask at a time, in bands of rows (scoring.runtimes.masks)
         big_h, big_w = self._upsampled_shape(*self.mask_logits.shape[-2:])
         return int(min(CV2_MAX_CHANNELS, max(1, MASK_CHUNK_BYTES // (big_h * big_w * 4))))
 
@@ -310,11 +316,6 @@ class NumpyMaskResampler:
         """Boolean masks (k, ori_h, ori_w) for a chunk of low-resolution logits (k, h, w)."""
         low_h, low_w = logits.shape[-2:]
         big_h, big_w = self._upsampled_shape(low_h, low_w)
-        channels_last = np.ascontiguousarray(logits.transpose(1, 2, 0))
-        up = cv2.resize(channels_last, (low_w * self.stride, low_h * self.stride),
-                        interpolation=cv2.INTER_LINEAR)
-        up = cv2.resize(up, (big_w, big_h), interpolation=cv2.INTER_LINEAR)
-        up = up.reshape(big_h, big_w, -1)[: self.ori_h, : self.ori_w]  # cv2 drops a last axis of 1
         # sigmoid(x) > t  <=>  x > logit(t): the same masks without a sigmoid over every pixel
         if threshold <= 0:
             cut = -np.inf
@@ -322,6 +323,15 @@ class NumpyMaskResampler:
             cut = np.inf
         else:
             cut = math.log(threshold) - math.log1p(-threshold)
+        channels_last = np.ascontiguousarray(logits.transpose(1, 2, 0))
+        up = cv2.resize(channels_last, (low_w * self.stride, low_h * self.stride),
+                        interpolation=cv2.INTER_LINEAR)
+        if self.windowed():  # a long, thin image: only the kept window (scoring.runtimes.masks)
+            up = up.reshape(low_h * self.stride, low_w * self.stride, -1).transpose(2, 0, 1)
+            return mask_windows.windowed_resize(np.ascontiguousarray(up), (big_h, big_w),
+                                                (self.ori_h, self.ori_w), cut)
+        up = cv2.resize(up, (big_w, big_h), interpolation=cv2.INTER_LINEAR)
+        up = up.reshape(big_h, big_w, -1)[: self.ori_h, : self.ori_w]  # cv2 drops a last axis of 1
         return (up > np.float32(cut)).transpose(2, 0, 1)
 
     def iter_masks(self, threshold: float) -> Iterator[np.ndarray]:
@@ -352,6 +362,9 @@ class OnnxSegmenter(Segmenter):
                               + list(spec.outputs["kernel_preds"]) + [spec.outputs["mask_feat"]])
         self._mean = np.asarray(spec.mean, np.float32).reshape(1, 1, 3)
         self._std = np.asarray(spec.std, np.float32).reshape(1, 1, 3)
+        if spec.keep_ratio:
+            self.input_scale = tuple(spec.resize_scale_wh)  # Segmenter.image_problem reads it
+        self.configured_score_threshold = spec.test_cfg.get("score_thr")
 
     # --- preprocess: mmdet's test pipeline + DetDataPreprocessor
 

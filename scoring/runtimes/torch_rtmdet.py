@@ -25,11 +25,11 @@ import torch
 import torch.nn.functional as F
 
 from scoring import settings
+from scoring.runtimes import masks as mask_windows
 from scoring.runtimes.base import ImageDetections, Segmenter
 from scoring.schema import PredictParams
 
-# Upsampled float logits one chunk may hold; a 12-megapixel image gets ~4 masks per chunk.
-MASK_CHUNK_BYTES = 256 * 1024 * 1024
+MASK_CHUNK_BYTES = mask_windows.MASK_CHUNK_BYTES
 
 
 def bbox_post_process_deferring_masks(
@@ -90,12 +90,10 @@ class MaskResampler:
         return math.ceil(h * self.inverse_scale_factor[0]), math.ceil(w * self.inverse_scale_factor[1])
 
     def windowed(self, mask_logits: torch.Tensor) -> bool:
-        """Whether to resample only the part of the image that survives the crop. mmdet upsamples
-        to the padded input's shape scaled back, then crops the image out of it: for a long, thin
-        image (70000 x 700 pads to a square) that is (long side)^2, 19.5 GiB for one mask, while
-        the image has 49 M pixels. The exact path is kept wherever the crop drops little."""
+        """Whether to resample only the part that survives the crop (scoring.runtimes.masks);
+        the exact path, bit-identical to mmdet's, is kept wherever the crop drops little."""
         big_h, big_w = self._upsampled_shape(*mask_logits.shape[-2:])
-        return big_h * big_w > 2 * self.ori_h * self.ori_w
+        return mask_windows.windowed(big_h, big_w, self.ori_h, self.ori_w)
 
     def chunk_size(self, mask_logits: torch.Tensor) -> int:
         if self.windowed(mask_logits):
@@ -118,24 +116,14 @@ class MaskResampler:
 
     def _windowed_masks(self, logits: torch.Tensor, threshold: float) -> torch.Tensor:
         """The second bilinear resize of ``masks`` computed for the kept ``ori_h x ori_w`` window
-        only, with torch's own source-index rule (align_corners=False, float32), a band of rows
-        at a time so that the float temporaries stay within MASK_CHUNK_BYTES."""
+        only (scoring.runtimes.masks.windowed_resize, torch's own index rule)."""
         in_h, in_w = logits.shape[-2:]
-        big_h, big_w = self._upsampled_shape(*(n // self.stride for n in (in_h, in_w)))
-        rows = _source_index(in_h, big_h, self.ori_h, logits.device)
-        cols = _source_index(in_w, big_w, self.ori_w, logits.device)
-        out = torch.empty((logits.shape[0], self.ori_h, self.ori_w), dtype=torch.bool, device=logits.device)
-        band = max(1, MASK_CHUNK_BYTES // (self.ori_w * 4 * 8 * max(1, logits.shape[0])))
-        w0, w1, wl = cols
-        for top in range(0, self.ori_h, band):
-            h0, h1, hl = (t[top:top + band] for t in rows)
-            upper, lower = logits[:, h0, :], logits[:, h1, :]
-            hl = hl[None, :, None]
-            wl_ = wl[None, None, :]
-            value = (1 - hl) * ((1 - wl_) * upper[:, :, w0] + wl_ * upper[:, :, w1]) \
-                + hl * ((1 - wl_) * lower[:, :, w0] + wl_ * lower[:, :, w1])
-            out[:, top:top + band] = value.sigmoid() > threshold
-        return out
+        big_hw = self._upsampled_shape(in_h // self.stride, in_w // self.stride)
+        cut = math.log(threshold) - math.log1p(-threshold) if 0 < threshold < 1 else (
+            -math.inf if threshold <= 0 else math.inf)  # sigmoid(x) > t  <=>  x > logit(t)
+        window = mask_windows.windowed_resize(logits.float().cpu().numpy(), big_hw,
+                                              (self.ori_h, self.ori_w), cut)
+        return torch.from_numpy(window)
 
     def iter_masks(self, mask_logits: torch.Tensor, threshold: float) -> Iterator[np.ndarray]:
         """One HxW boolean numpy mask per detection, never more than a chunk in memory."""
@@ -143,18 +131,6 @@ class MaskResampler:
         for start in range(0, mask_logits.shape[0], step):
             chunk = self.masks(mask_logits[start : start + step], threshold).cpu().numpy()
             yield from chunk
-
-
-def _source_index(in_size: int, out_size: int, count: int, device):
-    """For the first ``count`` of ``out_size`` output positions of a bilinear resize from
-    ``in_size`` (align_corners=False): the two source indices and the weight of the second, as
-    torch computes them (scale = in/out in float32, src = max(scale * (dst + 0.5) - 0.5, 0))."""
-    scale = torch.tensor(in_size / out_size, dtype=torch.float32)
-    dst = torch.arange(count, dtype=torch.float32, device=device)
-    src = torch.clamp(scale * (dst + 0.5) - 0.5, min=0)
-    first = torch.clamp(src.floor().long(), max=in_size - 1)
-    second = torch.clamp(first + 1, max=in_size - 1)
-    return first, second, src - first
 
 
 class DeferredMasks:
