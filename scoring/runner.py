@@ -14,8 +14,8 @@ encoder. Callers differ only in
 - how detections are encoded: ``encode`` defaults to the public response; evaluation passes one
   that also keeps each mask's RLE (see ``mmdet_mlflow.evaluate``);
 - limits: a served request has a ``deadline`` for its work (checked between forward passes and
-  between masks, so a request whose client gave up stops instead of holding the worker) and a ``budget`` for its
-  image URLs together; batch jobs have neither.
+  between masks, so a request whose client gave up stops instead of holding the worker) and a
+  ``budget`` for its image URLs together (time spent fetching only); batch jobs have neither.
 
 Every image is checked before it reaches the model: it must survive the model's resize (a 1 x
 2000 image would become 0 pixels high) and its worst-case mask work (max_detections x pixels)
@@ -32,7 +32,7 @@ from scoring import settings
 from scoring.decode import decode_image
 from scoring.encode import encode_detections
 from scoring.errors import InputError
-from scoring.fetch import Deadline
+from scoring.fetch import Deadline, FetchBudget
 from scoring.runtimes.base import ImageDetections, Segmenter
 from scoring.schema import PredictParams
 
@@ -59,7 +59,7 @@ def score_images(segmenter: Segmenter, items: Iterable[tuple[Any, Any]],
                  on_error: str = "raise", keep_images: bool = False,
                  decode: Callable[[Any, Any], np.ndarray] | None = None,
                  batch_size: int | None = None, deadline: Deadline | None = None,
-                 budget: Deadline | None = None) -> Iterator[Scored]:
+                 budget: FetchBudget | None = None) -> Iterator[Scored]:
     """Score ``items`` in order, ``batch_size`` (default: the segmenter's) images per forward pass.
 
     ``params`` are this call's predict params (a dict is checked against the model's defaults).
