@@ -307,7 +307,39 @@ def load_segmenter(data_dir, device: str | None = None, batch_size: int | None =
 def _load_pyfunc(path):
     """The pyfunc loader: ``path`` is the model's data directory."""
     _refuse_unknown_params()
+    _refuse_unparseable_json()
     return MMDetPyfuncModel(load_segmenter(path))
+
+
+def _refuse_unparseable_json() -> None:
+    """Under ``mlflow models serve``: make the scoring server answer 400, not 500, for a body
+    its JSON parser raises on with other than JSONDecodeError: JSON nested deeper than
+    Python's recursion limit (RecursionError: ``[[[[...]]]]`` of 100000 levels, even inside
+    ``data`` or ``params``) and integers longer than Python converts (ValueError: a 5000-digit
+    number). Those errors left the server as a 500 before our model saw the request. The
+    server module is wrapped only where it is already running (it loads the model after its
+    import); if a later MLflow renames the function, nothing is wrapped and
+    tests/test_hostile.py's deep-JSON cases say so."""
+    import sys
+
+    server = sys.modules.get("mlflow.pyfunc.scoring_server")
+    original = getattr(server, "_decode_json_input", None)
+    if original is None or getattr(original, "refuses_unparseable_json", False):
+        return
+    from mlflow.exceptions import MlflowException
+
+    def decode(json_input):
+        try:
+            return original(json_input)
+        except RecursionError:
+            raise MlflowException.invalid_parameter_value("the request body is JSON nested too deeply") from None
+        except ValueError as err:
+            if isinstance(err, MlflowException):
+                raise
+            raise MlflowException.invalid_parameter_value(f"the request body is not valid JSON ({err})") from None
+
+    decode.refuses_unparseable_json = True
+    server._decode_json_input = decode
 
 
 def _refuse_unknown_params() -> None:

@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import os
+import re
 import traceback
 from pathlib import Path
 from typing import Callable, Iterable
@@ -126,19 +127,51 @@ def problem(err: Exception) -> str:
 
 
 def format_record(rec: dict) -> str:
-    """One CSV line (no line break) for a record: predictions.csv stays valid CSV."""
+    """One CSV line (no line break) for a record: predictions.csv stays valid CSV, one record per
+    line. The prediction is JSON (which escapes line breaks itself); the file name and the error
+    message are text that may hold line breaks (a file name with one, an error quoting a table
+    cell), which CSV would keep inside quotes, splitting the record over lines that Azure's
+    driver and line-by-line readers take for separate records: ``escape_text`` puts them on one
+    line and ``parse_record`` restores them."""
     prediction = json.dumps(rec["prediction"]) if rec["prediction"] is not None else ""
     row = "" if rec["row"] is None else rec["row"]
     buffer = io.StringIO()
-    csv.writer(buffer, lineterminator="").writerow([row, prediction, rec["file"], rec["error"] or ""])
+    csv.writer(buffer, lineterminator="").writerow(
+        [row, prediction, escape_text(rec["file"]), escape_text(rec["error"] or "")])
     return buffer.getvalue()
+
+
+# Every character str.splitlines() breaks at (pandas' parser breaks at LF and CR only).
+_LINE_BREAKS = "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"
+_ESCAPED = re.compile(r"\\(\\|n|r|u[0-9a-f]{4})")
+
+
+def escape_text(text: str) -> str:
+    """``text`` on one line, reversibly: a backslash doubled, LF and CR as backslash-n and
+    backslash-r, the other line breaks as backslash-u and four hex digits."""
+    def escaped(char: str) -> str:
+        if char == "\\":
+            return "\\\\"
+        if char in _LINE_BREAKS:
+            return {"\n": "\\n", "\r": "\\r"}.get(char, f"\\u{ord(char):04x}")
+        return char
+
+    return "".join(map(escaped, text))
+
+
+def unescape_text(text: str) -> str:
+    def unescaped(match: re.Match) -> str:
+        code = match.group(1)
+        return {"\\": "\\", "n": "\n", "r": "\r"}.get(code) or chr(int(code[1:], 16))
+
+    return _ESCAPED.sub(unescaped, text)
 
 
 def parse_record(line: str) -> dict:
     """The inverse of format_record (to read predictions.csv lines back)."""
     row, prediction, file, error = next(csv.reader([line]))
     return {"row": int(row) if row else None, "prediction": json.loads(prediction) if prediction else None,
-            "file": file, "error": error or None}
+            "file": unescape_text(file), "error": unescape_text(error) or None}
 
 
 __all__ = ["COLUMNS", "file_images", "format_record", "parse_record", "problem",

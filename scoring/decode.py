@@ -18,6 +18,7 @@ from scoring.schema import INPUT_COLUMN
 _URL = re.compile(r"^https?://", re.IGNORECASE)
 _DATA_URI = re.compile(r"^data:[\w/+.-]*(;[\w=.-]+)*;base64,", re.IGNORECASE)
 _WHITESPACE = re.compile(rb"\s+")
+_BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")  # in the message of Pillow's DecompressionBombError
 
 
 def decode_image(value, row: int | str | None = None, budget=None) -> np.ndarray:
@@ -126,7 +127,14 @@ def _header(data: bytes) -> tuple[int, int, str]:
     try:
         with Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS) as img:  # the header only
             width, height, fmt = img.width, img.height, img.format or "unknown"
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+    except Image.DecompressionBombError as err:
+        # Pillow's own bomb check (over twice its MAX_IMAGE_PIXELS) fires inside open(), before
+        # ours: a 100000x100000 PNG header is an image over the limit, not "not an image".
+        declared = _BOMB_PIXELS.search(str(err))
+        size = f"{declared.group(1)} pixels" if declared else "larger than Pillow opens"
+        raise InputError(f"image is {size}, over the limit of {settings.MAX_IMAGE_PIXELS.value()} "
+                         f"({settings.MAX_IMAGE_PIXELS.env})") from None
+    except (UnidentifiedImageError, OSError, ValueError):
         raise InputError(f"not an image ({len(data)} bytes in no format we can read; we accept "
                          f"{', '.join(ACCEPTED_FORMATS)})") from None
     if width < 1 or height < 1:

@@ -59,17 +59,41 @@ def url_deadline() -> Deadline:
     return Deadline.after(seconds, f"took longer than {seconds:g} s ({settings.FETCH_TOTAL_TIMEOUT.env})")
 
 
-def request_deadline() -> Deadline:
+class FetchBudget:
+    """Seconds that all of one request's URL fetches may take together. Only time spent
+    fetching is counted: a request's rows are fetched between the model's forward passes, and
+    a wall-clock deadline would spend the budget on those (64 URL rows of a large model on a
+    CPU had their later rows refused though each fetch took milliseconds)."""
+
+    def __init__(self, seconds: float, what: str):
+        self.left = seconds
+        self.what = what
+
+    def deadline(self) -> Deadline:
+        """The deadline of a fetch that starts now."""
+        return Deadline.after(self.left, self.what)
+
+    def spend(self, seconds: float) -> None:
+        self.left -= seconds
+
+
+def request_deadline() -> FetchBudget:
     """The budget of all of one request's URLs together (the runner makes one per request)."""
     seconds = settings.FETCH_REQUEST_BUDGET.value()
-    return Deadline.after(seconds, f"the request's image URLs took longer than {seconds:g} s in all "
-                                   f"({settings.FETCH_REQUEST_BUDGET.env})")
+    return FetchBudget(seconds, f"the request's image URLs took longer than {seconds:g} s in all "
+                                f"({settings.FETCH_REQUEST_BUDGET.env})")
 
 
-def fetch_url(url: str, budget: Deadline | None = None) -> bytes:
+def fetch_url(url: str, budget: FetchBudget | Deadline | None = None) -> bytes:
     """The body of ``url`` (following redirects), or an InputError saying why not, within this
     URL's own deadline and ``budget`` (the request's), whichever comes first."""
     deadline = url_deadline()
+    if isinstance(budget, FetchBudget):
+        started = time.monotonic()
+        try:
+            return fetch_url(url, min(deadline, budget.deadline(), key=lambda d: d.at))
+        finally:
+            budget.spend(time.monotonic() - started)
     if budget is not None and budget.at < deadline.at:
         deadline = budget
     max_redirects = settings.FETCH_MAX_REDIRECTS.value()

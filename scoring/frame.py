@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+import numpy as np
 import pandas as pd
 
 from scoring import settings
+from scoring.decode import preview
 from scoring.errors import InputError
 from scoring.fetch import Deadline, request_deadline
 from scoring.runner import score_images
@@ -34,6 +36,11 @@ def as_frame(model_input: Any) -> pd.DataFrame:
         raise InputError("the input has no rows")
     if isinstance(frame.index, pd.MultiIndex):  # nested index lists multiply rows
         raise InputError("the request's index must be a flat list of labels, one per image")
+    for label in frame.index[:settings.MAX_ROWS.value() + 1]:  # more rows are refused anyway
+        # Labels name rows in errors and answers: scalars only (MLflow's parser passes an
+        # index of objects or booleans through, where ours refuses them).
+        if isinstance(label, (bool, np.bool_)) or not isinstance(label, (str, int, float, np.integer, np.floating)):
+            raise InputError(f"the request's index labels must be strings or numbers, got {preview(label)}")
     return frame
 
 

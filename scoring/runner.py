@@ -13,9 +13,9 @@ encoder. Callers differ only in
   (batch jobs, predict on a folder);
 - how detections are encoded: ``encode`` defaults to the public response; evaluation passes one
   that also keeps each mask's RLE (see ``mmdet_mlflow.evaluate``);
-- limits: a served request has a ``deadline`` for its work (checked between forward passes, so
-  a request whose client gave up stops instead of holding the worker) and a ``budget`` for its
-  image URLs together; batch jobs have neither.
+- limits: a served request has a ``deadline`` for its work (checked between forward passes and
+  between masks, so a request whose client gave up stops instead of holding the worker) and a
+  ``budget`` for its image URLs together (time spent fetching only); batch jobs have neither.
 
 Every image is checked before it reaches the model: it must survive the model's resize (a 1 x
 2000 image would become 0 pixels high) and its worst-case mask work (max_detections x pixels)
@@ -23,7 +23,7 @@ must be within ``MMDET_MLFLOW_MAX_MASK_PIXELS``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
@@ -32,7 +32,7 @@ from scoring import settings
 from scoring.decode import decode_image
 from scoring.encode import encode_detections
 from scoring.errors import InputError
-from scoring.fetch import Deadline
+from scoring.fetch import Deadline, FetchBudget
 from scoring.runtimes.base import ImageDetections, Segmenter
 from scoring.schema import PredictParams
 
@@ -59,7 +59,7 @@ def score_images(segmenter: Segmenter, items: Iterable[tuple[Any, Any]],
                  on_error: str = "raise", keep_images: bool = False,
                  decode: Callable[[Any, Any], np.ndarray] | None = None,
                  batch_size: int | None = None, deadline: Deadline | None = None,
-                 budget: Deadline | None = None) -> Iterator[Scored]:
+                 budget: FetchBudget | None = None) -> Iterator[Scored]:
     """Score ``items`` in order, ``batch_size`` (default: the segmenter's) images per forward pass.
 
     ``params`` are this call's predict params (a dict is checked against the model's defaults).
@@ -87,16 +87,34 @@ def score_images(segmenter: Segmenter, items: Iterable[tuple[Any, Any]],
             continue
         if len(batch) == size:
             _check_deadline(deadline)
-            yield from _score_batch(segmenter, batch, params, encode, keep_images)
+            yield from _score_batch(segmenter, batch, params, encode, keep_images, deadline)
             batch = []
     if batch:
         _check_deadline(deadline)
-        yield from _score_batch(segmenter, batch, params, encode, keep_images)
+        yield from _score_batch(segmenter, batch, params, encode, keep_images, deadline)
 
 
 def _check_deadline(deadline: Deadline | None) -> None:
     if deadline is not None and deadline.passed():
         raise InputError(f"the request {deadline.what}; send fewer or smaller images per request")
+
+
+class _MasksWithinDeadline:
+    """An image's masks, checking the request's deadline before each one: encoding thousands of
+    masks (score_threshold 0, max_detections 10000 on a 700x700 image took 6 minutes) happens
+    after the forward pass, so the checks between passes alone let it outlive its request."""
+
+    def __init__(self, masks, deadline: Deadline):
+        self.masks = masks
+        self.deadline = deadline
+
+    def __len__(self) -> int:
+        return len(self.masks)
+
+    def iter_masks(self, threshold: float) -> Iterator[np.ndarray]:
+        for mask in self.masks.iter_masks(threshold):
+            _check_deadline(self.deadline)
+            yield mask
 
 
 def _check_work(segmenter: Segmenter, image: np.ndarray, params: PredictParams,
@@ -114,9 +132,11 @@ def _check_work(segmenter: Segmenter, image: np.ndarray, params: PredictParams,
             f"smaller image", row=key)
 
 
-def _score_batch(segmenter, batch, params, encode, keep_images) -> Iterator[Scored]:
+def _score_batch(segmenter, batch, params, encode, keep_images, deadline=None) -> Iterator[Scored]:
     images = [image for _, image in batch]
     for (key, image), detections in zip(batch, segmenter(images, params)):
+        if deadline is not None:
+            detections = replace(detections, masks=_MasksWithinDeadline(detections.masks, deadline))
         yield Scored(key, response=encode(detections, params),
                      image=image if keep_images else None,
                      detections=detections if keep_images else None)

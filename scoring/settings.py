@@ -72,10 +72,11 @@ MAX_MASK_PIXELS = Setting("MAX_MASK_PIXELS", 5_000_000_000, int, "most mask pixe
                           "cost: max_detections x width x height (400 above it); the default lets "
                           "100 detections through on the largest image", "every input")
 REQUEST_TIMEOUT = Setting("REQUEST_TIMEOUT", 60.0, float, "seconds a request's work may take; "
-                          "checked between forward passes, so a request whose client gave up stops "
-                          "instead of holding the worker", "serving")
+                          "checked between forward passes and between masks, so a request whose "
+                          "client gave up stops instead of holding the worker", "serving")
 FETCH_REQUEST_BUDGET = Setting("FETCH_REQUEST_BUDGET", 30.0, float, "seconds all of one request's "
-                               "image URLs may take together", "image URLs")
+                               "image URLs may take together (time spent fetching; the model's "
+                               "passes between rows do not count)", "image URLs")
 MAX_REQUEST_BYTES = Setting("MAX_REQUEST_BYTES", 64 * 1024 * 1024, int, "largest request body "
                             "the Azure online scoring script reads (413 above it)", "Azure online")
 MAX_DOWNLOAD_BYTES = Setting("MAX_DOWNLOAD_BYTES", 32 * 1024 * 1024, int, "largest image "

@@ -175,9 +175,13 @@ def load_detector(weights_dir, device: str | None = None):
     """(detector, model.json info) of a weights folder (``mlflow_model.model_dir.WeightsDir``)."""
     from mmengine.config import Config
 
+    from mlflow_model.checkpoints import read_state_dict
+
     info = weights_dir.read_info()
     cfg = Config.fromfile(str(weights_dir.config))
-    state_dict = torch.load(weights_dir.weights, map_location="cpu", weights_only=True)
+    # The one safe reader: a truncated or corrupt weights file fails the server's start with a
+    # message naming the file, not torch's "failed finding central directory".
+    state_dict, _ = read_state_dict(weights_dir.weights)
     return build_detector(cfg, state_dict, info["classes"], device), info
 
 
