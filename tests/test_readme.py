@@ -13,7 +13,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +21,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from mmdet_mlflow.servers import free_port, wait_until_healthy
+from helpers import free_port, wait_until_closed
+from mmdet_mlflow.servers import wait_until_healthy
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -46,8 +46,8 @@ SUBSTITUTIONS = [
 
 # Blocks not run here, by their first line, and why.
 NOT_RUN = {
-    "make demo   # the whole story on synthetic data": "the 20-minute main job (tests/test_demo.py "
-                                                       "runs it reduced) and the suite itself",
+    "make demo": "`make demo` is the 20-minute main job (tests/test_demo.py runs it reduced) and "
+                 "`make test` the suite this test is part of",
 }
 
 # Commands that serve until Ctrl-C: started in the background, waited for, probed, then stopped
@@ -96,11 +96,6 @@ def run_block(block: str, cwd: Path, env: dict, timeout: float = 900) -> str:
     return done.stdout
 
 
-def port_is_open(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
 def serve_block(block: str, cwd: Path, env: dict, port: int, health: str, probe) -> None:
     """Run a server block in the background until it answers, probe it, Ctrl-C it."""
     log_path = cwd / f"server-{time.monotonic_ns()}.log"
@@ -118,10 +113,7 @@ def serve_block(block: str, cwd: Path, env: dict, port: int, health: str, probe)
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
             pytest.fail(f"$ {block}\ndid not stop on Ctrl-C; {log_path}:\n{log_path.read_text()[-3000:]}")
-    deadline = time.monotonic() + 30
-    while port_is_open(port) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not port_is_open(port), f"$ {block}\nleft a server on port {port} after Ctrl-C"
+    assert wait_until_closed(port), f"$ {block}\nleft a server on port {port} after Ctrl-C"
 
 
 def test_every_readme_block_runs_as_written(tmp_path, tiny_checkpoint):
@@ -144,6 +136,8 @@ def test_every_readme_block_runs_as_written(tmp_path, tiny_checkpoint):
     def ask_model_server():
         answer = json.loads(run_block(request_block, checkout, env))
         assert len(answer["predictions"]) == 1 and isinstance(answer["predictions"][0]["boxes"], list)
+
+    assert FINETUNE_EXPERIMENT in readme, "the README no longer says where the fine-tune run is"
 
     def look_at_mlflow_ui():
         found = requests.get(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search",
