@@ -17,7 +17,8 @@ def label_color(label: str) -> tuple[int, int, int]:
 
 
 def draw_detections(image_bgr: np.ndarray, boxes: list[dict], alpha: float = 0.45) -> np.ndarray:
-    """A copy of the image with each detection's polygons filled, its box and 'label score'."""
+    """A copy of the image with each detection's polygons filled, its box and 'label score'
+    ('label' alone for a box without a score: ground truth)."""
     height, width = image_bgr.shape[:2]
     scale = np.array([width, height], dtype=np.float64)
     overlay = image_bgr.copy()
@@ -40,7 +41,8 @@ def draw_detections(image_bgr: np.ndarray, boxes: list[dict], alpha: float = 0.4
         for seg in det.get("polygon") or []:
             pts = np.round(np.asarray(seg, dtype=np.float64).reshape(-1, 2) * scale).astype(np.int32)
             cv2.polylines(out, [pts], True, color, thickness)
-        text = f"{det['label']} {det['score']:.2f}"
+        # A prediction is tagged 'label score'; ground truth (no score) with its label alone.
+        text = f"{det['label']} {det['score']:.2f}" if det.get("score") is not None else det["label"]
         (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, font_scale, thickness)
         y = max(p1[1], th + base)
         cv2.rectangle(out, (p1[0], y - th - base), (p1[0] + tw, y), color, -1)

@@ -94,6 +94,23 @@ def b64(path: Path) -> str:
 from mmdet_mlflow.servers import free_port  # noqa: E402,F401  (the tests import it from here)
 
 
+def port_is_open(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def wait_until_closed(port: int, timeout: float = 30) -> bool:
+    """Whether ``port`` on 127.0.0.1 stops accepting connections within ``timeout`` seconds."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while port_is_open(port) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return not port_is_open(port)
+
+
 def running(cmd: list[str], health_url: str, log_path: Path, env=None, cwd=None, timeout: float = 180):
     """Start a server process, wait until ``health_url`` answers 200, stop it afterwards."""
     from mmdet_mlflow.servers import serve

@@ -21,11 +21,20 @@ def add_parser(subparsers):
     p.set_defaults(handler=run)
 
 
+def stop_on_sigterm(signum, frame):
+    """SIGTERM (`kill`, `timeout`, a supervisor) stops the server as Ctrl-C does. The server runs
+    in a session of its own, so if we simply died it would outlive us, holding the port."""
+    raise KeyboardInterrupt
+
+
 def run(args):
+    import signal
     import tempfile
     import time
 
     from mmdet_mlflow import servers
+
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
 
     log = Path(args.log or ".mmdet-mlflow-serve.log").absolute()
     if args.server == "mlflow":

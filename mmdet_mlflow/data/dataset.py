@@ -68,9 +68,10 @@ class Dataset:
         return list(self.category_ids) if self.category_ids else list(range(1, len(self.classes) + 1))
 
 
-def response_boxes(record: ImageRecord, score: float = 1.0) -> list[dict]:
+def response_boxes(record: ImageRecord) -> list[dict]:
     """An image's ground truth in the public response format (normalized box and polygons), so
-    it is drawn by the same ``visualize.draw_detections`` as predictions."""
+    it is drawn by the same ``visualize.draw_detections`` as predictions. Ground truth has no
+    score, so its records carry none (and are drawn with the label alone)."""
     from scoring.encode import normalized_segments
     from scoring.schema import detection_record
 
@@ -79,5 +80,7 @@ def response_boxes(record: ImageRecord, score: float = 1.0) -> list[dict]:
     for inst in record.instances:
         x, y, w, h = inst.bbox()
         segments = normalized_segments([np.asarray(s, dtype=np.float64).reshape(-1, 2) for s in inst.polygons], size)
-        boxes.append(detection_record((x, y, x + w, y + h), size, inst.label, score, segments))
+        box = detection_record((x, y, x + w, y + h), size, inst.label, 0.0, segments)
+        del box["score"]
+        boxes.append(box)
     return boxes
