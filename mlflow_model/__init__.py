@@ -8,13 +8,14 @@ folder layout; ``scoring.runtimes`` loads a saved model for inference.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from mlflow_model import model_dir
+from mlflow_model import model_dir, serving_guards
+from mlflow_model.environment import (get_default_conda_env, get_default_pip_requirements,  # noqa: F401
+                                      mmcv_build_requirements, pinned_requirements, write_environment)
 from mlflow_model.model_dir import ModelDir
 
 FLAVOR_NAME = "mmdet"
@@ -25,49 +26,7 @@ WEIGHTS_FILE = model_dir.WEIGHTS_FILE
 MODEL_INFO_FILE = model_dir.INFO_FILE
 CODE_DIR = model_dir.CODE_DIR
 _PACKAGES = ("mlflow_model", "scoring")  # what a saved model needs to load and score
-_PINS_FILE = Path(__file__).with_name("requirements.txt")
-
-
-def pinned_requirements(path: str | os.PathLike = _PINS_FILE) -> list[str]:
-    """The requirements of a pip requirements file, without comments and options (``-r ...``);
-    by default the pinned serving stack (mlflow_model/requirements.txt, the one list of pins)."""
-    lines = (line.split("#")[0].strip() for line in Path(path).read_text().splitlines())
-    return [line for line in lines if line and not line.startswith("-")]
-
-
-def _pin(name: str) -> str:
-    return next(r for r in pinned_requirements() if r.split("==")[0] == name)
-
-
 RUNTIMES = ("torch", "onnx")
-# What a model on the ONNX runtime needs to load and serve: wheels only, no torch/mmcv/mmdet.
-ONNX_SERVING_PACKAGES = ("mlflow-skinny", "onnxruntime", "numpy", "pandas", "pillow",
-                         "opencv-python-headless")
-# Only for export, quantization or Azure's no-code scoring script, never in a torch model.
-_NOT_FOR_TORCH_MODELS = ("onnxruntime", "onnx", "ml_dtypes", "azureml-ai-monitoring")
-
-
-def get_default_pip_requirements(runtime: str = "torch") -> list[str]:
-    """A saved model's requirements.txt: the pins its runtime needs."""
-    pins = {r.split("==")[0]: r for r in pinned_requirements()}
-    if runtime == "onnx":
-        pins["mlflow-skinny"] = pins["mlflow"].replace("mlflow", "mlflow-skinny", 1)
-        return [pins[name] for name in ONNX_SERVING_PACKAGES]
-    return [pin for name, pin in pins.items() if name not in _NOT_FOR_TORCH_MODELS]
-
-
-def mmcv_build_requirements() -> list[str]:
-    """What must be installed before mmcv's sdist can build its compiled ops: torch (mmcv's
-    setup.py imports it, and skips the ops silently without it), numpy, setuptools < 81 (it
-    needs pkg_resources), wheel, ninja, and pip < 25.3, which still builds a project without a
-    pyproject.toml (mmcv 2.1.0) in the environment itself instead of an isolated one."""
-    return ["pip==25.2", "setuptools>=77,<81", "wheel", "ninja", _pin("numpy"), _pin("torch")]
-
-
-def get_default_conda_env(runtime: str = "torch") -> dict:
-    from mlflow.utils.environment import _mlflow_conda_env
-
-    return _mlflow_conda_env(additional_pip_deps=get_default_pip_requirements(runtime))
 
 
 def save_model(
@@ -177,34 +136,8 @@ def save_model(
 
     requirements = list(pip_requirements or get_default_pip_requirements(runtime))
     requirements += list(extra_pip_requirements or [])
-    _write_environment(path, requirements, runtime)
+    write_environment(path, requirements, runtime)
     return mlflow_model
-
-
-def _write_environment(path: Path, requirements: list[str], runtime: str) -> None:
-    """requirements.txt, python_env.yaml and conda.yaml of a saved model. A torch model's mmcv
-    builds its ops from source with torch installed first (python_env.yaml's build
-    dependencies); an ONNX model's packages are all wheels, and its conda.yaml (what Azure's
-    no-code deployment installs) adds the package Azure's generated scoring script imports."""
-    import yaml
-
-    from mlflow.utils.environment import _mlflow_conda_env, _PythonEnv
-
-    (path / model_dir.REQUIREMENTS_FILE).write_text("\n".join(requirements) + "\n")
-    torch_model = runtime == "torch"
-    _PythonEnv(
-        python=".".join(map(str, sys.version_info[:3])),
-        build_dependencies=mmcv_build_requirements() if torch_model else None,
-        dependencies=[f"-r {model_dir.REQUIREMENTS_FILE}"],
-    ).to_yaml(str(path / model_dir.PYTHON_ENV_FILE))
-    if torch_model:
-        conda = _mlflow_conda_env(additional_pip_deps=mmcv_build_requirements()[1:] + requirements)
-        header = ("# mmcv builds its compiled ops only when torch is already installed: prefer\n"
-                  "# `--env-manager virtualenv` (python_env.yaml installs torch first).\n")
-    else:
-        conda = _mlflow_conda_env(additional_pip_deps=requirements + [_pin("azureml-ai-monitoring")])
-        header = "# Wheels only: installs in about a minute (Azure ML no-code deployments read this file).\n"
-    (path / model_dir.CONDA_FILE).write_text(header + yaml.safe_dump(conda, sort_keys=False))
 
 
 def _export_onnx(weights_dir, detector, quantize: str | None, calibration_images) -> None:
@@ -306,69 +239,8 @@ def load_segmenter(data_dir, device: str | None = None, batch_size: int | None =
 
 def _load_pyfunc(path):
     """The pyfunc loader: ``path`` is the model's data directory."""
-    _refuse_unknown_params()
-    _refuse_unparseable_json()
+    serving_guards.install()
     return MMDetPyfuncModel(load_segmenter(path))
-
-
-def _refuse_unparseable_json() -> None:
-    """Under ``mlflow models serve``: make the scoring server answer 400, not 500, for a body
-    its JSON parser raises on with other than JSONDecodeError: JSON nested deeper than
-    Python's recursion limit (RecursionError: ``[[[[...]]]]`` of 100000 levels, even inside
-    ``data`` or ``params``) and integers longer than Python converts (ValueError: a 5000-digit
-    number). Those errors left the server as a 500 before our model saw the request. The
-    server module is wrapped only where it is already running (it loads the model after its
-    import); if a later MLflow renames the function, nothing is wrapped and
-    tests/test_hostile.py's deep-JSON cases say so."""
-    import sys
-
-    server = sys.modules.get("mlflow.pyfunc.scoring_server")
-    original = getattr(server, "_decode_json_input", None)
-    if original is None or getattr(original, "refuses_unparseable_json", False):
-        return
-    from mlflow.exceptions import MlflowException
-
-    def decode(json_input):
-        try:
-            return original(json_input)
-        except RecursionError:
-            raise MlflowException.invalid_parameter_value("the request body is JSON nested too deeply") from None
-        except ValueError as err:
-            if isinstance(err, MlflowException):
-                raise
-            raise MlflowException.invalid_parameter_value(f"the request body is not valid JSON ({err})") from None
-
-    decode.refuses_unparseable_json = True
-    server._decode_json_input = decode
-
-
-def _refuse_unknown_params() -> None:
-    """Make ``PyFuncModel.predict`` refuse, for our models only, params the signature does not
-    declare. MLflow drops them with a log warning before our predict sees them, so a request
-    with ``{"score_thresold": 0.9}`` (a typo) silently got the defaults; a user must get a 400
-    that names the known params instead. MLflow offers no hook for this, so the check wraps
-    ``mlflow.pyfunc._validate_prediction_input``, which ``predict`` calls with the model's
-    loader module; if a later MLflow moves it, nothing is wrapped and
-    tests/test_serve.py's unknown-param test says so."""
-    import mlflow.pyfunc as pyfunc
-    from mlflow.exceptions import MlflowException
-
-    original = getattr(pyfunc, "_validate_prediction_input", None)
-    if original is None or getattr(original, "refuses_unknown_params", False):
-        return
-
-    def validate(data, params, input_schema, params_schema, flavor=None, *args, **kwargs):
-        if flavor == __name__ and isinstance(params, dict) and params_schema is not None:
-            known = [spec.name for spec in params_schema.params]
-            unknown = [name for name in params if name not in known]
-            if unknown:
-                raise MlflowException.invalid_parameter_value(
-                    f"unknown param{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
-                    f"known params: {', '.join(known)}")
-        return original(data, params, input_schema, params_schema, flavor, *args, **kwargs)
-
-    validate.refuses_unknown_params = True
-    pyfunc._validate_prediction_input = validate
 
 
 def _class_count(state_dict) -> int:
