@@ -58,7 +58,10 @@ def test_serving_input_example_replays(tiny_model_dir):
 
 def test_environment_files_pin_the_stack_and_build_mmcv_ops(tiny_model_dir):
     pins = mlflow_model.pinned_requirements()
-    assert (tiny_model_dir / "requirements.txt").read_text().split() == pins
+    onnx_only = ("onnxruntime", "onnx", "ml_dtypes", "azureml-ai-monitoring")  # ONNX models' or export's
+    assert (tiny_model_dir / "requirements.txt").read_text().split() == \
+        [pin for pin in pins if pin.split("==")[0] not in onnx_only]
+    pins = mlflow_model.get_default_pip_requirements("torch")
     python_env = yaml.safe_load((tiny_model_dir / "python_env.yaml").read_text())
     build = python_env["build_dependencies"]
     assert "torch==2.13.0" in build and any(b.startswith("setuptools") for b in build)
