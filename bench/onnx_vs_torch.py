@@ -171,12 +171,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--images", type=int, default=4)
     parser.add_argument("--int8", action="store_true", help="also quantize and time int8")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="threads for torch and ORT alike (default: torch's default); 1 is "
+                             "the fair choice on a machine others are loading, where torch's "
+                             "OpenMP threads wait on each other when one is descheduled")
     parser.add_argument("--detections", default="3,100",
                         help="detections per picture to time end to end (default 3,100)")
     args = parser.parse_args()
     import onnxruntime as ort
     import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
                 if line.startswith("model name")), "unknown CPU")
     print(f"{cpu}; {os.cpu_count()} CPUs; torch {torch.__version__} {torch.get_num_threads()} "

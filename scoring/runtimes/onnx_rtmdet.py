@@ -183,6 +183,11 @@ def grid_priors(featmap_hw: tuple[int, int], stride: int, offset: float = 0.0) -
     return np.stack([xx, yy, strides, strides], axis=-1)
 
 
+def per_prior(head_output: np.ndarray) -> np.ndarray:
+    """(C, h, w) -> (h*w, C), one row per prior: the head's ``permute(1, 2, 0).reshape(-1, C)``."""
+    return head_output.transpose(1, 2, 0).reshape(-1, head_output.shape[0])
+
+
 def filter_scores_and_topk(scores: np.ndarray, score_thr: float, topk: int):
     """mmdet.models.utils.filter_scores_and_topk: (prior, class) pairs scoring above
     ``score_thr``, the ``topk`` best, best first. Returns (scores, labels, prior indices)."""
@@ -421,11 +426,10 @@ class OnnxSegmenter(Segmenter):
         level_boxes, level_priors, level_scores, level_labels, level_kernels = [], [], [], [], []
         for cls_score, bbox_pred, kernel_pred, priors in zip(cls_scores, bbox_preds, kernel_preds,
                                                             self._priors):
-            channels_last = lambda t: t.transpose(1, 2, 0).reshape(-1, t.shape[0])  # noqa: E731
-            scores = sigmoid(channels_last(cls_score))
+            scores = sigmoid(per_prior(cls_score))
             scores, labels, keep = filter_scores_and_topk(scores, cfg["score_thr"], cfg["nms_pre"])
-            level_boxes.append(channels_last(bbox_pred)[keep])
-            level_kernels.append(channels_last(kernel_pred)[keep])
+            level_boxes.append(per_prior(bbox_pred)[keep])
+            level_kernels.append(per_prior(kernel_pred)[keep])
             level_priors.append(priors[keep])
             level_scores.append(scores)
             level_labels.append(labels)
