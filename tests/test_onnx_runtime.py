@@ -118,10 +118,6 @@ def test_detections_and_masks_equal_the_torch_runtime(segmenters, images, param_
 
 
 def test_class_agnostic_nms_equals_the_torch_runtime(segmenters, images):
-    from scoring.schema import PredictParams
-
-    if "class_agnostic_nms" not in PredictParams.__dataclass_fields__:
-        pytest.skip("PredictParams has no class_agnostic_nms yet (the torch runtime adds it)")
     torch_segmenter, onnx_segmenter = segmenters
     params = _with_class_agnostic_nms(torch_segmenter.default_params)
     matched, total, ious = _compare(torch_segmenter, onnx_segmenter, images, params)
