@@ -173,6 +173,25 @@ def test_online_dry_run(tmp_path):
     assert "name: seg-ep" in printed and "scoring_script: score.py" in printed
 
 
+def test_online_no_code_dry_run_names_only_the_model(tmp_path):
+    """Azure's no-code MLflow deployment (ONNX models): no environment, no scoring script."""
+    loaded, _ = _dry_run("online", tmp_path, "--endpoint-name", "seg-ep", "--model", "azureml:seg-onnx:1",
+                         "--no-code", "true")
+    assert set(loaded) == {"online-endpoint.yml", "online-deployment.yml"}, "no environment to create"
+    deployment = loaded["online-deployment.yml"]
+    assert deployment.environment is None and deployment.code_configuration is None
+    assert (_ref(deployment.model), deployment.instance_type) == ("seg-onnx:1", "Standard_DS3_v2")
+    assert deployment.liveness_probe.initial_delay == 180
+
+
+def test_no_code_with_an_environment_is_refused(tmp_path):
+    from scoring.errors import MmdetMlflowError
+
+    with pytest.raises(MmdetMlflowError, match="no-code deployment names no environment"):
+        _dry_run("online", tmp_path, "--endpoint-name", "e", "--model", "azureml:m:1", "--no-code", "true",
+                 "--environment", "azureml:env:1")
+
+
 def test_batch_dry_run(tmp_path):
     loaded, _ = _dry_run("batch", tmp_path, "--endpoint-name", "seg-batch", "--model", "azureml:seg:3",
                          "--compute", "gpu-cluster", "--mini-batch-size", "4",

@@ -41,6 +41,10 @@ class OnlineSettings:
     probe_failure_threshold: int = 30
     url_allowlist: str | None = None  # MMDET_MLFLOW_URL_ALLOWLIST in the deployment
     auth_mode: str = "key"
+    # Azure's no-code MLflow deployment: no environment and no scoring script; Azure installs the
+    # model's conda.yaml at container start and scores with its generated script. Only for a
+    # model packaged with --runtime onnx (a torch model's mmcv cannot compile there).
+    no_code: bool = False
 
 
 @dataclass
@@ -74,6 +78,8 @@ FIELD_HELP = {
     "compute": "AmlCompute cluster that runs the batch jobs",
     "params": "predict params for every image, a JSON object",
     "url_allowlist": "hosts or CIDR networks image URLs may point to beyond the public internet",
+    "no_code": "true: Azure's no-code MLflow deployment (no environment, no scoring script; "
+               "models packaged with --runtime onnx only)",
 }
 
 

@@ -12,7 +12,7 @@ from azure.ai.ml.entities import (BatchEndpoint, BatchRetrySettings, CodeConfigu
                                   OnlineRequestSettings, ProbeSettings, ResourceConfiguration)
 
 import scoring.azureml
-from mmdet_mlflow.azure.deployment_settings import BatchSettings, OnlineSettings
+from mmdet_mlflow.azure.deployment_settings import BatchSettings, DeploySettingsError, OnlineSettings
 from mmdet_mlflow.azure.environment import environment_entity
 from scoring import settings as env_settings
 from scoring.schema import PredictParams
@@ -52,7 +52,16 @@ def deployment_basics(kind: str, settings: OnlineSettings | BatchSettings) -> tu
 
 
 def online_entities(settings: OnlineSettings) -> Entities:
-    basics, environment = deployment_basics("online", settings)
+    if settings.no_code:
+        if settings.environment:
+            raise DeploySettingsError("a no-code deployment names no environment: Azure makes one "
+                                      "from the model's conda.yaml")
+        # What Azure completes itself for an MLflow model: the environment and scoring script.
+        basics = dict(name=settings.deployment_name, endpoint_name=settings.endpoint_name,
+                      model=settings.model)
+        environment = None
+    else:
+        basics, environment = deployment_basics("online", settings)
     endpoint = ManagedOnlineEndpoint(
         name=settings.endpoint_name, auth_mode=settings.auth_mode, description=DESCRIPTION,
         traffic={settings.deployment_name: settings.traffic_percent})

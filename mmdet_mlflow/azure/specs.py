@@ -38,7 +38,9 @@ def component_yaml(kind: str) -> str:
         elif f.default_factory is not dataclasses.MISSING or f.default is None:
             spec.update(type="string", optional=True)
         else:
-            spec.update(type="integer" if isinstance(f.default, int) else "string", default=f.default)
+            input_type = ("boolean" if isinstance(f.default, bool) else
+                          "integer" if isinstance(f.default, int) else "string")
+            spec.update(type=input_type, default=f.default)
         spec["description"] = field_help(f.name)
         inputs[f.name] = spec
         part = f"{option_name(f.name)} ${{{{inputs.{f.name}}}}}"
