@@ -16,7 +16,7 @@ import io
 import json
 import struct
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -38,7 +38,6 @@ class Case:
     rows: int = 1
     slow: bool = False  # fetches from the slow server (needs it allow-listed)
     our_parser_only: bool = False  # a body only our parser (Azure's script, the pyfunc here) reads
-    tags: tuple = field(default=())
 
     @property
     def id(self) -> str:
@@ -289,7 +288,7 @@ ACCEPTED = {
     "jpeg": lambda: encoded("JPEG"),
     "jpeg-progressive": lambda: encoded("JPEG", progressive=True),
     "png": lambda: encoded("PNG"),
-    "png-interlaced": lambda: _interlaced_png(),
+    "png-text-chunk": lambda: _png_with_text_chunk(),
     "webp-lossy": lambda: encoded("WEBP"),
     "webp-lossless": lambda: encoded("WEBP", lossless=True),
     "bmp": lambda: encoded("BMP"),
@@ -323,11 +322,10 @@ REFUSED = {
 }
 
 
-def _interlaced_png() -> bytes:
+def _png_with_text_chunk() -> bytes:
+    """A PNG with an ancillary tEXt chunk before its image data (decoders must skip it)."""
     import cv2
 
-    # Pillow writes no Adam7; OpenCV does not either, so the interlace flag is Pillow's optimize
-    # path's concern only: a plain PNG with an extra ancillary chunk checks chunk handling instead.
     data = cv2.imencode(".png", picture()[:, :, ::-1])[1].tobytes()
     return data[:33] + _png_chunk(b"tEXt", b"Comment\x00hostile but harmless") + data[33:]
 
