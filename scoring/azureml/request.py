@@ -67,8 +67,8 @@ def split_frame(split: Any, key: str = "input_data") -> pd.DataFrame:
     data = split.get("data")
     if (not isinstance(columns, list) or not all(isinstance(c, str) for c in columns)
             or INPUT_COLUMN not in columns or len(set(columns)) != len(columns)):
-        raise InputError(f"{key}.columns must be a list that includes {INPUT_COLUMN!r} (distinct "
-                         f"string names), got {preview(columns)}")
+        raise InputError(f"{key}.columns must be a list of distinct names that includes "
+                         f"{INPUT_COLUMN!r}, got {preview(columns)}")
     if not isinstance(data, list) or not data:
         raise InputError(f"{key}.data must be a non-empty list of images (base64 or http(s) URLs)")
     max_rows = settings.MAX_ROWS.value()
