@@ -32,8 +32,11 @@ def port_is_open(port: int) -> bool:
 
 
 def test_reduced_demo_end_to_end_then_reused_and_interruptible(tmp_path):
+    # run from tmp_path, not the checkout: MLflow puts the runs' files in ./mlruns of the folder
+    # the demo runs from (not under --output yet), and tests never write into the repository
     out = tmp_path / "demo"
-    first = subprocess.run(demo_command(out), capture_output=True, text=True, env=env(), timeout=1500)
+    first = subprocess.run(demo_command(out), capture_output=True, text=True, env=env(), timeout=1500,
+                           cwd=tmp_path)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     for step in range(1, 8):
         assert f"== {step}/7" in first.stdout
@@ -52,7 +55,7 @@ def test_reduced_demo_end_to_end_then_reused_and_interruptible(tmp_path):
 
     # Ctrl-C while a server runs: the demo stops, and so do its servers.
     second = subprocess.Popen(demo_command(out), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, env=env(), start_new_session=True)
+                              text=True, env=env(), start_new_session=True, cwd=tmp_path)
     port = None
     for line in second.stdout:
         match = re.search(r"serving on http://127\.0\.0\.1:(\d+)", line)
@@ -70,7 +73,8 @@ def test_reduced_demo_end_to_end_then_reused_and_interruptible(tmp_path):
     assert "interrupted" in rest
 
     # Nothing changed: every step is reused, the same model version serves.
-    third = subprocess.run(demo_command(out), capture_output=True, text=True, env=env(), timeout=900)
+    third = subprocess.run(demo_command(out), capture_output=True, text=True, env=env(), timeout=900,
+                           cwd=tmp_path)
     assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
     assert third.stdout.count("(reused: unchanged since the last run)") == 4
     assert "(reused: version 1 holds this fine-tuning run)" in third.stdout
@@ -82,7 +86,8 @@ def test_mlproject_entry_point_runs_with_mlflow_run(tmp_path):
         [str(VENV_BIN / "mlflow"), "run", str(ROOT), "-e", "synth", "--env-manager", "local",
          "-P", f"output={tmp_path / 'data'}", "-P", "num_images=4", "-P", "seed=3",
          "--experiment-name", "mlproject-test"],
-        capture_output=True, text=True, env={**env(), "MLFLOW_TRACKING_URI": tracking}, timeout=600)
+        capture_output=True, text=True, env={**env(), "MLFLOW_TRACKING_URI": tracking}, timeout=600,
+        cwd=tmp_path)  # the run's files go to ./mlruns
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert (tmp_path / "data" / "train.jsonl").is_file()
     assert "succeeded" in done.stderr

@@ -62,7 +62,7 @@ FINETUNE_EXPERIMENT = "mmdet-mlflow-finetune"
 # What the README says the commands write (each file or folder named in it), checked after they ran.
 OUTPUTS = ["data/fridge/preview.png", "runs/tiny-fridge/mlflow_model_folder/MLmodel",
            "runs/tiny-fridge/training_curves.png", "evaluation/metrics.json", "evaluation/samples.png",
-           "predictions.jsonl", "annotated", "mlflow.db", "models/rtmdet-x/MLmodel"]
+           "predictions.jsonl", "annotated", "mlflow.db", "mlruns", "models/rtmdet-x/MLmodel"]
 
 
 def bash_blocks(markdown: str) -> list[str]:
