@@ -195,6 +195,38 @@ def test_killed_runs_resume_mid_epoch_and_after_an_epoch(fridge, tiny_model_dir,
     assert {m.step for m in history_steps} == {4, 8, 12}
 
 
+def test_killed_while_writing_a_checkpoint_resumes_from_the_last_complete_one(fridge, tiny_model_dir,
+                                                                           tmp_path, tracking_uri):
+    """A kill during a checkpoint write leaves a truncated file, which mmengine may already name
+    in last_checkpoint. The run resumes from the newest complete checkpoint instead, losing only
+    the steps after it, and ends with every step done exactly once."""
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "mmdet_mlflow.cli", "finetune", "--model", str(tiny_model_dir),
+               "--training-data", str(fridge / "train"),
+               "--validation-data", str(fridge / "validation.coco.json"),
+               "--output", str(out), "--number-of-epochs", "2", *FAST_ARGS,
+               "--training-batch-size", "2",          # 4 steps an epoch
+               "--checkpoint-interval-steps", "3"]
+    env = subprocess_env(tracking_uri)
+    checkpoints = out / "checkpoints"
+    pointer = checkpoints / "last_checkpoint"
+    assert run_until_checkpoint(command, env, pointer, r"iter_3\.pth", tmp_path / "1.log") == "iter_3.pth"
+    # what a kill half-way through writing the next checkpoint leaves: half a file, named
+    complete = (checkpoints / "iter_3.pth").read_bytes()
+    cut = checkpoints / "epoch_1.pth"
+    cut.write_bytes(complete[: len(complete) // 2])
+    pointer.write_text(str(cut))
+
+    resumed = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed after epoch 0, step 3" in resumed.stderr
+    steps, epochs = history(out)
+    assert [s["step"] for s in steps] == list(range(1, 9)), "every step once: step 4 redone, none repeated"
+    assert [e["epoch"] for e in epochs] == [1, 2]
+    assert torch.load(checkpoints / "epoch_2.pth", weights_only=True)["meta"]["iter"] == 8
+    assert (out / "mlflow_model_folder" / "MLmodel").is_file()
+
+
 def test_two_processes_under_torchrun(fridge, tmp_path, tracking_uri):
     out = tmp_path / "run"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
