@@ -194,9 +194,13 @@ def check_answer(target, case: Case, answer: Answer) -> None:
 
 @pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
 def test_hostile_case(target, case):
+    answer = target.send(case)
     if case.our_parser_only and target.name == "mlflow-serve":
-        pytest.skip("a body only our request parser reads")
-    check_answer(target, case, target.send(case))
+        # MLflow's server reads these bodies its own way (it ignores input_data, has no byte
+        # limit of ours): what must still hold there is no 5xx and no stack trace.
+        assert answer.status < 500 and not TRACE.search(answer.text), (answer.status, answer.text[:2000])
+    else:
+        check_answer(target, case, answer)
     assert target.alive(), "the server stopped answering its health probe"
     if CASES.index(case) % GOOD_EVERY == GOOD_EVERY - 1:
         check_answer(target, GOOD_REQUEST, target.send(GOOD_REQUEST))
