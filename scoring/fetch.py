@@ -77,25 +77,26 @@ class FetchBudget:
         self.left -= seconds
 
 
-def request_deadline() -> FetchBudget:
+def request_budget() -> FetchBudget:
     """The budget of all of one request's URLs together (the runner makes one per request)."""
     seconds = settings.FETCH_REQUEST_BUDGET.value()
     return FetchBudget(seconds, f"the request's image URLs took longer than {seconds:g} s in all "
                                 f"({settings.FETCH_REQUEST_BUDGET.env})")
 
 
-def fetch_url(url: str, budget: FetchBudget | Deadline | None = None) -> bytes:
+def fetch_url(url: str, budget: FetchBudget | None = None) -> bytes:
     """The body of ``url`` (following redirects), or an InputError saying why not, within this
-    URL's own deadline and ``budget`` (the request's), whichever comes first."""
-    deadline = url_deadline()
-    if isinstance(budget, FetchBudget):
-        started = time.monotonic()
-        try:
-            return fetch_url(url, min(deadline, budget.deadline(), key=lambda d: d.at))
-        finally:
-            budget.spend(time.monotonic() - started)
-    if budget is not None and budget.at < deadline.at:
-        deadline = budget
+    URL's own deadline and what is left of ``budget`` (the request's), whichever comes first."""
+    if budget is None:
+        return _fetch(url, url_deadline())
+    started = time.monotonic()
+    try:
+        return _fetch(url, min(url_deadline(), budget.deadline(), key=lambda d: d.at))
+    finally:
+        budget.spend(time.monotonic() - started)
+
+
+def _fetch(url: str, deadline: Deadline) -> bytes:
     max_redirects = settings.FETCH_MAX_REDIRECTS.value()
     for _ in range(max_redirects + 1):
         if deadline.passed():

@@ -10,7 +10,7 @@ import pandas as pd
 from scoring import settings
 from scoring.decode import preview
 from scoring.errors import InputError
-from scoring.fetch import Deadline, request_deadline
+from scoring.fetch import Deadline, request_budget
 from scoring.runner import score_images
 from scoring.runtimes.base import Segmenter
 from scoring.schema import INPUT_COLUMN, OUTPUT_COLUMN
@@ -58,5 +58,5 @@ def score_frame(segmenter: Segmenter, model_input: Any,
     seconds = settings.REQUEST_TIMEOUT.value()
     deadline = Deadline.after(seconds, f"took longer than {seconds:g} s ({settings.REQUEST_TIMEOUT.env})")
     out = [scored.response[OUTPUT_COLUMN]
-           for scored in score_images(segmenter, rows, params, deadline=deadline, budget=request_deadline())]
+           for scored in score_images(segmenter, rows, params, deadline=deadline, budget=request_budget())]
     return pd.DataFrame({OUTPUT_COLUMN: out}, index=frame.index)

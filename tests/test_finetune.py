@@ -154,17 +154,21 @@ def run_until_checkpoint(command, env, pointer: Path, pattern: str, log: Path) -
     return Path(pointer.read_text().strip()).name
 
 
+def checkpointing_finetune(model: Path, fridge: Path, out: Path, epochs: int) -> list[str]:
+    """A fine-tune of 4 steps an epoch that checkpoints every 3 steps and every epoch."""
+    return [sys.executable, "-m", "mmdet_mlflow.cli", "finetune", "--model", str(model),
+            "--training-data", str(fridge / "train"),
+            "--validation-data", str(fridge / "validation.coco.json"),
+            "--output", str(out), "--number-of-epochs", str(epochs), *FAST_ARGS,
+            "--training-batch-size", "2", "--checkpoint-interval-steps", "3"]
+
+
 def test_killed_runs_resume_mid_epoch_and_after_an_epoch(fridge, tiny_model_dir, tmp_path, tracking_uri):
     """Start from our packaged COCO model, train on the MLTable folder, validate on COCO JSON.
     Kill it after its first step checkpoint (mid-epoch), run it again and kill it after its
     next epoch checkpoint, run it a third time to the end: nothing lost, nothing repeated."""
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "mmdet_mlflow.cli", "finetune", "--model", str(tiny_model_dir),
-               "--training-data", str(fridge / "train"),
-               "--validation-data", str(fridge / "validation.coco.json"),
-               "--output", str(out), "--number-of-epochs", "3", *FAST_ARGS,
-               "--training-batch-size", "2",          # 4 steps an epoch
-               "--checkpoint-interval-steps", "3"]
+    command = checkpointing_finetune(tiny_model_dir, fridge, out, epochs=3)
     env = subprocess_env(tracking_uri)
     pointer = out / "checkpoints" / "last_checkpoint"
 
@@ -201,12 +205,7 @@ def test_killed_while_writing_a_checkpoint_resumes_from_the_last_complete_one(fr
     in last_checkpoint. The run resumes from the newest complete checkpoint instead, losing only
     the steps after it, and ends with every step done exactly once."""
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "mmdet_mlflow.cli", "finetune", "--model", str(tiny_model_dir),
-               "--training-data", str(fridge / "train"),
-               "--validation-data", str(fridge / "validation.coco.json"),
-               "--output", str(out), "--number-of-epochs", "2", *FAST_ARGS,
-               "--training-batch-size", "2",          # 4 steps an epoch
-               "--checkpoint-interval-steps", "3"]
+    command = checkpointing_finetune(tiny_model_dir, fridge, out, epochs=2)
     env = subprocess_env(tracking_uri)
     checkpoints = out / "checkpoints"
     pointer = checkpoints / "last_checkpoint"

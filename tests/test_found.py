@@ -148,10 +148,10 @@ def test_a_request_budget_is_shared_by_its_url_rows(slow_server, allow_loopback,
     """Three URLs, each well within its own deadline, together over the request's budget: the
     rows are fetched one after another against one budget, and the third is refused."""
     from scoring.decode import decode_image
-    from scoring.fetch import request_deadline
+    from scoring.fetch import request_budget
 
     monkeypatch.setenv(settings.FETCH_REQUEST_BUDGET.env, "1")
-    budget = request_deadline()
+    budget = request_budget()
     decoded = []
     with pytest.raises(InputError) as err:
         for row in range(3):
@@ -164,10 +164,10 @@ def test_the_budget_counts_fetching_not_the_model_between_rows(slow_server, allo
     """Rows are fetched between forward passes: a slow model must not spend the URL budget
     (two 0.6 s fetches in a 3 s budget, 3.5 s of other work between them)."""
     from scoring.decode import decode_image
-    from scoring.fetch import request_deadline
+    from scoring.fetch import request_budget
 
     monkeypatch.setenv(settings.FETCH_REQUEST_BUDGET.env, "3")
-    budget = request_deadline()
+    budget = request_budget()
     decode_image(f"{slow_server}/late", row=0, budget=budget)
     time.sleep(3.5)  # the model's forward pass on row 0
     assert decode_image(f"{slow_server}/late", row=1, budget=budget).shape == (32, 48, 3)
