@@ -4,13 +4,17 @@ MLflow function each, for our models only, when a model of ours is loaded (``ins
 - ``refuse_unknown_params``: MLflow drops params the signature does not declare (a typo such as
   ``score_thresold`` silently meant the defaults): refused with a 400 naming the known ones;
 - ``refuse_unparseable_json``: JSON nested deeper than the recursion limit, or an integer too long
-  to convert, made ``mlflow models serve`` answer 500: a 400 now.
+  to convert, made ``mlflow models serve`` answer 500: a 400 now;
+- ``limit_request_bodies``: ``mlflow models serve`` read a body of any size into memory: one over
+  ``MMDET_MLFLOW_MAX_REQUEST_BYTES`` (the Azure scoring script's limit) is refused with a 413.
 
 Each wrap checks that the function it wraps exists; the tests that send those requests say so if
 a later MLflow moves it.
 """
 from __future__ import annotations
 
+import functools
+import json
 import sys
 
 LOADER_MODULE = "mlflow_model"  # the pyfunc loader_module of our models
@@ -19,6 +23,60 @@ LOADER_MODULE = "mlflow_model"  # the pyfunc loader_module of our models
 def install() -> None:
     refuse_unknown_params()
     refuse_unparseable_json()
+    limit_request_bodies()
+
+
+def limit_request_bodies() -> None:
+    """Under ``mlflow models serve``: bound the memory one request body can take. MLflow's
+    invocations handler reads the whole body (``await request.body()``) before anything of ours
+    runs. ``scoring_server/app.py`` builds the app after loading the model, but looks up
+    ``init`` before that, so the hook is the decorator ``init`` applies to that one handler,
+    ``_async_catch_mlflow_exception``, which ``init`` looks up when it runs: wrapped, it puts
+    ``read_body_within_limit`` in front of the handler. If a later MLflow renames it, nothing is
+    wrapped and tests/test_hostile.py's oversized cases say so."""
+    server = sys.modules.get("mlflow.pyfunc.scoring_server")
+    original = getattr(server, "_async_catch_mlflow_exception", None)
+    if original is None or getattr(original, "limits_request_bodies", False):
+        return
+
+    def catch(handler):
+        @functools.wraps(handler)  # FastAPI reads the handler's parameters through __wrapped__
+        async def limited(*args, **kwargs):
+            request = kwargs.get("request", args[0] if args else None)
+            refusal = await read_body_within_limit(request)
+            return refusal if refusal is not None else await handler(*args, **kwargs)
+
+        return original(limited)
+
+    catch.limits_request_bodies = True
+    server._async_catch_mlflow_exception = catch
+
+
+async def read_body_within_limit(request):
+    """Read a Starlette request's body, refusing it (a 413 response, MLflow's error shape) when
+    its declared length is over ``MMDET_MLFLOW_MAX_REQUEST_BYTES`` before reading anything, and
+    when it declares none (chunked) as soon as what arrived passes the limit. A body within the
+    limit is kept where ``request.body()`` returns it from, so the handler reads it as before."""
+    from fastapi.responses import Response
+
+    from scoring.azureml.request import max_request_bytes, too_large
+
+    def refuse(error):
+        content = json.dumps({"error_code": "BAD_REQUEST", "message": str(error)})
+        return Response(content=content, status_code=error.status, media_type="application/json")
+
+    limit = max_request_bytes()
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        return refuse(too_large(int(declared)))
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return refuse(too_large(None))
+        chunks.append(chunk)
+    request._body = b"".join(chunks)  # where Starlette's Request.body() keeps what it read
+    return None
 
 
 def refuse_unparseable_json() -> None:

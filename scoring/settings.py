@@ -78,7 +78,8 @@ FETCH_REQUEST_BUDGET = Setting("FETCH_REQUEST_BUDGET", 30.0, float, "seconds all
                                "image URLs may take together (time spent fetching; the model's "
                                "passes between rows do not count)", "image URLs")
 MAX_REQUEST_BYTES = Setting("MAX_REQUEST_BYTES", 64 * 1024 * 1024, int, "largest request body "
-                            "the Azure online scoring script reads (413 above it)", "Azure online")
+                            "the servers read (413 above it): the Azure online scoring script, "
+                            "and `mlflow models serve` of our models", "serving")
 MAX_DOWNLOAD_BYTES = Setting("MAX_DOWNLOAD_BYTES", 32 * 1024 * 1024, int, "largest image "
                              "downloaded from a URL", "image URLs")
 FETCH_TIMEOUT = Setting("FETCH_TIMEOUT", 10.0, float, "seconds one read from an image URL may "

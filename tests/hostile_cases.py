@@ -38,6 +38,7 @@ class Case:
     rows: int = 1
     slow: bool = False  # fetches from the slow server (needs it allow-listed)
     our_parser_only: bool = False  # a body only our parser (Azure's script, the pyfunc here) reads
+    chunked: bool = False  # servers get it with no Content-Length (Transfer-Encoding: chunked)
 
     @property
     def id(self) -> str:
@@ -541,8 +542,9 @@ def _oversized_cases() -> list[Case]:
     f = "oversized"
     junk = "A" * (OVERSIZED_LIMIT + 10)
     return [
-        Case(f, "body-over-limit", split([junk]), status=413, message="over the limit of",
-             our_parser_only=True),
+        Case(f, "body-over-limit", split([junk]), status=413, message="over the limit of"),
+        Case(f, "body-over-limit-chunked", split([junk]), status=413, message="over the limit of",
+             chunked=True),
         Case(f, "many-junk-rows", split(["QUFB" * 1000] * 64), message="row 0: not an image"),
         Case(f, "rows-and-index-over", split(["x"] * 200, index=list(range(200))),
              message="200 images, over the limit of 64", mlflow_parses=True),
