@@ -137,6 +137,19 @@ def test_finetune_coco_checkpoint_on_jsonl_gives_servable_model_with_new_classes
     assert any(m.source_run_id == run.info.run_id for m in logged)
 
 
+def test_evaluation_frequency_validates_every_nth_epoch_and_always_the_last(fridge, tmp_path, tracking_uri):
+    """Validation costs seconds an epoch, which a short CPU recipe would rather spend training:
+    every 2nd epoch and the last are validated, and only those compete for the best model."""
+    out = tmp_path / "run"
+    result = finetune(fridge / "train.jsonl", fridge / "validation.jsonl", out, config=TINY,
+                      checkpoint="none", progress=False,
+                      settings=FinetuneSettings(number_of_epochs=3, evaluation_frequency=2, **FAST))
+    assert [e["epoch"] for e in result.epochs] == [2, 3] and result.steps == 6
+    assert result.best["epoch"] in (2, 3)
+    assert [e["epoch"] for e in history(out)[1]] == [2, 3]
+    assert (out / "mlflow_model_folder" / "MLmodel").is_file()
+
+
 def run_until_checkpoint(command, env, pointer: Path, pattern: str, log: Path) -> str:
     """Start ``command``, SIGKILL it as soon as mmengine's last_checkpoint names a checkpoint
     matching ``pattern``; return that name."""
@@ -289,6 +302,7 @@ def test_weights_adapt_to_new_classes_by_name(tmp_path):
     (dict(metric_for_best_model="precision"), "evaluation step"),
     (dict(image_min_size=320), "go together"),
     (dict(training_batch_size=0), "training_batch_size must be at least 1"),
+    (dict(evaluation_frequency=0), "evaluation_frequency must be at least 1"),
 ])
 def test_bad_settings_are_refused_with_the_reason(change, message):
     with pytest.raises(FinetuneError, match=message):

@@ -25,6 +25,7 @@ SETTING_HELPS = {
                              "(docs/metrics.md)",
     "precision": "32, or 16 for mixed precision (AMP) on GPU",
     "checkpoint_interval_steps": "also checkpoint every N steps (always: every epoch)",
+    "evaluation_frequency": "validate every N epochs, and always after the last (Azure AutoML's name)",
     "num_workers": "data-loading processes (default: 0 on CPU, 2 on GPU)",
     "strong_augmentation": "RTMDet's mosaic and mixup augmentation (true/false)",
     "seed": "random seed",

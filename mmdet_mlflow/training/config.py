@@ -114,7 +114,7 @@ def build_config(start: StartingPoint, data: PreparedData, settings: FinetuneSet
     cfg.test_evaluator = cfg.val_evaluator
 
     cfg.train_cfg = dict(type="StepLimitedEpochTrainLoop", max_epochs=epochs,
-                         max_steps=settings.max_steps, val_interval=1)
+                         max_steps=settings.max_steps, val_interval=int(settings.evaluation_frequency))
     cfg.val_cfg = dict(type="ValLoop")
     cfg.test_cfg = dict(type="TestLoop")
     amp = str(settings.precision) == "16" and device == "cuda"

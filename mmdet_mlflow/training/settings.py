@@ -44,6 +44,7 @@ class FinetuneSettings:
     metric_for_best_model: str = "mean_average_precision"   # docs/metrics.md
     precision: str = "32"                    # "16": mixed precision (AMP) on GPU
     checkpoint_interval_steps: int | None = None  # also checkpoint every N steps
+    evaluation_frequency: int = 1            # validate every N epochs (and always after the last)
     num_workers: int | None = None           # data-loading processes (default: 0 on CPU, 2 on GPU)
     strong_augmentation: bool = True         # RTMDet's mosaic + mixup (off: its stage-2 pipeline throughout)
     seed: int = 0
@@ -51,7 +52,7 @@ class FinetuneSettings:
     def check(self) -> None:
         problems = []
         for name in ("number_of_epochs", "training_batch_size", "validation_batch_size",
-                     "image_size", "gradient_accumulation_step"):
+                     "image_size", "gradient_accumulation_step", "evaluation_frequency"):
             if int(getattr(self, name)) < 1:
                 problems.append(f"{name} must be at least 1 (got {getattr(self, name)})")
         for name in ("max_steps", "checkpoint_interval_steps", "image_min_size", "image_max_size"):
