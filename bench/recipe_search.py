@@ -17,9 +17,10 @@ CPU model, the core count, the load average and the commit, so runs on different
 days can be told apart. Run it on a quiet machine: every other process slows the steps.
 
 A setting is a JSON object: "name", optionally "num_images" (default 300, the demo's), "seed"
-(0) and "recipe" ("quick-cpu"; null for none), and any fine-tune option in snake case
-(`{"image_size": 320, "max_steps": 500}` -> `--image-size 320 --max-steps 500`), which
-overrides the recipe's value.
+(0), "synth" (options of `mmdet-mlflow synth` in snake case: the set's difficulty, e.g.
+`{"object_size": [100, 250], "min_visible_fraction": 0.6}`) and "recipe" ("quick-cpu"; null for
+none), and any fine-tune option in snake case (`{"image_size": 320, "max_steps": 500}` ->
+`--image-size 320 --max-steps 500`), which overrides the recipe's value.
 
     .venv/bin/python bench/recipe_search.py --settings first-grid
     .venv/bin/python bench/recipe_search.py --settings '[{"name": "lr 8e-3", "learning_rate": 0.008}]'
@@ -63,7 +64,7 @@ NAMED_SETTINGS = {
         {"name": "320px 400 steps batch 12", "image_size": 320, "max_steps": 400, "training_batch_size": 12},
     ],
 }
-SETTING_KEYS = ("name", "num_images", "seed", "recipe")
+SETTING_KEYS = ("name", "num_images", "seed", "recipe", "synth")
 
 
 def load_settings(text: str) -> list[dict]:
@@ -83,15 +84,21 @@ def load_settings(text: str) -> list[dict]:
     return settings
 
 
+def cli_options(options: dict) -> list[str]:
+    """`{"image_size": 320, "strong_augmentation": true, "object_size": [100, 250]}` ->
+    `--image-size 320 --strong-augmentation true --object-size 100 250`."""
+    args = []
+    for key, value in options.items():
+        values = value if isinstance(value, (list, tuple)) else [value]
+        args += [f"--{key.replace('_', '-')}",
+                 *(str(v).lower() if isinstance(v, bool) else str(v) for v in values)]
+    return args
+
+
 def finetune_options(setting: dict) -> list[str]:
-    """`{"image_size": 320, "strong_augmentation": true}` -> `--image-size 320 --strong-augmentation true`."""
     recipe = setting.get("recipe", "quick-cpu")
-    options = ["--recipe", recipe] if recipe else []
-    for key, value in setting.items():
-        if key not in SETTING_KEYS:
-            text = str(value).lower() if isinstance(value, bool) else str(value)
-            options += [f"--{key.replace('_', '-')}", text]
-    return options
+    return (["--recipe", recipe] if recipe else []) + cli_options(
+        {key: value for key, value in setting.items() if key not in SETTING_KEYS})
 
 
 def cpu_model() -> str:
@@ -131,14 +138,16 @@ def cli(args: list[str], env: dict, log: Path) -> tuple[int, float, float]:
 
 def run_setting(setting: dict, work: Path, env: dict) -> dict:
     num_images, seed = int(setting.get("num_images", 300)), int(setting.get("seed", 0))
-    data = work / f"data-{num_images}-{seed}"
+    synth_options = cli_options(setting.get("synth") or {})
+    data = work / "-".join(["data", str(num_images), str(seed), *(o.lstrip("-") for o in synth_options)])
     slug = "".join(c if c.isalnum() else "-" for c in setting["name"]).strip("-")
     output = work / "runs" / f"{datetime.now():%Y%m%d-%H%M%S}-{slug}"
     output.mkdir(parents=True)
     log = output / "log.txt"
     record = {"setting": setting, "output": str(output), "log": str(log)}
     if not (data / "validation.coco.json").is_file():
-        code, _, _ = cli(["synth", "--output", str(data), "--num-images", str(num_images), "--seed", str(seed)], env, log)
+        code, _, _ = cli(["synth", "--output", str(data), "--num-images", str(num_images), "--seed", str(seed),
+                          *synth_options], env, log)
         if code:
             return {**record, "error": f"synth exited {code}"}
     options = finetune_options(setting)
@@ -192,7 +201,8 @@ def main() -> int:
     settings = load_settings(args.settings)
     if args.list:
         for setting in settings:
-            print(f"{setting['name']}: {setting.get('num_images', 300)} images, {' '.join(finetune_options(setting))}")
+            print(f"{setting['name']}: {setting.get('num_images', 300)} images "
+                  f"{' '.join(cli_options(setting.get('synth') or {}))}, {' '.join(finetune_options(setting))}")
         return 0
     for path in (args.results, args.work):
         if path and path.absolute().is_relative_to(ROOT):

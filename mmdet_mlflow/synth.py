@@ -18,13 +18,14 @@ from mmdet_mlflow.data import (Dataset, ImageRecord, Instance, response_boxes, w
                                write_mltable)
 from mmdet_mlflow.files import atomic_write_bytes
 from mmdet_mlflow.plots import write_image
+from scoring.errors import MmdetMlflowError
 from mmdet_mlflow.visualize import draw_detections
 
 CLASSES = ["can", "carton", "milk_bottle", "water_bottle"]
 IMAGE_SIZES = [(480, 360), (512, 384), (560, 420), (640, 480)]
-OBJECT_HEIGHT = (60, 250)             # the object's larger side in pixels
+OBJECT_HEIGHT = (60, 250)             # the object's larger side in pixels (default range)
 OBJECTS_PER_IMAGE = (1, 5)
-MIN_VISIBLE_FRACTION = 0.35           # objects hidden more than this are not drawn at all
+MIN_VISIBLE_FRACTION = 0.35           # objects hidden more than this are not drawn at all (default)
 MIN_VISIBLE_PIXELS = 300
 POLYGON_TOLERANCE = 0.5               # pixels, Douglas-Peucker on the traced visible mask
 JPEG_QUALITY = 92
@@ -34,6 +35,26 @@ PREVIEW_FILE = "preview.png"          # a few training images with their annotat
 ASPECT = {"can": (1.35, 1.95), "carton": (1.5, 2.2), "milk_bottle": (2.1, 2.8), "water_bottle": (2.5, 3.4)}
 VIVID = [(40, 40, 200), (200, 90, 30), (40, 150, 40), (30, 140, 230), (150, 40, 140), (30, 200, 220),
          (60, 60, 60), (190, 190, 195)]
+
+
+class SynthError(MmdetMlflowError, ValueError):
+    """Settings no synthetic set can be made with (the CLI prints it without a traceback)."""
+
+
+@dataclass(frozen=True)
+class SceneStyle:
+    """How hard the scenes are: the range of the objects' larger side in pixels, and how much
+    of an object must stay visible behind nearer ones for it to be drawn."""
+
+    object_size: tuple[int, int] = OBJECT_HEIGHT
+    min_visible_fraction: float = MIN_VISIBLE_FRACTION
+
+    def __post_init__(self):
+        low, high = self.object_size
+        if not 12 <= low <= high <= 400:
+            raise SynthError(f"object size must be MIN <= MAX within 12..400 pixels (got {low}, {high})")
+        if not 0 < self.min_visible_fraction <= 1:
+            raise SynthError(f"min visible fraction must be in (0, 1] (got {self.min_visible_fraction})")
 
 
 @dataclass
@@ -182,9 +203,9 @@ def _water_bottle(rng, h, w):
 DRAW = {"can": _can, "carton": _carton, "milk_bottle": _milk_bottle, "water_bottle": _water_bottle}
 
 
-def _sprite(rng, label: str):
+def _sprite(rng, label: str, size: tuple[int, int]):
     """One object at a random size, mirrored and tilted a little."""
-    height = int(rng.integers(OBJECT_HEIGHT[0], OBJECT_HEIGHT[1] + 1))
+    height = int(rng.integers(size[0], size[1] + 1))
     width = max(12, int(round(height / rng.uniform(*ASPECT[label]))))
     color, opacity, mask = DRAW[label](rng, height, width)
     if rng.random() < 0.5:
@@ -241,8 +262,8 @@ def _place(rng, image_size, sprite_shape, surfaces):
     return top, left
 
 
-def synth_scene(seed: int, index: int) -> Scene:
-    """Image ``index`` of the set made with ``seed``: it depends on nothing else."""
+def synth_scene(seed: int, index: int, style: SceneStyle = SceneStyle()) -> Scene:
+    """Image ``index`` of the set made with ``seed`` and ``style``: it depends on nothing else."""
     rng = np.random.default_rng([seed, index])
     width, height = IMAGE_SIZES[rng.integers(len(IMAGE_SIZES))]
     image, surfaces = _background(rng, width, height)
@@ -250,7 +271,7 @@ def synth_scene(seed: int, index: int) -> Scene:
     placed = []                                # (label, top, left, colour, opacity, silhouette)
     for _ in range(count):
         label = CLASSES[rng.integers(len(CLASSES))]
-        color, opacity, mask = _sprite(rng, label)
+        color, opacity, mask = _sprite(rng, label, style.object_size)
         mask = mask[:height, :width]
         top, left = _place(rng, (width, height), mask.shape, surfaces)
         placed.append((label, top, left, color, opacity, mask))
@@ -267,7 +288,7 @@ def synth_scene(seed: int, index: int) -> Scene:
     while True:
         visible = _visible_masks([full_masks[i] for i in keep])
         hidden = [i for i, v in zip(keep, visible)
-                  if v.sum() < max(MIN_VISIBLE_PIXELS, MIN_VISIBLE_FRACTION * full_masks[i].sum())]
+                  if v.sum() < max(MIN_VISIBLE_PIXELS, style.min_visible_fraction * full_masks[i].sum())]
         if not hidden:
             break
         keep.remove(hidden[0])
@@ -331,7 +352,7 @@ def split_indices(num_images: int, seed: int, validation_fraction: float) -> dic
 
 
 def generate(output, num_images: int = 200, seed: int = 0, validation_fraction: float = 0.2,
-             progress: bool = True) -> dict[str, Dataset]:
+             progress: bool = True, style: SceneStyle = SceneStyle()) -> dict[str, Dataset]:
     """Write ``output``/images/*.jpg, {train,validation}.jsonl (AutoML), {train,validation}.coco.json,
     MLTable folders train/ and validation/, and preview.png. Returns the two datasets."""
     from tqdm import tqdm
@@ -345,7 +366,7 @@ def generate(output, num_images: int = 200, seed: int = 0, validation_fraction: 
     records = []
     for index in tqdm(range(num_images), desc="synth", unit="img", file=sys.stderr,
                       disable=None if progress else True):
-        scene = synth_scene(seed, index)
+        scene = synth_scene(seed, index, style)
         path = images_dir / f"{index + 1:0{digits}d}.jpg"
         ok, encoded = cv2.imencode(".jpg", scene.image, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
         assert ok

@@ -12,8 +12,8 @@ from pycocotools import mask as mask_utils
 
 from mmdet_mlflow import cli
 from mmdet_mlflow.data import load_dataset
-from mmdet_mlflow.synth import (CLASSES, MIN_VISIBLE_FRACTION, OBJECTS_PER_IMAGE, generate,
-                                 scene_instances, synth_scene)
+from mmdet_mlflow.synth import (CLASSES, MIN_VISIBLE_FRACTION, OBJECTS_PER_IMAGE, SceneStyle, SynthError,
+                                 generate, scene_instances, synth_scene)
 
 
 def all_files(folder: Path) -> dict[str, bytes]:
@@ -93,3 +93,28 @@ def test_masks_are_the_visible_parts_and_polygons_trace_them():
             iou = (traced & obj.mask).sum() / (traced | obj.mask).sum()
             assert iou > 0.9, (index, obj.label, iou)
     assert occluded >= 5                                # occlusion is common, not a corner case
+
+
+def test_difficulty_is_a_style_the_command_takes(tmp_path, capsys):
+    """Larger objects and less occlusion: what the demo's recipe search varies."""
+    style = SceneStyle(object_size=(120, 240), min_visible_fraction=0.7)
+    for index in range(20):
+        scene = synth_scene(2, index, style)
+        for obj in scene.objects:
+            visible = obj.mask.sum()
+            assert visible >= 0.7 * (visible + obj.hidden_pixels)
+            ys, xs = np.nonzero(obj.mask)
+            if not obj.hidden_pixels:   # whole and upright within a few degrees' tilt
+                assert 110 <= max(np.ptp(ys), np.ptp(xs)) + 1 <= 250
+    folder = tmp_path / "easy"
+    assert cli.main(["synth", "--output", str(folder), "--num-images", "3", "--seed", "2",
+                     "--object-size", "120", "240", "--min-visible-fraction", "0.7"]) == 0
+    written = load_dataset(folder / "train.jsonl")
+    first = written.images[0]   # images/0001.jpg is scene 0
+    expected = scene_instances(synth_scene(2, int(first.path.stem) - 1, style))
+    assert [i.label for i in first.instances] == [i.label for i in expected]
+
+    with pytest.raises(SynthError, match="object size"):
+        SceneStyle(object_size=(300, 100))
+    assert cli.main(["synth", "--output", str(tmp_path / "bad"), "--min-visible-fraction", "1.5"]) != 0
+    assert "min visible fraction" in capsys.readouterr().err

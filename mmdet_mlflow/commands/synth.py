@@ -14,14 +14,22 @@ def add_parser(subparsers):
     p.add_argument("--num-images", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--validation-fraction", type=float, default=0.2)
+    p.add_argument("--object-size", type=int, nargs=2, metavar=("MIN", "MAX"), default=None,
+                   help="range of the objects' larger side in pixels (default: the demo set's)")
+    p.add_argument("--min-visible-fraction", type=float, default=None,
+                   help="an object must show at least this fraction of itself behind nearer "
+                        "ones to be drawn (default: the demo set's)")
     p.set_defaults(handler=run)
 
 
 def run(args):
-    from mmdet_mlflow.synth import generate
+    from mmdet_mlflow.synth import SceneStyle, generate
 
+    chosen = {"object_size": tuple(args.object_size) if args.object_size else None,
+              "min_visible_fraction": args.min_visible_fraction}
+    style = SceneStyle(**{key: value for key, value in chosen.items() if value is not None})
     datasets = generate(args.output, num_images=args.num_images, seed=args.seed,
-                        validation_fraction=args.validation_fraction)
+                        validation_fraction=args.validation_fraction, style=style)
     counts = ", ".join(f"{split}: {len(d.images)} images / {sum(len(r.instances) for r in d.images)} "
                        f"instances" for split, d in datasets.items())
     print(f"{counts} -> {args.output} (look at {args.output}/preview.png)")
