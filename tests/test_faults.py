@@ -1,6 +1,7 @@
 """Faults: batch scoring killed with SIGKILL at random points three times in a row, then run to
 the end, leaves exactly one record per input; a server whose model folder is missing or corrupt
-never reports ready, and its log says why."""
+never reports ready, and its log says why; `mlflow models serve` told to stop while a long
+request runs exits within that request's deadline."""
 from __future__ import annotations
 
 import json
@@ -136,3 +137,46 @@ def test_mlflow_serve_with_a_broken_model_exits_saying_why(tmp_path, tiny_model_
     assert _never_ready(cmd, f"http://127.0.0.1:{port}/ping", log, {}), "it should exit, not linger unready"
     text = log.read_text()
     assert re.search(reason, text), text[-3000:]
+
+
+def test_mlflow_serve_stops_on_sigterm_while_a_long_request_runs(tmp_path, tiny_model_dir):
+    """Found 8: a request that ran for minutes kept `mlflow models serve` from stopping on
+    SIGTERM (uvicorn waits for the requests it is answering). A request's work now stops at its
+    deadline (MMDET_MLFLOW_REQUEST_TIMEOUT, 3 s here), so a server told to stop while a request
+    of 64 full-size rows runs answers that request and exits within seconds."""
+    import threading
+
+    port = free_port()
+    log = tmp_path / "server.log"
+    cmd = [str(VENV_BIN / "mlflow"), "models", "serve", "-m", str(tiny_model_dir), "--env-manager", "local",
+           "-h", "127.0.0.1", "-p", str(port), "-w", "1"]
+    env = {"MMDET_MLFLOW_REQUEST_TIMEOUT": "3", "MMDET_MLFLOW_BATCH_SIZE": "1"}
+    rows = [b64(encoded("JPEG", picture(640, 480, seed))) for seed in range(64)]
+    body = {"dataframe_split": {"columns": ["image"], "data": [[row] for row in rows]},
+            "params": {"score_threshold": 0.0, "max_detections": 100}}
+    answers = []
+    with servers.serve(cmd, f"http://127.0.0.1:{port}/ping", log, env=env, timeout=300) as process:
+        sender = threading.Thread(target=lambda: answers.append(
+            requests.post(f"http://127.0.0.1:{port}/invocations", json=body, timeout=120)))
+        sender.start()
+        time.sleep(1.5)  # the request is being scored
+        assert sender.is_alive(), "the request should still be running"
+        told = time.monotonic()
+        os.killpg(process.pid, signal.SIGTERM)  # what servers.stop and a container stop send
+        process.wait(timeout=60)  # the mlflow command; uvicorn, its child, answers first
+        while _group_alive(process.pid):
+            assert time.monotonic() - told < 60, f"still running 60 s after SIGTERM:\n{log.read_text()[-3000:]}"
+            time.sleep(0.1)
+        stopped = time.monotonic() - told
+        sender.join(timeout=60)
+    assert answers and answers[0].status_code == 400, answers and answers[0].text[:1000]
+    assert "took longer than 3 s (MMDET_MLFLOW_REQUEST_TIMEOUT)" in answers[0].json()["message"]
+    print(f"stopped {stopped:.1f} s after SIGTERM")
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
