@@ -57,10 +57,13 @@ DEFAULT_SAMPLES = 8
 def evaluate(model_dir, test_data, output_dir, iou_threshold: float = AZURE_IOU_THRESHOLD,
              box_score_threshold: float = AZURE_BOX_SCORE_THRESHOLD, batch_size: int | None = None,
              map_score_threshold: float | None = None, num_samples: int = DEFAULT_SAMPLES,
-             progress: bool = True, confine_images: bool = False) -> dict:
+             progress: bool = True, confine_images: bool = False, segmenter=None,
+             track: bool = True) -> dict:
     """Evaluate ``model_dir`` (saved by ``package``) on ``test_data``; write everything to
     ``output_dir`` and return the metrics.json document. ``confine_images``: refuse test images
-    outside the test data's folder (mmdet_mlflow.data.paths)."""
+    outside the test data's folder (mmdet_mlflow.data.paths). ``segmenter``: score with this one
+    instead of the one the model serves (e.g. its fp32 ONNX network beside the int8 one it
+    serves); ``track=False``: log nothing to MLflow."""
     for name, value in (("iou_threshold", iou_threshold), ("box_score_threshold", box_score_threshold)):
         if not 0.0 <= value <= 1.0:
             raise EvaluationError(f"{name} must be between 0 and 1, got {value}")
@@ -88,7 +91,7 @@ def evaluate(model_dir, test_data, output_dir, iou_threshold: float = AZURE_IOU_
     gt_text = json.dumps(ground_truth)
     coco_api(json.loads(gt_text))  # refuses a ground truth COCOeval would choke on, before scoring
 
-    segmenter = mlflow_model.load_segmenter(weights.path, batch_size=batch_size)
+    segmenter = segmenter or mlflow_model.load_segmenter(weights.path, batch_size=batch_size)
     if map_score_threshold is None:
         configured = segmenter.configured_score_threshold or DEFAULT_MAP_SCORE_THRESHOLD
         map_score_threshold = min(float(configured), box_score_threshold)
@@ -143,7 +146,8 @@ def evaluate(model_dir, test_data, output_dir, iou_threshold: float = AZURE_IOU_
               output_dir / PR_CURVES_FILE)
     sample_grid(scored.samples, box_score_threshold, output_dir / SAMPLES_FILE)
     atomic_write_json(output_dir / METRICS_FILE, document, indent=2)
-    _log_to_mlflow(document, output_dir)
+    if track:
+        _log_to_mlflow(document, output_dir)
     return document
 
 

@@ -362,3 +362,33 @@ def test_predicts_in_a_process_where_torch_cannot_be_imported(onnx_weights_dir, 
     assert np.allclose(answer["boxes"], want.boxes, atol=1e-3)
     assert all(shape == [image.shape[0], image.shape[1]] for shape in answer["mask_shapes"])
     assert answer["mask_pixels"] == [int(m.sum()) for m in want.iter_masks(0.5)]
+
+
+def test_package_int8_prints_its_speed_and_accuracy_cost(tmp_path, tiny_checkpoint):
+    """`package --quantize int8` measures what int8 costs against the model's own fp32 network on
+    images of the calibration data: speed end to end, detections found again, and segm mAP of
+    both where the data are annotated with labels the model knows."""
+    import re
+    import subprocess
+    import sys
+
+    from mmdet_mlflow.data import Dataset, load_dataset, write_coco
+    from mmdet_mlflow.synth import generate
+
+    generate(tmp_path / "fridge", num_images=6, seed=4, progress=False)
+    fridge = load_dataset(tmp_path / "fridge" / "train.jsonl")
+    for record in fridge.images:   # labels the COCO model knows
+        for instance in record.instances:
+            instance.label = "bottle"
+    data = write_coco(Dataset(images=fridge.images, classes=["bottle"]), tmp_path / "bottles.coco.json")
+    done = subprocess.run([sys.executable, "-m", "mmdet_mlflow.cli", "package", "--config",
+                           "rtmdet-ins_tiny_8xb32-300e_coco", "--checkpoint", str(tiny_checkpoint),
+                           "--output", str(tmp_path / "int8"), "--runtime", "onnx", "--quantize", "int8",
+                           "--calibration-data", str(data), "--calibration-images", "3"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    speed = re.search(r"int8 vs fp32 on (\d+) images of .*: ([\d.]+)x the speed end to end", done.stdout)
+    assert speed and int(speed.group(1)) == 5 and float(speed.group(2)) > 0, done.stdout
+    assert re.search(r"int8 finds \d+ of fp32's \d+ detections", done.stdout), done.stdout
+    assert re.search(r"segm mAP@\[\.5:\.95\] on them: fp32 [\d.]+, int8 [\d.]+ \([+-][\d.]+\)", done.stdout), \
+        done.stdout
