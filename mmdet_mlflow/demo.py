@@ -144,7 +144,7 @@ def _run_demo(settings: DemoSettings) -> dict:
                                             f"http://127.0.0.1:{port}/ping", out / "mlflow-serve.log"))
         print(f"  serving on http://127.0.0.1:{port} (log: mlflow-serve.log)", flush=True)
         # MLflow's scoring server reads the same columns/index/data under "dataframe_split".
-        body = {"dataframe_split": request["input_data"]}
+        body = {"dataframe_split": request["input_data"], "params": request["params"]}
         answer = post(f"http://127.0.0.1:{port}/invocations", body)["predictions"]
         show_response(answer)
         pictures = draw(request["files"], answer, out / "serving")
@@ -158,7 +158,7 @@ def _run_demo(settings: DemoSettings) -> dict:
                                             cwd=app, env=servers.azmlinfsrv_env(app)))
         print(f"  serving on http://127.0.0.1:{port}/score (log: azmlinfsrv.log)", flush=True)
         azure_answer = post_when_ready(f"http://127.0.0.1:{port}/score",
-                                       {"input_data": request["input_data"]})
+                                       {"input_data": request["input_data"], "params": request["params"]})
         show_response(azure_answer)
         same = [len(a["boxes"]) for a in azure_answer] == [len(a["boxes"]) for a in answer]
         print(f"  same detections as mlflow models serve: {same}")
@@ -212,8 +212,13 @@ def register(finetuned: Path, key: str) -> int:
     return version
 
 
+# Class-agnostic NMS: one object gets one answer. Class-aware NMS (mmdet's default) keeps a
+# bottle's "milk_bottle" and "water_bottle" boxes both, as two objects.
+DEMO_PARAMS = {"class_agnostic_nms": True}
+
+
 def seed_request(images: list[Path], data: Path, count: int) -> dict:
-    """The model card's request: base64 images of the validation set."""
+    """The model card's request: base64 images of the validation set, with the demo's params."""
     import base64
 
     validation = json.loads((data / "validation.coco.json").read_text())["images"]
@@ -221,7 +226,7 @@ def seed_request(images: list[Path], data: Path, count: int) -> dict:
     chosen = [p for p in images if p.name in names][:count]
     return {"input_data": {"columns": ["image"], "index": list(range(len(chosen))),
                            "data": [base64.b64encode(p.read_bytes()).decode() for p in chosen]},
-            "files": [str(p) for p in chosen]}
+            "params": dict(DEMO_PARAMS), "files": [str(p) for p in chosen]}
 
 
 def link_validation_images(data: Path, target: Path) -> None:

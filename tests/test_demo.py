@@ -48,6 +48,7 @@ def test_reduced_demo_end_to_end_then_reused_and_interruptible(tmp_path):
     assert len(list((out / "serving").glob("*.png"))) == 2
     request = json.loads((out / "request.json").read_text())
     assert request["input_data"]["columns"] == ["image"] and len(request["input_data"]["data"]) == 2
+    assert request["params"] == {"class_agnostic_nms": True}  # one answer per object
     assert "same detections as mlflow models serve: True" in first.stdout
     lines = (out / "batch" / "predictions.jsonl").read_text().splitlines()
     validation = json.loads((out / "data" / "validation.coco.json").read_text())["images"]
