@@ -45,6 +45,9 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIG = "rtmdet-ins_tiny_8xb32-300e_coco"
 DEFAULT_RESULTS = Path.home() / "mmdet-mlflow-recipe-search.jsonl"
 
+# The demo set's difficulty the second grid settled on: larger objects, less occlusion.
+EASY = {"object_size": [110, 260], "min_visible_fraction": 0.6}
+
 # Named lists. "first-grid" starts from the demo's recipe and the feasibility run of issue 12 (the
 # tiny model from scratch, 320 px, batch 8, 500 steps: 0.73 on a simpler 4-class shapes set in
 # about 9 minutes) and varies one thing at a time around it.
@@ -62,6 +65,25 @@ NAMED_SETTINGS = {
         {"name": "320px 500 steps strong aug", "image_size": 320, "max_steps": 500, "strong_augmentation": True},
         {"name": "320px 500 steps 500 images", "num_images": 500, "image_size": 320, "max_steps": 500},
         {"name": "320px 400 steps batch 12", "image_size": 320, "max_steps": 400, "training_batch_size": 12},
+    ],
+    # What bench/results/recipe-search.md reports (2026-11-26): the set's difficulty, the budget
+    # in steps, the learning rate, the batch size, the input size, validation frequency and a
+    # data-loading process, each varied around the demo recipe.
+    "second-grid": [
+        {"name": "demo recipe (quick-cpu)", "synth": {"object_size": [60, 250], "min_visible_fraction": 0.35},
+         "recipe": "quick-cpu", "number_of_epochs": 12, "evaluation_frequency": 1},
+        {"name": "easy data, demo recipe, val/6", "synth": EASY, "evaluation_frequency": 6},
+        {"name": "easy, 320x256, 300 steps", "synth": EASY, "image_max_size": 320, "image_min_size": 256,
+         "max_steps": 300, "evaluation_frequency": 100},
+        {"name": "easy, 256, 360 st, lr 8e-3, val/6", "synth": EASY, "learning_rate": 0.008,
+         "evaluation_frequency": 6},
+        {"name": "easy, 256, batch 4, 600 st, val/last", "synth": EASY, "training_batch_size": 4,
+         "max_steps": 600, "evaluation_frequency": 100},
+        {"name": "easier (140-280, 0.7), 256, 360 st, val/6", "synth": {"object_size": [140, 280],
+         "min_visible_fraction": 0.7}, "evaluation_frequency": 6},
+        {"name": "easy, 360 st, val/last, 1 loader", "synth": EASY, "evaluation_frequency": 12, "num_workers": 1},
+        {"name": "easy, 300 st, val/last", "synth": EASY, "max_steps": 300, "evaluation_frequency": 10},
+        {"name": "easy, 480 st (16 ep), val/8", "synth": EASY, "number_of_epochs": 16, "evaluation_frequency": 8},
     ],
 }
 SETTING_KEYS = ("name", "num_images", "seed", "recipe", "synth")

@@ -102,18 +102,21 @@ def _best_model_metric_problem(name: str) -> str:
 
 
 # The recipe the offline demo uses: the tiny model trained from scratch on a few hundred
-# synthetic images on 2 CPU cores within 10 minutes (bench/finetune.py part b measures it: 240
-# training images, 360 steps, segm_AP (mask mAP@[.5:.95]) about 0.5 on the 60 validation images).
-# From scratch there is no pretrained feature to protect, so a high learning rate and a short
-# warm-up; 256 px (the synthetic objects are large) and RTMDet's stage-2 augmentation (no mosaic)
-# keep a step near a second on 2 cores and let the model see every object whole.
+# synthetic images on 2 CPU cores within 10 minutes. bench/recipe_search.py's second grid
+# (bench/results/recipe-search.md) chose it: on the demo's set (240 training images, 60
+# validation) 16 epochs (480 steps) reach segm mAP@[.5:.95] 0.75 in about 8 minutes on a 2-core
+# AMD EPYC (Zen 4); 12 epochs 0.67-0.68, 10 epochs 0.65. From scratch there is no pretrained
+# feature to protect, so a high learning rate (0.008 was worse) and a short warm-up; batch 8
+# (batch 4 with as many images was worse); 256 px (320 px costs 1.3x a step and was worse
+# for the same time); RTMDet's stage-2 augmentation (no mosaic) throughout, so the model sees
+# every object whole; validation only at epochs 8 and 16 (each costs seconds of training time).
 QUICK_CPU_CONFIG = "rtmdet-ins_tiny_8xb32-300e_coco"
 
 
 def quick_cpu_recipe(**overrides) -> FinetuneSettings:
     """Settings for the tiny model from scratch on CPU within ~10 minutes (the demo recipe)."""
-    recipe = dict(number_of_epochs=12, training_batch_size=8, validation_batch_size=8,
+    recipe = dict(number_of_epochs=16, training_batch_size=8, validation_batch_size=8,
                   learning_rate=0.004, weight_decay=0.05, warmup_steps=30, image_size=256,
-                  strong_augmentation=False, num_workers=0)
+                  strong_augmentation=False, num_workers=0, evaluation_frequency=8)
     recipe.update(overrides)
     return FinetuneSettings(**recipe)
