@@ -392,3 +392,38 @@ def test_package_int8_prints_its_speed_and_accuracy_cost(tmp_path, tiny_checkpoi
     assert re.search(r"int8 finds \d+ of fp32's \d+ detections", done.stdout), done.stdout
     assert re.search(r"segm mAP@\[\.5:\.95\] on them: fp32 [\d.]+, int8 [\d.]+ \([+-][\d.]+\)", done.stdout), \
         done.stdout
+
+
+def test_evaluation_gives_both_runtimes_the_same_segm_ap(segmenters, images, tiny_model_dir, tmp_path):
+    """`evaluate` scores the ONNX runtime as it scores torch: on ground truth made of the torch
+    runtime's own first detections' masks (so AP is far from 0 for random weights), segm and bbox
+    mAP@[.5:.95] of the two agree within 0.002."""
+    import cv2
+
+    from mmdet_mlflow.data import Dataset, ImageRecord, Instance, write_coco
+    from mmdet_mlflow.evaluate import evaluate
+    from scoring.encode import mask_polygons
+
+    torch_segmenter, onnx_segmenter = segmenters
+    params = torch_segmenter.default_params.updated({"score_threshold": 0.0, "max_detections": 15})
+    records = []
+    for index, image in enumerate(images):
+        path = tmp_path / f"{index}.png"  # lossless: both read the very pixels the answer came from
+        cv2.imwrite(str(path), image)
+        dets, masks = _detections(torch_segmenter, image, params)
+        height, width = image.shape[:2]
+        instances = []
+        for label, mask in zip(dets.labels, masks):
+            polygons = [p.ravel().astype(float).tolist() for p in mask_polygons(mask, 0.5)]
+            if polygons and mask.sum() >= 16:
+                instances.append(Instance(label=torch_segmenter.class_names[int(label)], polygons=polygons))
+        records.append(ImageRecord(path=path, width=width, height=height, instances=instances))
+    assert sum(len(r.instances) for r in records) >= 10
+    test = write_coco(Dataset(images=records, classes=list(torch_segmenter.class_names)), tmp_path / "test.coco.json")
+    scores = {name: evaluate(tiny_model_dir, test, tmp_path / name, segmenter=segmenter, progress=False,
+                             num_samples=0, track=False)
+              for name, segmenter in (("torch", torch_segmenter), ("onnx", onnx_segmenter))}
+    assert scores["torch"]["segm"]["AP"] > 0.5, scores["torch"]["segm"]
+    for section in ("segm", "bbox"):
+        assert abs(scores["onnx"][section]["AP"] - scores["torch"][section]["AP"]) <= 0.002, \
+            (section, scores["torch"][section]["AP"], scores["onnx"][section]["AP"])
