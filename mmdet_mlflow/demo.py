@@ -9,7 +9,6 @@ import contextlib
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 
 from mlflow_model.model_dir import ModelDir, WeightsDir, finetune_outputs
 from mmdet_mlflow import servers
+from mmdet_mlflow.interruption import Interruption
 
 MODEL_NAME = "rtmdet-ins-tiny-fridge"
 CONFIG = "rtmdet-ins_tiny_8xb32-300e_coco"
@@ -61,32 +61,7 @@ class Steps:
         return True
 
 
-class Interruption:
-    """Ctrl-C (SIGINT) and SIGTERM end the demo with a non-zero status and stopped servers.
-
-    Python turns SIGINT into a KeyboardInterrupt wherever the main thread is; raised inside a
-    finalizer (a socket or connection being garbage-collected) it is printed as "Exception
-    ignored" and lost, and the demo ran on to exit 0 (the flaky test of issue 12). So the
-    handler also remembers the signal, and ``check()`` at every step, inside every wait loop
-    and at the very end raises again: an interruption can be delayed, never lost."""
-
-    def __init__(self):
-        self.signal: int | None = None
-
-    def install(self) -> None:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.signal = signum
-        raise KeyboardInterrupt
-
-    def check(self) -> None:
-        if self.signal is not None:
-            raise KeyboardInterrupt
-
-
-interruption = Interruption()
+interruption = Interruption()  # the demo's: check() at every step and wait
 
 
 def run_demo(settings: DemoSettings) -> dict:

@@ -21,20 +21,17 @@ def add_parser(subparsers):
     p.set_defaults(handler=run)
 
 
-def stop_on_sigterm(signum, frame):
-    """SIGTERM (`kill`, `timeout`, a supervisor) stops the server as Ctrl-C does. The server runs
-    in a session of its own, so if we simply died it would outlive us, holding the port."""
-    raise KeyboardInterrupt
-
-
 def run(args):
-    import signal
     import tempfile
     import time
 
     from mmdet_mlflow import servers
+    from mmdet_mlflow.interruption import Interruption
 
-    signal.signal(signal.SIGTERM, stop_on_sigterm)
+    # Ctrl-C and SIGTERM (`kill`, `timeout`, a supervisor) stop the server, which runs in a session
+    # of its own: if we simply died it would outlive us, holding the port.
+    interruption = Interruption()
+    interruption.install()
 
     log = Path(args.log or ".mmdet-mlflow-serve.log").absolute()
     if args.server == "mlflow":
@@ -52,5 +49,6 @@ def run(args):
     with servers.serve(cmd, health, log, cwd=cwd, env=env) as process:
         print(f"serving on http://127.0.0.1:{args.port}{route}; Ctrl-C stops it", flush=True)
         while process.poll() is None:
+            interruption.check()
             time.sleep(0.5)
     raise servers.ServerError(f"the server exited with {process.returncode}; see {log}")
