@@ -37,7 +37,7 @@ import numpy as np
 
 import mlflow_model
 from mlflow_model.model_dir import ModelDir
-from mmdet_mlflow.data import load_dataset, to_coco
+from mmdet_mlflow.data import load_dataset, spread_indices, to_coco
 from mmdet_mlflow.files import atomic_write_json, atomic_write_text
 from mmdet_mlflow.metrics import (AZURE_BOX_SCORE_THRESHOLD, AZURE_IOU_THRESHOLD, AZURE_METRIC_NAMES,
                                   DEFINITIONS, EvaluationError, azure_metrics, coco_api,
@@ -98,7 +98,7 @@ def evaluate(model_dir, test_data, output_dir, iou_threshold: float = AZURE_IOU_
     params = segmenter.default_params.updated({"score_threshold": map_score_threshold})
 
     image_ids = [image["id"] for image in ground_truth["images"]]
-    sample_indices = set(_spread(len(dataset.images), num_samples))
+    sample_indices = set(spread_indices(len(dataset.images), num_samples))
     scored = _score(segmenter, dataset.images, image_ids, params, category_of, box_score_threshold,
                     sample_indices, progress)
 
@@ -267,13 +267,6 @@ def _category_ids(dataset, model_classes: Sequence[str], test_data) -> dict[str,
             f"{test_data}: labels the model does not know: {', '.join(unknown)} (the model's "
             f"classes: {', '.join(model_classes)}); labels are matched by name")
     return {name: category_of[name] for name in model_classes if name in category_of}
-
-
-def _spread(count: int, wanted: int) -> list[int]:
-    """Up to ``wanted`` indices spread evenly over ``range(count)``."""
-    if count == 0 or wanted <= 0:
-        return []
-    return sorted({int(round(i)) for i in np.linspace(0, count - 1, min(wanted, count))})
 
 
 def mlflow_metrics(document: dict) -> dict[str, float]:

@@ -37,11 +37,23 @@ def as_frame(model_input: Any) -> pd.DataFrame:
     if isinstance(frame.index, pd.MultiIndex):  # nested index lists multiply rows
         raise InputError("the request's index must be a flat list of labels, one per image")
     for label in frame.index[:settings.MAX_ROWS.value() + 1]:  # more rows are refused anyway
-        # Labels name rows in errors and answers: scalars only (MLflow's parser passes an
-        # index of objects or booleans through, where ours refuses them).
-        if isinstance(label, (bool, np.bool_)) or not isinstance(label, (str, int, float, np.integer, np.floating)):
-            raise InputError(f"the request's index labels must be strings or numbers, got {preview(label)}")
+        check_index_label(label, "the request's index")
     return frame
+
+
+def check_row_count(rows: int) -> None:
+    """The rows one request may carry (scoring.settings.MAX_ROWS): more is a 400."""
+    max_rows = settings.MAX_ROWS.value()
+    if rows > max_rows:
+        raise InputError(f"the request has {rows} images, over the limit of {max_rows} "
+                         f"({settings.MAX_ROWS.env}); split it, or use batch scoring")
+
+
+def check_index_label(label: Any, where: str) -> None:
+    """Labels name rows in errors and answers: scalars only. A list label would make pandas
+    multiply rows (a MultiIndex), and MLflow's parser passes objects and booleans through."""
+    if isinstance(label, (bool, np.bool_)) or not isinstance(label, (str, int, float, np.integer, np.floating)):
+        raise InputError(f"{where} labels must be strings or numbers, got {preview(label)}")
 
 
 def score_frame(segmenter: Segmenter, model_input: Any,
@@ -50,10 +62,7 @@ def score_frame(segmenter: Segmenter, model_input: Any,
     work deadline, URL budget: see scoring.settings). Errors name the row by its index label
     (the request's ``index``)."""
     frame = as_frame(model_input)
-    max_rows = settings.MAX_ROWS.value()
-    if len(frame) > max_rows:
-        raise InputError(f"the request has {len(frame)} images, over the limit of {max_rows} "
-                         f"({settings.MAX_ROWS.env}); split it, or use batch scoring")
+    check_row_count(len(frame))
     rows = zip(frame.index, frame[INPUT_COLUMN])
     seconds = settings.REQUEST_TIMEOUT.value()
     deadline = Deadline.after(seconds, f"took longer than {seconds:g} s ({settings.REQUEST_TIMEOUT.env})")

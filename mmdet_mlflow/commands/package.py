@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 DEFAULT_CALIBRATION_IMAGES = 32
 CHECK_IMAGES = 24  # images the int8 network's speed and accuracy are measured on at packaging
@@ -37,63 +38,67 @@ def run(args):
     if args.quantize and not args.calibration_data:
         raise InputError("--quantize int8 needs --calibration-data (images like the ones it will see)")
     classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
-    calibration = (calibration_images(Path(args.calibration_data), args.calibration_images)
-                   if args.quantize else None)
+    # read once: the calibration images and the (other) images that measure int8's cost
+    source = ImageSource.read(Path(args.calibration_data)) if args.quantize else None
+    calibration = calibration_images(source, args.calibration_images) if source else None
     model = mlflow_model.save_model(args.output, args.config, args.checkpoint, classes=classes,
                                     runtime=args.runtime, quantize=args.quantize,
                                     calibration_images=calibration)
     if args.quantize:
-        report_int8_cost(Path(args.output), Path(args.calibration_data))
+        report_int8_cost(Path(args.output), source)
     flavor = model.flavors[mlflow_model.FLAVOR_NAME]
     print(f"packaged {flavor['config_name']} ({len(flavor['classes'])} classes, weights sha256 "
           f"{flavor['checkpoint']['sha256'][:12]}, {args.runtime} runtime) into {args.output}")
     print(f"serve it: mmdet-mlflow serve --model {args.output}")
 
 
-def _image_source(path: Path):
-    """(image files, the data set or None for a bare folder of images)."""
-    from mmdet_mlflow.predict import image_files
+class ImageSource(NamedTuple):
+    """Images from --calibration-data: a bare folder of images, or one of our data formats."""
+    path: Path
+    files: list[Path]
+    dataset: object | None  # mmdet_mlflow.data.Dataset; None for a bare folder
 
-    if path.is_dir() and not any(path.glob("MLTable")):
-        dataset, files = None, image_files(path)
-    else:
-        from mmdet_mlflow.data import load_dataset
+    @classmethod
+    def read(cls, path: Path) -> "ImageSource":
+        from mmdet_mlflow.predict import image_files
 
-        dataset = load_dataset(path)
-        files = [record.path for record in dataset.images]
-    if not files:
-        raise FileNotFoundError(f"no images in {path}")
-    return files, dataset
+        if path.is_dir() and not any(path.glob("MLTable")):
+            dataset, files = None, image_files(path)
+        else:
+            from mmdet_mlflow.data import load_dataset
+
+            dataset = load_dataset(path)
+            files = [record.path for record in dataset.images]
+        if not files:
+            raise FileNotFoundError(f"no images in {path}")
+        return cls(path, files, dataset)
 
 
-def _spread(count: int, wanted: int, offset: float = 0.0) -> list[int]:
-    step = max(1.0, count / max(1, wanted))
-    return sorted({min(count - 1, int(i * step + offset * step)) for i in range(min(wanted, count))})
-
-
-def calibration_images(path: Path, count: int) -> list:
+def calibration_images(source: ImageSource, count: int) -> list:
     """Up to ``count`` decoded images, spread evenly over a folder or a data set."""
+    from mmdet_mlflow.data import spread_indices
     from scoring.decode import decode_image
 
-    files, _ = _image_source(path)
-    return [decode_image(files[i].read_bytes(), row=str(files[i])) for i in _spread(len(files), count)]
+    files = source.files
+    return [decode_image(files[i].read_bytes(), row=str(files[i])) for i in spread_indices(len(files), count)]
 
 
-def report_int8_cost(model_dir: Path, data: Path, count: int = CHECK_IMAGES) -> dict:
+def report_int8_cost(model_dir: Path, source: ImageSource, count: int = CHECK_IMAGES) -> dict:
     """Measure what int8 costs against the model's own fp32 network, on up to ``count`` images
-    of ``data`` spread between the calibration ones (the same where the set is small): time per
+    of ``source`` spread between the calibration ones (the same where the set is small): time per
     image end to end (decode aside, one image per pass, the threads serving uses), how many
     fp32 detections (score >= 0.3) int8 finds again (same label, box IoU >= 0.5) and, where the
     data are annotated with the model's labels, COCO segm mAP of both. Printed, and returned."""
     import time
 
     from mlflow_model.model_dir import ONNX_FILE, ONNX_INT8_FILE, ModelDir
+    from mmdet_mlflow.data import spread_indices
     from scoring.decode import decode_image
     from scoring.runner import score_images
     from scoring.runtimes.onnx_rtmdet import load_onnx_segmenter
 
-    files, dataset = _image_source(data)
-    chosen = _spread(len(files), count, offset=0.5)
+    files, dataset = source.files, source.dataset
+    chosen = spread_indices(len(files), count, offset=0.5)
     images = [decode_image(files[i].read_bytes(), row=str(files[i])) for i in chosen]
     weights = ModelDir(model_dir).data.path
     variants = {name: load_onnx_segmenter(weights, onnx_file=file, batch_size=1)
@@ -108,7 +113,7 @@ def report_int8_cost(model_dir: Path, data: Path, count: int = CHECK_IMAGES) -> 
         seconds[name] = (time.perf_counter() - started) / len(images)
     report = {"images": len(images), "seconds_per_image": seconds,
               "speedup": seconds["fp32"] / seconds["int8"]}
-    print(f"int8 vs fp32 on {len(images)} images of {data}: {report['speedup']:.2f}x the speed end to end "
+    print(f"int8 vs fp32 on {len(images)} images of {source.path}: {report['speedup']:.2f}x the speed end to end "
           f"({seconds['fp32'] * 1000:.0f} ms -> {seconds['int8'] * 1000:.0f} ms an image)", flush=True)
     found, total = _agreement(answers["fp32"], answers["int8"])
     report["fp32_detections_found_by_int8"] = [found, total]

@@ -9,12 +9,12 @@ one in-memory form (pixel polygons), validated before training and written back 
     formats.py    load_dataset (any format, told apart by content) and convert
 """
 from mmdet_mlflow.data.coco import to_coco, write_coco
-from mmdet_mlflow.data.dataset import Dataset, ImageRecord, Instance, response_boxes
+from mmdet_mlflow.data.dataset import Dataset, ImageRecord, Instance, response_boxes, spread_indices
 from mmdet_mlflow.data.formats import convert, load_dataset
 from mmdet_mlflow.data.jsonl import to_jsonl_rows, write_jsonl
 from mmdet_mlflow.data.mltable import MLTABLE_FILE, write_mltable
 from mmdet_mlflow.data.problems import MAX_REPORTED_PROBLEMS, DataError
 
 __all__ = ["DataError", "Dataset", "ImageRecord", "Instance", "MAX_REPORTED_PROBLEMS", "MLTABLE_FILE",
-           "convert", "load_dataset", "response_boxes", "to_coco", "to_jsonl_rows", "write_coco",
+           "convert", "load_dataset", "response_boxes", "spread_indices", "to_coco", "to_jsonl_rows", "write_coco",
            "write_jsonl", "write_mltable"]

@@ -84,3 +84,13 @@ def response_boxes(record: ImageRecord) -> list[dict]:
         del box["score"]
         boxes.append(box)
     return boxes
+
+
+def spread_indices(count: int, wanted: int, offset: float = 0.0) -> list[int]:
+    """Up to ``wanted`` indices spread evenly over ``range(count)`` (all of them where there are
+    no more); ``offset`` (0..1) shifts them within their stride, so that 0.5 picks the images
+    between the ones 0 picks: calibration and checking images, sample pictures."""
+    if count <= 0 or wanted <= 0:
+        return []
+    step = max(1.0, count / wanted)
+    return sorted({min(count - 1, int((i + offset) * step)) for i in range(min(wanted, count))})

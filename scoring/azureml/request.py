@@ -15,6 +15,7 @@ import pandas as pd
 from scoring import settings
 from scoring.decode import image_value_problem, preview
 from scoring.errors import InputError, RequestTooLarge
+from scoring.frame import check_index_label, check_row_count
 from scoring.schema import INPUT_COLUMN, PredictParams
 
 DATA_KEYS = ("input_data", "dataframe_split")
@@ -71,16 +72,12 @@ def split_frame(split: Any, key: str = "input_data") -> pd.DataFrame:
                          f"{INPUT_COLUMN!r}, got {preview(columns)}")
     if not isinstance(data, list) or not data:
         raise InputError(f"{key}.data must be a non-empty list of images (base64 or http(s) URLs)")
-    max_rows = settings.MAX_ROWS.value()
-    if len(data) > max_rows:
-        raise InputError(f"the request has {len(data)} images, over the limit of {max_rows} "
-                         f"({settings.MAX_ROWS.env}); split it, or use batch scoring")
+    check_row_count(len(data))
     index = split.get("index", list(range(len(data))))
     if not isinstance(index, list) or len(index) != len(data):
         raise InputError(f"{key}.index must be a list as long as {key}.data ({len(data)} rows)")
-    for label in index:  # a list label would make pandas multiply rows (a MultiIndex)
-        if isinstance(label, bool) or not isinstance(label, (str, int, float)):
-            raise InputError(f"{key}.index labels must be strings or numbers, got {preview(label)}")
+    for label in index:
+        check_index_label(label, f"{key}.index")
     rows = []
     for label, row in zip(index, data):
         if len(columns) == 1 and not isinstance(row, list):
