@@ -6,7 +6,8 @@ resident memory after 100 requests and at the end (``--requests 1000``: within 1
 
     PYTHONPATH=. python bench/load.py --model /path/to/mlflow-model [--requests 1000]
 
-Without --model, a tiny RTMDet-Ins with random weights is packaged into a scratch folder."""
+Without --model, a tiny RTMDet-Ins with random weights is packaged into a scratch folder
+(``--runtime onnx``: as an ONNX Runtime model)."""
 from __future__ import annotations
 
 import argparse
@@ -19,12 +20,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 
-def tiny_model(folder: Path) -> Path:
+def tiny_model(folder: Path, runtime: str) -> Path:
     import mlflow_model
     from helpers import TINY, make_official_checkpoint
 
     checkpoint = make_official_checkpoint(folder / "tiny.pth")
-    mlflow_model.save_model(folder / "tiny", TINY, str(checkpoint))
+    mlflow_model.save_model(folder / "tiny", TINY, str(checkpoint), runtime=runtime)
     return folder / "tiny"
 
 
@@ -34,6 +35,8 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--servers", default="mlflow-serve,azmlinfsrv")
+    parser.add_argument("--runtime", choices=("torch", "onnx"), default="torch",
+                        help="the tiny model's runtime (without --model)")
     args = parser.parse_args()
 
     from load_harness import Server, run_load
@@ -42,7 +45,7 @@ def main() -> int:
     scratch = Path(tempfile.mkdtemp(prefix="mmdet-mlflow-load-"))
     failed = False
     try:
-        model = args.model or tiny_model(scratch)
+        model = args.model or tiny_model(scratch, args.runtime)
         for name in args.servers.split(","):
             port = servers.free_port()
             log = scratch / f"{name}.log"

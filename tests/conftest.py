@@ -41,6 +41,16 @@ def tiny_model_dir(tmp_path_factory, tiny_checkpoint) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_onnx_model_dir(tmp_path_factory, tiny_checkpoint) -> Path:
+    """The tiny model's weights packaged for the ONNX Runtime runtime."""
+    import mlflow_model
+
+    path = tmp_path_factory.mktemp("models") / "tiny-onnx"
+    mlflow_model.save_model(path, TINY, str(tiny_checkpoint), runtime="onnx")
+    return path
+
+
+@pytest.fixture(scope="session")
 def image_files(tmp_path_factory) -> list[Path]:
     """Two PNGs of different sizes and aspect ratios (lossless: exact pixels everywhere)."""
     folder = tmp_path_factory.mktemp("images")

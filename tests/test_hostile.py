@@ -1,6 +1,7 @@
 """The hostile-input suite: every case of tests/hostile_cases.py against ``mlflow models serve``,
 ``azmlinfsrv`` with our entry script, and the pyfunc in this process (through our request
-parser, as Azure's script does). Each answer is a 200 for a valid request, else a 4xx whose
+parser, as Azure's script does), the last for the torch and the ONNX Runtime model alike (the
+servers share the request and decoding code; the runtimes differ in what they do with an image). Each answer is a 200 for a valid request, else a 4xx whose
 message names the row and the problem, never a stack trace; every server keeps answering (a
 probe after every case, a good request every few cases and at the end) within an address-space
 limit, so a regression that allocates gigabytes fails here instead of swapping.
@@ -26,7 +27,7 @@ from mmdet_mlflow import servers
 from slow_server import slow_server as serving
 
 CASES = all_cases()
-TARGETS = ("pyfunc", "mlflow-serve", "azmlinfsrv")
+TARGETS = ("pyfunc", "pyfunc-onnx", "mlflow-serve", "azmlinfsrv")
 GOOD_EVERY = 15  # a good request after every this many cases (each costs a forward pass)
 # Settings of every target: small fetch deadlines so slow-server cases end in seconds, and a
 # small body limit so an oversized request costs little.
@@ -106,10 +107,8 @@ class ServerTarget:
 class PyfuncTarget:
     """The pyfunc in this process, through our request parser (as Azure's script does)."""
 
-    name = "pyfunc"
-
-    def __init__(self, model, slow: str):
-        self.model, self.slow = model, slow
+    def __init__(self, name: str, model, slow: str):
+        self.name, self.model, self.slow = name, model, slow
 
     def send(self, case: Case) -> Answer:
         from mlflow.exceptions import MlflowException
@@ -140,13 +139,14 @@ def _limited(cmd: list[str]) -> list[str]:
 @pytest.fixture(scope="module", params=TARGETS)
 def target(request, tiny_model_dir, slow_server, tmp_path_factory):
     name = request.param
-    if name == "pyfunc":
+    if name.startswith("pyfunc"):
         import mlflow
 
+        model_dir = request.getfixturevalue("tiny_onnx_model_dir") if name == "pyfunc-onnx" else tiny_model_dir
         saved = {key: os.environ.get(key) for key in SUITE_ENV}
         os.environ.update(SUITE_ENV)
         try:
-            yield PyfuncTarget(mlflow.pyfunc.load_model(str(tiny_model_dir)), slow_server)
+            yield PyfuncTarget(name, mlflow.pyfunc.load_model(str(model_dir)), slow_server)
         finally:
             for key, value in saved.items():
                 if value is None:
