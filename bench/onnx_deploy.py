@@ -5,7 +5,8 @@ For a tiny (default) or x model packaged both ways from the same weights, in one
   torch model's mmcv comes from pip's wheel cache when `make setup` built it), its install time
   and size on disk;
 - cold start: a new process that loads the model with mlflow.pyfunc and answers one 640x480
-  image, wall time until the answer, and the process's RSS after loading (before predicting).
+  image, wall time until the answer (and until the model was loaded: imports and session), and
+  the process's RSS after loading (before predicting).
 
 Usage: .venv/bin/python bench/onnx_deploy.py [--config rtmdet-ins_x_8xb16-300e_coco] [--keep DIR]
 Prints the CPU model and ratios ONNX / torch.
@@ -30,13 +31,15 @@ import base64, json, sys, time
 start = float(sys.argv[3])
 import mlflow.pyfunc, pandas as pd
 model = mlflow.pyfunc.load_model(sys.argv[1])
+loaded = time.time() - start
 # VmRSS now, not ru_maxrss: Linux carries the parent's high-water mark through fork and exec,
 # so a child of this (large) bench process would report the bench's own peak.
 rss_after_load = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status")
                       if line.startswith("VmRSS:"))
 frame = pd.DataFrame({"image": [base64.b64encode(open(sys.argv[2], "rb").read()).decode()]})
 boxes = model.predict(frame).iloc[0]["boxes"]
-print(json.dumps({"seconds": time.time() - start, "rss_after_load": rss_after_load, "detections": len(boxes)}))
+print(json.dumps({"seconds": time.time() - start, "load_seconds": loaded, "rss_after_load": rss_after_load,
+                  "detections": len(boxes)}))
 """
 
 
@@ -98,7 +101,7 @@ def main() -> None:
         results[runtime] = {**env, **cold_start(env["python"], model_dir, image)}
         r = results[runtime]
         print(f"{runtime:5s}: install {r['install_seconds']:6.1f} s, venv {r['venv_bytes'] / 2**20:6.0f} MiB, "
-              f"cold start to first answer {r['seconds']:5.1f} s, RSS after load "
+              f"cold start to first answer {r['seconds']:5.1f} s (loaded at {r['load_seconds']:4.1f} s), RSS after load "
               f"{r['rss_after_load'] / 2**20:5.0f} MiB", flush=True)
     t, o = results["torch"], results["onnx"]
     print(f"onnx / torch: install {o['install_seconds'] / t['install_seconds']:.2f}, venv size "

@@ -196,7 +196,27 @@ def open_session(onnx_path: Path, spec: OnnxModelSpec, num_threads: int | None =
         raise OnnxModelError(f"{onnx_path} is not a loadable ONNX model: "
                              f"{type(err).__name__}: {str(err).strip()[:500]}") from None
     check_session_fits(session, spec, onnx_path)
+    release_freed_heap()
     return session
+
+
+def release_freed_heap() -> None:
+    """Give the heap's free pages back to the system (glibc's ``malloc_trim``; elsewhere nothing).
+
+    Building a session parses the whole file and then replaces every convolution's weights with
+    a copy in ORT's blocked (NCHWc) layout; the originals are freed, but glibc keeps those pages
+    in the process, fragmented among live blocks. For the x model (392 MiB of weights) the
+    session holds 893 MiB resident when built, 460 MiB once trimmed (measured; about 30 ms)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl, macOS, Windows)
+        return
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    trim(0)
 
 
 def check_session_fits(session, spec: OnnxModelSpec, onnx_path: Path) -> None:
