@@ -38,7 +38,7 @@ from scoring.schema import PredictParams
 from scoring.runtimes.rtmdet_numpy import (ONNX_INFO_FORMAT, ImageMeta, NumpyMaskResampler, OnnxModelError,  # noqa: E402,F401
                                            OnnxModelSpec, batched_nms, distance2bbox,
                                            dynamic_mask_logits, filter_scores_and_topk,
-                                           grid_priors, nms, pad_like_mmcv, per_prior,
+                                           check_fits_input, grid_priors, nms, per_prior,
                                            resize_like_mmdet, sigmoid)
 
 # ----------------------------------------------------------------------------- the runtime
@@ -69,22 +69,38 @@ class OnnxSegmenter(Segmenter):
 
     # --- preprocess: mmdet's test pipeline + DetDataPreprocessor
 
-    def preprocess_image(self, image: np.ndarray) -> tuple[np.ndarray, ImageMeta]:
-        """One BGR uint8 image -> (3, H, W) float32 network input and its meta."""
+    def preprocess_into(self, image: np.ndarray, out: np.ndarray) -> ImageMeta:
+        """One BGR uint8 image -> ``out`` (3, H, W) float32 network input; returns its meta.
+
+        The same float32 operations as the test pipeline's Resize, Pad and DetDataPreprocessor
+        ((x - mean) / std per pixel, pad value included), so the tensor is bit-identical, but
+        written channel by channel straight into the batch: the padding is one constant per
+        channel, and no padded, float or transposed copy of the image is made on the way."""
         spec = self.spec
         resized, scale_factor = resize_like_mmdet(image, spec.resize_scale_wh, spec.keep_ratio)
-        padded = pad_like_mmcv(resized, spec.input_hw, spec.pad_value)
-        # ImgDataPreprocessor: channel flip (if any), float, (x - mean) / std, all in float32
-        pixels = (padded[..., ::-1] if self.spec.bgr_to_rgb else padded).astype(np.float32)
-        normalized = (pixels - self._mean) / self._std
-        meta = ImageMeta(ori_hw=image.shape[:2], img_hw=tuple(spec.input_hw),
-                         scale_factor=scale_factor)
-        return normalized.transpose(2, 0, 1), meta
+        check_fits_input(resized, spec.input_hw)
+        height, width = resized.shape[:2]
+        channels = (2, 1, 0) if spec.bgr_to_rgb else (0, 1, 2)
+        pad = np.broadcast_to(np.asarray(spec.pad_value, np.uint8), (3,))
+        for c, source in enumerate(channels):
+            mean, std = self._mean.flat[c], self._std.flat[c]
+            plane = out[c]
+            np.subtract(resized[:, :, source], mean, out=plane[:height, :width], dtype=np.float32)
+            np.divide(plane[:height, :width], std, out=plane[:height, :width])
+            padded_value = (np.float32(pad[source]) - mean) / std
+            plane[height:, :] = padded_value
+            plane[:height, width:] = padded_value
+        return ImageMeta(ori_hw=image.shape[:2], img_hw=tuple(spec.input_hw), scale_factor=scale_factor)
+
+    def preprocess_image(self, image: np.ndarray) -> tuple[np.ndarray, ImageMeta]:
+        """One BGR uint8 image -> (3, H, W) float32 network input and its meta."""
+        out = np.empty((3, *self.spec.input_hw), np.float32)
+        return out, self.preprocess_into(image, out)
 
     def preprocess(self, images: Sequence[np.ndarray]) -> dict:
-        prepared = [self.preprocess_image(img) for img in images]
-        return {"inputs": np.ascontiguousarray(np.stack([p[0] for p in prepared])),
-                "metas": [p[1] for p in prepared]}
+        inputs = np.empty((len(images), 3, *self.spec.input_hw), np.float32)
+        metas = [self.preprocess_into(image, inputs[i]) for i, image in enumerate(images)]
+        return {"inputs": inputs, "metas": metas}
 
     # --- forward: the network only
 

@@ -133,16 +133,12 @@ def resize_like_mmdet(image: np.ndarray, scale_wh: tuple[int, int],
     return resized, (new_w / width, new_h / height)
 
 
-def pad_like_mmcv(image: np.ndarray, size_hw: tuple[int, int], pad_value) -> np.ndarray:
-    """mmcv.transforms.Pad with a fixed size: mmcv.impad(shape=size) pads bottom and right."""
+def check_fits_input(image: np.ndarray, size_hw: tuple[int, int]) -> None:
+    """mmcv.transforms.Pad with a fixed size pads bottom and right: the resized image must fit."""
     height, width = image.shape[:2]
     if height > size_hw[0] or width > size_hw[1]:
         raise OnnxModelError(f"the resized image ({width}x{height}) is larger than the network "
                              f"input ({size_hw[1]}x{size_hw[0]}): the exported settings are wrong")
-    canvas = np.empty((*size_hw, image.shape[2]), dtype=image.dtype)
-    canvas[:] = np.asarray(pad_value, dtype=image.dtype)
-    canvas[:height, :width] = image
-    return canvas
 
 
 # ----------------------------------------------------------------------------- post-processing
