@@ -17,7 +17,7 @@ from scoring.schema import INPUT_COLUMN
 
 _URL = re.compile(r"^https?://", re.IGNORECASE)
 _DATA_URI = re.compile(r"^data:[\w/+.-]*(;[\w=.-]+)*;base64,", re.IGNORECASE)
-_WHITESPACE = re.compile(rb"\s+")
+_WHITESPACE = b" \t\n\r\f\v"  # what rb"\s" matches: bytes.translate drops them 10x faster than re.sub
 _BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")  # in the message of Pillow's DecompressionBombError
 
 
@@ -69,7 +69,7 @@ def preview(value: Any, limit: int = 60) -> str:
 
 
 def _b64decode(text: str) -> bytes:
-    raw = _WHITESPACE.sub(b"", text.encode("ascii", errors="replace"))
+    raw = text.encode("ascii", errors="replace").translate(None, _WHITESPACE)
     if b"-" in raw or b"_" in raw:  # the URL-safe alphabet
         raw = raw.replace(b"-", b"+").replace(b"_", b"/")
     raw += b"=" * (-len(raw) % 4)
