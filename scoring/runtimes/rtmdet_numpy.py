@@ -305,16 +305,25 @@ class NumpyMaskResampler:
             cut = np.inf
         else:
             cut = math.log(threshold) - math.log1p(-threshold)
-        channels_last = np.ascontiguousarray(logits.transpose(1, 2, 0))
-        up = cv2.resize(channels_last, (low_w * self.stride, low_h * self.stride),
-                        interpolation=cv2.INTER_LINEAR)
         if self.windowed():  # a long, thin image: only the kept window (scoring.runtimes.masks)
+            channels_last = np.ascontiguousarray(logits.transpose(1, 2, 0))
+            up = cv2.resize(channels_last, (low_w * self.stride, low_h * self.stride),
+                            interpolation=cv2.INTER_LINEAR)
             up = up.reshape(low_h * self.stride, low_w * self.stride, -1).transpose(2, 0, 1)
             return mask_windows.windowed_resize(np.ascontiguousarray(up), (big_h, big_w),
                                                 (self.ori_h, self.ori_w), cut)
-        up = cv2.resize(up, (big_w, big_h), interpolation=cv2.INTER_LINEAR)
-        up = up.reshape(big_h, big_w, -1)[: self.ori_h, : self.ori_w]  # cv2 drops a last axis of 1
-        return (up > np.float32(cut)).transpose(2, 0, 1)
+        # One mask at a time: each comes out in its own contiguous rows, as findContours wants
+        # (a many-channel resize leaves every mask strided over the whole chunk, and copying
+        # them out cost more than the resizing), and a resize to the same size is skipped
+        # (cv2's is a copy there, as torch's interpolate is the identity).
+        out = np.empty((len(logits), self.ori_h, self.ori_w), bool)
+        size_up = (low_w * self.stride, low_h * self.stride)
+        for i, low in enumerate(logits):
+            up = cv2.resize(low, size_up, interpolation=cv2.INTER_LINEAR)
+            if up.shape != (big_h, big_w):
+                up = cv2.resize(up, (big_w, big_h), interpolation=cv2.INTER_LINEAR)
+            np.greater(up[: self.ori_h, : self.ori_w], np.float32(cut), out=out[i])
+        return out
 
     def iter_masks(self, threshold: float) -> Iterator[np.ndarray]:
         step = self.chunk_size()
