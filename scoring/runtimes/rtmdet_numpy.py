@@ -17,8 +17,6 @@ from scoring.errors import MmdetMlflowError
 from scoring.runtimes import masks as mask_windows
 
 MASK_CHUNK_BYTES = mask_windows.MASK_CHUNK_BYTES
-# cv2.resize works on at most this many channels (CV_CN_MAX): masks are resized as channels.
-CV2_MAX_CHANNELS = 512
 # Version of the "onnx" section of model.json this module reads.
 ONNX_INFO_FORMAT = 1
 
@@ -292,7 +290,9 @@ class NumpyMaskResampler:
         if self.windowed():
             return 1  # one mask at a time, in bands of rows (scoring.runtimes.masks)
         big_h, big_w = self._upsampled_shape(*self.mask_logits.shape[-2:])
-        return int(min(CV2_MAX_CHANNELS, max(1, MASK_CHUNK_BYTES // (big_h * big_w * 4))))
+        # as the torch runtime's chunks (its float masks at the upsampled size); ours hold only
+        # the boolean masks, and one float mask at a time
+        return max(1, MASK_CHUNK_BYTES // (big_h * big_w * 4))
 
     def masks(self, logits: np.ndarray, threshold: float) -> np.ndarray:
         """Boolean masks (k, ori_h, ori_w) for a chunk of low-resolution logits (k, h, w)."""
@@ -319,7 +319,7 @@ class NumpyMaskResampler:
         out = np.empty((len(logits), self.ori_h, self.ori_w), bool)
         size_up = (low_w * self.stride, low_h * self.stride)
         for i, low in enumerate(logits):
-            up = cv2.resize(low, size_up, interpolation=cv2.INTER_LINEAR)
+            up = cv2.resize(np.ascontiguousarray(low), size_up, interpolation=cv2.INTER_LINEAR)
             if up.shape != (big_h, big_w):
                 up = cv2.resize(up, (big_w, big_h), interpolation=cv2.INTER_LINEAR)
             np.greater(up[: self.ori_h, : self.ori_w], np.float32(cut), out=out[i])
