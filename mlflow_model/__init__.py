@@ -44,7 +44,6 @@ def save_model(
     runtime: str = "torch",
     quantize: str | None = None,
     calibration_images=None,
-    **_ignored,
 ):
     """Save an RTMDet-Ins model as an MLflow model directory at ``path``.
 

@@ -239,3 +239,10 @@ print("boxes", len(out["boxes"][0]))
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "boxes" in result.stdout
+
+
+def test_save_model_refuses_an_argument_it_does_not_know(tmp_path, tiny_checkpoint):
+    # a misspelled option (here runtime) must not be dropped silently, leaving a torch model
+    with pytest.raises(TypeError, match="runtim"):
+        mlflow_model.save_model(tmp_path / "model", TINY, str(tiny_checkpoint), runtim="onnx")
+    assert not (tmp_path / "model").exists()
