@@ -139,15 +139,26 @@ def test_finetune_coco_checkpoint_on_jsonl_gives_servable_model_with_new_classes
 
 def test_evaluation_frequency_validates_every_nth_epoch_and_always_the_last(fridge, tmp_path, tracking_uri):
     """Validation costs seconds an epoch, which a short CPU recipe would rather spend training:
-    every 2nd epoch and the last are validated, and only those compete for the best model."""
+    every 2nd epoch and the last are validated, and only those compete for the best model.
+    (Exported for ONNX Runtime here: the torch export is every other test's.)"""
     out = tmp_path / "run"
     result = finetune(fridge / "train.jsonl", fridge / "validation.jsonl", out, config=TINY,
-                      checkpoint="none", progress=False,
+                      checkpoint="none", progress=False, runtime="onnx",
                       settings=FinetuneSettings(number_of_epochs=3, evaluation_frequency=2, **FAST))
     assert [e["epoch"] for e in result.epochs] == [2, 3] and result.steps == 6
     assert result.best["epoch"] in (2, 3)
     assert [e["epoch"] for e in history(out)[1]] == [2, 3]
-    assert (out / "mlflow_model_folder" / "MLmodel").is_file()
+    model = out / "mlflow_model_folder"
+    assert (model / "MLmodel").is_file() and (model / "model" / "model.onnx").is_file()
+    assert "torch" not in (model / "requirements.txt").read_text()
+    assert (out / "pytorch_model_folder" / "weights.pth").is_file()  # to fine-tune again from
+    # and an ONNX model is no starting point (no torch weights), said before any training
+    with pytest.raises(FinetuneError, match="ONNX Runtime model.*pytorch_model_folder"):
+        finetune(fridge / "train.jsonl", fridge / "validation.jsonl", tmp_path / "again", model=model,
+                 progress=False, settings=FinetuneSettings(number_of_epochs=1, **FAST))
+    with pytest.raises(FinetuneError, match="runtime must be one of torch, onnx"):
+        finetune(fridge / "train.jsonl", fridge / "validation.jsonl", tmp_path / "again", config=TINY,
+                 checkpoint="none", runtime="tensorrt")
 
 
 def run_until_checkpoint(command, env, pointer: Path, pattern: str, log: Path) -> str:
@@ -380,7 +391,7 @@ def test_component_spec_loads_and_runs_the_cli_with_its_options():
     values = {name: {"integer": "3", "number": "0.5"}.get(spec.type, "x")
               for name, spec in component.inputs.items()}
     values.update(precision="32", metric_for_best_model="segm_AP", checkpoint="official",
-                  mlflow_model="m", pytorch_model="p", model_name="cfg")
+                  mlflow_model="m", pytorch_model="p", model_name="cfg", runtime="onnx")
     values.update({name: "x" for name in component.outputs})
     argv = component_argv(component, values)
     args = cli.build_parser().parse_args(argv)
@@ -390,6 +401,7 @@ def test_component_spec_loads_and_runs_the_cli_with_its_options():
     assert settings.number_of_epochs == 3 and settings.learning_rate == 0.5
     assert settings.metric_for_best_model == "segm_AP"
     assert args.mlflow_model_folder == "x" and args.output == "x" and args.confine_images
+    assert args.runtime == "onnx"
     assert start_point(args) == ("m", None, None)      # mlflow_model wins, as the pipeline says
 
 

@@ -66,6 +66,9 @@ def add_parser(subparsers):
     p.add_argument("--output", required=True, help="output folder (also the resume state)")
     p.add_argument("--mlflow-model-folder", help="write the MLflow model here instead of OUTPUT/mlflow_model_folder")
     p.add_argument("--pytorch-model-folder", help="write config + weights here instead of OUTPUT/pytorch_model_folder")
+    p.add_argument("--runtime", choices=["torch", "onnx"], default="torch",
+                   help="what serves the MLflow model: torch (mmdet) or onnx (ONNX Runtime: needs none of "
+                        "torch, mmcv, mmdet to serve; docs/onnx.md)")
     p.add_argument("--recipe", choices=["quick-cpu"],
                    help="quick-cpu: the tiny model's from-scratch CPU recipe (explicit options override it)")
     p.add_argument("--no-tracking", dest="track", action="store_false", help="do not log to MLflow")
@@ -102,7 +105,7 @@ def run(args):
                       config=config, checkpoint=checkpoint, settings=settings_from_args(args),
                       mlflow_model_dir=args.mlflow_model_folder, pytorch_model_dir=args.pytorch_model_folder,
                       track=args.track, validate_data=args.validate_images,
-                      confine_images=args.confine_images)
+                      confine_images=args.confine_images, runtime=args.runtime)
     if result.mlflow_model_dir is None:
         return 0  # not rank 0 under torchrun: rank 0 reports
     best = result.best or {}

@@ -11,9 +11,9 @@ from mmdet_mlflow.files import atomic_write_json, publishing
 
 
 def export_models(cfg, weights: dict, classes: list[str], pytorch_dir: Path, mlflow_dir: Path,
-                  info: dict | None = None) -> tuple[Path, Path]:
+                  info: dict | None = None, runtime: str = "torch") -> tuple[Path, Path]:
     """Write ``pytorch_dir`` (a weights folder: config.py, weights.pth as plain tensors,
-    model.json) and ``mlflow_dir`` (our MLflow flavor)."""
+    model.json) and ``mlflow_dir`` (our MLflow flavor, served by ``runtime``)."""
     weights = {k.removeprefix("module."): v for k, v in weights.items()}
     with publishing(pytorch_dir) as tmp:
         staged = WeightsDir(tmp)
@@ -23,5 +23,6 @@ def export_models(cfg, weights: dict, classes: list[str], pytorch_dir: Path, mlf
     exported = WeightsDir(pytorch_dir)
     with publishing(mlflow_dir) as tmp:
         tmp.rmdir()  # save_model creates the folder itself
-        mlflow_model.save_model(tmp, str(exported.config), str(exported.weights), classes=classes)
+        mlflow_model.save_model(tmp, str(exported.config), str(exported.weights), classes=classes,
+                                runtime=runtime)
     return pytorch_dir, mlflow_dir

@@ -37,13 +37,15 @@ class FinetuneResult:
     seconds_per_step: float | None = None             # mean step time (mmengine's timer), first 2 left out
     mlflow_run_id: str | None = None
     notes: list[str] = field(default_factory=list)
+    runtime: str = "torch"                            # the exported MLflow model's runtime
 
 
 def finetune(training_data, validation_data, output_dir, *, model=None, config=None,
              checkpoint=None, settings: FinetuneSettings | None = None,
              mlflow_model_dir=None, pytorch_model_dir=None, device: str | None = None,
              track: bool = True, progress: bool = True, validate_data: bool = True,
-             confine_images: bool = False, extra_hooks: Sequence = ()) -> FinetuneResult:
+             confine_images: bool = False, extra_hooks: Sequence = (),
+             runtime: str = "torch") -> FinetuneResult:
     """Fine-tune and export. Start from ``model`` (an MLflow model folder we saved, or a
     pytorch_model_folder) or ``config`` + ``checkpoint`` (path, URL, ``official``, or
     None/``"none"``: from scratch).
@@ -51,7 +53,9 @@ def finetune(training_data, validation_data, output_dir, *, model=None, config=N
     the same ``output_dir`` resumes. ``mlflow_model_dir``/``pytorch_model_dir`` put the model
     folders elsewhere (Azure ML outputs). ``confine_images``: refuse image paths outside the
     data's folders (mmdet_mlflow.data.paths). ``extra_hooks``: mmengine Hook objects to add
-    (every rank)."""
+    (every rank). ``runtime``: the MLflow model's runtime, ``"torch"`` or ``"onnx"`` (the best
+    weights exported to ONNX and checked against torch, as ``mlflow_model.save_model`` does;
+    the pytorch_model_folder is written either way)."""
     # torch, mmengine, mmdet and mlflow take seconds to import: loaded here, not with the
     # package, which the CLI imports to build its options.
     import torch
@@ -65,6 +69,10 @@ def finetune(training_data, validation_data, output_dir, *, model=None, config=N
 
     settings = settings or FinetuneSettings()
     settings.check()
+    from mlflow_model import RUNTIMES
+
+    if runtime not in RUNTIMES:  # before hours of training, not after
+        raise FinetuneError(f"runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
     if (model is None) == (config is None):
         raise FinetuneError("start from --model (an MLflow model folder) or --config with "
                             "--checkpoint (a path, URL, 'official' or 'none'), not both or neither")
@@ -132,8 +140,9 @@ def finetune(training_data, validation_data, output_dir, *, model=None, config=N
         weights = load_training_checkpoint(best_path)["state_dict"]
         result.pytorch_model_dir, result.mlflow_model_dir = export_models(
             cfg, weights, data.classes, Path(pytorch_model_dir or out.pytorch_model),
-            Path(mlflow_model_dir or out.mlflow_model),
+            Path(mlflow_model_dir or out.mlflow_model), runtime=runtime,
             info=dict(start=start.description, best=result.best, settings=settings.as_params()))
+        result.runtime = runtime
         atomic_write_json(out.metrics, dict(epochs=result.epochs, best=result.best,
                                             metric_for_best_model=settings.metric_for_best_model))
         with _without_known_warnings():

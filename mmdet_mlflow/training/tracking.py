@@ -133,7 +133,7 @@ class TrainingRun:
         exported = WeightsDir(result.pytorch_model_dir)
         self.log_artifact(exported.config, "training_config")
         mlflow_model.log_model(str(exported.config), str(exported.weights), name="model",
-                               classes=result.classes)
+                               classes=result.classes, runtime=result.runtime)
 
 
 def _experiment_id() -> str | None:
