@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -243,6 +244,8 @@ def _sample_values(component) -> dict:
     for number, (name, spec) in enumerate(component.inputs.items(), start=1):
         values[name] = {"string": f"{name}-value", "integer": 1000 + number, "number": number / 100,
                         "boolean": True}.get(spec.type, f"/mnt/inputs/{name}")
+        if getattr(spec, "enum", None):  # a choice the CLI knows (the last: not the default)
+            values[name] = spec.enum[-1]
     if "params" in values:  # deploy batch: predict params, a JSON object
         values["params"] = json.dumps({"score_threshold": 0.5})
     return values
@@ -374,6 +377,29 @@ def test_the_package_component_fills_the_output_folder_azure_made(tmp_path, tiny
     done = subprocess.run([sys.executable, *argv[1:]], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "mlflow_model_folder" / "MLmodel").is_file()
+
+
+def test_the_package_component_writes_an_int8_onnx_model(tmp_path, tiny_checkpoint, image_files):
+    """runtime onnx with quantize int8 and a calibration folder, as Azure runs it: a model that
+    needs no torch, serving int8, and the measured cost of int8 in the job's log."""
+    from helpers import TINY
+
+    component = load_azure_yaml(ROOT / "components/package/spec.yaml")
+    (tmp_path / "mlflow_model_folder").mkdir()
+    calibration = tmp_path / "calibration"
+    calibration.mkdir()
+    for image in image_files:
+        shutil.copy(image, calibration / image.name)
+    values = {"model_name": TINY, "checkpoint": "official", "checkpoint_file": tiny_checkpoint,
+              "runtime": "onnx", "quantize": "int8", "calibration_data": calibration}
+    argv = filled_command(component, values, tmp_path)
+    done = subprocess.run([sys.executable, *argv[1:]], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "int8 vs fp32 on" in done.stdout and "onnx runtime" in done.stdout, done.stdout[-2000:]
+    model = tmp_path / "mlflow_model_folder"
+    requirements = (model / "requirements.txt").read_text()
+    assert "onnxruntime" in requirements and "torch" not in requirements
+    assert (model / "model" / "model.int8.onnx").is_file()
 
 
 def test_the_register_component_dry_run_writes_what_deploy_reads(tmp_path, tiny_model_dir):
