@@ -56,6 +56,11 @@ def test_the_main_pipeline_chains_finetune_evaluate_register_deploy():
     # switches and compute are pipeline inputs
     for name in ("deploy_online", "deploy_batch", "compute_finetune", "instance_count"):
         assert name in job.inputs
+    # the runtime is chosen once, for the fine-tune's export (what evaluate, register and the
+    # deployments then take), and an ONNX model can go online without an environment
+    assert job.inputs["runtime"]._data == "torch" and job.inputs["online_no_code"]._data is False
+    assert job.jobs["finetune"].inputs["runtime"]._data == "${{parent.inputs.runtime}}"
+    assert job.jobs["deploy_online"].inputs["no_code"]._data == "${{parent.inputs.online_no_code}}"
 
 
 def test_overrides_apply_and_bad_ones_are_clear():
