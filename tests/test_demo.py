@@ -81,6 +81,24 @@ def test_reduced_demo_end_to_end_then_reused_and_interruptible(tmp_path):
     assert "(reused: version 1 holds this fine-tuning run)" in third.stdout
 
 
+def test_every_mlproject_entry_point_parses_with_the_cli():
+    """Each entry point's command, filled with its defaults (a path where it has none), is one
+    the CLI takes: MLproject cannot drift from the options."""
+    import shlex
+
+    import yaml
+
+    from mmdet_mlflow.cli import build_parser
+
+    entry_points = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]
+    for name, entry in entry_points.items():
+        values = {param: (spec.get("default", "x") if isinstance(spec, dict) else "x")
+                  for param, spec in entry.get("parameters", {}).items()}
+        argv = shlex.split(entry["command"].format(**values))
+        assert argv[:3] == ["python", "-m", "mmdet_mlflow.cli"], name
+        build_parser().parse_args(argv[3:])  # argparse exits on an unknown option or value
+
+
 def test_mlproject_entry_point_runs_with_mlflow_run(tmp_path):
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     done = subprocess.run(
