@@ -60,6 +60,7 @@ def finetune(training_data, validation_data, output_dir, *, model=None, config=N
     # package, which the CLI imports to build its options.
     import torch
 
+    from mlflow_model import RUNTIMES
     from mmdet_mlflow.training.checkpoints import best_checkpoint, latest_checkpoint, load_training_checkpoint
     from mmdet_mlflow.training.config import build_config
     from mmdet_mlflow.training.distributed import join_process_group, main_first
@@ -69,8 +70,6 @@ def finetune(training_data, validation_data, output_dir, *, model=None, config=N
 
     settings = settings or FinetuneSettings()
     settings.check()
-    from mlflow_model import RUNTIMES
-
     if runtime not in RUNTIMES:  # before hours of training, not after
         raise FinetuneError(f"runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
     if (model is None) == (config is None):
@@ -110,7 +109,7 @@ def finetune(training_data, validation_data, output_dir, *, model=None, config=N
     else:  # mmengine checkpoints an epoch before validating it: validate it now
         runner.validate_resumed_epoch = resume_from.name.startswith("epoch_")
 
-    result = FinetuneResult(out.folder, None, None, data.classes, notes=notes,
+    result = FinetuneResult(out.folder, None, None, data.classes, notes=notes, runtime=runtime,
                             resumed_from=str(resume_from) if resume_from else None)
     if not processes.is_main:
         _train(runner)
@@ -142,7 +141,6 @@ def finetune(training_data, validation_data, output_dir, *, model=None, config=N
             cfg, weights, data.classes, Path(pytorch_model_dir or out.pytorch_model),
             Path(mlflow_model_dir or out.mlflow_model), runtime=runtime,
             info=dict(start=start.description, best=result.best, settings=settings.as_params()))
-        result.runtime = runtime
         atomic_write_json(out.metrics, dict(epochs=result.epochs, best=result.best,
                                             metric_for_best_model=settings.metric_for_best_model))
         with _without_known_warnings():

@@ -92,11 +92,6 @@ class OnnxSegmenter(Segmenter):
             plane[:height, width:] = padded_value
         return ImageMeta(ori_hw=image.shape[:2], img_hw=tuple(spec.input_hw), scale_factor=scale_factor)
 
-    def preprocess_image(self, image: np.ndarray) -> tuple[np.ndarray, ImageMeta]:
-        """One BGR uint8 image -> (3, H, W) float32 network input and its meta."""
-        out = np.empty((3, *self.spec.input_hw), np.float32)
-        return out, self.preprocess_into(image, out)
-
     def preprocess(self, images: Sequence[np.ndarray]) -> dict:
         inputs = np.empty((len(images), 3, *self.spec.input_hw), np.float32)
         metas = [self.preprocess_into(image, inputs[i]) for i, image in enumerate(images)]

@@ -305,21 +305,19 @@ class NumpyMaskResampler:
             cut = np.inf
         else:
             cut = math.log(threshold) - math.log1p(-threshold)
-        if self.windowed():  # a long, thin image: only the kept window (scoring.runtimes.masks)
-            channels_last = np.ascontiguousarray(logits.transpose(1, 2, 0))
-            up = cv2.resize(channels_last, (low_w * self.stride, low_h * self.stride),
-                            interpolation=cv2.INTER_LINEAR)
-            up = up.reshape(low_h * self.stride, low_w * self.stride, -1).transpose(2, 0, 1)
-            return mask_windows.windowed_resize(np.ascontiguousarray(up), (big_h, big_w),
-                                                (self.ori_h, self.ori_w), cut)
         # One mask at a time: each comes out in its own contiguous rows, as findContours wants
         # (a many-channel resize leaves every mask strided over the whole chunk, and copying
-        # them out cost more than the resizing), and a resize to the same size is skipped
-        # (cv2's is a copy there, as torch's interpolate is the identity).
+        # them out cost more than the resizing). The second resize is computed only for the
+        # kept window on a long, thin image (scoring.runtimes.masks), and skipped where its size
+        # is unchanged (cv2's is a copy there, as torch's interpolate is the identity).
+        windowed = self.windowed()
         out = np.empty((len(logits), self.ori_h, self.ori_w), bool)
         size_up = (low_w * self.stride, low_h * self.stride)
         for i, low in enumerate(logits):
             up = cv2.resize(np.ascontiguousarray(low), size_up, interpolation=cv2.INTER_LINEAR)
+            if windowed:
+                out[i] = mask_windows.windowed_resize(up[None], (big_h, big_w), (self.ori_h, self.ori_w), cut)[0]
+                continue
             if up.shape != (big_h, big_w):
                 up = cv2.resize(up, (big_w, big_h), interpolation=cv2.INTER_LINEAR)
             np.greater(up[: self.ori_h, : self.ori_w], np.float32(cut), out=out[i])
