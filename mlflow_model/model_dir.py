@@ -9,7 +9,8 @@ A saved MLflow model (``save_model``)::
       model.json                  class names, default predict params, where the weights came from
                                   (an ONNX model also records its "onnx" settings here)
       model.onnx                  an ONNX model only: the exported network (raw head outputs)
-      model.int8.onnx             an ONNX model only, if quantized: the int8 (QDQ) network
+      model.onnx.data             ... its weights (ONNX external data, see ``onnx_data_file``)
+      model.int8.onnx(.data)      an ONNX model only, if quantized: the int8 (QDQ) network
     code/mlflow_model, code/scoring   the code that loads and scores it
     requirements.txt, python_env.yaml, conda.yaml, input_example.json, serving_input_example.json
 
@@ -40,6 +41,12 @@ CONDA_FILE = "conda.yaml"
 FINETUNE_MLFLOW_DIR = "mlflow_model_folder"
 FINETUNE_PYTORCH_DIR = "pytorch_model_folder"
 REGISTRATION_FILE = "registration.json"
+
+
+def onnx_data_file(onnx_file: str) -> str:
+    """The file beside an ONNX file that holds its weights (ONNX "external data"): ONNX Runtime
+    reads them from there straight into place instead of parsing them out of the protobuf."""
+    return onnx_file + ".data"
 
 
 class WeightsDir:

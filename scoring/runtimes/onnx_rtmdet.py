@@ -27,7 +27,7 @@ from typing import Sequence
 import numpy as np
 
 from mlflow_model.checkpoints import sha256_of
-from mlflow_model.model_dir import INFO_FILE, ONNX_FILE, ONNX_INFO_KEY
+from mlflow_model.model_dir import INFO_FILE, ONNX_FILE, ONNX_INFO_KEY, onnx_data_file
 from scoring.runtimes.base import ImageDetections, Segmenter
 from scoring.schema import PredictParams
 
@@ -255,6 +255,44 @@ def check_session_fits(session, spec: OnnxModelSpec, onnx_path: Path) -> None:
                              + "; ".join(problems))
 
 
+def open_session_checked(onnx_path: Path, spec: OnnxModelSpec, record: dict,
+                         num_threads: int | None, providers: Sequence[str] | None, spin: bool):
+    """``open_session``, with the ONNX file and its data file checked against the sha256s that
+    model.json's ``record`` of them holds (``mlflow_model.onnx_export.file_record``).
+
+    The hashes are computed in a thread while ORT builds the session (both release the GIL):
+    for the x model that is 0.26 s of a cold start no longer waited for. A changed file is
+    reported as such even when the session could not be built either (a damaged file fails
+    both ways)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    data_path = onnx_path.parent / onnx_data_file(onnx_path.name)
+    expected = {onnx_path: record.get("sha256")}
+    if "data" in record:
+        if not data_path.is_file():
+            raise OnnxModelError(f"the ONNX weights file {data_path} is missing")
+        expected[data_path] = record["data"].get("sha256")
+
+    def changed_files() -> list[str]:
+        return [path.name for path, sha256 in expected.items() if sha256 and sha256_of(path) != sha256]
+
+    def refuse_if_changed(changed) -> None:
+        if changed.result():
+            raise OnnxModelError("; ".join(f"{onnx_path.parent / name} is not the file exported with "
+                                           f"this model" for name in changed.result())
+                                 + f" (sha256 differs from the one in {INFO_FILE}): re-export the model")
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnx-sha256") as pool:
+        changed = pool.submit(changed_files)
+        try:
+            session = open_session(onnx_path, spec, num_threads, providers, spin)
+        except OnnxModelError:
+            refuse_if_changed(changed)
+            raise
+        refuse_if_changed(changed)
+    return session
+
+
 def load_onnx_segmenter(weights_dir_path: str | os.PathLike, batch_size: int | None = None,
                         num_threads: int | None = None, onnx_file: str = ONNX_FILE,
                         providers: Sequence[str] | None = None, spin: bool = True) -> OnnxSegmenter:
@@ -274,11 +312,8 @@ def load_onnx_segmenter(weights_dir_path: str | os.PathLike, batch_size: int | N
     onnx_path = folder / onnx_file
     if not onnx_path.is_file():
         raise OnnxModelError(f"the ONNX file {onnx_path} is missing")
-    recorded = info[ONNX_INFO_KEY].get("files", {}).get(onnx_file, {}).get("sha256")
-    if recorded and sha256_of(onnx_path) != recorded:
-        raise OnnxModelError(f"{onnx_path} is not the file exported with this model (its sha256 "
-                             f"differs from the one in {INFO_FILE}): re-export the model")
-    session = open_session(onnx_path, spec, num_threads, providers, spin)
+    record = info[ONNX_INFO_KEY].get("files", {}).get(onnx_file, {})
+    session = open_session_checked(onnx_path, spec, record, num_threads, providers, spin)
     # As the torch runtime: one image per pass on CPU, the model's batch on a GPU.
     on_gpu = session.get_providers()[0] == "CUDAExecutionProvider"
     batch_size = batch_size or BATCH_SIZE.value() or (int(info.get("batch_size", 8)) if on_gpu else 1)
