@@ -6,7 +6,7 @@ For a tiny (default) or x model packaged both ways from the same weights, in one
   and size on disk;
 - cold start: a new process that loads the model with mlflow.pyfunc and answers one 640x480
   image, wall time until the answer (and until the model was loaded: imports and session), and
-  the process's RSS after loading (before predicting).
+  the process's RSS after loading (before predicting) and its peak while loading.
 
 Usage: .venv/bin/python bench/onnx_deploy.py [--config rtmdet-ins_x_8xb16-300e_coco] [--keep DIR]
 Prints the CPU model and ratios ONNX / torch.
@@ -32,14 +32,16 @@ start = float(sys.argv[3])
 import mlflow.pyfunc, pandas as pd
 model = mlflow.pyfunc.load_model(sys.argv[1])
 loaded = time.time() - start
-# VmRSS now, not ru_maxrss: Linux carries the parent's high-water mark through fork and exec,
-# so a child of this (large) bench process would report the bench's own peak.
-rss_after_load = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status")
-                      if line.startswith("VmRSS:"))
+# From /proc, not ru_maxrss: Linux carries the parent's high-water mark in ru_maxrss through
+# fork and exec, so a child of this (large) bench process would report the bench's own peak;
+# VmHWM belongs to the address space exec made.
+status = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in open("/proc/self/status")
+          if line.startswith(("VmRSS:", "VmHWM:"))}
+rss_after_load, peak_rss_loading = status["VmRSS"], status["VmHWM"]
 frame = pd.DataFrame({"image": [base64.b64encode(open(sys.argv[2], "rb").read()).decode()]})
 boxes = model.predict(frame).iloc[0]["boxes"]
 print(json.dumps({"seconds": time.time() - start, "load_seconds": loaded, "rss_after_load": rss_after_load,
-                  "detections": len(boxes)}))
+                  "peak_rss_loading": peak_rss_loading, "detections": len(boxes)}))
 """
 
 
@@ -102,11 +104,13 @@ def main() -> None:
         r = results[runtime]
         print(f"{runtime:5s}: install {r['install_seconds']:6.1f} s, venv {r['venv_bytes'] / 2**20:6.0f} MiB, "
               f"cold start to first answer {r['seconds']:5.1f} s (loaded at {r['load_seconds']:4.1f} s), RSS after load "
-              f"{r['rss_after_load'] / 2**20:5.0f} MiB", flush=True)
+              f"{r['rss_after_load'] / 2**20:5.0f} MiB (peak while loading {r['peak_rss_loading'] / 2**20:5.0f} MiB)",
+              flush=True)
     t, o = results["torch"], results["onnx"]
     print(f"onnx / torch: install {o['install_seconds'] / t['install_seconds']:.2f}, venv size "
           f"{o['venv_bytes'] / t['venv_bytes']:.2f}, cold start {o['seconds'] / t['seconds']:.2f}, "
-          f"RSS after load {o['rss_after_load'] / t['rss_after_load']:.2f}")
+          f"RSS after load {o['rss_after_load'] / t['rss_after_load']:.2f}, peak RSS while loading "
+          f"{o['peak_rss_loading'] / t['peak_rss_loading']:.2f}")
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
 

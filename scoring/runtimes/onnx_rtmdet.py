@@ -214,10 +214,11 @@ def open_session(onnx_path: Path, spec: OnnxModelSpec, num_threads: int | None =
 def release_freed_heap() -> None:
     """Give the heap's free pages back to the system (glibc's ``malloc_trim``; elsewhere nothing).
 
-    Building a session parses the whole file and then replaces every convolution's weights with
-    a copy in ORT's blocked (NCHWc) layout; the originals are freed, but glibc keeps those pages
-    in the process, fragmented among live blocks. For the x model (392 MiB of weights) the
-    session holds 893 MiB resident when built, 460 MiB once trimmed (measured; about 30 ms)."""
+    Building a session reads the weights and then replaces every convolution's weights with a
+    copy in ORT's blocked (NCHWc) layout; the originals are freed, but glibc keeps those pages in
+    the process, fragmented among live blocks. For the x model (392 MiB of weights) the session
+    holds 520-570 MiB resident when built, 461 MiB once trimmed (measured; a few ms; 893 MiB
+    before trimming when the weights were embedded in the graph file)."""
     import ctypes
     import ctypes.util
 
