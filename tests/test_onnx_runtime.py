@@ -268,6 +268,29 @@ def test_int8_model_is_recorded_loads_and_finds_what_fp32_finds(onnx_weights_dir
 # ----------------------------------------------------------------------------- loading
 
 
+def test_a_model_saved_with_its_weights_in_the_graph_file_still_loads(onnx_weights_dir, tmp_path,
+                                                                    images):
+    """Models saved before the weights moved to model.onnx.data: one file, recorded without "data"."""
+    import onnx
+
+    from mlflow_model.onnx_export import file_record
+    from scoring.runtimes.onnx_rtmdet import load_onnx_segmenter
+
+    folder = _copy(onnx_weights_dir, tmp_path)
+    onnx.save_model(onnx.load(str(folder / "model.onnx")), str(folder / "model.onnx"))
+    (folder / "model.onnx.data").unlink()
+    info = json.loads((folder / "model.json").read_text())
+    record = info["onnx"]["files"]["model.onnx"]
+    del record["data"]
+    record.update(file_record(folder / "model.onnx"))  # the one file's sha256 and size
+    (folder / "model.json").write_text(json.dumps(info))
+
+    embedded, external = load_onnx_segmenter(folder), load_onnx_segmenter(onnx_weights_dir)
+    params = external.default_params
+    [a], [b] = embedded([images[0]], params), external([images[0]], params)
+    assert len(b) > 0 and np.array_equal(a.boxes, b.boxes) and np.array_equal(a.scores, b.scores)
+
+
 def test_missing_onnx_file_is_refused(onnx_weights_dir, tmp_path):
     from scoring.runtimes.onnx_rtmdet import OnnxModelError, load_onnx_segmenter
 
