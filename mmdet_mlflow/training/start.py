@@ -10,7 +10,7 @@ from typing import Sequence
 from mlflow_model.checkpoints import (check_state_dict, classes_from_meta, read_state_dict,
                                       resolve_checkpoint)
 from mlflow_model.configs import config_name, resolve_config_path
-from mlflow_model.model_dir import ONNX_FILE, ModelDir, WeightsDir
+from mlflow_model.model_dir import ModelDir, WeightsDir
 from mmdet_mlflow.training.settings import FinetuneError
 
 
@@ -35,7 +35,7 @@ class StartingPoint:
             if weights_dir.config.is_file() and weights_dir.weights.is_file():
                 break
         else:
-            if (saved.path / ONNX_FILE).is_file():
+            if saved.onnx.is_file():
                 raise FinetuneError(
                     f"{folder} is an ONNX Runtime model: it carries no torch weights to train from. "
                     f"Start from the pytorch_model_folder written beside it, or a torch model")
