@@ -1,8 +1,10 @@
 """The ``mmdet`` MLflow flavor: RTMDet-Ins instance segmentation as a self-contained MLflow model.
 
 Laid out like MLflow's own flavor modules (``mlflow.pytorch``): ``save_model``, ``log_model``,
-``load_model`` (the mmdet detector) and ``_load_pyfunc`` (the ``python_function`` flavor, through
-this module as ``loader_module``: nothing is pickled). ``mlflow_model.model_dir`` owns the
+``load_model`` (the mmdet detector) and ``_load_pyfunc``. A saved model's ``python_function``
+flavor names ``scoring.pyfunc`` as its ``loader_module`` (nothing is pickled), and carries only
+the serving core (``code/scoring``): this package, with the exporter, the quantizer and the
+checkpoint downloader, is packaging code and stays out of it. ``scoring.model_dir`` owns the
 folder layout; ``scoring.runtimes`` loads a saved model for inference.
 """
 from __future__ import annotations
@@ -13,20 +15,21 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from mlflow_model import model_dir, serving_guards
 from mlflow_model.environment import (get_default_conda_env, get_default_pip_requirements,  # noqa: F401
                                       mmcv_build_requirements, pinned_requirements, write_environment)
-from mlflow_model.model_dir import ModelDir
+from scoring import model_dir
+from scoring.errors import MmdetMlflowError
+from scoring.model_dir import ModelDir
 
 FLAVOR_NAME = "mmdet"
-# Kept for callers of the first release; the names live in mlflow_model.model_dir.
-MODEL_DATA_DIR = model_dir.DATA_DIR
-CONFIG_FILE = model_dir.CONFIG_FILE
-WEIGHTS_FILE = model_dir.WEIGHTS_FILE
-MODEL_INFO_FILE = model_dir.INFO_FILE
-CODE_DIR = model_dir.CODE_DIR
-_PACKAGES = ("mlflow_model", "scoring")  # what a saved model needs to load and score
-RUNTIMES = ("torch", "onnx")
+
+
+class SaveModelError(MmdetMlflowError, ValueError):
+    """``save_model`` was asked for something it cannot make (an unknown runtime, int8 without
+    calibration images, ...): said before anything is written."""
+
+MODEL_DATA_DIR = model_dir.DATA_DIR  # the first release's public name of the weights folder
+_PACKAGES = ("scoring",)  # what a saved model needs to load and score: the serving core only
 
 
 def save_model(
@@ -63,23 +66,29 @@ def save_model(
     from mlflow.utils.model_utils import _validate_and_prepare_target_save_path
     import mlflow.pyfunc
 
-    from mlflow_model.checkpoints import read_state_dict, resolve_checkpoint, write_weights, classes_from_meta
+    from mlflow_model.checkpoints import classes_from_meta, resolve_checkpoint, write_weights
+    from scoring.weights import read_state_dict
     from mlflow_model.configs import config_name, load_config
     from scoring.runtimes.torch_rtmdet import build_detector
-    from scoring.schema import TASK, PredictParams, mlflow_signature
+    from scoring.families import family_of_config
+    from scoring.runtimes import RUNTIMES
+    from scoring.schema import TASK, mlflow_signature
 
+    if quantize and not calibration_images:
+        raise SaveModelError("quantize='int8' needs calibration images")
     if runtime not in RUNTIMES:
-        raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
+        raise SaveModelError(f"runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
     if quantize not in (None, "int8"):
-        raise ValueError(f"quantize must be 'int8' or None, not {quantize!r}")
+        raise SaveModelError(f"quantize must be 'int8' or None, not {quantize!r}")
     if quantize and runtime != "onnx":
-        raise ValueError("quantize='int8' needs runtime='onnx'")
+        raise SaveModelError("quantize='int8' needs runtime='onnx'")
     path = Path(path).resolve()
     checkpoint_path, source = resolve_checkpoint(checkpoint, config_name(config))
     state_dict, meta = read_state_dict(checkpoint_path)
+    family = family_of_config(load_config(config).model)
     class_names = list(classes) if classes else classes_from_meta(meta)
     if class_names is None:
-        class_names = _classes_for_count(_class_count(state_dict))
+        class_names = _classes_for_count(_class_count(state_dict, family))
     cfg = load_config(config, num_classes=len(class_names))
     # Builds the model and refuses weights that do not fit it, before anything is written.
     detector = build_detector(cfg, state_dict, class_names, device="cpu")
@@ -90,8 +99,9 @@ def save_model(
     weights_dir.path.mkdir(parents=True)
     cfg.dump(str(weights_dir.config))
     write_weights(state_dict, weights_dir.weights)
-    defaults = PredictParams.for_config(cfg.model.test_cfg)
+    defaults = family.default_params(cfg.model.test_cfg)
     info = {
+        "family": family.name,
         "runtime": runtime,
         "classes": class_names,
         "config_name": config_name(config),
@@ -112,7 +122,7 @@ def save_model(
     _save_example(mlflow_model, input_example, str(path))
     mlflow.pyfunc.add_to_model(
         mlflow_model,
-        loader_module="mlflow_model",
+        loader_module="scoring.pyfunc",
         data=model_dir.DATA_DIR,
         code=model_dir.CODE_DIR,
         conda_env=model_dir.CONDA_FILE,
@@ -148,8 +158,6 @@ def _export_onnx(weights_dir, detector, quantize: str | None, calibration_images
     print(f"exported to ONNX; max |onnx - torch| on the raw outputs of sample images: "
           f"{spec['files'][model_dir.ONNX_FILE]['max_abs_diff_vs_torch']:.2e}", flush=True)
     if quantize == "int8":
-        if not calibration_images:
-            raise ValueError("quantize='int8' needs calibration images")
         record = add_int8_to_weights_dir(weights_dir.path, list(calibration_images))
         info = weights_dir.read_info()
         info[model_dir.ONNX_INFO_KEY]["serve"] = model_dir.ONNX_INT8_FILE
@@ -194,41 +202,6 @@ def load_model(model_uri: str, device: str | None = None, dst_path: str | None =
     return load_detector(weights, device)[0]
 
 
-class MMDetPyfuncModel:
-    """What ``mlflow.pyfunc.load_model`` wraps: DataFrame in, DataFrame out (scoring.frame).
-    Bad input becomes an MlflowException with a 400 error code, so servers answer 4xx; anything
-    else is our bug: logged with its traceback, answered 500 without one (MLflow's server would
-    otherwise put the traceback in the response body)."""
-
-    def __init__(self, segmenter):
-        self.segmenter = segmenter
-
-    def get_raw_model(self):
-        """The segmenter (``scoring.runtimes``): what ``PyFuncModel.get_raw_model()`` returns,
-        so batch scoring can drive the runner directly."""
-        return self.segmenter
-
-    def predict(self, model_input, params=None):
-        from mlflow.exceptions import MlflowException
-        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
-
-        from scoring.errors import InputError
-        from scoring.frame import score_frame
-
-        try:
-            return score_frame(self.segmenter, model_input, params)
-        except InputError as err:
-            raise MlflowException(str(err), error_code=INVALID_PARAMETER_VALUE) from None
-        except Exception as err:
-            import logging
-
-            from mlflow.protos.databricks_pb2 import INTERNAL_ERROR
-
-            logging.getLogger("mmdet_mlflow").exception("prediction failed")
-            raise MlflowException(f"prediction failed: {type(err).__name__} (see the server log)",
-                                  error_code=INTERNAL_ERROR) from None
-
-
 def load_segmenter(data_dir, device: str | None = None, batch_size: int | None = None):
     """The segmenter (``scoring.runtimes``) of a saved model's ``model/`` folder."""
     from scoring.runtimes import load_segmenter as load
@@ -237,18 +210,21 @@ def load_segmenter(data_dir, device: str | None = None, batch_size: int | None =
 
 
 def _load_pyfunc(path):
-    """The pyfunc loader: ``path`` is the model's data directory."""
-    serving_guards.install()
-    return MMDetPyfuncModel(load_segmenter(path))
+    """MLflow's flavor-module hook; our saved models name ``scoring.pyfunc`` as their
+    ``loader_module`` (the code a model carries), which this calls."""
+    from scoring.pyfunc import _load_pyfunc as load
+
+    return load(path)
 
 
-def _class_count(state_dict) -> int:
-    key = next((k for k in state_dict if "rtm_cls" in k and k.endswith(".weight")), None)
-    if key is None:
+def _class_count(state_dict, family) -> int:
+    count = family.class_count(state_dict)
+    if count is None:
         from mlflow_model.checkpoints import CheckpointError
 
-        raise CheckpointError("the checkpoint has no RTMDet-Ins classification head (rtm_cls)")
-    return int(state_dict[key].shape[0])
+        raise CheckpointError(f"the checkpoint has no {family.title} classification layer "
+                              f"({family.class_layer})")
+    return count
 
 
 def _classes_for_count(count: int) -> list[str]:

@@ -1,4 +1,5 @@
-"""RTMDet-Ins configs by name (the ones mmdet ships) or by path, and their published checkpoints."""
+"""Configs by name (the ones mmdet ships for a family of ours, ``scoring.families``) or by path,
+and their published checkpoints."""
 from __future__ import annotations
 
 import re
@@ -6,19 +7,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from scoring.errors import MmdetMlflowError
+from scoring.families import FAMILIES, family_of_config
 
-RTMDET_INS_CONFIGS = (
-    "rtmdet-ins_tiny_8xb32-300e_coco",
-    "rtmdet-ins_s_8xb32-300e_coco",
-    "rtmdet-ins_m_8xb32-300e_coco",
-    "rtmdet-ins_l_8xb32-300e_coco",
-    "rtmdet-ins_x_8xb16-300e_coco",
-)
 COCO_CONFIG_NAME_SUFFIX = "_coco"
 
 
 class ConfigError(MmdetMlflowError, ValueError):
-    """A config that is not an RTMDet-Ins config we can package."""
+    """A config that is not of a model family we can package."""
 
 
 def mmdet_config_dir() -> Path:
@@ -33,13 +28,13 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
     if path.suffix == ".py" and path.is_file():
         return path.resolve()
     name = path.name.removesuffix(".py")
-    shipped = mmdet_config_dir() / "rtmdet" / f"{name}.py"
-    if shipped.is_file():
-        return shipped
-    raise ConfigError(
-        f"no config file {str(name_or_path)!r} and no config of that name ships with mmdet; "
-        f"RTMDet-Ins configs: {', '.join(RTMDET_INS_CONFIGS)}"
-    )
+    for family in FAMILIES.values():
+        shipped = mmdet_config_dir() / family.config_folder / f"{name}.py"
+        if shipped.is_file():
+            return shipped
+    known = "; ".join(f"{f.title} configs: {', '.join(f.shipped_configs)}" for f in FAMILIES.values())
+    raise ConfigError(f"no config file {str(name_or_path)!r} and no config of that name ships with "
+                      f"mmdet; {known}")
 
 
 def config_name(name_or_path: str | Path) -> str:
@@ -48,13 +43,15 @@ def config_name(name_or_path: str | Path) -> str:
 
 def load_config(name_or_path, num_classes: int | None = None):
     """The mmengine Config, made self-contained for packaging: no pretrained-backbone download
-    at model build time, and the head sized for ``num_classes`` when given."""
+    at model build time, and the head sized for ``num_classes`` when given. Refused unless its
+    model is of a family we know (``scoring.families``)."""
     from mmengine.config import Config
 
     cfg = Config.fromfile(str(resolve_config_path(name_or_path)))
-    if "bbox_head" not in cfg.model or "RTMDetIns" not in cfg.model.bbox_head.get("type", ""):
-        raise ConfigError(f"{name_or_path} is not an RTMDet-Ins config "
-                          f"(its head is {cfg.model.get('bbox_head', {}).get('type')!r})")
+    if family_of_config(cfg.model) is None:
+        families = ", ".join(f.title for f in FAMILIES.values())
+        raise ConfigError(f"{name_or_path} is not a config of a model family we package ({families}): "
+                          f"its head is {cfg.model.get('bbox_head', {}).get('type')!r}")
     cfg.model.backbone.init_cfg = None
     if num_classes is not None:
         cfg.model.bbox_head.num_classes = num_classes
@@ -71,13 +68,13 @@ def official_checkpoint(name: str) -> OfficialCheckpoint:
     """The published COCO checkpoint of a shipped config, from mmdet's metafile.yml."""
     import yaml
 
-    metafile = mmdet_config_dir() / "rtmdet" / "metafile.yml"
-    models = yaml.safe_load(metafile.read_text())["Models"]
-    for model in models:
-        if model.get("Name") == name and model.get("Weights"):
-            url = model["Weights"]
-            match = re.search(r"-([0-9a-f]{8,})\.pth$", url)
-            if not match:
-                raise ConfigError(f"the published checkpoint URL of {name} has no hash: {url}")
-            return OfficialCheckpoint(url, match.group(1))
-    raise ConfigError(f"mmdet publishes no checkpoint for {name!r} (see {metafile})")
+    metafiles = [mmdet_config_dir() / f.config_folder / "metafile.yml" for f in FAMILIES.values()]
+    for metafile in metafiles:
+        for model in yaml.safe_load(metafile.read_text())["Models"]:
+            if model.get("Name") == name and model.get("Weights"):
+                url = model["Weights"]
+                match = re.search(r"-([0-9a-f]{8,})\.pth$", url)
+                if not match:
+                    raise ConfigError(f"the published checkpoint URL of {name} has no hash: {url}")
+                return OfficialCheckpoint(url, match.group(1))
+    raise ConfigError(f"mmdet publishes no checkpoint for {name!r} (see {', '.join(map(str, metafiles))})")

@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from mlflow_model import model_dir
+from scoring import model_dir
 
 _PINS_FILE = Path(__file__).with_name("requirements.txt")
 

@@ -1,111 +1,19 @@
-"""The one owner of the folder layouts we write models into.
+"""The folder layouts only tooling writes: a fine-tune's outputs and an Azure registration's
+details. A saved model's own layout, which serving reads, is ``scoring.model_dir``'s.
 
-A saved MLflow model (``save_model``)::
-
-    MLmodel                     python_function (loader_module: mlflow_model) + mmdet flavors
-    model/                      the weights folder (``WeightsDir``):
-      config.py                   the mmengine config, flattened
-      weights.pth                 plain tensors, read with torch.load(weights_only=True)
-      model.json                  class names, default predict params, where the weights came from
-                                  (an ONNX model also records its "onnx" settings here)
-      model.onnx                  an ONNX model only: the exported network (raw head outputs)
-      model.onnx.data             ... its weights (ONNX external data, see ``onnx_data_file``)
-      model.int8.onnx(.data)      an ONNX model only, if quantized: the int8 (QDQ) network
-    code/mlflow_model, code/scoring   the code that loads and scores it
-    requirements.txt, python_env.yaml, conda.yaml, input_example.json, serving_input_example.json
-
-A fine-tune's ``pytorch_model_folder`` is a weights folder on its own (the same three files).
-A fine-tune's output folder holds ``mlflow_model_folder/`` and ``pytorch_model_folder/`` beside
-its training state. An Azure registration step writes ``registration.json`` (what was registered,
-its id) into its output folder. This module knows these names; nobody else spells them.
+A fine-tune's output folder holds ``mlflow_model_folder/`` (a saved MLflow model) and
+``pytorch_model_folder/`` (a weights folder, ``scoring.model_dir.WeightsDir``) beside its training
+state. An Azure registration step writes ``registration.json`` (what was registered, its id) into
+its output folder. This module knows these names; nobody else spells them.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
-
-MLMODEL_FILE = "MLmodel"
-DATA_DIR = "model"
-CODE_DIR = "code"
-CONFIG_FILE = "config.py"
-WEIGHTS_FILE = "weights.pth"
-INFO_FILE = "model.json"
-ONNX_FILE = "model.onnx"
-ONNX_INT8_FILE = "model.int8.onnx"
-ONNX_INFO_KEY = "onnx"  # model.json's section of export-time settings the ONNX runtime reads
-REQUIREMENTS_FILE = "requirements.txt"
-PYTHON_ENV_FILE = "python_env.yaml"
-CONDA_FILE = "conda.yaml"
 
 FINETUNE_MLFLOW_DIR = "mlflow_model_folder"
 FINETUNE_PYTORCH_DIR = "pytorch_model_folder"
 REGISTRATION_FILE = "registration.json"
-
-
-def onnx_data_file(onnx_file: str) -> str:
-    """The file beside an ONNX file that holds its weights (ONNX "external data"): ONNX Runtime
-    reads them from there straight into place instead of parsing them out of the protobuf."""
-    return onnx_file + ".data"
-
-
-class WeightsDir:
-    """A folder with ``config.py``, ``weights.pth`` and ``model.json``: a saved model's ``model/``
-    and a fine-tune's ``pytorch_model_folder``."""
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-
-    @property
-    def config(self) -> Path:
-        return self.path / CONFIG_FILE
-
-    @property
-    def weights(self) -> Path:
-        return self.path / WEIGHTS_FILE
-
-    @property
-    def onnx(self) -> Path:
-        return self.path / ONNX_FILE
-
-    @property
-    def onnx_int8(self) -> Path:
-        return self.path / ONNX_INT8_FILE
-
-    @property
-    def info_file(self) -> Path:
-        return self.path / INFO_FILE
-
-    def exists(self) -> bool:
-        return self.info_file.is_file() and self.config.is_file()
-
-    def read_info(self) -> dict:
-        return json.loads(self.info_file.read_text())
-
-    def write_info(self, info: dict) -> None:
-        self.info_file.write_text(json.dumps(info, indent=2))
-
-
-class ModelDir:
-    """A saved MLflow model folder."""
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-
-    @property
-    def mlmodel(self) -> Path:
-        return self.path / MLMODEL_FILE
-
-    @property
-    def data(self) -> WeightsDir:
-        return WeightsDir(self.path / DATA_DIR)
-
-    @property
-    def code(self) -> Path:
-        return self.path / CODE_DIR
-
-    def is_model(self) -> bool:
-        return self.mlmodel.is_file()
 
 
 def finetune_outputs(output_dir: str | os.PathLike) -> tuple[Path, Path]:

@@ -21,8 +21,9 @@ from typing import Sequence
 
 import numpy as np
 
-from mlflow_model.model_dir import ONNX_FILE, ONNX_INFO_KEY, WeightsDir, onnx_data_file
+from scoring.model_dir import ONNX_FILE, ONNX_INFO_KEY, WeightsDir, onnx_data_file, sha256_of
 from scoring.errors import MmdetMlflowError
+from scoring.families import RTMDET_INS
 
 OPSET = 17
 INPUT_NAME = "inputs"
@@ -115,8 +116,9 @@ def preprocess_settings(cfg) -> dict:
 def head_settings(head) -> dict:
     """What the numpy post-processing needs to know about an RTMDetInsHead."""
     kind = type(head).__name__
-    if "RTMDetIns" not in kind:
-        raise OnnxExportError(f"the head is {kind}, not an RTMDet-Ins head")
+    if kind not in RTMDET_INS.head_types:
+        raise OnnxExportError(f"the head is {kind}, not an RTMDet-Ins head: the ONNX export "
+                              f"reproduces RTMDet-Ins' post-processing only")
     if not head.use_sigmoid_cls:
         raise OnnxExportError("the head's classifier is softmax: the ONNX runtime reproduces "
                               "the sigmoid one RTMDet-Ins uses")
@@ -147,7 +149,7 @@ def test_settings(test_cfg) -> dict:
 
 def onnx_model_spec(detector) -> dict:
     """model.json's "onnx" section (without the files) for ``detector`` and its ``cfg``."""
-    from scoring.runtimes.onnx_rtmdet import ONNX_INFO_FORMAT
+    from scoring.runtimes.rtmdet_numpy import ONNX_INFO_FORMAT
 
     head = head_settings(detector.bbox_head)
     return {"format": ONNX_INFO_FORMAT, "opset": OPSET, "input_name": INPUT_NAME,
@@ -245,7 +247,8 @@ def sample_images(count: int = 3, seed: int = 0) -> list[np.ndarray]:
 
 def network_inputs(spec: dict, images: Sequence[np.ndarray]) -> np.ndarray:
     """The (N, 3, H, W) tensor the runtime's numpy preprocessing makes for ``images``."""
-    from scoring.runtimes.onnx_rtmdet import OnnxModelSpec, OnnxSegmenter
+    from scoring.runtimes.onnx_rtmdet import OnnxSegmenter
+    from scoring.runtimes.rtmdet_numpy import OnnxModelSpec
     from scoring.schema import PredictParams
 
     segmenter = OnnxSegmenter(None, OnnxModelSpec.from_dict(spec), [], PredictParams())
@@ -286,8 +289,7 @@ def compare_with_torch(detector, onnx_path: Path, spec: dict, inputs: np.ndarray
 
 def file_record(path: Path, **extra) -> dict:
     """model.json's record of an ONNX file: its sha256 and size, and those of its data file."""
-    from mlflow_model.checkpoints import sha256_of
-
+    
     record = {"sha256": sha256_of(path), "bytes": path.stat().st_size, **extra}
     data = path.parent / onnx_data_file(path.name)
     if data.is_file():
@@ -361,7 +363,7 @@ def add_int8_to_weights_dir(weights_dir: str | os.PathLike,
     """Quantize a weights folder's model.onnx to model.int8.onnx (``quantize_int8``) and record
     it in model.json's "onnx" files; ``load_onnx_segmenter(..., onnx_file=ONNX_INT8_FILE)``
     serves it. Returns its record."""
-    from mlflow_model.model_dir import ONNX_INT8_FILE
+    from scoring.model_dir import ONNX_INT8_FILE
 
     folder = WeightsDir(weights_dir)
     info = folder.read_info()

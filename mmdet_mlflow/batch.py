@@ -103,7 +103,7 @@ def run_batch(model_dir: Path, input_path: Path, output: Path, mini_batch_size: 
     from tqdm import tqdm
 
     import mlflow_model
-    from mlflow_model.model_dir import ModelDir
+    from scoring.model_dir import ModelDir
     from scoring.batch_files import file_name, score_files
 
     input_path, output = Path(input_path), Path(output)

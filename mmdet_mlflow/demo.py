@@ -15,7 +15,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mlflow_model.model_dir import ModelDir, WeightsDir, finetune_outputs
+from scoring.model_dir import ModelDir, WeightsDir
+from mlflow_model.model_dir import finetune_outputs
 from mmdet_mlflow import servers
 from mmdet_mlflow.interruption import Interruption
 

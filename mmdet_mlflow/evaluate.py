@@ -36,7 +36,7 @@ from typing import Sequence
 import numpy as np
 
 import mlflow_model
-from mlflow_model.model_dir import ModelDir
+from scoring.model_dir import ModelDir
 from mmdet_mlflow.data import load_dataset, spread_indices, to_coco
 from mmdet_mlflow.files import atomic_write_json, atomic_write_text
 from mmdet_mlflow.metrics import (AZURE_BOX_SCORE_THRESHOLD, AZURE_IOU_THRESHOLD, AZURE_METRIC_NAMES,

@@ -18,15 +18,33 @@ def image_files(path: Path) -> list[Path]:
     return sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
+def picture_paths(names: Iterable[str]) -> dict[str, Path]:
+    """Where ``--visualize`` draws each input (named relative to the input folder): the same
+    sub-folders, the suffix made .png (``a/1.jpg`` -> ``a/1.png``, so ``a/1.jpg`` and ``b/1.jpg``
+    stay apart); where two inputs would share a picture (``1.jpg`` and ``1.png``), the later
+    keeps its whole name (``1.png.png``)."""
+    taken: set[Path] = set()
+    out = {}
+    for name in names:
+        picture = Path(name).with_suffix(".png")
+        if picture in taken:
+            picture = Path(name + ".png")
+        taken.add(picture)
+        out[name] = picture
+    return out
+
+
 def predict_files(model_dir: Path, files: Iterable[Path], output: Path,
-                  params: dict | None = None, visualize_dir: Path | None = None) -> dict:
+                  params: dict | None = None, visualize_dir: Path | None = None,
+                  root: Path | None = None) -> dict:
     """Score ``files`` through the one runner; a file that cannot be read gets an ``error``
-    line instead of stopping the run. Returns counts."""
+    line instead of stopping the run, as in batch scoring. Files are named relative to ``root``
+    (the input folder) in pictures. Returns counts."""
     from tqdm import tqdm
 
     import mlflow_model
-    from mlflow_model.model_dir import ModelDir
-    from scoring.decode import decode_image
+    from scoring.batch_files import file_name, read_image_file
+    from scoring.model_dir import ModelDir
     from scoring.runner import score_images
     from scoring.schema import OUTPUT_COLUMN
 
@@ -38,6 +56,7 @@ def predict_files(model_dir: Path, files: Iterable[Path], output: Path,
         from mmdet_mlflow.visualize import draw_detections
 
         visualize_dir.mkdir(parents=True, exist_ok=True)
+        pictures = picture_paths([file_name(path, root) for path in files])
     output.parent.mkdir(parents=True, exist_ok=True)
     counts = {"images": 0, "errors": 0, "detections": 0}
     items = ((path, path) for path in files)
@@ -45,7 +64,7 @@ def predict_files(model_dir: Path, files: Iterable[Path], output: Path,
                                         file=sys.stderr, disable=None) as bar:
         for scored in score_images(segmenter, items, params, on_error="yield",
                                    keep_images=bool(visualize_dir),
-                                   decode=lambda path, _: decode_image(path.read_bytes(), row=str(path))):
+                                   decode=lambda path, _: read_image_file(path, row=str(path))):
             path = scored.key
             if not scored.ok:
                 out.write(json.dumps({"file": str(path), "error": str(scored.error)}) + "\n")
@@ -56,8 +75,9 @@ def predict_files(model_dir: Path, files: Iterable[Path], output: Path,
                 counts["images"] += 1
                 counts["detections"] += len(boxes)
                 if visualize_dir:
-                    cv2.imwrite(str(visualize_dir / f"{path.stem}.png"),
-                                draw_detections(scored.image, boxes))
+                    picture = visualize_dir / pictures[file_name(path, root)]
+                    picture.parent.mkdir(parents=True, exist_ok=True)
+                    cv2.imwrite(str(picture), draw_detections(scored.image, boxes))
             out.flush()
             bar.update(1)
     return counts

@@ -102,6 +102,19 @@ def score_files(segmenter: Segmenter, paths: Iterable[str | os.PathLike],
     return records
 
 
+def read_image_file(path: str | os.PathLike, row=None):
+    """An image file decoded, or an InputError saying why not, for every path that scores
+    files (batch scoring, ``predict``): an unreadable file (permissions, a folder, a link to
+    nothing) is that file's error, as an undecodable one is, never the end of the run."""
+    from scoring.decode import decode_image
+
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise InputError(problem(err), row=row) from None
+    return decode_image(data, row=row)
+
+
 def _decode(value, row):
     from scoring.decode import decode_image, image_value_problem
 

@@ -23,8 +23,8 @@ _BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")  # in the message of Pillow's Dec
 
 def decode_image(value, row: int | str | None = None, budget=None) -> np.ndarray:
     """base64 (optionally a ``data:`` URI), an http(s) URL or raw bytes -> HxWx3 uint8 BGR, EXIF
-    orientation applied. Raises InputError naming ``row``. ``budget``: the request's deadline
-    for fetching URLs (scoring.fetch.Deadline), when there is one."""
+    orientation applied. Raises InputError naming ``row``. ``budget``: the time the request's
+    URLs may still take together (scoring.fetch.FetchBudget), when there is one."""
     try:
         return image_from_bytes(image_bytes(value, budget))
     except InputError as err:

@@ -78,7 +78,8 @@ class FetchBudget:
 
 
 def request_budget() -> FetchBudget:
-    """The budget of all of one request's URLs together (the runner makes one per request)."""
+    """The budget of all of one request's URLs together (``scoring.frame.score_frame`` makes one
+    per served request)."""
     seconds = settings.FETCH_REQUEST_BUDGET.value()
     return FetchBudget(seconds, f"the request's image URLs took longer than {seconds:g} s in all "
                                 f"({settings.FETCH_REQUEST_BUDGET.env})")

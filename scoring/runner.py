@@ -58,9 +58,9 @@ def score_images(segmenter: Segmenter, items: Iterable[tuple[Any, Any]],
                  params: PredictParams | dict | None = None, *, encode: Encoder = encode_detections,
                  on_error: str = "raise", keep_images: bool = False,
                  decode: Callable[[Any, Any], np.ndarray] | None = None,
-                 batch_size: int | None = None, deadline: Deadline | None = None,
+                 deadline: Deadline | None = None,
                  budget: FetchBudget | None = None) -> Iterator[Scored]:
-    """Score ``items`` in order, ``batch_size`` (default: the segmenter's) images per forward pass.
+    """Score ``items`` in order, the segmenter's ``batch_size`` images per forward pass.
 
     ``params`` are this call's predict params (a dict is checked against the model's defaults).
     ``decode(key, value)`` overrides how a value becomes a BGR image (default: the one decoder,
@@ -71,7 +71,7 @@ def score_images(segmenter: Segmenter, items: Iterable[tuple[Any, Any]],
     if not isinstance(params, PredictParams):
         params = segmenter.default_params.updated(params)
     decode = decode or (lambda key, value: decode_image(value, row=key, budget=budget))
-    size = batch_size or segmenter.batch_size
+    size = segmenter.batch_size
     max_mask_pixels = settings.MAX_MASK_PIXELS.value()
     batch: list[tuple[Any, np.ndarray]] = []
     for key, value in items:

@@ -16,7 +16,7 @@ TASK = "image-instance-segmentation"
 @dataclass(frozen=True)
 class PredictParams:
     """Per-request settings. ``iou_threshold`` defaults to the model config's NMS IoU, so it is
-    filled in when a model is saved (see ``PredictParams.for_config``)."""
+    filled in when a model is saved (``scoring.families.ModelFamily.default_params``)."""
 
     score_threshold: float = 0.3
     iou_threshold: float = 0.6
@@ -35,16 +35,6 @@ class PredictParams:
         "mask_threshold": (0.0, 1.0),
         "polygon_tolerance": (0.0, 1_000.0),
     }
-
-    @classmethod
-    def for_config(cls, test_cfg: Mapping[str, Any]) -> "PredictParams":
-        """Defaults that follow a model's own test settings where they exist."""
-        nms = test_cfg.get("nms") or {}
-        return cls(
-            iou_threshold=float(nms.get("iou_threshold", cls.iou_threshold)),
-            max_detections=int(test_cfg.get("max_per_img", cls.max_detections)),
-            mask_threshold=float(test_cfg.get("mask_thr_binary", cls.mask_threshold)),
-        )
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "PredictParams":

@@ -55,9 +55,6 @@ class Setting:
         except (ValueError, TypeError) as err:
             raise SettingError(f"{self.env}={raw!r} is not valid: {err} ({self.doc})") from None
 
-    def is_set(self) -> bool:
-        return bool(os.environ.get(self.env, "").strip())
-
 
 DEVICE = Setting("DEVICE", None, str, "torch device for inference, e.g. cpu or cuda:1 (default: cuda when "
                  "available, else cpu)", "serving, predict, evaluate")

@@ -84,7 +84,16 @@ def test_the_repo_has_the_azure_yaml_we_expect():
 
 @pytest.mark.parametrize("path", repo_yaml_files(), ids=lambda p: p.relative_to(ROOT).as_posix())
 def test_every_repo_yaml_loads_with_azure_ai_ml(path):
-    load_azure_yaml(path)
+    """Loaded by the loader its $schema names, the entity keeps the YAML's name (or, for a
+    conda file, its pip dependencies), so nothing was dropped on the way."""
+    data = yaml.safe_load(path.read_text())
+    loaded = load_azure_yaml(path)
+    if isinstance(loaded, dict):  # a conda file
+        assert loaded["dependencies"] == data["dependencies"]
+    elif "name" in data:
+        assert loaded.name == data["name"], path
+    else:  # a pipeline job: its YAML names its jobs instead
+        assert set(loaded.jobs) == set(data["jobs"]), path
 
 
 def test_the_loaders_are_strict(tmp_path):

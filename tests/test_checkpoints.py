@@ -14,7 +14,8 @@ import torch
 
 import mlflow_model
 from helpers import TINY, X
-from mlflow_model.checkpoints import CheckpointError, download, read_state_dict, resolve_checkpoint
+from mlflow_model.checkpoints import download, resolve_checkpoint
+from scoring.weights import CheckpointError, read_state_dict
 from mlflow_model.configs import official_checkpoint
 
 

@@ -19,7 +19,7 @@ COCO_TEST_SETTINGS = {"score_threshold": 0.05, "polygon_tolerance": 0.0}
 def test_mlmodel_is_a_loader_module_pyfunc_with_an_mmdet_flavor(tiny_model_dir):
     mlmodel = yaml.safe_load((tiny_model_dir / "MLmodel").read_text())
     pyfunc = mlmodel["flavors"]["python_function"]
-    assert pyfunc["loader_module"] == "mlflow_model"
+    assert pyfunc["loader_module"] == "scoring.pyfunc"  # the serving core loads it (issue 18)
     assert pyfunc["code"] == "code" and pyfunc["data"] == "model"
     assert not list(tiny_model_dir.rglob("*.pkl")), "nothing is pickled"
     mmdet = mlmodel["flavors"]["mmdet"]
@@ -29,9 +29,9 @@ def test_mlmodel_is_a_loader_module_pyfunc_with_an_mmdet_flavor(tiny_model_dir):
     assert mmdet["config_name"] == TINY
     assert len(mmdet["checkpoint"]["sha256"]) == 64
     assert mlmodel["metadata"]["base_model_task"] == "image-instance-segmentation"
-    for package in ("mlflow_model", "scoring"):
-        assert (tiny_model_dir / "code" / package / "__init__.py").is_file()
-    assert not (tiny_model_dir / "code" / "mmdet_mlflow").exists()
+    assert (tiny_model_dir / "code" / "scoring" / "__init__.py").is_file()
+    for packaging_only in ("mlflow_model", "mmdet_mlflow"):  # see tests/test_architecture.py
+        assert not (tiny_model_dir / "code" / packaging_only).exists()
 
 
 def test_signature_declares_the_image_column_boxes_and_params(tiny_model_dir):
@@ -228,9 +228,9 @@ sys.path.append({site_packages!r})
 import mlflow.pyfunc, pandas as pd
 model = mlflow.pyfunc.load_model({str(tiny_model_dir)!r})
 out = model.predict(pd.DataFrame({{"image": [{b64(image_files[0])!r}]}}))
-import mlflow_model, scoring
-assert mlflow_model.__file__.startswith({str(tiny_model_dir)!r}), mlflow_model.__file__
+import scoring
 assert scoring.__file__.startswith({str(tiny_model_dir)!r}), scoring.__file__
+assert "mlflow_model" not in sys.modules and "mmdet_mlflow" not in sys.modules, "packaging code loaded"
 print("boxes", len(out["boxes"][0]))
 """
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}

@@ -129,7 +129,7 @@ def test_class_agnostic_nms_keeps_one_box_per_place(segmenters, images):
     import torch
     from mmcv.ops import batched_nms as mmcv_batched_nms
 
-    from scoring.runtimes.onnx_rtmdet import batched_nms
+    from scoring.runtimes.rtmdet_numpy import batched_nms
 
     rng = np.random.default_rng(0)
     xy = rng.uniform(0, 300, (400, 2)).astype(np.float32)
@@ -152,7 +152,7 @@ def test_class_agnostic_nms_keeps_one_box_per_place(segmenters, images):
     aware = onnx_segmenter([images[2]], base)[0]
     merged = onnx_segmenter([images[2]], agnostic)[0]
     assert 0 < len(merged) <= len(aware)
-    from scoring.runtimes.onnx_rtmdet import nms
+    from scoring.runtimes.rtmdet_numpy import nms
 
     # no two surviving boxes overlap beyond the threshold, whatever their classes
     assert len(nms(merged.boxes, merged.scores, base.iou_threshold)) == len(merged)
@@ -220,7 +220,7 @@ def test_export_refuses_outputs_that_differ_from_torch(onnx_weights_dir, tmp_pat
     from mlflow_model.onnx_export import (OnnxExportError, compare_with_torch, network_inputs,
                                           sample_images)
 
-    from mlflow_model.model_dir import WeightsDir
+    from scoring.model_dir import WeightsDir
     from scoring.runtimes.torch_rtmdet import load_detector
 
     detector, _ = load_detector(WeightsDir(onnx_weights_dir), device="cpu")

@@ -10,7 +10,8 @@ from pathlib import Path
 from azure.ai.ml.constants import AssetTypes
 from azure.ai.ml.entities import Model
 
-from mlflow_model.model_dir import REGISTRATION_FILE, ModelDir
+from scoring.model_dir import ModelDir
+from mlflow_model.model_dir import REGISTRATION_FILE
 from mmdet_mlflow.azure.client import ml_client
 from mmdet_mlflow.files import atomic_write_json
 

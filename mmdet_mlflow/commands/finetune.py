@@ -7,6 +7,7 @@ import sys
 
 from mmdet_mlflow.commands.args import add_dataclass_arguments, dataclass_values
 from mmdet_mlflow.training import FinetuneError, FinetuneSettings, finetune, quick_cpu_recipe
+from scoring.runtimes import DEFAULT_RUNTIME, RUNTIMES
 
 SETTING_HELPS = {
     "number_of_epochs": "training epochs",
@@ -66,7 +67,7 @@ def add_parser(subparsers):
     p.add_argument("--output", required=True, help="output folder (also the resume state)")
     p.add_argument("--mlflow-model-folder", help="write the MLflow model here instead of OUTPUT/mlflow_model_folder")
     p.add_argument("--pytorch-model-folder", help="write config + weights here instead of OUTPUT/pytorch_model_folder")
-    p.add_argument("--runtime", choices=["torch", "onnx"], default="torch",
+    p.add_argument("--runtime", choices=RUNTIMES, default=DEFAULT_RUNTIME,
                    help="what serves the MLflow model: torch (mmdet) or onnx (ONNX Runtime: needs none of "
                         "torch, mmcv, mmdet to serve; docs/onnx.md)")
     p.add_argument("--recipe", choices=["quick-cpu"],

@@ -4,6 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import NamedTuple
 
+from scoring.runtimes import DEFAULT_RUNTIME, RUNTIMES
+
 DEFAULT_CALIBRATION_IMAGES = 32
 CHECK_IMAGES = 24  # images the int8 network's speed and accuracy are measured on at packaging
 
@@ -16,7 +18,7 @@ def add_parser(subparsers):
                    help="a checkpoint path, an http(s) URL, or 'official' (published COCO weights, sha256-checked)")
     p.add_argument("--output", required=True, help="the model directory to create (must not exist)")
     p.add_argument("--classes", help="comma-separated class names (default: from the checkpoint, else COCO)")
-    p.add_argument("--runtime", choices=["torch", "onnx"], default="torch",
+    p.add_argument("--runtime", choices=RUNTIMES, default=DEFAULT_RUNTIME,
                    help="torch: mmdet on torch (default); onnx: ONNX Runtime, a model that needs no "
                         "torch, mmcv or mmdet and installs from wheels")
     p.add_argument("--quantize", choices=["int8"],
@@ -91,7 +93,7 @@ def report_int8_cost(model_dir: Path, source: ImageSource, count: int = CHECK_IM
     data are annotated with the model's labels, COCO segm mAP of both. Printed, and returned."""
     import time
 
-    from mlflow_model.model_dir import ONNX_FILE, ONNX_INT8_FILE, ModelDir
+    from scoring.model_dir import ONNX_FILE, ONNX_INT8_FILE, ModelDir
     from mmdet_mlflow.data import spread_indices
     from scoring.decode import decode_image
     from scoring.runner import score_images

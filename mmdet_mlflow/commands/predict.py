@@ -32,9 +32,11 @@ def add_parser(subparsers):
 def run(args):
     from mmdet_mlflow.predict import image_files, predict_files
 
-    files = image_files(Path(args.input))
+    source = Path(args.input)
+    files = image_files(source)
     counts = predict_files(Path(args.model), files, Path(args.output), params_from_args(args),
-                           Path(args.visualize) if args.visualize else None)
+                           Path(args.visualize) if args.visualize else None,
+                           root=source if source.is_dir() else source.parent)
     print(f"{counts['images']} images, {counts['detections']} detections, {counts['errors']} "
           f"unreadable -> {args.output}" + (f"; pictures in {args.visualize}" if args.visualize else ""))
     return 1 if counts["errors"] else 0

@@ -12,6 +12,7 @@ from mmdet_mlflow.metrics import AZURE_BOX_SCORE_THRESHOLD, AZURE_IOU_THRESHOLD
 from mmdet_mlflow.training.data_prep import PreparedData
 from mmdet_mlflow.training.settings import FinetuneSettings
 from mmdet_mlflow.training.start import StartingPoint
+from scoring.families import family_of_config
 
 # mmengine prefixes the validation metric's names with this (training.validation).
 VALIDATION_PREFIX = "validation"
@@ -22,9 +23,11 @@ def validation_key(metric: str) -> str:
     return f"{VALIDATION_PREFIX}/{metric}"
 
 
-def _scaled_pipeline(pipeline, size: tuple[int, int], poly2mask: bool) -> list:
-    """RTMDet's pipeline at another input size: 640 -> size, 1280 -> 2 x size (mmdet's (w, h))."""
+def _scaled_pipeline(pipeline, size: tuple[int, int], poly2mask: bool, pipeline_size: int) -> list:
+    """A config's pipeline at another input size: every (pipeline_size, pipeline_size) -> size,
+    every 2 x pipeline_size square (RTMDet's mosaic canvas) -> 2 x size (mmdet's (w, h))."""
     w, h = size
+    native, double = (pipeline_size, pipeline_size), (2 * pipeline_size, 2 * pipeline_size)
     steps = []
     for step in pipeline:
         step = dict(step)
@@ -34,8 +37,8 @@ def _scaled_pipeline(pipeline, size: tuple[int, int], poly2mask: bool) -> list:
         for key in ("img_scale", "scale", "crop_size", "size"):
             value = step.get(key)
             if isinstance(value, (tuple, list)) and len(value) == 2:
-                step[key] = (w, h) if tuple(value) == (640, 640) else \
-                    (2 * w, 2 * h) if tuple(value) == (1280, 1280) else tuple(value)
+                step[key] = (w, h) if tuple(value) == native else \
+                    (2 * w, 2 * h) if tuple(value) == double else tuple(value)
         steps.append(step)
     return steps
 
@@ -66,6 +69,7 @@ def build_config(start: StartingPoint, data: PreparedData, settings: FinetuneSet
     epochs) scaled to the dataset, the input size and the step budget."""
     settings.check()
     cfg = load_config(start.config_path, num_classes=len(data.classes))
+    native = family_of_config(cfg.model).pipeline_size
     size = settings.input_size()
     per_epoch = steps_per_epoch(data.train_images, settings.training_batch_size, world_size)
     epochs = int(settings.number_of_epochs)
@@ -79,11 +83,11 @@ def build_config(start: StartingPoint, data: PreparedData, settings: FinetuneSet
     # RTMDet trains with mosaic + mixup, then switches to a milder stage-2 pipeline (no mosaic,
     # a balanced zoom) for its last epochs; without strong augmentation, stage 2 throughout.
     stage2 = cfg.get("train_pipeline_stage2")
-    stage2_pipeline = _scaled_pipeline(stage2, size, poly2mask) if stage2 else None
-    train_pipeline = _scaled_pipeline(cfg.train_pipeline, size, poly2mask)
+    stage2_pipeline = _scaled_pipeline(stage2, size, poly2mask, native) if stage2 else None
+    train_pipeline = _scaled_pipeline(cfg.train_pipeline, size, poly2mask, native)
     if not settings.strong_augmentation and stage2_pipeline is not None:
         train_pipeline, stage2_pipeline = stage2_pipeline, None
-    test_pipeline = _scaled_pipeline(cfg.test_pipeline, size, poly2mask)
+    test_pipeline = _scaled_pipeline(cfg.test_pipeline, size, poly2mask, native)
     if size[0] != size[1]:
         # Resizing to fit max x min keeps portrait images portrait: pad each to a multiple of
         # the stride instead of to a landscape canvas it may not fit.

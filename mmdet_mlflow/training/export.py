@@ -6,7 +6,7 @@ from pathlib import Path
 
 import mlflow_model
 from mlflow_model.checkpoints import write_weights
-from mlflow_model.model_dir import WeightsDir
+from scoring.model_dir import WeightsDir
 from mmdet_mlflow.files import atomic_write_json, publishing
 
 

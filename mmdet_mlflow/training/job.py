@@ -60,7 +60,7 @@ def finetune(training_data, validation_data, output_dir, *, model=None, config=N
     # package, which the CLI imports to build its options.
     import torch
 
-    from mlflow_model import RUNTIMES
+    from scoring.runtimes import RUNTIMES
     from mmdet_mlflow.training.checkpoints import best_checkpoint, latest_checkpoint, load_training_checkpoint
     from mmdet_mlflow.training.config import build_config
     from mmdet_mlflow.training.distributed import join_process_group, main_first

@@ -16,7 +16,8 @@ import json
 import os
 from pathlib import Path
 
-from mlflow_model.model_dir import WeightsDir, finetune_outputs
+from scoring.model_dir import WeightsDir
+from mlflow_model.model_dir import finetune_outputs
 
 
 class TrainingOutput:

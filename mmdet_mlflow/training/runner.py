@@ -18,6 +18,7 @@ from mmengine.runner import EpochBasedTrainLoop, Runner
 
 from mmdet_mlflow.training.validation import ValidationMetric  # noqa: F401  (registers it with mmdet)
 from mmdet_mlflow.training.start import StartingPoint, adapt_weights
+from scoring.families import family_of_config
 
 _BUFFER_MARK = "__history_buffer__"
 
@@ -142,6 +143,8 @@ class FinetuneRunner(Runner):
         if self.start is None or self.start.weights is None:
             return
         model = self.model.module if hasattr(self.model, "module") else self.model
-        adapted, notes = adapt_weights(model, self.start.weights, self.start.weight_classes, self.classes)
+        family = family_of_config(self.cfg.model)
+        adapted, notes = adapt_weights(model, self.start.weights, self.start.weight_classes,
+                                       self.classes, class_layer=family.class_layer)
         model.load_state_dict(adapted, strict=True)
         self.start_notes = notes

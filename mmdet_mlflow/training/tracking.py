@@ -24,7 +24,7 @@ from mmengine.hooks import Hook
 from tqdm import tqdm
 
 import mlflow_model
-from mlflow_model.model_dir import WeightsDir
+from scoring.model_dir import WeightsDir
 from mmdet_mlflow.files import atomic_write_text
 from mmdet_mlflow.plots import training_curves
 from mmdet_mlflow.training.config import validation_key

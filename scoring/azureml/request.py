@@ -12,25 +12,14 @@ from typing import Any, Mapping
 
 import pandas as pd
 
-from scoring import settings
 from scoring.decode import image_value_problem, preview
-from scoring.errors import InputError, RequestTooLarge
+from scoring.errors import InputError
 from scoring.frame import check_index_label, check_row_count
+from scoring.limits import max_request_bytes, too_large
 from scoring.schema import INPUT_COLUMN, PredictParams
 
 DATA_KEYS = ("input_data", "dataframe_split")
 PARAMS_KEY = "params"
-
-
-def max_request_bytes() -> int:
-    """Base64 inflates images by 4/3: the default 64 MiB is a handful of 12-megapixel photos."""
-    return settings.MAX_REQUEST_BYTES.value()
-
-
-def too_large(size: int | None) -> RequestTooLarge:
-    shown = f"{size} bytes" if size is not None else "more bytes"
-    return RequestTooLarge(f"the request is {shown}, over the limit of {max_request_bytes()} bytes "
-                           f"({settings.MAX_REQUEST_BYTES.env}); send fewer or smaller images per request")
 
 
 def parse_request(body: str | bytes | Mapping) -> tuple[pd.DataFrame, dict | None]:

@@ -92,7 +92,7 @@ def run(request):
 def _read_body(request) -> bytes:
     """The body, refused before it is read when its declared length is over the limit, and as
     soon as it passes the limit when it declares none (chunked)."""
-    from scoring.azureml.request import max_request_bytes, too_large
+    from scoring.limits import max_request_bytes, too_large
 
     limit = max_request_bytes()
     if request.content_length is not None and request.content_length > limit:

@@ -2,19 +2,21 @@
 
 ``model.json`` (in a saved model's ``model/`` folder) names the model's runtime: ``torch`` (mmdet
 on torch; the default, and what models saved before the field existed use) or ``onnx`` (ONNX
-Runtime, no torch/mmcv/mmdet needed). Each runtime module is imported only when a model needs
+Runtime, no torch/mmcv/mmdet needed), and its family (``scoring.families``), whose registry says
+which module loads it on that runtime. Each runtime module is imported only when a model needs
 it, so a model's code loads without the other runtime's packages.
 """
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from scoring.errors import MmdetMlflowError
 from scoring.runtimes.base import ImageDetections, MaskSource, Segmenter
 
-DEFAULT_RUNTIME = "torch"
+# Every runtime a saved model can name in model.json (the one list: the flavor, the CLI, the
+# components and the pipeline take their choices from here).
 RUNTIMES = ("torch", "onnx")
+DEFAULT_RUNTIME = "torch"
 
 __all__ = ["DEFAULT_RUNTIME", "RUNTIMES", "ImageDetections", "MaskSource", "Segmenter",
            "load_segmenter", "runtime_of"]
@@ -33,19 +35,11 @@ def runtime_of(info: dict) -> str:
 
 def load_segmenter(weights_dir: str | os.PathLike, device: str | None = None,
                    batch_size: int | None = None) -> Segmenter:
-    """The segmenter of a saved model's ``model/`` folder, on the runtime its model.json names."""
-    from mlflow_model.model_dir import WeightsDir
+    """The segmenter of a saved model's ``model/`` folder: model.json is read once, here, and
+    the loader its family registers for its runtime builds the segmenter."""
+    from scoring.families import family_of
+    from scoring.model_dir import WeightsDir
 
-    weights = WeightsDir(Path(weights_dir))
-    runtime = runtime_of(weights.read_info())
-    if runtime == "onnx":
-        from mlflow_model.model_dir import ONNX_FILE, ONNX_INFO_KEY
-        from scoring.runtimes.onnx_rtmdet import load_onnx_segmenter
-
-        served = weights.read_info().get(ONNX_INFO_KEY, {}).get("serve", ONNX_FILE)
-        providers = ["CPUExecutionProvider"] if device == "cpu" else None  # else CUDA when present
-        return load_onnx_segmenter(weights.path, batch_size=batch_size, onnx_file=served,
-                                   providers=providers)
-    from scoring.runtimes.torch_rtmdet import load_torch_segmenter
-
-    return load_torch_segmenter(weights, device=device, batch_size=batch_size)
+    info = WeightsDir(weights_dir).read_info()
+    load = family_of(info).segmenter_loader(runtime_of(info))
+    return load(weights_dir, info=info, device=device, batch_size=batch_size)

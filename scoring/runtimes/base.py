@@ -3,9 +3,13 @@
 A runtime turns BGR uint8 images into ``ImageDetections`` in three steps, Hugging Face pipeline
 style, each testable on its own::
 
-    batch = segmenter.preprocess(images)          # test pipeline: resize, pad, normalize, stack
-    raw = segmenter.forward(batch, params)         # the network (and box post-processing + NMS)
-    detections = segmenter.postprocess(raw, params)  # -> one ImageDetections per image
+    batch = segmenter.preprocess(images)          # test pipeline: resize, pad (normalize: torch)
+    raw = segmenter.forward(batch, params)         # the network only: the head's raw outputs
+    detections = segmenter.postprocess(raw, params)  # boxes, scores, NMS, lazy masks per image
+
+The steps mean the same in every runtime: ``forward`` runs the network and nothing else (so it
+is what a faster runtime or precision replaces), and ``postprocess`` does everything after it,
+NMS included, with the request's params.
 
 Two implementations: ``scoring.runtimes.torch_rtmdet`` (torch + mmdet, imported only for a model
 that uses them) and ``scoring.runtimes.onnx_rtmdet`` (ONNX Runtime + numpy). This module imports
@@ -55,10 +59,24 @@ class ImageDetections:
 
 def keep_ratio_size(width: int, height: int, scale: tuple[int, int]) -> tuple[int, int]:
     """mmcv's ``rescale_size`` for a keep-ratio resize into ``scale`` (long edge, short edge):
-    the factor is min(long / max(w, h), short / min(w, h)), sizes rounded half up."""
+    the factor is min(long / max(w, h), short / min(w, h)), sizes rounded as mmcv's
+    ``_scale_size`` rounds them (int(x + 0.5)). Both runtimes' resize and the runner's check
+    that a picture survives it use this one function."""
     long_edge, short_edge = max(scale), min(scale)
     factor = min(long_edge / max(width, height), short_edge / min(width, height))
     return int(width * factor + 0.5), int(height * factor + 0.5)
+
+
+def forward_batch_size(info: dict, on_gpu: bool) -> int:
+    """Images per forward pass, for every runtime: MMDET_MLFLOW_BATCH_SIZE if set, else the
+    model's (``batch_size`` in model.json, 8) on a GPU, else 1. On CPU, batches of 8 ran slower
+    per image than single passes for both tiny and x (bench/predict.py), while a GPU gains."""
+    from scoring.settings import BATCH_SIZE
+
+    chosen = BATCH_SIZE.value()
+    if chosen:
+        return int(chosen)
+    return int(info.get("batch_size", 8)) if on_gpu else 1
 
 
 class Segmenter:

@@ -26,20 +26,15 @@ from typing import Sequence
 
 import numpy as np
 
-from mlflow_model.checkpoints import sha256_of
-from mlflow_model.model_dir import INFO_FILE, ONNX_FILE, ONNX_INFO_KEY, onnx_data_file
-from scoring.runtimes.base import ImageDetections, Segmenter
-from scoring.schema import PredictParams
-
-
-
+from scoring.model_dir import INFO_FILE, ONNX_FILE, ONNX_INFO_KEY, onnx_data_file, sha256_of
+from scoring.runtimes.base import ImageDetections, Segmenter, forward_batch_size
 # The settings recorded at export, and the pre- and post-processing in numpy, live in
 # scoring.runtimes.rtmdet_numpy; what is here is the runtime: the session and the Segmenter.
-from scoring.runtimes.rtmdet_numpy import (ONNX_INFO_FORMAT, ImageMeta, NumpyMaskResampler, OnnxModelError,  # noqa: E402,F401
-                                           OnnxModelSpec, batched_nms, distance2bbox,
-                                           dynamic_mask_logits, filter_scores_and_topk,
-                                           check_fits_input, grid_priors, nms, per_prior,
-                                           resize_like_mmdet, sigmoid)
+from scoring.runtimes.rtmdet_numpy import (ImageMeta, NumpyMaskResampler, OnnxModelError, OnnxModelSpec,
+                                           batched_nms, check_fits_input, distance2bbox,
+                                           dynamic_mask_logits, filter_scores_and_topk, grid_priors,
+                                           per_prior, resize_like_mmdet, sigmoid)
+from scoring.schema import PredictParams
 
 # ----------------------------------------------------------------------------- the runtime
 
@@ -295,28 +290,32 @@ def open_session_checked(onnx_path: Path, spec: OnnxModelSpec, record: dict,
 
 
 def load_onnx_segmenter(weights_dir_path: str | os.PathLike, batch_size: int | None = None,
-                        num_threads: int | None = None, onnx_file: str = ONNX_FILE,
-                        providers: Sequence[str] | None = None, spin: bool = True) -> OnnxSegmenter:
+                        num_threads: int | None = None, onnx_file: str | None = None,
+                        providers: Sequence[str] | None = None, spin: bool = True, *,
+                        info: dict | None = None, device: str | None = None) -> OnnxSegmenter:
     """The OnnxSegmenter of a weights folder holding model.json (with its "onnx" section) and
-    the ONNX file. Clear OnnxModelError for a missing, corrupt or mismatched ONNX file."""
-    from scoring.settings import BATCH_SIZE
-
+    the ONNX file: ``onnx_file``, by default the one model.json's "onnx" section serves (fp32 or
+    int8). ``info``: the model.json, when already read; ``device="cpu"`` keeps ORT off a GPU.
+    Clear OnnxModelError for a missing, corrupt or mismatched ONNX file."""
     folder = Path(weights_dir_path)
-    info_path = folder / INFO_FILE
-    if not info_path.is_file():
-        raise OnnxModelError(f"no {INFO_FILE} in {folder}: not a saved model's weights folder")
-    info = json.loads(info_path.read_text())
+    if info is None:
+        info_path = folder / INFO_FILE
+        if not info_path.is_file():
+            raise OnnxModelError(f"no {INFO_FILE} in {folder}: not a saved model's weights folder")
+        info = json.loads(info_path.read_text())
     if ONNX_INFO_KEY not in info:
-        raise OnnxModelError(f"{info_path} has no {ONNX_INFO_KEY!r} section: this model was not "
-                             f"exported to ONNX")
+        raise OnnxModelError(f"{folder / INFO_FILE} has no {ONNX_INFO_KEY!r} section: this model "
+                             f"was not exported to ONNX")
     spec = OnnxModelSpec.from_dict(info[ONNX_INFO_KEY])
+    onnx_file = onnx_file or info[ONNX_INFO_KEY].get("serve", ONNX_FILE)
     onnx_path = folder / onnx_file
     if not onnx_path.is_file():
         raise OnnxModelError(f"the ONNX file {onnx_path} is missing")
+    if providers is None and device == "cpu":
+        providers = ["CPUExecutionProvider"]
     record = info[ONNX_INFO_KEY].get("files", {}).get(onnx_file, {})
     session = open_session_checked(onnx_path, spec, record, num_threads, providers, spin)
-    # As the torch runtime: one image per pass on CPU, the model's batch on a GPU.
     on_gpu = session.get_providers()[0] == "CUDAExecutionProvider"
-    batch_size = batch_size or BATCH_SIZE.value() or (int(info.get("batch_size", 8)) if on_gpu else 1)
     return OnnxSegmenter(session, spec, info["classes"],
-                         PredictParams.from_dict(info["default_params"]), batch_size=batch_size)
+                         PredictParams.from_dict(info["default_params"]),
+                         batch_size=batch_size or forward_batch_size(info, on_gpu))

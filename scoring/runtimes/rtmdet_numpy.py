@@ -15,6 +15,7 @@ import numpy as np
 
 from scoring.errors import MmdetMlflowError
 from scoring.runtimes import masks as mask_windows
+from scoring.runtimes.base import keep_ratio_size
 
 MASK_CHUNK_BYTES = mask_windows.MASK_CHUNK_BYTES
 # Version of the "onnx" section of model.json this module reads.
@@ -111,22 +112,13 @@ class ImageMeta:
     scale_factor: tuple[float, float]  # (w_scale, h_scale) of the resize
 
 
-def rescale_size(width: int, height: int, scale_wh: tuple[int, int]) -> tuple[int, int]:
-    """mmcv.rescale_size with a tuple scale: the largest size with the image's aspect ratio that
-    fits the long edge within max(scale) and the short edge within min(scale), rounded as
-    mmcv._scale_size does (int(x + 0.5))."""
-    long_edge, short_edge = max(scale_wh), min(scale_wh)
-    factor = min(long_edge / max(height, width), short_edge / min(height, width))
-    return int(width * float(factor) + 0.5), int(height * float(factor) + 0.5)
-
-
 def resize_like_mmdet(image: np.ndarray, scale_wh: tuple[int, int],
                       keep_ratio: bool) -> tuple[np.ndarray, tuple[float, float]]:
     """mmdet.datasets.transforms.Resize with the default interpolation ('bilinear', backend
     'cv2'): mmcv.imrescale (keep_ratio) or mmcv.imresize to ``scale``, both cv2.INTER_LINEAR.
     Returns the image and mmdet's scale_factor (new_w / w, new_h / h)."""
     height, width = image.shape[:2]
-    new_w, new_h = rescale_size(width, height, scale_wh) if keep_ratio else scale_wh
+    new_w, new_h = keep_ratio_size(width, height, scale_wh) if keep_ratio else scale_wh
     resized = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
     return resized, (new_w / width, new_h / height)
 

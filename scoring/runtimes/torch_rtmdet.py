@@ -26,7 +26,8 @@ import torch.nn.functional as F
 
 from scoring import settings
 from scoring.runtimes import masks as mask_windows
-from scoring.runtimes.base import ImageDetections, Segmenter
+from scoring.model_dir import WeightsDir
+from scoring.runtimes.base import ImageDetections, Segmenter, forward_batch_size
 from scoring.schema import PredictParams
 
 MASK_CHUNK_BYTES = mask_windows.MASK_CHUNK_BYTES
@@ -160,7 +161,7 @@ def build_detector(config, state_dict, class_names: Sequence[str], device: str |
     from mmengine.model.utils import revert_sync_batchnorm
     from mmengine.registry import init_default_scope
 
-    from mlflow_model.checkpoints import check_state_dict
+    from scoring.weights import check_state_dict
 
     init_default_scope(config.get("default_scope", "mmdet"))
     model = revert_sync_batchnorm(MODELS.build(config.model))
@@ -171,13 +172,15 @@ def build_detector(config, state_dict, class_names: Sequence[str], device: str |
     return model.to(device or default_device()).eval()
 
 
-def load_detector(weights_dir, device: str | None = None):
-    """(detector, model.json info) of a weights folder (``mlflow_model.model_dir.WeightsDir``)."""
+def load_detector(weights_dir, device: str | None = None, info: dict | None = None):
+    """(detector, model.json info) of a weights folder (a path or a ``scoring.model_dir.WeightsDir``;
+    ``info``: its model.json, when already read)."""
     from mmengine.config import Config
 
-    from mlflow_model.checkpoints import read_state_dict
+    from scoring.weights import read_state_dict
 
-    info = weights_dir.read_info()
+    weights_dir = WeightsDir(getattr(weights_dir, "path", weights_dir))
+    info = info if info is not None else weights_dir.read_info()
     cfg = Config.fromfile(str(weights_dir.config))
     # The one safe reader: a truncated or corrupt weights file fails the server's start with a
     # message naming the file, not torch's "failed finding central directory".
@@ -185,19 +188,10 @@ def load_detector(weights_dir, device: str | None = None):
     return build_detector(cfg, state_dict, info["classes"], device), info
 
 
-def forward_batch_size(info: dict, on_gpu: bool) -> int:
-    """Images per forward pass: MMDET_MLFLOW_BATCH_SIZE if set, else the model's (8) on a GPU,
-    else 1. On CPU, batches of 8 ran 14-16 % slower per image than single passes for both
-    tiny and x (bench/predict.py on 2 cores), while a GPU gains from batching."""
-    chosen = settings.BATCH_SIZE.value()
-    if chosen:
-        return int(chosen)
-    return int(info.get("batch_size", 8)) if on_gpu else 1
-
-
-def load_torch_segmenter(weights_dir, device: str | None = None,
-                         batch_size: int | None = None) -> "TorchSegmenter":
-    detector, info = load_detector(weights_dir, device)
+def load_torch_segmenter(weights_dir, device: str | None = None, batch_size: int | None = None,
+                         *, info: dict | None = None) -> "TorchSegmenter":
+    """The TorchSegmenter of a weights folder (``info``: its model.json, when already read)."""
+    detector, info = load_detector(weights_dir, device, info)
     on_gpu = detector.data_preprocessor.device.type == "cuda"
     return TorchSegmenter(detector, info["classes"], PredictParams.from_dict(info["default_params"]),
                           batch_size=batch_size or forward_batch_size(info, on_gpu))
@@ -258,20 +252,24 @@ class TorchSegmenter(Segmenter):
         return cfg
 
     @torch.no_grad()
-    def forward(self, batch: dict, params: PredictParams) -> list:
-        """One batched pass: normalize, backbone + neck, head, box post-processing with NMS."""
+    def forward(self, batch: dict, params: PredictParams) -> dict:
+        """The network only, one batched pass: normalize, backbone + neck, head -> its raw
+        outputs (as the ONNX runtime's forward: the box decoding and NMS are post-processing)."""
         data = self.detector.data_preprocessor(batch, False)
         feats = self.detector.extract_feat(data["inputs"])
-        head = self.detector.bbox_head
-        metas = [sample.metainfo for sample in data["data_samples"]]
-        results = head.predict_by_feat(*head(feats), batch_img_metas=metas,
-                                       cfg=self.test_cfg(params), rescale=True)
-        return list(zip(results, metas))
+        return {"head_outputs": self.detector.bbox_head(feats),
+                "metas": [sample.metainfo for sample in data["data_samples"]]}
 
-    def postprocess(self, raw: list, params: PredictParams) -> list[ImageDetections]:
+    @torch.no_grad()
+    def postprocess(self, raw: dict, params: PredictParams) -> list[ImageDetections]:
+        """mmdet's ``predict_by_feat`` (score filter, top-k, box decoding, rescale, NMS, mask
+        kernels), with the full-size masks deferred to ``DeferredMasks``."""
+        head = self.detector.bbox_head
+        results = head.predict_by_feat(*raw["head_outputs"], batch_img_metas=raw["metas"],
+                                       cfg=self.test_cfg(params), rescale=True)
         out = []
-        for res, meta in raw:
-            resampler = MaskResampler.for_image(self.detector.bbox_head, meta)
+        for res, meta in zip(results, raw["metas"]):
+            resampler = MaskResampler.for_image(head, meta)
             out.append(ImageDetections(
                 image_size=(resampler.ori_w, resampler.ori_h),
                 boxes=res.bboxes.cpu().numpy(),

@@ -17,7 +17,7 @@ import functools
 import json
 import sys
 
-LOADER_MODULE = "mlflow_model"  # the pyfunc loader_module of our models
+LOADER_MODULE = "scoring.pyfunc"  # the pyfunc loader_module of our models
 
 
 def install() -> None:
@@ -59,7 +59,7 @@ async def read_body_within_limit(request):
     limit is kept where ``request.body()`` returns it from, so the handler reads it as before."""
     from fastapi.responses import Response
 
-    from scoring.azureml.request import max_request_bytes, too_large
+    from scoring.limits import max_request_bytes, too_large
 
     def refuse(error):
         content = json.dumps({"error_code": "BAD_REQUEST", "message": str(error)})
