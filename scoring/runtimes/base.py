@@ -18,12 +18,15 @@ from typing import Any, Iterator, Protocol, Sequence
 
 import numpy as np
 
+from scoring.runtimes.masks import MaskWindow
 from scoring.schema import PredictParams
 
 
 class MaskSource(Protocol):
     """Makes one image's full-size boolean masks on demand, a chunk at a time: all of them at
-    once may not fit in memory (100 masks of a 12-megapixel image are 1.2 GB as bools)."""
+    once may not fit in memory (100 masks of a 12-megapixel image are 1.2 GB as bools).
+    A source may also have ``iter_windows(threshold)``: each mask as a ``MaskWindow`` (its box
+    window's pixels and offset), which costs the object's size rather than the picture's."""
 
     def __len__(self) -> int: ...
 
@@ -51,6 +54,14 @@ class ImageDetections:
     def iter_masks(self, threshold: float) -> Iterator[np.ndarray]:
         """The full-size boolean mask of each detection, in order."""
         return self.masks.iter_masks(threshold)
+
+    def iter_windows(self, threshold: float) -> Iterator[MaskWindow]:
+        """Each detection's mask as a ``MaskWindow`` (``.full()`` gives the full-size mask): the
+        source's own windows where it makes them, else its full-size masks."""
+        windows = getattr(self.masks, "iter_windows", None)
+        if windows is not None:
+            return windows(threshold)
+        return (MaskWindow.whole(mask) for mask in self.masks.iter_masks(threshold))
 
 
 def keep_ratio_size(width: int, height: int, scale: tuple[int, int]) -> tuple[int, int]:
