@@ -84,6 +84,10 @@ class Segmenter:
     # scores for AP at it. None when the runtime does not know it.
     configured_score_threshold: float | None = None
 
+    # Low-resolution cells of margin around its box each mask is cut to (None: masks are not
+    # cut to their boxes, exactly mmdet's; scoring.runtimes.masks.iter_box_windows).
+    mask_box_margin: float | None = None
+
     # The (width, height) box the test pipeline resizes into, keeping the aspect ratio (RTMDet:
     # 640 x 640); None when the runtime does not resize.
     input_scale: tuple[int, int] | None = None

@@ -12,12 +12,13 @@ Two costs of doing that literally, and what this module does about them:
   second resize is computed for the kept window only (``windowed_resize``), with the very index
   rule torch and OpenCV use for a bilinear resize with half-pixel centres (``source_index``),
   a band of rows at a time.
-- Every mask costs the whole picture: on a 12-megapixel photo, ~60 ms a detection for objects
-  covering 5 % of it. So each detection's mask is made only over its box plus a margin
-  (``MaskGeometry.box_window``), from the few low-resolution cells that window needs
-  (``box_window_mask``), and handed on as a ``MaskWindow``: the pixels and where they sit.
-  The margin is ``BOX_MARGIN_CELLS`` low-resolution cells (stride x scale pixels) on each
-  side: RTMDet-Ins's masks are not cut to their boxes, and spill a little past them.
+- Every mask cost the whole picture: on a 12-megapixel photo, ~60 ms a detection for objects
+  covering 5 % of it. So each detection's mask is made only over the window where it can be
+  True at all (``MaskGeometry.support_window``, read off the low-resolution logits: exact), and
+  optionally cut to its box plus a margin (``MaskGeometry.box_window``: RTMDet-Ins's masks are
+  not cut to their boxes and an untrained model's cover the picture), from the few
+  low-resolution cells that window needs (``box_window_mask``), and handed on as a
+  ``MaskWindow``: the pixels and where they sit.
 """
 from __future__ import annotations
 
@@ -101,6 +102,24 @@ class MaskGeometry:
         """One low-resolution cell in original-image pixels (x, y)."""
         return self.stride * self.inverse_scale_factor[0], self.stride * self.inverse_scale_factor[1]
 
+    def support_window(self, low: np.ndarray, threshold_logit: float) -> tuple[int, int, int, int]:
+        """(x0, y0, x1, y1), exclusive ends: a window of the original image outside of which the
+        mask made from ``low`` (h, w) logits is False, for certain. Every upsampled value is a
+        convex blend of at most four logits (two bilinear steps), so it can exceed the cutoff
+        only near a cell that does (less a rounding allowance); empty when no cell comes near."""
+        low_h, low_w = low.shape
+        allowance = np.float32(1e-4) * (np.float32(1) + np.abs(low).max(initial=np.float32(0)))
+        near = low > np.float32(threshold_logit) - allowance
+        if not np.isfinite(threshold_logit):
+            near = np.ones_like(low, dtype=bool) if threshold_logit < 0 else np.zeros_like(low, dtype=bool)
+        rows, cols = np.flatnonzero(near.any(axis=1)), np.flatnonzero(near.any(axis=0))
+        if not len(rows):
+            return 0, 0, 0, 0
+        big_h, big_w = self.upsampled_shape(low_h, low_w)
+        y0, y1 = _support_span(int(rows[0]), int(rows[-1]), self.stride, low_h, big_h, self.ori_h)
+        x0, x1 = _support_span(int(cols[0]), int(cols[-1]), self.stride, low_w, big_w, self.ori_w)
+        return x0, y0, x1, y1
+
     def box_window(self, box, margin_cells: float = BOX_MARGIN_CELLS) -> tuple[int, int, int, int]:
         """(x0, y0, x1, y1), x1 and y1 exclusive: ``box`` (x1, y1, x2, y2 in original pixels)
         grown by ``margin_cells`` low-resolution cells on each side, in whole pixels, within the
@@ -114,6 +133,22 @@ class MaskGeometry:
         x1_ = min(max(x0, math.ceil(x2 + margin_cells * cell_x)), self.ori_w)
         y1_ = min(max(y0, math.ceil(y2 + margin_cells * cell_y)), self.ori_h)
         return x0, y0, x1_, y1_
+
+
+def _support_span(first_cell: int, last_cell: int, stride: int, low_size: int, big_size: int,
+                  ori_size: int) -> tuple[int, int]:
+    """The original-image positions [p0, p1) whose two bilinear steps (x stride, then to
+    ``big_size``) can reach cells first_cell..last_cell; a position's sources lie within one
+    unit below and above its source coordinate (scale * (dst + 0.5) - 0.5), so the span is
+    solved for that, with two positions of slack for float rounding."""
+    up_size = low_size * stride
+    # upsampled positions d with source in [first - 1, last + 1): first step, scale 1 / stride
+    u0 = max(0, math.floor(stride * (first_cell - 0.5) - 0.5) - 2)
+    u1 = min(up_size, math.ceil(stride * (last_cell + 1.5) - 0.5) + 2)
+    scale = up_size / big_size
+    p0 = max(0, math.floor((u0 - 0.5) / scale - 0.5) - 2)
+    p1 = min(ori_size, math.ceil((u1 + 0.5) / scale - 0.5) + 2)
+    return min(p0, ori_size), max(min(p0, ori_size), p1)
 
 
 @dataclass
@@ -249,19 +284,30 @@ def box_window_mask(low: np.ndarray, geometry: MaskGeometry, window: tuple[int, 
     return out
 
 
-def iter_box_windows(geometry: MaskGeometry, low_logits: np.ndarray, boxes: np.ndarray,
+def intersect(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+    x0, y0 = max(a[0], b[0]), max(a[1], b[1])
+    return x0, y0, max(x0, min(a[2], b[2])), max(y0, min(a[3], b[3]))
+
+
+def iter_box_windows(geometry: MaskGeometry, low_logits: np.ndarray, boxes: np.ndarray | None,
                      threshold: float, upsample: UpsampleByStride,
-                     whole_mask: Callable[[int], np.ndarray]) -> Iterator[MaskWindow]:
-    """Each detection's ``MaskWindow`` over its ``box_window``, one at a time: from the cells
-    it needs (``box_window_mask``), or, for a window covering WHOLE_PICTURE_FRACTION of the
+                     whole_mask: Callable[[int], np.ndarray],
+                     box_margin_cells: float | None = None) -> Iterator[MaskWindow]:
+    """Each detection's ``MaskWindow``, one at a time, over the window where its mask can be
+    True at all (``MaskGeometry.support_window``: the same mask as the whole picture's, made at
+    the cost of its extent), cut to its box grown by ``box_margin_cells`` where that is given
+    (None: not cut; the mask beyond box and margin is then dropped). Made from the cells the
+    window needs (``box_window_mask``), or, for a window covering WHOLE_PICTURE_FRACTION of the
     picture or more, cut from the runtime's whole-picture mask (``whole_mask(i)``), which is
-    faster there. Either way a mask is the whole-picture mask within its window, False outside."""
+    faster there."""
     cut = logit_cutoff(threshold)
     low_h, low_w = low_logits.shape[-2:]
     whole_way = WHOLE_PICTURE_FRACTION * geometry.ori_h * geometry.ori_w
     exact_windows = not geometry.windowed(low_h, low_w)
     for i in range(len(low_logits)):
-        x0, y0, x1, y1 = geometry.box_window(boxes[i])
+        x0, y0, x1, y1 = geometry.support_window(low_logits[i], cut)
+        if box_margin_cells is not None and boxes is not None:
+            x0, y0, x1, y1 = intersect((x0, y0, x1, y1), geometry.box_window(boxes[i], box_margin_cells))
         if exact_windows and (x1 - x0) * (y1 - y0) >= whole_way:
             pixels = whole_mask(i)[y0:y1, x0:x1].copy()  # not a view holding the picture
         else:

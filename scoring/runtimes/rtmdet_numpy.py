@@ -269,10 +269,12 @@ class NumpyMaskResampler:
     box window only (``iter_windows``, scoring.runtimes.masks)."""
 
     def __init__(self, mask_logits: np.ndarray, stride: int, scale_factor: tuple[float, float],
-                 ori_hw: tuple[int, int], boxes: np.ndarray | None = None):
+                 ori_hw: tuple[int, int], boxes: np.ndarray | None = None,
+                 box_margin_cells: float | None = None):
         self.mask_logits = mask_logits
         self.geometry = mask_windows.MaskGeometry.from_scale_factor(stride, scale_factor, ori_hw)
         self.boxes = boxes
+        self.box_margin_cells = box_margin_cells
 
     @property
     def ori_h(self) -> int:
@@ -322,17 +324,20 @@ class NumpyMaskResampler:
                           interpolation=cv2.INTER_LINEAR)
 
     def iter_masks(self, threshold: float) -> Iterator[np.ndarray]:
-        if self.boxes is not None:
-            yield from (window.full() for window in self.iter_windows(threshold))
-            return
+        """Each detection's full-size mask (its window's, pasted)."""
+        return (window.full() for window in self.iter_windows(threshold))
+
+    def iter_whole_masks(self, threshold: float) -> Iterator[np.ndarray]:
+        """Each detection's mask made over the whole picture, a chunk at a time (the way before
+        windows; what ``iter_windows`` is checked against)."""
         step = self.chunk_size()
         for start in range(0, len(self.mask_logits), step):
             yield from self.masks(self.mask_logits[start : start + step], threshold)
 
     def iter_windows(self, threshold: float) -> Iterator[mask_windows.MaskWindow]:
-        """Each detection's mask over its box and a margin (whole pictures without boxes)."""
-        if self.boxes is None:
-            return (mask_windows.MaskWindow.whole(m) for m in self.iter_masks(threshold))
+        """Each detection's mask over the window where it can be True, cut to its box and
+        ``box_margin_cells`` where given (scoring.runtimes.masks.iter_box_windows)."""
         return mask_windows.iter_box_windows(
             self.geometry, self.mask_logits, self.boxes, threshold, upsample=self._upsample,
-            whole_mask=lambda i: self.masks(self.mask_logits[i : i + 1], threshold)[0])
+            whole_mask=lambda i: self.masks(self.mask_logits[i : i + 1], threshold)[0],
+            box_margin_cells=self.box_margin_cells)

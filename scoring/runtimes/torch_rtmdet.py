@@ -125,25 +125,22 @@ class MaskResampler:
                                               mask_windows.logit_cutoff(threshold))
         return torch.from_numpy(window)
 
-    def iter_masks(self, mask_logits: torch.Tensor, threshold: float,
-                   boxes: np.ndarray | None = None) -> Iterator[np.ndarray]:
-        """One HxW boolean numpy mask per detection, never more than a chunk in memory; with
-        ``boxes``, each is its box window's mask pasted into the picture."""
-        if boxes is not None:
-            yield from (window.full() for window in self.iter_windows(mask_logits, threshold, boxes))
-            return
+    def iter_masks(self, mask_logits: torch.Tensor, threshold: float) -> Iterator[np.ndarray]:
+        """One HxW boolean numpy mask per detection, never more than a chunk in memory."""
         step = self.chunk_size(mask_logits)
         for start in range(0, mask_logits.shape[0], step):
             chunk = self.masks(mask_logits[start : start + step], threshold).cpu().numpy()
             yield from chunk
 
-    def iter_windows(self, mask_logits: torch.Tensor, threshold: float,
-                     boxes: np.ndarray) -> Iterator[mask_windows.MaskWindow]:
-        """Each detection's mask over its box and a margin (scoring.runtimes.masks)."""
+    def iter_windows(self, mask_logits: torch.Tensor, threshold: float, boxes: np.ndarray | None = None,
+                     box_margin_cells: float | None = None) -> Iterator[mask_windows.MaskWindow]:
+        """Each detection's mask over the window where it can be True, cut to its box and
+        ``box_margin_cells`` where given (scoring.runtimes.masks.iter_box_windows)."""
         low = mask_logits.detach().float().cpu().numpy()
         return mask_windows.iter_box_windows(
             self.geometry, low, boxes, threshold, upsample=self._upsample_crop,
-            whole_mask=lambda i: self.masks(mask_logits[i : i + 1], threshold)[0].cpu().numpy())
+            whole_mask=lambda i: self.masks(mask_logits[i : i + 1], threshold)[0].cpu().numpy(),
+            box_margin_cells=box_margin_cells)
 
     def _upsample_crop(self, low: np.ndarray) -> np.ndarray:
         """torch's bilinear upsampling by the stride, as ``masks`` runs it, on a crop."""
@@ -153,25 +150,26 @@ class MaskResampler:
 
 
 class DeferredMasks:
-    """The ``MaskSource`` of one image: its low-resolution logits, the resampler and the
-    boxes (original pixels) whose windows the masks are made in."""
+    """The ``MaskSource`` of one image: its low-resolution logits and the resampler; each mask
+    made over its own window (``iter_windows``), full-size ones pasted from those. ``boxes``
+    (original pixels) with ``box_margin_cells``: cut each mask to its box and that margin."""
 
     def __init__(self, mask_logits: torch.Tensor, resampler: MaskResampler,
-                 boxes: np.ndarray | None = None):
+                 boxes: np.ndarray | None = None, box_margin_cells: float | None = None):
         self.mask_logits = mask_logits
         self.resampler = resampler
         self.boxes = boxes
+        self.box_margin_cells = box_margin_cells
 
     def __len__(self) -> int:
         return int(self.mask_logits.shape[0])
 
     def iter_masks(self, threshold: float) -> Iterator[np.ndarray]:
-        return self.resampler.iter_masks(self.mask_logits, threshold, self.boxes)
+        return (window.full() for window in self.iter_windows(threshold))
 
     def iter_windows(self, threshold: float) -> Iterator[mask_windows.MaskWindow]:
-        if self.boxes is None:
-            return (mask_windows.MaskWindow.whole(m) for m in self.iter_masks(threshold))
-        return self.resampler.iter_windows(self.mask_logits, threshold, self.boxes)
+        return self.resampler.iter_windows(self.mask_logits, threshold, self.boxes,
+                                           self.box_margin_cells)
 
 
 # --- loading ---------------------------------------------------------------------------------
@@ -306,6 +304,6 @@ class TorchSegmenter(Segmenter):
                 scores=res.scores.cpu().numpy(),
                 labels=res.labels.cpu().numpy(),
                 class_names=self.class_names,
-                masks=DeferredMasks(res.mask_logits, resampler, boxes),
+                masks=DeferredMasks(res.mask_logits, resampler, boxes, self.mask_box_margin),
             ))
         return out
