@@ -109,9 +109,7 @@ class MaskGeometry:
         only near a cell that does (less a rounding allowance); empty when no cell comes near."""
         low_h, low_w = low.shape
         allowance = np.float32(1e-4) * (np.float32(1) + np.abs(low).max(initial=np.float32(0)))
-        near = low > np.float32(threshold_logit) - allowance
-        if not np.isfinite(threshold_logit):
-            near = np.ones_like(low, dtype=bool) if threshold_logit < 0 else np.zeros_like(low, dtype=bool)
+        near = low > np.float32(threshold_logit) - allowance  # all for a cutoff of -inf, none for +inf
         rows, cols = np.flatnonzero(near.any(axis=1)), np.flatnonzero(near.any(axis=0))
         if not len(rows):
             return 0, 0, 0, 0

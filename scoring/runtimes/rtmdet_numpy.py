@@ -276,14 +276,6 @@ class NumpyMaskResampler:
         self.boxes = boxes
         self.box_margin_cells = box_margin_cells
 
-    @property
-    def ori_h(self) -> int:
-        return self.geometry.ori_h
-
-    @property
-    def ori_w(self) -> int:
-        return self.geometry.ori_w
-
     def __len__(self) -> int:
         return len(self.mask_logits)
 
@@ -306,15 +298,16 @@ class NumpyMaskResampler:
         # kept window on a long, thin image (scoring.runtimes.masks), and skipped where its size
         # is unchanged (cv2's is a copy there, as torch's interpolate is the identity).
         windowed = self.windowed()
-        out = np.empty((len(logits), self.ori_h, self.ori_w), bool)
+        ori_h, ori_w = self.geometry.ori_hw
+        out = np.empty((len(logits), ori_h, ori_w), bool)
         for i, low in enumerate(logits):
             up = self._upsample(low)
             if windowed:
-                out[i] = mask_windows.windowed_resize(up[None], (big_h, big_w), (self.ori_h, self.ori_w), cut)[0]
+                out[i] = mask_windows.windowed_resize(up[None], (big_h, big_w), (ori_h, ori_w), cut)[0]
                 continue
             if up.shape != (big_h, big_w):
                 up = cv2.resize(up, (big_w, big_h), interpolation=cv2.INTER_LINEAR)
-            np.greater(up[: self.ori_h, : self.ori_w], np.float32(cut), out=out[i])
+            np.greater(up[:ori_h, :ori_w], np.float32(cut), out=out[i])
         return out
 
     def _upsample(self, low: np.ndarray) -> np.ndarray:

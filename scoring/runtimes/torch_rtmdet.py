@@ -84,14 +84,6 @@ class MaskResampler:
         return cls(head.prior_generator.strides[0][0],
                    [1 / s for s in img_meta["scale_factor"]], img_meta["ori_shape"][:2])
 
-    @property
-    def ori_h(self) -> int:
-        return self.geometry.ori_h
-
-    @property
-    def ori_w(self) -> int:
-        return self.geometry.ori_w
-
     def windowed(self, mask_logits: torch.Tensor) -> bool:
         """Whether to resample only the part that survives the crop (scoring.runtimes.masks);
         the exact path, bit-identical to mmdet's, is kept wherever the crop drops little."""
@@ -111,7 +103,7 @@ class MaskResampler:
             size=list(self.geometry.upsampled_shape(*mask_logits.shape[-2:])),
             mode="bilinear",
             align_corners=False,
-        )[..., : self.ori_h, : self.ori_w]
+        )[..., : self.geometry.ori_h, : self.geometry.ori_w]
         return logits.sigmoid().squeeze(0) > threshold
 
     def _windowed_masks(self, logits: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -121,7 +113,7 @@ class MaskResampler:
         big_hw = self.geometry.upsampled_shape(in_h // self.geometry.stride,
                                                in_w // self.geometry.stride)
         window = mask_windows.windowed_resize(logits.float().cpu().numpy(), big_hw,
-                                              (self.ori_h, self.ori_w),
+                                              self.geometry.ori_hw,
                                               mask_windows.logit_cutoff(threshold))
         return torch.from_numpy(window)
 
@@ -299,7 +291,7 @@ class TorchSegmenter(Segmenter):
             resampler = MaskResampler.for_image(self.detector.bbox_head, meta)
             boxes = res.bboxes.cpu().numpy()
             out.append(ImageDetections(
-                image_size=(resampler.ori_w, resampler.ori_h),
+                image_size=(resampler.geometry.ori_w, resampler.geometry.ori_h),
                 boxes=boxes,
                 scores=res.scores.cpu().numpy(),
                 labels=res.labels.cpu().numpy(),
