@@ -146,3 +146,34 @@ def test_a_tiled_finetune_prepares_tiles_as_coco(tmp_path):
     with pytest.raises(FinetuneError, match="at most"):
         TrainingTiles.from_settings("20x20", 0.25)
     assert TrainingTiles.from_settings(None, None) is None
+
+
+def test_finetune_on_tiles_of_large_pictures(tiny_checkpoint, tmp_path):
+    """A real (tiny, 2-step) fine-tune with --tile-grid-size on mosaic pictures: mmdet trains on
+    the tiles and the whole pictures, and the run records the tiling settings."""
+    import torch
+
+    from mmdet_mlflow.synth import generate
+    from mmdet_mlflow.training import FinetuneSettings, finetune
+
+    data = tmp_path / "large"
+    generate(data, num_images=3, seed=4, mosaic=2, progress=False)  # 1280x960, 2 train + 1 val
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = finetune(data / "train.jsonl", data / "validation.jsonl", tmp_path / "run",
+                          config="rtmdet-ins_tiny_8xb32-300e_coco", checkpoint=str(tiny_checkpoint),
+                          progress=False, track=False,
+                          settings=FinetuneSettings(number_of_epochs=1, max_steps=2, image_size=128,
+                                                    training_batch_size=4, validation_batch_size=4,
+                                                    warmup_steps=1, tile_grid_size="2x2",
+                                                    tile_overlap_ratio=0.25))
+    finally:
+        torch.set_num_threads(before)
+    assert result.steps == 2 and result.mlflow_model_dir.exists()
+    train = json.loads((tmp_path / "run" / "data" / "train.coco.json").read_text())
+    sizes = sorted({(i["width"], i["height"]) for i in train["images"]})
+    assert (1280, 960) in sizes and len(sizes) >= 2 and len(train["images"]) > 2  # wholes + tiles
+    assert all(w <= 1280 and h <= 960 for w, h in sizes)
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["settings"]["tile_grid_size"] == "2x2"
