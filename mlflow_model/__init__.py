@@ -17,7 +17,9 @@ from typing import Any, Sequence
 
 from mlflow_model.environment import (get_default_conda_env, get_default_pip_requirements,  # noqa: F401
                                       mmcv_build_requirements, pinned_requirements, write_environment)
-from scoring import model_dir
+# Not bound as `model_dir`: importing the submodule mlflow_model.model_dir (tooling layouts) would
+# rebind that name on this package.
+from scoring import model_dir as layout
 from scoring.errors import MmdetMlflowError
 from scoring.model_dir import ModelDir
 
@@ -28,7 +30,7 @@ class SaveModelError(MmdetMlflowError, ValueError):
     """``save_model`` was asked for something it cannot make (an unknown runtime, int8 without
     calibration images, ...): said before anything is written."""
 
-MODEL_DATA_DIR = model_dir.DATA_DIR  # the first release's public name of the weights folder
+MODEL_DATA_DIR = layout.DATA_DIR  # the first release's public name of the weights folder
 _PACKAGES = ("scoring",)  # what a saved model needs to load and score: the serving core only
 
 
@@ -123,16 +125,16 @@ def save_model(
     mlflow.pyfunc.add_to_model(
         mlflow_model,
         loader_module="scoring.pyfunc",
-        data=model_dir.DATA_DIR,
-        code=model_dir.CODE_DIR,
-        conda_env=model_dir.CONDA_FILE,
-        python_env=model_dir.PYTHON_ENV_FILE,
+        data=layout.DATA_DIR,
+        code=layout.CODE_DIR,
+        conda_env=layout.CONDA_FILE,
+        python_env=layout.PYTHON_ENV_FILE,
     )
     mlflow_model.add_flavor(
         FLAVOR_NAME,
-        config=f"{model_dir.DATA_DIR}/{model_dir.CONFIG_FILE}",
-        weights=f"{model_dir.DATA_DIR}/"
-                + (model_dir.WEIGHTS_FILE if runtime == "torch" else model_dir.ONNX_FILE),
+        config=f"{layout.DATA_DIR}/{layout.CONFIG_FILE}",
+        weights=f"{layout.DATA_DIR}/"
+                + (layout.WEIGHTS_FILE if runtime == "torch" else layout.ONNX_FILE),
         runtime=runtime,
         classes=class_names,
         config_name=info["config_name"],
@@ -156,11 +158,11 @@ def _export_onnx(weights_dir, detector, quantize: str | None, calibration_images
 
     spec = export_to_weights_dir(weights_dir.path, detector=detector)
     print(f"exported to ONNX; max |onnx - torch| on the raw outputs of sample images: "
-          f"{spec['files'][model_dir.ONNX_FILE]['max_abs_diff_vs_torch']:.2e}", flush=True)
+          f"{spec['files'][layout.ONNX_FILE]['max_abs_diff_vs_torch']:.2e}", flush=True)
     if quantize == "int8":
         record = add_int8_to_weights_dir(weights_dir.path, list(calibration_images))
         info = weights_dir.read_info()
-        info[model_dir.ONNX_INFO_KEY]["serve"] = model_dir.ONNX_INT8_FILE
+        info[layout.ONNX_INFO_KEY]["serve"] = layout.ONNX_INT8_FILE
         weights_dir.write_info(info)
         print(f"quantized to int8 on {len(calibration_images)} calibration images: "
               f"{json.dumps({k: v for k, v in record.items() if k != 'sha256'})}", flush=True)

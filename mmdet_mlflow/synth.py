@@ -344,6 +344,44 @@ def scene_instances(scene: Scene) -> list[Instance]:
 
 
 # --------------------------------------------------------------------------------------------
+# Large pictures with small objects: mosaics of ordinary scenes
+
+MAX_MOSAIC = 8                        # 8x8 scenes: 5120x3840 pixels
+MOSAIC_CELL = (max(w for w, _ in IMAGE_SIZES), max(h for _, h in IMAGE_SIZES))  # (width, height)
+
+
+def check_mosaic(grid: int) -> int:
+    if not isinstance(grid, int) or not 1 <= grid <= MAX_MOSAIC:
+        raise SynthError(f"mosaic must be a whole number from 1 to {MAX_MOSAIC} (got {grid!r})")
+    return grid
+
+
+def mosaic_scene(seed: int, index: int, grid: int,
+                 style: SceneStyle = SceneStyle()) -> tuple[np.ndarray, list[Instance]]:
+    """Picture ``index`` of a mosaic set: ``grid`` x ``grid`` scenes of the ordinary set made with
+    ``seed`` (scenes index * grid^2 ...), row by row, side by side in cells of the largest scene
+    size (MOSAIC_CELL), a smaller scene's last row and column repeated to fill its cell; each
+    object's polygons shifted with its scene. The objects keep their size and the picture grows:
+    what small objects in a large picture are to a model with a fixed input size."""
+    check_mosaic(grid)
+    cell_w, cell_h = MOSAIC_CELL
+    image = np.empty((grid * cell_h, grid * cell_w, 3), np.uint8)
+    instances = []
+    for k in range(grid * grid):
+        scene = synth_scene(seed, index * grid * grid + k, style)
+        row, column = divmod(k, grid)
+        height, width = scene.image.shape[:2]
+        left, top = column * cell_w, row * cell_h
+        image[top:top + cell_h, left:left + cell_w] = cv2.copyMakeBorder(
+            scene.image, 0, cell_h - height, 0, cell_w - width, cv2.BORDER_REPLICATE)
+        for inst in scene_instances(scene):
+            shifted = [(np.asarray(p, dtype=np.float64).reshape(-1, 2) + (left, top)).ravel().tolist()
+                       for p in inst.polygons]
+            instances.append(Instance(label=inst.label, polygons=shifted))
+    return image, instances
+
+
+# --------------------------------------------------------------------------------------------
 # The data set on disk
 
 
@@ -356,13 +394,16 @@ def split_indices(num_images: int, seed: int, validation_fraction: float) -> dic
 
 
 def generate(output, num_images: int = 200, seed: int = 0, validation_fraction: float = 0.2,
-             progress: bool = True, style: SceneStyle = SceneStyle()) -> dict[str, Dataset]:
+             progress: bool = True, style: SceneStyle = SceneStyle(),
+             mosaic: int = 1) -> dict[str, Dataset]:
     """Write ``output``/images/*.jpg, {train,validation}.jsonl (AutoML), {train,validation}.coco.json,
-    MLTable folders train/ and validation/, and preview.png. Returns the two datasets."""
+    MLTable folders train/ and validation/, and preview.png. Returns the two datasets.
+    ``mosaic`` N > 1: each picture is N x N scenes side by side (``mosaic_scene``)."""
     from tqdm import tqdm
 
     if num_images < 1:
         raise ValueError("num_images must be at least 1")
+    check_mosaic(mosaic)
     output = Path(output).absolute()
     images_dir = output / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
@@ -370,14 +411,18 @@ def generate(output, num_images: int = 200, seed: int = 0, validation_fraction: 
     records = []
     for index in tqdm(range(num_images), desc="synth", unit="img", file=sys.stderr,
                       disable=None if progress else True):
-        scene = synth_scene(seed, index, style)
+        if mosaic > 1:
+            image, instances = mosaic_scene(seed, index, mosaic, style)
+        else:
+            scene = synth_scene(seed, index, style)
+            image, instances = scene.image, scene_instances(scene)
         path = images_dir / f"{index + 1:0{digits}d}.jpg"
-        ok, encoded = cv2.imencode(".jpg", scene.image, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+        ok, encoded = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
         assert ok
         atomic_write_bytes(path, encoded.tobytes())
-        height, width = scene.image.shape[:2]
+        height, width = image.shape[:2]
         records.append(ImageRecord(path=path, width=width, height=height,
-                                   instances=scene_instances(scene), image_id=index + 1))
+                                   instances=instances, image_id=index + 1))
     datasets = {}
     for split, indices in split_indices(num_images, seed, validation_fraction).items():
         dataset = Dataset(images=[records[i] for i in indices], classes=list(CLASSES),

@@ -13,12 +13,17 @@ from scoring.schema import OUTPUT_COLUMN, PredictParams, detection_record
 DECIMALS = 5
 
 
-def mask_polygons(mask: np.ndarray, tolerance: float) -> list[np.ndarray]:
+def mask_polygons(mask: np.ndarray, tolerance: float,
+                  offset: tuple[int, int] = (0, 0)) -> list[np.ndarray]:
     """Outer contours of a boolean mask as (K, 2) pixel-coordinate arrays, one per connected
     part; simplified by Douglas-Peucker at ``tolerance`` pixels (0 = the exact contour, with
-    straight runs stored by their end points); parts under 3 points are dropped."""
+    straight runs stored by their end points); parts under 3 points are dropped. ``offset``
+    (x0, y0): where the mask's top-left pixel sits in the picture (a ``MaskWindow``'s)."""
+    if mask.size == 0:
+        return []
     contours, _ = cv2.findContours(
-        np.ascontiguousarray(mask, dtype=np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE
+        np.ascontiguousarray(mask, dtype=np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE,
+        offset=(int(offset[0]), int(offset[1])),
     )
     out = []
     for contour in contours:
@@ -38,13 +43,14 @@ def normalized_segments(polygons: list[np.ndarray], image_size) -> list[list[flo
 
 def encode_detections(detections: ImageDetections, params: PredictParams,
                       on_mask: Callable[[np.ndarray], None] | None = None) -> dict:
-    """One image's response entry. Masks are made and encoded a chunk at a time; ``on_mask``
-    sees each full-size mask as it goes by (evaluation keeps its RLE: made once, used twice)."""
+    """One image's response entry. Masks are made and encoded one at a time, each over its box
+    window (``ImageDetections.iter_windows``); ``on_mask`` sees each full-size mask as it goes by
+    (evaluation keeps its RLE: made once, used twice)."""
     records = []
-    for i, mask in enumerate(detections.iter_masks(params.mask_threshold)):
+    for i, window in enumerate(detections.iter_windows(params.mask_threshold)):
         if on_mask is not None:
-            on_mask(mask)
-        polygons = mask_polygons(mask, params.polygon_tolerance)
+            on_mask(window.full())
+        polygons = mask_polygons(window.pixels, params.polygon_tolerance, window.offset)
         records.append(
             detection_record(
                 detections.boxes[i],

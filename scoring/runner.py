@@ -34,6 +34,7 @@ from scoring.encode import encode_detections
 from scoring.errors import InputError
 from scoring.fetch import Deadline, FetchBudget
 from scoring.runtimes.base import ImageDetections, Segmenter
+from scoring.runtimes.masks import MaskWindow
 from scoring.schema import PredictParams
 
 Encoder = Callable[[ImageDetections, PredictParams], Any]
@@ -115,6 +116,15 @@ class _MasksWithinDeadline:
         for mask in self.masks.iter_masks(threshold):
             _check_deadline(self.deadline)
             yield mask
+
+    def iter_windows(self, threshold: float):
+        windows = getattr(self.masks, "iter_windows", None)
+        if windows is None:
+            yield from (MaskWindow.whole(mask) for mask in self.iter_masks(threshold))
+            return
+        for window in windows(threshold):
+            _check_deadline(self.deadline)
+            yield window
 
 
 def _check_work(segmenter: Segmenter, image: np.ndarray, params: PredictParams,

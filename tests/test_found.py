@@ -84,7 +84,7 @@ def test_windowed_masks_equal_the_exact_ones(width, height):
     windowed = np.stack(list(resampler.iter_masks(logits, 0.5)))
     # mmdet 3.3.0's _bbox_mask_post_process: two bilinear resizes, then the crop
     up = F.interpolate(logits.unsqueeze(0), scale_factor=8, mode="bilinear")
-    up = F.interpolate(up, size=list(resampler._upsampled_shape(80, 80)), mode="bilinear",
+    up = F.interpolate(up, size=list(resampler.geometry.upsampled_shape(80, 80)), mode="bilinear",
                        align_corners=False)[..., :height, :width]
     exact = (up.sigmoid().squeeze(0) > 0.5).numpy()
     assert windowed.shape == (4, height, width)

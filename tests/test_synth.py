@@ -118,3 +118,41 @@ def test_difficulty_is_a_style_the_command_takes(tmp_path, capsys):
         SceneStyle(object_size=(300, 100))
     assert cli.main(["synth", "--output", str(tmp_path / "bad"), "--min-visible-fraction", "1.5"]) != 0
     assert "min visible fraction" in capsys.readouterr().err
+
+
+def test_mosaic_pictures_are_ordinary_scenes_side_by_side(tmp_path, capsys):
+    """--mosaic N: large pictures with the usual objects (what tiling is for): scene k of picture
+    i is scene i * N^2 + k of the ordinary set, its annotations shifted with it."""
+    from mmdet_mlflow.synth import MAX_MOSAIC, MOSAIC_CELL, mosaic_scene
+
+    image, instances = mosaic_scene(3, 1, 2)
+    cell_w, cell_h = MOSAIC_CELL
+    assert image.shape == (2 * cell_h, 2 * cell_w, 3)
+    expected = []
+    for k in range(4):
+        scene = synth_scene(3, 4 + k, SceneStyle())
+        top, left = (k // 2) * cell_h, (k % 2) * cell_w
+        height, width = scene.image.shape[:2]
+        assert np.array_equal(image[top:top + height, left:left + width], scene.image)
+        for inst in scene_instances(scene):
+            expected.append((inst.label, [(np.reshape(p, (-1, 2)) + (left, top)).ravel().tolist()
+                                          for p in inst.polygons]))
+    assert [(i.label, i.polygons) for i in instances] == expected
+    for inst in instances:  # objects keep their size: each within its own cell
+        x, y, w, h = inst.bbox()
+        assert max(w, h) <= OBJECT_HEIGHT[1] + 10
+        assert int(x // cell_w) == int((x + w - 1) // cell_w) and int(y // cell_h) == int((y + h - 1) // cell_h)
+
+    folder = tmp_path / "large"
+    assert cli.main(["synth", "--output", str(folder), "--num-images", "3", "--seed", "3",
+                     "--mosaic", "2"]) == 0
+    written = load_dataset(folder / "train.jsonl", classes=CLASSES)
+    first = written.images[0]
+    assert (first.width, first.height) == (2 * cell_w, 2 * cell_h)
+    index = int(first.path.stem) - 1
+    assert [i.label for i in first.instances] == [i.label for i in mosaic_scene(3, index, 2)[1]]
+    again = tmp_path / "again"
+    generate(again, num_images=3, seed=3, mosaic=2, progress=False)
+    assert all_files(again) == all_files(folder)
+    assert cli.main(["synth", "--output", str(tmp_path / "bad"), "--mosaic", str(MAX_MOSAIC + 1)]) != 0
+    assert "mosaic" in capsys.readouterr().err

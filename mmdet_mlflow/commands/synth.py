@@ -19,6 +19,10 @@ def add_parser(subparsers):
     p.add_argument("--min-visible-fraction", type=float, default=None,
                    help="an object must show at least this fraction of itself behind nearer "
                         "ones to be drawn (default: the demo set's)")
+    p.add_argument("--mosaic", type=int, default=1, metavar="N",
+                   help="large pictures with small objects: each picture is N x N scenes of the "
+                        "ordinary set side by side (N=4: 2560x1920), objects at their usual size "
+                        "(the data tiling is for: docs/finetune.md)")
     p.set_defaults(handler=run)
 
 
@@ -29,7 +33,8 @@ def run(args):
               "min_visible_fraction": args.min_visible_fraction}
     style = SceneStyle(**{key: value for key, value in chosen.items() if value is not None})
     datasets = generate(args.output, num_images=args.num_images, seed=args.seed,
-                        validation_fraction=args.validation_fraction, style=style)
+                        validation_fraction=args.validation_fraction, style=style,
+                        mosaic=args.mosaic)
     counts = ", ".join(f"{split}: {len(d.images)} images / {sum(len(r.instances) for r in d.images)} "
                        f"instances" for split, d in datasets.items())
     print(f"{counts} -> {args.output} (look at {args.output}/preview.png)")

@@ -7,6 +7,9 @@ from pathlib import Path
 
 from mmdet_mlflow.data import Dataset, load_dataset, write_coco
 from mmdet_mlflow.training.settings import FinetuneError
+from mmdet_mlflow.training.tiles import TrainingTiles, tile_dataset
+
+TILES_FOLDER = "train_tiles"  # beside the training COCO file: the tiles' pictures
 
 
 @dataclass
@@ -23,16 +26,20 @@ class PreparedData:
 
 
 def prepare_data(training_data, validation_data, coco_paths: tuple[Path, Path] | None,
-                 validate: bool = True, confine_images: bool = False) -> PreparedData:
+                 validate: bool = True, confine_images: bool = False,
+                 tiling: TrainingTiles | None = None) -> PreparedData:
     """Read and validate both sets (AutoML JSONL, MLTable or COCO) and write them as COCO JSON
     to ``coco_paths`` (train, validation; None: they are COCO files already, ours, used as they
     are). The validation set must use the training set's labels. ``confine_images``: see
-    mmdet_mlflow.data.paths."""
+    mmdet_mlflow.data.paths. ``tiling``: the training set also holds every picture's tiles
+    (mmdet_mlflow.training.tiles), written beside the training COCO file."""
     train = load_dataset(training_data, validate=validate, confine_images=confine_images)
     val = load_dataset(validation_data, classes=train.classes, validate=validate,
                        confine_images=confine_images)
     if not any(record.instances for record in train.images):
         raise FinetuneError(f"{training_data} has no labelled objects to train on")
+    if tiling is not None and coco_paths is not None:
+        train = tile_dataset(train, tiling, coco_paths[0].parent / TILES_FOLDER)
     if coco_paths is None:
         train_coco, val_coco = Path(training_data).absolute(), Path(validation_data).absolute()
     else:

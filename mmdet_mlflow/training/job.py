@@ -19,6 +19,7 @@ from typing import Sequence
 
 from mmdet_mlflow.files import atomic_write_json
 from mmdet_mlflow.training.data_prep import prepare_data
+from mmdet_mlflow.training.tiles import TrainingTiles
 from mmdet_mlflow.training.outputs import TrainingOutput
 from mmdet_mlflow.training.settings import FinetuneError, FinetuneSettings
 from mmdet_mlflow.training.start import StartingPoint
@@ -87,7 +88,9 @@ def finetune(training_data, validation_data, output_dir, *, model=None, config=N
             StartingPoint.from_config(config, checkpoint)
         if main:
             return start, prepare_data(training_data, validation_data, (out.train_coco, out.validation_coco),
-                                       validate_data, confine_images)
+                                       validate_data, confine_images,
+                                       TrainingTiles.from_settings(settings.tile_grid_size,
+                                                                   settings.tile_overlap_ratio))
         # Other ranks read the COCO files rank 0 wrote (validated there) and write nothing.
         return start, prepare_data(out.train_coco, out.validation_coco, None, validate=False)
 

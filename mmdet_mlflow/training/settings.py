@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from mmdet_mlflow.metrics import AZURE_METRIC_NAMES, COCO_STAT_NAMES, coco_metric_name
 from scoring.errors import MmdetMlflowError
+from scoring.tiles import TileGridError, check_overlap_ratio, parse_tile_grid
 
 # What validation reports each epoch (training.validation.ValidationMetric), by the names
 # docs/metrics.md defines: Azure's (mask AP at IoU 0.5, precision and recall at score 0.3) and
@@ -48,6 +49,8 @@ class FinetuneSettings:
     num_workers: int | None = None           # data-loading processes (default: 0 on CPU, 2 on GPU)
     strong_augmentation: bool = True         # RTMDet's mosaic + mixup (off: its stage-2 pipeline throughout)
     seed: int = 0
+    tile_grid_size: str | None = None        # AutoML's "MxN" (columns x rows): train on tiles too
+    tile_overlap_ratio: float = 0.25         # AutoML's: overlap of adjacent tiles, [0, 1)
 
     def check(self) -> None:
         problems = []
@@ -73,6 +76,11 @@ class FinetuneSettings:
             problems.append("image_min_size is larger than image_max_size")
         if str(self.precision) not in ("32", "16"):
             problems.append(f"precision must be 32 or 16 (got {self.precision})")
+        try:
+            parse_tile_grid(self.tile_grid_size)
+            check_overlap_ratio(self.tile_overlap_ratio)
+        except TileGridError as err:
+            problems.append(str(err))
         if self.metric_for_best_model not in BEST_MODEL_METRICS:
             problems.append(_best_model_metric_problem(self.metric_for_best_model))
         if problems:

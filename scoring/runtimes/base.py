@@ -22,12 +22,15 @@ from typing import Any, Iterator, Protocol, Sequence
 
 import numpy as np
 
+from scoring.runtimes.masks import MaskWindow
 from scoring.schema import PredictParams
 
 
 class MaskSource(Protocol):
     """Makes one image's full-size boolean masks on demand, a chunk at a time: all of them at
-    once may not fit in memory (100 masks of a 12-megapixel image are 1.2 GB as bools)."""
+    once may not fit in memory (100 masks of a 12-megapixel image are 1.2 GB as bools).
+    A source may also have ``iter_windows(threshold)``: each mask as a ``MaskWindow`` (its box
+    window's pixels and offset), which costs the object's size rather than the picture's."""
 
     def __len__(self) -> int: ...
 
@@ -55,6 +58,14 @@ class ImageDetections:
     def iter_masks(self, threshold: float) -> Iterator[np.ndarray]:
         """The full-size boolean mask of each detection, in order."""
         return self.masks.iter_masks(threshold)
+
+    def iter_windows(self, threshold: float) -> Iterator[MaskWindow]:
+        """Each detection's mask as a ``MaskWindow`` (``.full()`` gives the full-size mask): the
+        source's own windows where it makes them, else its full-size masks."""
+        windows = getattr(self.masks, "iter_windows", None)
+        if windows is not None:
+            return windows(threshold)
+        return (MaskWindow.whole(mask) for mask in self.masks.iter_masks(threshold))
 
 
 def keep_ratio_size(width: int, height: int, scale: tuple[int, int]) -> tuple[int, int]:
@@ -90,6 +101,10 @@ class Segmenter:
     # The score threshold of the model config's test settings (RTMDet-Ins: 0.05): evaluation
     # scores for AP at it. None when the runtime does not know it.
     configured_score_threshold: float | None = None
+
+    # Low-resolution cells of margin around its box each mask is cut to (None: masks are not
+    # cut to their boxes, exactly mmdet's; scoring.runtimes.masks.iter_box_windows).
+    mask_box_margin: float | None = None
 
     # The (width, height) box the test pipeline resizes into, keeping the aspect ratio (RTMDet:
     # 640 x 640); None when the runtime does not resize.

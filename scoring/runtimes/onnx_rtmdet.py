@@ -158,7 +158,7 @@ class OnnxSegmenter(Segmenter):
         else:
             mask_logits = np.zeros((0, *mask_feat.shape[-2:]), np.float32)
         resampler = NumpyMaskResampler(mask_logits, self.spec.strides[0], meta.scale_factor,
-                                       meta.ori_hw)
+                                       meta.ori_hw, boxes, self.mask_box_margin)
         return ImageDetections(image_size=(meta.ori_hw[1], meta.ori_hw[0]), boxes=boxes,
                                scores=scores, labels=labels, class_names=self.class_names,
                                masks=resampler)

@@ -257,65 +257,72 @@ class NumpyMaskResampler:
     the stride, bilinear resize to the rescaled size (height scaled by the *width* factor, as
     mmdet 3.3.0 does), crop to the original image, sigmoid > threshold. cv2's INTER_LINEAR on
     float32 follows the same half-pixel rule as torch's bilinear with align_corners=False,
-    border pixels repeated in both."""
+    border pixels repeated in both. With ``boxes`` (original pixels), each mask is made over its
+    box window only (``iter_windows``, scoring.runtimes.masks)."""
 
     def __init__(self, mask_logits: np.ndarray, stride: int, scale_factor: tuple[float, float],
-                 ori_hw: tuple[int, int]):
+                 ori_hw: tuple[int, int], boxes: np.ndarray | None = None,
+                 box_margin_cells: float | None = None):
         self.mask_logits = mask_logits
-        self.stride = stride
-        self.inverse_scale_factor = [1 / s for s in scale_factor]
-        self.ori_h, self.ori_w = ori_hw
+        self.geometry = mask_windows.MaskGeometry.from_scale_factor(stride, scale_factor, ori_hw)
+        self.boxes = boxes
+        self.box_margin_cells = box_margin_cells
 
     def __len__(self) -> int:
         return len(self.mask_logits)
 
-    def _upsampled_shape(self, low_h: int, low_w: int) -> tuple[int, int]:
-        h, w = low_h * self.stride, low_w * self.stride
-        return (math.ceil(h * self.inverse_scale_factor[0]),
-                math.ceil(w * self.inverse_scale_factor[1]))
-
     def windowed(self) -> bool:
-        big_h, big_w = self._upsampled_shape(*self.mask_logits.shape[-2:])
-        return mask_windows.windowed(big_h, big_w, self.ori_h, self.ori_w)
+        return self.geometry.windowed(*self.mask_logits.shape[-2:])
 
     def chunk_size(self) -> int:
-        if self.windowed():
-            return 1  # one mask at a time, in bands of rows (scoring.runtimes.masks)
-        big_h, big_w = self._upsampled_shape(*self.mask_logits.shape[-2:])
         # as the torch runtime's chunks (its float masks at the upsampled size); ours hold only
         # the boolean masks, and one float mask at a time
-        return max(1, MASK_CHUNK_BYTES // (big_h * big_w * 4))
+        return self.geometry.chunk_size(*self.mask_logits.shape[-2:], budget=MASK_CHUNK_BYTES)
 
     def masks(self, logits: np.ndarray, threshold: float) -> np.ndarray:
         """Boolean masks (k, ori_h, ori_w) for a chunk of low-resolution logits (k, h, w)."""
         low_h, low_w = logits.shape[-2:]
-        big_h, big_w = self._upsampled_shape(low_h, low_w)
-        # sigmoid(x) > t  <=>  x > logit(t): the same masks without a sigmoid over every pixel
-        if threshold <= 0:
-            cut = -np.inf
-        elif threshold >= 1:
-            cut = np.inf
-        else:
-            cut = math.log(threshold) - math.log1p(-threshold)
+        big_h, big_w = self.geometry.upsampled_shape(low_h, low_w)
+        cut = mask_windows.logit_cutoff(threshold)
         # One mask at a time: each comes out in its own contiguous rows, as findContours wants
         # (a many-channel resize leaves every mask strided over the whole chunk, and copying
         # them out cost more than the resizing). The second resize is computed only for the
         # kept window on a long, thin image (scoring.runtimes.masks), and skipped where its size
         # is unchanged (cv2's is a copy there, as torch's interpolate is the identity).
         windowed = self.windowed()
-        out = np.empty((len(logits), self.ori_h, self.ori_w), bool)
-        size_up = (low_w * self.stride, low_h * self.stride)
+        ori_h, ori_w = self.geometry.ori_hw
+        out = np.empty((len(logits), ori_h, ori_w), bool)
         for i, low in enumerate(logits):
-            up = cv2.resize(np.ascontiguousarray(low), size_up, interpolation=cv2.INTER_LINEAR)
+            up = self._upsample(low)
             if windowed:
-                out[i] = mask_windows.windowed_resize(up[None], (big_h, big_w), (self.ori_h, self.ori_w), cut)[0]
+                out[i] = mask_windows.windowed_resize(up[None], (big_h, big_w), (ori_h, ori_w), cut)[0]
                 continue
             if up.shape != (big_h, big_w):
                 up = cv2.resize(up, (big_w, big_h), interpolation=cv2.INTER_LINEAR)
-            np.greater(up[: self.ori_h, : self.ori_w], np.float32(cut), out=out[i])
+            np.greater(up[:ori_h, :ori_w], np.float32(cut), out=out[i])
         return out
 
+    def _upsample(self, low: np.ndarray) -> np.ndarray:
+        """The first resize, by the stride (OpenCV; also on a crop: the same values there)."""
+        stride = self.geometry.stride
+        return cv2.resize(np.ascontiguousarray(low), (low.shape[1] * stride, low.shape[0] * stride),
+                          interpolation=cv2.INTER_LINEAR)
+
     def iter_masks(self, threshold: float) -> Iterator[np.ndarray]:
+        """Each detection's full-size mask (its window's, pasted)."""
+        return (window.full() for window in self.iter_windows(threshold))
+
+    def iter_whole_masks(self, threshold: float) -> Iterator[np.ndarray]:
+        """Each detection's mask made over the whole picture, a chunk at a time (the way before
+        windows; what ``iter_windows`` is checked against)."""
         step = self.chunk_size()
         for start in range(0, len(self.mask_logits), step):
             yield from self.masks(self.mask_logits[start : start + step], threshold)
+
+    def iter_windows(self, threshold: float) -> Iterator[mask_windows.MaskWindow]:
+        """Each detection's mask over the window where it can be True, cut to its box and
+        ``box_margin_cells`` where given (scoring.runtimes.masks.iter_box_windows)."""
+        return mask_windows.iter_box_windows(
+            self.geometry, self.mask_logits, self.boxes, threshold, upsample=self._upsample,
+            whole_mask=lambda i: self.masks(self.mask_logits[i : i + 1], threshold)[0],
+            box_margin_cells=self.box_margin_cells)

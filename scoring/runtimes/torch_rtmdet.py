@@ -16,7 +16,6 @@ Only a model whose ``model.json`` names the torch runtime imports this module (a
 from __future__ import annotations
 
 import copy
-import math
 import types
 from typing import Iterator, Sequence
 
@@ -72,58 +71,51 @@ def bbox_post_process_deferring_masks(
 
 
 class MaskResampler:
-    """Low-resolution mask logits -> boolean masks at the original image size, as mmdet does."""
+    """Low-resolution mask logits -> boolean masks at the original image size, as mmdet does:
+    of the whole picture (``iter_masks`` without boxes), or of each detection's box window
+    (``iter_windows``, scoring.runtimes.masks), the first upsampling by torch itself."""
 
     def __init__(self, stride: int, inverse_scale_factor, ori_shape):
-        self.stride = stride
-        self.inverse_scale_factor = inverse_scale_factor
-        self.ori_h, self.ori_w = int(ori_shape[0]), int(ori_shape[1])
+        self.geometry = mask_windows.MaskGeometry(
+            int(stride), (float(inverse_scale_factor[0]), float(inverse_scale_factor[1])),
+            (int(ori_shape[0]), int(ori_shape[1])))
 
     @classmethod
     def for_image(cls, head, img_meta: dict) -> "MaskResampler":
         return cls(head.prior_generator.strides[0][0],
                    [1 / s for s in img_meta["scale_factor"]], img_meta["ori_shape"][:2])
 
-    def _upsampled_shape(self, low_h: int, low_w: int) -> tuple[int, int]:
-        h, w = low_h * self.stride, low_w * self.stride
-        # mmdet 3.3.0 scales the height with scale_factor[0] (the width factor) too; we keep
-        # that so our masks stay identical to mmdet's.
-        return math.ceil(h * self.inverse_scale_factor[0]), math.ceil(w * self.inverse_scale_factor[1])
-
     def windowed(self, mask_logits: torch.Tensor) -> bool:
         """Whether to resample only the part that survives the crop (scoring.runtimes.masks);
         the exact path, bit-identical to mmdet's, is kept wherever the crop drops little."""
-        big_h, big_w = self._upsampled_shape(*mask_logits.shape[-2:])
-        return mask_windows.windowed(big_h, big_w, self.ori_h, self.ori_w)
+        return self.geometry.windowed(*mask_logits.shape[-2:])
 
     def chunk_size(self, mask_logits: torch.Tensor) -> int:
-        if self.windowed(mask_logits):
-            return 1  # one mask at a time, made in bands of rows (see _windowed_masks)
-        big_h, big_w = self._upsampled_shape(*mask_logits.shape[-2:])
-        return max(1, MASK_CHUNK_BYTES // (big_h * big_w * 4))
+        return self.geometry.chunk_size(*mask_logits.shape[-2:], budget=MASK_CHUNK_BYTES)
 
     def masks(self, mask_logits: torch.Tensor, threshold: float) -> torch.Tensor:
         """Boolean masks (k, ori_h, ori_w) for a chunk of low-resolution logits (k, h, w)."""
-        logits = F.interpolate(mask_logits.unsqueeze(0), scale_factor=self.stride, mode="bilinear")
+        logits = F.interpolate(mask_logits.unsqueeze(0), scale_factor=self.geometry.stride,
+                               mode="bilinear")
         if self.windowed(mask_logits):
             return self._windowed_masks(logits[0], threshold)
         logits = F.interpolate(
             logits,
-            size=list(self._upsampled_shape(*mask_logits.shape[-2:])),
+            size=list(self.geometry.upsampled_shape(*mask_logits.shape[-2:])),
             mode="bilinear",
             align_corners=False,
-        )[..., : self.ori_h, : self.ori_w]
+        )[..., : self.geometry.ori_h, : self.geometry.ori_w]
         return logits.sigmoid().squeeze(0) > threshold
 
     def _windowed_masks(self, logits: torch.Tensor, threshold: float) -> torch.Tensor:
         """The second bilinear resize of ``masks`` computed for the kept ``ori_h x ori_w`` window
         only (scoring.runtimes.masks.windowed_resize, torch's own index rule)."""
         in_h, in_w = logits.shape[-2:]
-        big_hw = self._upsampled_shape(in_h // self.stride, in_w // self.stride)
-        cut = math.log(threshold) - math.log1p(-threshold) if 0 < threshold < 1 else (
-            -math.inf if threshold <= 0 else math.inf)  # sigmoid(x) > t  <=>  x > logit(t)
+        big_hw = self.geometry.upsampled_shape(in_h // self.geometry.stride,
+                                               in_w // self.geometry.stride)
         window = mask_windows.windowed_resize(logits.float().cpu().numpy(), big_hw,
-                                              (self.ori_h, self.ori_w), cut)
+                                              self.geometry.ori_hw,
+                                              mask_windows.logit_cutoff(threshold))
         return torch.from_numpy(window)
 
     def iter_masks(self, mask_logits: torch.Tensor, threshold: float) -> Iterator[np.ndarray]:
@@ -133,19 +125,44 @@ class MaskResampler:
             chunk = self.masks(mask_logits[start : start + step], threshold).cpu().numpy()
             yield from chunk
 
+    def iter_windows(self, mask_logits: torch.Tensor, threshold: float, boxes: np.ndarray | None = None,
+                     box_margin_cells: float | None = None) -> Iterator[mask_windows.MaskWindow]:
+        """Each detection's mask over the window where it can be True, cut to its box and
+        ``box_margin_cells`` where given (scoring.runtimes.masks.iter_box_windows)."""
+        low = mask_logits.detach().float().cpu().numpy()
+        return mask_windows.iter_box_windows(
+            self.geometry, low, boxes, threshold, upsample=self._upsample_crop,
+            whole_mask=lambda i: self.masks(mask_logits[i : i + 1], threshold)[0].cpu().numpy(),
+            box_margin_cells=box_margin_cells)
+
+    def _upsample_crop(self, low: np.ndarray) -> np.ndarray:
+        """torch's bilinear upsampling by the stride, as ``masks`` runs it, on a crop."""
+        up = F.interpolate(torch.from_numpy(low)[None, None], scale_factor=self.geometry.stride,
+                           mode="bilinear")
+        return up[0, 0].numpy()
+
 
 class DeferredMasks:
-    """The ``MaskSource`` of one image: its low-resolution logits and the resampler."""
+    """The ``MaskSource`` of one image: its low-resolution logits and the resampler; each mask
+    made over its own window (``iter_windows``), full-size ones pasted from those. ``boxes``
+    (original pixels) with ``box_margin_cells``: cut each mask to its box and that margin."""
 
-    def __init__(self, mask_logits: torch.Tensor, resampler: MaskResampler):
+    def __init__(self, mask_logits: torch.Tensor, resampler: MaskResampler,
+                 boxes: np.ndarray | None = None, box_margin_cells: float | None = None):
         self.mask_logits = mask_logits
         self.resampler = resampler
+        self.boxes = boxes
+        self.box_margin_cells = box_margin_cells
 
     def __len__(self) -> int:
         return int(self.mask_logits.shape[0])
 
     def iter_masks(self, threshold: float) -> Iterator[np.ndarray]:
-        return self.resampler.iter_masks(self.mask_logits, threshold)
+        return (window.full() for window in self.iter_windows(threshold))
+
+    def iter_windows(self, threshold: float) -> Iterator[mask_windows.MaskWindow]:
+        return self.resampler.iter_windows(self.mask_logits, threshold, self.boxes,
+                                           self.box_margin_cells)
 
 
 # --- loading ---------------------------------------------------------------------------------
@@ -270,12 +287,13 @@ class TorchSegmenter(Segmenter):
         out = []
         for res, meta in zip(results, raw["metas"]):
             resampler = MaskResampler.for_image(head, meta)
+            boxes = res.bboxes.cpu().numpy()
             out.append(ImageDetections(
-                image_size=(resampler.ori_w, resampler.ori_h),
-                boxes=res.bboxes.cpu().numpy(),
+                image_size=(resampler.geometry.ori_w, resampler.geometry.ori_h),
+                boxes=boxes,
                 scores=res.scores.cpu().numpy(),
                 labels=res.labels.cpu().numpy(),
                 class_names=self.class_names,
-                masks=DeferredMasks(res.mask_logits, resampler),
+                masks=DeferredMasks(res.mask_logits, resampler, boxes, self.mask_box_margin),
             ))
         return out

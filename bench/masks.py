@@ -1,0 +1,174 @@
+"""Benchmark of mask work per detection (not a test). Prints, measured in this one run, for the
+torch and the ONNX runtime, at 640x480 and 4032x3024 (12 MP), the time to make each detection's
+mask and trace its polygons:
+
+- before: the whole-picture mask of every detection (the way before issue 19), traced whole;
+- exact: each mask over the window where it can be True (``MaskGeometry.support_window``), the
+  same masks, traced in the window;
+- box+4: the same, cut to its box and 4 low-resolution cells (``box_margin_cells=4``).
+
+Two kinds of masks: the untrained tiny model's own (its masks cover most of the picture, so the
+exact window saves nothing there; the box cut does), and compact masks as a trained model makes
+(a blob filling each detection's box, written into the same low-resolution logits). Also the
+whole answer (forward + masks + polygons) for a 12 MP picture with 62 detections.
+
+    .venv/bin/python bench/masks.py [--repeats 2]   (under flock -x /tmp/cpu.lock)
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from helpers import TINY, make_official_checkpoint, scene_image  # noqa: E402
+
+SIZES = [(640, 480), (4032, 3024)]
+DETECTIONS = 62
+
+
+def models(work: Path):
+    """(torch segmenter, ONNX segmenter) of one untrained tiny model."""
+    import mlflow_model
+    from mlflow_model.onnx_export import export_to_weights_dir
+    from scoring.runtimes.onnx_rtmdet import load_onnx_segmenter
+
+    checkpoint = make_official_checkpoint(work / "tiny.pth", TINY)
+    mlflow_model.save_model(work / "tiny", TINY, str(checkpoint))
+    onnx_dir = work / "onnx"
+    shutil.copytree(work / "tiny" / "model", onnx_dir)
+    export_to_weights_dir(onnx_dir)
+    return (mlflow_model.load_segmenter(work / "tiny" / "model", device="cpu", batch_size=1),
+            load_onnx_segmenter(onnx_dir, num_threads=2))
+
+
+def picture(width: int, height: int):
+    import cv2
+
+    small = scene_image(max(64, width // 6), max(64, height // 6), 3)
+    return cv2.resize(small, (width, height), interpolation=cv2.INTER_NEAREST)
+
+
+def compact_logits(low_shape, boxes, geometry) -> np.ndarray:
+    """Low-resolution logits of a blob filling each box (positive inside an ellipse inscribed
+    in it, falling off outside), as a trained model's masks lie in their boxes."""
+    h, w = low_shape
+    cell_x, cell_y = geometry.cell_pixels()
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    out = np.empty((len(boxes), h, w), np.float32)
+    for i, (x1, y1, x2, y2) in enumerate(boxes):
+        cx, cy = (x1 + x2) / 2 / cell_x, (y1 + y2) / 2 / cell_y
+        rx, ry = max(0.5, (x2 - x1) / 2 / cell_x), max(0.5, (y2 - y1) / 2 / cell_y)
+        out[i] = 4 * (1 - ((xx + 0.5 - cx) / rx) ** 2 - ((yy + 0.5 - cy) / ry) ** 2)
+    return out
+
+
+def mask_sources(segmenter, dets, logits):
+    """(before, exact, box+4) mask makers for one image's detections and low-res logits: each a
+    function of the threshold returning an iterator of (pixels, offset)."""
+    from scoring.runtimes.masks import MaskWindow
+    from scoring.runtimes.rtmdet_numpy import NumpyMaskResampler
+
+    masks = dets.masks
+    if isinstance(masks, NumpyMaskResampler):
+        geometry = masks.geometry
+        scale = (1 / geometry.inverse_scale_factor[0], 1 / geometry.inverse_scale_factor[1])
+
+        def make(margin):
+            return NumpyMaskResampler(logits, geometry.stride, scale, geometry.ori_hw, dets.boxes, margin)
+
+        def before(t):
+            return (MaskWindow.whole(m) for m in make(None).iter_whole_masks(t))
+    else:
+        import torch
+
+        from scoring.runtimes.torch_rtmdet import DeferredMasks
+
+        tensor = torch.from_numpy(logits)
+
+        def make(margin):
+            return DeferredMasks(tensor, masks.resampler, dets.boxes, margin)
+
+        def before(t):
+            return (MaskWindow.whole(m) for m in masks.resampler.iter_masks(tensor, t))
+    return {"before": before, "exact": lambda t: make(None).iter_windows(t),
+            "box+4": lambda t: make(4).iter_windows(t)}
+
+
+def time_masks(make, repeats: int) -> tuple[float, int]:
+    """(seconds per detection, mask pixels) to make and trace every mask, best of ``repeats``."""
+    from scoring.encode import mask_polygons
+
+    best, pixels = float("inf"), 0
+    for _ in range(repeats):
+        start = time.perf_counter()
+        pixels = 0
+        count = 0
+        for window in make(0.5):
+            mask_polygons(window.pixels, 0.5, window.offset)
+            pixels += int(window.pixels.sum())
+            count += 1
+        best = min(best, (time.perf_counter() - start) / max(1, count))
+    return best, pixels
+
+
+def whole_answer(segmenter, image, margin, repeats: int) -> float:
+    """Seconds for forward + masks + polygons of one picture (the encoder the server runs)."""
+    from scoring.encode import encode_detections
+
+    params = segmenter.default_params.updated({"max_detections": DETECTIONS, "score_threshold": 0.0})
+    segmenter.mask_box_margin = margin
+    best = float("inf")
+    try:
+        for _ in range(repeats):
+            start = time.perf_counter()
+            encode_detections(segmenter([image], params)[0], params)
+            best = min(best, time.perf_counter() - start)
+    finally:
+        segmenter.mask_box_margin = None
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        segmenters = models(Path(tmp))
+        print("per-detection mask time (make + trace), ms; ratio = before / after")
+        for segmenter in segmenters:
+            params = segmenter.default_params.updated({"max_detections": DETECTIONS,
+                                                       "score_threshold": 0.0})
+            for width, height in SIZES:
+                dets = segmenter([picture(width, height)], params)[0]
+                own = (dets.masks.mask_logits if segmenter.runtime == "onnx"
+                       else dets.masks.mask_logits.numpy())
+                geometry = dets.masks.geometry if segmenter.runtime == "onnx" else dets.masks.resampler.geometry
+                areas = (dets.boxes[:, 2] - dets.boxes[:, 0]) * (dets.boxes[:, 3] - dets.boxes[:, 1])
+                share = float(np.median(areas)) / (width * height)
+                for kind, logits in (("untrained", own),
+                                     ("compact", compact_logits(own.shape[-2:], dets.boxes, geometry))):
+                    timings = {name: time_masks(make, args.repeats)
+                               for name, make in mask_sources(segmenter, dets, logits).items()}
+                    before = timings["before"][0]
+                    cells = "  ".join(f"{name} {t * 1000:7.2f} (x{before / t:5.1f}, {px} px)"
+                                      for name, (t, px) in timings.items())
+                    print(f"{segmenter.runtime:5s} {width}x{height} {len(dets):3d} dets (median box "
+                          f"{share:.1%} of picture) {kind:9s}: {cells}")
+        print(f"whole answer, 4032x3024, {DETECTIONS} detections, untrained tiny model, seconds:")
+        image = picture(4032, 3024)
+        for segmenter in segmenters:
+            exact = whole_answer(segmenter, image, None, args.repeats)
+            cut = whole_answer(segmenter, image, 4, args.repeats)
+            print(f"{segmenter.runtime:5s} exact windows {exact:.3f}  box+4 {cut:.3f}")
+
+
+if __name__ == "__main__":
+    main()
