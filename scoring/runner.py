@@ -36,6 +36,7 @@ from scoring.fetch import Deadline, FetchBudget
 from scoring.runtimes.base import ImageDetections, Segmenter
 from scoring.runtimes.masks import MaskWindow
 from scoring.schema import PredictParams
+from scoring.tiling import segment_tiled
 
 Encoder = Callable[[ImageDetections, PredictParams], Any]
 
@@ -142,9 +143,21 @@ def _check_work(segmenter: Segmenter, image: np.ndarray, params: PredictParams,
             f"smaller image", row=key)
 
 
+def _segment(segmenter: Segmenter, images: list[np.ndarray], params: PredictParams,
+             deadline: Deadline | None) -> Iterator[ImageDetections]:
+    """The batch's detections: one pass of the segmenter's batches, or, with tiling, each
+    picture's tiles and whole picture (scoring.tiling), checking the deadline between pictures."""
+    if not params.tile_grid:
+        yield from segmenter(images, params)
+        return
+    for image in images:
+        _check_deadline(deadline)
+        yield segment_tiled(segmenter, image, params)
+
+
 def _score_batch(segmenter, batch, params, encode, keep_images, deadline=None) -> Iterator[Scored]:
     images = [image for _, image in batch]
-    for (key, image), detections in zip(batch, segmenter(images, params)):
+    for (key, image), detections in zip(batch, _segment(segmenter, images, params, deadline)):
         if deadline is not None:
             detections = replace(detections, masks=_MasksWithinDeadline(detections.masks, deadline))
         yield Scored(key, response=encode(detections, params),

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Mapping
 
 from scoring.errors import InputError
+from scoring.tiles import check_overlap_ratio, format_tile_grid, parse_tile_grid
 
 INPUT_COLUMN = "image"
 OUTPUT_COLUMN = "boxes"
@@ -26,6 +27,12 @@ class PredictParams:
     # NMS across classes too (Ultralytics' agnostic_nms): one object, one label. mmdet's default
     # is per class, which can report one bottle as both "milk_bottle" and "water_bottle".
     class_agnostic_nms: bool = False
+    # Tiling, with Azure AutoML's names (scoring.tiling): "MxN" columns x rows, "" = none; the
+    # share of a tile its neighbours overlap; the IoU above which detections of the tiles and
+    # of the whole picture are one object.
+    tile_grid_size: str = ""
+    tile_overlap_ratio: float = 0.25
+    tile_predictions_nms_thresh: float = 0.25
 
     # name -> (low, high, inclusive high) for validation
     _RANGES = {
@@ -34,6 +41,7 @@ class PredictParams:
         "max_detections": (1, 10_000),
         "mask_threshold": (0.0, 1.0),
         "polygon_tolerance": (0.0, 1_000.0),
+        "tile_predictions_nms_thresh": (0.0, 1.0),
     }
 
     @classmethod
@@ -55,9 +63,18 @@ class PredictParams:
             changes[name] = self._checked(name, value)
         return replace(self, **changes)
 
-    def _checked(self, name: str, value: Any) -> float | int | bool:
+    @property
+    def tile_grid(self) -> tuple[int, int] | None:
+        """(columns, rows) of ``tile_grid_size``, None for no tiling."""
+        return parse_tile_grid(self.tile_grid_size)
+
+    def _checked(self, name: str, value: Any) -> float | int | bool | str:
         if name == "class_agnostic_nms":
             return _boolean_param(name, value)
+        if name == "tile_grid_size":
+            return format_tile_grid(parse_tile_grid(value, name))
+        if name == "tile_overlap_ratio":
+            return check_overlap_ratio(value, name)
         want_int = name == "max_detections"
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             if isinstance(value, str):
@@ -96,7 +113,7 @@ def mlflow_signature(defaults: PredictParams):
             Property("polygon", Array(Array("double"))),
         ]
     )
-    param_types = {bool: "boolean", int: "long", float: "double"}
+    param_types = {bool: "boolean", int: "long", float: "double", str: "string"}
     params = ParamSchema(
         [
             ParamSpec(name, param_types[type(value)], value)

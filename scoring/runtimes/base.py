@@ -37,6 +37,9 @@ class MaskSource(Protocol):
     def iter_masks(self, threshold: float) -> Iterator[np.ndarray]:
         """One (height, width) boolean array per detection, in detection order."""
 
+    def select(self, indices: Sequence[int]) -> "MaskSource":
+        """A source of these detections' masks only, in this order."""
+
 
 @dataclass
 class ImageDetections:

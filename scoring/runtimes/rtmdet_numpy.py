@@ -6,6 +6,7 @@ the dynamic mask convolutions, full-size masks a chunk at a time). Imports numpy
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -318,6 +319,13 @@ class NumpyMaskResampler:
         step = self.chunk_size()
         for start in range(0, len(self.mask_logits), step):
             yield from self.masks(self.mask_logits[start : start + step], threshold)
+
+    def select(self, indices) -> "NumpyMaskResampler":
+        """The masks of these detections only, in this order (tiling merges pieces by index)."""
+        chosen = copy.copy(self)
+        chosen.mask_logits = self.mask_logits[list(indices)]
+        chosen.boxes = None if self.boxes is None else self.boxes[list(indices)]
+        return chosen
 
     def iter_windows(self, threshold: float) -> Iterator[mask_windows.MaskWindow]:
         """Each detection's mask over the window where it can be True, cut to its box and

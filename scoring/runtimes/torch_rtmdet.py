@@ -164,6 +164,13 @@ class DeferredMasks:
         return self.resampler.iter_windows(self.mask_logits, threshold, self.boxes,
                                            self.box_margin_cells)
 
+    def select(self, indices: Sequence[int]) -> "DeferredMasks":
+        """The masks of these detections only, in this order (tiling merges pieces by index)."""
+        keep = torch.as_tensor(list(indices), dtype=torch.long, device=self.mask_logits.device)
+        return DeferredMasks(self.mask_logits[keep], self.resampler,
+                             None if self.boxes is None else self.boxes[list(indices)],
+                             self.box_margin_cells)
+
 
 # --- loading ---------------------------------------------------------------------------------
 

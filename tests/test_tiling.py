@@ -1,0 +1,222 @@
+"""Tiled inference (scoring.tiling): the merge of tile and whole-picture detections with their
+masks, the request params, and tiling through the real tiny model on both runtimes."""
+from __future__ import annotations
+
+import base64
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from helpers import scene_image
+from scoring.errors import InputError
+from scoring.runtimes.base import ImageDetections
+from scoring.schema import PredictParams
+from scoring.tiling import merge_tiles, tiles_for
+
+CLASSES = ["bottle", "can"]
+
+
+class ArrayMasks:
+    """A MaskSource over masks already made (each in its own source's pixels): what the merge
+    receives from a runtime, without a network in the way, so the cases are exact."""
+
+    def __init__(self, masks):
+        self.masks = list(masks)
+
+    def __len__(self):
+        return len(self.masks)
+
+    def iter_masks(self, threshold):
+        return iter(self.masks)
+
+    def select(self, indices):
+        return ArrayMasks([self.masks[i] for i in indices])
+
+
+def rect_mask(hw, box):
+    mask = np.zeros(hw, bool)
+    x0, y0, x1, y1 = box
+    mask[y0:y1, x0:x1] = True
+    return mask
+
+
+def found(hw, boxes, scores, labels):
+    """One source's detections: box masks (filled boxes) in that source's pixels."""
+    return ImageDetections(image_size=(hw[1], hw[0]), boxes=np.asarray(boxes, np.float32).reshape(-1, 4),
+                           scores=np.asarray(scores, np.float32), labels=np.asarray(labels),
+                           class_names=CLASSES, masks=ArrayMasks([rect_mask(hw, b) for b in boxes]))
+
+
+def crop_box(box, rect):
+    """A picture box as a tile sees it: moved into the tile and cut at its edges."""
+    x0, y0, x1, y1 = rect
+    return (max(box[0], x0) - x0, max(box[1], y0) - y0, min(box[2], x1) - x0, min(box[3], y1) - y0)
+
+
+def iou(a, b):
+    return (a & b).sum() / (a | b).sum()
+
+
+# A 400 x 200 picture in two columns with overlap 0.25: tiles [0, 229) and [171, 400).
+PICTURE_HW = (200, 400)
+PARAMS = PredictParams(tile_grid_size="2x1", tile_overlap_ratio=0.25)
+
+
+def sources():
+    return [(0, 0, 400, 200)] + tiles_for(PICTURE_HW, PARAMS)
+
+
+def test_the_tiles_of_the_cases_below():
+    assert sources() == [(0, 0, 400, 200), (0, 0, 229, 200), (171, 0, 400, 200)]
+
+
+def test_an_object_cut_by_a_border_and_whole_in_the_other_tile_comes_back_once_whole():
+    """The object spans x 190..260: the left tile cuts it at 229, the right tile sees it whole,
+    and the shrunk whole picture missed it. One detection, the whole object's mask and box, the
+    best piece's score."""
+    whole_object = (190, 50, 260, 120)
+    left, right = sources()[1], sources()[2]
+    merged = merge_tiles([found(PICTURE_HW, [], [], []),
+                          found((200, 229), [crop_box(whole_object, left)], [0.9], [0]),
+                          found((200, 229), [crop_box(whole_object, right)], [0.7], [0])],
+                         sources(), PICTURE_HW, PARAMS)
+    assert len(merged) == 1
+    mask = next(merged.iter_masks(0.5))
+    assert mask.shape == PICTURE_HW
+    assert iou(mask, rect_mask(PICTURE_HW, whole_object)) >= 0.9
+    np.testing.assert_allclose(merged.boxes[0], whole_object)
+    assert merged.scores[0] == pytest.approx(0.9) and merged.label_name(0) == "bottle"
+
+
+def test_an_object_only_seen_in_pieces_is_their_union():
+    """Wider than the overlap and cut by both tiles: the pieces make one object."""
+    whole_object = (120, 60, 300, 140)
+    left, right = sources()[1], sources()[2]
+    merged = merge_tiles([found(PICTURE_HW, [], [], []),
+                          found((200, 229), [crop_box(whole_object, left)], [0.6], [1]),
+                          found((200, 229), [crop_box(whole_object, right)], [0.8], [1])],
+                         sources(), PICTURE_HW, PARAMS)
+    assert len(merged) == 1 and merged.label_name(0) == "can"
+    assert iou(next(merged.iter_masks(0.5)), rect_mask(PICTURE_HW, whole_object)) >= 0.99
+    np.testing.assert_allclose(merged.boxes[0], whole_object)
+
+
+def test_the_same_object_in_a_tile_and_in_the_whole_picture_is_one_detection():
+    obj = (20, 20, 60, 70)
+    merged = merge_tiles([found(PICTURE_HW, [obj], [0.5], [0]),
+                          found((200, 229), [crop_box(obj, sources()[1])], [0.8], [0]),
+                          found((200, 229), [], [], [])],
+                         sources(), PICTURE_HW, PARAMS)
+    assert len(merged) == 1 and merged.scores[0] == pytest.approx(0.8)
+
+
+def test_separate_objects_and_other_classes_stay_apart():
+    a, b = (20, 20, 60, 70), (300, 20, 340, 70)
+    merged = merge_tiles([found(PICTURE_HW, [], [], []),
+                          found((200, 229), [crop_box(a, sources()[1]), crop_box(a, sources()[1])],
+                                [0.9, 0.4], [0, 1]),
+                          found((200, 229), [crop_box(b, sources()[2])], [0.7], [0])],
+                         sources(), PICTURE_HW, PARAMS)
+    assert len(merged) == 3
+    assert list(merged.scores) == pytest.approx([0.9, 0.7, 0.4])
+    agnostic = merge_tiles([found(PICTURE_HW, [], [], []),
+                            found((200, 229), [crop_box(a, sources()[1])] * 2, [0.9, 0.4], [0, 1]),
+                            found((200, 229), [], [], [])],
+                           sources(), PICTURE_HW, PredictParams(tile_grid_size="2x1",
+                                                                class_agnostic_nms=True))
+    assert len(agnostic) == 1
+
+
+def test_max_detections_counts_merged_objects():
+    boxes = [(10 + 20 * i, 10, 25 + 20 * i, 30) for i in range(8)]
+    merged = merge_tiles([found(PICTURE_HW, boxes, np.linspace(0.9, 0.2, 8), [0] * 8),
+                          found((200, 229), [], [], []), found((200, 229), [], [], [])],
+                         sources(), PICTURE_HW, PredictParams(tile_grid_size="2x1", max_detections=5))
+    assert len(merged) == 5 and len(list(merged.iter_masks(0.5))) == 5
+
+
+@pytest.mark.parametrize("value", ["0x4", "4by4", "3", "100x100", "x2", 7])
+def test_bad_grids_are_input_errors_naming_the_param(value):
+    with pytest.raises(InputError, match="tile_grid_size"):
+        PredictParams().updated({"tile_grid_size": value})
+
+
+@pytest.mark.parametrize("value", [1, 1.5, -0.1, "a", True, float("nan")])
+def test_bad_overlaps_are_input_errors_naming_the_param(value):
+    with pytest.raises(InputError, match="tile_overlap_ratio"):
+        PredictParams().updated({"tile_overlap_ratio": value})
+
+
+def test_a_grid_finer_than_the_picture_is_clipped_not_refused():
+    params = PredictParams(tile_grid_size="8x8")
+    assert tiles_for((40, 40), params) == []  # one tile: the plain answer
+    assert len(tiles_for((40, 2000), params)) == 8  # eight columns, one row (tiles >= 32 px)
+
+
+@pytest.fixture(scope="module")
+def runtimes(tiny_model_dir, tiny_onnx_model_dir):
+    import mlflow_model
+
+    return {"torch": mlflow_model.load_segmenter(tiny_model_dir / "model", device="cpu"),
+            "onnx": mlflow_model.load_segmenter(tiny_onnx_model_dir / "model", device="cpu")}
+
+
+@pytest.mark.parametrize("size", [(1280, 960), (37, 21), (1, 900), (900, 1)])
+def test_tiled_answers_through_the_real_model_on_both_runtimes(runtimes, size):
+    """Tiles of every shape (a picture smaller than a tile, one pixel high) answer or refuse
+    with an InputError, never anything else; the two runtimes give the same answer."""
+    from scoring.runner import score_images
+
+    width, height = size
+    image = scene_image(width, height, 3) if min(size) > 40 else \
+        np.random.default_rng(3).integers(0, 255, (height, width, 3), dtype=np.uint8)
+    params = {"tile_grid_size": "3x2", "score_threshold": 0.05, "max_detections": 20}
+    answers = {}
+    for name, segmenter in runtimes.items():
+        try:
+            scored = list(score_images(segmenter, [(0, image)], params, decode=lambda k, v: v))
+            answers[name] = scored[0].response["boxes"]
+        except InputError as err:
+            answers[name] = str(err)
+    assert type(answers["torch"]) is type(answers["onnx"])
+    if isinstance(answers["torch"], str):
+        assert "too thin" in answers["torch"]
+        return
+    assert len(answers["torch"]) == len(answers["onnx"]) <= 20
+    for a, b in zip(answers["torch"], answers["onnx"]):
+        assert a["label"] == b["label"] and a["score"] == pytest.approx(b["score"], abs=1e-4)
+        for k in a["box"]:
+            assert 0 <= a["box"][k] <= 1 and a["box"][k] == pytest.approx(b["box"][k], abs=1e-3)
+
+
+def test_tiling_runs_the_whole_picture_and_each_tile_in_the_segmenters_batches(tiny_onnx_model_dir,
+                                                                               monkeypatch):
+    """(tiles + 1) pictures through the network, MMDET_MLFLOW_BATCH_SIZE of them a pass."""
+    import mlflow_model
+    from scoring.tiling import segment_tiled
+
+    monkeypatch.setenv("MMDET_MLFLOW_BATCH_SIZE", "4")
+    batched = mlflow_model.load_segmenter(tiny_onnx_model_dir / "model", device="cpu")
+    passes = []
+    original = batched.forward
+    batched.forward = lambda batch, params: passes.append(len(batch["inputs"])) or original(batch, params)
+    segment_tiled(batched, scene_image(1280, 960, 1), PredictParams(tile_grid_size="3x2"))
+    assert passes == [4, 3]
+
+
+def test_the_pyfunc_takes_the_tiling_params_and_refuses_bad_ones(tiny_onnx_model_dir):
+    import cv2
+    import mlflow.pyfunc
+    from mlflow.exceptions import MlflowException
+
+    model = mlflow.pyfunc.load_model(str(tiny_onnx_model_dir))
+    ok, png = cv2.imencode(".png", scene_image(900, 600, 2))
+    frame = pd.DataFrame({"image": [base64.b64encode(png.tobytes()).decode()]})
+    tiled = model.predict(frame, params={"tile_grid_size": "2x2", "tile_overlap_ratio": 0.2,
+                                         "tile_predictions_nms_thresh": 0.3, "score_threshold": 0.05})
+    assert isinstance(tiled["boxes"][0], list)
+    with pytest.raises(MlflowException, match="tile_grid_size"):
+        model.predict(frame, params={"tile_grid_size": "2by2"})
+    signature = {p.name: (p.dtype, p.default) for p in model.metadata.signature.params.params}
+    assert signature["tile_grid_size"][1] == "" and signature["tile_overlap_ratio"][1] == 0.25
