@@ -20,7 +20,7 @@ from mlflow_model.environment import (get_default_conda_env, get_default_pip_req
 # Not bound as `model_dir`: importing the submodule mlflow_model.model_dir (tooling layouts) would
 # rebind that name on this package.
 from scoring import model_dir as layout
-from scoring.errors import MmdetMlflowError
+from scoring.errors import InputError, MmdetMlflowError
 from scoring.model_dir import ModelDir
 
 FLAVOR_NAME = "mmdet"
@@ -49,6 +49,7 @@ def save_model(
     runtime: str = "torch",
     quantize: str | None = None,
     calibration_images=None,
+    default_params: dict | None = None,
 ):
     """Save an RTMDet-Ins model as an MLflow model directory at ``path``.
 
@@ -61,7 +62,10 @@ def save_model(
     Runtime with numpy pre/post-processing; such a model needs none of torch, mmcv, mmdet,
     mmengine, and its requirements install from wheels. ``quantize="int8"`` (ONNX only) adds a
     statically quantized network, calibrated on ``calibration_images`` (BGR arrays), and serves
-    it; its speed and agreement with fp32 are measured and printed.
+    it; its speed and agreement with fp32 are measured and printed. ``default_params``: predict
+    params the model answers with unless a request says otherwise (as AutoML's model settings,
+    e.g. ``{"tile_grid_size": "3x2"}``), over those of the config; recorded in model.json and as
+    the signature's defaults.
     """
     from mlflow.models import Model
     from mlflow.models.utils import _save_example
@@ -88,6 +92,10 @@ def save_model(
     checkpoint_path, source = resolve_checkpoint(checkpoint, config_name(config))
     state_dict, meta = read_state_dict(checkpoint_path)
     family = family_of_config(load_config(config).model)
+    try:
+        family.default_params({}).updated(default_params)  # a bad value: refused before the work
+    except InputError as err:
+        raise SaveModelError(f"default_params: {err}") from None
     class_names = list(classes) if classes else classes_from_meta(meta)
     if class_names is None:
         class_names = _classes_for_count(_class_count(state_dict, family))
@@ -101,7 +109,7 @@ def save_model(
     weights_dir.path.mkdir(parents=True)
     cfg.dump(str(weights_dir.config))
     write_weights(state_dict, weights_dir.weights)
-    defaults = family.default_params(cfg.model.test_cfg)
+    defaults = family.default_params(cfg.model.test_cfg).updated(default_params)
     info = {
         "family": family.name,
         "runtime": runtime,

@@ -220,3 +220,36 @@ def test_the_pyfunc_takes_the_tiling_params_and_refuses_bad_ones(tiny_onnx_model
         model.predict(frame, params={"tile_grid_size": "2by2"})
     signature = {p.name: (p.dtype, p.default) for p in model.metadata.signature.params.params}
     assert signature["tile_grid_size"][1] == "" and signature["tile_overlap_ratio"][1] == 0.25
+
+
+def test_package_records_a_default_tiling_that_requests_override(tmp_path, tiny_checkpoint):
+    """As AutoML's model settings: `package --tile-grid-size` is the model's default (model.json
+    and the signature's defaults); a request's own params win."""
+    import json
+
+    import mlflow.pyfunc
+
+    from helpers import TINY
+    from mmdet_mlflow.cli import main
+
+    out = tmp_path / "tiled"
+    assert main(["package", "--config", TINY, "--checkpoint", str(tiny_checkpoint), "--output", str(out),
+                 "--runtime", "onnx", "--tile-grid-size", "2x2", "--tile-overlap-ratio", "0.2"]) == 0
+    defaults = json.loads((out / "model" / "model.json").read_text())["default_params"]
+    assert defaults["tile_grid_size"] == "2x2" and defaults["tile_overlap_ratio"] == 0.2
+    model = mlflow.pyfunc.load_model(str(out))
+    signature = {p.name: p.default for p in model.metadata.signature.params.params}
+    assert signature["tile_grid_size"] == "2x2"
+    segmenter = model.get_raw_model()
+    assert segmenter.default_params.tile_grid == (2, 2)
+    assert segmenter.default_params.updated({"tile_grid_size": ""}).tile_grid is None
+
+
+def test_package_refuses_a_bad_default_tiling_before_writing(tmp_path, tiny_checkpoint, capsys):
+    from helpers import TINY
+    from mmdet_mlflow.cli import main
+
+    assert main(["package", "--config", TINY, "--checkpoint", str(tiny_checkpoint),
+                 "--output", str(tmp_path / "m"), "--tile-grid-size", "0x2"]) != 0
+    assert "tile_grid_size needs at least one column" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()

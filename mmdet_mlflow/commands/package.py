@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import NamedTuple
 
+from mmdet_mlflow.commands.predict import add_tiling_arguments, tiling_from_args
 from scoring.runtimes import DEFAULT_RUNTIME, RUNTIMES
 
 DEFAULT_CALIBRATION_IMAGES = 32
@@ -28,6 +29,8 @@ def add_parser(subparsers):
                    help="images to calibrate int8 on: a folder of images, or AutoML JSONL / MLTable / COCO data")
     p.add_argument("--calibration-images", type=int, default=DEFAULT_CALIBRATION_IMAGES,
                    help=f"how many of them (default {DEFAULT_CALIBRATION_IMAGES}, spread over the set)")
+    add_tiling_arguments(p, "the model's default tiling, recorded in model.json; a request may "
+                            "override it")
     p.set_defaults(handler=run)
 
 
@@ -45,7 +48,8 @@ def run(args):
     calibration = calibration_images(source, args.calibration_images) if source else None
     model = mlflow_model.save_model(args.output, args.config, args.checkpoint, classes=classes,
                                     runtime=args.runtime, quantize=args.quantize,
-                                    calibration_images=calibration)
+                                    calibration_images=calibration,
+                                    default_params=tiling_from_args(args))
     if args.quantize:
         report_int8_cost(Path(args.output), source)
     flavor = model.flavors[mlflow_model.FLAVOR_NAME]

@@ -15,6 +15,29 @@ def add_params_arguments(parser):
                             help=f"predict param {name} (default: the model's, usually {value})")
 
 
+TILING_PARAMS = ("tile_grid_size", "tile_overlap_ratio", "tile_predictions_nms_thresh")
+TILING_HELP = {
+    "tile_grid_size": "Azure AutoML's tiling for small objects in large pictures: \"MxN\", columns "
+                      "x rows (e.g. 3x2): the tiles and the whole picture go through the network",
+    "tile_overlap_ratio": "share of a tile its neighbours overlap, [0, 1) (AutoML's default 0.25)",
+    "tile_predictions_nms_thresh": "IoU above which detections of tiles and of the whole picture "
+                                   "are one object (AutoML's default 0.25)",
+}
+
+
+def add_tiling_arguments(parser, purpose: str) -> None:
+    """--tile-grid-size and the other tiling params, for commands that set a model's defaults."""
+    defaults = PredictParams()
+    for name in TILING_PARAMS:
+        value = getattr(defaults, name)
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=type(value), default=None,
+                            help=f"{TILING_HELP[name]}: {purpose}")
+
+
+def tiling_from_args(args) -> dict:
+    return {k: getattr(args, k) for k in TILING_PARAMS if getattr(args, k, None) is not None}
+
+
 def params_from_args(args) -> dict:
     return {k: getattr(args, k) for k in PredictParams().as_dict() if getattr(args, k) is not None}
 

@@ -11,9 +11,11 @@ from mmdet_mlflow.files import atomic_write_json, publishing
 
 
 def export_models(cfg, weights: dict, classes: list[str], pytorch_dir: Path, mlflow_dir: Path,
-                  info: dict | None = None, runtime: str = "torch") -> tuple[Path, Path]:
+                  info: dict | None = None, runtime: str = "torch",
+                  default_params: dict | None = None) -> tuple[Path, Path]:
     """Write ``pytorch_dir`` (a weights folder: config.py, weights.pth as plain tensors,
-    model.json) and ``mlflow_dir`` (our MLflow flavor, served by ``runtime``)."""
+    model.json) and ``mlflow_dir`` (our MLflow flavor, served by ``runtime``, answering with
+    ``default_params`` unless a request says otherwise)."""
     weights = {k.removeprefix("module."): v for k, v in weights.items()}
     with publishing(pytorch_dir) as tmp:
         staged = WeightsDir(tmp)
@@ -24,5 +26,5 @@ def export_models(cfg, weights: dict, classes: list[str], pytorch_dir: Path, mlf
     with publishing(mlflow_dir) as tmp:
         tmp.rmdir()  # save_model creates the folder itself
         mlflow_model.save_model(tmp, str(exported.config), str(exported.weights), classes=classes,
-                                runtime=runtime)
+                                runtime=runtime, default_params=default_params)
     return pytorch_dir, mlflow_dir

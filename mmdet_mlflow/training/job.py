@@ -143,7 +143,8 @@ def finetune(training_data, validation_data, output_dir, *, model=None, config=N
         result.pytorch_model_dir, result.mlflow_model_dir = export_models(
             cfg, weights, data.classes, Path(pytorch_model_dir or out.pytorch_model),
             Path(mlflow_model_dir or out.mlflow_model), runtime=runtime,
-            info=dict(start=start.description, best=result.best, settings=settings.as_params()))
+            info=dict(start=start.description, best=result.best, settings=settings.as_params()),
+            default_params=settings.inference_tiling())
         atomic_write_json(out.metrics, dict(epochs=result.epochs, best=result.best,
                                             metric_for_best_model=settings.metric_for_best_model))
         with _without_known_warnings():

@@ -86,6 +86,14 @@ class FinetuneSettings:
         if problems:
             raise FinetuneError("; ".join(problems))
 
+    def inference_tiling(self) -> dict:
+        """The tiling the fine-tuned model answers with by default (as AutoML: a model trained
+        on tiles predicts on tiles too); empty when it trained on whole pictures."""
+        grid = parse_tile_grid(self.tile_grid_size)
+        if grid is None:
+            return {}
+        return {"tile_grid_size": self.tile_grid_size, "tile_overlap_ratio": self.tile_overlap_ratio}
+
     def input_size(self) -> tuple[int, int]:
         """(width, height) of the network input, mmdet's (w, h) scale convention."""
         if self.image_max_size:
