@@ -452,6 +452,14 @@ def _param_cases() -> list[Case]:
         ("unknown-typo", {"score_thresold": 0.9}, "unknown param 'score_thresold'; known params: score_threshold"),
         ("unknown-many", {"a": 1, "b": 2}, "unknown param"),
         ("unknown-empty-name", {"": 1}, "unknown param"),
+        ("tile-grid-zero", {"tile_grid_size": "0x4"}, "tile_grid_size"),
+        ("tile-grid-word", {"tile_grid_size": "4by4"}, "tile_grid_size"),
+        ("tile-grid-too-many", {"tile_grid_size": "100x100"}, "tile_grid_size"),
+        ("tile-grid-number", {"tile_grid_size": 4}, "tile_grid_size"),
+        ("tile-grid-list", {"tile_grid_size": ["2x2"]}, "tile_grid_size"),
+        ("tile-overlap-one", {"tile_overlap_ratio": 1}, "tile_overlap_ratio"),
+        ("tile-overlap-negative", {"tile_overlap_ratio": -0.5}, "tile_overlap_ratio"),
+        ("tile-nms-above-one", {"tile_predictions_nms_thresh": 2}, "tile_predictions_nms_thresh"),
         ("params-list", [1], "'params' must be a JSON object"),
         ("params-string", "score_threshold=0.5", "'params' must be a JSON object"),
     ]:
@@ -475,6 +483,16 @@ def _param_cases() -> list[Case]:
                                            "mask_threshold": 0.4, "polygon_tolerance": 0,
                                            "class_agnostic_nms": True}), ok=True),
         Case(f, "integers-for-floats", split(image, {"score_threshold": 0, "max_detections": 1}), ok=True),
+        # tiling: a picture smaller than a tile, a grid finer than the picture (clipped), a
+        # large picture, and one too thin for the model with or without tiles
+        Case(f, "tiled-small-picture", split(image, {"tile_grid_size": "4x4", **FEW}), ok=True),
+        Case(f, "tiled-large-picture", split([b64(encoded("PNG", picture(1600, 1200, seed=3)))],
+                                             {"tile_grid_size": "3x3", "tile_overlap_ratio": 0.5, **FEW}),
+             ok=True),
+        Case(f, "tiled-finer-than-picture", split([b64(encoded("PNG", picture(100, 70)))],
+                                                  {"tile_grid_size": "8x8", **FEW}), ok=True),
+        Case(f, "tiled-one-pixel-high", split([b64(encoded("PNG", long_thin(1500, 1)))],
+                                              {"tile_grid_size": "2x2", **FEW}), message="row 0: image is 1500x1: too thin"),
     ]
     return cases
 
