@@ -28,6 +28,7 @@ import numpy as np
 
 from mlflow_model.checkpoints import sha256_of
 from mlflow_model.model_dir import INFO_FILE, ONNX_FILE, ONNX_INFO_KEY, onnx_data_file
+from scoring.class_filter import drop_excluded_classes, excluded_classes
 from scoring.runtimes.base import ImageDetections, Segmenter
 from scoring.schema import PredictParams
 
@@ -118,6 +119,8 @@ class OnnxSegmenter(Segmenter):
     def postprocess(self, raw: dict, params: PredictParams) -> list[ImageDetections]:
         cfg = self.test_cfg(params)
         outputs, names = raw["outputs"], self.spec.outputs
+        drop_excluded_classes([outputs[n] for n in names["cls_scores"]],
+                              excluded_classes(self.class_names, params))
         results = []
         for i, meta in enumerate(raw["metas"]):
             results.append(self._detections_single(

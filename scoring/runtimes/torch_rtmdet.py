@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from scoring import settings
+from scoring.class_filter import drop_excluded_classes, excluded_classes
 from scoring.runtimes import masks as mask_windows
 from scoring.runtimes.base import ImageDetections, Segmenter
 from scoring.schema import PredictParams
@@ -264,7 +265,9 @@ class TorchSegmenter(Segmenter):
         feats = self.detector.extract_feat(data["inputs"])
         head = self.detector.bbox_head
         metas = [sample.metainfo for sample in data["data_samples"]]
-        results = head.predict_by_feat(*head(feats), batch_img_metas=metas,
+        outputs = head(feats)  # (cls_scores, bbox_preds, kernel_preds, mask_feat)
+        drop_excluded_classes(outputs[0], excluded_classes(self.class_names, params))
+        results = head.predict_by_feat(*outputs, batch_img_metas=metas,
                                        cfg=self.test_cfg(params), rescale=True)
         return list(zip(results, metas))
 
