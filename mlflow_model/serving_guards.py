@@ -143,7 +143,8 @@ def refuse_unknown_params() -> None:
 def _class_names(value) -> list:
     """The ``classes`` param as the list of strings the signature declares (shape (-1,)), before
     MLflow checks it: its comma-separated form made a list, and a value that is neither refused
-    with our message (MLflow's own check raised a 500 on a ragged list such as ``["a", ["b"]]``)."""
+    with our message (MLflow's own check raises a plain ValueError, not its 400 error, on a ragged
+    list such as ``["a", ["b"]]``)."""
     from mlflow.exceptions import MlflowException
 
     from scoring.errors import InputError

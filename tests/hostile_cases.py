@@ -452,6 +452,22 @@ def _param_cases() -> list[Case]:
         ("unknown-typo", {"score_thresold": 0.9}, "unknown param 'score_thresold'; known params: score_threshold"),
         ("unknown-many", {"a": 1, "b": 2}, "unknown param"),
         ("unknown-empty-name", {"": 1}, "unknown param"),
+        # answer formats (issue 22): every server answers these with our message, naming the param
+        ("mask-format-unknown", {"mask_format": "mask"}, "param 'mask_format' must be one of 'polygon', 'rle', 'none'"),
+        ("mask-format-list", {"mask_format": ["rle"]}, "mask_format"),
+        ("mask-format-case", {"mask_format": "RLE"}, "param 'mask_format' must be one of"),
+        ("classes-empty-list", {"classes": []}, "param 'classes' is empty"),
+        ("classes-empty-string", {"classes": ""}, "param 'classes' is empty"),
+        ("classes-empty-name", {"classes": "person,,car"}, "param 'classes' has an empty name"),
+        ("classes-unknown", {"classes": ["person", "unicorn"]},
+         "param 'classes' names a class this model does not have: 'unicorn'; the model's classes: person, bicycle, car"),
+        ("classes-unknown-in-string", {"classes": "person, Unicorn"}, "does not have: 'Unicorn'"),
+        ("classes-number", {"classes": 7}, "param 'classes' must be a list of class names"),
+        ("classes-not-strings", {"classes": ["person", 3]}, "param 'classes' must be a list of class names"),
+        ("classes-ragged", {"classes": ["person", ["car"]]}, "param 'classes' must be a list of class names"),
+        ("classes-object", {"classes": {"person": True}}, "param 'classes' must be a list of class names"),
+        ("classes-nothing", {"classes": None}, "param 'classes' must be a list of class names"),
+        ("classes-too-many", {"classes": ["person"] * 20_000}, "param 'classes' names 20000 classes, over the limit"),
         ("params-list", [1], "'params' must be a JSON object"),
         ("params-string", "score_threshold=0.5", "'params' must be a JSON object"),
     ]:
@@ -475,6 +491,10 @@ def _param_cases() -> list[Case]:
                                            "mask_threshold": 0.4, "polygon_tolerance": 0,
                                            "class_agnostic_nms": True}), ok=True),
         Case(f, "integers-for-floats", split(image, {"score_threshold": 0, "max_detections": 1}), ok=True),
+        Case(f, "formats-rle-classes-list", split(image, {"mask_format": "rle", "classes": ["person", "car"],
+                                                          "max_detections": 2, "score_threshold": 0.0}), ok=True),
+        Case(f, "formats-none-classes-string", split(image, {"mask_format": "none", "classes": "person, car",
+                                                             "max_detections": 2}), ok=True),
     ]
     return cases
 
