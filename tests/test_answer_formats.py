@@ -278,3 +278,41 @@ def test_the_signature_declares_both_params_and_the_rle_key(tiny_model_dir):
     detection = json.loads(signature.outputs.to_json())[0]["items"]["properties"]
     assert detection["polygon"]["required"] is False and detection["rle"]["required"] is False
     assert set(detection["rle"]["properties"]) == {"size", "counts"}
+
+
+LEAN_PROCESS = """
+import json, sys
+for name in ("torch", "torchvision", "mmcv", "mmdet", "mmengine", "pycocotools"):
+    sys.modules[name] = None  # any import of them now raises ImportError
+sys.path.insert(0, sys.argv[1])
+import cv2
+from scoring.runner import score_images
+from scoring.runtimes.onnx_rtmdet import load_onnx_segmenter
+segmenter = load_onnx_segmenter(sys.argv[2])
+params = {"mask_format": "rle", "classes": "person, car, dog", "score_threshold": 0.05}
+[scored] = score_images(segmenter, [(0, cv2.imread(sys.argv[3]))], params, decode=lambda k, v: v)
+print(json.dumps(scored.response))
+"""
+
+
+def test_rle_and_classes_serve_without_pycocotools_or_torch(tiny_onnx_model_dir, image_files):
+    """The lean ONNX serving environment has neither: its RLE answers are the same."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import mlflow_model
+    from mlflow_model.model_dir import ModelDir
+
+    weights = ModelDir(tiny_onnx_model_dir).data.path
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run([sys.executable, "-c", LEAN_PROCESS, str(root), str(weights), str(image_files[0])],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lean = json.loads(result.stdout.strip().splitlines()[-1])
+    segmenter = mlflow_model.load_segmenter(weights, device="cpu", batch_size=1)
+    [want] = score_images(segmenter, [(0, cv2.imread(str(image_files[0])))],
+                          {"mask_format": "rle", "classes": "person, car, dog", "score_threshold": 0.05},
+                          decode=lambda key, value: value)
+    assert lean["boxes"] and [b["rle"] for b in lean["boxes"]] == [b["rle"] for b in want.response["boxes"]]
+    assert [b["label"] for b in lean["boxes"]] == [b["label"] for b in want.response["boxes"]]
