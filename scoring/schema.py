@@ -124,6 +124,8 @@ def class_names_param(value: Any) -> tuple[str, ...]:
                              f"{MAX_CLASS_NAMES}")
         if not all(isinstance(name, str) for name in value):
             raise InputError(f"param 'classes' must be {usage}, got {_shown(value)}")
+        if any(not name.strip() for name in value):
+            raise InputError(f"param 'classes' has an empty name in {_shown(value)}")
         names = list(value)
     else:
         raise InputError(f"param 'classes' must be {usage}, got {_shown(value)}")
