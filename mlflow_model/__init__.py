@@ -126,7 +126,7 @@ def save_model(
     _copy_code(saved.code)
 
     mlflow_model = mlflow_model or Model()
-    mlflow_model.signature = signature or mlflow_signature(defaults)
+    mlflow_model.signature = signature or mlflow_signature(defaults, class_names)
     if input_example is None:
         input_example = _default_input_example()
     _save_example(mlflow_model, input_example, str(path))

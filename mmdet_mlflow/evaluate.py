@@ -7,8 +7,8 @@ Scoring uses a LOW score threshold (the model config's ``score_thr``, 0.05 for R
 detections, so cutting at 0.3 would drop the low-score tail and under-report AP. Precision,
 recall and the confusion matrix are then read at ``box_score_threshold``.
 
-Masks are the model's own (``ImageDetections.iter_masks``) encoded as RLE, not the simplified
-polygons of the public response; ``segm_from_polygons`` scores those polygons (rasterized back
+Masks are the model's own (``ImageDetections.iter_masks``) encoded as RLE (what an answer with
+``mask_format="rle"`` carries), not the simplified polygons of the public response; ``segm_from_polygons`` scores those polygons (rasterized back
 with pycocotools) so the cost of the polygon output is visible.
 
 Metric names (Azure's keep Azure's meaning, COCO's are ``segm_AP``, ...): docs/metrics.md.
@@ -226,12 +226,11 @@ def encode_keeping_rles(dets, params) -> tuple[list[dict], list[dict]]:
 
 
 def mask_rle(mask: np.ndarray) -> dict:
-    """A boolean HxW mask as COCO compressed RLE with a str ``counts`` (JSON-ready)."""
-    from pycocotools import mask as mask_util
+    """A boolean HxW mask as COCO compressed RLE with a str ``counts`` (JSON-ready): the very
+    encoder of ``mask_format="rle"`` answers (scoring.rle, byte for byte pycocotools')."""
+    from scoring.rle import encode
 
-    rle = mask_util.encode(np.asfortranarray(mask, dtype=np.uint8))
-    rle["counts"] = rle["counts"].decode("ascii")
-    return rle
+    return encode(mask)
 
 
 def _polygons_rle(segments: Sequence[Sequence[float]], width: int, height: int) -> dict:

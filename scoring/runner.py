@@ -19,7 +19,8 @@ encoder. Callers differ only in
 
 Every image is checked before it reaches the model: it must survive the model's resize (a 1 x
 2000 image would become 0 pixels high) and its worst-case mask work (max_detections x pixels)
-must be within ``MMDET_MLFLOW_MAX_MASK_PIXELS``.
+must be within ``MMDET_MLFLOW_MAX_MASK_PIXELS`` (unless ``mask_format`` is "none": no mask is
+made). The ``classes`` param is checked against the model's classes before the first image.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 
 from scoring import settings
+from scoring.class_filter import check_classes
 from scoring.decode import decode_image
 from scoring.encode import encode_detections
 from scoring.errors import InputError
@@ -72,6 +74,7 @@ def score_images(segmenter: Segmenter, items: Iterable[tuple[Any, Any]],
         raise ValueError(f"on_error must be 'raise' or 'yield', not {on_error!r}")
     if not isinstance(params, PredictParams):
         params = segmenter.default_params.updated(params)
+    check_classes(segmenter.class_names, params)  # an unknown class name: refused before any work
     decode = decode or (lambda key, value: decode_image(value, row=key, budget=budget))
     size = segmenter.batch_size
     max_mask_pixels = settings.MAX_MASK_PIXELS.value()
@@ -135,6 +138,8 @@ def _check_work(segmenter: Segmenter, image: np.ndarray, params: PredictParams,
     if problem:
         raise InputError(problem, row=key)
     height, width = image.shape[:2]
+    if params.mask_format == "none":
+        return  # no mask is made: the mask work is nothing
     if params.max_detections * width * height > max_mask_pixels:
         raise InputError(
             f"max_detections {params.max_detections} x {width}x{height} pixels = "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from scoring.errors import InputError
 from scoring.tiles import check_overlap_ratio, format_tile_grid, parse_tile_grid
@@ -12,6 +12,11 @@ from scoring.tiles import check_overlap_ratio, format_tile_grid, parse_tile_grid
 INPUT_COLUMN = "image"
 OUTPUT_COLUMN = "boxes"
 TASK = "image-instance-segmentation"
+# How each detection's mask is answered: "polygon" (the model card's normalized outer polygons,
+# holes lost), "rle" (COCO compressed RLE of the full-size mask, holes kept) or "none" (no mask
+# at all, and no mask work).
+MASK_FORMATS = ("polygon", "rle", "none")
+MAX_CLASS_NAMES = 10_000  # more names than any model has classes: refused before any work
 
 
 @dataclass(frozen=True)
@@ -33,6 +38,11 @@ class PredictParams:
     tile_grid_size: str = ""
     tile_overlap_ratio: float = 0.25
     tile_predictions_nms_thresh: float = 0.25
+    mask_format: str = "polygon"  # one of MASK_FORMATS
+    # The class names to keep (None: all). Applied to the class scores before the score top-k
+    # and NMS, as Ultralytics' ``classes``, so max_detections counts kept classes only; which
+    # names the model knows is checked against its classes (scoring.class_filter).
+    classes: tuple[str, ...] | None = None
 
     # name -> (low, high, inclusive high) for validation
     _RANGES = {
@@ -46,7 +56,8 @@ class PredictParams:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "PredictParams":
-        return cls().updated(values)
+        """Params stored by ``as_dict`` (model.json's default_params): ``classes`` None is all."""
+        return cls().updated({k: v for k, v in values.items() if not (k == "classes" and v is None)})
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -68,13 +79,20 @@ class PredictParams:
         """(columns, rows) of ``tile_grid_size``, None for no tiling."""
         return parse_tile_grid(self.tile_grid_size)
 
-    def _checked(self, name: str, value: Any) -> float | int | bool | str:
+    def _checked(self, name: str, value: Any) -> Any:
         if name == "class_agnostic_nms":
             return _boolean_param(name, value)
         if name == "tile_grid_size":
             return format_tile_grid(parse_tile_grid(value, name))
         if name == "tile_overlap_ratio":
             return check_overlap_ratio(value, name)
+        if name == "mask_format":
+            if not isinstance(value, str) or value not in MASK_FORMATS:
+                raise InputError(f"param 'mask_format' must be one of {', '.join(map(repr, MASK_FORMATS))}, "
+                                 f"got {_shown(value)}")
+            return value
+        if name == "classes":
+            return class_names_param(value)
         want_int = name == "max_detections"
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             if isinstance(value, str):
@@ -96,9 +114,47 @@ class PredictParams:
         return value if want_int else float(value)
 
 
-def mlflow_signature(defaults: PredictParams):
+def class_names_param(value: Any) -> tuple[str, ...]:
+    """The ``classes`` param as a tuple of names, in the order given, without repeats: a list of
+    strings, or one comma-separated string (each name stripped of surrounding spaces; a name
+    that holds a comma needs the list form). Whether the model knows them is checked where its
+    classes are known (scoring.class_filter)."""
+    usage = "a list of class names or a comma-separated string of them"
+    if isinstance(value, str):
+        names = [part.strip() for part in value.split(",")]
+        if value.strip() and any(not name for name in names):
+            raise InputError(f"param 'classes' has an empty name in {_shown(value)}; expected {usage}")
+        names = [name for name in names if name]
+    elif isinstance(value, (list, tuple)):
+        if len(value) > MAX_CLASS_NAMES:
+            raise InputError(f"param 'classes' names {len(value)} classes, over the limit of "
+                             f"{MAX_CLASS_NAMES}")
+        if not all(isinstance(name, str) for name in value):
+            raise InputError(f"param 'classes' must be {usage}, got {_shown(value)}")
+        if any(not name.strip() for name in value):
+            raise InputError(f"param 'classes' has an empty name in {_shown(value)}")
+        names = list(value)
+    else:
+        raise InputError(f"param 'classes' must be {usage}, got {_shown(value)}")
+    if not names:
+        raise InputError("param 'classes' is empty: name at least one class to keep, or leave the "
+                         "param out to keep every class")
+    return tuple(dict.fromkeys(names))
+
+
+def _shown(value: Any, limit: int = 200) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def mlflow_signature(defaults: PredictParams, class_names: Sequence[str] | None = None):
     """The MLflow signature: a string ``image`` column in, a ``boxes`` column out, and the predict
-    params with their defaults (MLflow only passes params that the signature declares)."""
+    params with their defaults (MLflow only passes params that the signature declares).
+
+    ``classes`` is a string array (shape (-1,)) whose default is every class of the model
+    (``class_names``), so a request without it keeps them all; under ``mlflow models serve`` its
+    comma-separated form is made a list before MLflow checks it (scoring.serving_guards).
+    Each detection carries ``polygon`` or ``rle`` (or neither) as ``mask_format`` asks."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
     from mlflow.types.schema import Array, Object, Property
@@ -110,16 +166,20 @@ def mlflow_signature(defaults: PredictParams):
             Property("box", box),
             Property("label", "string"),
             Property("score", "double"),
-            Property("polygon", Array(Array("double"))),
+            Property("polygon", Array(Array("double")), required=False),
+            Property("rle", Object([Property("size", Array("long")), Property("counts", "string")]),
+                     required=False),
         ]
     )
     param_types = {bool: "boolean", int: "long", float: "double", str: "string"}
-    params = ParamSchema(
-        [
-            ParamSpec(name, param_types[type(value)], value)
-            for name, value in defaults.as_dict().items()
-        ]
-    )
+    specs = []
+    for name, value in defaults.as_dict().items():
+        if name == "classes":
+            if class_names is not None:
+                specs.append(ParamSpec(name, "string", list(value or class_names), shape=(-1,)))
+            continue
+        specs.append(ParamSpec(name, param_types[type(value)], value))
+    params = ParamSchema(specs)
     return ModelSignature(
         inputs=Schema([ColSpec("string", INPUT_COLUMN)]),
         outputs=Schema([ColSpec(Array(detection), OUTPUT_COLUMN)]),
@@ -135,12 +195,14 @@ def _boolean_param(name: str, value: Any) -> bool:
     raise InputError(f"param {name!r} must be true or false, got {value!r}")
 
 
-def detection_record(box_xyxy, image_size, label: str, score: float, polygons) -> dict:
+def detection_record(box_xyxy, image_size, label: str, score: float, polygons=None,
+                     rle: dict | None = None) -> dict:
     """One entry of ``boxes``: the box normalized by the original image size and clipped to 0..1
-    (mmdet boxes can poke past the border), the class name, the score, the polygon segments."""
+    (mmdet boxes can poke past the border), the class name, the score, and the mask as asked:
+    ``polygon`` segments, an ``rle`` (``{"size": [h, w], "counts": str}``), or neither."""
     width, height = image_size
     x1, y1, x2, y2 = (float(v) for v in box_xyxy)
-    return {
+    record = {
         "box": {
             "topX": _unit(x1 / width),
             "topY": _unit(y1 / height),
@@ -149,8 +211,12 @@ def detection_record(box_xyxy, image_size, label: str, score: float, polygons) -
         },
         "label": label,
         "score": float(score),
-        "polygon": polygons,
     }
+    if polygons is not None:
+        record["polygon"] = polygons
+    if rle is not None:
+        record["rle"] = rle
+    return record
 
 
 def _unit(v: float) -> float:

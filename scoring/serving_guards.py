@@ -2,7 +2,8 @@
 MLflow function each, for our models only, when a model of ours is loaded (``install``):
 
 - ``refuse_unknown_params``: MLflow drops params the signature does not declare (a typo such as
-  ``score_thresold`` silently meant the defaults): refused with a 400 naming the known ones;
+  ``score_thresold`` silently meant the defaults): refused with a 400 naming the known ones; the
+  same wrap turns ``classes="a,b"`` into the list the signature declares;
 - ``refuse_unparseable_json``: JSON nested deeper than the recursion limit, or an integer too long
   to convert, made ``mlflow models serve`` answer 500: a 400 now;
 - ``limit_request_bodies``: ``mlflow models serve`` read a body of any size into memory: one over
@@ -131,7 +132,25 @@ def refuse_unknown_params() -> None:
                 raise MlflowException.invalid_parameter_value(
                     f"unknown param{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
                     f"known params: {', '.join(known)}")
+            if "classes" in params and "classes" in known:
+                params = {**params, "classes": _class_names(params["classes"])}
         return original(data, params, input_schema, params_schema, flavor, *args, **kwargs)
 
     validate.refuses_unknown_params = True
     pyfunc._validate_prediction_input = validate
+
+
+def _class_names(value) -> list:
+    """The ``classes`` param as the list of strings the signature declares (shape (-1,)), before
+    MLflow checks it: its comma-separated form made a list, and a value that is neither refused
+    with our message (MLflow's own check raises a plain ValueError, not its 400 error, on a ragged
+    list such as ``["a", ["b"]]``)."""
+    from mlflow.exceptions import MlflowException
+
+    from scoring.errors import InputError
+    from scoring.schema import class_names_param
+
+    try:
+        return list(class_names_param(value))
+    except InputError as err:
+        raise MlflowException.invalid_parameter_value(str(err)) from None

@@ -19,7 +19,7 @@ json_values = st.recursive(json_scalars, lambda inner: st.one_of(
     st.lists(inner, max_size=5), st.dictionaries(st.text(max_size=10), inner, max_size=5)), max_leaves=30)
 
 PARAM_NAMES = ("score_threshold", "iou_threshold", "max_detections", "mask_threshold",
-               "polygon_tolerance", "class_agnostic_nms")
+               "polygon_tolerance", "class_agnostic_nms", "mask_format", "classes")
 param_values = st.one_of(json_scalars, st.sampled_from(["true", "false", "0.5", "1e3", "nan", "inf", " 1 "]),
                          st.lists(json_scalars, max_size=2))
 params = st.dictionaries(st.one_of(st.sampled_from(PARAM_NAMES), st.text(max_size=12)), param_values, max_size=4)
@@ -123,3 +123,6 @@ def check_params(values) -> None:
     for name, (low, high) in PredictParams._RANGES.items():
         assert low <= getattr(checked, name) <= high
     assert isinstance(checked.max_detections, int) and isinstance(checked.class_agnostic_nms, bool)
+    assert checked.mask_format in ("polygon", "rle", "none")
+    assert checked.classes is None or (isinstance(checked.classes, tuple) and checked.classes
+                                       and all(isinstance(c, str) and c for c in checked.classes))

@@ -460,6 +460,22 @@ def _param_cases() -> list[Case]:
         ("tile-overlap-one", {"tile_overlap_ratio": 1}, "tile_overlap_ratio"),
         ("tile-overlap-negative", {"tile_overlap_ratio": -0.5}, "tile_overlap_ratio"),
         ("tile-nms-above-one", {"tile_predictions_nms_thresh": 2}, "tile_predictions_nms_thresh"),
+        # answer formats (issue 22): every server answers these with our message, naming the param
+        ("mask-format-unknown", {"mask_format": "mask"}, "param 'mask_format' must be one of 'polygon', 'rle', 'none'"),
+        ("mask-format-list", {"mask_format": ["rle"]}, "mask_format"),
+        ("mask-format-case", {"mask_format": "RLE"}, "param 'mask_format' must be one of"),
+        ("classes-empty-list", {"classes": []}, "param 'classes' is empty"),
+        ("classes-empty-string", {"classes": ""}, "param 'classes' is empty"),
+        ("classes-empty-name", {"classes": "person,,car"}, "param 'classes' has an empty name"),
+        ("classes-unknown", {"classes": ["person", "unicorn"]},
+         "param 'classes' names a class this model does not have: 'unicorn'; the model's classes: person, bicycle, car"),
+        ("classes-unknown-in-string", {"classes": "person, Unicorn"}, "does not have: 'Unicorn'"),
+        ("classes-number", {"classes": 7}, "param 'classes' must be a list of class names"),
+        ("classes-not-strings", {"classes": ["person", 3]}, "param 'classes' must be a list of class names"),
+        ("classes-ragged", {"classes": ["person", ["car"]]}, "param 'classes' must be a list of class names"),
+        ("classes-object", {"classes": {"person": True}}, "param 'classes' must be a list of class names"),
+        ("classes-nothing", {"classes": None}, "param 'classes' must be a list of class names"),
+        ("classes-too-many", {"classes": ["person"] * 20_000}, "param 'classes' names 20000 classes, over the limit"),
         ("params-list", [1], "'params' must be a JSON object"),
         ("params-string", "score_threshold=0.5", "'params' must be a JSON object"),
     ]:
@@ -493,6 +509,10 @@ def _param_cases() -> list[Case]:
                                                   {"tile_grid_size": "8x8", **FEW}), ok=True),
         Case(f, "tiled-one-pixel-high", split([b64(encoded("PNG", long_thin(1500, 1)))],
                                               {"tile_grid_size": "2x2", **FEW}), message="row 0: image is 1500x1: too thin"),
+        Case(f, "formats-rle-classes-list", split(image, {"mask_format": "rle", "classes": ["person", "car"],
+                                                          "max_detections": 2, "score_threshold": 0.0}), ok=True),
+        Case(f, "formats-none-classes-string", split(image, {"mask_format": "none", "classes": "person, car",
+                                                             "max_detections": 2}), ok=True),
     ]
     return cases
 

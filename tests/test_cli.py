@@ -115,3 +115,31 @@ def test_deploy_errors_are_one_clear_line(tmp_path):
         assert done.returncode == 2, done.stderr
         assert "Traceback" not in done.stderr and message in done.stderr
         assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_predict_answers_rle_or_boxes_alone_for_the_classes_asked(tmp_path, tiny_model_dir, image_files):
+    """--mask-format and --classes reach the answers and the pictures (issue 22)."""
+    from pycocotools import mask as mask_util
+
+    folder = image_files[0].parent
+    found = {}
+    for mask_format in ("rle", "none"):
+        out = tmp_path / f"{mask_format}.jsonl"
+        done = cli("predict", "--model", tiny_model_dir, "--input", folder, "--output", out,
+                   "--visualize", tmp_path / mask_format, "--score-threshold", "0.05",
+                   "--mask-format", mask_format, "--classes", "person, car,dog")
+        assert done.returncode == 0, done.stderr
+        found[mask_format] = [json.loads(line) for line in out.read_text().splitlines()]
+        assert all((tmp_path / mask_format / p.name).is_file() for p in image_files)
+    boxes = [box for line in found["rle"] for box in line["boxes"]]
+    assert boxes and {box["label"] for box in boxes} <= {"person", "car", "dog"}
+    for box in boxes:
+        assert "polygon" not in box
+        mask_util.decode({"size": box["rle"]["size"], "counts": box["rle"]["counts"].encode()})
+    assert [[{k: v for k, v in b.items() if k != "rle"} for b in line["boxes"]] for line in found["rle"]] \
+        == [line["boxes"] for line in found["none"]]
+
+    done = cli("predict", "--model", tiny_model_dir, "--input", folder, "--output", tmp_path / "x.jsonl",
+               "--classes", "person,unicorn")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "does not have: 'unicorn'" in done.stderr + done.stdout

@@ -41,9 +41,12 @@ def test_signature_declares_the_image_column_boxes_and_params(tiny_model_dir):
     assert signature.inputs.input_names() == ["image"]
     assert signature.outputs.input_names() == ["boxes"]
     params = {p.name: p.default for p in signature.params}
+    classes = params.pop("classes")  # every class of the model: none filtered out by default
+    assert len(classes) == 80 and classes[:2] == ["person", "bicycle"]
     assert params == {"score_threshold": 0.3, "iou_threshold": 0.6, "max_detections": 100,
                       "mask_threshold": 0.5, "polygon_tolerance": 1.0,
-                      "class_agnostic_nms": False}
+                      "class_agnostic_nms": False, "mask_format": "polygon",
+                      "tile_grid_size": "", "tile_overlap_ratio": 0.25, "tile_predictions_nms_thresh": 0.25}
     assert (tiny_model_dir / "input_example.json").is_file()
     assert (tiny_model_dir / "serving_input_example.json").is_file()
 

@@ -41,3 +41,24 @@ def test_a_box_without_score_is_tagged_with_its_label_alone():
     predicted = draw_detections(blank, [{"box": BOX, "label": "carton", "score": 0.87, "polygon": []}])
     assert tag_width(truth, "carton") == text_width("carton") + 1
     assert tag_width(predicted, "carton") == text_width("carton 0.87") + 1
+
+
+def test_an_rle_mask_is_filled_with_its_hole_left_open():
+    from scoring.rle import encode
+
+    mask = np.zeros((HEIGHT, WIDTH), np.uint8)
+    cv2.circle(mask, (200, 210), 50, 1, -1)
+    cv2.circle(mask, (200, 210), 20, 0, -1)
+    blank = np.full((HEIGHT, WIDTH, 3), 255, np.uint8)
+    drawn = draw_detections(blank, [{"box": BOX, "label": "ring", "score": 0.9,
+                                     "rle": encode(mask.astype(bool))}])
+    assert not np.array_equal(drawn[210, 165], blank[210, 165])  # inside the ring: filled
+    assert np.array_equal(drawn[210, 200], blank[210, 200])  # the hole: untouched
+    assert np.array_equal(drawn[250, 100], blank[250, 100])  # inside the box, off the mask
+
+
+def test_boxes_alone_draw_the_box_and_nothing_inside():
+    blank = np.full((HEIGHT, WIDTH, 3), 255, np.uint8)
+    drawn = draw_detections(blank, [{"box": BOX, "label": "carton", "score": 0.5}])
+    assert np.array_equal(drawn[200:260, 100:300], blank[200:260, 100:300])
+    assert (drawn[round(BOX["bottomY"] * HEIGHT), 150] == label_color("carton")).all()

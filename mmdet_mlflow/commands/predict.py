@@ -4,14 +4,24 @@ from __future__ import annotations
 from pathlib import Path
 
 from mmdet_mlflow.commands.args import boolean
-from scoring.schema import PredictParams
+from scoring.schema import MASK_FORMATS, PredictParams
 
 
 def add_params_arguments(parser):
     """--score-threshold etc., one per predict param (defaults: the model's own)."""
     for name, value in PredictParams().as_dict().items():
+        flag = f"--{name.replace('_', '-')}"
+        if name == "classes":  # checked by PredictParams and against the model's classes
+            parser.add_argument(flag, dest=name, default=None, metavar="NAME[,NAME...]",
+                                help="predict param classes: keep only these classes, comma-separated "
+                                     "(default: all the model's classes)")
+            continue
+        if name == "mask_format":
+            parser.add_argument(flag, dest=name, default=None, choices=MASK_FORMATS,
+                                help=f"predict param mask_format (default: {value})")
+            continue
         kind = boolean if isinstance(value, bool) else type(value)
-        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=None,
+        parser.add_argument(flag, dest=name, type=kind, default=None,
                             help=f"predict param {name} (default: the model's, usually {value})")
 
 

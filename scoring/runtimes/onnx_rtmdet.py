@@ -28,6 +28,7 @@ import numpy as np
 
 from scoring.model_dir import INFO_FILE, ONNX_FILE, ONNX_INFO_KEY, onnx_data_file, sha256_of
 from scoring.runtimes.base import ImageDetections, Segmenter, forward_batch_size
+from scoring.class_filter import drop_excluded_classes, excluded_classes
 # The settings recorded at export, and the pre- and post-processing in numpy, live in
 # scoring.runtimes.rtmdet_numpy; what is here is the runtime: the session and the Segmenter.
 from scoring.runtimes.rtmdet_numpy import (ImageMeta, NumpyMaskResampler, OnnxModelError, OnnxModelSpec,
@@ -113,6 +114,8 @@ class OnnxSegmenter(Segmenter):
     def postprocess(self, raw: dict, params: PredictParams) -> list[ImageDetections]:
         cfg = self.test_cfg(params)
         outputs, names = raw["outputs"], self.spec.outputs
+        drop_excluded_classes([outputs[n] for n in names["cls_scores"]],
+                              excluded_classes(self.class_names, params))
         results = []
         for i, meta in enumerate(raw["metas"]):
             results.append(self._detections_single(

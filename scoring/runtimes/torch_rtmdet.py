@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from scoring import settings
+from scoring.class_filter import drop_excluded_classes, excluded_classes
 from scoring.runtimes import masks as mask_windows
 from scoring.model_dir import WeightsDir
 from scoring.runtimes.base import ImageDetections, Segmenter, forward_batch_size
@@ -286,10 +287,13 @@ class TorchSegmenter(Segmenter):
 
     @torch.no_grad()
     def postprocess(self, raw: dict, params: PredictParams) -> list[ImageDetections]:
-        """mmdet's ``predict_by_feat`` (score filter, top-k, box decoding, rescale, NMS, mask
-        kernels), with the full-size masks deferred to ``DeferredMasks``."""
+        """The class filter (``params.classes``) on the class logits, then mmdet's
+        ``predict_by_feat`` (score filter, top-k, box decoding, rescale, NMS, mask kernels), with
+        the full-size masks deferred to ``DeferredMasks``."""
         head = self.detector.bbox_head
-        results = head.predict_by_feat(*raw["head_outputs"], batch_img_metas=raw["metas"],
+        outputs = raw["head_outputs"]  # (cls_scores, bbox_preds, kernel_preds, mask_feat)
+        drop_excluded_classes(outputs[0], excluded_classes(self.class_names, params))
+        results = head.predict_by_feat(*outputs, batch_img_metas=raw["metas"],
                                        cfg=self.test_cfg(params), rescale=True)
         out = []
         for res, meta in zip(results, raw["metas"]):
