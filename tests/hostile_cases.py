@@ -6,8 +6,10 @@ A ``Case`` is one request body and what every server must answer: a 200 with one
 row (``ok``), or a 4xx whose message matches ``message`` (which names the row for row-level
 problems). ``mlflow_parses`` marks cases whose problem is in the request's shape: under
 ``mlflow models serve`` MLflow's own parser sees them first, so only "a 4xx without a stack
-trace" is asked there. Image URLs may point at the slow test server through ``SLOW_SERVER``,
-replaced with its address when the case is sent.
+trace" is asked there; ``mlflow_only`` marks bodies only MLflow's server reads
+(``dataframe_records``, ``instances``, ``inputs``): the others must refuse them with a 4xx.
+Image URLs may point at the slow test server through ``SLOW_SERVER``, replaced with its
+address when the case is sent.
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ class Case:
     slow: bool = False  # fetches from the slow server (needs it allow-listed)
     our_parser_only: bool = False  # a body only our parser (Azure's script, the pyfunc here) reads
     chunked: bool = False  # servers get it with no Content-Length (Transfer-Encoding: chunked)
+    mlflow_only: bool = False  # a body only MLflow's server reads; the others answer a 4xx
 
     @property
     def id(self) -> str:
@@ -206,35 +209,45 @@ def _shape_cases() -> list[Case]:
         # MLflow's server ignores keys it does not know (input_data is Azure's): ours is stricter
         Case(f, "both-keys", {**ok_split, "input_data": ok_split["dataframe_split"]},
              message="exactly one of", our_parser_only=True),
-        Case(f, "split-not-object", {"dataframe_split": [GOOD]}, message="must be an object",
-             mlflow_parses=True),
+        Case(f, "split-not-object", {"dataframe_split": [GOOD]}, message="must be an object"),
         Case(f, "no-image-column", {"dataframe_split": {"columns": ["picture"], "data": [[GOOD]]}},
-             message="includes 'image'", mlflow_parses=True),
+             message="includes 'image'"),
         Case(f, "numeric-column", {"dataframe_split": {"columns": [1], "data": [[GOOD]]}},
-             message="columns must be a list of distinct names", mlflow_parses=True),
+             message="columns must be a list of distinct names"),
         Case(f, "list-column", {"dataframe_split": {"columns": [["image"]], "data": [[GOOD]]}},
-             message="columns must be a list", mlflow_parses=True),
+             message="columns must be a list"),
         Case(f, "duplicate-columns", {"dataframe_split": {"columns": ["image", "image"], "data": [[GOOD, GOOD]]}},
-             message="distinct", mlflow_parses=True),
+             message="distinct"),
+        # MLflow's parser answered a list or an object beside 'image' with a 500 (an unhashable
+        # name), and a null, a number or a repeated other name with a 200; azmlinfsrv with a 400
+        Case(f, "column-list-beside-image", {"dataframe_split": {"columns": [["a"], "image"], "data": [[1, GOOD]]}},
+             message="columns must be a list of distinct names"),
+        Case(f, "column-object-beside-image",
+             {"dataframe_split": {"columns": [{"a": 1}, "image"], "data": [[1, GOOD]]}},
+             message="columns must be a list of distinct names"),
+        Case(f, "column-null-beside-image", {"dataframe_split": {"columns": [None, "image"], "data": [[1, GOOD]]}},
+             message="columns must be a list of distinct names"),
+        Case(f, "column-number-beside-image", {"dataframe_split": {"columns": [1, "image"], "data": [[1, GOOD]]}},
+             message="columns must be a list of distinct names"),
+        Case(f, "duplicate-other-columns",
+             {"dataframe_split": {"columns": ["a", "a", "image"], "data": [[1, 2, GOOD]]}},
+             message="distinct"),
         Case(f, "columns-string", {"dataframe_split": {"columns": "image", "data": [[GOOD]]}},
-             message="columns must be a list", mlflow_parses=True),
+             message="columns must be a list"),
         Case(f, "empty-data", {"dataframe_split": {"columns": ["image"], "data": []}},
-             message="non-empty list", mlflow_parses=True),
+             message="non-empty list"),
         Case(f, "data-object", {"dataframe_split": {"columns": ["image"], "data": {"0": GOOD}}},
-             message="non-empty list", mlflow_parses=True),
+             message="non-empty list"),
         Case(f, "row-too-long", {"dataframe_split": {"columns": ["image"], "data": [[GOOD, GOOD]]}},
-             message="row 0: expected a row of 1 value", mlflow_parses=True),
-        Case(f, "index-short", split([GOOD, GOOD], index=[0]), message="index must be a list as long",
-             mlflow_parses=True),
+             message="row 0: expected a row of 1 value"),
+        Case(f, "index-short", split([GOOD, GOOD], index=[0]), message="index must be a list as long"),
         Case(f, "index-nested-amplifies", split([GOOD], index=[list(range(100_000))]),
-             message="index labels must be strings or numbers", mlflow_parses=True),
-        Case(f, "index-object", split([GOOD], index=[{"a": 1}]), message="index labels must be",
-             mlflow_parses=True),
-        Case(f, "index-bool", split([GOOD], index=[True]), message="index labels must be", mlflow_parses=True),
+             message="index labels must be strings or numbers"),
+        Case(f, "index-object", split([GOOD], index=[{"a": 1}]), message="index labels must be"),
+        Case(f, "index-bool", split([GOOD], index=[True]), message="index labels must be"),
         Case(f, "index-labels-named", split(["%%%", GOOD], index=["cat-7", "dog"], params=FEW),
              message="row cat-7: not valid base64"),
-        Case(f, "too-many-rows", split(["x"] * 65), message="65 images, over the limit of 64",
-             mlflow_parses=True),
+        Case(f, "too-many-rows", split(["x"] * 65), message="65 images, over the limit of 64"),
         Case(f, "deep-json", deep(100_000), message="nested too deeply", mlflow_parses=True),
         Case(f, "deep-data", '{"dataframe_split": {"columns": ["image"], "data": ' + deep(50_000) + "}}",
              message="nested too deeply", mlflow_parses=True),
@@ -258,7 +271,43 @@ def _shape_cases() -> list[Case]:
         ("image-object", {"b64": GOOD}, "row 0: the 'image' value must be a base64 string"),
         ("image-bool", True, "row 0: the 'image' value must be a base64 string"),
     ]:
-        cases.append(Case(f, name, split([value]), message=problem, mlflow_parses=True))
+        cases.append(Case(f, name, split([value]), message=problem))
+    return cases
+
+
+def _mlflow_form_cases() -> list[Case]:
+    """The request forms only ``mlflow models serve`` reads (records, TF-serving ``instances`` /
+    ``inputs``): a 4xx naming the problem where MLflow's own parser made a 500, a silent drop
+    or a 200 of a guess; the valid forms still answer."""
+    f = "mlflow-form"
+    records_keys = r"dataframe_records\[1\] has the keys .* every record must have the same keys"
+    cases = [
+        Case(f, "records", {"dataframe_records": [{"image": GOOD}], "params": FEW}, ok=True, mlflow_only=True),
+        Case(f, "records-mixed-keys", {"dataframe_records": [{"image": GOOD}, {"picture": GOOD}]},
+             message=records_keys, mlflow_only=True),
+        Case(f, "records-extra-key-in-one", {"dataframe_records": [{"image": GOOD}, {"image": GOOD, "x": 1}]},
+             message=records_keys, mlflow_only=True),
+        Case(f, "records-not-objects", {"dataframe_records": [GOOD]},
+             message=r"dataframe_records\[0\] must be an object", mlflow_only=True),
+        Case(f, "records-no-image", {"dataframe_records": [{"picture": GOOD}]},
+             message="include 'image'", mlflow_only=True),
+        Case(f, "instances-images", {"instances": [GOOD, GOOD], "params": FEW}, ok=True, rows=2, mlflow_only=True),
+        Case(f, "instances-records", {"instances": [{"image": GOOD}], "params": FEW}, ok=True, mlflow_only=True),
+        Case(f, "inputs-columns", {"inputs": {"image": [GOOD]}, "params": FEW}, ok=True, mlflow_only=True),
+        Case(f, "instances-mixed-keys", {"instances": [{"image": GOOD}, {"picture": GOOD}]},
+             message=r"instances\[1\] has the keys .* every record must have the same keys", mlflow_only=True),
+        Case(f, "inputs-images-and-records", {"inputs": [GOOD, {"image": GOOD}]},
+             message=r"inputs must be a list of images or a list of records, not both", mlflow_only=True),
+        Case(f, "inputs-ragged-columns", {"inputs": {"image": [GOOD], "b": [1, 2]}},
+             message=r"inputs\['b'\] has 2 values, inputs\['image'\] 1", mlflow_only=True),
+        Case(f, "inputs-column-not-a-list", {"inputs": {"image": [GOOD], "b": {"c": 1}}},
+             message=r"inputs\['b'\] must be a list", mlflow_only=True),
+        Case(f, "inputs-no-image", {"inputs": {"picture": [GOOD]}}, message="include 'image'", mlflow_only=True),
+        Case(f, "inputs-number", {"inputs": 5},
+             message="inputs must be a list of images, a list of records or an object of columns",
+             mlflow_only=True),
+        Case(f, "instances-empty", {"instances": []}, message="instances must not be empty", mlflow_only=True),
+    ]
     return cases
 
 
@@ -545,14 +594,15 @@ def _oversized_cases() -> list[Case]:
              chunked=True),
         Case(f, "many-junk-rows", split(["QUFB" * 1000] * 64), message="row 0: not an image"),
         Case(f, "rows-and-index-over", split(["x"] * 200, index=list(range(200))),
-             message="200 images, over the limit of 64", mlflow_parses=True),
+             message="200 images, over the limit of 64"),
         Case(f, "long-index-label", split(["%%%"], index=["L" * 100_000]), message="row L+"),
     ]
 
 
 def all_cases() -> list[Case]:
     cases = (_shape_cases() + _base64_cases() + _format_cases() + _bomb_cases() + _truncation_cases()
-             + _mode_cases() + _param_cases() + _url_cases() + _oversized_cases())
+             + _mlflow_form_cases() + _mode_cases() + _param_cases() + _url_cases()
+             + _oversized_cases())
     ids = [case.id for case in cases]
     assert len(set(ids)) == len(ids), "case names must be unique"
     return cases

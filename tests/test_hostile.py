@@ -181,6 +181,10 @@ GOOD_REQUEST = Case("good", "request", split([GOOD], FEW), ok=True)
 
 def check_answer(target, case: Case, answer: Answer) -> None:
     assert not TRACE.search(answer.text), f"a stack trace in the answer: {answer.text[:2000]}"
+    if case.mlflow_only and target.name != "mlflow-serve":
+        # a body only MLflow's server reads: ours refuses it, naming the keys it reads
+        assert 400 <= answer.status < 500, (answer.status, answer.text[:2000])
+        return
     if case.ok:
         assert answer.status == 200, (answer.status, answer.text[:2000])
         entries = answer.entries()
