@@ -13,7 +13,7 @@ import re
 import numpy as np
 from hypothesis import strategies as st
 
-from hostile_cases import ACCEPTED, b64, encoded, picture
+from hostile_cases import ACCEPTED, b64, damage_seeds
 
 URL_LIKE = re.compile(r"^\s*https?://", re.IGNORECASE)  # the decoder would fetch it: no network here
 
@@ -79,10 +79,7 @@ def image_bytes(draw):
     return bytes(data[:draw(st.integers(0, len(data)))])
 
 
-# Every accepted format, and a photo-sized baseline JPEG: its decode does not fit in the
-# small-allocation pools, as real uploads do not.
-DAMAGE_SEEDS = {**{name: make() for name, make in ACCEPTED.items()},
-                "jpeg-640x480": encoded("JPEG", picture(640, 480, 1), quality=90)}
+DAMAGE_SEEDS = damage_seeds()  # every accepted format, and a photo-sized baseline JPEG
 HEADER_BYTES = 200  # where the headers (markers, chunks, directories) of the seeds lie
 
 

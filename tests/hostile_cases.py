@@ -8,8 +8,11 @@ problems). ``mlflow_parses`` marks cases whose problem is in the request's shape
 ``mlflow models serve`` MLflow's own parser sees them first, so only "a 4xx without a stack
 trace" is asked there; ``mlflow_only`` marks bodies only MLflow's server reads
 (``dataframe_records``, ``instances``, ``inputs``): the others must refuse them with a 4xx.
-Image URLs may point at the slow test server through ``SLOW_SERVER``, replaced with its
-address when the case is sent.
+``repeat`` sends a case that many times: every answer must be the same (a decoder that left
+memory unwritten gave each send of a cut JPEG a different answer); ``either`` allows a 200 or
+a 4xx (damaged data that may still decode), but the same one every time. Image URLs may point
+at the slow test server through ``SLOW_SERVER``, replaced with its address when the case is
+sent.
 """
 from __future__ import annotations
 
@@ -42,6 +45,8 @@ class Case:
     our_parser_only: bool = False  # a body only our parser (Azure's script, the pyfunc here) reads
     chunked: bool = False  # servers get it with no Content-Length (Transfer-Encoding: chunked)
     mlflow_only: bool = False  # a body only MLflow's server reads; the others answer a 4xx
+    repeat: int = 1  # sent this many times: the answers must all be the same
+    either: bool = False  # a 200 (``rows`` entries) or a 4xx, the same every time
 
     @property
     def id(self) -> str:
@@ -426,6 +431,44 @@ def _truncation_cases() -> list[Case]:
     png[-20] ^= 0xFF  # inside the last IDAT: its CRC no longer matches
     cases.append(Case(f, "png-bad-crc", split([b64(bytes(png))], index=[9]),
                       message="row 9: (not an image|corrupt or truncated)"))
+    # uploads that stopped at 35, 60 and 85 %, of every accepted format and a photo-sized JPEG,
+    # each sent three times: the same refusal every time
+    for name, data in damage_seeds().items():
+        # an animated GIF's first frame (the one decoded) is its first third: cut after it, the
+        # picture is whole and decodes (below)
+        for share in (10, 20, 30) if name == "gif-animated" else (35, 60, 85):
+            cases.append(Case(f, f"{name}-{share}pc", split([b64(data[:len(data) * share // 100])], index=[9]),
+                              message=ends_early, repeat=3))
+    animated = damage_seeds()["gif-animated"]
+    cases.append(Case(f, "gif-animated-cut-after-first-frame", split([b64(animated[:len(animated) * 85 // 100])], FEW),
+                      ok=True, repeat=3))
+    cases.append(Case(f, "jpeg-no-end-marker", split([b64(damage_seeds()["jpeg-640x480"][:-2])], index=[9]),
+                      message=ends_early, repeat=3))
+    return cases
+
+
+def damage_seeds() -> dict[str, bytes]:
+    """Every accepted format, and a baseline JPEG whose decode is photo-sized (640x480)."""
+    return {**{name: make() for name, make in ACCEPTED.items()},
+            "jpeg-640x480": encoded("JPEG", picture(640, 480, 1), quality=90)}
+
+
+def _damage_cases() -> list[Case]:
+    """Bits flipped in the headers and in the compressed pixels of every accepted format (a
+    fixed seed): refused or decoded, but the same answer to each of three sends."""
+    import random
+
+    f = "damaged"
+    rng = random.Random(23)
+    cases = []
+    for name, data in damage_seeds().items():
+        for where, low, high in (("header", 0, min(200, len(data))), ("data", min(200, len(data) - 1), len(data))):
+            for k in range(2):
+                flipped = bytearray(data)
+                for _ in range(3):
+                    flipped[rng.randrange(low, high)] ^= 1 << rng.randrange(8)
+                cases.append(Case(f, f"{name}-{where}-flip-{k}", split([b64(bytes(flipped))], FEW),
+                                  either=True, repeat=3))
     return cases
 
 
@@ -601,7 +644,7 @@ def _oversized_cases() -> list[Case]:
 
 def all_cases() -> list[Case]:
     cases = (_shape_cases() + _base64_cases() + _format_cases() + _bomb_cases() + _truncation_cases()
-             + _mlflow_form_cases() + _mode_cases() + _param_cases() + _url_cases()
+             + _damage_cases() + _mlflow_form_cases() + _mode_cases() + _param_cases() + _url_cases()
              + _oversized_cases())
     ids = [case.id for case in cases]
     assert len(set(ids)) == len(ids), "case names must be unique"
