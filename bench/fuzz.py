@@ -1,5 +1,7 @@
 """A long fuzzing run of the properties tests/test_fuzz.py checks briefly: the request parser,
-the decoder and the predict params must raise nothing but our InputError, whatever comes in.
+the decoder and the predict params must raise nothing but our InputError, whatever comes in;
+damaged images (cut short, bits flipped in headers and in pixel data) must decode to the same
+pixels or the same InputError every time.
 
     PYTHONPATH=. python bench/fuzz.py --examples 20000 [--seed 1]
 
@@ -22,15 +24,16 @@ def main() -> int:
 
     from hypothesis import HealthCheck, given, seed, settings
 
-    from fuzz_properties import (check_decode, check_parse_request, check_params, image_values,
-                                 params, requests)
+    from fuzz_properties import (check_decode, check_decode_deterministic, check_parse_request,
+                                 check_params, damaged_images, image_values, params, requests)
 
     long_run = settings(max_examples=args.examples, deadline=None, database=None,
                         suppress_health_check=list(HealthCheck))
     failed = 0
     for name, strategy, check in [("parse_request", requests(), check_parse_request),
                                   ("decode_image", image_values, check_decode),
-                                  ("PredictParams.updated", params, check_params)]:
+                                  ("PredictParams.updated", params, check_params),
+                                  ("decode_image, damaged, 3 times", damaged_images(), check_decode_deterministic)]:
         test = long_run(given(strategy)(check))
         if args.seed is not None:
             test = seed(args.seed)(test)

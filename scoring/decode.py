@@ -14,6 +14,7 @@ import numpy as np
 from scoring import settings
 from scoring.errors import InputError
 from scoring.schema import INPUT_COLUMN
+from scoring.truncation import ENDS_EARLY, ends_early, signature
 
 _URL = re.compile(r"^https?://", re.IGNORECASE)
 _DATA_URI = re.compile(r"^data:[\w/+.-]*(;[\w=.-]+)*;base64,", re.IGNORECASE)
@@ -92,16 +93,21 @@ ACCEPTED_FORMATS = OPENCV_FORMATS + PILLOW_FORMATS
 def image_from_bytes(data: bytes) -> np.ndarray:
     """Decode as mmdet's LoadImageFromFile does (mmcv.imfrombytes with the cv2 backend is
     ``cv2.imdecode(..., IMREAD_COLOR)``: BGR, EXIF orientation applied), so our pixels are
-    mmdet's pixels, without needing mmcv; the format and size are checked from the header first."""
+    mmdet's pixels, without needing mmcv; the format and size are checked from the header first,
+    and data cut short is refused before decoding (scoring/truncation.py: OpenCV would return
+    a cut baseline JPEG's missing rows as whatever memory held), so every pixel comes from
+    ``data`` and the same bytes always give the same array."""
     if not data:
         raise InputError("empty image")
-    width, height, fmt = _header(data)
+    width, height, fmt, cut = _header(data)
     limit = settings.MAX_IMAGE_PIXELS.value()  # a 12-megapixel photo passes, a bomb does not
     if width * height > limit:
         raise InputError(
             f"image is {width}x{height} = {width * height} pixels, over the limit of "
             f"{limit} ({settings.MAX_IMAGE_PIXELS.env})"
         )
+    if cut:
+        raise InputError(f"{ENDS_EARLY}: {cut}; send the whole file")
     if fmt in PILLOW_FORMATS:
         return _decode_with_pillow(data, fmt)
     import cv2
@@ -118,15 +124,16 @@ def image_from_bytes(data: bytes) -> np.ndarray:
     return image
 
 
-def _header(data: bytes) -> tuple[int, int, str]:
+def _header(data: bytes) -> tuple[int, int, str, str | None]:
+    """Width, height, Pillow's format name and, when the data stops before its own structure
+    says the picture does, where (``ends_early``), all from the header and the container."""
     from PIL import Image, UnidentifiedImageError
     # Registers exactly the accepted formats' plugins (Pillow loads the rest only on demand).
     from PIL import (BmpImagePlugin, GifImagePlugin, JpegImagePlugin, PngImagePlugin,  # noqa: F401
                      TiffImagePlugin, WebPImagePlugin)
 
     try:
-        with Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS) as img:  # the header only
-            width, height, fmt = img.width, img.height, img.format or "unknown"
+        img = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)  # the header only
     except Image.DecompressionBombError as err:
         # Pillow's own bomb check (over twice its MAX_IMAGE_PIXELS) fires inside open(), before
         # ours: a 100000x100000 PNG header is an image over the limit, not "not an image".
@@ -135,11 +142,20 @@ def _header(data: bytes) -> tuple[int, int, str]:
         raise InputError(f"image is {size}, over the limit of {settings.MAX_IMAGE_PIXELS.value()} "
                          f"({settings.MAX_IMAGE_PIXELS.env})") from None
     except (UnidentifiedImageError, OSError, ValueError):
+        signed = signature(data)
+        if signed:  # cut (or damaged) in the header: Pillow could not read what the signature promises
+            cut = ends_early(data, signed)
+            if cut:
+                raise InputError(f"{ENDS_EARLY}: {cut}; send the whole file") from None
+            raise InputError(f"{ENDS_EARLY} or its header is damaged: {len(data)} bytes that start "
+                             f"as a {signed} file but hold no readable {signed} header") from None
         raise InputError(f"not an image ({len(data)} bytes in no format we can read; we accept "
                          f"{', '.join(ACCEPTED_FORMATS)})") from None
-    if width < 1 or height < 1:
-        raise InputError(f"{fmt} image has no pixels ({width}x{height})")
-    return width, height, fmt
+    with img:
+        width, height, fmt = img.width, img.height, img.format or "unknown"
+        if width < 1 or height < 1:
+            raise InputError(f"{fmt} image has no pixels ({width}x{height})")
+        return width, height, fmt, ends_early(data, fmt, img)
 
 
 def _decode_with_pillow(data: bytes, fmt: str) -> np.ndarray:
@@ -150,4 +166,7 @@ def _decode_with_pillow(data: bytes, fmt: str) -> np.ndarray:
             rgb = ImageOps.exif_transpose(img).convert("RGB")
             return np.ascontiguousarray(np.asarray(rgb)[:, :, ::-1])
     except Exception as err:
+        if "truncated" in str(err):  # Pillow's "image file is truncated (N bytes not processed)"
+            raise InputError(f"{ENDS_EARLY}: the {fmt} decoder ran out of data ({err}); "
+                             "send the whole file") from None
         raise InputError(f"corrupt or truncated {fmt} image: {err}") from None

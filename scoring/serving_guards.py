@@ -7,7 +7,11 @@ MLflow function each, for our models only, when a model of ours is loaded (``ins
 - ``refuse_unparseable_json``: JSON nested deeper than the recursion limit, or an integer too long
   to convert, made ``mlflow models serve`` answer 500: a 400 now;
 - ``limit_request_bodies``: ``mlflow models serve`` read a body of any size into memory: one over
-  ``MMDET_MLFLOW_MAX_REQUEST_BYTES`` (the Azure scoring script's limit) is refused with a 413.
+  ``MMDET_MLFLOW_MAX_REQUEST_BYTES`` (the Azure scoring script's limit) is refused with a 413;
+- ``refuse_unreadable_tables``: MLflow's parser made a 500 of a column name that is a list or
+  an object (``[["a"], "image"]``), and a 200 of guesses (records with different keys,
+  ``inputs`` columns of different lengths): the table is checked first, as our own parser
+  (Azure's script) checks it, and refused with a 400 naming the problem.
 
 Each wrap checks that the function it wraps exists; the tests that send those requests say so if
 a later MLflow moves it.
@@ -24,6 +28,7 @@ LOADER_MODULE = "scoring.pyfunc"  # the pyfunc loader_module of our models
 def install() -> None:
     refuse_unknown_params()
     refuse_unparseable_json()
+    refuse_unreadable_tables()
     limit_request_bodies()
 
 
@@ -107,6 +112,135 @@ def refuse_unparseable_json() -> None:
 
     decode.refuses_unparseable_json = True
     server._decode_json_input = decode
+
+
+# The request forms MLflow's scoring server reads (mlflow.pyfunc.scoring_server's SUPPORTED_FORMATS).
+TABLE_FORMATS = ("dataframe_split", "dataframe_records", "instances", "inputs")
+
+
+def refuse_unreadable_tables() -> None:
+    """Under ``mlflow models serve``: check the request's table before MLflow's parser reads it
+    (``infer_and_parse_data``, which the invocations handler calls by its module name), so that
+    what azmlinfsrv refuses with a 400 is a 400 here too, in the same words: a
+    ``dataframe_split`` goes through our own parser's checks (scoring.azureml.request); records
+    and the TF-serving ``instances`` / ``inputs`` forms must be a table (every record with the
+    same keys, every column as long as ``image``). MLflow's parser raised TypeError on a column
+    named ``["a"]`` (a 500), and filled the cells of records with other keys with NaN (a 200
+    for a row without its image, or an image scored with other keys dropped). Anything MLflow's
+    parser still raises on a checked table is a 400, not a 500. If a later MLflow renames the
+    function, nothing is wrapped and tests/test_hostile.py's column and form cases say so."""
+    server = sys.modules.get("mlflow.pyfunc.scoring_server")
+    original = getattr(server, "infer_and_parse_data", None)
+    if original is None or getattr(original, "refuses_unreadable_tables", False):
+        return
+    from mlflow.exceptions import MlflowException
+
+    from scoring.errors import InputError
+
+    def parse(data, schema=None):
+        try:
+            check_table(data)
+        except InputError as err:
+            raise MlflowException.invalid_parameter_value(str(err)) from None
+        try:
+            return original(data, schema)
+        except MlflowException:
+            raise
+        except Exception as err:  # noqa: BLE001 - MLflow's parser failing on a checked body is still the body's fault
+            keys = ", ".join(key for key in TABLE_FORMATS if isinstance(data, dict) and key in data)
+            raise MlflowException.invalid_parameter_value(
+                f"the request's {keys or 'table'} could not be read as a table "
+                f"({type(err).__name__}: {str(err)[:200]})") from None
+
+    parse.refuses_unreadable_tables = True
+    server.infer_and_parse_data = parse
+
+
+def check_table(data) -> None:
+    """Raise InputError when the one table form in ``data`` (a request body's dict) is not a
+    table our model can take; leave a body with none or several of them to MLflow's message."""
+    from scoring.azureml.request import split_frame
+    from scoring.frame import check_row_count
+
+    present = [key for key in TABLE_FORMATS if isinstance(data, dict) and key in data]
+    if len(present) != 1:
+        return
+    key = present[0]
+    value = data[key]
+    if key == "dataframe_split":
+        split_frame(value, key)  # our parser's checks and words: columns, index, rows, values
+    elif key == "dataframe_records":
+        if not isinstance(value, list) or not value:
+            raise _input_error(f"{key} must be a non-empty list of records such as {{\"image\": \"<base64>\"}}")
+        check_row_count(len(value))
+        _check_records(value, key)
+    elif isinstance(value, list):  # instances / inputs: images, or records
+        if not value:
+            raise _input_error(f"{key} must not be empty: send one image or more")
+        check_row_count(len(value))
+        is_record = [isinstance(item, dict) for item in value]
+        if any(is_record) and not all(is_record):
+            raise _input_error(f"{key} must be a list of images or a list of records, not both")
+        if all(is_record):
+            _check_records(value, key)
+    elif isinstance(value, dict):  # instances / inputs: columns
+        _check_columns(value, key)
+    else:
+        raise _input_error(f"{key} must be a list of images, a list of records or an object of columns "
+                           f"(such as {{\"image\": [\"<base64>\"]}}), got {_preview(value)}")
+
+
+def _check_records(records: list, key: str) -> None:
+    """Every record an object with the same keys as the first, among them ``image``."""
+    from scoring.schema import INPUT_COLUMN
+
+    first = None
+    for at, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise _input_error(f"{key}[{at}] must be an object such as {{\"image\": \"<base64>\"}}, "
+                               f"got {_preview(record)}")
+        keys = sorted(record)
+        if first is None:
+            first = keys
+            if INPUT_COLUMN not in record:
+                raise _input_error(f"{key}[0] has the keys {keys}: a record's keys must include {INPUT_COLUMN!r}")
+        elif keys != first:
+            raise _input_error(f"{key}[{at}] has the keys {keys}, {key}[0] {first}: every record must have "
+                               "the same keys (MLflow would fill the missing ones with NaN)")
+
+
+def _check_columns(columns: dict, key: str) -> None:
+    """An ``image`` column, and every column as long as it (or every value a single one)."""
+    from scoring.frame import check_row_count
+    from scoring.schema import INPUT_COLUMN
+
+    if INPUT_COLUMN not in columns:
+        raise _input_error(f"{key} has the columns {sorted(columns)}: they must include {INPUT_COLUMN!r}")
+    image = columns[INPUT_COLUMN]
+    if not isinstance(image, list) and not any(isinstance(column, list) for column in columns.values()):
+        return  # one image: a value per column
+    if not isinstance(image, list):
+        raise _input_error(f"{key}[{INPUT_COLUMN!r}] must be a list of images, as the other columns are lists")
+    check_row_count(len(image))
+    for name, column in columns.items():
+        if not isinstance(column, list):
+            raise _input_error(f"{key}[{name!r}] must be a list, one value per image as {key}[{INPUT_COLUMN!r}], "
+                               f"got {_preview(column)}")
+        if len(column) != len(image):
+            raise _input_error(f"{key}[{name!r}] has {len(column)} values, {key}[{INPUT_COLUMN!r}] {len(image)}: "
+                               "every column must hold one value per image")
+
+
+def _input_error(problem: str):
+    from scoring.errors import InputError
+
+    return InputError(problem)
+
+
+def _preview(value) -> str:
+    from scoring.decode import preview
+
+    return preview(value)
 
 
 def refuse_unknown_params() -> None:

@@ -1,15 +1,19 @@
 """Hypothesis strategies and properties for the request parser, the decoder and the params:
-whatever comes in, only our own InputError may come out (or a valid result). Used by
-tests/test_fuzz.py (a short, derandomized run) and bench/fuzz.py (a long one)."""
+whatever comes in, only our own InputError may come out (or a valid result); and the same
+bytes always decode to the same pixels or the same error, whatever memory held before (a cut
+baseline JPEG once came back with uninitialized rows). Used by tests/test_fuzz.py (a short,
+derandomized run) and bench/fuzz.py (a long one)."""
 from __future__ import annotations
 
+import hashlib
 import json
+import random
 import re
 
 import numpy as np
 from hypothesis import strategies as st
 
-from hostile_cases import ACCEPTED, b64
+from hostile_cases import ACCEPTED, b64, damage_seeds
 
 URL_LIKE = re.compile(r"^\s*https?://", re.IGNORECASE)  # the decoder would fetch it: no network here
 
@@ -73,6 +77,72 @@ def image_bytes(draw):
         at = draw(st.integers(0, len(data) - 1))
         data[at] = draw(st.integers(0, 255))
     return bytes(data[:draw(st.integers(0, len(data)))])
+
+
+DAMAGE_SEEDS = damage_seeds()  # every accepted format, and a photo-sized baseline JPEG
+HEADER_BYTES = 200  # where the headers (markers, chunks, directories) of the seeds lie
+
+
+def damaged(data: bytes, kind: str, rng: random.Random) -> bytes:
+    """``data`` cut at a random offset, or with bits flipped in its header or in its
+    compressed pixel data, or both."""
+    data = bytearray(data)
+    if kind in ("header-flip", "data-flip", "cut-and-flip"):
+        low, high = (0, min(HEADER_BYTES, len(data))) if kind == "header-flip" else (
+            min(HEADER_BYTES, len(data) - 1), len(data))
+        for _ in range(rng.randint(1, 4)):
+            data[rng.randrange(low, high)] ^= 1 << rng.randrange(8)
+    if kind in ("cut", "cut-and-flip"):
+        data = data[:rng.randrange(1, len(data))]
+    return bytes(data)
+
+
+DAMAGE_KINDS = ("cut", "header-flip", "data-flip", "cut-and-flip")
+
+
+@st.composite
+def damaged_images(draw):
+    """A real image of an accepted format, cut short and/or with bits flipped."""
+    name = draw(st.sampled_from(sorted(DAMAGE_SEEDS)))
+    kind = draw(st.sampled_from(DAMAGE_KINDS))
+    return damaged(DAMAGE_SEEDS[name], kind, random.Random(draw(st.integers(0, 2 ** 32))))
+
+
+def damage_corpus(per_seed: int = 12, seed: int = 23) -> list[bytes]:
+    """A fixed list of damaged images (the same in every process), for the fresh-process check."""
+    rng = random.Random(seed)
+    return [damaged(data, DAMAGE_KINDS[i % len(DAMAGE_KINDS)], rng)
+            for _, data in sorted(DAMAGE_SEEDS.items()) for i in range(per_seed)]
+
+
+def _scribble(pattern: int) -> None:
+    """Fill and free buffers of the sizes a decode allocates, so that memory a decoder leaves
+    unwritten holds a different pattern before each decode (glibc hands freed blocks out again)."""
+    for size in (48 * 32 * 3, 64 * 48 * 3, 640 * 480 * 3, 1 << 16, 1 << 20):
+        block = np.full(size, pattern, np.uint8)
+        del block
+
+
+def decode_outcome(data: bytes) -> str:
+    """The md5 of the decoded pixels (with the shape), or the InputError's message."""
+    from scoring.decode import decode_image
+    from scoring.errors import InputError
+
+    try:
+        image = decode_image(data, row=0)
+    except InputError as err:
+        return f"InputError: {err}"
+    return f"{image.shape} {hashlib.md5(image.tobytes()).hexdigest()}"
+
+
+def check_decode_deterministic(data: bytes, times: int = 3) -> None:
+    """The same bytes, decoded ``times`` with other data in memory before each: the same
+    pixels or the same InputError every time (any other exception fails the property)."""
+    outcomes = set()
+    for k in range(times):
+        _scribble(0x11 * (k + 1))
+        outcomes.add(decode_outcome(data))
+    assert len(outcomes) == 1, sorted(outcomes)
 
 
 image_values = st.one_of(

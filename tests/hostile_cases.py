@@ -6,8 +6,13 @@ A ``Case`` is one request body and what every server must answer: a 200 with one
 row (``ok``), or a 4xx whose message matches ``message`` (which names the row for row-level
 problems). ``mlflow_parses`` marks cases whose problem is in the request's shape: under
 ``mlflow models serve`` MLflow's own parser sees them first, so only "a 4xx without a stack
-trace" is asked there. Image URLs may point at the slow test server through ``SLOW_SERVER``,
-replaced with its address when the case is sent.
+trace" is asked there; ``mlflow_only`` marks bodies only MLflow's server reads
+(``dataframe_records``, ``instances``, ``inputs``): the others must refuse them with a 4xx.
+``repeat`` sends a case that many times: every answer must be the same (a decoder that left
+memory unwritten gave each send of a cut JPEG a different answer); ``either`` allows a 200 or
+a 4xx (damaged data that may still decode), but the same one every time. Image URLs may point
+at the slow test server through ``SLOW_SERVER``, replaced with its address when the case is
+sent.
 """
 from __future__ import annotations
 
@@ -39,6 +44,9 @@ class Case:
     slow: bool = False  # fetches from the slow server (needs it allow-listed)
     our_parser_only: bool = False  # a body only our parser (Azure's script, the pyfunc here) reads
     chunked: bool = False  # servers get it with no Content-Length (Transfer-Encoding: chunked)
+    mlflow_only: bool = False  # a body only MLflow's server reads; the others answer a 4xx
+    repeat: int = 1  # sent this many times: the answers must all be the same
+    either: bool = False  # a 200 (``rows`` entries) or a 4xx, the same every time
 
     @property
     def id(self) -> str:
@@ -206,35 +214,45 @@ def _shape_cases() -> list[Case]:
         # MLflow's server ignores keys it does not know (input_data is Azure's): ours is stricter
         Case(f, "both-keys", {**ok_split, "input_data": ok_split["dataframe_split"]},
              message="exactly one of", our_parser_only=True),
-        Case(f, "split-not-object", {"dataframe_split": [GOOD]}, message="must be an object",
-             mlflow_parses=True),
+        Case(f, "split-not-object", {"dataframe_split": [GOOD]}, message="must be an object"),
         Case(f, "no-image-column", {"dataframe_split": {"columns": ["picture"], "data": [[GOOD]]}},
-             message="includes 'image'", mlflow_parses=True),
+             message="includes 'image'"),
         Case(f, "numeric-column", {"dataframe_split": {"columns": [1], "data": [[GOOD]]}},
-             message="columns must be a list of distinct names", mlflow_parses=True),
+             message="columns must be a list of distinct names"),
         Case(f, "list-column", {"dataframe_split": {"columns": [["image"]], "data": [[GOOD]]}},
-             message="columns must be a list", mlflow_parses=True),
+             message="columns must be a list"),
         Case(f, "duplicate-columns", {"dataframe_split": {"columns": ["image", "image"], "data": [[GOOD, GOOD]]}},
-             message="distinct", mlflow_parses=True),
+             message="distinct"),
+        # MLflow's parser answered a list or an object beside 'image' with a 500 (an unhashable
+        # name), and a null, a number or a repeated other name with a 200; azmlinfsrv with a 400
+        Case(f, "column-list-beside-image", {"dataframe_split": {"columns": [["a"], "image"], "data": [[1, GOOD]]}},
+             message="columns must be a list of distinct names"),
+        Case(f, "column-object-beside-image",
+             {"dataframe_split": {"columns": [{"a": 1}, "image"], "data": [[1, GOOD]]}},
+             message="columns must be a list of distinct names"),
+        Case(f, "column-null-beside-image", {"dataframe_split": {"columns": [None, "image"], "data": [[1, GOOD]]}},
+             message="columns must be a list of distinct names"),
+        Case(f, "column-number-beside-image", {"dataframe_split": {"columns": [1, "image"], "data": [[1, GOOD]]}},
+             message="columns must be a list of distinct names"),
+        Case(f, "duplicate-other-columns",
+             {"dataframe_split": {"columns": ["a", "a", "image"], "data": [[1, 2, GOOD]]}},
+             message="distinct"),
         Case(f, "columns-string", {"dataframe_split": {"columns": "image", "data": [[GOOD]]}},
-             message="columns must be a list", mlflow_parses=True),
+             message="columns must be a list"),
         Case(f, "empty-data", {"dataframe_split": {"columns": ["image"], "data": []}},
-             message="non-empty list", mlflow_parses=True),
+             message="non-empty list"),
         Case(f, "data-object", {"dataframe_split": {"columns": ["image"], "data": {"0": GOOD}}},
-             message="non-empty list", mlflow_parses=True),
+             message="non-empty list"),
         Case(f, "row-too-long", {"dataframe_split": {"columns": ["image"], "data": [[GOOD, GOOD]]}},
-             message="row 0: expected a row of 1 value", mlflow_parses=True),
-        Case(f, "index-short", split([GOOD, GOOD], index=[0]), message="index must be a list as long",
-             mlflow_parses=True),
+             message="row 0: expected a row of 1 value"),
+        Case(f, "index-short", split([GOOD, GOOD], index=[0]), message="index must be a list as long"),
         Case(f, "index-nested-amplifies", split([GOOD], index=[list(range(100_000))]),
-             message="index labels must be strings or numbers", mlflow_parses=True),
-        Case(f, "index-object", split([GOOD], index=[{"a": 1}]), message="index labels must be",
-             mlflow_parses=True),
-        Case(f, "index-bool", split([GOOD], index=[True]), message="index labels must be", mlflow_parses=True),
+             message="index labels must be strings or numbers"),
+        Case(f, "index-object", split([GOOD], index=[{"a": 1}]), message="index labels must be"),
+        Case(f, "index-bool", split([GOOD], index=[True]), message="index labels must be"),
         Case(f, "index-labels-named", split(["%%%", GOOD], index=["cat-7", "dog"], params=FEW),
              message="row cat-7: not valid base64"),
-        Case(f, "too-many-rows", split(["x"] * 65), message="65 images, over the limit of 64",
-             mlflow_parses=True),
+        Case(f, "too-many-rows", split(["x"] * 65), message="65 images, over the limit of 64"),
         Case(f, "deep-json", deep(100_000), message="nested too deeply", mlflow_parses=True),
         Case(f, "deep-data", '{"dataframe_split": {"columns": ["image"], "data": ' + deep(50_000) + "}}",
              message="nested too deeply", mlflow_parses=True),
@@ -258,7 +276,43 @@ def _shape_cases() -> list[Case]:
         ("image-object", {"b64": GOOD}, "row 0: the 'image' value must be a base64 string"),
         ("image-bool", True, "row 0: the 'image' value must be a base64 string"),
     ]:
-        cases.append(Case(f, name, split([value]), message=problem, mlflow_parses=True))
+        cases.append(Case(f, name, split([value]), message=problem))
+    return cases
+
+
+def _mlflow_form_cases() -> list[Case]:
+    """The request forms only ``mlflow models serve`` reads (records, TF-serving ``instances`` /
+    ``inputs``): a 4xx naming the problem where MLflow's own parser made a 500, a silent drop
+    or a 200 of a guess; the valid forms still answer."""
+    f = "mlflow-form"
+    records_keys = r"dataframe_records\[1\] has the keys .* every record must have the same keys"
+    cases = [
+        Case(f, "records", {"dataframe_records": [{"image": GOOD}], "params": FEW}, ok=True, mlflow_only=True),
+        Case(f, "records-mixed-keys", {"dataframe_records": [{"image": GOOD}, {"picture": GOOD}]},
+             message=records_keys, mlflow_only=True),
+        Case(f, "records-extra-key-in-one", {"dataframe_records": [{"image": GOOD}, {"image": GOOD, "x": 1}]},
+             message=records_keys, mlflow_only=True),
+        Case(f, "records-not-objects", {"dataframe_records": [GOOD]},
+             message=r"dataframe_records\[0\] must be an object", mlflow_only=True),
+        Case(f, "records-no-image", {"dataframe_records": [{"picture": GOOD}]},
+             message="include 'image'", mlflow_only=True),
+        Case(f, "instances-images", {"instances": [GOOD, GOOD], "params": FEW}, ok=True, rows=2, mlflow_only=True),
+        Case(f, "instances-records", {"instances": [{"image": GOOD}], "params": FEW}, ok=True, mlflow_only=True),
+        Case(f, "inputs-columns", {"inputs": {"image": [GOOD]}, "params": FEW}, ok=True, mlflow_only=True),
+        Case(f, "instances-mixed-keys", {"instances": [{"image": GOOD}, {"picture": GOOD}]},
+             message=r"instances\[1\] has the keys .* every record must have the same keys", mlflow_only=True),
+        Case(f, "inputs-images-and-records", {"inputs": [GOOD, {"image": GOOD}]},
+             message=r"inputs must be a list of images or a list of records, not both", mlflow_only=True),
+        Case(f, "inputs-ragged-columns", {"inputs": {"image": [GOOD], "b": [1, 2]}},
+             message=r"inputs\['b'\] has 2 values, inputs\['image'\] 1", mlflow_only=True),
+        Case(f, "inputs-column-not-a-list", {"inputs": {"image": [GOOD], "b": {"c": 1}}},
+             message=r"inputs\['b'\] must be a list", mlflow_only=True),
+        Case(f, "inputs-no-image", {"inputs": {"picture": [GOOD]}}, message="include 'image'", mlflow_only=True),
+        Case(f, "inputs-number", {"inputs": 5},
+             message="inputs must be a list of images, a list of records or an object of columns",
+             mlflow_only=True),
+        Case(f, "instances-empty", {"instances": []}, message="instances must not be empty", mlflow_only=True),
+    ]
     return cases
 
 
@@ -364,21 +418,57 @@ def _bomb_cases() -> list[Case]:
 
 def _truncation_cases() -> list[Case]:
     f = "truncated"
+    ends_early = "row 9: the image data ends early"
     cases = []
     for fmt in ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF"):
         data = encoded(fmt, picture(64, 48))
         for name, cut in (("header", 12), ("half", len(data) // 2)):
-            if (fmt, name) == ("JPEG", "half"):
-                # libjpeg fills a truncated scan with gray and OpenCV returns it, as mmdet's own
-                # loading does: the same pixels as mmdet, so a 200
-                cases.append(Case(f, "jpeg-half", split([b64(data[:cut])], FEW), ok=True))
-                continue
+            # a baseline JPEG cut in half was a 200 whose missing rows were whatever memory
+            # OpenCV's decoder was given: refused now, as every format is
             cases.append(Case(f, f"{fmt.lower()}-{name}", split([b64(data[:cut])], index=[9]),
-                              message="row 9: (not an image|corrupt or truncated)"))
+                              message=ends_early))
     png = bytearray(encoded("PNG", picture(64, 48)))
     png[-20] ^= 0xFF  # inside the last IDAT: its CRC no longer matches
     cases.append(Case(f, "png-bad-crc", split([b64(bytes(png))], index=[9]),
                       message="row 9: (not an image|corrupt or truncated)"))
+    # uploads that stopped at 35, 60 and 85 %, of every accepted format and a photo-sized JPEG,
+    # each sent three times: the same refusal every time
+    for name, data in damage_seeds().items():
+        # an animated GIF's first frame (the one decoded) is its first third: cut after it, the
+        # picture is whole and decodes (below)
+        for share in (10, 20, 30) if name == "gif-animated" else (35, 60, 85):
+            cases.append(Case(f, f"{name}-{share}pc", split([b64(data[:len(data) * share // 100])], index=[9]),
+                              message=ends_early, repeat=3))
+    animated = damage_seeds()["gif-animated"]
+    cases.append(Case(f, "gif-animated-cut-after-first-frame", split([b64(animated[:len(animated) * 85 // 100])], FEW),
+                      ok=True, repeat=3))
+    cases.append(Case(f, "jpeg-no-end-marker", split([b64(damage_seeds()["jpeg-640x480"][:-2])], index=[9]),
+                      message=ends_early, repeat=3))
+    return cases
+
+
+def damage_seeds() -> dict[str, bytes]:
+    """Every accepted format, and a baseline JPEG whose decode is photo-sized (640x480)."""
+    return {**{name: make() for name, make in ACCEPTED.items()},
+            "jpeg-640x480": encoded("JPEG", picture(640, 480, 1), quality=90)}
+
+
+def _damage_cases() -> list[Case]:
+    """Bits flipped in the headers and in the compressed pixels of every accepted format (a
+    fixed seed): refused or decoded, but the same answer to each of three sends."""
+    import random
+
+    f = "damaged"
+    rng = random.Random(23)
+    cases = []
+    for name, data in damage_seeds().items():
+        for where, low, high in (("header", 0, min(200, len(data))), ("data", min(200, len(data) - 1), len(data))):
+            for k in range(2):
+                flipped = bytearray(data)
+                for _ in range(3):
+                    flipped[rng.randrange(low, high)] ^= 1 << rng.randrange(8)
+                cases.append(Case(f, f"{name}-{where}-flip-{k}", split([b64(bytes(flipped))], FEW),
+                                  either=True, repeat=3))
     return cases
 
 
@@ -585,14 +675,15 @@ def _oversized_cases() -> list[Case]:
              chunked=True),
         Case(f, "many-junk-rows", split(["QUFB" * 1000] * 64), message="row 0: not an image"),
         Case(f, "rows-and-index-over", split(["x"] * 200, index=list(range(200))),
-             message="200 images, over the limit of 64", mlflow_parses=True),
+             message="200 images, over the limit of 64"),
         Case(f, "long-index-label", split(["%%%"], index=["L" * 100_000]), message="row L+"),
     ]
 
 
 def all_cases() -> list[Case]:
     cases = (_shape_cases() + _base64_cases() + _format_cases() + _bomb_cases() + _truncation_cases()
-             + _mode_cases() + _param_cases() + _url_cases() + _oversized_cases())
+             + _damage_cases() + _mlflow_form_cases() + _mode_cases() + _param_cases() + _url_cases()
+             + _oversized_cases())
     ids = [case.id for case in cases]
     assert len(set(ids)) == len(ids), "case names must be unique"
     return cases

@@ -236,6 +236,23 @@ def test_a_decompression_bomb_is_a_data_error_naming_the_file(tmp_path):
     assert str(caught.value).startswith(f"{jsonl}:1: image_url: image {bomb} is too large to decode safely")
 
 
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "TIFF"])
+def test_a_training_picture_cut_short_is_a_data_error_naming_the_file(tmp_path, fmt):
+    # mmdet's loading (cv2.imdecode) trains on a cut baseline JPEG's missing rows as whatever
+    # memory held: the validation refuses it, naming the file, as it does other bad files
+    whole = write_image(tmp_path / "images" / f"a.{fmt.lower()}", 200, 100)
+    from PIL import Image
+
+    Image.effect_noise((200, 100), 60).convert("RGB").save(whole, fmt)
+    cut = tmp_path / "images" / f"cut.{fmt.lower()}"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size * 2 // 3])
+    jsonl = write_lines(tmp_path / "t.jsonl", [row(f"images/a.{fmt.lower()}"), row(f"images/cut.{fmt.lower()}")])
+    with pytest.raises(DataError) as caught:
+        load_dataset(jsonl)
+    assert str(caught.value).startswith(f"{jsonl}:2: image_url: cannot decode image {cut}: "
+                                        "the image data ends early")
+
+
 def test_hand_written_mltable_with_azure_layout(tmp_path):
     write_image(tmp_path / "images" / "a.png", 200, 100)
     write_lines(tmp_path / "train_annotations.jsonl", [row()])

@@ -100,3 +100,71 @@ def test_pyfunc_errors_name_the_row_and_are_bad_request(tiny_model_dir, image_fi
         with pytest.raises(MlflowException) as err:
             model.predict(pd.DataFrame({"image": [good]}), params=params)
         assert message in err.value.message and err.value.get_http_status_code() == 400
+
+
+# --- data cut short: refused, never completed from memory (issue 23) ----------------------------
+
+def _cut(data: bytes, share: float) -> bytes:
+    return data[: int(len(data) * share)]
+
+
+@pytest.mark.parametrize("share", [0.35, 0.6, 0.85])
+def test_a_cut_baseline_jpeg_is_refused_not_completed_with_whatever_memory_held(share):
+    # OpenCV decodes the rows a cut baseline JPEG reaches and returns the others as the memory
+    # it allocated held: five decodes of the same bytes gave five different arrays
+    from hostile_cases import encoded, picture
+
+    data = _cut(encoded("JPEG", picture(640, 480, 1)), share)
+    for _ in range(3):
+        with pytest.raises(InputError, match=r"^row 3: the image data ends early: the JPEG "):
+            decode_image(data, row=3)
+
+
+@pytest.mark.parametrize("name", ["jpeg", "jpeg-progressive", "png", "webp-lossy", "webp-lossless", "bmp",
+                                  "bmp-palette", "tiff", "tiff-lzw", "gif", "mpo"])
+@pytest.mark.parametrize("share", [0.1, 0.5, 0.9])
+def test_every_accepted_format_cut_short_says_the_data_ends_early(name, share):
+    from hostile_cases import ACCEPTED
+
+    data = _cut(ACCEPTED[name](), share)
+    with pytest.raises(InputError, match=r"^row 4: the image data ends early"):
+        decode_image(data, row=4)
+
+
+def test_a_jpeg_missing_only_its_end_marker_is_refused_and_bytes_after_it_are_ignored():
+    from hostile_cases import encoded, picture
+
+    whole = encoded("JPEG", picture(64, 48))
+    assert whole.endswith(b"\xff\xd9")
+    for cut in (whole[:-1], whole[:-2]):
+        with pytest.raises(InputError, match="the image data ends early: the JPEG"):
+            decode_image(cut)
+    # padding and a second picture after the end marker are not part of the first picture
+    expected = decode_image(whole)
+    assert np.array_equal(decode_image(whole + b"\x00" * 100), expected)
+    assert np.array_equal(decode_image(whole + whole), expected)
+
+
+def test_a_jpeg_damaged_inside_its_scan_decodes_to_the_same_pixels_every_time():
+    # complete data with flipped bits: libjpeg fills what it cannot decode with a fixed gray
+    from hostile_cases import encoded, picture
+
+    data = bytearray(encoded("JPEG", picture(256, 192, 2)))
+    scan = data.index(b"\xff\xda")
+    for at in range(scan + 40, len(data) - 2, 97):
+        data[at] ^= 0x5A
+    data = bytes(data).replace(b"\xff\xd9", b"\xff\x00")[:-2] + b"\xff\xd9"  # no early end marker
+    outcomes = set()
+    for _ in range(5):
+        try:
+            outcomes.add(decode_image(data).tobytes())
+        except InputError as err:
+            outcomes.add(str(err))
+    assert len(outcomes) == 1
+
+
+def test_a_png_cut_inside_its_header_says_the_data_ends_early():
+    from hostile_cases import encoded
+
+    with pytest.raises(InputError, match="row 0: the image data ends early"):
+        decode_image(encoded("PNG")[:20], row=0)

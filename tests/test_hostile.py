@@ -12,6 +12,7 @@ name does not allow its addresses), and refused hosts are never connected to.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -181,6 +182,12 @@ GOOD_REQUEST = Case("good", "request", split([GOOD], FEW), ok=True)
 
 def check_answer(target, case: Case, answer: Answer) -> None:
     assert not TRACE.search(answer.text), f"a stack trace in the answer: {answer.text[:2000]}"
+    if case.mlflow_only and target.name != "mlflow-serve":
+        # a body only MLflow's server reads: ours refuses it, naming the keys it reads
+        assert 400 <= answer.status < 500, (answer.status, answer.text[:2000])
+        return
+    if case.either and answer.status == 200:
+        case = dataclasses.replace(case, ok=True)
     if case.ok:
         assert answer.status == 200, (answer.status, answer.text[:2000])
         entries = answer.entries()
@@ -189,6 +196,8 @@ def check_answer(target, case: Case, answer: Answer) -> None:
     assert 400 <= answer.status < 500, (answer.status, answer.text[:2000])
     if case.status:
         assert answer.status == case.status, answer.text[:500]
+    if case.either:
+        return  # damaged data refused: any message, the same every time (test_hostile_case)
     if target.name == "mlflow-serve" and case.mlflow_parses:
         return  # MLflow's own parser answered; its words are its own
     message = answer.message()
@@ -204,6 +213,12 @@ def test_hostile_case(target, case):
         assert answer.status < 500 and not TRACE.search(answer.text), (answer.status, answer.text[:2000])
     else:
         check_answer(target, case, answer)
+    for _ in range(case.repeat - 1):
+        # the same request, the same answer: a decoder that leaves memory unwritten does not
+        again = target.send(case)
+        assert (again.status, again.text) == (answer.status, answer.text), (
+            f"a second send of the same request got another answer: {answer.status} {answer.text[:300]!r} "
+            f"then {again.status} {again.text[:300]!r}")
     assert target.alive(), "the server stopped answering its health probe"
     if CASES.index(case) % GOOD_EVERY == GOOD_EVERY - 1:
         check_answer(target, GOOD_REQUEST, target.send(GOOD_REQUEST))

@@ -2,6 +2,7 @@
 decompression bomb), sizes, polygons and labels. Each problem is recorded, none stops the read."""
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 
@@ -29,22 +30,34 @@ def stated_size(details: dict, where: str, problems: Problems):
 
 
 def image_size(path: Path, where: str, fld: str, problems: Problems):
-    """(width, height) from the image header, or None after recording why not."""
+    """(width, height) from the image header, or None after recording why not. A file cut
+    short is a problem too (scoring.truncation, the decoder's own check): mmdet's loading would
+    decode a cut baseline JPEG's missing rows as whatever memory held, and train on them."""
     from PIL import Image, UnidentifiedImageError
+
+    from scoring.truncation import ENDS_EARLY, ends_early, signature
 
     if not path.is_file():
         problems.add(where, fld, f"image file not found: {path}")
         return None
+    data = path.read_bytes()
     try:
-        with Image.open(path) as image:
+        with Image.open(io.BytesIO(data)) as image:
             size = image.size
+            cut = ends_early(data, image.format, image)
             image.verify()  # structural check (PNG CRCs etc.) without decoding pixels
-        return size
+        if not cut:
+            return size
     except Image.DecompressionBombError as err:
         # A header claiming billions of pixels: refused before any decoding (PIL's guard).
         problems.add(where, fld, f"image {path} is too large to decode safely: {err}")
+        return None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        problems.add(where, fld, f"cannot decode image {path}: {err}")
+        cut = ends_early(data, signature(data) or "")  # cut in its header: say so, as the decoder does
+        if not cut:
+            problems.add(where, fld, f"cannot decode image {path}: {err}")
+            return None
+    problems.add(where, fld, f"cannot decode image {path}: {ENDS_EARLY}: {cut}")
     return None
 
 
