@@ -56,3 +56,11 @@ def image_files(tmp_path_factory) -> list[Path]:
     folder = tmp_path_factory.mktemp("images")
     return [write_png(folder / "scene0.png", scene_image(320, 240, 0)),
             write_png(folder / "scene1.png", scene_image(200, 300, 1))]
+
+
+@pytest.fixture(scope="module")
+def tiny_pyfunc(tiny_model_dir):
+    """The tiny torch model loaded as MLflow loads it (mlflow.pyfunc.load_model)."""
+    import mlflow
+
+    return mlflow.pyfunc.load_model(str(tiny_model_dir))

@@ -168,3 +168,12 @@ def assert_same_detections(got: dict, want: dict, share: float = 0.9) -> None:
 
     matched = sum(any(close(x, y) for y in b) for x in a)
     assert matched >= share * len(a), f"{matched} of {len(a)} detections match"
+
+
+def b64_png(image_bgr) -> str:
+    """A BGR array as base64 PNG, a request's image."""
+    import base64
+
+    import cv2
+
+    return base64.b64encode(cv2.imencode(".png", image_bgr)[1].tobytes()).decode()

@@ -1,4 +1,4 @@
-"""A slow or odd image server on 127.0.0.1 for the URL cases (tests/test_found.py,
+"""A slow or odd image server on 127.0.0.1 for the URL cases (tests/test_url_fetch.py,
 tests/test_hostile.py): routes that drip, never end, lie about their length or redirect to the
 metadata service. Tests allow-list it (by address or by the name localhost) for these only."""
 from __future__ import annotations

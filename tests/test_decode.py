@@ -9,9 +9,10 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import b64, scene_image
+from hostile_cases import gif_screen_bomb, png_bomb, tiff_bomb
 from PIL import Image
 
-from helpers import b64, scene_image
 from scoring.decode import decode_image
 from scoring.errors import InputError
 
@@ -168,3 +169,32 @@ def test_a_png_cut_inside_its_header_says_the_data_ends_early():
 
     with pytest.raises(InputError, match="row 0: the image data ends early"):
         decode_image(encoded("PNG")[:20], row=0)
+
+
+# Formats: an explicit list, sizes checked from every header
+
+def _saved(fmt: str, mode: str = "RGB", size=(20, 10), **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    Image.new(mode, size, 128).save(buffer, fmt, **kwargs)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("data", [
+    _saved("PPM"), _saved("ICO", size=(16, 16)), _saved("PCX"), _saved("TGA"), _saved("PDF"),
+    _saved("IM"), _saved("SGI"), _saved("XBM", "1"), b'<svg xmlns="http://www.w3.org/2000/svg"/>',
+    b"8BPS\x00\x01" + b"\x00" * 6 + b"\x00\x03\x00\x00\x00\x10\x00\x00\x00\x10\x00\x08\x00\x03",
+], ids=["ppm", "ico", "pcx", "tga", "pdf", "im", "sgi", "xbm", "svg", "psd"])
+def test_formats_outside_the_list_are_refused(data):
+    from scoring.decode import decode_image
+
+    with pytest.raises(InputError, match="row 2: not an image .*we accept JPEG, PNG, WEBP, BMP, TIFF, GIF"):
+        decode_image(data, row=2)
+
+
+@pytest.mark.parametrize("data", [gif_screen_bomb(65535, 65535), tiff_bomb(100_000, 100_000),
+                                  png_bomb(100_000, 100_000)], ids=["gif-screen", "tiff", "png"])
+def test_every_accepted_format_is_size_checked_before_decoding(data):
+    from scoring.decode import decode_image
+
+    with pytest.raises(InputError, match="over the limit of 50000000"):
+        decode_image(data, row=0)

@@ -3,13 +3,25 @@ geometry and cutoff, and masks made over windows equal to the whole-picture mask
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from scoring.runtimes.base import keep_ratio_size
-from scoring.runtimes.masks import (MASK_CHUNK_BYTES, MaskGeometry, MaskWindow, box_window_mask,
-                                    logit_cutoff, windowed_resize)
+from scoring.runtimes.masks import (
+    MASK_CHUNK_BYTES,
+    MaskGeometry,
+    MaskWindow,
+    box_window_mask,
+    logit_cutoff,
+    windowed_resize,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # (width, height): a phone photo, the network's size, small, long and thin, tall
 SIZES = [(4032, 3024), (640, 480), (97, 131), (1900, 200), (150, 1300), (320, 240)]
@@ -203,3 +215,72 @@ def test_polygons_of_a_window_are_the_polygons_of_the_whole_mask():
             assert len(got) == len(want)
             assert all(np.array_equal(a, b) for a, b in zip(got, want))
     assert mask_polygons(np.zeros((0, 0), bool), 0.5, (10, 10)) == []
+
+
+# Memory from long, thin images
+
+MASKS_UNDER_AN_ADDRESS_SPACE_LIMIT = textwrap.dedent("""
+    import resource, sys
+    import torch
+    from scoring.runtimes.torch_rtmdet import MaskResampler
+
+    # What the tiny RTMDet-Ins gives a 70000x700 image: resized to 640x6 and padded to 640x640,
+    # 80x80 mask logits at stride 8. mmdet's way upsamples them to 70000x70000 (19.5 GiB).
+    width, height, detections = 70000, 700, 3
+    new_w, new_h = 640, 6
+    logits = torch.randn(detections, 80, 80, generator=torch.Generator().manual_seed(0))
+    resampler = MaskResampler(8, [width / new_w, height / new_h], (height, width))
+    limit = int(sys.argv[1])
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    count = 0
+    for mask in resampler.iter_masks(logits, 0.5):
+        assert mask.shape == (height, width) and mask.dtype == bool, mask.shape
+        count += 1
+    print("masks", count)
+""")
+
+
+def _address_space_now() -> int:
+    """The address space (VmPeak) a Python that imported torch takes, measured, not guessed."""
+    probe = "import torch, scoring.runtimes.torch_rtmdet; print(open('/proc/self/status').read())"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT,
+                         env={"PYTHONPATH": str(ROOT), "PATH": ""}, timeout=300, check=True).stdout
+    return int(next(line.split()[1] for line in out.splitlines() if line.startswith("VmPeak:"))) * 1024
+
+
+def test_long_thin_image_masks_fit_a_bounded_address_space():
+    """Each mask of a 70000x700 image (49 M pixels, under the pixel limit) is made within ~2 GiB
+    more than the interpreter itself needs, instead of the 19.5 GiB of upsampled logits."""
+    limit = _address_space_now() + 2 * 1024 ** 3
+    result = subprocess.run([sys.executable, "-c", MASKS_UNDER_AN_ADDRESS_SPACE_LIMIT, str(limit)],
+                            capture_output=True, text=True, cwd=ROOT, timeout=600,
+                            env={"PYTHONPATH": str(ROOT), "PATH": ""})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "masks 3" in result.stdout
+
+
+@pytest.mark.parametrize("width, height", [(1900, 200), (150, 1300)])
+def test_windowed_masks_equal_the_exact_ones(width, height):
+    """On a moderately elongated image, both paths run: the windowed masks are mmdet's."""
+    import torch
+    import torch.nn.functional as F
+
+    from scoring.runtimes.base import keep_ratio_size
+    from scoring.runtimes.torch_rtmdet import MaskResampler
+
+    new_w, new_h = keep_ratio_size(width, height, (640, 640))
+    resampler = MaskResampler(8, [width / new_w, height / new_h], (height, width))
+    logits = torch.randn(4, 80, 80, generator=torch.Generator().manual_seed(1)) * 4
+    assert resampler.windowed(logits), "the case must take the windowed path"
+    windowed = np.stack(list(resampler.iter_masks(logits, 0.5)))
+    # mmdet 3.3.0's _bbox_mask_post_process: two bilinear resizes, then the crop
+    up = F.interpolate(logits.unsqueeze(0), scale_factor=8, mode="bilinear")
+    up = F.interpolate(up, size=list(resampler.geometry.upsampled_shape(80, 80)), mode="bilinear",
+                       align_corners=False)[..., :height, :width]
+    exact = (up.sigmoid().squeeze(0) > 0.5).numpy()
+    assert windowed.shape == (4, height, width)
+    # mmdet scales the height by the width's factor, so for a tall image its upsampled mask can
+    # be a row or two short of the image (1298 of 1300 rows here): equal wherever mmdet has pixels
+    rows, cols = exact.shape[1:]
+    assert rows >= height - 2 and cols >= width - 2
+    assert np.array_equal(windowed[:, :rows, :cols], exact)

@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 import pytest
+from slow_server import slow_server as serving
 
 from scoring import fetch, settings
 from scoring.decode import decode_image
@@ -281,3 +282,53 @@ def test_connect_failure_is_an_input_error(allow_loopback):
     with pytest.raises(InputError, match="cannot connect"):
         fetch.fetch_url(f"http://127.0.0.1:{port}/img.png")
 
+
+# One deadline per URL, one budget per request
+
+@pytest.fixture(scope="module")
+def slow_server():
+    with serving() as url:
+        yield url
+
+
+def test_headers_dripped_slowly_are_cut_at_the_url_deadline(slow_server, allow_loopback, monkeypatch):
+    from scoring.fetch import fetch_url
+
+    monkeypatch.setenv(settings.FETCH_TOTAL_TIMEOUT.env, "1")
+    with pytest.raises(InputError, match=r"took longer than 1 s \(MMDET_MLFLOW_FETCH_TOTAL_TIMEOUT\)"):
+        fetch_url(f"{slow_server}/drip-headers")
+
+
+def test_a_request_budget_is_shared_by_its_url_rows(slow_server, allow_loopback, monkeypatch):
+    """Three URLs, each well within its own deadline, together over the request's budget: the
+    rows are fetched one after another against one budget, and the third is refused."""
+    from scoring.decode import decode_image
+    from scoring.fetch import request_budget
+
+    monkeypatch.setenv(settings.FETCH_REQUEST_BUDGET.env, "1")
+    budget = request_budget()
+    decoded = []
+    with pytest.raises(InputError) as err:
+        for row in range(3):
+            decoded.append(decode_image(f"{slow_server}/late", row=row, budget=budget))
+    assert len(decoded) == 1 and str(err.value).startswith("row 1: fetching")
+    assert "FETCH_REQUEST_BUDGET" in str(err.value)
+
+
+def test_the_budget_counts_fetching_not_the_model_between_rows(slow_server, allow_loopback, monkeypatch):
+    """Rows are fetched between forward passes: a slow model must not spend the URL budget
+    (two 0.6 s fetches in a 3 s budget, 3.5 s of other work between them)."""
+    from scoring.decode import decode_image
+    from scoring.fetch import request_budget
+
+    monkeypatch.setenv(settings.FETCH_REQUEST_BUDGET.env, "3")
+    budget = request_budget()
+    decode_image(f"{slow_server}/late", row=0, budget=budget)
+    time.sleep(3.5)  # the model's forward pass on row 0
+    assert decode_image(f"{slow_server}/late", row=1, budget=budget).shape == (32, 48, 3)
+
+
+def test_a_content_length_only_isdigit_accepts_is_not_a_crash(slow_server, allow_loopback):
+    from scoring.decode import decode_image
+
+    assert decode_image(f"{slow_server}/superscript-length", row=0).shape == (32, 48, 3)

@@ -1,0 +1,99 @@
+"""Batch records (scoring.batch_files, mmdet_mlflow.batch): one line per record whatever the file names, resume after a cut or a link."""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from hostile_cases import encoded, picture
+
+
+# Batch records and resume
+
+def test_batch_records_with_line_breaks_stay_one_line_and_round_trip():
+    from scoring.batch_files import COLUMNS, format_record, parse_record
+
+    records = [{"row": 0, "prediction": {"boxes": []}, "file": "two\nlines.png", "error": None},
+               {"row": 3, "prediction": None, "file": "a.csv",
+                "error": "row 3: not valid base64: 'ab\\r\\ncd'\nsecond line\\n\u2028"},
+               {"row": None, "prediction": None, "file": "back\\slash.png", "error": "x"}]
+    lines = [format_record(r) for r in records]
+    assert all(len(line.splitlines()) == 1 for line in lines)
+    assert [parse_record(line) for line in lines] == records
+    table = pd.read_csv(io.StringIO("\n".join(lines) + "\n"), names=list(COLUMNS),
+                        keep_default_na=False, dtype=str)
+    assert len(table) == 3 and list(table["row"]) == ["0", "3", ""]
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def batch_inputs(tmp_path_factory):
+    """A folder with an image, a symlink to an image outside it and a 3-row table."""
+    import base64
+
+    base = tmp_path_factory.mktemp("resume")
+    outside = base / "elsewhere.png"
+    outside.write_bytes(encoded("PNG", picture(40, 30)))
+    folder = base / "input"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(encoded("PNG", picture(32, 24)))
+    (folder / "linked.png").symlink_to(outside)
+    good = base64.b64encode(encoded("PNG", picture(24, 16))).decode()
+    pd.DataFrame({"image": [good, "%%%", good]}).to_csv(folder / "table.csv", index=False)
+    return folder
+
+
+FEW = {"max_detections": 2}  # resume is the point, not the masks
+
+
+def test_a_symlinked_input_is_recognised_as_done(batch_inputs, tiny_model_dir, tmp_path):
+    from mmdet_mlflow.batch import run_batch
+
+    output = tmp_path / "out.jsonl"
+    first = run_batch(tiny_model_dir, batch_inputs, output, mini_batch_size=2, params=FEW)
+    assert first["images"] == 4 and first["errors"] == 1
+    again = run_batch(tiny_model_dir, batch_inputs, output, mini_batch_size=2, params=FEW)
+    assert again == {"files": 3, "skipped": 3, "images": 0, "errors": 0}
+    assert sorted(r["file"] for r in _jsonl(output)) == ["a.png", "linked.png"] + ["table.csv"] * 3
+
+
+def test_an_output_cut_at_a_line_end_resumes_to_one_complete_set(batch_inputs, tiny_model_dir, tmp_path):
+    """Killed after the output's write and before the progress entry, with the output ending
+    exactly at a line end in the middle of table.csv's records: the rerun drops what the
+    progress file does not vouch for and scores the table again, once."""
+    from mmdet_mlflow.batch import progress_file, run_batch
+
+    output = tmp_path / "out.jsonl"
+    run_batch(tiny_model_dir, batch_inputs, output, mini_batch_size=1, params=FEW)
+    whole = _jsonl(output)
+    lines = output.read_text().splitlines(keepends=True)
+    assert [r["file"] for r in whole][-3:] == ["table.csv"] * 3
+    output.write_text("".join(lines[:-2]))  # two of table.csv's three records gone, cut at a line end
+    progress = progress_file(output)
+    entries = progress.read_text().splitlines(keepends=True)
+    progress.write_text("".join(entries[:-1]))  # the kill came before table.csv's progress entry
+    rerun = run_batch(tiny_model_dir, batch_inputs, output, mini_batch_size=1, params=FEW)
+    assert rerun["skipped"] == 2 and rerun["images"] == 2 and rerun["errors"] == 1
+    after = _jsonl(output)
+    assert [(r["file"], r["row"]) for r in after] == [(r["file"], r["row"]) for r in whole]
+    assert [r["error"] for r in after] == [r["error"] for r in whole]
+
+
+def test_batch_records_of_a_file_named_with_a_line_break(tiny_model_dir, tmp_path):
+    """Azure's batch script: a record of a file whose name holds a line break is one CSV line."""
+    from scoring.azureml import batch_score
+    from scoring.batch_files import parse_record
+
+    odd = tmp_path / "two\nlines.png"
+    odd.write_bytes(b"not an image\nat all")
+    batch_score.init(model_dir=str(tiny_model_dir), params=FEW)
+    lines = batch_score.run([str(odd)])
+    assert len(lines) == 1 and len(lines[0].splitlines()) == 1
+    assert parse_record(lines[0])["file"] == "two\nlines.png"
+    shutil.rmtree(tmp_path, ignore_errors=True)
