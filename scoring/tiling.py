@@ -32,6 +32,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from scoring.boxes import box_iou, intersection, overlap_of_smaller, span_iou
 from scoring.runtimes.base import ImageDetections, Segmenter
 from scoring.runtimes.masks import MaskWindow
 from scoring.schema import PredictParams
@@ -159,49 +160,22 @@ def _same_object(candidate: _Candidate, group: _Group, params: PredictParams) ->
         return False
     for member in group.members:
         if not (candidate.cut or member.cut):
-            if _iou(candidate.box, member.box) > params.tile_predictions_nms_thresh:
+            if box_iou(candidate.box, member.box) > params.tile_predictions_nms_thresh:
                 return True
-        elif _overlap_of_smaller(candidate.box, member.box) >= PIECE_OVERLAP:
+        elif overlap_of_smaller(candidate.box, member.box) >= PIECE_OVERLAP:
             return True
         elif candidate.cut and member.cut and _pieces_across_a_border(candidate.box, member.box):
             return True
     return False
 
 
-def _intersection(a: np.ndarray, b: np.ndarray) -> float:
-    w = min(a[2], b[2]) - max(a[0], b[0])
-    h = min(a[3], b[3]) - max(a[1], b[1])
-    return max(0.0, w) * max(0.0, h)
-
-
-def _area(box: np.ndarray) -> float:
-    return max(0.0, box[2] - box[0]) * max(0.0, box[3] - box[1])
-
-
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    inter = _intersection(a, b)
-    union = _area(a) + _area(b) - inter
-    return inter / union if union > 0 else 0.0
-
-
-def _overlap_of_smaller(a: np.ndarray, b: np.ndarray) -> float:
-    smaller = min(_area(a), _area(b))
-    return _intersection(a, b) / smaller if smaller > 0 else 0.0
-
-
-def _span_iou(a0: float, a1: float, b0: float, b1: float) -> float:
-    inter = max(0.0, min(a1, b1) - max(a0, b0))
-    union = max(a1, b1) - min(a0, b0)
-    return inter / union if union > 0 else 0.0
-
-
 def _pieces_across_a_border(a: np.ndarray, b: np.ndarray) -> bool:
     """Two pieces of one object a border cut: they meet (their boxes intersect, in the tiles'
     overlap) and span about the same rows (a vertical cut) or columns (a horizontal one)."""
-    if _intersection(a, b) <= 0:
+    if intersection(a, b) <= 0:
         return False
-    return (_span_iou(a[1], a[3], b[1], b[3]) >= SPAN_OVERLAP
-            or _span_iou(a[0], a[2], b[0], b[2]) >= SPAN_OVERLAP)
+    return (span_iou(a[1], a[3], b[1], b[3]) >= SPAN_OVERLAP
+            or span_iou(a[0], a[2], b[0], b[2]) >= SPAN_OVERLAP)
 
 
 class TiledMasks:

@@ -1,0 +1,37 @@
+"""Box overlap, the one definition every comparison of boxes uses (tiling's merge, the packaging
+checks of a cheaper precision): boxes are (x1, y1, x2, y2), any units, x2 >= x1 and y2 >= y1."""
+from __future__ import annotations
+
+from typing import Sequence
+
+Box = Sequence[float]
+
+
+def intersection(a: Box, b: Box) -> float:
+    width = min(a[2], b[2]) - max(a[0], b[0])
+    height = min(a[3], b[3]) - max(a[1], b[1])
+    return max(0.0, float(width)) * max(0.0, float(height))
+
+
+def area(box: Box) -> float:
+    return max(0.0, float(box[2] - box[0])) * max(0.0, float(box[3] - box[1]))
+
+
+def box_iou(a: Box, b: Box) -> float:
+    """Intersection over union (0 for two empty boxes)."""
+    inter = intersection(a, b)
+    union = area(a) + area(b) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def overlap_of_smaller(a: Box, b: Box) -> float:
+    """The share of the smaller box that lies in both (1 when one holds the other)."""
+    smaller = min(area(a), area(b))
+    return intersection(a, b) / smaller if smaller > 0 else 0.0
+
+
+def span_iou(a0: float, a1: float, b0: float, b1: float) -> float:
+    """IoU of two intervals [a0, a1] and [b0, b1]."""
+    inter = max(0.0, min(a1, b1) - max(a0, b0))
+    union = max(a1, b1) - min(a0, b0)
+    return inter / union if union > 0 else 0.0
