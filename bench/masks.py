@@ -30,7 +30,6 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from helpers import TINY, make_official_checkpoint, scene_image  # noqa: E402
 
-SIZES = [(640, 480), (4032, 3024)]
 DETECTIONS = 62
 
 
@@ -139,14 +138,17 @@ def whole_answer(segmenter, image, margin, repeats: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--sizes", default="640x480,4032x3024", help="pictures, WxH,...")
+    parser.add_argument("--skip-answer", action="store_true", help="not the whole 12 MP answer")
     args = parser.parse_args()
+    sizes = [tuple(int(v) for v in size.split("x")) for size in args.sizes.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         segmenters = models(Path(tmp))
         print("per-detection mask time (make + trace), ms; ratio = before / after")
         for segmenter in segmenters:
             params = segmenter.default_params.updated({"max_detections": DETECTIONS,
                                                        "score_threshold": 0.0})
-            for width, height in SIZES:
+            for width, height in sizes:
                 dets = segmenter([picture(width, height)], params)[0]
                 own = (dets.masks.mask_logits if segmenter.runtime == "onnx"
                        else dets.masks.mask_logits.numpy())
@@ -162,6 +164,8 @@ def main() -> None:
                                       for name, (t, px) in timings.items())
                     print(f"{segmenter.runtime:5s} {width}x{height} {len(dets):3d} dets (median box "
                           f"{share:.1%} of picture) {kind:9s}: {cells}")
+        if args.skip_answer:
+            return
         print(f"whole answer, 4032x3024, {DETECTIONS} detections, untrained tiny model, seconds:")
         image = picture(4032, 3024)
         for segmenter in segmenters:
