@@ -110,7 +110,8 @@ class MaskGeometry:
         convex blend of at most four logits (two bilinear steps), so it can exceed the cutoff
         only near a cell that does (less a rounding allowance); empty when no cell comes near."""
         low_h, low_w = low.shape
-        allowance = np.float32(1e-4) * (np.float32(1) + np.abs(low).max(initial=np.float32(0)))
+        finite = np.abs(low[np.isfinite(low)])  # a NaN cell is never True, nor may it hide others
+        allowance = np.float32(1e-4) * (np.float32(1) + finite.max(initial=np.float32(0)))
         near = low > np.float32(threshold_logit) - allowance  # all for a cutoff of -inf, none for +inf
         rows, cols = np.flatnonzero(near.any(axis=1)), np.flatnonzero(near.any(axis=0))
         if not len(rows):
