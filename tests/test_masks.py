@@ -217,6 +217,19 @@ def test_polygons_of_a_window_are_the_polygons_of_the_whole_mask():
     assert mask_polygons(np.zeros((0, 0), bool), 0.5, (10, 10)) == []
 
 
+def test_cells_that_are_not_numbers_do_not_hide_the_others():
+    geometry = geometry_for(640, 480)
+    low = np.full((80, 80), -9, np.float32)
+    low[10:12, 20:22] = 5
+    low[50, 50] = np.nan
+    x0, y0, x1, y1 = geometry.support_window(low, 0.0)
+    assert x0 <= 20 * 8 and x1 >= 22 * 8 and y0 <= 10 * 8 and y1 >= 12 * 8
+    assert (x1 - x0) * (y1 - y0) < 0.05 * 640 * 480
+    low[60, 60] = np.inf
+    x0, y0, x1, y1 = geometry.support_window(low, 0.0)
+    assert x1 >= 61 * 8 and y1 == 480  # the picture ends at row 60 of the cells
+
+
 # Memory from long, thin images
 
 MASKS_UNDER_AN_ADDRESS_SPACE_LIMIT = textwrap.dedent("""

@@ -35,8 +35,10 @@ MASK_CHUNK_BYTES = 256 * 1024 * 1024
 # every side of a detection's box to make the window its mask is computed in.
 BOX_MARGIN_CELLS = 4
 
-# A box window at least this fraction of the picture is made the whole-picture way and cut:
-# there the box saves little, and the whole-picture resize is the fastest code we have.
+# A window at least this fraction of the picture is made the whole-picture way and cut: there
+# the window saves little, and the runtime's whole-picture resize (torch's, multi-threaded) is
+# the faster code. OpenCV's whole-picture resize is ~2-4x faster a pixel than the window's
+# numpy, so the ONNX runtime passes a quarter (bench/masks.py).
 WHOLE_PICTURE_FRACTION = 0.5
 
 
@@ -108,7 +110,8 @@ class MaskGeometry:
         convex blend of at most four logits (two bilinear steps), so it can exceed the cutoff
         only near a cell that does (less a rounding allowance); empty when no cell comes near."""
         low_h, low_w = low.shape
-        allowance = np.float32(1e-4) * (np.float32(1) + np.abs(low).max(initial=np.float32(0)))
+        finite = np.abs(low[np.isfinite(low)])  # a NaN cell is never True, nor may it hide others
+        allowance = np.float32(1e-4) * (np.float32(1) + finite.max(initial=np.float32(0)))
         near = low > np.float32(threshold_logit) - allowance  # all for a cutoff of -inf, none for +inf
         rows, cols = np.flatnonzero(near.any(axis=1)), np.flatnonzero(near.any(axis=0))
         if not len(rows):
@@ -262,23 +265,36 @@ def box_window_mask(low: np.ndarray, geometry: MaskGeometry, window: tuple[int, 
     c0, c1 = _stride_cells(w0, w1, stride, low_w)
     up = upsample(np.ascontiguousarray(low[r0:r1, c0:c1], dtype=np.float32))
     top, left = r0 * stride, c0 * stride
+    cut = np.float32(threshold_logit)
+    if (big_h, big_w) == (up_h, up_w):  # the second resize is the identity (weights 0 and 1)
+        np.greater(up[y0 - top:y1 - top, x0 - left:x1 - left], cut, out=out)
+        return out
     h0, h1, w0, w1 = h0 - top, h1 - top, w0 - left, w1 - left
     # Separable, in the order windowed_resize computes each value: each source row across the
-    # window's columns first, then the two rows' blend (the same float operations, each once).
-    cut = np.float32(threshold_logit)
+    # window's columns first, then the two rows' blend (the same float operations, each once),
+    # where several output rows blend the same two source rows, those rows together (broadcast,
+    # no gathered copies), else all rows of a band at once.
     band = band_rows(out_w, temporaries=6)
     for start in range(0, out_h, band):
-        rows = slice(start, start + band)
-        first, last = int(h0[rows].min()), int(h1[rows].max()) + 1
+        stop = min(out_h, start + band)
+        first, last = int(h0[start:stop].min()), int(h1[start:stop].max()) + 1
         source = up[first:last]
         across = (1 - wl) * source[:, w0] + wl * source[:, w1]
-        weight = hl[rows][:, None]
-        upper = across[h0[rows] - first]
-        upper *= 1 - weight
-        lower = across[h1[rows] - first]
-        lower *= weight
-        upper += lower
-        np.greater(upper, cut, out=out[rows])
+        pairs = np.flatnonzero(np.diff(h0[start:stop], prepend=-1)) + start
+        if stop - start < 4 * len(pairs):
+            weight = hl[start:stop, None]
+            value = across[h0[start:stop] - first]
+            value *= 1 - weight
+            lower = across[h1[start:stop] - first]
+            lower *= weight
+            value += lower
+            np.greater(value, cut, out=out[start:stop])
+            continue
+        for group_start, group_stop in zip(pairs, [*pairs[1:], stop]):
+            weight = hl[group_start:group_stop, None]
+            value = (1 - weight) * across[h0[group_start] - first]
+            value += weight * across[h1[group_start] - first]
+            np.greater(value, cut, out=out[group_start:group_stop])
     return out
 
 
@@ -289,25 +305,43 @@ def intersect(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> tup
 
 def iter_box_windows(geometry: MaskGeometry, low_logits: np.ndarray, boxes: np.ndarray | None,
                      threshold: float, upsample: UpsampleByStride,
-                     whole_mask: Callable[[int], np.ndarray],
-                     box_margin_cells: float | None = None) -> Iterator[MaskWindow]:
-    """Each detection's ``MaskWindow``, one at a time, over the window where its mask can be
-    True at all (``MaskGeometry.support_window``: the same mask as the whole picture's, made at
-    the cost of its extent), cut to its box grown by ``box_margin_cells`` where that is given
-    (None: not cut; the mask beyond box and margin is then dropped). Made from the cells the
-    window needs (``box_window_mask``), or, for a window covering WHOLE_PICTURE_FRACTION of the
-    picture or more, cut from the runtime's whole-picture mask (``whole_mask(i)``), which is
-    faster there."""
+                     whole_masks: Callable[[int, int], np.ndarray],
+                     box_margin_cells: float | None = None,
+                     whole_fraction: float = WHOLE_PICTURE_FRACTION,
+                     chunk_size: int = 1) -> Iterator[MaskWindow]:
+    """Each detection's ``MaskWindow``, in order, over the window where its mask can be True at
+    all (``MaskGeometry.support_window``: the same mask as the whole picture's, made at the
+    cost of its extent), cut to its box grown by ``box_margin_cells`` where that is given (None:
+    not cut; the mask beyond box and margin is then dropped). Made from the cells the window
+    needs (``box_window_mask``), or, for a window covering ``whole_fraction`` of the picture or
+    more, cut from the runtime's whole-picture masks (``whole_masks(start, stop)``: (k, H, W)
+    booleans of detections start..stop-1, up to ``chunk_size`` at once), which is faster there."""
     cut = logit_cutoff(threshold)
     low_h, low_w = low_logits.shape[-2:]
-    whole_way = WHOLE_PICTURE_FRACTION * geometry.ori_h * geometry.ori_w
+    whole_way = whole_fraction * geometry.ori_h * geometry.ori_w
     exact_windows = not geometry.windowed(low_h, low_w)
+    windows = []
     for i in range(len(low_logits)):
-        x0, y0, x1, y1 = geometry.support_window(low_logits[i], cut)
+        window = geometry.support_window(low_logits[i], cut)
         if box_margin_cells is not None and boxes is not None:
-            x0, y0, x1, y1 = intersect((x0, y0, x1, y1), geometry.box_window(boxes[i], box_margin_cells))
-        if exact_windows and (x1 - x0) * (y1 - y0) >= whole_way:
-            pixels = whole_mask(i)[y0:y1, x0:x1].copy()  # not a view holding the picture
-        else:
-            pixels = box_window_mask(low_logits[i], geometry, (x0, y0, x1, y1), cut, upsample)
-        yield MaskWindow(pixels, (x0, y0), geometry.ori_hw)
+            window = intersect(window, geometry.box_window(boxes[i], box_margin_cells))
+        windows.append(window)
+    whole = [exact_windows and (x1 - x0) * (y1 - y0) >= whole_way for x0, y0, x1, y1 in windows]
+    i = 0
+    while i < len(windows):
+        if not whole[i]:
+            x0, y0, x1, y1 = windows[i]
+            pixels = box_window_mask(low_logits[i], geometry, windows[i], cut, upsample)
+            yield MaskWindow(pixels, (x0, y0), geometry.ori_hw)
+            i += 1
+            continue
+        stop = i + 1  # a run of whole-picture ones, made a chunk at a time as before windows
+        while stop < len(windows) and whole[stop] and stop - i < max(1, chunk_size):
+            stop += 1
+        for j, mask in enumerate(whole_masks(i, stop), start=i):
+            x0, y0, x1, y1 = windows[j]
+            if (x0, y0, x1, y1) == (0, 0, geometry.ori_w, geometry.ori_h):
+                yield MaskWindow(mask, (0, 0), geometry.ori_hw)
+            else:  # a copy, not a view that would hold the whole picture's mask
+                yield MaskWindow(mask[y0:y1, x0:x1].copy(), (x0, y0), geometry.ori_hw)
+        i = stop

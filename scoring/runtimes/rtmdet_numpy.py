@@ -19,6 +19,8 @@ from scoring.runtimes import masks as mask_windows
 from scoring.runtimes.base import keep_ratio_size
 
 MASK_CHUNK_BYTES = mask_windows.MASK_CHUNK_BYTES
+# OpenCV's whole-picture masks are cheap a pixel: windows pay off below a quarter of the picture.
+WHOLE_PICTURE_FRACTION = 0.25
 # Version of the "onnx" section of model.json this module reads.
 ONNX_INFO_FORMAT = 1
 
@@ -332,5 +334,6 @@ class NumpyMaskResampler:
         ``box_margin_cells`` where given (scoring.runtimes.masks.iter_box_windows)."""
         return mask_windows.iter_box_windows(
             self.geometry, self.mask_logits, self.boxes, threshold, upsample=self._upsample,
-            whole_mask=lambda i: self.masks(self.mask_logits[i : i + 1], threshold)[0],
-            box_margin_cells=self.box_margin_cells)
+            whole_masks=lambda start, stop: self.masks(self.mask_logits[start:stop], threshold),
+            box_margin_cells=self.box_margin_cells, whole_fraction=WHOLE_PICTURE_FRACTION,
+            chunk_size=self.chunk_size())

@@ -133,8 +133,8 @@ class MaskResampler:
         low = mask_logits.detach().float().cpu().numpy()
         return mask_windows.iter_box_windows(
             self.geometry, low, boxes, threshold, upsample=self._upsample_crop,
-            whole_mask=lambda i: self.masks(mask_logits[i : i + 1], threshold)[0].cpu().numpy(),
-            box_margin_cells=box_margin_cells)
+            whole_masks=lambda start, stop: self.masks(mask_logits[start:stop], threshold).cpu().numpy(),
+            box_margin_cells=box_margin_cells, chunk_size=self.chunk_size(mask_logits))
 
     def _upsample_crop(self, low: np.ndarray) -> np.ndarray:
         """torch's bilinear upsampling by the stride, as ``masks`` runs it, on a crop."""
