@@ -8,6 +8,7 @@ Prints, per format, the file size, the best time of the check and of ``image_fro
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import time
 
@@ -52,8 +53,8 @@ def main() -> None:
         picture.save(buffer, fmt, **options)
         data = buffer.getvalue()
         with Image.open(io.BytesIO(data)) as opened:
-            check = best(lambda: ends_early(data, opened.format, opened), args.repeat)
-        decode = best(lambda: image_from_bytes(data), args.repeat)
+            check = best(functools.partial(ends_early, data, opened.format, opened), args.repeat)
+        decode = best(functools.partial(image_from_bytes, data), args.repeat)
         name = fmt + (" progressive" if options.get("progressive") else "")
         print(f"{name:17s} {len(data) / 2**20:7.1f} MiB  check {check * 1e3:7.2f} ms  "
               f"decode {decode * 1e3:8.1f} ms  check/decode {check / decode:.4f}", flush=True)

@@ -18,7 +18,8 @@ every time and is left to the decoders.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
