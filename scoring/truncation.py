@@ -18,8 +18,10 @@ every time and is left to the decoders.
 """
 from __future__ import annotations
 
-import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
 
 ENDS_EARLY = "the image data ends early"  # the start of every such error message
 
@@ -56,10 +58,15 @@ def ends_early(data: bytes, fmt: str, image: Any = None) -> str | None:
 
 # --- JPEG --------------------------------------------------------------------------------------
 
-# Inside a scan's entropy-coded data, 0xFF is followed by 0x00 (a stuffed data byte), by a
-# restart marker (0xD0-0xD7) or by more 0xFF fill bytes; anything else is the marker that ends
-# the scan. This finds that marker as libjpeg does (a run of 0xFF, then the marker's code).
-_SCAN_END = re.compile(rb"\xff+[^\x00\xd0-\xd7\xff]")
+def _scan_ends(data: bytes) -> np.ndarray:
+    """Where a scan's entropy-coded data can end: inside it, 0xFF is followed by 0x00 (a
+    stuffed data byte), by a restart marker (0xD0-0xD7) or by more 0xFF fill bytes; any other
+    byte after 0xFF makes it the start of the marker that ends the scan, as libjpeg reads it.
+    One vectorized pass (a Python loop over every 0xFF of a photo took a fifth of its decode)."""
+    view = np.frombuffer(data, np.uint8)
+    ff = np.flatnonzero(view[:-1] == 0xFF)
+    follow = view[ff + 1]
+    return ff[(follow != 0x00) & (follow != 0xFF) & ((follow < 0xD0) | (follow > 0xD7))]
 _STANDALONE = {0x01, *range(0xD0, 0xD8), 0xD8}  # TEM, RST0-7, SOI: no length field
 _SOS, _EOI = 0xDA, 0xD9
 
@@ -71,6 +78,7 @@ def _jpeg(data: bytes, _image=None) -> str | None:
     reaches it gives the decoder every byte it can ask for."""
     size = len(data)
     at = 2  # after SOI; Pillow identified the data by it
+    scan_ends = None  # found once, for all the scans of a progressive JPEG
     while True:
         at = data.find(b"\xff", at)  # libjpeg skips any other bytes before a marker
         if at < 0:
@@ -93,10 +101,11 @@ def _jpeg(data: bytes, _image=None) -> str | None:
                     f"{size} arrived")
         at += max(length, 2)
         if marker == _SOS:
-            scan_end = _SCAN_END.search(data, at)
-            if scan_end is None:
+            scan_ends = _scan_ends(data) if scan_ends is None else scan_ends
+            following = int(np.searchsorted(scan_ends, at))
+            if following == len(scan_ends):
                 return f"the JPEG stops inside its image data after {size} bytes, with no end-of-image marker"
-            at = scan_end.start()
+            at = int(scan_ends[following])
     return f"the JPEG stops after {size} bytes, before its end-of-image marker"
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 
 from fuzz_properties import (DAMAGE_SEEDS, check_decode, check_decode_deterministic, check_parse_request,
-                             check_params, damage_corpus, damaged_images, decode_outcome, image_values, params,
-                             requests)
+                             check_params, damage_corpus, damaged_images, decode_outcome, decode_outcomes,
+                             image_values, params, requests)
 
 SHORT = settings(derandomize=True, database=None, deadline=None, max_examples=150,
                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -48,7 +48,7 @@ def test_damaged_images_decode_the_same_every_time(data):
 def test_every_accepted_format_decodes_the_same_every_time():
     for name, data in DAMAGE_SEEDS.items():
         assert not decode_outcome(data).startswith("InputError"), name
-        check_decode_deterministic(data, times=5)
+        assert len(decode_outcomes(data, 5)) == 1, name
 
 
 def test_damaged_images_decode_the_same_in_a_fresh_process():
