@@ -1,9 +1,9 @@
 """Benchmark of the answer formats (issue 22; not a test). Prints, measured in this one run:
 
 1. per picture size (640x480, 4000x3000) and detection count (3, 100): the answer's JSON bytes
-   and the encode stage's time (making the full-size masks + encoding them) for
-   ``mask_format`` polygon at ``polygon_tolerance`` 0 and 1, rle and none; the masks alone are
-   timed too, so what the encoding itself costs shows;
+   and the encode stage's time (making the full-size masks + encoding them + the JSON text) for
+   ``mask_format`` polygon at ``polygon_tolerance`` 0 and 1, rle and none ("none" makes no
+   mask); the encoding alone is timed too;
 2. end to end (JPEG bytes in, JSON text out, through the one runner): "none" against
    "polygon" at 100 detections on 4000x3000 (goal: none >= 1.3x faster);
 3. scoring.rle against pycocotools.mask.encode on the model's real masks (same bytes, speed);
@@ -63,28 +63,52 @@ def package(work: Path):
 
 
 def encode_stage(segmenter, repeats: int) -> None:
-    from scoring.encode import encode_detections
+    """The masks are made once per picture and count; each format's encoder is timed on each
+    mask as it goes by (100 full-size masks of 4000x3000 do not fit in memory together)."""
+    from scoring.encode import mask_polygons, normalized_segments
+    from scoring.rle import encode
+    from scoring.schema import OUTPUT_COLUMN, detection_record
 
-    print("1. encode stage (masks made + encoded) and answer size, per picture; "
-          f"best of {repeats}")
-    print(f"   {'picture':>9} {'dets':>4}  {'format':<14} {'seconds':>8} {'JSON bytes':>11}  "
-          f"{'x none time':>11}  {'size / polygon tol 0':>20}")
+    encoders = {
+        "polygon tol 0": lambda mask, size: {"polygons": normalized_segments(mask_polygons(mask, 0.0), size)},
+        "polygon tol 1": lambda mask, size: {"polygons": normalized_segments(mask_polygons(mask, 1.0), size)},
+        "rle": lambda mask, size: {"rle": encode(mask)},
+        "none": lambda mask, size: {},
+    }
+    print("1. per picture: the masks made once (seconds), then each format's encoding alone (seconds, "
+          f"best of {repeats} per mask) and the answer's JSON bytes")
+    print(f"   {'picture':>9} {'dets':>4}  {'format':<14} {'encode s':>9} {'masks+encode s':>15} "
+          f"{'JSON bytes':>11}  {'size / polygon tol 0':>20}")
     for width, height in SIZES:
         image = scene_image(width, height, 0)
         for count in COUNTS:
-            base = segmenter.default_params.updated({"score_threshold": 0.0, "max_detections": count})
-            [dets] = segmenter([image], base)
+            params = segmenter.default_params.updated({"score_threshold": 0.0, "max_detections": count})
+            [dets] = segmenter([image], params)
             assert len(dets) == count, f"{len(dets)} detections, wanted {count}"
-            masks_only, _ = best_of(repeats, lambda: sum(1 for _ in dets.iter_masks(base.mask_threshold)))
-            rows = {}
-            for label, values in FORMATS.items():
-                params = base.updated(values)
-                seconds, answer = best_of(repeats, lambda: json.dumps(encode_detections(dets, params)))
-                rows[label] = (seconds, len(answer))
-            for label, (seconds, size) in rows.items():
-                print(f"   {width}x{height:<4} {count:>4}  {label:<14} {seconds:8.3f} {size:11,d}  "
-                      f"{seconds / rows['none'][0]:11.1f}  {size / rows['polygon tol 0'][1]:20.3f}")
-            print(f"   {width}x{height:<4} {count:>4}  {'(masks alone)':<14} {masks_only:8.3f}")
+            seconds = dict.fromkeys(encoders, 0.0)
+            parts = {label: [] for label in encoders}
+            start = time.perf_counter()
+            masks = dets.iter_masks(params.mask_threshold)
+            making = 0.0
+            for mask in masks:
+                making += time.perf_counter() - start
+                for label, fn in encoders.items():
+                    spent, part = best_of(repeats, lambda: fn(mask, dets.image_size))
+                    seconds[label] += spent
+                    parts[label].append(part)
+                start = time.perf_counter()
+            sizes = {}
+            for label in encoders:
+                boxes = [detection_record(dets.boxes[i], dets.image_size, dets.label_name(i), dets.scores[i],
+                                          **parts[label][i]) for i in range(len(dets))]
+                spent, text = best_of(repeats, lambda: json.dumps({OUTPUT_COLUMN: boxes}))
+                seconds[label] += spent
+                sizes[label] = len(text)
+            for label in encoders:
+                stage = seconds[label] + (making if label != "none" else 0.0)
+                print(f"   {width}x{height:<4} {count:>4}  {label:<14} {seconds[label]:9.4f} {stage:15.3f} "
+                      f"{sizes[label]:11,d}  {sizes[label] / sizes['polygon tol 0']:20.3f}")
+            print(f"   {width}x{height:<4} {count:>4}  {'(masks made)':<14} {'':9} {making:15.3f}")
 
 
 def end_to_end(segmenter, repeats: int) -> None:
@@ -177,13 +201,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--scenes", type=int, default=20)
+    parser.add_argument("--parts", default="1,2,3,4", help="which parts to run, e.g. 1,4")
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
     with tempfile.TemporaryDirectory() as work:
         segmenter = package(Path(work))
-        encode_stage(segmenter, args.repeats)
-        end_to_end(segmenter, args.repeats)
-        rle_against_pycocotools(segmenter, args.repeats)
-        demo_pictures(segmenter, args.scenes)
+        for part, run in (("1", lambda: encode_stage(segmenter, args.repeats)),
+                          ("2", lambda: end_to_end(segmenter, args.repeats)),
+                          ("3", lambda: rle_against_pycocotools(segmenter, args.repeats)),
+                          ("4", lambda: demo_pictures(segmenter, args.scenes))):
+            if part in parts:
+                run()
 
 
 if __name__ == "__main__":

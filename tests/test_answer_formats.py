@@ -316,3 +316,18 @@ def test_rle_and_classes_serve_without_pycocotools_or_torch(tiny_onnx_model_dir,
                           decode=lambda key, value: value)
     assert lean["boxes"] and [b["rle"] for b in lean["boxes"]] == [b["rle"] for b in want.response["boxes"]]
     assert [b["label"] for b in lean["boxes"]] == [b["label"] for b in want.response["boxes"]]
+
+
+def test_batch_jobs_refuse_an_unknown_class_before_any_file(tiny_model_dir, image_files, tmp_path):
+    from mmdet_mlflow.batch import run_batch
+
+    out = tmp_path / "out.jsonl"
+    with pytest.raises(InputError, match="does not have: 'unicorn'"):
+        run_batch(tiny_model_dir, image_files[0].parent, out, params={"classes": ["unicorn"]})
+    assert not out.exists()
+    counts = run_batch(tiny_model_dir, image_files[0].parent, out,
+                       params={"classes": "person,car", "mask_format": "rle", "score_threshold": 0.05})
+    assert counts["errors"] == 0 and counts["images"] == len(image_files)
+    for line in out.read_text().splitlines():
+        for box in json.loads(line)["prediction"]["boxes"]:
+            assert box["label"] in ("person", "car") and "rle" in box
