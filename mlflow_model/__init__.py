@@ -26,7 +26,7 @@ WEIGHTS_FILE = model_dir.WEIGHTS_FILE
 MODEL_INFO_FILE = model_dir.INFO_FILE
 CODE_DIR = model_dir.CODE_DIR
 _PACKAGES = ("mlflow_model", "scoring")  # what a saved model needs to load and score
-RUNTIMES = ("torch", "onnx")
+RUNTIMES = ("torch", "onnx", "openvino")
 
 
 def save_model(
@@ -54,7 +54,9 @@ def save_model(
     ``runtime``: ``"torch"`` (mmdet on torch) or ``"onnx"``: the network exported to ONNX and
     checked against torch on sample images (refused beyond the tolerance), served by ONNX
     Runtime with numpy pre/post-processing; such a model needs none of torch, mmcv, mmdet,
-    mmengine, and its requirements install from wheels. ``quantize="int8"`` (ONNX only) adds a
+    mmengine, and its requirements install from wheels. ``"openvino"``: the same exported graph
+    served by OpenVINO Runtime (no onnxruntime either), in the precision chosen at load
+    (MMDET_MLFLOW_PRECISION: bf16 where the CPU has it). ``quantize="int8"`` (ONNX only) adds a
     statically quantized network, calibrated on ``calibration_images`` (BGR arrays), and serves
     it; its speed and agreement with fp32 are measured and printed.
     """
@@ -101,7 +103,7 @@ def save_model(
         "versions": _library_versions(),
     }
     weights_dir.write_info(info)
-    if runtime == "onnx":
+    if runtime in ("onnx", "openvino"):  # openvino serves the same exported graph
         _export_onnx(weights_dir, detector, quantize, calibration_images)
     _copy_code(saved.code)
 
@@ -187,7 +189,7 @@ def load_model(model_uri: str, device: str | None = None, dst_path: str | None =
 
     local = Path(_download_artifact_from_uri(artifact_uri=model_uri, output_path=dst_path))
     weights = ModelDir(local).data
-    if runtime_of(weights.read_info()) == "onnx":
+    if runtime_of(weights.read_info()) in ("onnx", "openvino"):
         return load_segmenter(weights.path, device=device)
     from scoring.runtimes.torch_rtmdet import load_detector
 

@@ -1,11 +1,17 @@
-"""mmdet-mlflow package: config + checkpoint -> MLflow model directory (torch or ONNX runtime)."""
+"""mmdet-mlflow package: config + checkpoint -> MLflow model directory (torch, ONNX or OpenVINO
+runtime)."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import NamedTuple
 
+from scoring.errors import MmdetMlflowError
+
 DEFAULT_CALIBRATION_IMAGES = 32
-CHECK_IMAGES = 24  # images the int8 network's speed and accuracy are measured on at packaging
+CHECK_IMAGES = 24  # images a cheaper precision's speed and accuracy are measured on at packaging
+# The most segm mAP bf16 may lose against fp32 on the calibration data before `package --runtime
+# openvino` refuses the model (issue 20); --accept-accuracy-drop overrides.
+MAX_SEGM_MAP_DROP = 0.01
 
 
 def add_parser(subparsers):
@@ -16,16 +22,23 @@ def add_parser(subparsers):
                    help="a checkpoint path, an http(s) URL, or 'official' (published COCO weights, sha256-checked)")
     p.add_argument("--output", required=True, help="the model directory to create (must not exist)")
     p.add_argument("--classes", help="comma-separated class names (default: from the checkpoint, else COCO)")
-    p.add_argument("--runtime", choices=["torch", "onnx"], default="torch",
+    p.add_argument("--runtime", choices=["torch", "onnx", "openvino"], default="torch",
                    help="torch: mmdet on torch (default); onnx: ONNX Runtime, a model that needs no "
-                        "torch, mmcv or mmdet and installs from wheels")
+                        "torch, mmcv or mmdet and installs from wheels; openvino: the same graph on "
+                        "OpenVINO Runtime, bf16 where the serving CPU has it (MMDET_MLFLOW_PRECISION), "
+                        "its accuracy cost measured here first on --calibration-data")
     p.add_argument("--quantize", choices=["int8"],
                    help="with --runtime onnx: also quantize to int8 (static, calibrated on "
                         "--calibration-data) and serve that; prints its speed and agreement with fp32")
     p.add_argument("--calibration-data",
-                   help="images to calibrate int8 on: a folder of images, or AutoML JSONL / MLTable / COCO data")
+                   help="images to calibrate int8 on, or (--runtime openvino) to measure bf16 against "
+                        "fp32 on: a folder of images, or AutoML JSONL / MLTable / COCO data (with "
+                        "labels: segm mAP too)")
     p.add_argument("--calibration-images", type=int, default=DEFAULT_CALIBRATION_IMAGES,
                    help=f"how many of them (default {DEFAULT_CALIBRATION_IMAGES}, spread over the set)")
+    p.add_argument("--accept-accuracy-drop", action="store_true",
+                   help=f"with --runtime openvino: write the model even when bf16 loses more than "
+                        f"{MAX_SEGM_MAP_DROP} segm mAP against fp32 on --calibration-data")
     p.set_defaults(handler=run)
 
 
@@ -37,19 +50,62 @@ def run(args):
         raise InputError("--quantize int8 needs --runtime onnx")
     if args.quantize and not args.calibration_data:
         raise InputError("--quantize int8 needs --calibration-data (images like the ones it will see)")
+    if args.accept_accuracy_drop and args.runtime != "openvino":
+        raise InputError("--accept-accuracy-drop is for --runtime openvino (its bf16 accuracy gate)")
     classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
-    # read once: the calibration images and the (other) images that measure int8's cost
-    source = ImageSource.read(Path(args.calibration_data)) if args.quantize else None
-    calibration = calibration_images(source, args.calibration_images) if source else None
-    model = mlflow_model.save_model(args.output, args.config, args.checkpoint, classes=classes,
-                                    runtime=args.runtime, quantize=args.quantize,
-                                    calibration_images=calibration)
+    # read once: the calibration images and the (other) images that measure int8's / bf16's cost
+    source = ImageSource.read(Path(args.calibration_data)) if args.calibration_data else None
+    calibration = calibration_images(source, args.calibration_images) if args.quantize else None
+    output = Path(args.output)
+    if args.runtime == "openvino":
+        model = package_gated(output, lambda path: mlflow_model.save_model(
+            path, args.config, args.checkpoint, classes=classes, runtime="openvino"),
+            source, args.accept_accuracy_drop)
+    else:
+        model = mlflow_model.save_model(output, args.config, args.checkpoint, classes=classes,
+                                        runtime=args.runtime, quantize=args.quantize,
+                                        calibration_images=calibration)
     if args.quantize:
-        report_int8_cost(Path(args.output), source)
+        record_precision_cost(output, report_precision_cost(output, source, "int8"))
     flavor = model.flavors[mlflow_model.FLAVOR_NAME]
     print(f"packaged {flavor['config_name']} ({len(flavor['classes'])} classes, weights sha256 "
           f"{flavor['checkpoint']['sha256'][:12]}, {args.runtime} runtime) into {args.output}")
     print(f"serve it: mmdet-mlflow serve --model {args.output}")
+
+
+class AccuracyDropError(MmdetMlflowError):
+    """A cheaper precision loses more accuracy than the gate allows (nothing was written)."""
+
+
+def package_gated(output: Path, save, source, accept_drop: bool):
+    """``save(path)`` an OpenVINO model into a folder beside ``output``, measure bf16 against fp32
+    on it (``report_precision_cost``), record the numbers in its model.json and move it to
+    ``output``; refuse with AccuracyDropError, leaving nothing behind, when bf16 loses more than
+    MAX_SEGM_MAP_DROP segm mAP (unless ``accept_drop``)."""
+    import os
+    import shutil
+
+    if output.exists():
+        raise FileExistsError(f"{output} exists: package writes a new model folder")
+    staging = output.parent / f".{output.name}.packaging-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        model = save(staging)
+        report = report_precision_cost(staging, source, "bf16")
+        drop = report.get("segm_AP_change")
+        report["max_segm_AP_drop"] = MAX_SEGM_MAP_DROP
+        report["accepted"] = drop is None or drop >= -MAX_SEGM_MAP_DROP or accept_drop
+        if not report["accepted"]:
+            raise AccuracyDropError(
+                f"bf16 loses {-drop:.3f} segm mAP against fp32 on {report['images']} images of "
+                f"{source.path} (more than {MAX_SEGM_MAP_DROP}): nothing written. Package with "
+                f"--runtime onnx, or pass --accept-accuracy-drop (and serve with "
+                f"MMDET_MLFLOW_PRECISION=fp32 where accuracy matters)")
+        record_precision_cost(staging, report)
+        os.replace(staging, output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return model
 
 
 class ImageSource(NamedTuple):
@@ -83,26 +139,52 @@ def calibration_images(source: ImageSource, count: int) -> list:
     return [decode_image(files[i].read_bytes(), row=str(files[i])) for i in spread_indices(len(files), count)]
 
 
-def report_int8_cost(model_dir: Path, source: ImageSource, count: int = CHECK_IMAGES) -> dict:
-    """Measure what int8 costs against the model's own fp32 network, on up to ``count`` images
-    of ``source`` spread between the calibration ones (the same where the set is small): time per
-    image end to end (decode aside, one image per pass, the threads serving uses), how many
-    fp32 detections (score >= 0.3) int8 finds again (same label, box IoU >= 0.5) and, where the
-    data are annotated with the model's labels, COCO segm mAP of both. Printed, and returned."""
+def precision_variants(model_dir: Path, candidate: str) -> dict:
+    """{"fp32": segmenter, candidate: segmenter} of a saved model, one image per pass: "int8" is
+    the ONNX model's int8 network against its fp32 one (ONNX Runtime), "bf16" the OpenVINO
+    model's graph compiled at bf16 against the same graph at fp32."""
+    from mlflow_model.model_dir import ONNX_FILE, ONNX_INT8_FILE, ModelDir
+
+    weights = ModelDir(model_dir).data.path
+    if candidate == "int8":
+        from scoring.runtimes.onnx_rtmdet import load_onnx_segmenter
+
+        return {name: load_onnx_segmenter(weights, onnx_file=file, batch_size=1)
+                for name, file in (("fp32", ONNX_FILE), ("int8", ONNX_INT8_FILE))}
+    if candidate == "bf16":
+        from scoring.runtimes.openvino_rtmdet import load_openvino_segmenter
+
+        return {name: load_openvino_segmenter(weights, precision=name, batch_size=1, quiet=True)
+                for name in ("fp32", "bf16")}
+    raise ValueError(f"no precision {candidate!r} to measure: int8 or bf16")
+
+
+def report_precision_cost(model_dir: Path, source: ImageSource | None, candidate: str,
+                          count: int = CHECK_IMAGES) -> dict:
+    """Measure what a cheaper precision (``candidate``: "int8" on ONNX Runtime, "bf16" on
+    OpenVINO, ``precision_variants``) costs against the model's own fp32 network, on up to
+    ``count`` images of ``source`` spread between the calibration ones (the same where the set
+    is small; without a source, ``sample_images``: speed and agreement only): time per image end
+    to end (decode aside, one image per pass, the threads serving uses), how many fp32
+    detections (score >= 0.3) the candidate finds again (same label, box IoU >= 0.5) and, where
+    the data are annotated with the model's labels, COCO segm mAP of both. Printed, and returned."""
     import time
 
-    from mlflow_model.model_dir import ONNX_FILE, ONNX_INT8_FILE, ModelDir
     from mmdet_mlflow.data import spread_indices
     from scoring.decode import decode_image
     from scoring.runner import score_images
-    from scoring.runtimes.onnx_rtmdet import load_onnx_segmenter
 
-    files, dataset = source.files, source.dataset
-    chosen = spread_indices(len(files), count, offset=0.5)
-    images = [decode_image(files[i].read_bytes(), row=str(files[i])) for i in chosen]
-    weights = ModelDir(model_dir).data.path
-    variants = {name: load_onnx_segmenter(weights, onnx_file=file, batch_size=1)
-                for name, file in (("fp32", ONNX_FILE), ("int8", ONNX_INT8_FILE))}
+    if source is not None:
+        files, dataset = source.files, source.dataset
+        chosen = spread_indices(len(files), count, offset=0.5)
+        images = [decode_image(files[i].read_bytes(), row=str(files[i])) for i in chosen]
+        where = f"{len(images)} images of {source.path}"
+    else:
+        from mlflow_model.onnx_export import sample_images
+
+        dataset, chosen, images = None, [], sample_images(min(count, 8))
+        where = f"{len(images)} synthetic pictures (no --calibration-data: no mAP)"
+    variants = precision_variants(model_dir, candidate)
     seconds, answers = {}, {}
     for name, segmenter in variants.items():
         params = segmenter.default_params.updated({"score_threshold": 0.3})
@@ -111,20 +193,41 @@ def report_int8_cost(model_dir: Path, source: ImageSource, count: int = CHECK_IM
         answers[name] = [scored.response["boxes"] for scored in score_images(
             segmenter, enumerate(images), params, decode=lambda key, image: image)]
         seconds[name] = (time.perf_counter() - started) / len(images)
-    report = {"images": len(images), "seconds_per_image": seconds,
-              "speedup": seconds["fp32"] / seconds["int8"]}
-    print(f"int8 vs fp32 on {len(images)} images of {source.path}: {report['speedup']:.2f}x the speed end to end "
-          f"({seconds['fp32'] * 1000:.0f} ms -> {seconds['int8'] * 1000:.0f} ms an image)", flush=True)
-    found, total = _agreement(answers["fp32"], answers["int8"])
-    report["fp32_detections_found_by_int8"] = [found, total]
-    print(f"int8 finds {found} of fp32's {total} detections at score >= 0.3 on them (same label, "
-          f"box IoU >= 0.5)", flush=True)
+    report = {"precision": candidate, "images": len(images), "seconds_per_image": seconds,
+              "speedup": seconds["fp32"] / seconds[candidate]}
+    ran_as = getattr(variants[candidate], "precision", candidate)
+    if ran_as != candidate:  # e.g. bf16 asked of a CPU without native bf16: OpenVINO ran f32
+        report["ran_as"] = ran_as
+        print(f"this CPU has no native {candidate}: it ran as {ran_as}, so what {candidate} costs "
+              f"was not measured here", flush=True)
+    print(f"{candidate} vs fp32 on {where}: {report['speedup']:.2f}x the speed end to end "
+          f"({seconds['fp32'] * 1000:.0f} ms -> {seconds[candidate] * 1000:.0f} ms an image)", flush=True)
+    found, total = _agreement(answers["fp32"], answers[candidate])
+    report[f"fp32_detections_found_by_{candidate}"] = [found, total]
+    print(f"{candidate} finds {found} of fp32's {total} detections at score >= 0.3 on them (same "
+          f"label, box IoU >= 0.5)", flush=True)
     maps = _segm_maps(model_dir, dataset, chosen, variants) if dataset is not None else None
     if maps:
         report["segm_AP"] = maps
-        print(f"segm mAP@[.5:.95] on them: fp32 {maps['fp32']:.3f}, int8 {maps['int8']:.3f} "
-              f"({maps['int8'] - maps['fp32']:+.3f})", flush=True)
+        report["segm_AP_change"] = maps[candidate] - maps["fp32"]
+        print(f"segm mAP@[.5:.95] on them: fp32 {maps['fp32']:.3f}, {candidate} {maps[candidate]:.3f} "
+              f"({report['segm_AP_change']:+.3f})", flush=True)
     return report
+
+
+def report_int8_cost(model_dir: Path, source: ImageSource, count: int = CHECK_IMAGES) -> dict:
+    """``report_precision_cost`` of the ONNX model's int8 network (the name callers know)."""
+    return report_precision_cost(model_dir, source, "int8", count)
+
+
+def record_precision_cost(model_dir: Path, report: dict) -> None:
+    """Keep a ``report_precision_cost`` in the model's model.json, under "precision_checks"."""
+    from mlflow_model.model_dir import ModelDir
+
+    weights = ModelDir(model_dir).data
+    info = weights.read_info()
+    info.setdefault("precision_checks", {})[report["precision"]] = report
+    weights.write_info(info)
 
 
 def _segm_maps(model_dir: Path, dataset, chosen: list[int], variants: dict) -> dict | None:
@@ -147,7 +250,7 @@ def _segm_maps(model_dir: Path, dataset, chosen: list[int], variants: dict) -> d
                                    num_samples=0, track=False)["segm"]["AP"]
                     for name, segmenter in variants.items()}
     except EvaluationError as err:
-        print(f"no segm mAP for int8 vs fp32: {err}", flush=True)
+        print(f"no segm mAP for {' vs '.join(reversed(list(variants)))}: {err}", flush=True)
         return None
 
 

@@ -2,7 +2,8 @@
 
 ``model.json`` (in a saved model's ``model/`` folder) names the model's runtime: ``torch`` (mmdet
 on torch; the default, and what models saved before the field existed use) or ``onnx`` (ONNX
-Runtime, no torch/mmcv/mmdet needed). Each runtime module is imported only when a model needs
+Runtime, no torch/mmcv/mmdet needed) or ``openvino`` (the same exported graph on OpenVINO
+Runtime, in the precision the CPU runs fastest: ``scoring.runtimes.openvino_rtmdet``). Each runtime module is imported only when a model needs
 it, so a model's code loads without the other runtime's packages.
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ from scoring.errors import MmdetMlflowError
 from scoring.runtimes.base import ImageDetections, MaskSource, Segmenter
 
 DEFAULT_RUNTIME = "torch"
-RUNTIMES = ("torch", "onnx")
+RUNTIMES = ("torch", "onnx", "openvino")
 
 __all__ = ["DEFAULT_RUNTIME", "RUNTIMES", "ImageDetections", "MaskSource", "Segmenter",
            "load_segmenter", "runtime_of"]
@@ -46,6 +47,10 @@ def load_segmenter(weights_dir: str | os.PathLike, device: str | None = None,
         providers = ["CPUExecutionProvider"] if device == "cpu" else None  # else CUDA when present
         return load_onnx_segmenter(weights.path, batch_size=batch_size, onnx_file=served,
                                    providers=providers)
+    if runtime == "openvino":
+        from scoring.runtimes.openvino_rtmdet import load_openvino_segmenter
+
+        return load_openvino_segmenter(weights.path, batch_size=batch_size)
     from scoring.runtimes.torch_rtmdet import load_torch_segmenter
 
     return load_torch_segmenter(weights, device=device, batch_size=batch_size)

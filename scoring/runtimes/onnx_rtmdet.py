@@ -259,10 +259,18 @@ def check_session_fits(session, spec: OnnxModelSpec, onnx_path: Path) -> None:
 def open_session_checked(onnx_path: Path, spec: OnnxModelSpec, record: dict,
                          num_threads: int | None, providers: Sequence[str] | None, spin: bool):
     """``open_session``, with the ONNX file and its data file checked against the sha256s that
-    model.json's ``record`` of them holds (``mlflow_model.onnx_export.file_record``).
+    model.json's ``record`` of them holds (``build_while_checking``)."""
+    return build_while_checking(onnx_path, record,
+                                lambda: open_session(onnx_path, spec, num_threads, providers, spin))
 
-    The hashes are computed in a thread while ORT builds the session (both release the GIL):
-    for the x model that is 0.26 s of a cold start no longer waited for. A changed file is
+
+def build_while_checking(onnx_path: Path, record: dict, build):
+    """``build()`` (an ORT session, an OpenVINO compiled model: anything made from the ONNX file),
+    with the ONNX file and its data file checked against the sha256s that model.json's
+    ``record`` of them holds (``mlflow_model.onnx_export.file_record``).
+
+    The hashes are computed in a thread while the runtime builds the session (both release the
+    GIL): for the x model that is 0.26 s of a cold start no longer waited for. A changed file is
     reported as such even when the session could not be built either (a damaged file fails
     both ways)."""
     from concurrent.futures import ThreadPoolExecutor
@@ -286,7 +294,7 @@ def open_session_checked(onnx_path: Path, spec: OnnxModelSpec, record: dict,
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnx-sha256") as pool:
         changed = pool.submit(changed_files)
         try:
-            session = open_session(onnx_path, spec, num_threads, providers, spin)
+            session = build()
         except OnnxModelError:
             refuse_if_changed(changed)
             raise
@@ -294,13 +302,10 @@ def open_session_checked(onnx_path: Path, spec: OnnxModelSpec, record: dict,
     return session
 
 
-def load_onnx_segmenter(weights_dir_path: str | os.PathLike, batch_size: int | None = None,
-                        num_threads: int | None = None, onnx_file: str = ONNX_FILE,
-                        providers: Sequence[str] | None = None, spin: bool = True) -> OnnxSegmenter:
-    """The OnnxSegmenter of a weights folder holding model.json (with its "onnx" section) and
-    the ONNX file. Clear OnnxModelError for a missing, corrupt or mismatched ONNX file."""
-    from scoring.settings import BATCH_SIZE
-
+def read_onnx_model(weights_dir_path: str | os.PathLike, onnx_file: str = ONNX_FILE):
+    """(model.json, its OnnxModelSpec, the ONNX file's path, model.json's record of the file) of
+    a weights folder; OnnxModelError for a folder without model.json, its "onnx" section or the
+    ONNX file. Shared by every runtime that serves the exported graph."""
     folder = Path(weights_dir_path)
     info_path = folder / INFO_FILE
     if not info_path.is_file():
@@ -314,6 +319,17 @@ def load_onnx_segmenter(weights_dir_path: str | os.PathLike, batch_size: int | N
     if not onnx_path.is_file():
         raise OnnxModelError(f"the ONNX file {onnx_path} is missing")
     record = info[ONNX_INFO_KEY].get("files", {}).get(onnx_file, {})
+    return info, spec, onnx_path, record
+
+
+def load_onnx_segmenter(weights_dir_path: str | os.PathLike, batch_size: int | None = None,
+                        num_threads: int | None = None, onnx_file: str = ONNX_FILE,
+                        providers: Sequence[str] | None = None, spin: bool = True) -> OnnxSegmenter:
+    """The OnnxSegmenter of a weights folder holding model.json (with its "onnx" section) and
+    the ONNX file. Clear OnnxModelError for a missing, corrupt or mismatched ONNX file."""
+    from scoring.settings import BATCH_SIZE
+
+    info, spec, onnx_path, record = read_onnx_model(weights_dir_path, onnx_file)
     session = open_session_checked(onnx_path, spec, record, num_threads, providers, spin)
     # As the torch runtime: one image per pass on CPU, the model's batch on a GPU.
     on_gpu = session.get_providers()[0] == "CUDAExecutionProvider"
