@@ -77,11 +77,12 @@ class AccuracyDropError(MmdetMlflowError):
     """A cheaper precision loses more accuracy than the gate allows (nothing was written)."""
 
 
-def package_gated(output: Path, save, source, accept_drop: bool):
+def package_gated(output: Path, save, source, accept_drop: bool,
+                  max_drop: float = MAX_SEGM_MAP_DROP):
     """``save(path)`` an OpenVINO model into a folder beside ``output``, measure bf16 against fp32
     on it (``report_precision_cost``), record the numbers in its model.json and move it to
     ``output``; refuse with AccuracyDropError, leaving nothing behind, when bf16 loses more than
-    MAX_SEGM_MAP_DROP segm mAP (unless ``accept_drop``)."""
+    ``max_drop`` segm mAP (unless ``accept_drop``)."""
     import os
     import shutil
 
@@ -93,12 +94,12 @@ def package_gated(output: Path, save, source, accept_drop: bool):
         model = save(staging)
         report = report_precision_cost(staging, source, "bf16")
         drop = report.get("segm_AP_change")
-        report["max_segm_AP_drop"] = MAX_SEGM_MAP_DROP
-        report["accepted"] = drop is None or drop >= -MAX_SEGM_MAP_DROP or accept_drop
+        report["max_segm_AP_drop"] = max_drop
+        report["accepted"] = drop is None or drop >= -max_drop or accept_drop
         if not report["accepted"]:
             raise AccuracyDropError(
                 f"bf16 loses {-drop:.3f} segm mAP against fp32 on {report['images']} images of "
-                f"{source.path} (more than {MAX_SEGM_MAP_DROP}): nothing written. Package with "
+                f"{source.path} (more than {max_drop}): nothing written. Package with "
                 f"--runtime onnx, or pass --accept-accuracy-drop (and serve with "
                 f"MMDET_MLFLOW_PRECISION=fp32 where accuracy matters)")
         record_precision_cost(staging, report)
