@@ -104,7 +104,7 @@ def save_model(
     }
     weights_dir.write_info(info)
     if runtime in ("onnx", "openvino"):  # openvino serves the same exported graph
-        _export_onnx(weights_dir, detector, quantize, calibration_images)
+        _export_onnx(weights_dir, detector, quantize, calibration_images, runtime)
     _copy_code(saved.code)
 
     mlflow_model = mlflow_model or Model()
@@ -141,14 +141,20 @@ def save_model(
     return mlflow_model
 
 
-def _export_onnx(weights_dir, detector, quantize: str | None, calibration_images) -> None:
-    """Export to ONNX (checked against torch), optionally add int8, then drop the torch weights:
-    an ONNX model serves from model.onnx alone (config.py stays, for provenance)."""
-    from mlflow_model.onnx_export import add_int8_to_weights_dir, export_to_weights_dir
+def _export_onnx(weights_dir, detector, quantize: str | None, calibration_images,
+                 runtime: str = "onnx") -> None:
+    """Export to ONNX (checked against torch; for the openvino runtime on OpenVINO at fp32 as
+    well), optionally add int8, then drop the torch weights: an ONNX or OpenVINO model serves
+    from model.onnx alone (config.py stays, for provenance)."""
+    from mlflow_model.onnx_export import (add_int8_to_weights_dir, check_openvino_against_torch,
+                                          export_to_weights_dir)
 
     spec = export_to_weights_dir(weights_dir.path, detector=detector)
     print(f"exported to ONNX; max |onnx - torch| on the raw outputs of sample images: "
           f"{spec['files'][model_dir.ONNX_FILE]['max_abs_diff_vs_torch']:.2e}", flush=True)
+    if runtime == "openvino":
+        worst = check_openvino_against_torch(weights_dir.path, detector)
+        print(f"max |openvino fp32 - torch| on them: {worst:.2e}", flush=True)
     if quantize == "int8":
         if not calibration_images:
             raise ValueError("quantize='int8' needs calibration images")
