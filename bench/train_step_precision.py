@@ -96,7 +96,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's); 1 on a machine others are loading")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"{cpu_description()}; torch {torch.__version__} {torch.get_num_threads()} threads; "
           f"bf16 autocast supported: {torch.cpu._is_avx512_bf16_supported()}; AMX tiles: "
           f"{torch.cpu._is_amx_tile_supported()}", flush=True)
