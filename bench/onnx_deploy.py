@@ -1,4 +1,5 @@
-"""What a user pays to run a model, torch runtime vs ONNX runtime (not a test; numbers in notes).
+"""What a user pays to run a model, torch runtime vs ONNX runtime vs OpenVINO runtime (not a test;
+numbers in notes).
 
 For a tiny (default) or x model packaged both ways from the same weights, in one run:
 - environment: a fresh venv built from the model's own requirements.txt (warm pip cache; the
@@ -9,7 +10,9 @@ For a tiny (default) or x model packaged both ways from the same weights, in one
   the process's RSS after loading (before predicting) and its peak while loading.
 
 Usage: .venv/bin/python bench/onnx_deploy.py [--config rtmdet-ins_x_8xb16-300e_coco] [--keep DIR]
-Prints the CPU model and ratios ONNX / torch.
+    [--runtimes torch,onnx,openvino]
+Prints the CPU model and ratios ONNX / torch and OpenVINO / ONNX (the OpenVINO model at its
+default precision, MMDET_MLFLOW_PRECISION=auto, as a deployment runs it).
 """
 from __future__ import annotations
 
@@ -88,6 +91,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="rtmdet-ins_tiny_8xb32-300e_coco")
     parser.add_argument("--keep", type=Path, help="work here and keep it (default: a temporary folder)")
+    parser.add_argument("--runtimes", default="torch,onnx,openvino")
     args = parser.parse_args()
     work = args.keep or Path(tempfile.mkdtemp(prefix="mmdet-mlflow-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -95,22 +99,24 @@ def main() -> None:
     image = write_png(work / "photo.png", scene_image(640, 480, 0))
     print(f"CPU: {cpu_name()}; config {args.config}", flush=True)
     results = {}
-    for runtime in ("torch", "onnx"):
+    for runtime in args.runtimes.split(","):
         model_dir = work / f"model-{runtime}"
         if not model_dir.exists():
             mlflow_model.save_model(model_dir, args.config, str(checkpoint), runtime=runtime)
         env = build_venv(model_dir, work / f"env-{runtime}")
         results[runtime] = {**env, **cold_start(env["python"], model_dir, image)}
         r = results[runtime]
-        print(f"{runtime:5s}: install {r['install_seconds']:6.1f} s, venv {r['venv_bytes'] / 2**20:6.0f} MiB, "
+        print(f"{runtime:8s}: install {r['install_seconds']:6.1f} s, venv {r['venv_bytes'] / 2**20:6.0f} MiB, "
               f"cold start to first answer {r['seconds']:5.1f} s (loaded at {r['load_seconds']:4.1f} s), RSS after load "
               f"{r['rss_after_load'] / 2**20:5.0f} MiB (peak while loading {r['peak_rss_loading'] / 2**20:5.0f} MiB)",
               flush=True)
-    t, o = results["torch"], results["onnx"]
-    print(f"onnx / torch: install {o['install_seconds'] / t['install_seconds']:.2f}, venv size "
-          f"{o['venv_bytes'] / t['venv_bytes']:.2f}, cold start {o['seconds'] / t['seconds']:.2f}, "
-          f"RSS after load {o['rss_after_load'] / t['rss_after_load']:.2f}, peak RSS while loading "
-          f"{o['peak_rss_loading'] / t['peak_rss_loading']:.2f}")
+    for a, b in (("onnx", "torch"), ("openvino", "onnx"), ("openvino", "torch")):
+        if a in results and b in results:
+            o, t = results[a], results[b]
+            print(f"{a} / {b}: install {o['install_seconds'] / t['install_seconds']:.2f}, venv size "
+                  f"{o['venv_bytes'] / t['venv_bytes']:.2f}, cold start {o['seconds'] / t['seconds']:.2f}, "
+                  f"RSS after load {o['rss_after_load'] / t['rss_after_load']:.2f}, peak RSS while "
+                  f"loading {o['peak_rss_loading'] / t['peak_rss_loading']:.2f}")
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -60,9 +60,12 @@ def save_model(
     ``runtime``: ``"torch"`` (mmdet on torch) or ``"onnx"``: the network exported to ONNX and
     checked against torch on sample images (refused beyond the tolerance), served by ONNX
     Runtime with numpy pre/post-processing; such a model needs none of torch, mmcv, mmdet,
-    mmengine, and its requirements install from wheels. ``quantize="int8"`` (ONNX only) adds a
+    mmengine, and its requirements install from wheels. ``"openvino"``: the same exported graph
+    served by OpenVINO Runtime (no onnxruntime either), in the precision chosen at load
+    (MMDET_MLFLOW_PRECISION: bf16 where the CPU has it). ``quantize="int8"`` (ONNX only) adds a
     statically quantized network, calibrated on ``calibration_images`` (BGR arrays), and serves
-    it; its speed and agreement with fp32 are measured and printed. ``default_params``: predict
+    it (``mmdet-mlflow package`` then measures what int8 or bf16 costs against fp32:
+    ``mmdet_mlflow.precision_check``; this function only saves). ``default_params``: predict
     params the model answers with unless a request says otherwise (as AutoML's model settings,
     e.g. ``{"tile_grid_size": "3x2"}``), over those of the config; recorded in model.json and as
     the signature's defaults.
@@ -121,8 +124,8 @@ def save_model(
         "versions": _library_versions(),
     }
     weights_dir.write_info(info)
-    if runtime == "onnx":
-        _export_onnx(weights_dir, detector, quantize, calibration_images)
+    if runtime in ("onnx", "openvino"):  # openvino serves the same exported graph
+        _export_onnx(weights_dir, detector, quantize, calibration_images, runtime)
     _copy_code(saved.code)
 
     mlflow_model = mlflow_model or Model()
@@ -159,14 +162,20 @@ def save_model(
     return mlflow_model
 
 
-def _export_onnx(weights_dir, detector, quantize: str | None, calibration_images) -> None:
-    """Export to ONNX (checked against torch), optionally add int8, then drop the torch weights:
-    an ONNX model serves from model.onnx alone (config.py stays, for provenance)."""
-    from mlflow_model.onnx_export import add_int8_to_weights_dir, export_to_weights_dir
+def _export_onnx(weights_dir, detector, quantize: str | None, calibration_images,
+                 runtime: str = "onnx") -> None:
+    """Export to ONNX (checked against torch; for the openvino runtime on OpenVINO at fp32 as
+    well), optionally add int8, then drop the torch weights: an ONNX or OpenVINO model serves
+    from model.onnx alone (config.py stays, for provenance)."""
+    from mlflow_model.onnx_export import (add_int8_to_weights_dir, check_openvino_against_torch,
+                                          export_to_weights_dir)
 
     spec = export_to_weights_dir(weights_dir.path, detector=detector)
     print(f"exported to ONNX; max |onnx - torch| on the raw outputs of sample images: "
           f"{spec['files'][layout.ONNX_FILE]['max_abs_diff_vs_torch']:.2e}", flush=True)
+    if runtime == "openvino":
+        worst = check_openvino_against_torch(weights_dir.path, detector)
+        print(f"max |openvino fp32 - torch| on them: {worst:.2e}", flush=True)
     if quantize == "int8":
         record = add_int8_to_weights_dir(weights_dir.path, list(calibration_images))
         info = weights_dir.read_info()
@@ -205,7 +214,7 @@ def load_model(model_uri: str, device: str | None = None, dst_path: str | None =
 
     local = Path(_download_artifact_from_uri(artifact_uri=model_uri, output_path=dst_path))
     weights = ModelDir(local).data
-    if runtime_of(weights.read_info()) == "onnx":
+    if runtime_of(weights.read_info()) in ("onnx", "openvino"):
         return load_segmenter(weights.path, device=device)
     from scoring.runtimes.torch_rtmdet import load_detector
 

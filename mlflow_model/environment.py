@@ -4,8 +4,8 @@ file), the part of it each runtime needs, and the environment files written into
 
 A torch model carries the whole stack, and its mmcv builds compiled ops from source, which needs
 torch installed first (``mmcv_build_requirements``). An ONNX model needs only wheels
-(``ONNX_SERVING_PACKAGES``): it installs in about a minute anywhere, Azure's no-code deployment
-included.
+(``ONNX_SERVING_PACKAGES``; an OpenVINO model ``OPENVINO_SERVING_PACKAGES``): it installs in
+about a minute anywhere, Azure's no-code deployment included.
 """
 from __future__ import annotations
 
@@ -32,16 +32,20 @@ def _pin(name: str) -> str:
 # What a model on the ONNX runtime needs to load and serve: wheels only, no torch/mmcv/mmdet.
 ONNX_SERVING_PACKAGES = ("mlflow-skinny", "onnxruntime", "numpy", "pandas", "pillow",
                          "opencv-python-headless")
+# The same for a model on the OpenVINO runtime: openvino in onnxruntime's place.
+OPENVINO_SERVING_PACKAGES = ("mlflow-skinny", "openvino", "numpy", "pandas", "pillow",
+                             "opencv-python-headless")
+_SERVING_PACKAGES = {"onnx": ONNX_SERVING_PACKAGES, "openvino": OPENVINO_SERVING_PACKAGES}
 # Only for export, quantization or Azure's no-code scoring script, never in a torch model.
-_NOT_FOR_TORCH_MODELS = ("onnxruntime", "onnx", "ml_dtypes", "azureml-ai-monitoring")
+_NOT_FOR_TORCH_MODELS = ("onnxruntime", "onnx", "ml_dtypes", "azureml-ai-monitoring", "openvino")
 
 
 def get_default_pip_requirements(runtime: str = "torch") -> list[str]:
     """A saved model's requirements.txt: the pins its runtime needs."""
     pins = {r.split("==")[0]: r for r in pinned_requirements()}
-    if runtime == "onnx":
+    if runtime in _SERVING_PACKAGES:
         pins["mlflow-skinny"] = pins["mlflow"].replace("mlflow", "mlflow-skinny", 1)
-        return [pins[name] for name in ONNX_SERVING_PACKAGES]
+        return [pins[name] for name in _SERVING_PACKAGES[runtime]]
     return [pin for name, pin in pins.items() if name not in _NOT_FOR_TORCH_MODELS]
 
 

@@ -256,19 +256,24 @@ def network_inputs(spec: dict, images: Sequence[np.ndarray]) -> np.ndarray:
 
 
 def compare_with_torch(detector, onnx_path: Path, spec: dict, inputs: np.ndarray,
-                       atol: float = ATOL, rtol: float = RTOL) -> dict:
-    """Run torch and ORT on the same inputs (a batch of two or more: the batch axis is dynamic);
-    raise OnnxExportError, naming the output and the max difference, where they differ beyond
+                       atol: float = ATOL, rtol: float = RTOL, run=None, label: str = "ORT") -> dict:
+    """Run torch and ORT (or ``run(output_names, inputs)``, another runtime, named ``label``) on
+    the same inputs (a batch of two or more: the batch axis is dynamic); raise OnnxExportError,
+    naming the output and the max difference, where they differ beyond
     ``atol + rtol * max|torch output|``. Returns {output: max abs difference}."""
-    import onnxruntime as ort
     import torch
 
     names = flat_output_names(spec["outputs"])
     module = _raw_outputs_module(detector.cpu())
     with torch.no_grad():
         want = [t.numpy() for t in module(torch.from_numpy(inputs))]
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    got = session.run(names, {INPUT_NAME: inputs})
+    if run is None:
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+        got = session.run(names, {INPUT_NAME: inputs})
+    else:
+        got = run(names, inputs)
     diffs, failures = {}, []
     for name, a, b in zip(names, got, want):
         if a.shape != b.shape:
@@ -278,13 +283,39 @@ def compare_with_torch(detector, onnx_path: Path, spec: dict, inputs: np.ndarray
         allowed = atol + rtol * float(np.abs(b).max())
         diffs[name] = diff
         if not diff <= allowed:  # also catches NaN
-            failures.append(f"{name}: max |ORT - torch| = {diff:.3g} > {allowed:.3g}")
+            failures.append(f"{name}: max |{label} - torch| = {diff:.3g} > {allowed:.3g}")
     worst = max(diffs.values(), default=float("nan"))
-    print(f"ONNX export check on {len(inputs)} images: max |ORT - torch| = {worst:.3g} "
+    print(f"ONNX export check on {len(inputs)} images: max |{label} - torch| = {worst:.3g} "
           f"over {len(names)} outputs (allowed {atol:g} + {rtol:g} x max |torch output|)")
     if failures:
-        raise OnnxExportError(f"the ONNX model's outputs differ from torch's: {'; '.join(failures)}")
+        raise OnnxExportError(f"the ONNX model's outputs on {label} differ from torch's: "
+                              f"{'; '.join(failures)}")
     return diffs
+
+
+def check_openvino_against_torch(weights_dir: str | os.PathLike, detector,
+                                 images: Sequence[np.ndarray] | None = None) -> float:
+    """The exported graph on OpenVINO Runtime at fp32 against torch, as ``compare_with_torch``
+    checks ORT (same tolerance): an OpenVINO model serves fp32 only where this passes. Records
+    the max difference in model.json's record of model.onnx; returns it."""
+    from scoring.runtimes.openvino_rtmdet import load_openvino_segmenter
+
+    folder = WeightsDir(weights_dir)
+    segmenter = load_openvino_segmenter(folder.path, precision="fp32", quiet=True)
+    info = folder.read_info()
+    spec = info[ONNX_INFO_KEY]
+
+    def run(names, inputs):
+        outputs = segmenter.forward({"inputs": inputs, "metas": None}, None)["outputs"]
+        return [outputs[name] for name in names]
+
+    images = list(images) if images is not None else sample_images()
+    diffs = compare_with_torch(detector, folder.onnx, spec, network_inputs(spec, images), run=run,
+                               label="OpenVINO fp32")
+    worst = max(diffs.values())
+    spec["files"][ONNX_FILE]["max_abs_diff_openvino_fp32_vs_torch"] = worst
+    folder.write_info(info)
+    return worst
 
 
 def file_record(path: Path, **extra) -> dict:

@@ -87,6 +87,7 @@ RTMDET_INS = ModelFamily(
     segmenters={
         "torch": "scoring.runtimes.torch_rtmdet:load_torch_segmenter",
         "onnx": "scoring.runtimes.onnx_rtmdet:load_onnx_segmenter",
+        "openvino": "scoring.runtimes.openvino_rtmdet:load_openvino_segmenter",
     },
 )
 

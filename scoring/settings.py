@@ -29,6 +29,16 @@ def _json_object(text: str) -> dict:
     return value
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def _precision(text: str) -> str:
+    name = text.strip().lower()
+    if name not in PRECISIONS:
+        raise ValueError(f"not one of {', '.join(PRECISIONS)}")
+    return name
+
+
 def _names(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
@@ -61,6 +71,10 @@ DEVICE = Setting("DEVICE", None, str, "torch device for inference, e.g. cpu or c
 BATCH_SIZE = Setting("BATCH_SIZE", None, int, "images per forward pass (default: the model's batch "
                      "of 8 on a GPU, 1 on a CPU, where batching was measured slower)",
                      "serving, predict, evaluate, batch")
+PRECISION = Setting("PRECISION", "auto", _precision, "the network's precision on the openvino "
+                    "runtime: auto (OpenVINO's choice for the CPU: bf16 where it computes bf16 "
+                    "natively, e.g. AMX, else f32), fp32 or bf16; chosen at load",
+                    "serving, predict, evaluate (openvino models)")
 MAX_IMAGE_PIXELS = Setting("MAX_IMAGE_PIXELS", 50_000_000, int, "largest image accepted, in "
                            "pixels (width x height), checked before decoding", "every input")
 MAX_ROWS = Setting("MAX_ROWS", 64, int, "most images one request may carry (400 above it); "
@@ -102,7 +116,7 @@ CHECKPOINT_MIRROR = Setting("CHECKPOINT_MIRROR", None, str, "a server laid out l
 DOWNLOAD_TIMEOUT = Setting("DOWNLOAD_TIMEOUT", 20.0, float, "seconds to wait for a checkpoint "
                            "server to answer", "package, finetune")
 
-SETTINGS = (DEVICE, BATCH_SIZE, MAX_IMAGE_PIXELS, MAX_ROWS, MAX_MASK_PIXELS, REQUEST_TIMEOUT,
+SETTINGS = (DEVICE, BATCH_SIZE, PRECISION, MAX_IMAGE_PIXELS, MAX_ROWS, MAX_MASK_PIXELS, REQUEST_TIMEOUT,
             MAX_REQUEST_BYTES, MAX_DOWNLOAD_BYTES, FETCH_TIMEOUT, FETCH_CONNECT_TIMEOUT,
             FETCH_TOTAL_TIMEOUT, FETCH_REQUEST_BUDGET, FETCH_MAX_REDIRECTS,
             URL_ALLOWLIST, BATCH_PARAMS, BATCH_INPUT_ROOT, CACHE, CHECKPOINT_MIRROR,

@@ -1,4 +1,5 @@
-"""A model packaged with `--runtime onnx`, used as a user would: it installs from wheels alone in a
+"""A model packaged with `--runtime onnx` (and one with `--runtime openvino`: the same graph on
+OpenVINO Runtime, every test run for both), used as a user would: it installs from wheels alone in a
 fresh venv built only from its own requirements (where torch cannot be imported), loads,
 predicts, serves under `mlflow models serve`, and answers the model card's request under the
 real azmlinfsrv running what Azure's generated no-code scoring script does."""
@@ -19,25 +20,32 @@ from mmdet_mlflow import servers
 
 ROOT = Path(__file__).resolve().parent.parent
 TORCH_STACK = ("torch", "torchvision", "mmcv", "mmdet", "mmengine")
+# what each runtime's model may import, beside the serving set, and what it must not
+SERVING_RUNTIME = {"onnx": "onnxruntime", "openvino": "openvino"}
+
+
+@pytest.fixture(scope="module", params=["onnx", "openvino"])
+def runtime(request) -> str:
+    return request.param
 
 
 @pytest.fixture(scope="module")
-def onnx_model_dir(tmp_path_factory, tiny_checkpoint) -> Path:
-    folder = tmp_path_factory.mktemp("onnx-model") / "tiny-onnx"
+def onnx_model_dir(tmp_path_factory, tiny_checkpoint, runtime) -> Path:
+    folder = tmp_path_factory.mktemp(f"{runtime}-model") / f"tiny-{runtime}"
     done = subprocess.run([sys.executable, "-m", "mmdet_mlflow.cli", "package", "--config",
                            "rtmdet-ins_tiny_8xb32-300e_coco", "--checkpoint", str(tiny_checkpoint),
-                           "--output", str(folder), "--runtime", "onnx"],
+                           "--output", str(folder), "--runtime", runtime],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "max |onnx - torch|" in done.stdout and "onnx runtime" in done.stdout
+    assert "max |onnx - torch|" in done.stdout and f"{runtime} runtime" in done.stdout
     return folder
 
 
 @pytest.fixture(scope="module")
-def model_venv(tmp_path_factory, onnx_model_dir) -> Path:
+def model_venv(tmp_path_factory, onnx_model_dir, runtime) -> Path:
     """A venv with nothing but the model's requirements.txt, wheels only (what installs fast and
     without a compiler), plus the inference server Azure adds to its images."""
-    venv = tmp_path_factory.mktemp("onnx-venv") / "venv"
+    venv = tmp_path_factory.mktemp(f"{runtime}-venv") / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check",
            "--only-binary=:all:"]
@@ -83,10 +91,11 @@ def expected(onnx_model_dir, card_request) -> list:
     return mlflow.pyfunc.load_model(str(onnx_model_dir)).predict(frame).to_dict(orient="records")
 
 
-def test_requirements_are_the_serving_stack_without_torch(onnx_model_dir):
+def test_requirements_are_the_serving_stack_without_torch(onnx_model_dir, runtime):
     requirements = (onnx_model_dir / "requirements.txt").read_text().split()
     names = {r.split("==")[0] for r in requirements}
-    assert names == {"mlflow-skinny", "onnxruntime", "numpy", "pandas", "pillow", "opencv-python-headless"}
+    assert names == {"mlflow-skinny", SERVING_RUNTIME[runtime], "numpy", "pandas", "pillow",
+                     "opencv-python-headless"}
     assert all("==" in r for r in requirements), "every package pinned"
     assert not (onnx_model_dir / "model" / "weights.pth").exists(), "no torch weights shipped"
     conda = (onnx_model_dir / "conda.yaml").read_text()
@@ -94,11 +103,12 @@ def test_requirements_are_the_serving_stack_without_torch(onnx_model_dir):
 
 
 def test_loads_and_predicts_in_a_venv_of_its_own_requirements_without_torch(model_venv, onnx_model_dir,
-                                                                          card_request, expected):
+                                                                          card_request, expected, runtime):
     python = str(model_venv / "bin" / "python")
-    for module in TORCH_STACK:
+    others = [r for r in SERVING_RUNTIME.values() if r != SERVING_RUNTIME[runtime]]
+    for module in (*TORCH_STACK, *others):
         missing = subprocess.run([python, "-c", f"import {module}"], capture_output=True, text=True)
-        assert missing.returncode != 0, f"{module} is importable in the ONNX model's venv"
+        assert missing.returncode != 0, f"{module} is importable in the {runtime} model's venv"
     script = ("import json, sys, mlflow.pyfunc, pandas as pd\n"
               "request = json.load(open(sys.argv[2]))['input_data']\n"
               "frame = pd.DataFrame({'image': request['data']}, index=request['index'])\n"

@@ -72,8 +72,9 @@ def add_parser(subparsers):
     p.add_argument("--mlflow-model-folder", help="write the MLflow model here instead of OUTPUT/mlflow_model_folder")
     p.add_argument("--pytorch-model-folder", help="write config + weights here instead of OUTPUT/pytorch_model_folder")
     p.add_argument("--runtime", choices=RUNTIMES, default=DEFAULT_RUNTIME,
-                   help="what serves the MLflow model: torch (mmdet) or onnx (ONNX Runtime: needs none of "
-                        "torch, mmcv, mmdet to serve; docs/onnx.md)")
+                   help="what serves the MLflow model: torch (mmdet), onnx (ONNX Runtime: needs none of "
+                        "torch, mmcv, mmdet to serve; docs/onnx.md) or openvino (the same graph on "
+                        "OpenVINO Runtime, bf16 where the serving CPU has it; docs/runtimes.md)")
     p.add_argument("--recipe", choices=["quick-cpu"],
                    help="quick-cpu: the tiny model's from-scratch CPU recipe (explicit options override it)")
     p.add_argument("--no-tracking", dest="track", action="store_false", help="do not log to MLflow")

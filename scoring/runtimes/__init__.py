@@ -2,8 +2,9 @@
 
 ``model.json`` (in a saved model's ``model/`` folder) names the model's runtime: ``torch`` (mmdet
 on torch; the default, and what models saved before the field existed use) or ``onnx`` (ONNX
-Runtime, no torch/mmcv/mmdet needed), and its family (``scoring.families``), whose registry says
-which module loads it on that runtime. Each runtime module is imported only when a model needs
+Runtime, no torch/mmcv/mmdet needed) or ``openvino`` (the same exported graph on OpenVINO
+Runtime, in the precision the CPU runs fastest), and its family (``scoring.families``), whose
+registry says which module loads it on that runtime. Each runtime module is imported only when a model needs
 it, so a model's code loads without the other runtime's packages.
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ from scoring.runtimes.base import ImageDetections, MaskSource, Segmenter
 
 # Every runtime a saved model can name in model.json (the one list: the flavor, the CLI, the
 # components and the pipeline take their choices from here).
-RUNTIMES = ("torch", "onnx")
+RUNTIMES = ("torch", "onnx", "openvino")
 DEFAULT_RUNTIME = "torch"
 
 __all__ = ["DEFAULT_RUNTIME", "RUNTIMES", "ImageDetections", "MaskSource", "Segmenter",

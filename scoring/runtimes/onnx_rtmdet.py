@@ -257,10 +257,18 @@ def check_session_fits(session, spec: OnnxModelSpec, onnx_path: Path) -> None:
 def open_session_checked(onnx_path: Path, spec: OnnxModelSpec, record: dict,
                          num_threads: int | None, providers: Sequence[str] | None, spin: bool):
     """``open_session``, with the ONNX file and its data file checked against the sha256s that
-    model.json's ``record`` of them holds (``mlflow_model.onnx_export.file_record``).
+    model.json's ``record`` of them holds (``build_while_checking``)."""
+    return build_while_checking(onnx_path, record,
+                                lambda: open_session(onnx_path, spec, num_threads, providers, spin))
 
-    The hashes are computed in a thread while ORT builds the session (both release the GIL):
-    for the x model that is 0.26 s of a cold start no longer waited for. A changed file is
+
+def build_while_checking(onnx_path: Path, record: dict, build):
+    """``build()`` (an ORT session, an OpenVINO compiled model: anything made from the ONNX file),
+    with the ONNX file and its data file checked against the sha256s that model.json's
+    ``record`` of them holds (``mlflow_model.onnx_export.file_record``).
+
+    The hashes are computed in a thread while the runtime builds the session (both release the
+    GIL): for the x model that is 0.26 s of a cold start no longer waited for. A changed file is
     reported as such even when the session could not be built either (a damaged file fails
     both ways)."""
     from concurrent.futures import ThreadPoolExecutor
@@ -284,7 +292,7 @@ def open_session_checked(onnx_path: Path, spec: OnnxModelSpec, record: dict,
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnx-sha256") as pool:
         changed = pool.submit(changed_files)
         try:
-            session = open_session(onnx_path, spec, num_threads, providers, spin)
+            session = build()
         except OnnxModelError:
             refuse_if_changed(changed)
             raise
@@ -292,14 +300,13 @@ def open_session_checked(onnx_path: Path, spec: OnnxModelSpec, record: dict,
     return session
 
 
-def load_onnx_segmenter(weights_dir_path: str | os.PathLike, batch_size: int | None = None,
-                        num_threads: int | None = None, onnx_file: str | None = None,
-                        providers: Sequence[str] | None = None, spin: bool = True, *,
-                        info: dict | None = None, device: str | None = None) -> OnnxSegmenter:
-    """The OnnxSegmenter of a weights folder holding model.json (with its "onnx" section) and
-    the ONNX file: ``onnx_file``, by default the one model.json's "onnx" section serves (fp32 or
-    int8). ``info``: the model.json, when already read; ``device="cpu"`` keeps ORT off a GPU.
-    Clear OnnxModelError for a missing, corrupt or mismatched ONNX file."""
+def read_onnx_model(weights_dir_path: str | os.PathLike, onnx_file: str | None = None,
+                    info: dict | None = None):
+    """(model.json, its OnnxModelSpec, the ONNX file's path, model.json's record of the file) of
+    a weights folder; ``onnx_file`` by default the one model.json's "onnx" section serves (fp32
+    or int8), ``info`` the model.json when already read. OnnxModelError for a folder without
+    model.json, its "onnx" section or the ONNX file. Shared by every runtime that serves the
+    exported graph."""
     folder = Path(weights_dir_path)
     if info is None:
         info_path = folder / INFO_FILE
@@ -314,9 +321,20 @@ def load_onnx_segmenter(weights_dir_path: str | os.PathLike, batch_size: int | N
     onnx_path = folder / onnx_file
     if not onnx_path.is_file():
         raise OnnxModelError(f"the ONNX file {onnx_path} is missing")
+    record = info[ONNX_INFO_KEY].get("files", {}).get(onnx_file, {})
+    return info, spec, onnx_path, record
+
+
+def load_onnx_segmenter(weights_dir_path: str | os.PathLike, batch_size: int | None = None,
+                        num_threads: int | None = None, onnx_file: str | None = None,
+                        providers: Sequence[str] | None = None, spin: bool = True, *,
+                        info: dict | None = None, device: str | None = None) -> OnnxSegmenter:
+    """The OnnxSegmenter of a weights folder holding model.json (with its "onnx" section) and
+    the ONNX file (``read_onnx_model``); ``device="cpu"`` keeps ORT off a GPU. Clear
+    OnnxModelError for a missing, corrupt or mismatched ONNX file."""
+    info, spec, onnx_path, record = read_onnx_model(weights_dir_path, onnx_file, info)
     if providers is None and device == "cpu":
         providers = ["CPUExecutionProvider"]
-    record = info[ONNX_INFO_KEY].get("files", {}).get(onnx_file, {})
     session = open_session_checked(onnx_path, spec, record, num_threads, providers, spin)
     on_gpu = session.get_providers()[0] == "CUDAExecutionProvider"
     return OnnxSegmenter(session, spec, info["classes"],
