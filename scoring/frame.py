@@ -2,6 +2,7 @@
 frame with a ``boxes`` column out, one row per image, in order (through the one runner)."""
 from __future__ import annotations
 
+import json
 from typing import Any, Mapping
 
 import numpy as np
@@ -66,6 +67,18 @@ def score_frame(segmenter: Segmenter, model_input: Any,
     rows = zip(frame.index, frame[INPUT_COLUMN])
     seconds = settings.REQUEST_TIMEOUT.value()
     deadline = Deadline.after(seconds, f"took longer than {seconds:g} s ({settings.REQUEST_TIMEOUT.env})")
-    out = [scored.response[OUTPUT_COLUMN]
+    out = [Boxes(scored.response[OUTPUT_COLUMN])
            for scored in score_images(segmenter, rows, params, deadline=deadline, budget=request_budget())]
     return pd.DataFrame({OUTPUT_COLUMN: out}, index=frame.index)
+
+
+class Boxes(list):
+    """An image's ``boxes`` (a plain list of detection dicts in every other respect) whose
+    ``str()`` is JSON. ``mlflow.pyfunc.spark_udf(..., result_type="string")`` makes each value
+    a string with ``str()``: a list's would be Python's repr (single quotes), which nothing
+    downstream parses; this one is the JSON array that ``from_json`` or ``json.loads`` read."""
+
+    __slots__ = ()
+
+    def __str__(self) -> str:
+        return json.dumps(self)
