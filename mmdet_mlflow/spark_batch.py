@@ -161,7 +161,11 @@ def score_pictures(batches: Iterator, model_path: str, params: dict, max_file_by
             else:
                 items.append((path, content))
         boxes: dict[str, list] = {}
-        for scored in score_images(segmenter, items, predict_params, on_error="yield"):
+        try:
+            scored_items = list(score_images(segmenter, items, predict_params, on_error="yield"))
+        except Exception:  # not an input problem (a bug, or a picture that trips a library):
+            scored_items = _one_by_one(segmenter, items, predict_params, errors)  # find which
+        for scored in scored_items:
             if scored.ok:
                 boxes[scored.key] = scored.response["boxes"]
             else:
@@ -173,6 +177,22 @@ def score_pictures(batches: Iterator, model_path: str, params: dict, max_file_by
             "boxes": [boxes.get(p) for p in frame["path"]],
             "error": [errors.get(p) for p in frame["path"]],
         })
+
+
+def _one_by_one(segmenter, items, params, errors: dict) -> list:
+    """Score each picture alone, so that the one an unexpected error comes from is an error
+    row (its traceback in the worker's log, as ``mmdet-mlflow batch`` does) and the others are
+    scored: one picture never fails the job."""
+    from scoring.batch_files import problem
+    from scoring.runner import score_images
+
+    scored_items = []
+    for key, value in items:
+        try:
+            scored_items.extend(score_images(segmenter, [(key, value)], params, on_error="yield"))
+        except Exception as err:
+            errors[key] = f"{key}: {problem(err)}"
+    return scored_items
 
 
 # --- on the driver -----------------------------------------------------------------------------
@@ -249,6 +269,9 @@ def run_spark_batch(model: str, input_path: str, output: str, master: str | None
         Path(output).mkdir(parents=True, exist_ok=True)
 
     spark = spark or spark_session(master, records_per_arrow_batch=records_per_arrow_batch)
+    # Also in a session that was already running (Databricks, Synapse): Spark's default of
+    # 10000 rows per Arrow batch would put 10000 pictures in a worker's memory at once.
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(records_per_arrow_batch))
     context = spark.sparkContext
     model_path = str(resolved.local_path)
     if not context.master.startswith("local"):  # executors get their own copy of the folder
