@@ -179,7 +179,7 @@ def test_an_arrow_batch_is_not_held_to_a_served_requests_limits(spark, tiny_onnx
     a request: 70 rows in one batch, under a 1 ms request deadline, are all scored."""
     import mlflow.pyfunc
 
-    small = _b64_png(scene_image(32, 24, 5))
+    small = _b64_png(scene_image(64, 48, 5))
     udf = mlflow.pyfunc.spark_udf(spark, str(tiny_onnx_model_dir), env_manager="local", result_type="string",
                                   extra_env={"MMDET_MLFLOW_REQUEST_TIMEOUT": "0.001"})
     frame = spark.createDataFrame(pd.DataFrame({"image": [small] * 70})).coalesce(1)
