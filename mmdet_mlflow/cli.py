@@ -11,8 +11,8 @@ import sys
 # an environment without the serving stack (components/environment/deploy-conda.yaml).
 from scoring.errors import MmdetMlflowError
 
-COMMANDS = ("package", "predict", "serve", "batch", "convert", "synth", "finetune", "evaluate", "demo",
-            "register", "deploy", "pipeline")
+COMMANDS = ("package", "predict", "serve", "batch", "spark-batch", "convert", "synth", "finetune",
+            "evaluate", "demo", "register", "deploy", "pipeline")
 
 
 def build_parser(commands: tuple[str, ...] = COMMANDS) -> argparse.ArgumentParser:
@@ -22,7 +22,7 @@ def build_parser(commands: tuple[str, ...] = COMMANDS) -> argparse.ArgumentParse
                     "fine-tune, evaluate, serve and deploy on Azure ML.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in commands:
-        importlib.import_module(f"mmdet_mlflow.commands.{name}").add_parser(subparsers)
+        importlib.import_module(f"mmdet_mlflow.commands.{name.replace('-', '_')}").add_parser(subparsers)
     return parser
 
 

@@ -2,6 +2,7 @@
 frame with a ``boxes`` column out, one row per image, in order (through the one runner)."""
 from __future__ import annotations
 
+import json
 from typing import Any, Mapping
 
 import numpy as np
@@ -62,10 +63,45 @@ def score_frame(segmenter: Segmenter, model_input: Any,
     work deadline, URL budget: see scoring.settings). Errors name the row by its index label
     (the request's ``index``)."""
     frame = as_frame(model_input)
-    check_row_count(len(frame))
     rows = zip(frame.index, frame[INPUT_COLUMN])
-    seconds = settings.REQUEST_TIMEOUT.value()
-    deadline = Deadline.after(seconds, f"took longer than {seconds:g} s ({settings.REQUEST_TIMEOUT.env})")
-    out = [scored.response[OUTPUT_COLUMN]
-           for scored in score_images(segmenter, rows, params, deadline=deadline, budget=request_budget())]
+    if in_spark_task():  # a batch of a Spark job's rows, not a served request: no request limits
+        deadline = budget = None
+    else:
+        check_row_count(len(frame))
+        seconds = settings.REQUEST_TIMEOUT.value()
+        deadline = Deadline.after(seconds, f"took longer than {seconds:g} s ({settings.REQUEST_TIMEOUT.env})")
+        budget = request_budget()
+    out = [Boxes(scored.response[OUTPUT_COLUMN])
+           for scored in score_images(segmenter, rows, params, deadline=deadline, budget=budget)]
     return pd.DataFrame({OUTPUT_COLUMN: out}, index=frame.index)
+
+
+def in_spark_task() -> bool:
+    """Whether this call runs inside a Spark task: ``mlflow.pyfunc.spark_udf`` hands predict
+    each Arrow batch of a partition (``spark.sql.execution.arrow.maxRecordsPerBatch`` rows, 10000
+    by default). That is a batch job's work, which the limits of a served request (rows, work
+    deadline, URL budget) would fail: a batch of 65 rows, or one that a busy executor scores in
+    over a minute. Each image keeps its own limits (pixels, mask work, URL timeouts). Spark is
+    only looked at when the process has already imported it (a Spark worker has)."""
+    import sys
+
+    if "pyspark" not in sys.modules:
+        return False
+    try:
+        from pyspark import TaskContext
+
+        return TaskContext.get() is not None
+    except Exception:  # a pyspark too old or broken to tell: a served request's limits apply
+        return False
+
+
+class Boxes(list):
+    """An image's ``boxes`` (a plain list of detection dicts in every other respect) whose
+    ``str()`` is JSON. ``mlflow.pyfunc.spark_udf(..., result_type="string")`` makes each value
+    a string with ``str()``: a list's would be Python's repr (single quotes), which nothing
+    downstream parses; this one is the JSON array that ``from_json`` or ``json.loads`` read."""
+
+    __slots__ = ()
+
+    def __str__(self) -> str:
+        return json.dumps(self)

@@ -4,6 +4,8 @@
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from scoring import serving_guards
 from scoring.runtimes import load_segmenter
 
@@ -44,6 +46,42 @@ class MMDetPyfuncModel:
 
 
 def _load_pyfunc(path):
-    """The pyfunc loader (the MLmodel's ``loader_module``): ``path`` is the model's data directory."""
+    """The pyfunc loader (the MLmodel's ``loader_module``): ``path`` is the model's data directory.
+
+    The model last loaded in this process is kept and handed out again when the same folder,
+    unchanged, is loaded with the same settings: ``mlflow.pyfunc.spark_udf`` (local mode) calls
+    ``load_model`` for every Spark task, and a Python worker runs many tasks, so without this
+    each task paid the model's load (seconds for torch) and a worker's memory held one copy per
+    task until collected. One model at most is kept (a worker serves one UDF's model)."""
     serving_guards.install()
-    return MMDetPyfuncModel(load_segmenter(path))
+    key = _loaded_key(path)
+    model = _LAST_LOADED.get(key)
+    if model is None:
+        model = MMDetPyfuncModel(load_segmenter(path))
+        _LAST_LOADED.clear()
+        _LAST_LOADED[key] = model
+        _LOAD_COUNT[0] += 1
+    return model
+
+
+_LAST_LOADED: dict = {}
+_LOAD_COUNT = [0]
+
+
+def pyfunc_load_count() -> int:
+    """How many times this process has loaded a model for ``_load_pyfunc`` (not counting the
+    times it handed out the one it kept): what tells that a Spark worker loaded it once."""
+    return _LOAD_COUNT[0]
+
+
+def _loaded_key(path) -> tuple:
+    """What decides that a kept model is still the one ``path`` would load: the folder, each of
+    its files' size and modification time, and the MMDET_MLFLOW_ settings (batch size, threads
+    and the like are read when a model loads)."""
+    import os
+
+    folder = Path(path).resolve()
+    files = tuple(sorted((str(f.relative_to(folder)), f.stat().st_size, f.stat().st_mtime_ns)
+                         for f in folder.rglob("*") if f.is_file()))
+    settings = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("MMDET_MLFLOW_")))
+    return str(folder), files, settings

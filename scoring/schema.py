@@ -148,13 +148,24 @@ def _shown(value: Any, limit: int = 200) -> str:
 
 
 def mlflow_signature(defaults: PredictParams, class_names: Sequence[str] | None = None):
-    """The MLflow signature: a string ``image`` column in, a ``boxes`` column out, and the predict
-    params with their defaults (MLflow only passes params that the signature declares).
+    """The MLflow signature: a string ``image`` column in, one ``{"boxes": [...]}`` object out
+    per image (the response record of the model card), and the predict params with their
+    defaults (MLflow only passes params that the signature declares).
 
     ``classes`` is a string array (shape (-1,)) whose default is every class of the model
     (``class_names``), so a request without it keeps them all; under ``mlflow models serve`` its
     comma-separated form is made a list before MLflow checks it (scoring.serving_guards).
-    Each detection carries ``polygon`` or ``rle`` (or neither) as ``mask_format`` asks."""
+    Each detection carries ``polygon`` or ``rle`` (or neither) as ``mask_format`` asks.
+
+    The output is declared as an object holding ``boxes``, not as a ``boxes`` column of arrays,
+    for ``mlflow.pyfunc.spark_udf``: it turns a one-column output schema into that column's
+    Spark type, and for an array type it takes each row's *columns* as the array's elements
+    (``result.to_numpy().tolist()``), so a ``boxes`` column of lists reached Arrow as a list of
+    one list and failed (``ArrowTypeError: Expected bytes, got a 'dict' object``); no frame of
+    ragged lists can pass there. An object becomes a struct, which MLflow fills field by field
+    from the frame's ``boxes`` column, in the struct's field order. What ``predict`` returns is
+    unchanged (a frame with a ``boxes`` column), and so is the served JSON (``predictions`` is
+    a list of these objects)."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
     from mlflow.types.schema import Array, Object, Property
@@ -182,7 +193,7 @@ def mlflow_signature(defaults: PredictParams, class_names: Sequence[str] | None 
     params = ParamSchema(specs)
     return ModelSignature(
         inputs=Schema([ColSpec("string", INPUT_COLUMN)]),
-        outputs=Schema([ColSpec(Array(detection), OUTPUT_COLUMN)]),
+        outputs=Schema([ColSpec(Object([Property(OUTPUT_COLUMN, Array(detection))]))]),
         params=params,
     )
 

@@ -44,6 +44,7 @@ def _loaders():
         "environment": load_environment,
         "commandComponent": load_component,
         "pipelineComponent": load_component,
+        "sparkComponent": load_component,
         "managedOnlineEndpoint": load_online_endpoint,
         "managedOnlineDeployment": load_online_deployment,
         "batchEndpoint": load_batch_endpoint,

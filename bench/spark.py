@@ -1,0 +1,102 @@
+"""Benchmark of ``mmdet-mlflow spark-batch`` (not a test). Prints, measured in this one run on the
+same pictures and model:
+
+1. pictures/s of the Spark job at ``local[2]`` divided by that of ``mmdet-mlflow batch`` (one
+   process, all cores), end to end (each command started, run and finished: the JVM's start
+   and the model's load count) and for the scoring alone (the Spark job's own per-batch time
+   against the batch command's time less its model load) (goal: >= 0.8 end to end);
+2. how many times each Spark Python worker loaded the model (goal: once).
+
+The model is untrained (this machine cannot download COCO weights), with heads scaled so that
+pictures get detections with real masks.
+
+    flock -x /tmp/cpu.lock .venv/bin/python bench/spark.py [--pictures 60] [--runtime torch,onnx]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from helpers import TINY, make_official_checkpoint, scene_image  # noqa: E402
+
+
+def make_inputs(work: Path, count: int) -> Path:
+    import cv2
+
+    folder = work / "pictures"
+    folder.mkdir()
+    for seed in range(count):
+        cv2.imwrite(str(folder / f"picture{seed:03d}.jpg"), scene_image(640, 480, seed))
+    return folder
+
+
+def package(work: Path, runtime: str) -> Path:
+    import mlflow_model
+
+    checkpoint = work / "tiny.pth"
+    if not checkpoint.exists():
+        make_official_checkpoint(checkpoint, TINY)
+    path = work / f"model-{runtime}"
+    mlflow_model.save_model(path, TINY, str(checkpoint), runtime=runtime)
+    return path
+
+
+def timed(cmd: list[str]) -> tuple[float, str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"}
+    started = time.perf_counter()
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if result.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
+    return seconds, result.stdout + result.stderr
+
+
+def load_seconds(model: Path) -> float:
+    """The model's load time in a fresh process (what the batch command pays once)."""
+    code = ("import time, mlflow_model; from mlflow_model.model_dir import ModelDir; "
+            "t = time.perf_counter(); mlflow_model.load_segmenter(ModelDir(%r).data.path); "
+            "print(time.perf_counter() - t)" % str(model))
+    seconds, out = timed([sys.executable, "-c", code])
+    return float(out.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pictures", type=int, default=60)
+    parser.add_argument("--runtime", default="torch,onnx")
+    parser.add_argument("--master", default="local[2]")
+    args = parser.parse_args()
+    print(f"CPU: {os.cpu_count()} cores; {args.pictures} pictures 640x480 JPEG; tiny model", flush=True)
+    with tempfile.TemporaryDirectory(prefix="bench-spark-") as tmp:
+        work = Path(tmp)
+        pictures = make_inputs(work, args.pictures)
+        for runtime in args.runtime.split(","):
+            model = package(work, runtime)
+            cli = [sys.executable, "-m", "mmdet_mlflow.cli"]
+            batch_s, _ = timed([*cli, "batch", "--model", str(model), "--input", str(pictures),
+                                "--output", str(work / f"batch-{runtime}.jsonl")])
+            load_s = load_seconds(model)
+            spark_s, log = timed([*cli, "spark-batch", "--model", str(model), "--input", str(pictures),
+                                  "--output", str(work / f"spark-{runtime}"), "--master", args.master])
+            scoring_s = sum(float(s) for s in re.findall(r"^batch \d+: \d+ pictures .*? in ([\d.]+) s", log, re.M))
+            loads = re.search(r"the model loaded (\d+) times in (\d+) Python workers", log)
+            n = args.pictures
+            print(f"[{runtime}] batch: {n / batch_s:.2f} pictures/s end to end ({batch_s:.1f} s, "
+                  f"model load {load_s:.1f} s); spark-batch {args.master}: {n / spark_s:.2f} pictures/s "
+                  f"end to end ({spark_s:.1f} s), scoring alone {scoring_s:.1f} s", flush=True)
+            print(f"[{runtime}] spark / batch throughput: end to end {batch_s / spark_s:.2f}x, "
+                  f"scoring alone {(batch_s - load_s) / scoring_s:.2f}x (goal >= 0.8); model loaded "
+                  f"{loads.group(1)} times in {loads.group(2)} Python workers", flush=True)
+
+
+if __name__ == "__main__":
+    main()
