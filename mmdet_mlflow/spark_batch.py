@@ -69,7 +69,7 @@ class ResolvedModel:
 def resolve_model(model_uri: str) -> ResolvedModel:
     """Find the model and check, before any Spark work, that it is an mmdet-mlflow model whose
     runtime this code can run: a local folder or any MLflow URI (``runs:/``, ``models:/``)."""
-    from mlflow_model.model_dir import ModelDir
+    from scoring.model_dir import ModelDir
     from scoring.runtimes import runtime_of
     from scoring.schema import PredictParams
 
