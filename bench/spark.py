@@ -62,7 +62,7 @@ def timed(cmd: list[str]) -> tuple[float, str]:
 
 def load_seconds(model: Path) -> float:
     """The model's load time in a fresh process (what the batch command pays once)."""
-    code = ("import time, mlflow_model; from mlflow_model.model_dir import ModelDir; "
+    code = ("import time, mlflow_model; from scoring.model_dir import ModelDir; "
             "t = time.perf_counter(); mlflow_model.load_segmenter(ModelDir(%r).data.path); "
             "print(time.perf_counter() - t)" % str(model))
     seconds, out = timed([sys.executable, "-c", code])
