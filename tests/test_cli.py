@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from helpers import TINY
 
 
@@ -143,3 +144,42 @@ def test_predict_answers_rle_or_boxes_alone_for_the_classes_asked(tmp_path, tiny
                "--classes", "person,unicorn")
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "does not have: 'unicorn'" in done.stderr + done.stdout
+
+
+def test_predict_keeps_sub_folders_in_pictures_and_reports_unreadable_files_as_batch_does(
+        tmp_path, tiny_model_dir, image_files):
+    """a/1.png and b/1.png get a picture each (they overwrote each other); a file that cannot
+    be read (here: gone between listing and reading) is an error line, as in batch, not the end
+    of the run."""
+    import shutil
+
+    from mmdet_mlflow.predict import image_files as listed
+    from mmdet_mlflow.predict import predict_files
+
+    folder = tmp_path / "in"
+    for sub in ("a", "b"):
+        (folder / sub).mkdir(parents=True)
+        shutil.copy(image_files[0], folder / sub / "1.png")
+    (folder / "b" / "1.jpg").write_bytes(image_files[1].read_bytes())  # would share 1.png's picture
+    out, pictures = tmp_path / "p.jsonl", tmp_path / "pictures"
+    files = listed(folder) + [folder / "gone.png"]
+    counts = predict_files(tiny_model_dir, files, out, {"max_detections": 2}, pictures, root=folder)
+    assert counts["images"] == 3 and counts["errors"] == 1
+    lines = {Path(line["file"]).relative_to(folder).as_posix(): line
+             for line in map(json.loads, out.read_text().splitlines())}
+    assert set(lines) == {"a/1.png", "b/1.png", "b/1.jpg", "gone.png"}
+    assert "cannot read the file" in lines["gone.png"]["error"]
+    assert sorted(p.relative_to(pictures).as_posix() for p in pictures.rglob("*.png")) == \
+        ["a/1.png", "b/1.png", "b/1.png.png"]  # b/1.jpg comes first, b/1.png keeps its whole name
+
+
+def test_save_model_refuses_with_our_error_before_writing(tmp_path, tiny_checkpoint):
+    import mlflow_model
+    from scoring.errors import MmdetMlflowError
+
+    for kwargs in ({"runtime": "tensorrt"}, {"runtime": "onnx", "quantize": "int4"},
+                   {"runtime": "torch", "quantize": "int8", "calibration_images": [1]},
+                   {"runtime": "onnx", "quantize": "int8"}):
+        with pytest.raises(MmdetMlflowError):
+            mlflow_model.save_model(tmp_path / "m", TINY, str(tiny_checkpoint), **kwargs)
+        assert not (tmp_path / "m").exists()
