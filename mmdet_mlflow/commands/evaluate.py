@@ -26,16 +26,30 @@ def add_parser(subparsers):
     p.add_argument("--samples", type=int, default=8, help="images in samples.png (default 8)")
     p.add_argument("--confine-images", action="store_true",
                    help="refuse image paths outside the folder of the annotation file naming them")
+    add_tiling_arguments(p)
     p.set_defaults(handler=run)
 
 
+# The predict params evaluate takes as they are: the others are evaluate's own (--iou-threshold
+# is the metrics' match IoU, not NMS's; the score threshold is --map-score-threshold).
+TILING_PARAMS = ("tile_grid_size", "tile_overlap_ratio", "tile_predictions_nms_thresh")
+
+
+def add_tiling_arguments(parser) -> None:
+    """--tile-grid-size etc., as `predict` takes them (tiled inference: docs/serving.md)."""
+    from mmdet_mlflow.commands.predict import add_params_arguments
+
+    add_params_arguments(parser.add_argument_group("tiled inference (predict params)"), TILING_PARAMS)
+
+
 def run(args):
+    from mmdet_mlflow.commands.predict import params_from_args
     from mmdet_mlflow.evaluate import evaluate
 
     doc = evaluate(args.model, args.test, args.output, iou_threshold=args.iou_threshold,
                    box_score_threshold=args.box_score_threshold, batch_size=args.batch_size,
                    map_score_threshold=args.map_score_threshold, num_samples=args.samples,
-                   confine_images=args.confine_images)
+                   confine_images=args.confine_images, params=params_from_args(args, TILING_PARAMS))
     segm, bbox = doc["segm"], doc["bbox"]
     print(f"{doc['counts']['images']} images: segm AP {segm['AP']:.4f} (AP50 {segm['AP50']:.4f}), "
           f"bbox AP {bbox['AP']:.4f}, segm AP from polygons {doc['segm_from_polygons']['AP']:.4f}; "
