@@ -36,20 +36,29 @@ TILING_PARAMS = ("tile_grid_size", "tile_overlap_ratio", "tile_predictions_nms_t
 
 
 def add_tiling_arguments(parser) -> None:
-    """--tile-grid-size etc., as `predict` takes them (tiled inference: docs/serving.md)."""
-    from mmdet_mlflow.commands.predict import add_params_arguments
+    """--tile-grid-size etc., as `predict` takes them: evaluate scores what tiled requests
+    answer (docs/serving.md, Large pictures); checked by PredictParams before anything runs."""
+    from scoring.schema import PredictParams
 
-    add_params_arguments(parser.add_argument_group("tiled inference (predict params)"), TILING_PARAMS)
+    group = parser.add_argument_group("tiled inference (predict params)")
+    defaults = PredictParams()
+    for name in TILING_PARAMS:
+        value = getattr(defaults, name)
+        group.add_argument(f"--{name.replace('_', '-')}", dest=name, type=type(value), default=None,
+                           help=f"predict param {name} (default: the model's, usually {value!r})")
+
+
+def tiling_from_args(args) -> dict:
+    return {k: getattr(args, k) for k in TILING_PARAMS if getattr(args, k, None) is not None}
 
 
 def run(args):
-    from mmdet_mlflow.commands.predict import params_from_args
     from mmdet_mlflow.evaluate import evaluate
 
     doc = evaluate(args.model, args.test, args.output, iou_threshold=args.iou_threshold,
                    box_score_threshold=args.box_score_threshold, batch_size=args.batch_size,
                    map_score_threshold=args.map_score_threshold, num_samples=args.samples,
-                   confine_images=args.confine_images, params=params_from_args(args, TILING_PARAMS))
+                   confine_images=args.confine_images, params=tiling_from_args(args))
     segm, bbox = doc["segm"], doc["bbox"]
     print(f"{doc['counts']['images']} images: segm AP {segm['AP']:.4f} (AP50 {segm['AP50']:.4f}), "
           f"bbox AP {bbox['AP']:.4f}, segm AP from polygons {doc['segm_from_polygons']['AP']:.4f}; "

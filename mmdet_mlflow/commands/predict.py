@@ -7,20 +7,16 @@ from mmdet_mlflow.commands.args import boolean
 from scoring.schema import PredictParams
 
 
-def add_params_arguments(parser, names=None):
-    """--score-threshold etc., one per predict param (defaults: the model's own); ``names``:
-    only these params."""
+def add_params_arguments(parser):
+    """--score-threshold etc., one per predict param (defaults: the model's own)."""
     for name, value in PredictParams().as_dict().items():
-        if names is not None and name not in names:
-            continue
         kind = boolean if isinstance(value, bool) else type(value)
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=None,
                             help=f"predict param {name} (default: the model's, usually {value})")
 
 
-def params_from_args(args, names=None) -> dict:
-    return {k: getattr(args, k) for k in (names or PredictParams().as_dict())
-            if getattr(args, k, None) is not None}
+def params_from_args(args) -> dict:
+    return {k: getattr(args, k) for k in PredictParams().as_dict() if getattr(args, k) is not None}
 
 
 def add_parser(subparsers):
