@@ -36,7 +36,9 @@ from typing import Sequence
 import numpy as np
 
 import mlflow_model
+from scoring.errors import InputError
 from scoring.model_dir import ModelDir
+from scoring.schema import PredictParams
 from mmdet_mlflow.data import load_dataset, spread_indices, to_coco
 from mmdet_mlflow.files import atomic_write_json, atomic_write_text
 from mmdet_mlflow.metrics import (AZURE_BOX_SCORE_THRESHOLD, AZURE_IOU_THRESHOLD, AZURE_METRIC_NAMES,
@@ -58,12 +60,14 @@ def evaluate(model_dir, test_data, output_dir, iou_threshold: float = AZURE_IOU_
              box_score_threshold: float = AZURE_BOX_SCORE_THRESHOLD, batch_size: int | None = None,
              map_score_threshold: float | None = None, num_samples: int = DEFAULT_SAMPLES,
              progress: bool = True, confine_images: bool = False, segmenter=None,
-             track: bool = True) -> dict:
+             track: bool = True, params: dict | None = None) -> dict:
     """Evaluate ``model_dir`` (saved by ``package``) on ``test_data``; write everything to
     ``output_dir`` and return the metrics.json document. ``confine_images``: refuse test images
     outside the test data's folder (mmdet_mlflow.data.paths). ``segmenter``: score with this one
     instead of the one the model serves (e.g. its fp32 ONNX network beside the int8 one it
-    serves); ``track=False``: log nothing to MLflow."""
+    serves); ``track=False``: log nothing to MLflow. ``params``: predict params over the model's
+    own (e.g. ``tile_grid_size``: evaluate tiled inference, scoring.tiling); the score threshold
+    is evaluate's own (``map_score_threshold``)."""
     for name, value in (("iou_threshold", iou_threshold), ("box_score_threshold", box_score_threshold)):
         if not 0.0 <= value <= 1.0:
             raise EvaluationError(f"{name} must be between 0 and 1, got {value}")
@@ -71,6 +75,10 @@ def evaluate(model_dir, test_data, output_dir, iou_threshold: float = AZURE_IOU_
         raise EvaluationError(f"map_score_threshold must be between 0 and box_score_threshold "
                               f"({box_score_threshold}), got {map_score_threshold}: precision and "
                               f"recall are read from the predictions scored for AP")
+    try:
+        PredictParams().updated(params)  # a bad param is refused before anything is loaded
+    except InputError as err:
+        raise EvaluationError(str(err)) from None
     model_dir, test_data, output_dir = Path(model_dir), Path(test_data), Path(output_dir)
     weights = ModelDir(model_dir).data
     if not weights.info_file.is_file():
@@ -95,7 +103,7 @@ def evaluate(model_dir, test_data, output_dir, iou_threshold: float = AZURE_IOU_
     if map_score_threshold is None:
         configured = segmenter.configured_score_threshold or DEFAULT_MAP_SCORE_THRESHOLD
         map_score_threshold = min(float(configured), box_score_threshold)
-    params = segmenter.default_params.updated({"score_threshold": map_score_threshold})
+    params = segmenter.default_params.updated({**(params or {}), "score_threshold": map_score_threshold})
 
     image_ids = [image["id"] for image in ground_truth["images"]]
     sample_indices = set(spread_indices(len(dataset.images), num_samples))
@@ -132,6 +140,8 @@ def evaluate(model_dir, test_data, output_dir, iou_threshold: float = AZURE_IOU_
             "map_score_threshold": map_score_threshold, "max_detections": params.max_detections,
             "mask_threshold": params.mask_threshold, "polygon_tolerance": params.polygon_tolerance,
             "nms_iou_threshold": params.iou_threshold,
+            "tile_grid_size": params.tile_grid_size, "tile_overlap_ratio": params.tile_overlap_ratio,
+            "tile_predictions_nms_thresh": params.tile_predictions_nms_thresh,
             "model": str(model_dir), "test_data": str(test_data),
         },
         "counts": {"images": len(per_image), "ground_truth": sum(p["ground_truth"] for p in per_image),

@@ -359,6 +359,51 @@ def test_evaluate_reads_an_mltable_folder_into_an_active_run(tmp_path, labelled_
     assert doc["segm"]["AP"] == pytest.approx(evaluator.stats[0], abs=1e-9)
 
 
+def test_evaluate_scores_tiled_inference_with_the_tiling_options(tmp_path, labelled_set, fridge_model,
+                                                                 capsys):
+    """`evaluate --tile-grid-size ...` scores what a tiled request answers (scoring.tiling), and
+    says so in metrics.json; a bad grid is refused, naming the param, before anything is written."""
+    import mlflow_model
+    from mmdet_mlflow.cli import main
+    from mmdet_mlflow.data import load_dataset
+    from scoring.decode import decode_image
+    from scoring.schema import PredictParams
+    from scoring.tiling import segment_tiled
+
+    test_file, _ = labelled_set
+    out = tmp_path / "tiled"
+    assert main(["evaluate", "--model", str(fridge_model), "--test", str(test_file), "--output", str(out),
+                 "--tile-grid-size", "2x2", "--tile-overlap-ratio", "0.3",
+                 "--tile-predictions-nms-thresh", "0.4"]) == 0
+    doc = json.loads((out / "metrics.json").read_text())
+    assert doc["settings"]["tile_grid_size"] == "2x2"
+    assert doc["settings"]["tile_overlap_ratio"] == 0.3
+    assert doc["settings"]["tile_predictions_nms_thresh"] == 0.4
+
+    segmenter = mlflow_model.load_segmenter(fridge_model / mlflow_model.MODEL_DATA_DIR)
+    params = segmenter.default_params.updated({"score_threshold": 0.05, "tile_grid_size": "2x2",
+                                               "tile_overlap_ratio": 0.3,
+                                               "tile_predictions_nms_thresh": 0.4})
+    untiled = PredictParams(**{**params.as_dict(), "tile_grid_size": ""})
+    kept = {c["id"] for c in TEST_CATEGORIES}
+    results = json.loads((out / "predictions.bbox.json").read_text())
+    names = {c["id"]: c["name"] for c in TEST_CATEGORIES}
+    for image in load_dataset(test_file).images:
+        picture = decode_image(image.path.read_bytes())
+        tiled = segment_tiled(segmenter, picture, params)
+        want = sorted((tiled.label_name(i), round(float(tiled.scores[i]), 4)) for i in range(len(tiled))
+                      if tiled.label_name(i) in names.values())
+        got = sorted((names[r["category_id"]], round(r["score"], 4)) for r in results
+                     if r["image_id"] == image.image_id and r["category_id"] in kept)
+        assert got == want, image.path.name
+    plain = segmenter([picture], untiled)[0]
+    assert len(tiled) != len(plain) or not np.allclose(tiled.boxes, plain.boxes)  # tiling did something
+
+    code = main(["evaluate", "--model", str(fridge_model), "--test", str(test_file),
+                 "--output", str(tmp_path / "bad"), "--tile-grid-size", "4by4"])
+    assert code == 2 and "tile_grid_size" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
 def test_bad_test_data_is_a_clear_error(tmp_path, labelled_set, fridge_model, tiny_model_dir, capsys):
     from mmdet_mlflow.cli import main
 

@@ -14,7 +14,7 @@ VENV=${VENV:-.venv}
 PY=${PYTHON:-python3.11}
 PINS=mlflow_model/requirements.txt
 STAMP="$VENV/.setup-stamp"
-want=$(cat "$PINS" requirements-dev.txt pyproject.toml tools/setup_venv.sh | sha256sum | cut -d' ' -f1)
+want=$(cat "$PINS" requirements-dev.txt requirements-nodeps.txt pyproject.toml tools/setup_venv.sh | sha256sum | cut -d' ' -f1)
 
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && "$VENV/bin/python" -c "import mmcv._ext" 2>/dev/null; then
   echo "setup: $VENV is up to date"
@@ -85,6 +85,7 @@ fi
 
 echo "setup: installing the rest of the stack and this project (editable)"
 "${pip[@]}" install -q -c "$PINS" -r requirements-dev.txt
+"${pip[@]}" install -q --no-deps -r requirements-nodeps.txt
 # The GUI opencv (which mmcv asks for unless a cv2 is present) and the headless one share the
 # cv2 folder: if both got in, keep only the headless one, reinstalled whole.
 if "${pip[@]}" show -q opencv-python >/dev/null 2>&1; then

@@ -1,6 +1,8 @@
 """mmdet-mlflow evaluate: COCO and Azure-named metrics of a saved model on labelled test data."""
 from __future__ import annotations
 
+from mmdet_mlflow.commands.predict import add_tiling_arguments, tiling_from_args
+
 
 def add_parser(subparsers):
     p = subparsers.add_parser(
@@ -26,6 +28,9 @@ def add_parser(subparsers):
     p.add_argument("--samples", type=int, default=8, help="images in samples.png (default 8)")
     p.add_argument("--confine-images", action="store_true",
                    help="refuse image paths outside the folder of the annotation file naming them")
+    # the tiling predict params as predict and package take them (evaluate's own --iou-threshold
+    # is the metrics' match IoU, and --map-score-threshold its score threshold)
+    add_tiling_arguments(p, "evaluate scores what tiled requests answer (docs/serving.md, Large pictures)")
     p.set_defaults(handler=run)
 
 
@@ -35,7 +40,7 @@ def run(args):
     doc = evaluate(args.model, args.test, args.output, iou_threshold=args.iou_threshold,
                    box_score_threshold=args.box_score_threshold, batch_size=args.batch_size,
                    map_score_threshold=args.map_score_threshold, num_samples=args.samples,
-                   confine_images=args.confine_images)
+                   confine_images=args.confine_images, params=tiling_from_args(args))
     segm, bbox = doc["segm"], doc["bbox"]
     print(f"{doc['counts']['images']} images: segm AP {segm['AP']:.4f} (AP50 {segm['AP50']:.4f}), "
           f"bbox AP {bbox['AP']:.4f}, segm AP from polygons {doc['segm_from_polygons']['AP']:.4f}; "
