@@ -279,7 +279,7 @@ def run_spark_batch(model: str, input_path: str, output: str, master: str | None
         model_path = None
     loads = context.accumulator({}, _PidCounts())
     score = functools.partial(_score_on_executor, model_path=model_path,
-                              model_name=resolved.local_path.name, params=predict_params.as_dict(),
+                              model_name=resolved.local_path.name, params=dict(params or {}),
                               max_file_bytes=max_file_bytes, loads=loads)
     schema = scored_schema()
     totals = {"this_run": 0, "errors_this_run": 0}

@@ -71,8 +71,11 @@ def score_frame(segmenter: Segmenter, model_input: Any,
         seconds = settings.REQUEST_TIMEOUT.value()
         deadline = Deadline.after(seconds, f"took longer than {seconds:g} s ({settings.REQUEST_TIMEOUT.env})")
         budget = request_budget()
-    out = [Boxes(scored.response[OUTPUT_COLUMN])
-           for scored in score_images(segmenter, rows, params, deadline=deadline, budget=budget)]
+    spark = deadline is None
+    out = [Boxes(map(OptionalKeys, boxes) if spark else boxes)
+           for boxes in (scored.response[OUTPUT_COLUMN]
+                         for scored in score_images(segmenter, rows, params, deadline=deadline,
+                                                    budget=budget))]
     return pd.DataFrame({OUTPUT_COLUMN: out}, index=frame.index)
 
 
@@ -105,3 +108,25 @@ class Boxes(list):
 
     def __str__(self) -> str:
         return json.dumps(self)
+
+
+class NullFields(dict):
+    """A struct whose every absent field reads as null (see ``OptionalKeys``)."""
+
+    __slots__ = ()
+
+    def __missing__(self, key):
+        return None
+
+
+class OptionalKeys(dict):
+    """A detection whose absent optional keys read as empty: ``spark_udf`` fills the signature's
+    struct field by field (``record[field]``), and a detection carries ``polygon`` or ``rle`` (or
+    neither) as ``mask_format`` asks. MLflow's conversion takes neither a missing key nor a
+    null array of arrays or struct, so an absent ``polygon`` reads as no parts and an absent
+    ``rle`` as a struct of nulls. Its JSON is the detection's own (absent keys stay absent)."""
+
+    __slots__ = ()
+
+    def __missing__(self, key):
+        return [] if key == "polygon" else NullFields()

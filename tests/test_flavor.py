@@ -64,7 +64,8 @@ def test_serving_input_example_replays(tiny_model_dir):
 
 def test_environment_files_pin_the_stack_and_build_mmcv_ops(tiny_model_dir):
     pins = mlflow_model.pinned_requirements()
-    onnx_only = ("onnxruntime", "onnx", "ml_dtypes", "azureml-ai-monitoring")  # ONNX models' or export's
+    onnx_only = ("onnxruntime", "onnx", "ml_dtypes", "azureml-ai-monitoring",  # ONNX models' or export's
+                 "openvino")  # the OpenVINO model's
     assert (tiny_model_dir / "requirements.txt").read_text().split() == \
         [pin for pin in pins if pin.split("==")[0] not in onnx_only]
     pins = mlflow_model.get_default_pip_requirements("torch")
