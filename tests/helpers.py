@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import sys
 from pathlib import Path
 
@@ -177,3 +178,43 @@ def b64_png(image_bgr) -> str:
     import cv2
 
     return base64.b64encode(cv2.imencode(".png", image_bgr)[1].tobytes()).decode()
+
+
+def copied_model_folder(folder: Path, tmp_path: Path, forget_checksums: bool = False) -> Path:
+    """A copy of a weights folder to damage; with ``forget_checksums``, model.json keeps no
+    sha256 of its graph files, so what loading says is the runtime's own verdict."""
+    import shutil
+
+    copy = Path(shutil.copytree(folder, tmp_path / "model"))
+    if forget_checksums:
+        info = json.loads((copy / "model.json").read_text())
+        info["onnx"]["files"] = {}
+        (copy / "model.json").write_text(json.dumps(info))
+    return copy
+
+
+def truncate_graph(folder: Path) -> None:
+    data = (folder / "model.onnx").read_bytes()
+    (folder / "model.onnx").write_bytes(data[: len(data) // 3])
+
+
+def claim_classes(folder: Path, count: int) -> None:
+    """model.json says the head has ``count`` classes (e.g. a fine-tuned model.json beside a
+    COCO graph)."""
+    info = json.loads((folder / "model.json").read_text())
+    info["onnx"]["head"]["num_classes"] = count
+    (folder / "model.json").write_text(json.dumps(info))
+
+
+def found_again(reference, other, images, params) -> tuple[int, int]:
+    """(detections of ``reference`` on ``images``, how many ``other`` finds too: same label,
+    box within 2 px, score within 0.05): a cheaper precision against fp32."""
+    found = close = 0
+    for image in images:
+        [a], [b] = reference([image], params), other([image], params)
+        found += len(a)
+        for i in range(len(a)):
+            close += any(b.labels[j] == a.labels[i] and np.abs(b.boxes[j] - a.boxes[i]).max() <= 2
+                         and abs(float(b.scores[j]) - float(a.scores[i])) <= 0.05
+                         for j in range(len(b)))
+    return found, close

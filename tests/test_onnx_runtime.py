@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import scene_image
+from helpers import claim_classes, copied_model_folder, found_again, scene_image, truncate_graph
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -254,14 +254,7 @@ def test_int8_model_is_recorded_loads_and_finds_what_fp32_finds(onnx_weights_dir
     fp32 = load_onnx_segmenter(folder, num_threads=2)
     int8 = load_onnx_segmenter(folder, num_threads=2, onnx_file="model.int8.onnx")
     params = fp32.default_params
-    found = close = 0
-    for image in images[:3]:
-        [a], [b] = fp32([image], params), int8([image], params)
-        found += len(a)
-        for i in range(len(a)):
-            close += any(b.labels[j] == a.labels[i] and np.abs(b.boxes[j] - a.boxes[i]).max() <= 2
-                         and abs(float(b.scores[j]) - float(a.scores[i])) <= 0.05
-                         for j in range(len(b)))
+    found, close = found_again(fp32, int8, images[:3], params)
     assert found > 0 and close >= 0.5 * found, f"int8 found {close} of fp32's {found} detections"
 
 
@@ -343,30 +336,46 @@ def _forget_checksum(folder: Path) -> None:
     (folder / "model.json").write_text(json.dumps(info))
 
 
-def test_a_corrupt_onnx_file_is_refused(onnx_weights_dir, tmp_path):
-    from scoring.runtimes.onnx_rtmdet import OnnxModelError, load_onnx_segmenter
-
-    folder = _copy(onnx_weights_dir, tmp_path)
-    _forget_checksum(folder)
-    data = (folder / "model.onnx").read_bytes()
-    (folder / "model.onnx").write_bytes(data[: len(data) // 3])  # truncated
-    with pytest.raises(OnnxModelError, match="is not a loadable ONNX model"):
-        load_onnx_segmenter(folder)
+WHEEL_RUNTIMES = {  # the runtimes serving the exported graph: loader, what it says of a cut graph
+    "onnx": ("scoring.runtimes.onnx_rtmdet:load_onnx_segmenter", "is not a loadable ONNX model"),
+    "openvino": ("scoring.runtimes.openvino_rtmdet:load_openvino_segmenter",
+                 r"model.onnx is not an ONNX model OpenVINO [\d.]+.* can read"),
+}
 
 
-def test_outputs_that_do_not_fit_the_config_are_refused(onnx_weights_dir, tmp_path):
-    from scoring.runtimes.onnx_rtmdet import OnnxModelError, load_onnx_segmenter
+def _loader(runtime: str):
+    import importlib
 
-    folder = _copy(onnx_weights_dir, tmp_path)
-    _forget_checksum(folder)
-    info = json.loads((folder / "model.json").read_text())
-    info["onnx"]["head"]["num_classes"] = 3  # e.g. a fine-tuned model.json beside a COCO file
-    (folder / "model.json").write_text(json.dumps(info))
+    module, function = WHEEL_RUNTIMES[runtime][0].split(":")
+    return getattr(importlib.import_module(module), function)
+
+
+@pytest.mark.parametrize("runtime", WHEEL_RUNTIMES)
+def test_a_corrupt_onnx_file_is_refused(onnx_weights_dir, tmp_path, runtime):
+    from scoring.runtimes.onnx_rtmdet import OnnxModelError
+
+    folder = copied_model_folder(onnx_weights_dir, tmp_path, forget_checksums=True)
+    truncate_graph(folder)
+    with pytest.raises(OnnxModelError, match=WHEEL_RUNTIMES[runtime][1]):
+        _loader(runtime)(folder)
+
+
+@pytest.mark.parametrize("runtime", WHEEL_RUNTIMES)
+def test_a_graph_that_does_not_fit_model_json_is_refused(onnx_weights_dir, tmp_path, runtime):
+    from scoring.runtimes.onnx_rtmdet import OnnxModelError
+
+    folder = copied_model_folder(onnx_weights_dir, tmp_path, forget_checksums=True)
+    claim_classes(folder, 3)
     with pytest.raises(OnnxModelError, match=r"output 'cls_score_s8' has shape .*80.*expected "
                                              r"\['batch', 3, 80, 80\]"):
-        load_onnx_segmenter(folder)
+        _loader(runtime)(folder)
 
-    info["onnx"]["head"]["num_classes"] = 80
+
+def test_an_input_size_that_does_not_fit_the_config_is_refused(onnx_weights_dir, tmp_path):
+    from scoring.runtimes.onnx_rtmdet import OnnxModelError, load_onnx_segmenter
+
+    folder = copied_model_folder(onnx_weights_dir, tmp_path, forget_checksums=True)
+    info = json.loads((folder / "model.json").read_text())
     info["onnx"]["preprocess"]["input_hw"] = [320, 320]
     (folder / "model.json").write_text(json.dumps(info))
     with pytest.raises(OnnxModelError, match="input shape"):
