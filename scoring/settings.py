@@ -75,6 +75,10 @@ PRECISION = Setting("PRECISION", "auto", _precision, "the network's precision on
                     "runtime: auto (OpenVINO's choice for the CPU: bf16 where it computes bf16 "
                     "natively, e.g. AMX, else f32), fp32 or bf16; chosen at load",
                     "serving, predict, evaluate (openvino models)")
+NUM_THREADS = Setting("NUM_THREADS", None, int, "CPU threads of the network's pass on the onnx and "
+                      "openvino runtimes (default: OMP_NUM_THREADS when set, which Spark sets to each "
+                      "task's cores and torch follows, else the runtime's own choice: every core)",
+                      "serving, predict, evaluate, batch, Spark (onnx and openvino models)")
 MAX_IMAGE_PIXELS = Setting("MAX_IMAGE_PIXELS", 50_000_000, int, "largest image accepted, in "
                            "pixels (width x height), checked before decoding", "every input")
 MAX_ROWS = Setting("MAX_ROWS", 64, int, "most images one request may carry (400 above it); "
@@ -116,11 +120,24 @@ CHECKPOINT_MIRROR = Setting("CHECKPOINT_MIRROR", None, str, "a server laid out l
 DOWNLOAD_TIMEOUT = Setting("DOWNLOAD_TIMEOUT", 20.0, float, "seconds to wait for a checkpoint "
                            "server to answer", "package, finetune")
 
-SETTINGS = (DEVICE, BATCH_SIZE, PRECISION, MAX_IMAGE_PIXELS, MAX_ROWS, MAX_MASK_PIXELS, REQUEST_TIMEOUT,
+SETTINGS = (DEVICE, BATCH_SIZE, PRECISION, NUM_THREADS, MAX_IMAGE_PIXELS, MAX_ROWS, MAX_MASK_PIXELS, REQUEST_TIMEOUT,
             MAX_REQUEST_BYTES, MAX_DOWNLOAD_BYTES, FETCH_TIMEOUT, FETCH_CONNECT_TIMEOUT,
             FETCH_TOTAL_TIMEOUT, FETCH_REQUEST_BUDGET, FETCH_MAX_REDIRECTS,
             URL_ALLOWLIST, BATCH_PARAMS, BATCH_INPUT_ROOT, CACHE, CHECKPOINT_MIRROR,
             DOWNLOAD_TIMEOUT)
+
+
+def network_threads() -> int | None:
+    """Threads for a wheel runtime's network pass: MMDET_MLFLOW_NUM_THREADS, else OMP_NUM_THREADS
+    (ONNX Runtime and OpenVINO ignore it, so two Spark workers on two cores would each start a
+    thread per core and wait on each other), else None: the runtime decides."""
+    chosen = NUM_THREADS.value()
+    if chosen is None:
+        omp = os.environ.get("OMP_NUM_THREADS", "").strip()
+        chosen = int(omp) if omp.isdigit() else None
+    if chosen is not None and chosen < 1:
+        raise SettingError(f"{NUM_THREADS.env}={chosen} is not valid: at least 1 thread")
+    return chosen or None
 
 
 def markdown_table() -> str:

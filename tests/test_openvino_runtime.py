@@ -240,3 +240,30 @@ def test_package_refuses_a_drop_beyond_the_gate_and_writes_nothing(tmp_path, tin
                                                 r"images .*nothing written.*--accept-accuracy-drop"):
         package_gated(output, save, source, accept_drop=False, max_drop=-1.0)
     assert list(tmp_path.iterdir()) == [], "nothing written, no staging folder left"
+
+
+@pytest.mark.parametrize("env, threads", [({"OMP_NUM_THREADS": "1"}, 1),
+                                          ({"OMP_NUM_THREADS": "2", "MMDET_MLFLOW_NUM_THREADS": "1"}, 1)])
+def test_wheel_runtimes_take_the_thread_count_spark_gives_each_task(monkeypatch, ov_weights_dir,
+                                                                    tiny_onnx_model_dir, env, threads):
+    """ONNX Runtime and OpenVINO ignore OMP_NUM_THREADS, which PySpark sets to each task's cores:
+    both take it (or MMDET_MLFLOW_NUM_THREADS, first), so two Spark workers on two cores run a
+    thread each instead of two each."""
+    from scoring.runtimes.onnx_rtmdet import load_onnx_segmenter
+    from scoring.runtimes.openvino_rtmdet import load_openvino_segmenter
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    onnx = load_onnx_segmenter(tiny_onnx_model_dir / "model", device="cpu")
+    assert onnx.session.get_session_options().intra_op_num_threads == threads
+    openvino = load_openvino_segmenter(ov_weights_dir, precision="fp32", quiet=True)
+    assert int(openvino.compiled_model.get_property("INFERENCE_NUM_THREADS")) == threads
+
+
+def test_a_thread_count_below_one_is_refused_at_load(monkeypatch, tiny_onnx_model_dir):
+    from scoring.runtimes.onnx_rtmdet import load_onnx_segmenter
+    from scoring.settings import SettingError
+
+    monkeypatch.setenv("MMDET_MLFLOW_NUM_THREADS", "0")
+    with pytest.raises(SettingError, match="MMDET_MLFLOW_NUM_THREADS"):
+        load_onnx_segmenter(tiny_onnx_model_dir / "model", device="cpu")

@@ -36,6 +36,7 @@ from scoring.runtimes.rtmdet_numpy import (ImageMeta, NumpyMaskResampler, OnnxMo
                                            dynamic_mask_logits, filter_scores_and_topk, grid_priors,
                                            per_prior, resize_like_mmdet, sigmoid)
 from scoring.schema import PredictParams
+from scoring.settings import network_threads
 
 # ----------------------------------------------------------------------------- the runtime
 
@@ -335,7 +336,8 @@ def load_onnx_segmenter(weights_dir_path: str | os.PathLike, batch_size: int | N
     info, spec, onnx_path, record = read_onnx_model(weights_dir_path, onnx_file, info)
     if providers is None and device == "cpu":
         providers = ["CPUExecutionProvider"]
-    session = open_session_checked(onnx_path, spec, record, num_threads, providers, spin)
+    session = open_session_checked(onnx_path, spec, record, num_threads or network_threads(),
+                                   providers, spin)
     on_gpu = session.get_providers()[0] == "CUDAExecutionProvider"
     return OnnxSegmenter(session, spec, info["classes"],
                          PredictParams.from_dict(info["default_params"]),

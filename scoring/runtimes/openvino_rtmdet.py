@@ -27,6 +27,7 @@ from scoring.runtimes.base import forward_batch_size
 from scoring.runtimes.onnx_rtmdet import (OnnxModelError, OnnxSegmenter, build_while_checking,
                                           check_session_fits, read_onnx_model, release_freed_heap)
 from scoring.schema import PredictParams
+from scoring.settings import network_threads
 
 # Our precision names -> OpenVINO's INFERENCE_PRECISION_HINT, and back.
 OPENVINO_PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
@@ -160,7 +161,7 @@ def load_openvino_segmenter(weights_dir_path: str | os.PathLike, batch_size: int
     wanted = requested_precision(precision)  # a bad name is refused before any work
     info, spec, onnx_path, record = read_onnx_model(weights_dir_path, onnx_file, info)
     compiled, used = build_while_checking(
-        onnx_path, record, lambda: compile_network(onnx_path, spec, wanted, num_threads))
+        onnx_path, record, lambda: compile_network(onnx_path, spec, wanted, num_threads or network_threads()))
     release_freed_heap()
     if not quiet:
         note = "" if wanted in ("auto", used) else " (bf16 asked for, but this CPU has no native bf16)"
