@@ -6,7 +6,7 @@ from typing import Callable
 import cv2
 import numpy as np
 
-from scoring.rle import encode as encode_rle
+from scoring.rle import encode_window as encode_rle_window
 from scoring.runtimes.base import ImageDetections
 from scoring.schema import OUTPUT_COLUMN, PredictParams, detection_record
 
@@ -68,7 +68,7 @@ def encode_detections(detections: ImageDetections, params: PredictParams,
                 mask_polygons(window.pixels, params.polygon_tolerance, window.offset),
                 detections.image_size)
         elif params.mask_format == "rle":
-            rle = encode_rle(window.full())
+            rle = encode_rle_window(window.pixels, window.offset, window.image_hw)
         records.append(
             detection_record(
                 detections.boxes[i],

@@ -35,9 +35,25 @@ def encode(mask: np.ndarray) -> dict:
     return {"size": [int(height), int(width)], "counts": counts_string(run_lengths(mask))}
 
 
-def run_lengths(mask: np.ndarray) -> np.ndarray:
-    """The uncompressed COCO counts (int64) of a 2-D mask, column-major, 0-runs first."""
-    height, width = mask.shape
+def encode_window(pixels: np.ndarray, offset: tuple[int, int], image_hw: tuple[int, int]) -> dict:
+    """``encode`` of the picture-size mask that is all 0 but for ``pixels`` placed with its
+    top-left corner at ``offset`` (x, y): the same dict, without making the picture-size mask
+    (a detection's mask window, scoring.runtimes.masks.MaskWindow)."""
+    height, width = image_hw
+    return {"size": [int(height), int(width)],
+            "counts": counts_string(run_lengths(pixels, offset, image_hw))}
+
+
+def run_lengths(mask: np.ndarray, offset: tuple[int, int] = (0, 0),
+                image_hw: tuple[int, int] | None = None) -> np.ndarray:
+    """The uncompressed COCO counts (int64) of a 2-D mask, column-major, 0-runs first; with
+    ``offset`` and ``image_hw``, of ``mask`` placed at ``offset`` (x, y) in an otherwise empty
+    mask of that size."""
+    height, width = mask.shape if image_hw is None else image_hw
+    x0, y0 = offset
+    if x0 < 0 or y0 < 0 or x0 + mask.shape[1] > width or y0 + mask.shape[0] > height:
+        raise ValueError(f"a {mask.shape[1]}x{mask.shape[0]} window at {offset} does not fit a "
+                         f"{width}x{height} mask")
     total = height * width
     pixels = (mask if mask.dtype == bool else mask != 0).view(np.uint8)
     rows = np.flatnonzero(pixels.any(axis=1))
@@ -54,7 +70,7 @@ def run_lengths(mask: np.ndarray) -> np.ndarray:
     padded = cv2.copyMakeBorder(cv2.transpose(box), 0, 0, 1, 1, cv2.BORDER_CONSTANT, value=0).ravel()
     changes = np.flatnonzero(padded[1:] != padded[:-1]) + 1
     column, row = np.divmod(changes, stride)
-    at = (column + left) * height + (row - 1 + top)  # column-major index in the full mask
+    at = (column + left + x0) * height + (row - 1 + top + y0)  # column-major index in the full mask
     starts, ends = at[0::2], at[1::2]
     # A run that ends at the bottom of one column and one that starts at the top of the next
     # are one run in column-major order (only when the box spans every row).

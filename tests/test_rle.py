@@ -105,3 +105,23 @@ def test_decode_refuses_what_is_not_an_rle():
         rle.decode({"size": [2, 2], "counts": "P"})
     with pytest.raises(ValueError, match="2-D"):
         rle.encode(np.zeros((2, 2, 1), bool))
+
+
+def test_a_window_encodes_as_the_picture_size_mask_it_stands_for():
+    """Answers encode each detection's mask window without pasting it into a picture-size mask
+    (work in proportion to the object, issue 19): the string is the full mask's, byte for byte,
+    wherever the window sits (corners, whole columns, a single pixel, empty)."""
+    rng = np.random.default_rng(3)
+    height, width = 37, 53
+    cases = [((0, 0), (37, 53)), ((0, 0), (5, 7)), ((46, 30), (7, 7)), ((10, 0), (37, 4)),
+             ((52, 36), (1, 1)), ((3, 4), (9, 11))]
+    for (x0, y0), (h, w) in cases:
+        for density in (0.0, 0.3, 1.0):
+            pixels = rng.random((h, w)) < density
+            full = np.zeros((height, width), bool)
+            full[y0:y0 + h, x0:x0 + w] = pixels
+            want = mask_util.encode(np.asfortranarray(full.astype(np.uint8)))
+            got = rle.encode_window(pixels, (x0, y0), (height, width))
+            assert got == {"size": want["size"], "counts": want["counts"].decode()}, ((x0, y0), (h, w))
+    with pytest.raises(ValueError, match="does not fit"):
+        rle.encode_window(np.ones((5, 5), bool), (50, 0), (height, width))
