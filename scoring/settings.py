@@ -39,6 +39,15 @@ def _precision(text: str) -> str:
     return name
 
 
+def _cells(text: str) -> float | None:
+    if text.lower() == "none":
+        return None
+    value = float(text)
+    if not 0 <= value <= 1000:
+        raise ValueError("a number of cells from 0 to 1000, or none")
+    return value
+
+
 def _names(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
@@ -79,6 +88,12 @@ NUM_THREADS = Setting("NUM_THREADS", None, int, "CPU threads of the network's pa
                       "openvino runtimes (default: OMP_NUM_THREADS when set, which Spark sets to each "
                       "task's cores and torch follows, else the runtime's own choice: every core)",
                       "serving, predict, evaluate, batch, Spark (onnx and openvino models)")
+MASK_BOX_MARGIN = Setting("MASK_BOX_MARGIN", None, _cells, "cut each detection's mask to its box "
+                          "grown by this many cells of the mask logits (a cell is the mask "
+                          "head's stride in network-input pixels, scaled to the picture), e.g. 4: mask work in proportion to the box "
+                          "even where a model's masks spread over the picture (untrained or poorly "
+                          "trained models); none (default): masks exactly as mmdet makes them, over "
+                          "the window where they can be set", "serving, predict, evaluate, batch")
 MAX_IMAGE_PIXELS = Setting("MAX_IMAGE_PIXELS", 50_000_000, int, "largest image accepted, in "
                            "pixels (width x height), checked before decoding", "every input")
 MAX_ROWS = Setting("MAX_ROWS", 64, int, "most images one request may carry (400 above it); "
@@ -120,7 +135,7 @@ CHECKPOINT_MIRROR = Setting("CHECKPOINT_MIRROR", None, str, "a server laid out l
 DOWNLOAD_TIMEOUT = Setting("DOWNLOAD_TIMEOUT", 20.0, float, "seconds to wait for a checkpoint "
                            "server to answer", "package, finetune")
 
-SETTINGS = (DEVICE, BATCH_SIZE, PRECISION, NUM_THREADS, MAX_IMAGE_PIXELS, MAX_ROWS, MAX_MASK_PIXELS, REQUEST_TIMEOUT,
+SETTINGS = (DEVICE, BATCH_SIZE, PRECISION, NUM_THREADS, MASK_BOX_MARGIN, MAX_IMAGE_PIXELS, MAX_ROWS, MAX_MASK_PIXELS, REQUEST_TIMEOUT,
             MAX_REQUEST_BYTES, MAX_DOWNLOAD_BYTES, FETCH_TIMEOUT, FETCH_CONNECT_TIMEOUT,
             FETCH_TOTAL_TIMEOUT, FETCH_REQUEST_BUDGET, FETCH_MAX_REDIRECTS,
             URL_ALLOWLIST, BATCH_PARAMS, BATCH_INPUT_ROOT, CACHE, CHECKPOINT_MIRROR,

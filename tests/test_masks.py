@@ -297,3 +297,38 @@ def test_windowed_masks_equal_the_exact_ones(width, height):
     rows, cols = exact.shape[1:]
     assert rows >= height - 2 and cols >= width - 2
     assert np.array_equal(windowed[:, :rows, :cols], exact)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_model_dir", "tiny_onnx_model_dir"])
+def test_the_box_margin_setting_cuts_a_served_models_masks_to_their_boxes(request, monkeypatch, fixture):
+    """MMDET_MLFLOW_MASK_BOX_MARGIN=4 (cells) bounds each mask of a loaded model by its box grown
+    by 4 cells (the untrained test model's masks spread over the picture: here they are cut),
+    and leaves them exactly as they are inside that window; unset, masks are mmdet's; a value
+    that is not a number of cells is refused at load, naming the variable."""
+    from helpers import scene_image
+    from scoring.runtimes import load_segmenter
+    from scoring.settings import SettingError
+
+    folder = request.getfixturevalue(fixture) / "model"
+    image = scene_image(640, 480, 3)
+    exact = load_segmenter(folder, device="cpu")
+    monkeypatch.setenv("MMDET_MLFLOW_MASK_BOX_MARGIN", "4")
+    cut = load_segmenter(folder, device="cpu")
+    assert (exact.mask_box_margin, cut.mask_box_margin) == (None, 4.0)
+    params = exact.default_params
+    want, got = exact([image], params)[0], cut([image], params)[0]
+    assert np.array_equal(want.boxes, got.boxes) and len(want) > 0
+    geometry = geometry_for(image.shape[1], image.shape[0], exact.input_scale)
+    outside = 0
+    for i, (whole, window) in enumerate(zip(want.masks.iter_masks(params.mask_threshold),
+                                            got.masks.iter_windows(params.mask_threshold))):
+        x0, y0, x1, y1 = geometry.box_window(want.boxes[i], 4)
+        full = window.full()
+        assert not full[:y0].any() and not full[y1:].any()
+        assert not full[:, :x0].any() and not full[:, x1:].any()
+        assert np.array_equal(full[y0:y1, x0:x1], whole[y0:y1, x0:x1])
+        outside += int(whole.sum() - whole[y0:y1, x0:x1].sum())
+    assert outside > 0  # the untrained model's masks do reach past their boxes: the cut did work
+    monkeypatch.setenv("MMDET_MLFLOW_MASK_BOX_MARGIN", "four")
+    with pytest.raises(SettingError, match="MMDET_MLFLOW_MASK_BOX_MARGIN"):
+        load_segmenter(folder, device="cpu")

@@ -41,6 +41,11 @@ def load_segmenter(weights_dir: str | os.PathLike, device: str | None = None,
     from scoring.families import family_of
     from scoring.model_dir import WeightsDir
 
+    from scoring.settings import MASK_BOX_MARGIN
+
+    margin = MASK_BOX_MARGIN.value()  # a bad value is refused before the model loads
     info = WeightsDir(weights_dir).read_info()
     load = family_of(info).segmenter_loader(runtime_of(info))
-    return load(weights_dir, info=info, device=device, batch_size=batch_size)
+    segmenter = load(weights_dir, info=info, device=device, batch_size=batch_size)
+    segmenter.mask_box_margin = margin
+    return segmenter
