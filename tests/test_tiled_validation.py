@@ -6,6 +6,10 @@ loop, one whole picture each."""
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +19,8 @@ from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 
 from helpers import TINY, make_official_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
 
 from mmdet_mlflow.synth import CLASSES, generate
 from mmdet_mlflow.training import FinetuneSettings, finetune
@@ -146,3 +152,29 @@ def test_an_untiled_finetune_validates_whole_pictures_as_before(large, start, tm
     assert plain.val_cfg == dict(type="ValLoop")
     assert tiled.val_cfg == dict(type="TiledValLoop",
                                  tiling={"tile_grid_size": "3x2", "tile_overlap_ratio": 0.25})
+
+
+def test_under_torchrun_each_process_validates_its_share_tiled(start, tmp_path):
+    """Two processes (DDP, gloo): each scores its half of the validation pictures with tiled
+    inference (rank 0's bar counts its 1 of 2), the metric gathers both."""
+    data = tmp_path / "fridge"
+    generate(data, num_images=10, seed=3, progress=False)  # 8 training, 2 validation pictures
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "mmdet_mlflow.cli", "finetune", "--config", TINY, "--checkpoint", str(start),
+               "--training-data", str(data / "train.jsonl"),
+               "--validation-data", str(data / "validation.jsonl"), "--output", str(out),
+               "--max-steps", "2", "--training-batch-size", "2", "--validation-batch-size", "2",
+               "--image-size", "128", "--warmup-steps", "1", "--learning-rate", "0.00001",
+               "--tile-grid-size", "2x2", "--no-tracking"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert re.search(r"validation: +100%.*\| 1/1 ", done.stderr), done.stderr[-4000:]
+    epochs = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()
+              if json.loads(line)["kind"] == "epoch"]
+    assert len(epochs) == 1 and {"mean_average_precision", "segm_AP", "recall"} <= set(epochs[0])
+    found = re.findall(r"segm \((\d+) predictions\)", (out / "evaluation.log").read_text())
+    assert len(found) == 1 and int(found[0]) > 0
+    assert json.loads((out / "pytorch_model_folder" / "model.json").read_text())["classes"] == CLASSES
