@@ -97,7 +97,7 @@ def test_a_finetune_on_tiles_validates_with_tiled_inference(large, start, tmp_pa
     assert [e["epoch"] for e in result.epochs] == [1] and result.best["epoch"] == 1
     assert {"mean_average_precision", "segm_AP", "bbox_AP", "recall"} <= set(result.epochs[0])
     assert watch.head_left_as_it_was == [True]
-    assert "validation" in capfd.readouterr().err  # its progress bar
+    assert re.search(r"validation: +100%.*\| 1/1 ", capfd.readouterr().err)  # its progress bar
 
     # The network saw the validation picture whole and as its 4 tiles, 2 a pass (batch 2):
     # 3 passes of (2, 2, 1) pictures at the 128-pixel input.
