@@ -32,7 +32,8 @@ SETTING_HELPS = {
     "seed": "random seed",
     "tile_grid_size": "AutoML's tiling for small objects in large pictures: \"MxN\" (columns x rows, "
                       "e.g. 3x2) cuts every training picture into these tiles, trained on with the "
-                      "whole pictures (docs/finetune.md); unset: no tiles",
+                      "whole pictures, and validation scores tiled inference (docs/finetune.md); "
+                      "unset: no tiles",
     "tile_overlap_ratio": "with --tile-grid-size: the overlap of adjacent tiles, 0 <= r < 1",
 }
 

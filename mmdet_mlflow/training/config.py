@@ -119,7 +119,9 @@ def build_config(start: StartingPoint, data: PreparedData, settings: FinetuneSet
 
     cfg.train_cfg = dict(type="StepLimitedEpochTrainLoop", max_epochs=epochs,
                          max_steps=settings.max_steps, val_interval=int(settings.evaluation_frequency))
-    cfg.val_cfg = dict(type="ValLoop")
+    tiling = settings.inference_tiling()
+    # A fine-tune on tiles is validated as its model will answer: tiled (training.tiled_validation).
+    cfg.val_cfg = dict(type="TiledValLoop", tiling=tiling) if tiling else dict(type="ValLoop")
     cfg.test_cfg = dict(type="TestLoop")
     amp = str(settings.precision) == "16" and device == "cuda"
     cfg.optim_wrapper = dict(

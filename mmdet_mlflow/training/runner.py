@@ -2,7 +2,8 @@
 that honours ``max_steps``, and checkpoints that ``torch.load(weights_only=True)`` can read.
 
 None of them touches the training step: the step is mmengine's and mmdet's own. Importing this
-module registers the loop with mmengine (and the validation metric with mmdet).
+module registers the loops with mmengine (this one and the tiled validation's,
+training.tiled_validation) and the validation metric with mmdet.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from mmengine.registry import LOOPS
 from mmengine.runner import EpochBasedTrainLoop, Runner
 
 from mmdet_mlflow.training.validation import ValidationMetric  # noqa: F401  (registers it with mmdet)
+from mmdet_mlflow.training.tiled_validation import TiledValLoop  # noqa: F401  (registers it with mmengine)
 from mmdet_mlflow.training.start import StartingPoint, adapt_weights
 from scoring.families import family_of_config
 

@@ -155,6 +155,17 @@ def step_seconds(runner) -> float | None:
     return float(runner.message_hub.get_scalar("train/time").current())
 
 
+def _validation_pictures(runner) -> int | None:
+    """The pictures this process validates (its sampler's share; None when unknown)."""
+    loader = runner.val_dataloader
+    for part in (getattr(loader, "sampler", None), getattr(loader, "dataset", None)):
+        try:
+            return len(part)
+        except TypeError:
+            continue
+    return None
+
+
 def mean_step_time(times: list[float], skip: int = 2) -> float | None:
     """Mean step time without the first ``skip`` steps (data loader and allocator warm-up)."""
     kept = times[skip:] if len(times) > skip else times
@@ -177,6 +188,7 @@ class TrainingMonitorHook(Hook):
         self.epochs: list[dict] = []
         self.step_times: list[float] = []
         self._bar = None
+        self._validation_bar = None
         self._history = None
         self._quiet = None
         self._captured = None
@@ -245,6 +257,21 @@ class TrainingMonitorHook(Hook):
         self._captured = io.StringIO()
         self._quiet = contextlib.redirect_stdout(self._captured)
         self._quiet.__enter__()
+        # Validation takes a while (tiled: tiles + 1 network passes a picture): its own bar,
+        # under the training one, counting this process's share of the pictures.
+        self._validation_bar = tqdm(total=_validation_pictures(runner), desc="validation", unit="img",
+                                    file=sys.stderr, dynamic_ncols=True, leave=False,
+                                    disable=not self.progress)
+
+    def after_val_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
+        if self._validation_bar is not None:
+            samples = data_batch.get("data_samples") if isinstance(data_batch, dict) else None
+            self._validation_bar.update(len(samples) if samples is not None else 1)
+
+    def _close_validation_bar(self) -> None:
+        if self._validation_bar is not None:
+            self._validation_bar.close()
+            self._validation_bar = None
 
     def _end_capture(self, runner) -> None:
         if self._quiet is None:
@@ -256,6 +283,7 @@ class TrainingMonitorHook(Hook):
             log.write(f"== {where}\n{self._captured.getvalue()}")
 
     def after_val_epoch(self, runner, metrics=None) -> None:
+        self._close_validation_bar()
         self._end_capture(runner)
         metrics = metrics or {}
         named = {name: float(metrics[validation_key(name)]) for name in VALIDATION_METRICS
@@ -277,6 +305,7 @@ class TrainingMonitorHook(Hook):
     def close(self) -> None:
         """Give stdout back, close the bar and the history file (also after a failure)."""
         self._end_capture(None)
+        self._close_validation_bar()
         if self._bar is not None:
             self._bar.close()
             self._bar = None

@@ -15,6 +15,7 @@ Only a model whose ``model.json`` names the torch runtime imports this module (a
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import types
 from typing import Iterator, Sequence
@@ -222,6 +223,27 @@ def load_torch_segmenter(weights_dir, device: str | None = None, batch_size: int
                           batch_size=batch_size or forward_batch_size(info, on_gpu))
 
 
+@contextlib.contextmanager
+def borrowed_segmenter(detector, config, class_names: Sequence[str], default_params: PredictParams,
+                       batch_size: int) -> Iterator["TorchSegmenter"]:
+    """A TorchSegmenter around a detector that stays its owner's, such as a network in the
+    middle of its fine-tune, validated between epochs as its saved model will answer
+    (``config``: the config the model is saved with, whose test pipeline that model will use).
+    While lent the detector is in eval mode; afterwards it is as it was: its mode, and its head
+    without the deferred-mask post-processing the segmenter puts on it."""
+    head = detector.bbox_head
+    had_own = "_bbox_mask_post_process" in vars(head)
+    was_training = detector.training
+    detector.eval()
+    try:
+        yield TorchSegmenter(detector, class_names, default_params, batch_size=batch_size,
+                             config=config)
+    finally:
+        if not had_own:
+            vars(head).pop("_bbox_mask_post_process", None)
+        detector.train(was_training)
+
+
 # --- the three steps ---------------------------------------------------------------------------
 
 class TorchSegmenter(Segmenter):
@@ -231,7 +253,9 @@ class TorchSegmenter(Segmenter):
     runtime = "torch"
 
     def __init__(self, detector, class_names: Sequence[str], default_params: PredictParams,
-                 batch_size: int = 8):
+                 batch_size: int = 8, config=None):
+        """``config``: the mmengine config whose test pipeline prepares the pictures (default:
+        the detector's own ``cfg``, which ``build_detector`` sets)."""
         from mmcv.transforms import Compose
         from mmdet.utils import get_test_pipeline_cfg
         from mmengine.registry import init_default_scope
@@ -241,7 +265,8 @@ class TorchSegmenter(Segmenter):
         self.class_names = list(class_names)
         self.default_params = default_params
         self.batch_size = batch_size
-        steps = [s for s in copy.deepcopy(get_test_pipeline_cfg(detector.cfg))
+        steps = [s for s in copy.deepcopy(get_test_pipeline_cfg(
+                 detector.cfg if config is None else config))
                  if "LoadAnnotations" not in s["type"]]  # nothing to annotate at inference
         steps[0]["type"] = "mmdet.LoadImageFromNDArray"  # as mmdet's inference_detector does
         resize = next((s for s in steps if s["type"].split(".")[-1] == "Resize" and s.get("keep_ratio")), None)
