@@ -110,7 +110,7 @@ def run_model(name: str, work: Path, args, images) -> None:
     import torch
 
     import mlflow_model
-    from mlflow_model import MMDetPyfuncModel
+    from scoring.pyfunc import MMDetPyfuncModel
     from scoring.runtimes.onnx_rtmdet import load_onnx_segmenter
 
     threads = torch.get_num_threads()

@@ -22,16 +22,3 @@ def box_iou(a: Box, b: Box) -> float:
     inter = intersection(a, b)
     union = area(a) + area(b) - inter
     return inter / union if union > 0 else 0.0
-
-
-def overlap_of_smaller(a: Box, b: Box) -> float:
-    """The share of the smaller box that lies in both (1 when one holds the other)."""
-    smaller = min(area(a), area(b))
-    return intersection(a, b) / smaller if smaller > 0 else 0.0
-
-
-def span_iou(a0: float, a1: float, b0: float, b1: float) -> float:
-    """IoU of two intervals [a0, a1] and [b0, b1]."""
-    inter = max(0.0, min(a1, b1) - max(a0, b0))
-    union = max(a1, b1) - min(a0, b0)
-    return inter / union if union > 0 else 0.0

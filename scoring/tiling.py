@@ -8,18 +8,24 @@ Why the whole picture too: an object larger than a tile is cut by every tile tha
 the whole picture (shrunk to the network's input) still sees it whole; small objects, which the
 shrunk picture loses, are found whole in a tile.
 
-The merge (``merge_tiles``), per class (across classes with ``class_agnostic_nms``):
+The merge (``merge_tiles``), per class (across classes with ``class_agnostic_nms``), is a
+non-maximum suppression that knows about cuts:
 
 - a tile's detection whose box touches an inner tile border (one that is not the picture's own
   edge) may be a piece of an object the border cut: it is *cut*;
-- candidates are taken whole ones first, then cut ones, each by score; a candidate joins the
-  first group it overlaps: whole with whole at IoU > ``tile_predictions_nms_thresh`` (AutoML's
-  NMS), a cut piece with anything when most of the smaller box lies in the other
-  (intersection over the smaller area >= ``PIECE_OVERLAP``), or two cut pieces of one object
-  across a border (their boxes intersect and span the same rows or columns);
-- a group is one object: the score and label of its best piece; the box and mask of its best
-  whole detection, or, when every piece is cut (the whole picture missed it too), the union of
-  the pieces' boxes and masks.
+- candidates are taken whole ones first, then cut ones, each by score; each either starts a
+  group (an object) or joins the first group whose *keeper* (its first, best whole or best cut
+  detection) it matches; it is never compared with the other members, so groups cannot chain
+  (a low-score box joining neighbouring objects into one);
+- whole with a whole keeper: IoU > ``tile_predictions_nms_thresh`` (AutoML's NMS);
+- a cut piece with a whole keeper: the keeper's box, clipped to the piece's tile, is what that
+  tile would see of the object: IoU >= ``PIECE_IOU`` with the piece's box;
+- a cut piece with a group of cut pieces (no source saw the object whole): pieces of one object
+  from two tiles agree where both tiles see it, so their boxes clipped to the two tiles' overlap
+  match (IoU >= ``PIECE_IOU``); each tile adds its best piece, a second piece of a tile that
+  already has one is a duplicate when their IoU > ``tile_predictions_nms_thresh``;
+- a group is one object: the score and label of its best member; the keeper's box and mask
+  when it is whole, else the union of the pieces' boxes and masks (one per tile).
 
 Masks stay lazy (the ``MaskSource`` contract): a group's mask is made when the encoder asks for
 it, from its pieces' windows (``MaskWindow``) moved into the picture, never a full-size mask per
@@ -32,21 +38,18 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from scoring.boxes import box_iou, intersection, overlap_of_smaller, span_iou
+from scoring.boxes import box_iou
 from scoring.runtimes.base import ImageDetections, Segmenter
 from scoring.runtimes.masks import MaskWindow
 from scoring.schema import PredictParams
 from scoring.tiles import tile_rectangles
 
-# A cut piece belongs to an object when at least this share of the smaller of the two boxes
-# lies in both.
-PIECE_OVERLAP = 0.6
+# A cut piece is part of an object when its box and the object's box (or another piece's),
+# clipped to where both are seen, have at least this IoU.
+PIECE_IOU = 0.5
 # Pixels from an inner tile border within which a box counts as touching it (boxes are floats,
 # and a cut object's box ends at the tile's last pixel or a little short of it).
 BORDER_PIXELS = 2.0
-# Two cut pieces across a border span the same rows (columns) when the 1-D IoU of those spans
-# is at least this.
-SPAN_OVERLAP = 0.5
 
 
 def tiles_for(image_hw: tuple[int, int], params: PredictParams) -> list[tuple[int, int, int, int]]:
@@ -80,28 +83,59 @@ class _Candidate:
     score: float
     label: int
     cut: bool
+    tile: tuple[int, int, int, int]  # its source's rectangle in the picture
 
 
 @dataclass
 class _Group:
+    keeper: _Candidate
     members: list[_Candidate] = field(default_factory=list)
+    pieces: dict[int, _Candidate] = field(default_factory=dict)  # source -> its piece (cut keeper)
+
+    @classmethod
+    def start(cls, candidate: _Candidate) -> "_Group":
+        group = cls(candidate, [candidate])
+        if candidate.cut:
+            group.pieces[candidate.source] = candidate
+        return group
 
     @property
     def best(self) -> _Candidate:
         return max(self.members, key=lambda c: c.score)
 
-    @property
-    def whole(self) -> _Candidate | None:
-        return next((c for c in self.members if not c.cut), None)
+    def anchors(self) -> list[_Candidate]:
+        """The members a candidate is compared with: the keeper, and each tile's piece."""
+        return list(self.pieces.values()) if self.keeper.cut else [self.keeper]
 
     def box(self) -> np.ndarray:
-        if self.whole is not None:
-            return self.whole.box
-        boxes = np.stack([c.box for c in self.members])
+        if not self.keeper.cut:
+            return self.keeper.box
+        boxes = np.stack([c.box for c in self.pieces.values()])
         return np.concatenate([boxes[:, :2].min(axis=0), boxes[:, 2:].max(axis=0)])
 
     def mask_members(self) -> list[_Candidate]:
-        return [self.whole] if self.whole is not None else list(self.members)
+        return self.anchors()
+
+    def take(self, candidate: _Candidate, params: PredictParams) -> bool:
+        """Whether ``candidate`` is this object (then it joins: a piece from a new tile of an
+        object seen only in pieces adds its box and mask)."""
+        if not params.class_agnostic_nms and candidate.label != self.keeper.label:
+            return False
+        keeper = self.keeper
+        if not candidate.cut:  # wholes come first: the keeper is whole too
+            joins = box_iou(candidate.box, keeper.box) > params.tile_predictions_nms_thresh
+        elif not keeper.cut:
+            joins = box_iou(candidate.box, _clip(keeper.box, candidate.tile)) >= PIECE_IOU
+        elif candidate.source in self.pieces:
+            joins = (box_iou(candidate.box, self.pieces[candidate.source].box)
+                     > params.tile_predictions_nms_thresh)
+        else:
+            joins = any(_same_cut_object(candidate, piece) for piece in self.pieces.values())
+            if joins:
+                self.pieces[candidate.source] = candidate
+        if joins:
+            self.members.append(candidate)
+        return joins
 
 
 def merge_tiles(detections: Sequence[ImageDetections], sources: Sequence[tuple[int, int, int, int]],
@@ -117,26 +151,31 @@ def merge_tiles(detections: Sequence[ImageDetections], sources: Sequence[tuple[i
         for i in range(len(found)):
             box = np.asarray(found.boxes[i], np.float64) + (x0, y0, x0, y0)
             candidates.append(_Candidate(source, i, box, float(found.scores[i]), int(found.labels[i]),
-                                         cut=_touches(box, inner)))
+                                         cut=_touches(box, inner), tile=tuple(rect)))
     candidates.sort(key=lambda c: (c.cut, -c.score))
     groups: list[_Group] = []
-    # Every way of joining a group needs a member whose box intersects the candidate's, so only
-    # those groups are tried (in the order they were made, as before): at a low score threshold
-    # 17 sources give ~1700 candidates, and trying every group took seconds a picture.
-    member_boxes = np.empty((len(candidates), 4), np.float64)
-    member_group = np.empty(len(candidates), np.int64)
-    for count, candidate in enumerate(candidates):
-        box, seen = candidate.box, member_boxes[:count]
+    # Every way of joining a group needs an anchor (keeper or piece) whose box intersects the
+    # candidate's, so only those groups are tried, in the order they were made: at a low score
+    # threshold 26 sources give thousands of candidates.
+    anchor_boxes = np.empty((2 * len(candidates), 4), np.float64)
+    anchor_group = np.empty(2 * len(candidates), np.int64)
+    anchors = 0
+    for candidate in candidates:
+        box, seen = candidate.box, anchor_boxes[:anchors]
         meets = ((np.minimum(seen[:, 2], box[2]) > np.maximum(seen[:, 0], box[0]))
                  & (np.minimum(seen[:, 3], box[3]) > np.maximum(seen[:, 1], box[1])))
-        index = next((int(g) for g in np.unique(member_group[:count][meets])
-                      if _same_object(candidate, groups[g], params)), None)
-        if index is None:
-            index = len(groups)
-            groups.append(_Group([candidate]))
-        else:
-            groups[index].members.append(candidate)
-        member_boxes[count], member_group[count] = box, index
+        joined = next((int(g) for g in np.unique(anchor_group[:anchors][meets])
+                       if groups[g].take(candidate, params)), None)
+        if joined is None:
+            joined = len(groups)
+            groups.append(_Group.start(candidate))
+        elif groups[joined].pieces.get(candidate.source) is not candidate:
+            continue  # a duplicate: no new anchor
+        if anchors == len(anchor_boxes):
+            anchor_boxes = np.concatenate([anchor_boxes, anchor_boxes])
+            anchor_group = np.concatenate([anchor_group, anchor_group])
+        anchor_boxes[anchors], anchor_group[anchors] = box, joined
+        anchors += 1
     groups.sort(key=lambda g: -g.best.score)
     groups = groups[:params.max_detections]
     class_names = detections[0].class_names if detections else []
@@ -166,27 +205,20 @@ def _touches(box: np.ndarray, inner: tuple[float | None, ...]) -> bool:
             or (bottom is not None and box[3] >= bottom - BORDER_PIXELS))
 
 
-def _same_object(candidate: _Candidate, group: _Group, params: PredictParams) -> bool:
-    if not params.class_agnostic_nms and candidate.label != group.members[0].label:
-        return False
-    for member in group.members:
-        if not (candidate.cut or member.cut):
-            if box_iou(candidate.box, member.box) > params.tile_predictions_nms_thresh:
-                return True
-        elif overlap_of_smaller(candidate.box, member.box) >= PIECE_OVERLAP:
-            return True
-        elif candidate.cut and member.cut and _pieces_across_a_border(candidate.box, member.box):
-            return True
-    return False
+def _clip(box: np.ndarray, rect) -> np.ndarray:
+    x0, y0, x1, y1 = rect
+    return np.array([min(max(box[0], x0), x1), min(max(box[1], y0), y1),
+                     min(max(box[2], x0), x1), min(max(box[3], y0), y1)])
 
 
-def _pieces_across_a_border(a: np.ndarray, b: np.ndarray) -> bool:
-    """Two pieces of one object a border cut: they meet (their boxes intersect, in the tiles'
-    overlap) and span about the same rows (a vertical cut) or columns (a horizontal one)."""
-    if intersection(a, b) <= 0:
+def _same_cut_object(a: _Candidate, b: _Candidate) -> bool:
+    """Two pieces from two tiles are one object when they agree where both tiles see it: their
+    boxes clipped to the tiles' overlap match."""
+    both = (max(a.tile[0], b.tile[0]), max(a.tile[1], b.tile[1]),
+            min(a.tile[2], b.tile[2]), min(a.tile[3], b.tile[3]))
+    if both[2] <= both[0] or both[3] <= both[1]:
         return False
-    return (span_iou(a[1], a[3], b[1], b[3]) >= SPAN_OVERLAP
-            or span_iou(a[0], a[2], b[0], b[2]) >= SPAN_OVERLAP)
+    return box_iou(_clip(a.box, both), _clip(b.box, both)) >= PIECE_IOU
 
 
 class TiledMasks:

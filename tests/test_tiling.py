@@ -102,6 +102,34 @@ def test_an_object_only_seen_in_pieces_is_their_union():
     np.testing.assert_allclose(merged.boxes[0], whole_object)
 
 
+def test_a_piece_inside_a_larger_box_of_something_else_stays_its_own_object():
+    """The shrunk whole picture sees one large box over a group of objects (as a coarse pass
+    does); a tile finds a small object cut by its border inside that box. The piece is not what
+    the large box looks like from its tile, so it stays an object of its own."""
+    coarse = (100, 20, 380, 190)
+    small = (200, 80, 240, 130)  # cut by the left tile's right border at 229
+    left, right = sources()[1], sources()[2]
+    merged = merge_tiles([found(PICTURE_HW, [coarse], [0.6], [0]),
+                          found((200, 229), [crop_box(small, left)], [0.5], [0]),
+                          found((200, 229), [crop_box(small, right)], [0.4], [0])],
+                         sources(), PICTURE_HW, PARAMS)
+    assert len(merged) == 2
+    np.testing.assert_allclose(merged.boxes[1], small)  # the two pieces, joined
+
+
+def test_neighbours_are_not_chained_into_one_object_by_boxes_between_them():
+    """Each candidate is compared with a group's keeper only: a low-score box overlapping two
+    neighbouring objects joins at most one of them and never merges the two."""
+    a, b = (20, 20, 80, 120), (90, 20, 150, 120)
+    between = (50, 20, 120, 120)  # IoU 0.27 with a and with b
+    merged = merge_tiles([found(PICTURE_HW, [], [], []),
+                          found((200, 229), [a, b, between], [0.9, 0.8, 0.2], [0, 0, 0]),
+                          found((200, 229), [], [], [])],
+                         sources(), PICTURE_HW, PARAMS)
+    assert len(merged) == 2
+    np.testing.assert_allclose(merged.boxes, [a, b])
+
+
 def test_the_same_object_in_a_tile_and_in_the_whole_picture_is_one_detection():
     obj = (20, 20, 60, 70)
     merged = merge_tiles([found(PICTURE_HW, [obj], [0.5], [0]),
