@@ -66,7 +66,9 @@ def load_seconds(model: Path) -> float:
             "t = time.perf_counter(); mlflow_model.load_segmenter(ModelDir(%r).data.path); "
             "print(time.perf_counter() - t)" % str(model))
     seconds, out = timed([sys.executable, "-c", code])
-    return float(out.strip().splitlines()[-1])
+    # the last line that is a number (the OpenVINO runtime prints its precision on stderr)
+    return next(float(line) for line in reversed(out.strip().splitlines())
+                if re.fullmatch(r"[\d.eE+-]+", line.strip()))
 
 
 def main() -> None:

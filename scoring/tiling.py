@@ -13,7 +13,8 @@ non-maximum suppression that knows about cuts:
 
 - a tile's detection whose box touches an inner tile border (one that is not the picture's own
   edge) may be a piece of an object the border cut: it is *cut*;
-- candidates are taken whole ones first, then cut ones, each by score; each either starts a
+- candidates are taken whole ones first (a tile's before the whole picture's: finer), then cut
+  ones, each by score; each either starts a
   group (an object) or joins the first group whose *keeper* (its first, best whole or best cut
   detection) it matches; it is never compared with the other members, so groups cannot chain
   (a low-score box joining neighbouring objects into one);
@@ -25,7 +26,9 @@ non-maximum suppression that knows about cuts:
   match (IoU >= ``PIECE_IOU``); each tile adds its best piece, a second piece of a tile that
   already has one is a duplicate when their IoU > ``tile_predictions_nms_thresh``;
 - a group is one object: the score and label of its best member; the keeper's box and mask
-  when it is whole, else the union of the pieces' boxes and masks (one per tile).
+  when it is whole, else the union of the pieces' boxes and masks (one per tile); also when
+  only the shrunk whole picture saw it whole and its pieces in the tiles cover its box (IoU >=
+  ``COVER_IOU``): their masks are made at the tiles' finer scale.
 
 Masks stay lazy (the ``MaskSource`` contract): a group's mask is made when the encoder asks for
 it, from its pieces' windows (``MaskWindow``) moved into the picture, never a full-size mask per
@@ -47,6 +50,9 @@ from scoring.tiles import tile_rectangles
 # A cut piece is part of an object when its box and the object's box (or another piece's),
 # clipped to where both are seen, have at least this IoU.
 PIECE_IOU = 0.5
+# An object only the whole picture saw whole takes the union of its pieces' masks (finer) when
+# their boxes' union has at least this IoU with the whole picture's box.
+COVER_IOU = 0.5
 # Pixels from an inner tile border within which a box counts as touching it (boxes are floats,
 # and a cut object's box ends at the tile's last pixel or a little short of it).
 BORDER_PIXELS = 2.0
@@ -107,14 +113,23 @@ class _Group:
         """The members a candidate is compared with: the keeper, and each tile's piece."""
         return list(self.pieces.values()) if self.keeper.cut else [self.keeper]
 
+    def shape_members(self) -> list[_Candidate]:
+        """Whose box and mask the object gets: a whole keeper's; the union of the tiles' pieces
+        when no source saw it whole, or when only the shrunk whole picture did and the pieces
+        (made at the tiles' finer scale) cover about its box."""
+        if self.keeper.cut:
+            return list(self.pieces.values())
+        if self.keeper.source == 0 and self.pieces:
+            pieces = list(self.pieces.values())
+            if box_iou(_union_box(pieces), self.keeper.box) >= COVER_IOU:
+                return pieces
+        return [self.keeper]
+
     def box(self) -> np.ndarray:
-        if not self.keeper.cut:
-            return self.keeper.box
-        boxes = np.stack([c.box for c in self.pieces.values()])
-        return np.concatenate([boxes[:, :2].min(axis=0), boxes[:, 2:].max(axis=0)])
+        return _union_box(self.shape_members())
 
     def mask_members(self) -> list[_Candidate]:
-        return self.anchors()
+        return self.shape_members()
 
     def take(self, candidate: _Candidate, params: PredictParams) -> bool:
         """Whether ``candidate`` is this object (then it joins: a piece from a new tile of an
@@ -126,6 +141,8 @@ class _Group:
             joins = box_iou(candidate.box, keeper.box) > params.tile_predictions_nms_thresh
         elif not keeper.cut:
             joins = box_iou(candidate.box, _clip(keeper.box, candidate.tile)) >= PIECE_IOU
+            if joins and keeper.source == 0 and candidate.source not in self.pieces:
+                self.pieces[candidate.source] = candidate  # its best piece in this tile
         elif candidate.source in self.pieces:
             joins = (box_iou(candidate.box, self.pieces[candidate.source].box)
                      > params.tile_predictions_nms_thresh)
@@ -152,7 +169,9 @@ def merge_tiles(detections: Sequence[ImageDetections], sources: Sequence[tuple[i
             box = np.asarray(found.boxes[i], np.float64) + (x0, y0, x0, y0)
             candidates.append(_Candidate(source, i, box, float(found.scores[i]), int(found.labels[i]),
                                          cut=_touches(box, inner), tile=tuple(rect)))
-    candidates.sort(key=lambda c: (c.cut, -c.score))
+    # Wholes first, a tile's before the whole picture's (finer: its masks are made at several
+    # times the whole picture's scale), then cut pieces; each by score.
+    candidates.sort(key=lambda c: (c.cut, c.source == 0, -c.score))
     groups: list[_Group] = []
     # Every way of joining a group needs an anchor (keeper or piece) whose box intersects the
     # candidate's, so only those groups are tried, in the order they were made: at a low score
@@ -203,6 +222,11 @@ def _touches(box: np.ndarray, inner: tuple[float | None, ...]) -> bool:
             or (top is not None and box[1] <= top + BORDER_PIXELS)
             or (right is not None and box[2] >= right - BORDER_PIXELS)
             or (bottom is not None and box[3] >= bottom - BORDER_PIXELS))
+
+
+def _union_box(members: Sequence[_Candidate]) -> np.ndarray:
+    boxes = np.stack([c.box for c in members])
+    return np.concatenate([boxes[:, :2].min(axis=0), boxes[:, 2:].max(axis=0)])
 
 
 def _clip(box: np.ndarray, rect) -> np.ndarray:
