@@ -18,7 +18,9 @@ non-maximum suppression that knows about cuts:
   group (an object) or joins the first group whose *keeper* (its first, best whole or best cut
   detection) it matches; it is never compared with the other members, so groups cannot chain
   (a low-score box joining neighbouring objects into one);
-- whole with a whole keeper: IoU > ``tile_predictions_nms_thresh`` (AutoML's NMS);
+- whole with a whole keeper of another source: IoU > ``tile_predictions_nms_thresh`` (AutoML's
+  NMS across tiles; two detections of one source are two objects, as the model's own NMS
+  decided);
 - a cut piece with a whole keeper: the keeper's box, clipped to the piece's tile, is what that
   tile would see of the object: IoU >= ``PIECE_IOU`` with the piece's box;
 - a cut piece with a group of cut pieces (no source saw the object whole): pieces of one object
@@ -138,7 +140,9 @@ class _Group:
             return False
         keeper = self.keeper
         if not candidate.cut:  # wholes come first: the keeper is whole too
-            joins = box_iou(candidate.box, keeper.box) > params.tile_predictions_nms_thresh
+            # two of one source are two objects: the model's own NMS kept both
+            joins = (candidate.source != keeper.source
+                     and box_iou(candidate.box, keeper.box) > params.tile_predictions_nms_thresh)
         elif not keeper.cut:
             joins = box_iou(candidate.box, _clip(keeper.box, candidate.tile)) >= PIECE_IOU
             if joins and keeper.source == 0 and candidate.source not in self.pieces:

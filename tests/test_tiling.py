@@ -122,12 +122,19 @@ def test_neighbours_are_not_chained_into_one_object_by_boxes_between_them():
     neighbouring objects joins at most one of them and never merges the two."""
     a, b = (20, 20, 80, 120), (90, 20, 150, 120)
     between = (50, 20, 120, 120)  # IoU 0.27 with a and with b
-    merged = merge_tiles([found(PICTURE_HW, [], [], []),
-                          found((200, 229), [a, b, between], [0.9, 0.8, 0.2], [0, 0, 0]),
+    merged = merge_tiles([found(PICTURE_HW, [between], [0.2], [0]),
+                          found((200, 229), [a, b], [0.9, 0.8], [0, 0]),
                           found((200, 229), [], [], [])],
                          sources(), PICTURE_HW, PARAMS)
     assert len(merged) == 2
     np.testing.assert_allclose(merged.boxes, [a, b])
+    # two detections of one source are two objects (the model's own NMS kept both), however
+    # much they overlap
+    same_tile = merge_tiles([found(PICTURE_HW, [], [], []),
+                             found((200, 229), [a, between], [0.9, 0.2], [0, 0]),
+                             found((200, 229), [], [], [])],
+                            sources(), PICTURE_HW, PARAMS)
+    assert len(same_tile) == 2
 
 
 def test_the_same_object_in_a_tile_and_in_the_whole_picture_is_one_detection():
@@ -148,8 +155,8 @@ def test_separate_objects_and_other_classes_stay_apart():
                          sources(), PICTURE_HW, PARAMS)
     assert len(merged) == 3
     assert list(merged.scores) == pytest.approx([0.9, 0.7, 0.4])
-    agnostic = merge_tiles([found(PICTURE_HW, [], [], []),
-                            found((200, 229), [crop_box(a, sources()[1])] * 2, [0.9, 0.4], [0, 1]),
+    agnostic = merge_tiles([found(PICTURE_HW, [a], [0.4], [1]),
+                            found((200, 229), [crop_box(a, sources()[1])], [0.9], [0]),
                             found((200, 229), [], [], [])],
                            sources(), PICTURE_HW, PredictParams(tile_grid_size="2x1",
                                                                 class_agnostic_nms=True))
