@@ -309,7 +309,8 @@ def test_weights_adapt_to_new_classes_by_name(tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [
-    (dict(precision="8"), "precision must be 32 or 16"),
+    (dict(precision="8"), r"precision must be 32, 16 .*bf16.*auto .*got .8."),
+    (dict(precision="bfloat16"), r"precision must be .*bf16 \(CPU autocast\) or auto"),
     (dict(metric_for_best_model="precision"), "evaluation step"),
     (dict(image_min_size=320), "go together"),
     (dict(training_batch_size=0), "training_batch_size must be at least 1"),
