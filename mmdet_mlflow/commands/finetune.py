@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 
-from mmdet_mlflow.commands.args import add_dataclass_arguments, dataclass_values
+from mmdet_mlflow.commands.args import add_dataclass_arguments, boolean, dataclass_values
 from mmdet_mlflow.training import FinetuneError, FinetuneSettings, finetune, quick_cpu_recipe
 from mmdet_mlflow.precision_check import MAX_SEGM_MAP_DROP
 from scoring.runtimes import DEFAULT_RUNTIME, RUNTIMES
@@ -78,9 +78,11 @@ def add_parser(subparsers):
                    help="what serves the MLflow model: torch (mmdet), onnx (ONNX Runtime: needs none of "
                         "torch, mmcv, mmdet to serve; docs/onnx.md) or openvino (the same graph on "
                         "OpenVINO Runtime, bf16 where the serving CPU has it; docs/runtimes.md)")
-    p.add_argument("--accept-accuracy-drop", action="store_true",
+    p.add_argument("--accept-accuracy-drop", nargs="?", const=True, default=False, type=boolean,
+                   metavar="BOOL",
                    help=f"with --runtime openvino: write the MLflow model even when bf16 loses more "
-                        f"than {MAX_SEGM_MAP_DROP} segm mAP against fp32 on the validation data")
+                        f"than {MAX_SEGM_MAP_DROP} segm mAP against fp32 on the validation data "
+                        f"(alone, or true/false as Azure passes it)")
     p.add_argument("--recipe", choices=["quick-cpu"],
                    help="quick-cpu: the tiny model's from-scratch CPU recipe (explicit options override it)")
     p.add_argument("--no-tracking", dest="track", action="store_false", help="do not log to MLflow")

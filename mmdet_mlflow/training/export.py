@@ -14,7 +14,8 @@ def export_models(cfg, weights: dict, classes: list[str], pytorch_dir: Path, mlf
                   info: dict | None = None, runtime: str = "torch",
                   default_params: dict | None = None, gate_data: Path | None = None,
                   gate_data_name: str | None = None,
-                  accept_accuracy_drop: bool = False) -> tuple[Path, Path]:
+                  accept_accuracy_drop: bool = False,
+                  max_accuracy_drop: float | None = None) -> tuple[Path, Path]:
     """Write ``pytorch_dir`` (a weights folder: config.py, weights.pth as plain tensors,
     model.json) and ``mlflow_dir`` (our MLflow flavor, served by ``runtime``, answering with
     ``default_params`` unless a request says otherwise). An OpenVINO model passes
@@ -36,12 +37,13 @@ def export_models(cfg, weights: dict, classes: list[str], pytorch_dir: Path, mlf
     with publishing(mlflow_dir) as tmp:
         tmp.rmdir()  # save_model (or the gate's staging) creates the folder itself
         if runtime == "openvino" and gate_data is not None:
-            from mmdet_mlflow.precision_check import ImageSource, package_gated
+            from mmdet_mlflow.precision_check import MAX_SEGM_MAP_DROP, ImageSource, package_gated
 
             source = ImageSource.read(Path(gate_data))
             if gate_data_name:  # messages name the data the user gave, not our COCO copy
                 source = source._replace(path=Path(gate_data_name))
-            package_gated(tmp, save, source, accept_accuracy_drop)
+            package_gated(tmp, save, source, accept_accuracy_drop,
+                          MAX_SEGM_MAP_DROP if max_accuracy_drop is None else max_accuracy_drop)
         else:
             save(tmp)
     return pytorch_dir, mlflow_dir

@@ -47,7 +47,8 @@ def finetune(training_data, validation_data, output_dir, *, model=None, config=N
              mlflow_model_dir=None, pytorch_model_dir=None, device: str | None = None,
              track: bool = True, progress: bool = True, validate_data: bool = True,
              confine_images: bool = False, extra_hooks: Sequence = (),
-             runtime: str = "torch", accept_accuracy_drop: bool = False) -> FinetuneResult:
+             runtime: str = "torch", accept_accuracy_drop: bool = False,
+             max_accuracy_drop: float | None = None) -> FinetuneResult:
     """Fine-tune and export. Start from ``model`` (an MLflow model folder we saved, or a
     pytorch_model_folder) or ``config`` + ``checkpoint`` (path, URL, ``official``, or
     None/``"none"``: from scratch).
@@ -60,7 +61,8 @@ def finetune(training_data, validation_data, output_dir, *, model=None, config=N
     the pytorch_model_folder is written either way) or ``"openvino"`` (gated as ``package
     --runtime openvino`` is: bf16 measured against fp32 on the validation data, refused with
     AccuracyDropError when it loses more than 0.01 segm mAP unless ``accept_accuracy_drop``; the
-    pytorch_model_folder is written before the gate, so the training is not lost).
+    pytorch_model_folder is written before the gate, so the training is not lost);
+    ``max_accuracy_drop``: the gate's limit (default ``precision_check.MAX_SEGM_MAP_DROP``).
     ``settings.precision``: what training computes in (``training.precision``; "auto" is decided
     here, and the result, run.json and the MLflow run's ``training_precision`` tag say what ran)."""
     # torch, mmengine, mmdet and mlflow take seconds to import: loaded here, not with the
@@ -158,7 +160,8 @@ def finetune(training_data, validation_data, output_dir, *, model=None, config=N
                       training_precision=precision),
             default_params=settings.inference_tiling(),
             gate_data=out.validation_coco if runtime == "openvino" else None,
-            gate_data_name=str(validation_data), accept_accuracy_drop=accept_accuracy_drop)
+            gate_data_name=str(validation_data), accept_accuracy_drop=accept_accuracy_drop,
+            max_accuracy_drop=max_accuracy_drop)
         atomic_write_json(out.metrics, dict(epochs=result.epochs, best=result.best,
                                             metric_for_best_model=settings.metric_for_best_model))
         with _without_known_warnings():
