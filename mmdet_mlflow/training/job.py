@@ -178,9 +178,11 @@ def _export_or_explain(export_models, pytorch_model_dir: Path, *args, **kwargs):
         return export_models(*args, **kwargs)
     except AccuracyDropError as err:
         raise AccuracyDropError(
-            f"{err}. The trained weights are kept in {pytorch_model_dir} (mmdet-mlflow package "
-            f"--model it with another runtime), and running this finetune again with "
-            f"--accept-accuracy-drop exports them without training again") from None
+            f"{err}. No MLflow model was written, but the trained weights are kept in "
+            f"{pytorch_model_dir}: run this finetune again with --accept-accuracy-drop to export "
+            f"them without training again, or package them for another runtime (mmdet-mlflow "
+            f"package --config {pytorch_model_dir / 'config.py'} --checkpoint "
+            f"{pytorch_model_dir / 'weights.pth'} --runtime onnx --output ...)") from None
 
 
 @contextlib.contextmanager
