@@ -143,6 +143,9 @@ def evaluate(model_dir, test_data, output_dir, iou_threshold: float = AZURE_IOU_
             "tile_grid_size": params.tile_grid_size, "tile_overlap_ratio": params.tile_overlap_ratio,
             "tile_predictions_nms_thresh": params.tile_predictions_nms_thresh,
             "model": str(model_dir), "test_data": str(test_data),
+            # what scored: the runtime, and the precision its network ran in on this machine
+            # (an OpenVINO model's "auto" is bf16 or fp32 by the CPU; int8 for a quantized ONNX one)
+            "runtime": segmenter.runtime, "precision": getattr(segmenter, "precision", "fp32"),
         },
         "counts": {"images": len(per_image), "ground_truth": sum(p["ground_truth"] for p in per_image),
                    "predictions": len(scored.results["segm"]),
@@ -303,6 +306,8 @@ def _log_to_mlflow(document: dict, output_dir: Path) -> str | None:
     with (nullcontext(active) if active else mlflow.start_run(run_name="evaluate")) as run:
         if active is None:
             mlflow.log_params({f"evaluate.{k}": v for k, v in document["settings"].items()})
+        # tags too: a run of its own's params say it, but an enclosing run's params may not
+        mlflow.set_tags({f"evaluate.{k}": document["settings"][k] for k in ("runtime", "precision")})
         mlflow.log_metrics(mlflow_metrics(document))
         for name in (METRICS_FILE, PR_CURVES_FILE, SAMPLES_FILE):
             mlflow.log_artifact(str(output_dir / name), artifact_path="evaluation")

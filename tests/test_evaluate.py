@@ -340,6 +340,10 @@ def test_evaluate_matches_pycocotools_on_its_own_files(tmp_path, labelled_set, f
     assert run.data.metrics["mean_average_precision"] == pytest.approx(doc["mean_average_precision"])
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "evaluation")}
     assert {"evaluation/metrics.json", "evaluation/pr_curves.png", "evaluation/samples.png"} <= artifacts
+    # what scored, in the output and the run: the torch runtime at fp32
+    assert doc["settings"]["runtime"] == "torch" and doc["settings"]["precision"] == "fp32"
+    assert run.data.params["evaluate.runtime"] == "torch" and run.data.params["evaluate.precision"] == "fp32"
+    assert run.data.tags["evaluate.runtime"] == "torch" and run.data.tags["evaluate.precision"] == "fp32"
 
 
 def test_evaluate_reads_an_mltable_folder_into_an_active_run(tmp_path, labelled_set, fridge_model):
@@ -355,8 +359,42 @@ def test_evaluate_reads_an_mltable_folder_into_an_active_run(tmp_path, labelled_
     assert doc["settings"]["iou_threshold"] == 0.3 and doc["settings"]["map_score_threshold"] == 0.05
     logged = mlflow.get_run(run.info.run_id).data.metrics
     assert logged["segm_AP"] == pytest.approx(doc["segm"]["AP"])
+    tags = mlflow.get_run(run.info.run_id).data.tags  # an enclosing run's params are its own: tags
+    assert tags["evaluate.runtime"] == "torch" and tags["evaluate.precision"] == "fp32"
     evaluator = _coco_recomputed(tmp_path / "eval", "segm", "predictions.segm.json")
     assert doc["segm"]["AP"] == pytest.approx(evaluator.stats[0], abs=1e-9)
+
+
+def test_a_logged_evaluation_names_the_precision_the_network_ran_in(tmp_path, labelled_set, fridge_model):
+    """An int8 ONNX model's evaluation says int8; the same graph on OpenVINO says what OpenVINO
+    compiled it at on this CPU (bf16 where the CPU has it): in metrics.json and the MLflow run."""
+    import mlflow
+
+    import mlflow_model
+    from mmdet_mlflow.data import load_dataset
+    from mmdet_mlflow.evaluate import evaluate
+    from scoring.decode import decode_image
+    from scoring.runtimes.openvino_rtmdet import cpu_has_bf16, load_openvino_segmenter
+    from mmdet_mlflow.synth import CLASSES
+
+    test_file, _ = labelled_set
+    calibration = [decode_image(r.path.read_bytes()) for r in load_dataset(test_file).images]
+    onnx_model = tmp_path / "int8"
+    mlflow_model.save_model(onnx_model, TINY, str(fridge_model.parent / "fridge.pth"), classes=CLASSES,
+                            runtime="onnx", quantize="int8", calibration_images=calibration)
+    weights = onnx_model / mlflow_model.MODEL_DATA_DIR
+    for segmenter, runtime, precision in (
+            (None, "onnx", "int8"),
+            (load_openvino_segmenter(weights, precision="bf16", quiet=True), "openvino",
+             "bf16" if cpu_has_bf16() else "fp32")):
+        with mlflow.start_run(run_name="evaluate-precision") as run:
+            doc = evaluate(onnx_model, test_file, tmp_path / runtime, segmenter=segmenter, progress=False,
+                           num_samples=0)
+        assert doc["settings"]["runtime"] == runtime and doc["settings"]["precision"] == precision
+        written = json.loads((tmp_path / runtime / "metrics.json").read_text())["settings"]
+        assert (written["runtime"], written["precision"]) == (runtime, precision)
+        tags = mlflow.get_run(run.info.run_id).data.tags
+        assert (tags["evaluate.runtime"], tags["evaluate.precision"]) == (runtime, precision)
 
 
 def test_evaluate_scores_tiled_inference_with_the_tiling_options(tmp_path, labelled_set, fridge_model,

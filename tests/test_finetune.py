@@ -309,7 +309,8 @@ def test_weights_adapt_to_new_classes_by_name(tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [
-    (dict(precision="8"), "precision must be 32 or 16"),
+    (dict(precision="8"), r"precision must be 32, 16 .*bf16.*auto .*got .8."),
+    (dict(precision="bfloat16"), r"precision must be .*bf16 \(CPU autocast\) or auto"),
     (dict(metric_for_best_model="precision"), "evaluation step"),
     (dict(image_min_size=320), "go together"),
     (dict(training_batch_size=0), "training_batch_size must be at least 1"),
@@ -384,14 +385,16 @@ def test_component_spec_loads_and_runs_the_cli_with_its_options():
     assert set(component.outputs) >= {"mlflow_model_folder", "pytorch_model_folder"}
     for name in ("training_data", "validation_data", "number_of_epochs", "max_steps",
                  "training_batch_size", "validation_batch_size", "learning_rate", "weight_decay",
-                 "image_min_size", "image_max_size", "metric_for_best_model", "precision"):
+                 "image_min_size", "image_max_size", "metric_for_best_model", "precision",
+                 "accept_accuracy_drop"):
         assert name in component.inputs, name
 
     # Every input given, each with a value of its type: the CLI's own parser takes them all.
     values = {name: {"integer": "3", "number": "0.5"}.get(spec.type, "x")
               for name, spec in component.inputs.items()}
-    values.update(precision="32", metric_for_best_model="segm_AP", checkpoint="official",
-                  mlflow_model="m", pytorch_model="p", model_name="cfg", runtime="onnx")
+    values.update(precision="bf16", metric_for_best_model="segm_AP", checkpoint="official",
+                  mlflow_model="m", pytorch_model="p", model_name="cfg", runtime="openvino",
+                  accept_accuracy_drop="True")  # Azure passes a boolean as True/False
     values.update({name: "x" for name in component.outputs})
     argv = component_argv(component, values)
     args = cli.build_parser().parse_args(argv)
@@ -401,8 +404,12 @@ def test_component_spec_loads_and_runs_the_cli_with_its_options():
     assert settings.number_of_epochs == 3 and settings.learning_rate == 0.5
     assert settings.metric_for_best_model == "segm_AP"
     assert args.mlflow_model_folder == "x" and args.output == "x" and args.confine_images
-    assert args.runtime == "onnx"
+    assert args.runtime == "openvino" and args.accept_accuracy_drop is True
+    assert settings.precision == "bf16"
     assert start_point(args) == ("m", None, None)      # mlflow_model wins, as the pipeline says
+    # the input's default (false) reaches the CLI as False, and the gate stays on
+    values.update(accept_accuracy_drop="False")
+    assert cli.build_parser().parse_args(component_argv(component, values)).accept_accuracy_drop is False
 
 
 def test_component_reports_bad_data_in_one_line(fridge, tmp_path, capsys):

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import sys
 
-from mmdet_mlflow.commands.args import add_dataclass_arguments, dataclass_values
+from mmdet_mlflow.commands.args import add_dataclass_arguments, boolean, dataclass_values
 from mmdet_mlflow.training import FinetuneError, FinetuneSettings, finetune, quick_cpu_recipe
+from mmdet_mlflow.precision_check import MAX_SEGM_MAP_DROP
 from scoring.runtimes import DEFAULT_RUNTIME, RUNTIMES
 
 SETTING_HELPS = {
@@ -24,7 +25,9 @@ SETTING_HELPS = {
     "metric_for_best_model": "which validation metric picks the exported epoch: mean_average_precision "
                              "or recall (Azure's meaning), or a COCO stat such as segm_AP or bbox_AP "
                              "(docs/metrics.md)",
-    "precision": "32, or 16 for mixed precision (AMP) on GPU",
+    "precision": "32; 16: mixed precision (AMP) on GPU; bf16: torch's bf16 autocast on CPU (fp32 "
+                 "weights; fast where the CPU has AMX or AVX512-BF16); auto: bf16 where issue 20's "
+                 "measurement adopted it, else 32 (docs/runtimes.md)",
     "checkpoint_interval_steps": "also checkpoint every N steps (always: every epoch)",
     "evaluation_frequency": "validate every N epochs, and always after the last (Azure AutoML's name)",
     "num_workers": "data-loading processes (default: 0 on CPU, 2 on GPU)",
@@ -76,6 +79,11 @@ def add_parser(subparsers):
                    help="what serves the MLflow model: torch (mmdet), onnx (ONNX Runtime: needs none of "
                         "torch, mmcv, mmdet to serve; docs/onnx.md) or openvino (the same graph on "
                         "OpenVINO Runtime, bf16 where the serving CPU has it; docs/runtimes.md)")
+    p.add_argument("--accept-accuracy-drop", nargs="?", const=True, default=False, type=boolean,
+                   metavar="BOOL",
+                   help=f"with --runtime openvino: write the MLflow model even when bf16 loses more "
+                        f"than {MAX_SEGM_MAP_DROP} segm mAP against fp32 on the validation data "
+                        f"(alone, or true/false as Azure passes it)")
     p.add_argument("--recipe", choices=["quick-cpu"],
                    help="quick-cpu: the tiny model's from-scratch CPU recipe (explicit options override it)")
     p.add_argument("--no-tracking", dest="track", action="store_false", help="do not log to MLflow")
@@ -112,12 +120,13 @@ def run(args):
                       config=config, checkpoint=checkpoint, settings=settings_from_args(args),
                       mlflow_model_dir=args.mlflow_model_folder, pytorch_model_dir=args.pytorch_model_folder,
                       track=args.track, validate_data=args.validate_images,
-                      confine_images=args.confine_images, runtime=args.runtime)
+                      confine_images=args.confine_images, runtime=args.runtime,
+                      accept_accuracy_drop=args.accept_accuracy_drop)
     if result.mlflow_model_dir is None:
         return 0  # not rank 0 under torchrun: rank 0 reports
     best = result.best or {}
     print(f"fine-tuned {len(result.classes)} classes ({', '.join(result.classes)}) for {result.steps} "
-          f"steps; best epoch {best.get('epoch')}: segm_AP {best.get('segm_AP', 0):.4f}, "
+          f"steps at precision {result.precision}; best epoch {best.get('epoch')}: segm_AP {best.get('segm_AP', 0):.4f}, "
           f"mean_average_precision {best.get('mean_average_precision', 0):.4f} (mask AP at IoU 0.5)")
     print(f"MLflow model: {result.mlflow_model_dir}")
     print(f"PyTorch model: {result.pytorch_model_dir}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mmdet_mlflow.commands.args import boolean
 from mmdet_mlflow.commands.predict import add_tiling_arguments, tiling_from_args
 from mmdet_mlflow.precision_check import MAX_SEGM_MAP_DROP
 from scoring.runtimes import DEFAULT_RUNTIME, RUNTIMES
@@ -33,9 +34,11 @@ def add_parser(subparsers):
                         "labels: segm mAP too)")
     p.add_argument("--calibration-images", type=int, default=DEFAULT_CALIBRATION_IMAGES,
                    help=f"how many of them (default {DEFAULT_CALIBRATION_IMAGES}, spread over the set)")
-    p.add_argument("--accept-accuracy-drop", action="store_true",
+    p.add_argument("--accept-accuracy-drop", nargs="?", const=True, default=False, type=boolean,
+                   metavar="BOOL",
                    help=f"with --runtime openvino: write the model even when bf16 loses more than "
-                        f"{MAX_SEGM_MAP_DROP} segm mAP against fp32 on --calibration-data")
+                        f"{MAX_SEGM_MAP_DROP} segm mAP against fp32 on --calibration-data (alone, or "
+                        f"true/false as Azure passes it)")
     add_tiling_arguments(p, "the model's default tiling, recorded in model.json; a request may "
                             "override it")
     p.set_defaults(handler=run)

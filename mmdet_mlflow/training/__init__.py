@@ -14,6 +14,7 @@ Hyperparameters carry the names of Azure ML's fine-tune component (``number_of_e
     start.py        where training starts, adapt_weights (the head for the data's classes)
     data_prep.py    the data read, validated and written as COCO JSON for mmdet
     config.py       the mmengine config (the model's recipe scaled to data, size, steps)
+    precision.py    what training computes in (32, 16, bf16 CPU autocast, auto), its optim wrapper
     distributed.py  torchrun: process group, rank 0 first
     runner.py       mmengine Runner, loop and hooks: start weights, max_steps, safe checkpoints
     validation.py   the validation metric (our metric core on mmdet's gathered predictions)

@@ -10,6 +10,7 @@ from pathlib import Path
 from mlflow_model.configs import load_config
 from mmdet_mlflow.metrics import AZURE_BOX_SCORE_THRESHOLD, AZURE_IOU_THRESHOLD
 from mmdet_mlflow.training.data_prep import PreparedData
+from mmdet_mlflow.training.precision import register_optim_wrapper, training_precision
 from mmdet_mlflow.training.settings import FinetuneSettings
 from mmdet_mlflow.training.start import StartingPoint
 from scoring.families import family_of_config
@@ -123,9 +124,13 @@ def build_config(start: StartingPoint, data: PreparedData, settings: FinetuneSet
     # A fine-tune on tiles is validated as its model will answer: tiled (training.tiled_validation).
     cfg.val_cfg = dict(type="TiledValLoop", tiling=tiling) if tiling else dict(type="ValLoop")
     cfg.test_cfg = dict(type="TestLoop")
-    amp = str(settings.precision) == "16" and device == "cuda"
+    # What training computes in ("32", "16" or "bf16": training_precision decides, "auto" included).
+    precision, _ = training_precision(settings.precision, device)
+    amp = precision == "16"
+    if precision == "bf16":
+        register_optim_wrapper()
     cfg.optim_wrapper = dict(
-        type="AmpOptimWrapper" if amp else "OptimWrapper",
+        type="AmpOptimWrapper" if amp else "CpuBf16OptimWrapper" if precision == "bf16" else "OptimWrapper",
         optimizer=dict(type="AdamW", lr=settings.learning_rate, weight_decay=settings.weight_decay),
         paramwise_cfg=dict(norm_decay_mult=0, bias_decay_mult=0, bypass_duplicate=True),
         accumulative_counts=int(settings.gradient_accumulation_step))

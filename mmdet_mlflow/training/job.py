@@ -39,6 +39,7 @@ class FinetuneResult:
     mlflow_run_id: str | None = None
     notes: list[str] = field(default_factory=list)
     runtime: str = "torch"                            # the exported MLflow model's runtime
+    precision: str = "32"                             # what training computed in: 32, 16 (AMP) or bf16
 
 
 def finetune(training_data, validation_data, output_dir, *, model=None, config=None,
@@ -46,7 +47,8 @@ def finetune(training_data, validation_data, output_dir, *, model=None, config=N
              mlflow_model_dir=None, pytorch_model_dir=None, device: str | None = None,
              track: bool = True, progress: bool = True, validate_data: bool = True,
              confine_images: bool = False, extra_hooks: Sequence = (),
-             runtime: str = "torch") -> FinetuneResult:
+             runtime: str = "torch", accept_accuracy_drop: bool = False,
+             max_accuracy_drop: float | None = None) -> FinetuneResult:
     """Fine-tune and export. Start from ``model`` (an MLflow model folder we saved, or a
     pytorch_model_folder) or ``config`` + ``checkpoint`` (path, URL, ``official``, or
     None/``"none"``: from scratch).
@@ -56,7 +58,13 @@ def finetune(training_data, validation_data, output_dir, *, model=None, config=N
     data's folders (mmdet_mlflow.data.paths). ``extra_hooks``: mmengine Hook objects to add
     (every rank). ``runtime``: the MLflow model's runtime, ``"torch"`` or ``"onnx"`` (the best
     weights exported to ONNX and checked against torch, as ``mlflow_model.save_model`` does;
-    the pytorch_model_folder is written either way)."""
+    the pytorch_model_folder is written either way) or ``"openvino"`` (gated as ``package
+    --runtime openvino`` is: bf16 measured against fp32 on the validation data, refused with
+    AccuracyDropError when it loses more than 0.01 segm mAP unless ``accept_accuracy_drop``; the
+    pytorch_model_folder is written before the gate, so the training is not lost);
+    ``max_accuracy_drop``: the gate's limit (default ``precision_check.MAX_SEGM_MAP_DROP``).
+    ``settings.precision``: what training computes in (``training.precision``; "auto" is decided
+    here, and the result, run.json and the MLflow run's ``training_precision`` tag say what ran)."""
     # torch, mmengine, mmdet and mlflow take seconds to import: loaded here, not with the
     # package, which the CLI imports to build its options.
     import torch
@@ -67,19 +75,21 @@ def finetune(training_data, validation_data, output_dir, *, model=None, config=N
     from mmdet_mlflow.training.distributed import join_process_group, main_first
     from mmdet_mlflow.training.export import export_models
     from mmdet_mlflow.training.runner import FinetuneRunner
+    from mmdet_mlflow.training.precision import training_precision
     from mmdet_mlflow.training.tracking import TrainingMonitorHook, TrainingRun
 
     settings = settings or FinetuneSettings()
     settings.check()
     if runtime not in RUNTIMES:  # before hours of training, not after
         raise FinetuneError(f"runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
+    if accept_accuracy_drop and runtime != "openvino":
+        raise FinetuneError("--accept-accuracy-drop is for --runtime openvino (its bf16 accuracy gate)")
     if (model is None) == (config is None):
         raise FinetuneError("start from --model (an MLflow model folder) or --config with "
                             "--checkpoint (a path, URL, 'official' or 'none'), not both or neither")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    notes = []
-    if str(settings.precision) == "16" and device != "cuda":
-        notes.append("precision 16 (AMP) needs a GPU: training in 32-bit on CPU")
+    precision, precision_note = training_precision(settings.precision, device)
+    notes = [precision_note] if precision_note else []
     out = TrainingOutput(Path(output_dir).expanduser().absolute())
     processes = join_process_group(device)
 
@@ -113,6 +123,7 @@ def finetune(training_data, validation_data, output_dir, *, model=None, config=N
         runner.validate_resumed_epoch = resume_from.name.startswith("epoch_")
 
     result = FinetuneResult(out.folder, None, None, data.classes, notes=notes, runtime=runtime,
+                            precision=precision,
                             resumed_from=str(resume_from) if resume_from else None)
     if not processes.is_main:
         _train(runner)
@@ -121,12 +132,13 @@ def finetune(training_data, validation_data, output_dir, *, model=None, config=N
     for note in notes:
         print(f"finetune: {note}", file=sys.stderr)
     run_info.update(start=start.description, classes=data.classes, settings=settings.as_params(),
-                    world_size=processes.world_size, device=device)
+                    world_size=processes.world_size, device=device, precision=precision)
     with TrainingRun(out.folder, run_info, enabled=track) as run:
         run_info["mlflow_run_id"] = run.run_id
         atomic_write_json(out.run_info, run_info)
         if resume_from is None:
             run.log_params(settings, start, data, processes.world_size, device)
+        run.set_tags({"training_precision": precision})
         hook = TrainingMonitorHook(run, out.folder, settings.metric_for_best_model,
                                    progress=progress, resumed=resume_from is not None)
         runner.register_hook(hook, priority="VERY_LOW")
@@ -140,16 +152,37 @@ def finetune(training_data, validation_data, output_dir, *, model=None, config=N
         result.mlflow_run_id = run.run_id
         best_path, result.best = best_checkpoint(runner, hook.epochs, settings.metric_for_best_model)
         weights = load_training_checkpoint(best_path)["state_dict"]
-        result.pytorch_model_dir, result.mlflow_model_dir = export_models(
+        result.pytorch_model_dir, result.mlflow_model_dir = _export_or_explain(
+            export_models, Path(pytorch_model_dir or out.pytorch_model),
             cfg, weights, data.classes, Path(pytorch_model_dir or out.pytorch_model),
             Path(mlflow_model_dir or out.mlflow_model), runtime=runtime,
-            info=dict(start=start.description, best=result.best, settings=settings.as_params()),
-            default_params=settings.inference_tiling())
+            info=dict(start=start.description, best=result.best, settings=settings.as_params(),
+                      training_precision=precision),
+            default_params=settings.inference_tiling(),
+            gate_data=out.validation_coco if runtime == "openvino" else None,
+            gate_data_name=str(validation_data), accept_accuracy_drop=accept_accuracy_drop,
+            max_accuracy_drop=max_accuracy_drop)
         atomic_write_json(out.metrics, dict(epochs=result.epochs, best=result.best,
                                             metric_for_best_model=settings.metric_for_best_model))
         with _without_known_warnings():
             run.finish(result)
     return result
+
+
+def _export_or_explain(export_models, pytorch_model_dir: Path, *args, **kwargs):
+    """``export_models(*args, **kwargs)``; where the OpenVINO model's accuracy gate refuses, the
+    error also says that the training is kept and how to export it anyway."""
+    from mmdet_mlflow.precision_check import AccuracyDropError
+
+    try:
+        return export_models(*args, **kwargs)
+    except AccuracyDropError as err:
+        raise AccuracyDropError(
+            f"{err}. No MLflow model was written, but the trained weights are kept in "
+            f"{pytorch_model_dir}: run this finetune again with --accept-accuracy-drop to export "
+            f"them without training again, or package them for another runtime (mmdet-mlflow "
+            f"package --config {pytorch_model_dir / 'config.py'} --checkpoint "
+            f"{pytorch_model_dir / 'weights.pth'} --runtime onnx --output ...)") from None
 
 
 @contextlib.contextmanager

@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from mmdet_mlflow.metrics import AZURE_METRIC_NAMES, COCO_STAT_NAMES, coco_metric_name
+from mmdet_mlflow.training.precision import PRECISIONS
 from scoring.errors import MmdetMlflowError
 from scoring.tiles import TileGridError, check_overlap_ratio, parse_tile_grid
 
@@ -43,7 +44,7 @@ class FinetuneSettings:
     image_min_size: int | None = None        # with image_max_size: a (max x min) input instead
     image_max_size: int | None = None
     metric_for_best_model: str = "mean_average_precision"   # docs/metrics.md
-    precision: str = "32"                    # "16": mixed precision (AMP) on GPU
+    precision: str = "32"                    # "16": AMP on GPU; "bf16": CPU autocast; "auto" (training/precision.py)
     checkpoint_interval_steps: int | None = None  # also checkpoint every N steps
     evaluation_frequency: int = 1            # validate every N epochs (and always after the last)
     num_workers: int | None = None           # data-loading processes (default: 0 on CPU, 2 on GPU)
@@ -74,8 +75,9 @@ class FinetuneSettings:
             problems.append("image_min_size and image_max_size go together")
         elif self.image_min_size and self.image_min_size > self.image_max_size:
             problems.append("image_min_size is larger than image_max_size")
-        if str(self.precision) not in ("32", "16"):
-            problems.append(f"precision must be 32 or 16 (got {self.precision})")
+        if str(self.precision) not in PRECISIONS:
+            problems.append(f"precision must be 32, 16 (AMP on a GPU), bf16 (CPU autocast) or auto "
+                            f"(got {self.precision!r})")
         try:
             parse_tile_grid(self.tile_grid_size)
             check_overlap_ratio(self.tile_overlap_ratio)

@@ -98,6 +98,9 @@ class Segmenter:
     ``batch_size`` and implement the three steps; ``__call__`` runs them batch by batch."""
 
     runtime: str = ""  # "torch" or "onnx": what model.json's "runtime" names
+    # What the network computes in: "fp32", "int8" (an ONNX model's quantized network) or
+    # "bf16" (OpenVINO on a CPU with native bf16); a logged evaluation records it.
+    precision: str = "fp32"
     class_names: list[str]
     default_params: PredictParams
     batch_size: int

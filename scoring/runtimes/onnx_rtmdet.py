@@ -26,7 +26,7 @@ from typing import Sequence
 
 import numpy as np
 
-from scoring.model_dir import INFO_FILE, ONNX_FILE, ONNX_INFO_KEY, onnx_data_file, sha256_of
+from scoring.model_dir import INFO_FILE, ONNX_FILE, ONNX_INFO_KEY, ONNX_INT8_FILE, onnx_data_file, sha256_of
 from scoring.runtimes.base import ImageDetections, Segmenter, forward_batch_size
 from scoring.class_filter import drop_excluded_classes, excluded_classes
 # The settings recorded at export, and the pre- and post-processing in numpy, live in
@@ -47,8 +47,9 @@ class OnnxSegmenter(Segmenter):
     runtime = "onnx"
 
     def __init__(self, session, spec: OnnxModelSpec, class_names: Sequence[str],
-                 default_params: PredictParams, batch_size: int = 1):
+                 default_params: PredictParams, batch_size: int = 1, precision: str = "fp32"):
         self.session = session
+        self.precision = precision  # "fp32", or "int8" for the quantized network
         self.spec = spec
         self.class_names = list(class_names)
         self.default_params = default_params
@@ -341,4 +342,5 @@ def load_onnx_segmenter(weights_dir_path: str | os.PathLike, batch_size: int | N
     on_gpu = session.get_providers()[0] == "CUDAExecutionProvider"
     return OnnxSegmenter(session, spec, info["classes"],
                          PredictParams.from_dict(info["default_params"]),
-                         batch_size=batch_size or forward_batch_size(info, on_gpu))
+                         batch_size=batch_size or forward_batch_size(info, on_gpu),
+                         precision="int8" if onnx_path.name == ONNX_INT8_FILE else "fp32")
