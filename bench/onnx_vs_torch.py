@@ -189,7 +189,7 @@ def run_model(name: str, work: Path, args, images) -> None:
             answer = model.predict(big, params=params)["boxes"].tolist()
             seconds = time.perf_counter() - start
             print(f"[tiled 12 MP] {name}: {k} 4032x3024 at tile_grid_size {args.tiled}: "
-                  f"{seconds:.2f} s, {len(answer[0]['boxes'])} detections", flush=True)
+                  f"{seconds:.2f} s, {len(answer[0])} detections", flush=True)
 
     # 3. what they found
     params = torch_runtime.default_params.updated({"score_threshold": 0.05})
