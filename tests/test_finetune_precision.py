@@ -43,6 +43,7 @@ class WhatTrainingComputes(Hook):
     def __init__(self):
         self.wrapper = None
         self.training_dtypes = set()
+        self.loss_inputs = set()
 
     def before_train(self, runner) -> None:
         self.wrapper = type(runner.optim_wrapper).__name__
@@ -53,6 +54,13 @@ class WhatTrainingComputes(Hook):
                 self.training_dtypes.add(outputs[-1].dtype)
 
         model.backbone.register_forward_hook(record)
+        head, compute = model.bbox_head, model.bbox_head.loss_by_feat
+
+        def losses(*args, **kwargs):  # what the losses receive, and whether autocast is on
+            self.loss_inputs.add((args[0][0].dtype, torch.is_autocast_enabled("cpu")))
+            return compute(*args, **kwargs)
+
+        head.loss_by_feat = losses
 
 
 def test_bf16_autocast_trains_on_cpu_with_fp32_master_weights(fridge, tiny_checkpoint, tmp_path):
@@ -66,6 +74,7 @@ def test_bf16_autocast_trains_on_cpu_with_fp32_master_weights(fridge, tiny_check
     assert result.precision == "bf16" and result.steps == 4
     assert seen.wrapper == "CpuBf16OptimWrapper"
     assert seen.training_dtypes == {torch.bfloat16}, "the forward ran under bf16 autocast"
+    assert seen.loss_inputs == {(torch.float32, False)}, "the losses ran in fp32, outside autocast"
     steps = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
     losses = [e["loss"] for e in steps if e["kind"] == "step"]
     assert len(losses) == 4 and all(math.isfinite(loss) for loss in losses), losses

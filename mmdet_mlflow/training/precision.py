@@ -75,7 +75,33 @@ def register_optim_wrapper():
 
         @contextmanager
         def optim_context(self, model):
+            _losses_in_fp32(getattr(getattr(model, "module", model), "bbox_head", None))
             with super().optim_context(model), torch.autocast("cpu", dtype=torch.bfloat16):
                 yield
 
     return CpuBf16OptimWrapper
+
+
+def _losses_in_fp32(head) -> None:
+    """Run ``head.loss_by_feat`` (the assigner's cost matrix, the losses) outside autocast on
+    fp32 copies of the head's outputs: the network computes in bf16, the losses that steer it
+    keep fp32's precision (as mmengine's AMP leaves losses in fp32 on GPUs)."""
+    import torch
+
+    if head is None or getattr(head, "_losses_in_fp32", False):
+        return
+    compute = head.loss_by_feat
+
+    def as_fp32(value):
+        if isinstance(value, torch.Tensor) and value.dtype == torch.bfloat16:
+            return value.float()
+        if isinstance(value, (list, tuple)):
+            return type(value)(as_fp32(v) for v in value)
+        return value
+
+    def loss_by_feat(*args, **kwargs):
+        with torch.autocast("cpu", enabled=False):
+            return compute(*as_fp32(args), **{k: as_fp32(v) for k, v in kwargs.items()})
+
+    head.loss_by_feat = loss_by_feat
+    head._losses_in_fp32 = True
