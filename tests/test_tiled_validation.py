@@ -83,7 +83,10 @@ class ValidationWatch(Hook):
         self.head_left_as_it_was.append("_bbox_mask_post_process" not in vars(self.network(runner).bbox_head))
 
 
-def test_a_finetune_on_tiles_validates_with_tiled_inference(large, start, tmp_path, capfd):
+def test_a_finetune_on_tiles_validates_with_tiled_inference(large, start, tmp_path, capfd, monkeypatch):
+    import mlflow
+    from mlflow.tracking._tracking_service import utils
+
     import mlflow_model
     from mmdet_mlflow.data import load_dataset
     from mmdet_mlflow.evaluate import mask_rle
@@ -91,9 +94,21 @@ def test_a_finetune_on_tiles_validates_with_tiled_inference(large, start, tmp_pa
     from scoring.tiling import segment_tiled, tiles_for
 
     watch = ValidationWatch()
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # a store of the test's own; artifacts in its cwd
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setattr(utils, "_tracking_uri", uri)
     result = finetune(large / "train.jsonl", large / "validation.jsonl", tmp_path / "run", config=TINY,
-                      checkpoint=str(start), track=False, progress=True, extra_hooks=[watch],
+                      checkpoint=str(start), track=True, progress=True, extra_hooks=[watch],
                       settings=FinetuneSettings(tile_grid_size="2x2", tile_overlap_ratio=0.25, **FAST))
+    # the model logged to the run predicts tiled as the written one does
+    run = mlflow.get_run(result.mlflow_run_id)
+    [model] = [m for m in mlflow.search_logged_models(experiment_ids=[run.info.experiment_id],
+                                                      output_format="list")
+               if m.source_run_id == run.info.run_id]
+    logged = mlflow_model.ModelDir(mlflow.artifacts.download_artifacts(
+        artifact_uri=model.model_uri, dst_path=str(tmp_path / "logged")))
+    assert logged.data.read_info()["default_params"]["tile_grid_size"] == "2x2"
     assert [e["epoch"] for e in result.epochs] == [1] and result.best["epoch"] == 1
     assert {"mean_average_precision", "segm_AP", "bbox_AP", "recall"} <= set(result.epochs[0])
     assert watch.head_left_as_it_was == [True]

@@ -24,7 +24,7 @@ from mmengine.hooks import Hook
 from tqdm import tqdm
 
 import mlflow_model
-from scoring.model_dir import WeightsDir
+from scoring.model_dir import ModelDir, WeightsDir
 from mmdet_mlflow.files import atomic_write_text
 from mmdet_mlflow.plots import training_curves
 from mmdet_mlflow.training.config import validation_key
@@ -132,8 +132,13 @@ class TrainingRun:
             self.log_artifact(path)
         exported = WeightsDir(result.pytorch_model_dir)
         self.log_artifact(exported.config, "training_config")
+        # the logged model answers as the written one: its defaults (e.g. a fine-tune on tiles
+        # predicts tiled) come from that folder's model.json
+        written = (ModelDir(result.mlflow_model_dir).data.read_info()
+                   if result.mlflow_model_dir and ModelDir(result.mlflow_model_dir).mlmodel.is_file() else {})
         mlflow_model.log_model(str(exported.config), str(exported.weights), name="model",
-                               classes=result.classes, runtime=result.runtime)
+                               classes=result.classes, runtime=result.runtime,
+                               default_params=written.get("default_params"))
 
 
 def _experiment_id() -> str | None:
