@@ -16,9 +16,10 @@ import pytest
 import torch
 
 from helpers import TINY, b64
+from finetune_fixtures import fridge, one_torch_thread  # noqa: F401  (fixtures: one torch thread, the fridge set)
 
 from mmdet_mlflow import cli
-from mmdet_mlflow.synth import CLASSES, generate
+from mmdet_mlflow.synth import CLASSES
 from mmdet_mlflow.training import (FinetuneError, FinetuneSettings, finetune, finetuned_classes,
                                    quick_cpu_recipe)
 from mmdet_mlflow.training.start import adapt_weights
@@ -30,21 +31,8 @@ FAST_ARGS = ["--image-size", "128", "--training-batch-size", "4", "--validation-
              "--warmup-steps", "1"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model gains nothing from more threads, and on a shared machine several OpenMP
-    threads waiting for each other make each step many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module")
-def fridge(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("fridge")
-    generate(folder, num_images=10, seed=3, progress=False)  # 8 training, 2 validation images
-    return folder
 
 
 @pytest.fixture

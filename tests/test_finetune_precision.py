@@ -6,34 +6,21 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 from mmengine.hooks import Hook
 
 from helpers import TINY
+from finetune_fixtures import fridge, one_torch_thread  # noqa: F401  (fixtures: one torch thread, the fridge set)
 from test_finetune import FAST
 
-from mmdet_mlflow.synth import generate
 from mmdet_mlflow.training import FinetuneError, FinetuneSettings, finetune
 from mmdet_mlflow.training import precision as training_precisions
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """As test_finetune: one thread is fastest for the tiny model on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module")
-def fridge(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("fridge")
-    generate(folder, num_images=10, seed=3, progress=False)  # 8 training, 2 validation images
-    return folder
 
 
 class WhatTrainingComputes(Hook):

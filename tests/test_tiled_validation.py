@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 
 from helpers import TINY, make_official_checkpoint
+from finetune_fixtures import one_torch_thread  # noqa: F401  (fixtures: one torch thread)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,12 +30,6 @@ FAST = dict(number_of_epochs=1, max_steps=2, image_size=128, training_batch_size
             validation_batch_size=2, warmup_steps=1, learning_rate=1e-5)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
