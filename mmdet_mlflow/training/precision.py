@@ -21,7 +21,7 @@ PRECISIONS = ("32", "16", "bf16", "auto")
 # Whether the demo recipe's measurement supports bf16 for "auto" on CPUs with native bf16
 # (issue 20: >= 1.3x faster AND final segm mAP within 0.01 of fp32; docs/runtimes.md has the
 # numbers). Set from the measurement; see that section before changing it.
-AUTO_PICKS_BF16_ON_CPU = False
+AUTO_PICKS_BF16_ON_CPU = True
 
 
 def cpu_computes_bf16() -> bool:

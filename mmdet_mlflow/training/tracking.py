@@ -136,9 +136,10 @@ class TrainingRun:
         # predicts tiled) come from that folder's model.json
         written = (ModelDir(result.mlflow_model_dir).data.read_info()
                    if result.mlflow_model_dir and ModelDir(result.mlflow_model_dir).mlmodel.is_file() else {})
+        defaults = {k: v for k, v in (written.get("default_params") or {}).items() if v is not None}
         mlflow_model.log_model(str(exported.config), str(exported.weights), name="model",
                                classes=result.classes, runtime=result.runtime,
-                               default_params=written.get("default_params"))
+                               default_params=defaults or None)
 
 
 def _experiment_id() -> str | None:
