@@ -90,8 +90,8 @@ NUM_THREADS = Setting("NUM_THREADS", None, int, "CPU threads of the network's pa
                       "serving, predict, evaluate, batch, Spark (onnx and openvino models)")
 MASK_BOX_MARGIN = Setting("MASK_BOX_MARGIN", None, _cells, "cut each detection's mask to its box "
                           "grown by this many cells of the mask logits (a cell is the mask "
-                          "head's stride in network-input pixels, scaled to the picture), e.g. 4: mask work in proportion to the box "
-                          "even where a model's masks spread over the picture (untrained or poorly "
+                          "head's stride in network-input pixels, scaled to the picture), e.g. "
+                          "4: mask work in proportion to the box even where a model's masks spread over the picture (untrained or poorly "
                           "trained models); none (default): masks exactly as mmdet makes them, over "
                           "the window where they can be set", "serving, predict, evaluate, batch")
 MAX_IMAGE_PIXELS = Setting("MAX_IMAGE_PIXELS", 50_000_000, int, "largest image accepted, in "
@@ -135,7 +135,8 @@ CHECKPOINT_MIRROR = Setting("CHECKPOINT_MIRROR", None, str, "a server laid out l
 DOWNLOAD_TIMEOUT = Setting("DOWNLOAD_TIMEOUT", 20.0, float, "seconds to wait for a checkpoint "
                            "server to answer", "package, finetune")
 
-SETTINGS = (DEVICE, BATCH_SIZE, PRECISION, NUM_THREADS, MASK_BOX_MARGIN, MAX_IMAGE_PIXELS, MAX_ROWS, MAX_MASK_PIXELS, REQUEST_TIMEOUT,
+SETTINGS = (DEVICE, BATCH_SIZE, PRECISION, NUM_THREADS, MASK_BOX_MARGIN, MAX_IMAGE_PIXELS, MAX_ROWS,
+            MAX_MASK_PIXELS, REQUEST_TIMEOUT,
             MAX_REQUEST_BYTES, MAX_DOWNLOAD_BYTES, FETCH_TIMEOUT, FETCH_CONNECT_TIMEOUT,
             FETCH_TOTAL_TIMEOUT, FETCH_REQUEST_BUDGET, FETCH_MAX_REDIRECTS,
             URL_ALLOWLIST, BATCH_PARAMS, BATCH_INPUT_ROOT, CACHE, CHECKPOINT_MIRROR,

@@ -40,7 +40,6 @@ def load_segmenter(weights_dir: str | os.PathLike, device: str | None = None,
     the loader its family registers for its runtime builds the segmenter."""
     from scoring.families import family_of
     from scoring.model_dir import WeightsDir
-
     from scoring.settings import MASK_BOX_MARGIN
 
     margin = MASK_BOX_MARGIN.value()  # a bad value is refused before the model loads
