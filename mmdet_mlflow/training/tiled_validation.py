@@ -30,7 +30,7 @@ from mmengine.runner import ValLoop
 
 from scoring.decode import decode_image
 from scoring.families import family_of_config
-from scoring.rle import encode as encode_rle
+from scoring.rle import encode_window
 from scoring.runner import score_images
 from scoring.runtimes.base import ImageDetections
 from scoring.runtimes.torch_rtmdet import borrowed_segmenter
@@ -55,7 +55,8 @@ def coco_prediction(detections: ImageDetections, params: PredictParams) -> dict:
     return dict(bboxes=torch.from_numpy(np.asarray(detections.boxes, np.float32).reshape(-1, 4)),
                 scores=torch.from_numpy(np.asarray(detections.scores, np.float32)),
                 labels=torch.from_numpy(np.asarray(detections.labels, np.int64)),
-                masks=[encode_rle(window.full()) for window in detections.iter_windows(params.mask_threshold)])
+                masks=[encode_window(window.pixels, window.offset, window.image_hw)
+                       for window in detections.iter_windows(params.mask_threshold)])
 
 
 @LOOPS.register_module(force=True)
