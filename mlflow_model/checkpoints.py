@@ -37,8 +37,7 @@ class CheckpointSource:
 
 
 def cache_dir() -> Path:
-    root = settings.CACHE.value() or Path.home() / ".cache" / "mmdet-mlflow"
-    return Path(root) / "checkpoints"
+    return settings.cache_root() / "checkpoints"
 
 
 def resolve_checkpoint(checkpoint: str | Path, config_name: str | None = None) -> tuple[Path, CheckpointSource]:

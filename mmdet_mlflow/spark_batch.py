@@ -1,7 +1,7 @@
 """``mmdet-mlflow spark-batch``: score a folder (or a lake path) of pictures on Spark, resumably.
 
 Spark reads the pictures (``binaryFile``: recursive, an optional glob), the model scores them in
-the Python workers (loaded once per worker, through ``mlflow.pyfunc.load_model``, and the one
+the Python workers (loaded once per worker, by the model's own pyfunc loader, and the one
 runner), and one row per picture is written as Parquet (and optionally JSON lines):
 
     OUTPUT/parquet/batch=N/part-*.parquet   path, modificationTime, length, boxes, error,
@@ -132,24 +132,27 @@ def scored_schema():
     ])
 
 
+def output_schema():
+    """A row of the output: ``scored_schema`` and the model and params it was scored with.
+    Reading the output with it spares Spark a job that infers it from the files."""
+    from pyspark.sql.types import StringType, StructField, StructType
+
+    return StructType([*scored_schema().fields, StructField("model", StringType()),
+                       StructField("params", StringType())])
+
+
 # --- in the Python workers ---------------------------------------------------------------------
 
 def score_pictures(batches: Iterator, model_path: str, params: dict, max_file_bytes: int,
                    loads=None) -> Iterator:
     """``mapInPandas`` function: Arrow batches of binaryFile rows (``content`` null for files
     over ``max_file_bytes``, which were not read) -> one row per picture (``scored_schema``).
-    The model is loaded once per Python worker (``scoring.pyfunc`` keeps it); ``loads``, a Spark
-    accumulator, is told which worker loaded it."""
-    import mlflow.pyfunc
+    The model is loaded once per Python worker (``worker_segmenter``)."""
     import pandas as pd
 
-    from scoring import pyfunc
     from scoring.runner import score_images
 
-    before = pyfunc.pyfunc_load_count()
-    segmenter = mlflow.pyfunc.load_model(model_path).get_raw_model()
-    if loads is not None and pyfunc.pyfunc_load_count() > before:
-        loads.add({os.getpid(): 1})
+    segmenter = worker_segmenter(model_path, loads)
     predict_params = segmenter.default_params.updated(params)
     for frame in batches:
         errors: dict[str, str] = {}
@@ -179,6 +182,21 @@ def score_pictures(batches: Iterator, model_path: str, params: dict, max_file_by
         })
 
 
+def worker_segmenter(model_path: str, loads=None):
+    """The model's segmenter in this Python worker, loaded once per worker (``scoring.pyfunc``
+    keeps it) as the model's pyfunc loader loads it for ``mlflow.pyfunc.load_model`` (the driver
+    checked the MLmodel), without importing MLflow: a second or more of each worker's start,
+    for nothing the scoring uses. ``loads``, a Spark accumulator, is told which worker loaded it."""
+    from scoring import pyfunc
+    from scoring.model_dir import ModelDir
+
+    before = pyfunc.pyfunc_load_count()
+    segmenter = pyfunc.kept_model(ModelDir(model_path).data.path).get_raw_model()
+    if loads is not None and pyfunc.pyfunc_load_count() > before:
+        loads.add({os.getpid(): 1})
+    return segmenter
+
+
 def _one_by_one(segmenter, items, params, errors: dict) -> list:
     """Score each picture alone, so that the one an unexpected error comes from is an error
     row (its traceback in the worker's log, as ``mmdet-mlflow batch`` does) and the others are
@@ -201,21 +219,33 @@ def spark_session(master: str | None = None, app_name: str = "mmdet-mlflow spark
                   records_per_arrow_batch: int = RECORDS_PER_ARROW_BATCH):
     """A SparkSession for the job (the active one, when there is one: its settings stay as they
     are, as on Databricks or Synapse). A new local one runs its Python workers with this
-    Python, and passes the MMDET_MLFLOW_ settings on to executors."""
+    Python, its driver JVM starts fast (``spark_jvm``: end it with ``spark_jvm.stop`` or
+    ``spark_jvm.before_exit``), and it
+    passes the MMDET_MLFLOW_ settings on to executors."""
+    from pyspark import SparkContext
     from pyspark.sql import SparkSession
+
+    from mmdet_mlflow import spark_jvm
 
     if master is None or master.startswith("local"):
         os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     builder = SparkSession.builder.appName(app_name)
     if master:
         builder = builder.master(master)
+    launching = SparkContext._gateway is None
+    java_options = spark_jvm.fast_start_options(master)
+    if java_options:
+        builder = builder.config(spark_jvm.JAVA_OPTIONS_KEY, java_options)
     builder = (builder
                .config("spark.sql.execution.arrow.maxRecordsPerBatch", str(records_per_arrow_batch))
                .config("spark.ui.showConsoleProgress", "false"))
     for name, value in os.environ.items():
         if name.startswith("MMDET_MLFLOW_"):
             builder = builder.config(f"spark.executorEnv.{name}", value)
-    return builder.getOrCreate()
+    session = builder.getOrCreate()
+    if launching:
+        spark_jvm.launched(SparkContext._gateway)
+    return session
 
 
 class _PidCounts:
@@ -247,92 +277,127 @@ def run_spark_batch(model: str, input_path: str, output: str, master: str | None
     rerun with the same ``output`` to resume. Returns counts over the whole output:
     ``pictures``, ``errors``, ``this_run`` (rows written by this run), ``model_loads`` ({worker
     pid: loads} in this run)."""
-    import functools
-
-    from pyspark.sql import functions as F
+    from concurrent.futures import ThreadPoolExecutor
 
     from scoring import settings
 
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
     resolved = resolve_model(model)
     predict_params = resolved.default_params.updated(params)  # a bad param fails here
-    params_json = json.dumps(predict_params.as_dict(), sort_keys=True)
     max_file_bytes = max_file_bytes or settings.MAX_REQUEST_BYTES.value()
     if _is_local(input_path) and not Path(input_path).is_dir():
         raise SparkBatchError(f"{input_path} is not a folder")
-    parquet_out = _join(output, PARQUET_DIR)
-    checkpoint = _join(output, CHECKPOINT_DIR)
     if _is_local(output):
         if (Path(output) / PARQUET_DIR).exists() and not (Path(output) / CHECKPOINT_DIR).exists():
             raise FileExistsError(f"{output} has results but no {CHECKPOINT_DIR}/ to resume from: "
                                   f"write to a new folder")
         Path(output).mkdir(parents=True, exist_ok=True)
 
-    spark = spark or spark_session(master, records_per_arrow_batch=records_per_arrow_batch)
-    # Also in a session that was already running (Databricks, Synapse): Spark's default of
-    # 10000 rows per Arrow batch would put 10000 pictures in a worker's memory at once.
-    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(records_per_arrow_batch))
-    context = spark.sparkContext
-    model_path = str(resolved.local_path)
-    if not context.master.startswith("local"):  # executors get their own copy of the folder
-        context.addFile(model_path, recursive=True)
-        model_path = None
-    loads = context.accumulator({}, _PidCounts())
-    score = functools.partial(_score_on_executor, model_path=model_path,
-                              model_name=resolved.local_path.name, params=dict(params or {}),
-                              max_file_bytes=max_file_bytes, loads=loads)
-    schema = scored_schema()
-    totals = {"this_run": 0, "errors_this_run": 0}
+    # The output's Spark type comes from the model signature (MLflow's types: a second of
+    # imports): made while the JVM starts.
+    with ThreadPoolExecutor(1, thread_name_prefix="output-schema") as pool:
+        written_schema = pool.submit(output_schema)
+        spark = spark or spark_session(master, records_per_arrow_batch=records_per_arrow_batch)
+        written_schema = written_schema.result()
+    job = _Job(spark, resolved, json.dumps(predict_params.as_dict(), sort_keys=True),
+               dict(params or {}), output, jsonl, max_file_bytes, written_schema, log)
+    return job.run(input_path, glob, files_per_batch, records_per_arrow_batch)
 
-    def write_batch(batch, batch_id: int) -> None:
-        started = time.monotonic()
-        small = batch.where(F.col("length") <= max_file_bytes)
+
+class _Job:
+    """One run of ``run_spark_batch`` on the driver: the streaming query and its batches."""
+
+    def __init__(self, spark, resolved: ResolvedModel, params_json: str, params: dict, output: str,
+                 jsonl: bool, max_file_bytes: int, written_schema, log):
+        self.spark, self.resolved, self.params_json, self.params = spark, resolved, params_json, params
+        self.output, self.jsonl, self.max_file_bytes, self.log = output, jsonl, max_file_bytes, log
+        self.written_schema = written_schema
+        self.scored_schema = scored_schema()
+        self.parquet_out = _join(output, PARQUET_DIR)
+        self.checkpoint = _join(output, CHECKPOINT_DIR)
+        self.this_run = self.errors_this_run = 0
+        context = spark.sparkContext
+        self.model_path = str(resolved.local_path)
+        if not context.master.startswith("local"):  # executors get their own copy of the folder
+            context.addFile(self.model_path, recursive=True)
+            self.model_path = None
+        self.loads = context.accumulator({}, _PidCounts())
+
+    def run(self, input_path: str, glob: str | None, files_per_batch: int,
+            records_per_arrow_batch: int) -> dict:
+        spark = self.spark
+        # Also in a session that was already running (Databricks, Synapse): Spark's default of
+        # 10000 rows per Arrow batch would put 10000 pictures in a worker's memory at once.
+        spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(records_per_arrow_batch))
+        if _is_local(input_path):
+            # Spark lists a micro-batch's files again when it reads them, with a Spark job of one
+            # task per file when there are more than this threshold: on a local disk a stat each
+            # on the driver is quicker. (A lake's store keeps Spark's default.)
+            spark.conf.set("spark.sql.sources.parallelPartitionDiscovery.threshold",
+                           str(max(files_per_batch + 1, 32)))
+        reader = (spark.readStream.format("binaryFile").schema(BINARY_FILE_SCHEMA)
+                  .option("recursiveFileLookup", "true")
+                  .option("maxFilesPerTrigger", str(files_per_batch))
+                  # Spark skips files older than maxFileAge (default 7 days) before the newest
+                  # one it has seen once it resumes: a folder of old photos must not be skipped.
+                  .option("maxFileAge", "36500d"))
+        if glob:
+            reader = reader.option("pathGlobFilter", glob)
+        # No batch committed yet: whatever a killed run left is redone (the same batch ids)
+        fresh = _is_local(self.checkpoint) and not any(Path(self.checkpoint, "commits").glob("*"))
+        query = (reader.load(input_path).writeStream
+                 .foreachBatch(self.write_batch)
+                 .option("checkpointLocation", self.checkpoint)
+                 .trigger(availableNow=True)
+                 .start())
+        try:
+            query.awaitTermination()
+        finally:
+            if query.isActive:
+                query.stop()
+        if fresh:  # every row of the output is this run's
+            counts = {"pictures": self.this_run, "errors": self.errors_this_run}
+        else:
+            counts = _output_counts(spark, self.parquet_out, self.written_schema)
+        counts.update(this_run=self.this_run, model_loads=dict(self.loads.value))
+        return counts
+
+    def write_batch(self, batch, batch_id: int) -> None:
+        import functools
+
+        from pyspark.sql import functions as F
+
+        spark, started = self.spark, time.monotonic()
+        small = batch.where(F.col("length") <= self.max_file_bytes)
         # Column pruning: the big files' content is never read (binaryFile reads it only when
         # the column is needed, and the length filter above is checked before reading).
-        big = batch.where(F.col("length") > max_file_bytes).select(
+        big = batch.where(F.col("length") > self.max_file_bytes).select(
             "path", "modificationTime", "length", F.lit(None).cast("binary").alias("content"))
         rows = small.select("path", "modificationTime", "length", "content").unionByName(big)
-        rows = rows.mapInPandas(score, schema)
-        empty = _unscanned_files(spark, checkpoint, batch_id, batch)
+        score = functools.partial(_score_on_executor, model_path=self.model_path,
+                                  model_name=self.resolved.local_path.name, params=self.params,
+                                  max_file_bytes=self.max_file_bytes, loads=self.loads)
+        rows = rows.mapInPandas(score, self.scored_schema)
+        stamp = [F.lit(self.resolved.uri).alias("model"), F.lit(self.params_json).alias("params")]
+        target = _join(self.parquet_out, f"batch={batch_id}")
+        rows.select("*", *stamp).write.mode("overwrite").parquet(target)  # a redone batch
+        written = spark.read.schema(self.written_schema).parquet(target)  # replaces its rows
+        scanned = {row.path: row.failed for row in
+                   written.select("path", F.col("error").isNotNull().alias("failed")).collect()}
+        empty = sorted(set(_batch_files(spark, self.checkpoint, batch_id)) - scanned.keys())
         if empty:  # Spark's file scans skip files of 0 bytes: they get their error row here
-            rows = rows.unionByName(spark.createDataFrame(
-                [(path, None, 0, None, f"{path}: empty file (0 bytes)") for path in empty], schema))
-        rows = (rows
-                .withColumn("model", F.lit(resolved.uri))
-                .withColumn("params", F.lit(params_json)))
-        target = _join(parquet_out, f"batch={batch_id}")
-        rows.write.mode("overwrite").parquet(target)  # a redone batch replaces its own rows
-        written = spark.read.parquet(target)
-        if jsonl:
-            (written.write.mode("overwrite").option("ignoreNullFields", "false")
-             .json(_join(output, JSONL_DIR, f"batch={batch_id}")))
-        count, errors = written.select(F.count("*"), F.count("error")).first()
-        totals["this_run"] += count
-        totals["errors_this_run"] += errors
-        log(f"batch {batch_id}: {count} pictures ({errors} errors) in {time.monotonic() - started:.1f} s; "
-            f"{totals['this_run']} this run")
-
-    reader = (spark.readStream.format("binaryFile").schema(BINARY_FILE_SCHEMA)
-              .option("recursiveFileLookup", "true")
-              .option("maxFilesPerTrigger", str(files_per_batch))
-              # Spark skips files older than maxFileAge (default 7 days) before the newest one it
-              # has seen once it resumes: a folder of old photos must not be skipped.
-              .option("maxFileAge", "36500d"))
-    if glob:
-        reader = reader.option("pathGlobFilter", glob)
-    query = (reader.load(input_path).writeStream
-             .foreachBatch(write_batch)
-             .option("checkpointLocation", checkpoint)
-             .trigger(availableNow=True)
-             .start())
-    try:
-        query.awaitTermination()
-    finally:
-        if query.isActive:
-            query.stop()
-    counts = _output_counts(spark, parquet_out)
-    counts.update(this_run=totals["this_run"], model_loads=dict(loads.value))
-    return counts
+            (spark.createDataFrame([(path, None, 0, None, f"{path}: empty file (0 bytes)")
+                                    for path in empty], self.scored_schema)
+             .select("*", *stamp).write.mode("append").parquet(target))
+        if self.jsonl:  # read again: a DataFrame's files are listed when it is made
+            (spark.read.schema(self.written_schema).parquet(target)
+             .write.mode("overwrite").option("ignoreNullFields", "false")
+             .json(_join(self.output, JSONL_DIR, f"batch={batch_id}")))
+        count, errors = len(scanned) + len(empty), sum(scanned.values()) + len(empty)
+        self.this_run += count
+        self.errors_this_run += errors
+        self.log(f"batch {batch_id}: {count} pictures ({errors} errors) in "
+                 f"{time.monotonic() - started:.1f} s; {self.this_run} this run")
 
 
 def _score_on_executor(batches, model_path, model_name, params, max_file_bytes, loads):
@@ -343,33 +408,36 @@ def _score_on_executor(batches, model_path, model_name, params, max_file_bytes, 
     return score_pictures(batches, model_path, params, max_file_bytes, loads)
 
 
-def _unscanned_files(spark, checkpoint: str, batch_id: int, batch) -> list[str]:
-    """The files of micro-batch ``batch_id`` that its scan returns no row for: files of 0 bytes,
-    which Spark's file scans drop (``FileSourceScanExec`` keeps only files with a length). The
-    batch's files are those the file source recorded for it in the checkpoint before running
-    it (``sources/0/<N>``, or ``<N>.compact``, which also holds earlier batches': JSON lines
-    after a version line, paths as URIs), named here as the scan names them."""
+def _batch_files(spark, checkpoint: str, batch_id: int) -> list[str]:
+    """The files of micro-batch ``batch_id``, named as its scan names them: those the file
+    source recorded for it in the checkpoint before running it (``sources/0/<N>``, or
+    ``<N>.compact``, which also holds earlier batches': JSON lines after a version line, paths
+    as URIs). Its scan returns no row for some of them: files of 0 bytes, which Spark's file
+    scans drop (``FileSourceScanExec`` keeps only files with a length)."""
     from urllib.parse import unquote
 
     log_dir = _join(checkpoint, "sources", "0")
     lines = None
     for name in (str(batch_id), f"{batch_id}.compact"):
+        if _is_local(log_dir):  # read here: a Spark job would cost more than the reading
+            path = Path(log_dir, name)
+            if path.is_file():
+                lines = path.read_text().splitlines()
+                break
+            continue
         try:
             lines = [row.value for row in spark.read.text(_join(log_dir, name)).collect()]
             break
         except Exception:  # not this name (AnalysisException: path does not exist)
             continue
-    if lines is None:
-        return []
     listed = []
-    for line in lines:
+    for line in lines or []:
         if not line.startswith("{"):
             continue  # the version line
         entry = json.loads(line)
         if entry.get("batchId") == batch_id:
             listed.append(_scan_path(unquote(entry["path"])))
-    scanned = {row.path for row in batch.select("path").collect()}  # no content is read
-    return sorted(set(listed) - scanned)
+    return listed
 
 
 def _scan_path(uri: str) -> str:
@@ -378,11 +446,11 @@ def _scan_path(uri: str) -> str:
     return "file:/" + uri[len("file:///"):] if uri.startswith("file:///") else uri
 
 
-def _output_counts(spark, parquet_out: str) -> dict:
+def _output_counts(spark, parquet_out: str, schema) -> dict:
     from pyspark.sql import functions as F
 
     try:
-        table = spark.read.parquet(parquet_out)
+        table = spark.read.schema(schema).parquet(parquet_out)
     except Exception:  # nothing written yet (an empty input)
         return {"pictures": 0, "errors": 0}
     pictures, errors = table.select(F.count("*"), F.count("error")).first()

@@ -54,6 +54,14 @@ def _load_pyfunc(path):
     each task paid the model's load (seconds for torch) and a worker's memory held one copy per
     task until collected. One model at most is kept (a worker serves one UDF's model)."""
     serving_guards.install()
+    return kept_model(path)
+
+
+def kept_model(path) -> MMDetPyfuncModel:
+    """The model of the data directory ``path``: the one kept by the last load when it is the
+    same, else loaded and kept (see ``_load_pyfunc``). Without MLflow's serving guards: what
+    code that scores through the runner itself, such as a Spark job's Python workers, loads
+    (the guards import MLflow, a second of a worker's start)."""
     key = _loaded_key(path)
     model = _LAST_LOADED.get(key)
     if model is None:

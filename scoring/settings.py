@@ -48,6 +48,15 @@ def _cells(text: str) -> float | None:
     return value
 
 
+def _switch(text: str) -> bool:
+    name = text.strip().lower()
+    if name in ("1", "true", "yes", "on"):
+        return True
+    if name in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("1 or 0 (true or false)")
+
+
 def _names(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
@@ -127,20 +136,31 @@ BATCH_PARAMS = Setting("BATCH_PARAMS", None, _json_object, "predict params for e
                        "batch job, a JSON object", "Azure batch, mmdet-mlflow batch")
 BATCH_INPUT_ROOT = Setting("BATCH_INPUT_ROOT", None, str, "folder that batch records name files "
                            "relative to (default: the file's base name)", "Azure batch")
-CACHE = Setting("CACHE", None, str, "where downloaded checkpoints are cached (default: "
-                "~/.cache/mmdet-mlflow)", "package, finetune")
+CACHE = Setting("CACHE", None, str, "where downloaded checkpoints and the local Spark driver's "
+                "class-data archive are kept (default: ~/.cache/mmdet-mlflow)",
+                "package, finetune, spark-batch")
 CHECKPOINT_MIRROR = Setting("CHECKPOINT_MIRROR", None, str, "a server laid out like "
                             "download.openmmlab.com to take official checkpoints from",
                             "package, finetune")
 DOWNLOAD_TIMEOUT = Setting("DOWNLOAD_TIMEOUT", 20.0, float, "seconds to wait for a checkpoint "
                            "server to answer", "package, finetune")
+SPARK_FAST_START = Setting("SPARK_FAST_START", True, _switch, "JVM options for a short-lived "
+                           "driver and a class-data archive in the cache, for a local Spark that "
+                           "spark-batch starts itself (0 to start Spark as it comes)", "spark-batch")
 
 SETTINGS = (DEVICE, BATCH_SIZE, PRECISION, NUM_THREADS, MASK_BOX_MARGIN, MAX_IMAGE_PIXELS, MAX_ROWS,
             MAX_MASK_PIXELS, REQUEST_TIMEOUT,
             MAX_REQUEST_BYTES, MAX_DOWNLOAD_BYTES, FETCH_TIMEOUT, FETCH_CONNECT_TIMEOUT,
             FETCH_TOTAL_TIMEOUT, FETCH_REQUEST_BUDGET, FETCH_MAX_REDIRECTS,
             URL_ALLOWLIST, BATCH_PARAMS, BATCH_INPUT_ROOT, CACHE, CHECKPOINT_MIRROR,
-            DOWNLOAD_TIMEOUT)
+            DOWNLOAD_TIMEOUT, SPARK_FAST_START)
+
+
+def cache_root():
+    """The folder of what mmdet-mlflow keeps between runs (MMDET_MLFLOW_CACHE)."""
+    from pathlib import Path
+
+    return Path(CACHE.value() or Path.home() / ".cache" / "mmdet-mlflow")
 
 
 def network_threads() -> int | None:

@@ -33,10 +33,12 @@ def spark():
     reaches the model in several batches (and tasks), as a large table would."""
     from mmdet_mlflow.spark_batch import spark_session
 
+    from mmdet_mlflow import spark_jvm
+
     session = spark_session("local[2]", app_name="mmdet-mlflow tests", records_per_arrow_batch=2)
     session.sparkContext.setLogLevel("ERROR")
     yield session
-    session.stop()
+    spark_jvm.stop(session)  # waits for a class archive this JVM writes (in the suite's cache)
 
 
 @pytest.fixture(scope="module")
@@ -277,7 +279,10 @@ def _name(path: str, root: Path) -> str:
 def test_spark_batch_killed_once_and_rerun_has_one_row_per_picture(tmp_path, tiny_model_dir):
     """The job is killed (SIGKILL, the driver and its JVM) once the first micro-batch is
     committed and while later ones run; the rerun skips the committed pictures and completes:
-    exactly one row per file, the bad ones as error rows naming the file and the problem."""
+    exactly one row per file, the bad ones as error rows naming the file and the problem.
+    In a cache of its own, the first run to end writes the driver's class-data archive (the
+    killed one cannot: no half-written archive is ever put in place), and a third run, with
+    nothing left to do, starts from it and leaves it as it is."""
     root = tmp_path / "input"
     expected = _job_input(root)
     output = tmp_path / "out"
@@ -285,7 +290,8 @@ def test_spark_batch_killed_once_and_rerun_has_one_row_per_picture(tmp_path, tin
            "--input", str(root), "--output", str(output), "--master", "local[2]",
            "--files-per-batch", "3", "--max-file-bytes", "300000", "--jsonl",
            "--max-detections", "5"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cache = tmp_path / "cache"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MMDET_MLFLOW_CACHE": str(cache)}
     log = tmp_path / "first.log"
     with open(log, "wb") as out:
         first = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -299,9 +305,15 @@ def test_spark_batch_killed_once_and_rerun_has_one_row_per_picture(tmp_path, tin
     done_before = len(_job_rows(output)) if (output / "parquet").exists() else 0
     assert done_before >= 3
 
+    assert not list(cache.rglob("*.jsa")), "the killed run put no archive in place"
+
     final = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert final.returncode == 0, final.stdout[-2000:] + final.stderr[-4000:]
     assert "pictures scored this run" in final.stdout
+    assert "wrote Spark's class-data archive" in final.stderr
+    archives = list(cache.rglob("*.jsa"))
+    assert len(archives) == 1 and archives[0].stat().st_size > 1_000_000
+    written = archives[0].stat().st_mtime_ns
 
     rows = _job_rows(output)
     names = [_name(p, root) for p in rows["path"]]
@@ -325,6 +337,12 @@ def test_spark_batch_killed_once_and_rerun_has_one_row_per_picture(tmp_path, tin
              for line in f.read_text().splitlines()]
     assert sorted(_name(r["path"], root) for r in jsonl) == sorted(expected)
     assert all(("error" in r) and ("boxes" in r) for r in jsonl)
+
+    third = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert third.returncode == 0, third.stdout[-2000:] + third.stderr[-4000:]
+    assert f"0 pictures scored this run; {len(expected)} in the output" in third.stdout
+    assert "class-data archive" not in third.stderr
+    assert list(cache.rglob("*.jsa")) == archives and archives[0].stat().st_mtime_ns == written
 
 
 def test_spark_batch_boxes_equal_predict(tmp_path, tiny_onnx_model_dir, pictures):
@@ -357,6 +375,43 @@ def _arrow_plain(value):
     if isinstance(value, (list, np.ndarray)):
         return [_arrow_plain(v) for v in value]
     return value
+
+
+def test_a_local_driver_jvm_gets_the_fast_start_options_only_where_they_apply(tmp_path, monkeypatch):
+    """The options: the class archive when one is in place, else the instruction to write one
+    (never a half-written one); none at all when the setting is off, for a cluster's driver,
+    or when the user gives the driver JVM options of their own (ours would replace them)."""
+    from mmdet_mlflow import spark_jvm
+
+    monkeypatch.setenv("MMDET_MLFLOW_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(spark_jvm, "_pending_archive", [])
+    monkeypatch.delenv("PYSPARK_SUBMIT_ARGS", raising=False)
+    monkeypatch.setenv("SPARK_CONF_DIR", str(tmp_path / "conf"))
+    from pyspark import SparkContext
+
+    # as before this process launches its JVM (the module's session may be running)
+    monkeypatch.setattr(SparkContext, "_gateway", None)
+    archive = spark_jvm.archive_path(spark_jvm._java())
+    archive.parent.mkdir(parents=True)
+    half_written = archive.with_name(archive.stem + ".123.writing")
+    half_written.write_bytes(b"not all of it")
+
+    options = spark_jvm.fast_start_options("local[2]")
+    assert "-XX:TieredStopAtLevel=1" in options and "-XX:+UseSerialGC" in options
+    assert f"-XX:ArchiveClassesAtExit={archive.parent}" in options
+    assert str(half_written) not in options and "SharedArchiveFile" not in options
+    assert spark_jvm._pending_archive and spark_jvm._pending_archive[0][1] == archive
+
+    archive.write_bytes(b"an archive")
+    assert f"-XX:SharedArchiveFile={archive}" in spark_jvm.fast_start_options("local[*]")
+    assert spark_jvm.fast_start_options("spark://cluster:7077") is None
+    assert spark_jvm.fast_start_options(None) is None
+    monkeypatch.setenv("MMDET_MLFLOW_SPARK_FAST_START", "0")
+    assert spark_jvm.fast_start_options("local[2]") is None
+    monkeypatch.delenv("MMDET_MLFLOW_SPARK_FAST_START")
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "spark-defaults.conf").write_text("spark.driver.extraJavaOptions -Xss4m\n")
+    assert spark_jvm.fast_start_options("local[2]") is None
 
 
 @pytest.mark.parametrize("broken", ["missing", "unknown-runtime", "not-ours"])

@@ -32,13 +32,20 @@ def add_parser(subparsers):
 
 
 def run(args):
+    import sys
+
+    from mmdet_mlflow import spark_jvm
     from mmdet_mlflow.spark_batch import run_spark_batch
 
-    counts = run_spark_batch(args.model, args.input, args.output, master=args.master,
-                             glob=args.glob, jsonl=args.jsonl, params=params_from_args(args) or None,
-                             files_per_batch=args.files_per_batch,
-                             records_per_arrow_batch=args.records_per_arrow_batch,
-                             max_file_bytes=args.max_file_bytes)
+    try:
+        counts = run_spark_batch(args.model, args.input, args.output, master=args.master,
+                                 glob=args.glob, jsonl=args.jsonl,
+                                 params=params_from_args(args) or None,
+                                 files_per_batch=args.files_per_batch,
+                                 records_per_arrow_batch=args.records_per_arrow_batch,
+                                 max_file_bytes=args.max_file_bytes)
+    finally:
+        spark_jvm.before_exit(log=lambda message: print(message, file=sys.stderr, flush=True))
     loads = counts["model_loads"]
     print(f"{counts['this_run']} pictures scored this run; {counts['pictures']} in the output, "
           f"{counts['errors']} of them errors -> {args.output}; the model loaded "
