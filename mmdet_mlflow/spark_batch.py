@@ -144,10 +144,11 @@ def output_schema():
 # --- in the Python workers ---------------------------------------------------------------------
 
 def score_pictures(batches: Iterator, model_path: str, params: dict, max_file_bytes: int,
-                   loads=None) -> Iterator:
+                   loads=None, answered=None) -> Iterator:
     """``mapInPandas`` function: Arrow batches of binaryFile rows (``content`` null for files
     over ``max_file_bytes``, which were not read) -> one row per picture (``scored_schema``).
-    The model is loaded once per Python worker (``worker_segmenter``)."""
+    The model is loaded once per Python worker (``worker_segmenter``). ``answered``, a Spark
+    accumulator, is told each row's path and whether it is an error row."""
     import pandas as pd
 
     from scoring.runner import score_images
@@ -173,6 +174,8 @@ def score_pictures(batches: Iterator, model_path: str, params: dict, max_file_by
                 boxes[scored.key] = scored.response["boxes"]
             else:
                 errors[scored.key] = f"{scored.key}: {scored.error.problem}"
+        if answered is not None:
+            answered.add({path: path in errors for path in frame["path"]})
         yield pd.DataFrame({
             "path": frame["path"],
             "modificationTime": frame["modificationTime"],
@@ -219,9 +222,8 @@ def spark_session(master: str | None = None, app_name: str = "mmdet-mlflow spark
                   records_per_arrow_batch: int = RECORDS_PER_ARROW_BATCH):
     """A SparkSession for the job (the active one, when there is one: its settings stay as they
     are, as on Databricks or Synapse). A new local one runs its Python workers with this
-    Python, its driver JVM starts fast (``spark_jvm``: end it with ``spark_jvm.stop`` or
-    ``spark_jvm.before_exit``), and it
-    passes the MMDET_MLFLOW_ settings on to executors."""
+    Python and its driver JVM starts fast (``spark_jvm``: end it with ``spark_jvm.stop`` or
+    ``spark_jvm.before_exit``). The MMDET_MLFLOW_ settings are passed on to executors."""
     from pyspark import SparkContext
     from pyspark.sql import SparkSession
 
@@ -246,6 +248,18 @@ def spark_session(master: str | None = None, app_name: str = "mmdet-mlflow spark
     if launching:
         spark_jvm.launched(SparkContext._gateway)
     return session
+
+
+class _Merged:
+    """AccumulatorParam of a dict whose updates replace keys: applying one task's update twice
+    (Spark may, for a task whose stage is run again) changes nothing."""
+
+    def zero(self, value):
+        return {}
+
+    def addInPlace(self, a, b):
+        a.update(b)
+        return a
 
 
 class _PidCounts:
@@ -374,22 +388,24 @@ class _Job:
         big = batch.where(F.col("length") > self.max_file_bytes).select(
             "path", "modificationTime", "length", F.lit(None).cast("binary").alias("content"))
         rows = small.select("path", "modificationTime", "length", "content").unionByName(big)
+        # The paths of the rows written, and which are errors, come back with the tasks
+        # (a job reading them back would cost more than this whole bookkeeping).
+        answered = spark.sparkContext.accumulator({}, _Merged())
         score = functools.partial(_score_on_executor, model_path=self.model_path,
                                   model_name=self.resolved.local_path.name, params=self.params,
-                                  max_file_bytes=self.max_file_bytes, loads=self.loads)
+                                  max_file_bytes=self.max_file_bytes, loads=self.loads,
+                                  answered=answered)
         rows = rows.mapInPandas(score, self.scored_schema)
         stamp = [F.lit(self.resolved.uri).alias("model"), F.lit(self.params_json).alias("params")]
         target = _join(self.parquet_out, f"batch={batch_id}")
         rows.select("*", *stamp).write.mode("overwrite").parquet(target)  # a redone batch
-        written = spark.read.schema(self.written_schema).parquet(target)  # replaces its rows
-        scanned = {row.path: row.failed for row in
-                   written.select("path", F.col("error").isNotNull().alias("failed")).collect()}
+        scanned = answered.value  # replaces its rows
         empty = sorted(set(_batch_files(spark, self.checkpoint, batch_id)) - scanned.keys())
         if empty:  # Spark's file scans skip files of 0 bytes: they get their error row here
             (spark.createDataFrame([(path, None, 0, None, f"{path}: empty file (0 bytes)")
                                     for path in empty], self.scored_schema)
              .select("*", *stamp).write.mode("append").parquet(target))
-        if self.jsonl:  # read again: a DataFrame's files are listed when it is made
+        if self.jsonl:
             (spark.read.schema(self.written_schema).parquet(target)
              .write.mode("overwrite").option("ignoreNullFields", "false")
              .json(_join(self.output, JSONL_DIR, f"batch={batch_id}")))
@@ -400,12 +416,12 @@ class _Job:
                  f"{time.monotonic() - started:.1f} s; {self.this_run} this run")
 
 
-def _score_on_executor(batches, model_path, model_name, params, max_file_bytes, loads):
+def _score_on_executor(batches, model_path, model_name, params, max_file_bytes, loads, answered):
     if model_path is None:  # on a cluster: the copy Spark shipped with addFile
         from pyspark import SparkFiles
 
         model_path = SparkFiles.get(model_name)
-    return score_pictures(batches, model_path, params, max_file_bytes, loads)
+    return score_pictures(batches, model_path, params, max_file_bytes, loads, answered)
 
 
 def _batch_files(spark, checkpoint: str, batch_id: int) -> list[str]:
