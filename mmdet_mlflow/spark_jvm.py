@@ -71,7 +71,7 @@ def fast_start_options(master: str | None) -> str | None:
         writing = archive.with_name(f"{archive.stem}.{os.getpid()}.writing")
         options.append(f"-XX:ArchiveClassesAtExit={writing}")
         _pending_archive[:] = [(writing, archive)]
-        atexit.register(_archive_at_exit)
+        atexit.register(before_exit)  # a library user's process: the archive is put in place
     return " ".join(options)
 
 
@@ -100,51 +100,45 @@ def stop(spark, log=None) -> None:
     """Stop a session made by ``spark_batch.spark_session`` and, when that call launched the
     JVM, the JVM too, waiting for it to exit; a first run's JVM writes the class archive on its
     way out, which is then put in place."""
-    from pyspark import SparkContext
-
     spark.stop()
-    gateway = SparkContext._gateway
-    if _launched and _launched[0] is gateway and getattr(gateway, "proc", None) is not None:
-        _launched.clear()
+    gateway = _take_launched_gateway()
+    if gateway is not None:
         _end_jvm(gateway, wait=True, log=log)
 
 
 def before_exit(log=None) -> None:
-    """For a command about to exit after its Spark work: let the JVM this process launched go.
-    It stops Spark in its shutdown hook, as when any driver program ends, while this process
-    exits (a ``SparkSession.stop`` here takes most of a second, and Python's exit waits on the
-    gateway's threads); a first run waits for its JVM to write the class archive instead."""
+    """For a process about to exit after its Spark work (a command; and at exit, a library
+    user whose JVM writes the archive): let the JVM this process launched go. It stops Spark in
+    its shutdown hook, as when any driver program ends, while this process exits (a
+    ``SparkSession.stop`` here takes most of a second, and Python's exit waits on the gateway's
+    threads); a JVM writing the class archive is waited for, and the archive put in place."""
+    gateway = _take_launched_gateway()
+    if gateway is not None:
+        _end_jvm(gateway, wait=bool(_pending_archive), log=log)
+
+
+def _take_launched_gateway():
+    """The py4j gateway of the JVM this process launched, if it is still the running one
+    (and forget it: it is about to end); else None."""
     from pyspark import SparkContext
-    from pyspark.sql import SparkSession
 
     gateway = SparkContext._gateway
     if not _launched or _launched[0] is not gateway or getattr(gateway, "proc", None) is None:
-        return
-    if _pending_archive:
-        session = SparkSession.getActiveSession()
-        if session is not None:
-            stop(session, log)
-            return
+        return None
     _launched.clear()
-    _end_jvm(gateway, wait=bool(_pending_archive), log=log)
-
-
-def _archive_at_exit() -> None:
-    """A process that launched a JVM writing the archive and never ended it (a library user,
-    a notebook): end it while this process still runs, so that the archive is put in place
-    (otherwise the JVM writes it after this process has gone, and nobody renames it)."""
-    from pyspark import SparkContext
-
-    gateway = SparkContext._gateway
-    if _pending_archive and _launched and _launched[0] is gateway:
-        _launched.clear()
-        _end_jvm(gateway, wait=True)
+    return gateway
 
 
 def _end_jvm(gateway, wait: bool, log=None) -> None:
     from pyspark import SparkContext
 
     proc, started = gateway.proc, time.monotonic()
+    # The driver's accumulator server first, as SparkContext.stop does: the JVM's exit closes
+    # its connection, which it would report as an error
+    context = SparkContext._active_spark_context
+    if getattr(context, "_accumulatorServer", None) is not None:
+        context._accumulatorServer.shutdown()
+        context._accumulatorServer = None
     try:
         gateway.shutdown()
     finally:
