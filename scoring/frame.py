@@ -11,10 +11,11 @@ import pandas as pd
 from scoring import settings
 from scoring.decode import preview
 from scoring.errors import InputError
-from scoring.fetch import Deadline, request_budget
+from scoring.fetch import request_budget
 from scoring.runner import score_images
 from scoring.runtimes.base import Segmenter
 from scoring.schema import INPUT_COLUMN, OUTPUT_COLUMN
+from scoring.work import request_deadline
 
 
 def as_frame(model_input: Any) -> pd.DataFrame:
@@ -68,8 +69,7 @@ def score_frame(segmenter: Segmenter, model_input: Any,
         deadline = budget = None
     else:
         check_row_count(len(frame))
-        seconds = settings.REQUEST_TIMEOUT.value()
-        deadline = Deadline.after(seconds, f"took longer than {seconds:g} s ({settings.REQUEST_TIMEOUT.env})")
+        deadline = request_deadline()
         budget = request_budget()
     spark = deadline is None
     out = [Boxes(map(OptionalKeys, boxes) if spark else boxes)

@@ -13,14 +13,15 @@ encoder. Callers differ only in
   (batch jobs, predict on a folder);
 - how detections are encoded: ``encode`` defaults to the public response; evaluation passes one
   that also keeps each mask's RLE (see ``mmdet_mlflow.evaluate``);
-- limits: a served request has a ``deadline`` for its work (checked between forward passes and
-  between masks, so a request whose client gave up stops instead of holding the worker) and a
-  ``budget`` for its image URLs together (time spent fetching only); batch jobs have neither.
+- limits (``scoring.work``): a served request has a ``deadline`` for its work (checked between
+  forward passes, merge steps and masks, so a request that ran out of time stops instead of
+  holding the worker) and a ``budget`` for its image URLs together (time spent fetching only);
+  a batch job (``on_error="yield"``) gives each picture a deadline of its own instead, and a
+  picture past it becomes an error row while the job goes on.
 
-Every image is checked before it reaches the model: it must survive the model's resize (a 1 x
-2000 image would become 0 pixels high) and its worst-case mask work (max_detections x pixels)
-must be within ``MMDET_MLFLOW_MAX_MASK_PIXELS`` (unless ``mask_format`` is "none": no mask is
-made). The ``classes`` param is checked against the model's classes before the first image.
+Every image is checked before it reaches the model (``scoring.work.check_work``): it must
+survive the model's resize, its worst-case mask work and a tiled picture's merge must be within
+their limits. The ``classes`` param is checked against the model's classes before the first image.
 """
 from __future__ import annotations
 
@@ -29,7 +30,6 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-from scoring import settings
 from scoring.class_filter import check_classes
 from scoring.decode import decode_image
 from scoring.encode import encode_detections
@@ -38,7 +38,8 @@ from scoring.fetch import Deadline, FetchBudget
 from scoring.runtimes.base import ImageDetections, Segmenter
 from scoring.runtimes.masks import MaskWindow
 from scoring.schema import PredictParams
-from scoring.tiling import segment_tiled
+from scoring.tiling import segment_tiled, tiles_for
+from scoring.work import check_deadline, check_work, picture_deadline
 
 Encoder = Callable[[ImageDetections, PredictParams], Any]
 
@@ -76,38 +77,77 @@ def score_images(segmenter: Segmenter, items: Iterable[tuple[Any, Any]],
         params = segmenter.default_params.updated(params)
     check_classes(segmenter.class_names, params)  # an unknown class name: refused before any work
     decode = decode or (lambda key, value: decode_image(value, row=key, budget=budget))
-    size = segmenter.batch_size
-    max_mask_pixels = settings.MAX_MASK_PIXELS.value()
+    job = _Job(segmenter, params, encode, keep_images, deadline, on_error)
     batch: list[tuple[Any, np.ndarray]] = []
     for key, value in items:
         try:
-            _check_deadline(deadline)
+            check_deadline(deadline)
             image = decode(key, value)
-            _check_work(segmenter, image, params, max_mask_pixels, key)
+            check_work(segmenter, image, params, len(tiles_for(image.shape[:2], params)), key)
             batch.append((key, image))
         except InputError as err:
             if on_error == "raise":
                 raise
             yield Scored(key, error=err)
             continue
-        if len(batch) == size:
-            _check_deadline(deadline)
-            yield from _score_batch(segmenter, batch, params, encode, keep_images, deadline)
+        if len(batch) == segmenter.batch_size:
+            check_deadline(deadline)
+            yield from job.score(batch)
             batch = []
     if batch:
-        _check_deadline(deadline)
-        yield from _score_batch(segmenter, batch, params, encode, keep_images, deadline)
+        check_deadline(deadline)
+        yield from job.score(batch)
 
 
-def _check_deadline(deadline: Deadline | None) -> None:
-    if deadline is not None and deadline.passed():
-        raise InputError(f"the request {deadline.what}; send fewer or smaller images per request")
+@dataclass
+class _Job:
+    """How one call scores its batches: the same params, encoder and limits for each."""
+
+    segmenter: Segmenter
+    params: PredictParams
+    encode: Encoder
+    keep_images: bool
+    deadline: Deadline | None  # the request's, when it is one
+    on_error: str
+
+    def score(self, batch: list[tuple[Any, np.ndarray]]) -> Iterator[Scored]:
+        """A batch's answers: with tiling, picture by picture (the whole picture and its tiles,
+        merged); without, the batch in the segmenter's passes. Each picture's work is bounded by
+        its deadline: the request's, or in a batch job its own from when its work starts."""
+        if self.params.tile_grid:
+            for key, image in batch:
+                deadline = self._picture_deadline()
+                yield self._scored(key, image, deadline, lambda: segment_tiled(
+                    self.segmenter, image, self.params, deadline))
+            return
+        deadlines = [self._picture_deadline() for _ in batch]
+        found = self.segmenter([image for _, image in batch], self.params)
+        for (key, image), detections, deadline in zip(batch, found, deadlines):
+            yield self._scored(key, image, deadline, lambda: detections)
+
+    def _picture_deadline(self) -> Deadline | None:
+        return self.deadline if self.on_error == "raise" else picture_deadline(self.deadline)
+
+    def _scored(self, key, image: np.ndarray, deadline: Deadline | None,
+                detect: Callable[[], ImageDetections]) -> Scored:
+        try:
+            detections = detect()
+            check_deadline(deadline, "(after the network's passes)")
+            if deadline is not None and detections.masks is not None:
+                detections = replace(detections, masks=_MasksWithinDeadline(detections.masks, deadline))
+            response = self.encode(detections, self.params)
+        except InputError as err:
+            if self.on_error == "raise":
+                raise
+            return Scored(key, error=err.for_row(key) if err.row is None else err)
+        return Scored(key, response=response, image=image if self.keep_images else None,
+                      detections=detections if self.keep_images else None)
 
 
 class _MasksWithinDeadline:
-    """An image's masks, checking the request's deadline before each one: encoding thousands of
-    masks (score_threshold 0, max_detections 10000 on a 700x700 image took 6 minutes) happens
-    after the forward pass, so the checks between passes alone let it outlive its request."""
+    """An image's masks, checking the deadline before each one: encoding thousands of masks
+    happens after the forward passes, so the checks between passes alone would let it outlive
+    its request."""
 
     def __init__(self, masks, deadline: Deadline):
         self.masks = masks
@@ -118,7 +158,7 @@ class _MasksWithinDeadline:
 
     def iter_masks(self, threshold: float) -> Iterator[np.ndarray]:
         for mask in self.masks.iter_masks(threshold):
-            _check_deadline(self.deadline)
+            check_deadline(self.deadline, "(making masks)")
             yield mask
 
     def iter_windows(self, threshold: float):
@@ -127,44 +167,5 @@ class _MasksWithinDeadline:
             yield from (MaskWindow.whole(mask) for mask in self.iter_masks(threshold))
             return
         for window in windows(threshold):
-            _check_deadline(self.deadline)
+            check_deadline(self.deadline, "(making masks)")
             yield window
-
-
-def _check_work(segmenter: Segmenter, image: np.ndarray, params: PredictParams,
-                max_mask_pixels: int, key) -> None:
-    """Refuse, before the model runs, what it cannot take or what would cost too much."""
-    problem = segmenter.image_problem(image)
-    if problem:
-        raise InputError(problem, row=key)
-    height, width = image.shape[:2]
-    if params.mask_format == "none":
-        return  # no mask is made: the mask work is nothing
-    if params.max_detections * width * height > max_mask_pixels:
-        raise InputError(
-            f"max_detections {params.max_detections} x {width}x{height} pixels = "
-            f"{params.max_detections * width * height} mask pixels, over the limit of "
-            f"{max_mask_pixels} ({settings.MAX_MASK_PIXELS.env}); lower max_detections or send a "
-            f"smaller image", row=key)
-
-
-def _segment(segmenter: Segmenter, images: list[np.ndarray], params: PredictParams,
-             deadline: Deadline | None) -> Iterator[ImageDetections]:
-    """The batch's detections: one pass of the segmenter's batches, or, with tiling, each
-    picture's tiles and whole picture (scoring.tiling), checking the deadline between pictures."""
-    if not params.tile_grid:
-        yield from segmenter(images, params)
-        return
-    for image in images:
-        _check_deadline(deadline)
-        yield segment_tiled(segmenter, image, params)
-
-
-def _score_batch(segmenter, batch, params, encode, keep_images, deadline=None) -> Iterator[Scored]:
-    images = [image for _, image in batch]
-    for (key, image), detections in zip(batch, _segment(segmenter, images, params, deadline)):
-        if deadline is not None:
-            detections = replace(detections, masks=_MasksWithinDeadline(detections.masks, deadline))
-        yield Scored(key, response=encode(detections, params),
-                     image=image if keep_images else None,
-                     detections=detections if keep_images else None)

@@ -110,9 +110,17 @@ MAX_ROWS = Setting("MAX_ROWS", 64, int, "most images one request may carry (400 
 MAX_MASK_PIXELS = Setting("MAX_MASK_PIXELS", 5_000_000_000, int, "most mask pixels one image may "
                           "cost: max_detections x width x height (400 above it); the default lets "
                           "100 detections through on the largest image", "every input")
-REQUEST_TIMEOUT = Setting("REQUEST_TIMEOUT", 60.0, float, "seconds a request's work may take; "
-                          "checked between forward passes and between masks, so a request whose "
-                          "client gave up stops instead of holding the worker", "serving")
+REQUEST_TIMEOUT = Setting("REQUEST_TIMEOUT", 60.0, float, "seconds a served request's work may "
+                          "take, shortened to end before the server's own timeout "
+                          "(MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT, the Azure deployment's request "
+                          "timeout); checked between forward passes, merge steps and masks: past it "
+                          "the work stops and the request is answered 400", "serving")
+BATCH_PICTURE_TIMEOUT = Setting("BATCH_PICTURE_TIMEOUT", 600.0, float, "seconds one picture's work "
+                                "may take in a batch job: past it the picture gets an error row "
+                                "and the job goes on", "batch, Azure batch, spark-batch")
+MAX_TILE_CANDIDATES = Setting("MAX_TILE_CANDIDATES", 50_000, int, "most detections one tiled "
+                              "picture may bring to the merge, counted before any pass as (tiles + "
+                              "1) x max_detections (400 above it)", "every input")
 FETCH_REQUEST_BUDGET = Setting("FETCH_REQUEST_BUDGET", 30.0, float, "seconds all of one request's "
                                "image URLs may take together (time spent fetching; the model's "
                                "passes between rows do not count)", "image URLs")
@@ -149,7 +157,7 @@ SPARK_FAST_START = Setting("SPARK_FAST_START", True, _switch, "JVM options for a
                            "spark-batch starts itself (0 to start Spark as it comes)", "spark-batch")
 
 SETTINGS = (DEVICE, BATCH_SIZE, PRECISION, NUM_THREADS, MASK_BOX_MARGIN, MAX_IMAGE_PIXELS, MAX_ROWS,
-            MAX_MASK_PIXELS, REQUEST_TIMEOUT,
+            MAX_MASK_PIXELS, MAX_TILE_CANDIDATES, REQUEST_TIMEOUT, BATCH_PICTURE_TIMEOUT,
             MAX_REQUEST_BYTES, MAX_DOWNLOAD_BYTES, FETCH_TIMEOUT, FETCH_CONNECT_TIMEOUT,
             FETCH_TOTAL_TIMEOUT, FETCH_REQUEST_BUDGET, FETCH_MAX_REDIRECTS,
             URL_ALLOWLIST, BATCH_PARAMS, BATCH_INPUT_ROOT, CACHE, CHECKPOINT_MIRROR,

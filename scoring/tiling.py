@@ -43,11 +43,13 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from scoring.boxes import box_iou
+from scoring.boxes import area, box_iou
+from scoring.fetch import Deadline
 from scoring.runtimes.base import ImageDetections, Segmenter
 from scoring.runtimes.masks import MaskWindow
 from scoring.schema import PredictParams
 from scoring.tiles import tile_rectangles
+from scoring.work import check_deadline
 
 # A cut piece is part of an object when its box and the object's box (or another piece's),
 # clipped to where both are seen, have at least this IoU: the same view of one object, so
@@ -57,6 +59,13 @@ PIECE_IOU = 0.7
 # An object only the whole picture saw whole takes the union of its pieces' masks (finer) when
 # their boxes' union has at least this IoU with the whole picture's box.
 COVER_IOU = 0.5
+# The merge looks up the groups near a candidate in a grid of cells about a typical candidate's
+# size, at least this many pixels; a box reaching into more than BIG_BOX_CELLS cells is looked at
+# with every candidate instead of being listed in each cell.
+MIN_CELL_PIXELS = 16.0
+BIG_BOX_CELLS = 64
+# Candidates merged between two looks at the request's deadline.
+DEADLINE_STRIDE = 256
 # Pixels from an inner tile border within which a box counts as touching it (boxes are floats,
 # and a cut object's box ends at the tile's last pixel or a little short of it).
 BORDER_PIXELS = 2.0
@@ -73,16 +82,22 @@ def tiles_for(image_hw: tuple[int, int], params: PredictParams) -> list[tuple[in
     return rects if len(rects) > 1 else []
 
 
-def segment_tiled(segmenter: Segmenter, image: np.ndarray, params: PredictParams) -> ImageDetections:
+def segment_tiled(segmenter: Segmenter, image: np.ndarray, params: PredictParams,
+                  deadline: Deadline | None = None) -> ImageDetections:
     """One picture's detections with tiling: the whole picture and each tile through the
-    segmenter (its batches), merged. Without tiles (no grid, or one tile), the plain answer."""
+    segmenter (its batches, ``deadline`` checked before each), merged. Without tiles (no grid,
+    or one tile), the plain answer."""
     rects = tiles_for(image.shape[:2], params)
     if not rects:
         return segmenter([image], params)[0]
     height, width = image.shape[:2]
     sources = [(0, 0, width, height)] + rects
     crops = [image[y0:y1, x0:x1] for x0, y0, x1, y1 in sources]  # views: no copies
-    return merge_tiles(segmenter(crops, params), sources, (height, width), params)
+    found: list[ImageDetections] = []
+    for start in range(0, len(crops), segmenter.batch_size):
+        check_deadline(deadline, f"(after {start} of {len(crops)} tiled passes)")
+        found.extend(segmenter(crops[start:start + segmenter.batch_size], params))
+    return merge_tiles(found, sources, (height, width), params, deadline)
 
 
 @dataclass
@@ -113,10 +128,6 @@ class _Group:
     def best(self) -> _Candidate:
         return max(self.members, key=lambda c: c.score)
 
-    def anchors(self) -> list[_Candidate]:
-        """The members a candidate is compared with: the keeper, and each tile's piece."""
-        return list(self.pieces.values()) if self.keeper.cut else [self.keeper]
-
     def shape_members(self) -> list[_Candidate]:
         """Whose box and mask the object gets: a whole keeper's; the union of the tiles' pieces
         when no source saw it whole, or when only the shrunk whole picture did and the pieces
@@ -135,37 +146,14 @@ class _Group:
     def mask_members(self) -> list[_Candidate]:
         return self.shape_members()
 
-    def take(self, candidate: _Candidate, params: PredictParams) -> bool:
-        """Whether ``candidate`` is this object (then it joins: a piece from a new tile of an
-        object seen only in pieces adds its box and mask)."""
-        if not params.class_agnostic_nms and candidate.label != self.keeper.label:
-            return False
-        keeper = self.keeper
-        if not candidate.cut:  # wholes come first: the keeper is whole too
-            # two of one source are two objects: the model's own NMS kept both
-            joins = (candidate.source != keeper.source
-                     and box_iou(candidate.box, keeper.box) > params.tile_predictions_nms_thresh)
-        elif not keeper.cut:
-            joins = box_iou(candidate.box, _clip(keeper.box, candidate.tile)) >= PIECE_IOU
-            if joins and keeper.source == 0 and candidate.source not in self.pieces:
-                self.pieces[candidate.source] = candidate  # its best piece in this tile
-        elif candidate.source in self.pieces:
-            joins = (box_iou(candidate.box, self.pieces[candidate.source].box)
-                     > params.tile_predictions_nms_thresh)
-        else:
-            joins = any(_same_cut_object(candidate, piece) for piece in self.pieces.values())
-            if joins:
-                self.pieces[candidate.source] = candidate
-        if joins:
-            self.members.append(candidate)
-        return joins
-
 
 def merge_tiles(detections: Sequence[ImageDetections], sources: Sequence[tuple[int, int, int, int]],
-                image_hw: tuple[int, int], params: PredictParams) -> ImageDetections:
+                image_hw: tuple[int, int], params: PredictParams,
+                deadline: Deadline | None = None) -> ImageDetections:
     """Detections of each source (the whole picture first, then tiles; each in its own pixels)
     -> one picture's detections (see the module docstring), at most ``max_detections``, best
-    first."""
+    first. ``deadline``: checked every ``DEADLINE_STRIDE`` candidates (an InputError once it has
+    passed), so a merge of many candidates cannot outlive its request."""
     height, width = image_hw
     candidates = []
     for source, (found, rect) in enumerate(zip(detections, sources)):
@@ -178,40 +166,194 @@ def merge_tiles(detections: Sequence[ImageDetections], sources: Sequence[tuple[i
     # Wholes first, a tile's before the whole picture's (finer: its masks are made at several
     # times the whole picture's scale), then cut pieces; each by score.
     candidates.sort(key=lambda c: (c.cut, c.source == 0, -c.score))
-    groups: list[_Group] = []
-    # Every way of joining a group needs an anchor (keeper or piece) whose box intersects the
-    # candidate's, so only those groups are tried, in the order they were made: at a low score
-    # threshold 26 sources give thousands of candidates.
-    anchor_boxes = np.empty((2 * len(candidates), 4), np.float64)
-    anchor_group = np.empty(2 * len(candidates), np.int64)
-    anchors = 0
-    for candidate in candidates:
-        box, seen = candidate.box, anchor_boxes[:anchors]
-        meets = ((np.minimum(seen[:, 2], box[2]) > np.maximum(seen[:, 0], box[0]))
-                 & (np.minimum(seen[:, 3], box[3]) > np.maximum(seen[:, 1], box[1])))
-        joined = next((int(g) for g in np.unique(anchor_group[:anchors][meets])
-                       if groups[g].take(candidate, params)), None)
-        if joined is None:
-            joined = len(groups)
-            groups.append(_Group.start(candidate))
-        elif groups[joined].pieces.get(candidate.source) is not candidate:
-            continue  # a duplicate: no new anchor
-        if anchors == len(anchor_boxes):
-            anchor_boxes = np.concatenate([anchor_boxes, anchor_boxes])
-            anchor_group = np.concatenate([anchor_group, anchor_group])
-        anchor_boxes[anchors], anchor_group[anchors] = box, joined
-        anchors += 1
+    groups = _group_candidates(candidates, image_hw, params, deadline)
     groups.sort(key=lambda g: -g.best.score)
     groups = groups[:params.max_detections]
     class_names = detections[0].class_names if detections else []
+    with_masks = bool(detections) and all(found.masks is not None for found in detections)
     return ImageDetections(
         image_size=(width, height),
         boxes=np.asarray([g.box() for g in groups], np.float32).reshape(-1, 4),
         scores=np.asarray([g.best.score for g in groups], np.float32),
         labels=np.asarray([g.best.label for g in groups], np.int64),
         class_names=class_names,
-        masks=TiledMasks([g.mask_members() for g in groups], detections, sources, image_hw),
+        masks=TiledMasks([g.mask_members() for g in groups], detections, sources, image_hw)
+        if with_masks else None,
     )
+
+
+def _group_candidates(candidates: Sequence[_Candidate], image_hw: tuple[int, int],
+                      params: PredictParams, deadline: Deadline | None) -> list[_Group]:
+    """The groups (objects) of the sorted candidates: each candidate joins the first group (in
+    the order groups were made) whose keeper or pieces take it (``_first_taker``), else starts
+    one. Every way of joining needs an anchor (a keeper or a piece) whose box meets the
+    candidate's, so only the anchors an ``_AnchorIndex`` finds near it are compared, all at once:
+    the work grows with the candidates and their neighbours, not with every pair."""
+    groups: list[_Group] = []
+    index = _AnchorIndex(candidates, image_hw, by_label=not params.class_agnostic_nms)
+    for n, candidate in enumerate(candidates):
+        if n % DEADLINE_STRIDE == 0:
+            check_deadline(deadline, f"(merging tiles: {n} of {len(candidates)} detections)")
+        joined = _first_taker(candidate, index, groups, params)
+        if joined is None:
+            groups.append(_Group.start(candidate))
+            index.add(candidate, len(groups) - 1, keeper_cut=candidate.cut, keeper=True)
+            continue
+        group = groups[joined]
+        group.members.append(candidate)
+        if candidate.cut and candidate.source not in group.pieces and (group.keeper.cut
+                                                                        or group.keeper.source == 0):
+            # a piece from a new tile: of an object seen only in pieces (its box and mask grow),
+            # or of one only the shrunk whole picture saw whole (finer masks, when they cover it)
+            group.pieces[candidate.source] = candidate
+            index.add(candidate, joined, keeper_cut=group.keeper.cut, keeper=False)
+    return groups
+
+
+def _first_taker(candidate: _Candidate, index: "_AnchorIndex", groups: list[_Group],
+                 params: PredictParams) -> int | None:
+    """The first group (lowest index) that is the same object as ``candidate``, or None:
+
+    - a whole candidate (wholes come first, so every keeper is whole): a keeper of another source
+      (two of one source are two objects: the model's own NMS kept both) with IoU above
+      ``tile_predictions_nms_thresh``;
+    - a cut piece and a whole keeper: the keeper's box clipped to the piece's tile, IoU >=
+      ``PIECE_IOU``;
+    - a cut piece and an object seen only in pieces: a duplicate when the object has a piece from
+      the same tile and their IoU is above ``tile_predictions_nms_thresh``, else a new piece when
+      it agrees with any of the pieces where both tiles see it (``_same_cut_objects``);
+    - with ``class_agnostic_nms`` off, only a group of the candidate's label (the index finds
+      only those)."""
+    near = index.meeting(candidate)
+    if not len(near):
+        return None
+    group, boxes, source = index.group[near], index.boxes[near], index.source[near]
+    if not candidate.cut:
+        takes = (source != candidate.source) & (
+            _ious(candidate.box, boxes, index.areas[near]) > params.tile_predictions_nms_thresh)
+        return int(group[takes].min()) if takes.any() else None
+    cut_group = index.group_cut[group]
+    whole_keeper = ~cut_group & index.keeper[near]
+    whole_takes = np.zeros(len(near), bool)
+    if whole_keeper.any():
+        clipped = _clip_all(boxes[whole_keeper], candidate.tile)
+        whole_takes[whole_keeper] = _ious(candidate.box, clipped, _areas(clipped)) >= PIECE_IOU
+    same_tile = source == candidate.source
+    duplicate = cut_group & same_tile & (
+        _ious(candidate.box, boxes, index.areas[near]) > params.tile_predictions_nms_thresh)
+    agrees = cut_group & ~same_tile
+    if agrees.any():
+        agrees[agrees] = _same_cut_objects(candidate, boxes[agrees], index.tiles[near][agrees])
+    # a group with a piece from this tile takes the candidate only as that piece's duplicate
+    new_piece = [int(g) for g in np.unique(group[agrees]) if candidate.source not in groups[g].pieces]
+    takers = np.concatenate([group[whole_takes], group[duplicate], np.asarray(new_piece, np.int64)])
+    return int(takers.min()) if len(takers) else None
+
+
+class _AnchorIndex:
+    """The anchors merged so far (each group's keeper, and the pieces it took from new tiles),
+    found by where they are: a uniform grid of cells about as large as a typical candidate, each
+    listing the anchors whose boxes reach into it (a box over ``BIG_BOX_CELLS`` cells is listed
+    once, among the few looked at every time), one grid per label unless the merge is
+    class-agnostic (only a group of the candidate's label can take it)."""
+
+    def __init__(self, candidates: Sequence[_Candidate], image_hw: tuple[int, int], by_label: bool):
+        count = len(candidates)
+        self.boxes = np.empty((count, 4), np.float64)
+        self.areas = np.empty(count, np.float64)
+        self.tiles = np.empty((count, 4), np.float64)
+        self.source = np.empty(count, np.int64)
+        self.group = np.empty(count, np.int64)
+        self.keeper = np.empty(count, bool)  # the group's keeper (not a piece it took)
+        self.group_cut = np.empty(count, bool)  # per group: its keeper is a cut piece
+        self.size = 0
+        self.by_label = by_label
+        sides = [max(c.box[2] - c.box[0], c.box[3] - c.box[1]) for c in candidates]
+        self.cell = max(MIN_CELL_PIXELS, float(np.median(sides)) if sides else 1.0)
+        self.columns = int(image_hw[1] // self.cell) + 1
+        self.rows = int(image_hw[0] // self.cell) + 1
+        self.cells: dict[tuple[int, int], list[int]] = {}  # (label or 0, cell) -> anchors
+        self.big: dict[int, list[int]] = {}  # label or 0 -> anchors over many cells
+
+    def _cells(self, box: np.ndarray) -> list[int]:
+        """The cells a box reaches into (a box past the picture's edge: the edge's cells)."""
+        def span(low: float, high: float, cells: int) -> range:
+            first = min(max(0, int(low // self.cell)), cells - 1)
+            return range(first, min(max(first, int(high // self.cell)), cells - 1) + 1)
+
+        columns = span(box[0], box[2], self.columns)
+        return [row * self.columns + column for row in span(box[1], box[3], self.rows) for column in columns]
+
+    def add(self, candidate: _Candidate, group: int, keeper_cut: bool, keeper: bool) -> None:
+        n = self.size
+        self.boxes[n], self.tiles[n] = candidate.box, candidate.tile
+        self.areas[n] = area(candidate.box)
+        self.source[n], self.group[n], self.keeper[n] = candidate.source, group, keeper
+        if keeper:
+            self.group_cut[group] = keeper_cut
+        self.size += 1
+        label = candidate.label if self.by_label else 0
+        cells = self._cells(candidate.box)
+        if len(cells) > BIG_BOX_CELLS:
+            self.big.setdefault(label, []).append(n)
+            return
+        for cell in cells:
+            self.cells.setdefault((label, cell), []).append(n)
+
+    def meeting(self, candidate: _Candidate) -> np.ndarray:
+        """The anchors (of the candidate's label) whose boxes overlap its box (a positive area
+        in common); an anchor listed in two of its cells may come twice."""
+        label = candidate.label if self.by_label else 0
+        found = list(self.big.get(label, ()))
+        for cell in self._cells(candidate.box):
+            found.extend(self.cells.get((label, cell), ()))
+        if not found:
+            return np.empty(0, np.int64)
+        near = np.asarray(found, np.int64)
+        seen, box = self.boxes[near], candidate.box
+        meets = ((np.minimum(seen[:, 2], box[2]) > np.maximum(seen[:, 0], box[0]))
+                 & (np.minimum(seen[:, 3], box[3]) > np.maximum(seen[:, 1], box[1])))
+        return near[meets]
+
+
+def _ious(box: np.ndarray, boxes: np.ndarray, areas: np.ndarray) -> np.ndarray:
+    """``box_iou`` of one box with each of ``boxes`` (whose ``_areas`` are given), with the same
+    arithmetic, so the same values as comparing them one pair at a time."""
+    width = np.minimum(boxes[:, 2], box[2]) - np.maximum(boxes[:, 0], box[0])
+    height = np.minimum(boxes[:, 3], box[3]) - np.maximum(boxes[:, 1], box[1])
+    inter = np.maximum(0.0, width) * np.maximum(0.0, height)
+    return _ratio(inter, area(box) + areas - inter)
+
+
+def _ratio(inter: np.ndarray, union: np.ndarray) -> np.ndarray:
+    """inter / union, 0 where the union is empty (as ``box_iou``)."""
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+
+
+def _areas(boxes: np.ndarray) -> np.ndarray:
+    return np.maximum(0.0, boxes[:, 2] - boxes[:, 0]) * np.maximum(0.0, boxes[:, 3] - boxes[:, 1])
+
+
+def _clip_all(boxes: np.ndarray, rects) -> np.ndarray:
+    """Each box cut to a rectangle (x0, y0, x1, y1): one for all, or one each (rows of ``rects``)."""
+    rects = np.asarray(rects, np.float64)
+    lows, highs = rects[..., [0, 1, 0, 1]], rects[..., [2, 3, 2, 3]]
+    return np.minimum(np.maximum(boxes, lows), highs)
+
+
+def _same_cut_objects(piece: _Candidate, boxes: np.ndarray, tiles: np.ndarray) -> np.ndarray:
+    """Whether ``piece`` and each of the pieces ``boxes`` (cut by ``tiles``) are one object: two
+    pieces of one object agree where both tiles see it, so their boxes clipped to the two tiles'
+    overlap match (IoU >= ``PIECE_IOU``)."""
+    both = np.stack([np.maximum(tiles[:, 0], piece.tile[0]), np.maximum(tiles[:, 1], piece.tile[1]),
+                     np.minimum(tiles[:, 2], piece.tile[2]), np.minimum(tiles[:, 3], piece.tile[3])],
+                    axis=1)
+    overlap = (both[:, 2] > both[:, 0]) & (both[:, 3] > both[:, 1])
+    mine, theirs = _clip_all(piece.box[None], both), _clip_all(boxes, both)
+    width = np.minimum(mine[:, 2], theirs[:, 2]) - np.maximum(mine[:, 0], theirs[:, 0])
+    height = np.minimum(mine[:, 3], theirs[:, 3]) - np.maximum(mine[:, 1], theirs[:, 1])
+    inter = np.maximum(0.0, width) * np.maximum(0.0, height)
+    return overlap & (_ratio(inter, _areas(mine) + _areas(theirs) - inter) >= PIECE_IOU)
 
 
 def _inner_borders(rect, width: int, height: int) -> tuple[float | None, ...]:
@@ -233,22 +375,6 @@ def _touches(box: np.ndarray, inner: tuple[float | None, ...]) -> bool:
 def _union_box(members: Sequence[_Candidate]) -> np.ndarray:
     boxes = np.stack([c.box for c in members])
     return np.concatenate([boxes[:, :2].min(axis=0), boxes[:, 2:].max(axis=0)])
-
-
-def _clip(box: np.ndarray, rect) -> np.ndarray:
-    x0, y0, x1, y1 = rect
-    return np.array([min(max(box[0], x0), x1), min(max(box[1], y0), y1),
-                     min(max(box[2], x0), x1), min(max(box[3], y0), y1)])
-
-
-def _same_cut_object(a: _Candidate, b: _Candidate) -> bool:
-    """Two pieces from two tiles are one object when they agree where both tiles see it: their
-    boxes clipped to the tiles' overlap match."""
-    both = (max(a.tile[0], b.tile[0]), max(a.tile[1], b.tile[1]),
-            min(a.tile[2], b.tile[2]), min(a.tile[3], b.tile[3]))
-    if both[2] <= both[0] or both[3] <= both[1]:
-        return False
-    return box_iou(_clip(a.box, both), _clip(b.box, both)) >= PIECE_IOU
 
 
 class TiledMasks:

@@ -603,6 +603,13 @@ def _param_cases() -> list[Case]:
                                                           "max_detections": 2, "score_threshold": 0.0}), ok=True),
         Case(f, "formats-none-classes-string", split(image, {"mask_format": "none", "classes": "person, car",
                                                              "max_detections": 2}), ok=True),
+        # the merge of 65 passes x 10000 detections: refused before any pass, naming what to change
+        Case(f, "tiled-over-the-merge-budget", split([b64(encoded("JPEG", picture(1200, 1200)))],
+                                                     {"tile_grid_size": "8x8", "max_detections": 10_000,
+                                                      "score_threshold": 0.0, "mask_format": "none"}),
+             message=r"row 0: .*65 passes x max_detections 10000 = 650000 detections to merge, over the "
+                     r"limit of \d+ \(MMDET_MLFLOW_MAX_TILE_CANDIDATES\); lower max_detections or use a "
+                     r"coarser tile_grid_size"),
     ]
     return cases
 

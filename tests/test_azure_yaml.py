@@ -174,7 +174,8 @@ def test_online_dry_run(tmp_path):
             settings.max_queue_wait_ms) == (90_000, 1, 500)
     assert deployment.liveness_probe.initial_delay == 180
     assert deployment.liveness_probe.failure_threshold * deployment.liveness_probe.period > 90
-    assert deployment.environment_variables == {"WORKER_COUNT": "1",
+    # a request's work ends before Azure's 90 s timeout (85 % of it), so our answer comes first
+    assert deployment.environment_variables == {"WORKER_COUNT": "1", "MMDET_MLFLOW_REQUEST_TIMEOUT": "76.5",
                                                 "MMDET_MLFLOW_URL_ALLOWLIST": "10.1.0.0/16,images.internal"}
     code = (tmp_path / "online" / deployment.code_configuration.code).resolve()
     assert (code / deployment.code_configuration.scoring_script) == ROOT / "scoring" / "azureml" / "score.py"
@@ -215,7 +216,9 @@ def test_batch_dry_run(tmp_path):
             s.output_file_name, s.error_threshold, s.max_concurrency_per_instance) == \
         ("gpu-cluster", "my-env:7", 4, "append_row", "predictions.csv", 0, 1)
     assert (s.retry_settings.max_retries, s.retry_settings.timeout) == (3, 600)
-    assert s.environment_variables == {"MMDET_MLFLOW_BATCH_PARAMS": '{"score_threshold": 0.5}'}
+    # each of a mini-batch's 4 pictures gets its share of the 600 s before the mini-batch's timeout
+    assert s.environment_variables == {"MMDET_MLFLOW_BATCH_PARAMS": '{"score_threshold": 0.5}',
+                                       "MMDET_MLFLOW_BATCH_PICTURE_TIMEOUT": "127.5"}
     code = (tmp_path / "batch" / deployment.code_configuration.code).resolve()
     assert (code / deployment.code_configuration.scoring_script) == ROOT / "scoring" / "azureml" / "batch_score.py"
 

@@ -3,6 +3,7 @@ masks, the request params, and tiling through the real tiny model on both runtim
 from __future__ import annotations
 
 import base64
+import dataclasses
 
 import numpy as np
 import pandas as pd
@@ -169,6 +170,117 @@ def test_max_detections_counts_merged_objects():
                           found((200, 229), [], [], []), found((200, 229), [], [], [])],
                          sources(), PICTURE_HW, PredictParams(tile_grid_size="2x1", max_detections=5))
     assert len(merged) == 5 and len(list(merged.iter_masks(0.5))) == 5
+
+
+def merged_pair_by_pair(detections, rects, image_hw, params):
+    """The merge's rules applied the plain way, every candidate against every group in order
+    (what the merge did before it looked its neighbours up), as the oracle the indexed merge
+    must equal: (box, score, label, [(source, index) of the members shaping it]) per object."""
+    from scoring.boxes import box_iou
+    from scoring.tiling import PIECE_IOU, _Candidate, _Group, _inner_borders, _touches
+
+    def clip(box, rect):
+        return np.array([min(max(box[0], rect[0]), rect[2]), min(max(box[1], rect[1]), rect[3]),
+                         min(max(box[2], rect[0]), rect[2]), min(max(box[3], rect[1]), rect[3])])
+
+    def same_cut_object(a, b):
+        both = (max(a.tile[0], b.tile[0]), max(a.tile[1], b.tile[1]),
+                min(a.tile[2], b.tile[2]), min(a.tile[3], b.tile[3]))
+        return (both[2] > both[0] and both[3] > both[1]
+                and box_iou(clip(a.box, both), clip(b.box, both)) >= PIECE_IOU)
+
+    def takes(group, c):
+        keeper, thresh = group.keeper, params.tile_predictions_nms_thresh
+        if not params.class_agnostic_nms and c.label != keeper.label:
+            return False
+        if not c.cut:
+            return c.source != keeper.source and box_iou(c.box, keeper.box) > thresh
+        if not keeper.cut:
+            return box_iou(c.box, clip(keeper.box, c.tile)) >= PIECE_IOU
+        if c.source in group.pieces:
+            return box_iou(c.box, group.pieces[c.source].box) > thresh
+        return any(same_cut_object(c, piece) for piece in group.pieces.values())
+
+    height, width = image_hw
+    candidates = []
+    for source, (dets, rect) in enumerate(zip(detections, rects)):
+        inner = _inner_borders(rect, width, height)
+        for i in range(len(dets)):
+            box = np.asarray(dets.boxes[i], np.float64) + (rect[0], rect[1], rect[0], rect[1])
+            candidates.append(_Candidate(source, i, box, float(dets.scores[i]), int(dets.labels[i]),
+                                         cut=_touches(box, inner), tile=tuple(rect)))
+    candidates.sort(key=lambda c: (c.cut, c.source == 0, -c.score))
+    groups = []
+    for c in candidates:
+        group = next((g for g in groups if takes(g, c)), None)
+        if group is None:
+            groups.append(_Group.start(c))
+            continue
+        group.members.append(c)
+        if c.cut and c.source not in group.pieces and (group.keeper.cut or group.keeper.source == 0):
+            group.pieces[c.source] = c
+    groups.sort(key=lambda g: -g.best.score)
+    return [(g.box().astype(np.float32).tolist(), g.best.score, g.best.label,
+             [(m.source, m.index) for m in g.mask_members()]) for g in groups[:params.max_detections]]
+
+
+def random_sources(rng, image_hw, params, per_source, objects):
+    """Detections of each source of a picture: jittered views of a few objects, cut at the
+    source's edges (pieces where a tile cuts them), random scores and labels."""
+    height, width = image_hw
+    rects = [(0, 0, width, height)] + tiles_for(image_hw, params)
+    centres = rng.uniform(0, 1, (objects, 2)) * (width, height)
+    sizes = rng.uniform(5, max(width, height) / 3, (objects, 2))
+    shapes = np.concatenate([centres - sizes / 2, centres + sizes / 2], axis=1)
+    detections = []
+    for x0, y0, x1, y1 in rects:
+        boxes = shapes[rng.integers(0, objects, per_source)] + rng.normal(0, 3, (per_source, 4))
+        boxes = np.clip(boxes, (x0, y0, x0, y0), (x1, y1, x1, y1)) - (x0, y0, x0, y0)
+        boxes = boxes[(boxes[:, 2] - boxes[:, 0] >= 1) & (boxes[:, 3] - boxes[:, 1] >= 1)]
+        detections.append(ImageDetections(
+            image_size=(x1 - x0, y1 - y0), boxes=boxes.astype(np.float32),
+            scores=rng.uniform(0, 1, len(boxes)).astype(np.float32),
+            labels=rng.integers(0, 2, len(boxes)), class_names=CLASSES,
+            masks=ArrayMasks([np.zeros((y1 - y0, x1 - x0), bool)] * len(boxes))))
+    return detections, rects
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_merge_equals_its_rules_applied_pair_by_pair(seed):
+    """The merge finds the groups near a candidate in a grid and compares them all at once: the
+    same objects, scores, labels, boxes and mask members as comparing every pair in order, over
+    grids, overlaps, thresholds, class-agnostic or not, and many overlapping candidates."""
+    rng = np.random.default_rng(seed)
+    for _ in range(25):
+        params = PredictParams(
+            tile_grid_size=f"{rng.integers(1, 5)}x{rng.integers(1, 5)}",
+            tile_overlap_ratio=float(rng.choice([0.0, 0.25, 0.5])),
+            tile_predictions_nms_thresh=float(rng.choice([0.0, 0.25, 0.6])),
+            class_agnostic_nms=bool(rng.integers(2)), max_detections=int(rng.choice([3, 100])))
+        image_hw = (int(rng.integers(64, 700)), int(rng.integers(64, 700)))
+        detections, rects = random_sources(rng, image_hw, params, int(rng.integers(0, 30)),
+                                           int(rng.integers(1, 12)))
+        merged = merge_tiles(detections, rects, image_hw, params)
+        got = [(merged.boxes[i].tolist(), float(merged.scores[i]), int(merged.labels[i]),
+                [(m.source, m.index) for m in merged.masks.members[i]]) for i in range(len(merged))]
+        assert got == merged_pair_by_pair(detections, rects, image_hw, params)
+
+
+def test_a_merge_past_its_deadline_stops_with_an_input_error():
+    from scoring.fetch import Deadline
+
+    params = PredictParams(tile_grid_size="4x4")
+    detections, rects = random_sources(np.random.default_rng(0), (600, 600), params, 40, 20)
+    passed = Deadline.after(-1.0, "the request took longer than the test allows")
+    with pytest.raises(InputError, match=r"took longer than the test allows \(merging tiles: 0 of \d+"):
+        merge_tiles(detections, rects, (600, 600), params, passed)
+
+
+def test_without_masks_the_merge_makes_none():
+    detections, rects = random_sources(np.random.default_rng(1), (400, 400), PARAMS, 10, 4)
+    detections = [dataclasses.replace(d, masks=None) for d in detections]
+    merged = merge_tiles(detections, rects, (400, 400), PARAMS)
+    assert len(merged) and merged.masks is None
 
 
 @pytest.mark.parametrize("value", ["0x4", "4by4", "3", "100x100", "x2", 7])

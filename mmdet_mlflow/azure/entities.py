@@ -16,6 +16,7 @@ from mmdet_mlflow.azure.deployment_settings import BatchSettings, DeploySettings
 from mmdet_mlflow.azure.environment import environment_entity
 from scoring import settings as env_settings
 from scoring.schema import PredictParams
+from scoring.work import before_timeout
 
 DESCRIPTION = "RTMDet-Ins instance segmentation (mmdet-mlflow)"
 
@@ -82,7 +83,12 @@ def online_entities(settings: OnlineSettings) -> Entities:
         liveness_probe=probe(settings.liveness_initial_delay),
         readiness_probe=probe(settings.readiness_initial_delay),
         # one model copy per instance, serving one request at a time (max_concurrent_requests)
-        environment_variables=_deployment_env({"WORKER_COUNT": "1"}, settings.url_allowlist),
+        # A request's work stops before Azure's request timeout, so the client gets our answer
+        # (what to change) rather than a bare 408, and the worker is free for the next request.
+        environment_variables=_deployment_env(
+            {"WORKER_COUNT": "1",
+             env_settings.REQUEST_TIMEOUT.env: f"{before_timeout(settings.request_timeout_ms / 1000):g}"},
+            settings.url_allowlist),
     )
     return Entities(endpoint, deployment, environment)
 
@@ -92,6 +98,10 @@ def batch_entities(settings: BatchSettings) -> Entities:
     basics, environment = deployment_basics("batch", settings)
     endpoint = BatchEndpoint(name=settings.endpoint_name, description=DESCRIPTION)
     variables = {env_settings.BATCH_PARAMS.env: json.dumps(settings.params)} if settings.params else {}
+    # Each picture of a mini-batch gets its share of the mini-batch's timeout: one picture that
+    # takes too long becomes an error row instead of failing (and retrying) its whole mini-batch.
+    picture_seconds = before_timeout(settings.retry_timeout) / max(1, settings.mini_batch_size)
+    variables[env_settings.BATCH_PICTURE_TIMEOUT.env] = f"{picture_seconds:g}"
     deployment = ModelBatchDeployment(
         **basics,
         compute=settings.compute,

@@ -43,14 +43,15 @@ class MaskSource(Protocol):
 
 @dataclass
 class ImageDetections:
-    """One image's detections in original-image pixels; masks made lazily by ``masks``."""
+    """One image's detections in original-image pixels; masks made lazily by ``masks``, which is
+    None when no mask was asked for (``mask_format`` "none": the runtime skips the mask work)."""
 
     image_size: tuple[int, int]  # (width, height) of the original image
     boxes: np.ndarray  # (N, 4) float x1, y1, x2, y2
     scores: np.ndarray  # (N,)
     labels: np.ndarray  # (N,) class indices
     class_names: Sequence[str]
-    masks: MaskSource
+    masks: MaskSource | None
 
     def __len__(self) -> int:
         return len(self.scores)
@@ -60,15 +61,27 @@ class ImageDetections:
 
     def iter_masks(self, threshold: float) -> Iterator[np.ndarray]:
         """The full-size boolean mask of each detection, in order."""
-        return self.masks.iter_masks(threshold)
+        return self._mask_source().iter_masks(threshold)
 
     def iter_windows(self, threshold: float) -> Iterator[MaskWindow]:
         """Each detection's mask as a ``MaskWindow`` (``.full()`` gives the full-size mask): the
         source's own windows where it makes them, else its full-size masks."""
-        windows = getattr(self.masks, "iter_windows", None)
+        masks = self._mask_source()
+        windows = getattr(masks, "iter_windows", None)
         if windows is not None:
             return windows(threshold)
-        return (MaskWindow.whole(mask) for mask in self.masks.iter_masks(threshold))
+        return (MaskWindow.whole(mask) for mask in masks.iter_masks(threshold))
+
+    def _mask_source(self) -> MaskSource:
+        if self.masks is None:
+            raise ValueError("these detections were made without masks (mask_format \"none\")")
+        return self.masks
+
+
+def masks_wanted(params: PredictParams) -> bool:
+    """Whether a runtime makes masks for ``params``: not for ``mask_format`` "none", whose
+    answer has none (the mask logits of thousands of detections are most of their work)."""
+    return params.mask_format != "none"
 
 
 def keep_ratio_size(width: int, height: int, scale: tuple[int, int]) -> tuple[int, int]:

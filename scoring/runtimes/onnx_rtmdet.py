@@ -27,7 +27,7 @@ from typing import Sequence
 import numpy as np
 
 from scoring.model_dir import INFO_FILE, ONNX_FILE, ONNX_INFO_KEY, ONNX_INT8_FILE, onnx_data_file, sha256_of
-from scoring.runtimes.base import ImageDetections, Segmenter, forward_batch_size
+from scoring.runtimes.base import ImageDetections, Segmenter, forward_batch_size, masks_wanted
 from scoring.class_filter import drop_excluded_classes, excluded_classes
 # The settings recorded at export, and the pre- and post-processing in numpy, live in
 # scoring.runtimes.rtmdet_numpy; what is here is the runtime: the session and the Segmenter.
@@ -111,6 +111,7 @@ class OnnxSegmenter(Segmenter):
         cfg["max_per_img"] = params.max_detections
         cfg["nms_pre"] = max(int(cfg.get("nms_pre", 1000)), params.max_detections)
         cfg["class_agnostic"] = bool(getattr(params, "class_agnostic_nms", False))
+        cfg["with_masks"] = masks_wanted(params)
         return cfg
 
     def postprocess(self, raw: dict, params: PredictParams) -> list[ImageDetections]:
@@ -159,14 +160,16 @@ class OnnxSegmenter(Segmenter):
             keep = batched_nms(boxes, scores, labels, cfg["iou_threshold"], cfg["class_agnostic"],
                                max_num=cfg["max_per_img"])
             boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-            mask_logits = dynamic_mask_logits(mask_feat, kernels[keep], priors[keep], self.spec)
-        else:
-            mask_logits = np.zeros((0, *mask_feat.shape[-2:]), np.float32)
-        resampler = NumpyMaskResampler(mask_logits, self.spec.strides[0], meta.scale_factor,
+            kernels, priors = kernels[keep], priors[keep]
+        masks = None
+        if cfg["with_masks"]:
+            mask_logits = (dynamic_mask_logits(mask_feat, kernels, priors, self.spec) if len(boxes)
+                           else np.zeros((0, *mask_feat.shape[-2:]), np.float32))
+            masks = NumpyMaskResampler(mask_logits, self.spec.strides[0], meta.scale_factor,
                                        meta.ori_hw, boxes, self.mask_box_margin)
         return ImageDetections(image_size=(meta.ori_hw[1], meta.ori_hw[0]), boxes=boxes,
                                scores=scores, labels=labels, class_names=self.class_names,
-                               masks=resampler)
+                               masks=masks)
 
 
 # ----------------------------------------------------------------------------- loading

@@ -28,7 +28,7 @@ from scoring import settings
 from scoring.class_filter import drop_excluded_classes, excluded_classes
 from scoring.runtimes import masks as mask_windows
 from scoring.model_dir import WeightsDir
-from scoring.runtimes.base import ImageDetections, Segmenter, forward_batch_size
+from scoring.runtimes.base import ImageDetections, Segmenter, forward_batch_size, masks_wanted
 from scoring.schema import PredictParams
 
 MASK_CHUNK_BYTES = mask_windows.MASK_CHUNK_BYTES
@@ -64,7 +64,10 @@ def bbox_post_process_deferring_masks(
         results = results[keep]
         results.scores = det_bboxes[:, -1]
         results = results[: cfg.max_per_img]
-        mask_logits = head._mask_predict_by_feat_single(mask_feat, results.kernels, results.priors)
+        if cfg.get("with_masks", True):
+            mask_logits = head._mask_predict_by_feat_single(mask_feat, results.kernels, results.priors)
+        else:  # mask_format "none": no mask logits at all
+            mask_logits = mask_feat.new_zeros((len(results), 0, 0))
     else:
         mask_logits = mask_feat.new_zeros((0, *mask_feat.shape[-2:]))
     del results.kernels, results.priors
@@ -299,6 +302,7 @@ class TorchSegmenter(Segmenter):
         cfg.max_per_img = params.max_detections
         cfg.nms_pre = max(cfg.get("nms_pre", 1000), params.max_detections)
         cfg.mask_thr_binary = params.mask_threshold
+        cfg.with_masks = masks_wanted(params)
         return cfg
 
     @torch.no_grad()
@@ -330,6 +334,7 @@ class TorchSegmenter(Segmenter):
                 scores=res.scores.cpu().numpy(),
                 labels=res.labels.cpu().numpy(),
                 class_names=self.class_names,
-                masks=DeferredMasks(res.mask_logits, resampler, boxes, self.mask_box_margin),
+                masks=DeferredMasks(res.mask_logits, resampler, boxes, self.mask_box_margin)
+                if masks_wanted(params) else None,
             ))
         return out
