@@ -3,6 +3,10 @@ mixed, different params per request, against ``mlflow models serve`` and ``azmli
 our entry script, each on 127.0.0.1 with one worker. Prints p50/p95 latency, connection errors,
 5xx, answers that differ from the same request answered alone (cross-talk), and the server's
 resident memory after 100 requests and at the end (``--requests 1000``: within 10 %).
+With ``--over-budget N`` (default 10) each server gets the same load a second time with N of
+its bad requests over the work budget (refused before any pass), and the good requests'
+p50/p95 latency of both runs and their ratio are printed, then the CPU the server spends in
+the 3 s after the load (about 0: no worker still working).
 
     PYTHONPATH=. python bench/load.py --model /path/to/mlflow-model [--requests 1000]
 
@@ -35,11 +39,13 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--servers", default="mlflow-serve,azmlinfsrv")
+    parser.add_argument("--over-budget", type=int, default=10,
+                        help="over-budget requests in the second run (0: one run only)")
     parser.add_argument("--runtime", choices=("torch", "onnx"), default="torch",
                         help="the tiny model's runtime (without --model)")
     args = parser.parse_args()
 
-    from load_harness import Server, run_load
+    from load_harness import Server, busy_seconds_after, run_load
     from mmdet_mlflow import servers
 
     scratch = Path(tempfile.mkdtemp(prefix="mmdet-mlflow-load-"))
@@ -63,7 +69,18 @@ def main() -> int:
                 server = Server(name, f"http://127.0.0.1:{port}{route}", process.pid)
                 checkpoints = tuple(n for n in (100,) if n < args.requests)
                 outcome = run_load(server, args.requests, args.concurrency, rss_at=checkpoints)
+                if args.over_budget:
+                    mixed = run_load(server, args.requests, args.concurrency, over_budget=args.over_budget)
+                    idle = busy_seconds_after(server.pid)
             print(f"{name}: {outcome.summary()}", flush=True)
+            if args.over_budget:
+                print(f"{name} with {args.over_budget} over-budget requests: {mixed.summary()}")
+                print(f"  good requests' latency with / without them: p50 "
+                      f"{mixed.percentile(0.5, mixed.good_latencies) / outcome.percentile(0.5, outcome.good_latencies):.2f}x, "
+                      f"p95 {mixed.percentile(0.95, mixed.good_latencies) / outcome.percentile(0.95, outcome.good_latencies):.2f}x; "
+                      f"CPU in the 3 s after: {idle:.2f} s", flush=True)
+                failed |= bool(mixed.connection_errors or mixed.server_errors or mixed.wrong_answers
+                               or mixed.unexpected)
             for problem in (outcome.connection_errors + outcome.server_errors + outcome.wrong_answers
                             + outcome.unexpected)[:10]:
                 print(f"  {problem}")

@@ -61,6 +61,13 @@ def good_requests(count: int, seed: int = 0) -> list[dict]:
     return bodies
 
 
+def over_budget_requests() -> list[bytes]:
+    """Requests whose work is over the merge budget (a picture tiled 8x8 at max_detections 10000,
+    score_threshold 0): every server must refuse them before any pass, so that a few of them mixed
+    into the load cost the good ones nothing."""
+    return [case.payload() for case in all_cases() if case.name == "tiled-over-the-merge-budget"]
+
+
 def bad_requests() -> list[bytes]:
     """Hostile cases that both servers refuse before the model runs, fetching nothing."""
     return [case.payload() for case in all_cases()
@@ -72,20 +79,26 @@ def bad_requests() -> list[bytes]:
 @dataclass
 class Outcome:
     latencies: list = field(default_factory=list)
+    good_latencies: list = field(default_factory=list)
+    over_budget_statuses: list = field(default_factory=list)
     connection_errors: list = field(default_factory=list)
     server_errors: list = field(default_factory=list)
     wrong_answers: list = field(default_factory=list)
     unexpected: list = field(default_factory=list)
     rss_after: dict = field(default_factory=dict)  # requests done -> bytes
 
-    def percentile(self, share: float) -> float:
-        ordered = sorted(self.latencies)
+    def percentile(self, share: float, latencies: list | None = None) -> float:
+        ordered = sorted(self.latencies if latencies is None else latencies)
         return ordered[min(len(ordered) - 1, int(share * len(ordered)))] if ordered else float("nan")
 
     def summary(self) -> str:
         rss = ", ".join(f"after {n}: {value / 2**20:.0f} MiB" for n, value in sorted(self.rss_after.items()))
-        return (f"{len(self.latencies)} requests, p50 {statistics.median(self.latencies):.2f} s, "
-                f"p95 {self.percentile(0.95):.2f} s, connection errors {len(self.connection_errors)}, "
+        over = (f"{len(self.over_budget_statuses)} over the budget (statuses "
+                f"{sorted(set(self.over_budget_statuses))}), " if self.over_budget_statuses else "")
+        return (f"{len(self.latencies)} requests, {over}p50 {statistics.median(self.latencies):.2f} s, "
+                f"p95 {self.percentile(0.95):.2f} s, good p50 {self.percentile(0.5, self.good_latencies):.2f} s, "
+                f"good p95 {self.percentile(0.95, self.good_latencies):.2f} s, "
+                f"connection errors {len(self.connection_errors)}, "
                 f"5xx {len(self.server_errors)}, wrong answers {len(self.wrong_answers)}, "
                 f"unexpected statuses {len(self.unexpected)}; RSS {rss}")
 
@@ -100,8 +113,9 @@ def post(server: Server, payload: bytes, timeout: float = 300) -> requests.Respo
 
 
 def run_load(server: Server, total: int, concurrency: int, distinct_good: int = 8, good_share: float = 0.6,
-             seed: int = 0, rss_at: tuple[int, ...] = ()) -> Outcome:
-    """``total`` requests, ``concurrency`` at a time; RSS is read after the ``rss_at`` counts."""
+             seed: int = 0, rss_at: tuple[int, ...] = (), over_budget: int = 0) -> Outcome:
+    """``total`` requests, ``concurrency`` at a time, ``over_budget`` of them over the work budget
+    (in place of bad ones); RSS is read after the ``rss_at`` counts."""
     rng = random.Random(seed)
     goods = [json.dumps(body).encode() for body in good_requests(distinct_good, seed)]
     alone = []
@@ -112,11 +126,15 @@ def run_load(server: Server, total: int, concurrency: int, distinct_good: int = 
     bads = bad_requests()
     plan = [("good", i) if rng.random() < good_share else ("bad", rng.randrange(len(bads)))
             for i in (rng.randrange(len(goods)) for _ in range(total))]
+    bad_places = [n for n, (kind, _) in enumerate(plan) if kind == "bad"]
+    for place in rng.sample(bad_places, min(over_budget, len(bad_places))):
+        plan[place] = ("over-budget", 0)
+    payloads = {"good": goods, "bad": bads, "over-budget": over_budget_requests()}
     outcome = Outcome()
 
     def one(item):
         kind, index = item
-        payload = goods[index] if kind == "good" else bads[index]
+        payload = payloads[kind][index]
         start = time.monotonic()
         try:
             response = post(server, payload)
@@ -124,6 +142,10 @@ def run_load(server: Server, total: int, concurrency: int, distinct_good: int = 
             outcome.connection_errors.append(f"{kind} {index}: {err}")
             return
         outcome.latencies.append(time.monotonic() - start)
+        if kind == "good":
+            outcome.good_latencies.append(outcome.latencies[-1])
+        if kind == "over-budget":
+            outcome.over_budget_statuses.append(response.status_code)
         if response.status_code >= 500:
             outcome.server_errors.append(f"{kind} {index}: {response.status_code} {response.text[:300]}")
         elif kind == "good":
@@ -131,6 +153,9 @@ def run_load(server: Server, total: int, concurrency: int, distinct_good: int = 
                 outcome.unexpected.append(f"good {index}: {response.status_code} {response.text[:300]}")
             elif entries(server, response) != alone[index]:
                 outcome.wrong_answers.append(f"good {index}: differs from its answer alone")
+        elif kind == "over-budget" and (response.status_code != 400
+                                        or "MMDET_MLFLOW_MAX_TILE_CANDIDATES" not in response.text):
+            outcome.unexpected.append(f"over-budget: {response.status_code} {response.text[:300]}")
         elif not 400 <= response.status_code < 500:
             outcome.unexpected.append(f"bad {index}: {response.status_code} {response.text[:300]}")
 
@@ -141,3 +166,26 @@ def run_load(server: Server, total: int, concurrency: int, distinct_good: int = 
             done = stop
             outcome.rss_after[done] = server.rss_bytes()
     return outcome
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) used so far by a process and all its descendants alive now."""
+    total, todo = 0.0, [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+            children = Path(f"/proc/{current}/task/{current}/children").read_text().split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        todo.extend(int(child) for child in children)
+    return total
+
+
+def busy_seconds_after(pid: int, seconds: float = 3.0) -> float:
+    """CPU seconds a server spends in the next ``seconds`` with no request sent: about 0 when no
+    worker kept working after its request was answered."""
+    before = cpu_seconds(pid)
+    time.sleep(seconds)
+    return cpu_seconds(pid) - before

@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from helpers import VENV_BIN, free_port
-from load_harness import Server, run_load
+from load_harness import Server, busy_seconds_after, run_load
 from mmdet_mlflow import servers
 
 
@@ -31,10 +31,16 @@ def server(request, tiny_model_dir, tmp_path_factory):
 
 
 def test_concurrent_mixed_requests_get_their_own_answers(server):
-    outcome = run_load(server, total=40, concurrency=4, distinct_good=4, seed=3)
+    """Three of the bad requests are over the work budget: refused before any pass (a 400 naming
+    the budget), and no worker is still working once the load has been answered (bench/load.py
+    measures what they cost the good requests' latency)."""
+    outcome = run_load(server, total=40, concurrency=4, distinct_good=4, seed=3, over_budget=3)
     print(f"{server.name}: {outcome.summary()}")
     assert outcome.connection_errors == []
     assert outcome.server_errors == []
     assert outcome.unexpected == []
     assert outcome.wrong_answers == []
     assert len(outcome.latencies) == 40
+    assert outcome.over_budget_statuses == [400, 400, 400]
+    idle = busy_seconds_after(server.pid)
+    assert idle < 1.0, f"the server used {idle:.1f} s of CPU in the 3 s after the load"

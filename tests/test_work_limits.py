@@ -4,7 +4,6 @@ server's own timeout, on every server), no mask work at all for ``mask_format`` 
 batch job's picture past its deadline written as an error row while the job goes on."""
 from __future__ import annotations
 
-import os
 import time
 
 import numpy as np
@@ -13,6 +12,7 @@ import requests
 
 from helpers import VENV_BIN, free_port, scene_image
 from hostile_cases import b64, encoded, picture
+from load_harness import busy_seconds_after
 from mmdet_mlflow import servers
 from scoring.errors import InputError
 from scoring.runner import score_images
@@ -139,30 +139,6 @@ def long_request() -> dict:
             "params": LONG_PARAMS}
 
 
-def cpu_seconds(pids) -> float:
-    total = 0.0
-    for pid in pids:
-        try:
-            fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-        except FileNotFoundError:
-            continue
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
-
-
-def process_tree(pid: int) -> list[int]:
-    tree, todo = [], [pid]
-    while todo:
-        current = todo.pop()
-        tree.append(current)
-        try:
-            children = open(f"/proc/{current}/task/{current}/children").read().split()
-        except FileNotFoundError:
-            continue
-        todo.extend(int(child) for child in children)
-    return tree
-
-
 @pytest.mark.parametrize("server", ["mlflow-serve", "azmlinfsrv"])
 def test_a_long_request_is_answered_before_the_servers_timeout_and_frees_its_worker(
         server, tiny_model_dir, tmp_path):
@@ -200,9 +176,7 @@ def test_a_long_request_is_answered_before_the_servers_timeout_and_frees_its_wor
         assert f"before the server's 8 s timeout, {timeout_env}" in message, message
         assert "coarser tile_grid_size" in message
         assert took < 8, f"answered after {took:.1f} s, not before the server's 8 s"
-        busy = cpu_seconds(process_tree(process.pid))
-        time.sleep(3)
-        idle = cpu_seconds(process_tree(process.pid)) - busy
+        idle = busy_seconds_after(process.pid)
         assert idle < 1.0, f"the server used {idle:.1f} s of CPU in the 3 s after answering"
         good = {"dataframe_split": {"columns": ["image"], "data": [[b64(encoded("PNG", picture()))]]},
                 "params": {"max_detections": 2}}
@@ -211,3 +185,23 @@ def test_a_long_request_is_answered_before_the_servers_timeout_and_frees_its_wor
         again = requests.post(url + route, json=good, timeout=60)
         assert again.status_code == 200, again.text[:1000]
         print(f"{server}: answered the long request in {took:.1f} s; {idle:.2f} s CPU in the 3 s after")
+
+
+def test_spark_batch_scoring_writes_an_error_row_for_a_picture_past_its_deadline(
+        tiny_onnx_model_dir, monkeypatch):
+    """spark-batch's scoring function (what each Spark task runs over its Arrow batches) gives
+    each picture the same deadline as a batch job: an error row naming the setting, and the
+    batch's other rows still come back."""
+    import pandas as pd
+
+    from mmdet_mlflow.spark_batch import score_pictures
+
+    contents = [encoded("PNG", picture(320, 240, i)) for i in range(2)]
+    batch = pd.DataFrame({"path": ["file:/in/a.png", "file:/in/b.png"], "length": [len(c) for c in contents],
+                          "content": contents, "modificationTime": pd.to_datetime([0, 0])})
+    monkeypatch.setenv("MMDET_MLFLOW_BATCH_PICTURE_TIMEOUT", "0.000001")
+    rows = pd.concat(score_pictures(iter([batch]), str(tiny_onnx_model_dir), {"tile_grid_size": "2x2"},
+                                    max_file_bytes=10 ** 6))
+    assert list(rows["path"]) == ["file:/in/a.png", "file:/in/b.png"]
+    assert rows["boxes"].isna().all()
+    assert all("took longer than 1e-06 s (MMDET_MLFLOW_BATCH_PICTURE_TIMEOUT)" in e for e in rows["error"])
