@@ -19,8 +19,11 @@ an error row while the job goes on.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import time
+from contextvars import ContextVar
 
 import numpy as np
 
@@ -40,7 +43,21 @@ AZUREML_TIMEOUT_MS_ENV = "SCORING_TIMEOUT_MS"
 # Our deadline leaves this share of the server's timeout (at least MIN_MARGIN_SECONDS) for the
 # pass in flight when the deadline passes, and for the answer to travel.
 MARGIN_SHARE = 0.15
-MIN_MARGIN_SECONDS = 2.0
+MIN_MARGIN_SECONDS = 3.0
+# When the request being answered reached us (time.monotonic), where an entry script knows it:
+# the server's clock starts then, before the body is read and parsed.
+_ARRIVED: ContextVar[float | None] = ContextVar("mmdet_mlflow_request_arrived", default=None)
+
+
+@contextlib.contextmanager
+def request_arrived():
+    """Mark, for the request answered inside the block, when it arrived (now): its deadline
+    counts from then, as the server's timeout does."""
+    token = _ARRIVED.set(time.monotonic())
+    try:
+        yield
+    finally:
+        _ARRIVED.reset(token)
 
 
 def server_timeout() -> tuple[float, str] | None:
@@ -81,8 +98,11 @@ def before_timeout(limit: float) -> float:
 
 
 def request_deadline() -> Deadline:
+    """The served request's deadline, from when it arrived where that is known, else from now."""
     seconds, why = request_seconds()
-    return Deadline.after(seconds, f"the request took longer than {seconds:g} s ({why})")
+    arrived = _ARRIVED.get()
+    start = time.monotonic() if arrived is None else arrived
+    return Deadline(start + seconds, f"the request took longer than {seconds:g} s ({why})")
 
 
 def picture_deadline(request: Deadline | None = None) -> Deadline:

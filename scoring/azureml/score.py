@@ -76,15 +76,17 @@ def run(request):
     """Score one request: the server's HTTP request object, or a JSON body (str, bytes or an
     already parsed dict) when called from Python."""
     from scoring.errors import InputError  # importable once init() loaded the model's code/
+    from scoring.work import request_arrived
 
     try:
-        if hasattr(request, "method"):  # an HTTP request from azmlinfsrv
-            if request.method != "POST":
-                return _error(405, f"use POST with a JSON body, not {request.method}")
-            body = _read_body(request)
-        else:
-            body = request
-        return _predict(body)
+        with request_arrived():  # the server's timeout counts from here: so does our deadline
+            if hasattr(request, "method"):  # an HTTP request from azmlinfsrv
+                if request.method != "POST":
+                    return _error(405, f"use POST with a JSON body, not {request.method}")
+                body = _read_body(request)
+            else:
+                body = request
+            return _predict(body)
     except InputError as err:
         return _error(err.status, str(err), err)
 
