@@ -1,6 +1,7 @@
 """A deterministic synthetic look-alike of Azure's fridgeObjects instance-segmentation sample:
 fridge-shelf scenes with cans, cartons, milk bottles and water bottles, annotated with the
-polygons of each object's VISIBLE part (after occlusion by objects in front of it).
+polygons of each object's VISIBLE part (after occlusion by objects in front of it), or, for
+object detection, with those polygons' boxes alone.
 
 Every image depends only on (seed, index), so the same seed gives byte-identical files.
 """
@@ -14,8 +15,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from mmdet_mlflow.data import (Dataset, ImageRecord, Instance, response_boxes, write_coco, write_jsonl,
-                               write_mltable)
+from mmdet_mlflow.data import (INSTANCE_SEGMENTATION, OBJECT_DETECTION, TASKS, Dataset, ImageRecord, Instance,
+                               response_boxes, write_coco, write_jsonl, write_mltable)
 from mmdet_mlflow.files import atomic_write_bytes
 from mmdet_mlflow.plots import write_image
 from scoring.errors import MmdetMlflowError
@@ -395,14 +396,17 @@ def split_indices(num_images: int, seed: int, validation_fraction: float) -> dic
 
 def generate(output, num_images: int = 200, seed: int = 0, validation_fraction: float = 0.2,
              progress: bool = True, style: SceneStyle = SceneStyle(),
-             mosaic: int = 1) -> dict[str, Dataset]:
+             mosaic: int = 1, task: str = INSTANCE_SEGMENTATION) -> dict[str, Dataset]:
     """Write ``output``/images/*.jpg, {train,validation}.jsonl (AutoML), {train,validation}.coco.json,
     MLTable folders train/ and validation/, and preview.png. Returns the two datasets.
-    ``mosaic`` N > 1: each picture is N x N scenes side by side (``mosaic_scene``)."""
+    ``mosaic`` N > 1: each picture is N x N scenes side by side (``mosaic_scene``). ``task``
+    OBJECT_DETECTION: the same pictures and objects, each annotated with its polygons' box alone."""
     from tqdm import tqdm
 
     if num_images < 1:
         raise ValueError("num_images must be at least 1")
+    if task not in TASKS:
+        raise SynthError(f"task must be one of {', '.join(TASKS)} (got {task!r})")
     check_mosaic(mosaic)
     output = Path(output).absolute()
     images_dir = output / "images"
@@ -416,6 +420,8 @@ def generate(output, num_images: int = 200, seed: int = 0, validation_fraction: 
         else:
             scene = synth_scene(seed, index, style)
             image, instances = scene.image, scene_instances(scene)
+        if task == OBJECT_DETECTION:
+            instances = [inst.box_only() for inst in instances]
         path = images_dir / f"{index + 1:0{digits}d}.jpg"
         ok, encoded = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
         assert ok
@@ -426,7 +432,7 @@ def generate(output, num_images: int = 200, seed: int = 0, validation_fraction: 
     datasets = {}
     for split, indices in split_indices(num_images, seed, validation_fraction).items():
         dataset = Dataset(images=[records[i] for i in indices], classes=list(CLASSES),
-                          category_ids=list(range(1, len(CLASSES) + 1)))
+                          category_ids=list(range(1, len(CLASSES) + 1)), task=task)
         write_jsonl(dataset, output / f"{split}.jsonl")
         write_coco(dataset, output / f"{split}.coco.json")
         write_mltable(output / split, output / f"{split}.jsonl")

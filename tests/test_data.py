@@ -3,6 +3,7 @@ validated with errors that name the file, the line (or record) and the field."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +11,9 @@ import pytest
 from pycocotools import mask as mask_utils
 
 from mmdet_mlflow import cli
-from mmdet_mlflow.data import (DataError, Dataset, ImageRecord, Instance, MAX_REPORTED_PROBLEMS,
-                               load_dataset, to_coco, write_coco, write_jsonl, write_mltable)
+from mmdet_mlflow.data import (INSTANCE_SEGMENTATION, OBJECT_DETECTION, DataError, Dataset, ImageRecord, Instance,
+                               MAX_REPORTED_PROBLEMS, load_dataset, response_boxes, to_coco, to_jsonl_rows,
+                               write_coco, write_jsonl, write_mltable)
 from mmdet_mlflow.synth import generate
 
 
@@ -19,6 +21,13 @@ from mmdet_mlflow.synth import generate
 def synth_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("synth")
     generate(folder, num_images=6, seed=11, progress=False)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def od_synth_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("synth-od")
+    generate(folder, num_images=6, seed=11, progress=False, task=OBJECT_DETECTION)
     return folder
 
 
@@ -41,13 +50,23 @@ def row(url="images/a.png", width=200, height=100, labels=None):
             [{"label": "can", "isCrowd": 0, "polygon": [[0.1, 0.1, 0.5, 0.1, 0.5, 0.5]]}]}
 
 
+def od_row(url="images/a.png", width=200, height=100, boxes=None):
+    """An AutoML object-detection row: labels with a normalized box and no polygon."""
+    return row(url, width, height, labels=boxes if boxes is not None else
+               [{"label": "can", "topX": 0.1, "topY": 0.2, "bottomX": 0.5, "bottomY": 0.6, "isCrowd": 0}])
+
+
 def assert_same_content(a: Dataset, b: Dataset, tolerance_px: float = 1e-3):
-    assert a.classes == b.classes
+    assert a.classes == b.classes and a.task == b.task
     assert [r.path for r in a.images] == [r.path for r in b.images]
     for ra, rb in zip(a.images, b.images):
         assert (ra.width, ra.height) == (rb.width, rb.height)
         assert [(i.label, i.iscrowd) for i in ra.instances] == [(i.label, i.iscrowd) for i in rb.instances]
         for ia, ib in zip(ra.instances, rb.instances):
+            np.testing.assert_allclose(ia.bbox(), ib.bbox(), atol=tolerance_px)
+            if a.task == OBJECT_DETECTION:
+                assert ia.polygons is None and ib.polygons is None
+                continue
             assert len(ia.polygons) == len(ib.polygons)
             for sa, sb in zip(ia.polygons, ib.polygons):
                 np.testing.assert_allclose(sa, sb, atol=tolerance_px)
@@ -56,7 +75,9 @@ def assert_same_content(a: Dataset, b: Dataset, tolerance_px: float = 1e-3):
 # ------------------------------------------------------------------------------- round trips
 
 
-def test_round_trips_jsonl_coco_mltable_keep_instances_and_pixels(synth_dir, tmp_path):
+@pytest.mark.parametrize("data", ["synth_dir", "od_synth_dir"], ids=["instance-segmentation", "object-detection"])
+def test_round_trips_jsonl_coco_mltable_keep_instances_and_pixels(data, request, tmp_path):
+    synth_dir = request.getfixturevalue(data)
     original = load_dataset(synth_dir / "train.jsonl")
     assert original.classes == ["can", "carton", "milk_bottle", "water_bottle"]
     assert sum(len(r.instances) for r in original.images) > 0
@@ -394,8 +415,9 @@ def test_coco_polygon_overshooting_by_under_a_pixel_is_clipped(tmp_path):
 # ------------------------------------------------------------------------------- convert CLI
 
 
-def test_convert_command_every_direction(synth_dir, tmp_path, capsys):
-    source = synth_dir / "validation.jsonl"
+@pytest.mark.parametrize("data", ["synth_dir", "od_synth_dir"], ids=["instance-segmentation", "object-detection"])
+def test_convert_command_every_direction(data, request, tmp_path, capsys):
+    source = request.getfixturevalue(data) / "validation.jsonl"
     assert cli.main(["convert", "--input", str(source), "--output", str(tmp_path / "v.json")]) == 0
     assert cli.main(["convert", "--input", str(tmp_path / "v.json"), "--output", str(tmp_path / "v.jsonl")]) == 0
     assert cli.main(["convert", "--input", str(tmp_path / "v.jsonl"), "--output", str(tmp_path / "table")]) == 0
@@ -427,19 +449,21 @@ def test_written_files_are_complete_or_absent(tmp_path):
     assert [p.stat().st_mode & 0o777 for p in written] == [0o644] * 3   # results to share, not mkstemp's 0600
 
 
-def test_mmdet_reads_our_coco_as_written(synth_dir, tmp_path):
+@pytest.mark.parametrize("data", ["synth_dir", "od_synth_dir"], ids=["instance-segmentation", "object-detection"])
+def test_mmdet_reads_our_coco_as_written(data, request, tmp_path):
     """The fine-tune and evaluate code feeds our COCO to mmdet's CocoDataset: same images,
-    instances, boxes and masks."""
+    instances, boxes and masks (none for object detection)."""
     from mmdet.datasets import CocoDataset
     from mmengine.registry import init_default_scope
 
-    dataset = load_dataset(synth_dir / "train.jsonl")
+    dataset = load_dataset(request.getfixturevalue(data) / "train.jsonl")
     coco_path = write_coco(dataset, tmp_path / "elsewhere" / "train.json")    # absolute file names
     init_default_scope("mmdet")
     mm = CocoDataset(ann_file=str(coco_path), data_prefix=dict(img=""), metainfo=dict(classes=tuple(dataset.classes)),
                      filter_cfg=dict(filter_empty_gt=False),
                      pipeline=[dict(type="LoadImageFromFile"),
-                               dict(type="LoadAnnotations", with_bbox=True, with_mask=True, poly2mask=True)])
+                               dict(type="LoadAnnotations", with_bbox=True, with_mask=dataset.has_masks,
+                                    poly2mask=True)])
     assert len(mm) == len(dataset.images)
     for i, record in enumerate(dataset.images):
         item = mm[i]
@@ -447,4 +471,187 @@ def test_mmdet_reads_our_coco_as_written(synth_dir, tmp_path):
         assert [dataset.classes[k] for k in item["gt_bboxes_labels"]] == [inst.label for inst in record.instances]
         boxes = [[x, y, x + w, y + h] for x, y, w, h in (inst.bbox() for inst in record.instances)]
         np.testing.assert_allclose(item["gt_bboxes"].numpy(), np.reshape(boxes, (-1, 4)), atol=1e-4)
-        assert item["gt_masks"].masks.shape == (len(record.instances), record.height, record.width)
+        if dataset.has_masks:
+            assert item["gt_masks"].masks.shape == (len(record.instances), record.height, record.width)
+        else:
+            assert "gt_masks" not in item
+
+
+# ------------------------------------------------------------------------------- object detection
+
+
+def test_automl_object_detection_jsonl_reads_boxes_in_pixels(tmp_path):
+    write_image(tmp_path / "images" / "a.png", 200, 100)
+    boxes = [{"label": "can", "topX": 0.1, "topY": 0.2, "bottomX": 0.5, "bottomY": 0.6, "isCrowd": 0},
+             {"label": "carton", "topX": 0, "topY": 0, "bottomX": 1 + 1e-7, "bottomY": 1, "isCrowd": 1},
+             {"label": "can", "topX": 0.5, "topY": 0.5, "bottomX": 0.75, "bottomY": 1.0}]  # isCrowd is optional
+    dataset = load_dataset(write_lines(tmp_path / "od.jsonl", [od_row(boxes=boxes), od_row(boxes=[])]))
+    assert dataset.task == OBJECT_DETECTION and not dataset.has_masks
+    assert dataset.classes == ["can", "carton"]
+    first = dataset.images[0].instances
+    assert [(i.label, i.iscrowd) for i in first] == [("can", False), ("carton", True), ("can", False)]
+    np.testing.assert_allclose([i.bbox() for i in first], [[20, 20, 80, 40], [0, 0, 200, 100], [100, 50, 50, 50]])
+    assert dataset.images[1].instances == []
+    # nothing that reads masks fails on a box-only instance: it finds none
+    for inst in first:
+        assert inst.polygons is None and inst.outline() is None and inst.coco_segmentation() is None
+    assert first[0].area(100, 200) == 80 * 40
+    assert [set(b) for b in response_boxes(dataset.images[0])] == [{"box", "label"}] * 3
+    assert response_boxes(dataset.images[0])[0]["box"] == pytest.approx(
+        {"topX": 0.1, "topY": 0.2, "bottomX": 0.5, "bottomY": 0.6})
+
+
+def test_an_instance_segmentation_dataset_says_so(synth_dir, tmp_path):
+    assert load_dataset(synth_dir / "train.jsonl").task == INSTANCE_SEGMENTATION
+    assert load_dataset(synth_dir / "train.coco.json").has_masks
+    write_image(tmp_path / "images" / "a.png", 200, 100)
+    assert load_dataset(write_lines(tmp_path / "empty.jsonl", [row(labels=[])])).task == INSTANCE_SEGMENTATION
+
+
+def test_coco_without_segmentation_is_object_detection(tmp_path):
+    path = coco_doc(tmp_path)
+    doc = json.loads(path.read_text())
+    annotations = doc["annotations"]
+    del annotations[0]["segmentation"]                              # missing
+    annotations[1].update(segmentation=[], bbox=[5, 10, 45, 20])   # empty
+    annotations[2].update(segmentation=None, bbox=[0, 0, 32.4, 40])  # null; within a pixel of the edge
+    path.write_text(json.dumps(doc))
+    dataset = load_dataset(path)
+    assert dataset.task == OBJECT_DETECTION
+    assert [i.bbox() for r in dataset.images for i in r.instances] == \
+        [(1.0, 1.0, 19.0, 14.0), (5.0, 10.0, 45.0, 20.0), (0.0, 0.0, 32.0, 40.0)]
+    coco = to_coco(dataset)
+    assert all("segmentation" not in a for a in coco["annotations"])
+    assert [a["area"] for a in coco["annotations"]] == [19 * 14, 45 * 20, 32 * 40]
+    assert [a["iscrowd"] for a in coco["annotations"]] == [0, 1, 1]
+    assert [c["id"] for c in coco["categories"]] == [9, 3]
+
+
+def test_mltable_reading_object_detection_jsonl(tmp_path):
+    write_image(tmp_path / "images" / "a.png", 200, 100)
+    table = write_mltable(tmp_path / "table", write_lines(tmp_path / "od.jsonl", [od_row(), od_row()]))
+    dataset = load_dataset(table)
+    assert dataset.task == OBJECT_DETECTION
+    assert [i.bbox() for r in dataset.images for i in r.instances] == [pytest.approx((20, 20, 80, 40))] * 2
+
+
+def test_a_jsonl_file_mixing_polygons_and_boxes_is_refused_at_the_first_odd_label(tmp_path):
+    write_image(tmp_path / "images" / "a.png", 200, 100)
+    path = write_lines(tmp_path / "mixed.jsonl", [row(), row(), od_row(boxes=[od_row()["label"][0]] * 2)])
+    with pytest.raises(DataError) as caught:
+        load_dataset(path)
+    assert caught.value.problems == [
+        f"{path}:3: label[0]: box-only, but {path}:1: label[0] has a mask: a dataset is one task, every "
+        "instance with a mask (instance segmentation) or every one box-only (object detection) "
+        "(2 of 4 labels are like this one)"]
+    # the other way round, across the files of an MLTable: the first file's first label sets the task
+    other = write_lines(tmp_path / "more.jsonl", [row()])
+    (tmp_path / "table").mkdir()
+    (tmp_path / "table" / "MLTable").write_text(
+        "paths:\n  - file: ../od.jsonl\n  - file: ../more.jsonl\ntransformations:\n  - read_json_lines: {}\n")
+    od = write_lines(tmp_path / "od.jsonl", [od_row()])
+    with pytest.raises(DataError, match=rf"^{re.escape(str(other))}:1: label\[0\]: has a mask, "
+                                        rf"but {re.escape(str(od))}:1: label\[0\] is box-only"):
+        load_dataset(tmp_path / "table")
+
+
+def test_a_coco_file_mixing_masks_and_boxes_is_refused_at_the_first_odd_annotation(tmp_path):
+    path = coco_doc(tmp_path)
+    doc = json.loads(path.read_text())
+    del doc["annotations"][1]["segmentation"]
+    doc["annotations"][1]["bbox"] = [5, 10, 45, 20]
+    path.write_text(json.dumps(doc))
+    with pytest.raises(DataError) as caught:
+        load_dataset(path)
+    assert caught.value.problems == [
+        f"{path}: annotations[1] (id 101): segmentation: box-only, but annotations[0] (id 100) has a mask: "
+        "a dataset is one task, every instance with a mask (instance segmentation) or every one box-only "
+        "(object detection)"]
+
+
+def test_a_dataset_made_in_code_is_one_task_too(tmp_path):
+    record = ImageRecord(tmp_path / "a.png", 200, 100, [Instance("can", [[1, 1, 5, 1, 5, 5]]),
+                                                        Instance.boxed("can", (1, 1, 4, 4))])
+    with pytest.raises(DataError, match=r"instance 1: box-only, but .*a.png instance 0 has a mask"):
+        Dataset(images=[record], classes=["can"])
+    with pytest.raises(DataError, match="the dataset's task is object-detection but its instances are for instance-segmentation"):
+        Dataset(images=[ImageRecord(tmp_path / "a.png", 200, 100, [record.instances[0]])], classes=["can"],
+                task=OBJECT_DETECTION)
+    with pytest.raises(ValueError, match="neither a mask nor a box"):
+        Instance("can", None)
+
+
+def box(**change):
+    return [{"label": "can", "topX": 0.1, "topY": 0.2, "bottomX": 0.5, "bottomY": 0.6, "isCrowd": 0, **change}]
+
+
+OD_JSONL_ERRORS = [  # (labels, field, problem)
+    (box(topX=-0.01), "label[0].topX", "-0.01 is outside 0..1 (AutoML polygons and boxes are normalized"),
+    (box(bottomY=1.2), "label[0].bottomY", "1.2 is outside 0..1"),
+    (box(bottomX=0.1), "label[0].bottomX", "0.1 is not right of label[0].topX 0.1 (an empty box)"),
+    (box(topY=0.7), "label[0].bottomY", "0.6 is not below label[0].topY 0.7 (an empty box)"),
+    (box(topY="0.2"), "label[0].topY", "expected a number, got '0.2'"),
+    (box(bottomX=None), "label[0].bottomX", "expected a number, got None"),
+    ([{k: v for k, v in box()[0].items() if k != "bottomY"}], "label[0].bottomY", "expected a number, got None"),
+    ([{"label": "can", "isCrowd": 0}], "label[0]", "no polygon (instance segmentation) and no topX, topY, "
+                                                   "bottomX, bottomY (object detection)"),
+    (box(label=""), "label[0].label", "missing or empty"),
+]
+
+
+@pytest.mark.parametrize("labels, fld, problem", OD_JSONL_ERRORS,
+                         ids=["left-outside", "bottom-outside", "no-width", "upside-down", "text", "null",
+                              "missing", "neither", "empty-label"])
+def test_each_bad_box_names_file_line_and_field(tmp_path, labels, fld, problem):
+    write_image(tmp_path / "images" / "a.png", 200, 100)
+    path = write_lines(tmp_path / "t.jsonl", [od_row(), od_row(boxes=labels)])   # the bad one on line 2
+    with pytest.raises(DataError) as caught:
+        load_dataset(path)
+    assert caught.value.problems == [str(caught.value)]          # one problem, not a cascade
+    message = str(caught.value)
+    assert message.startswith(f"{path}:2: {fld}: {problem}"), message
+
+
+def test_every_bad_box_is_reported_at_once(tmp_path):
+    write_image(tmp_path / "images" / "a.png", 200, 100)
+    path = write_lines(tmp_path / "t.jsonl", [od_row(boxes=box(topX=2) + box(topY=None, bottomY=-1)),
+                                              od_row(boxes=box(bottomX=0.05))])
+    with pytest.raises(DataError) as caught:
+        load_dataset(path)
+    assert caught.value.problems == [
+        f"{path}:1: label[0].topX: 2 is outside 0..1 (AutoML polygons and boxes are normalized by the image "
+        "width and height)",
+        f"{path}:1: label[1].topY: expected a number, got None",
+        f"{path}:2: label[0].bottomX: 0.05 is not right of label[0].topX 0.1 (an empty box)"]
+
+
+@pytest.mark.parametrize("bbox, fld, problem", [
+    ([60, 1, 10, 10], "bbox x + width", "70 is outside the image (0..64 x 0..48 pixels)"),
+    ([1, 1, 0, 10], "bbox x + width", "1 is not right of bbox x 1 (an empty box)"),
+    ([1, 1, 10, -3], "bbox y + height", "-2 is outside the image"),
+    ([1, 1, 10], "bbox", "expected [x, y, width, height] (an annotation without a segmentation is its box alone)"),
+    (None, "bbox", "expected [x, y, width, height]"),
+    ([1, "1", 10, 10], "bbox y", "expected a number, got '1'"),
+], ids=["right-outside", "no-width", "negative-height", "three-values", "none", "text"])
+def test_each_bad_coco_box_names_record_and_field(tmp_path, bbox, fld, problem):
+    path = coco_doc(tmp_path)
+    doc = json.loads(path.read_text())
+    for ann in doc["annotations"]:
+        ann.pop("segmentation")
+    doc["annotations"][0]["bbox"] = bbox
+    for ann in doc["annotations"][1:]:
+        ann["bbox"] = [1, 1, 5, 5]
+    path.write_text(json.dumps(doc))
+    with pytest.raises(DataError) as caught:
+        load_dataset(path)
+    assert len(caught.value.problems) == 1
+    assert str(caught.value).startswith(f"{path}: annotations[0] (id 100): {fld}: {problem}"), str(caught.value)
+
+
+def test_object_detection_is_written_as_boxes_alone(od_synth_dir):
+    dataset = load_dataset(od_synth_dir / "train.coco.json")
+    assert dataset.task == OBJECT_DETECTION and sum(len(r.instances) for r in dataset.images) > 0
+    assert all(set(label) == {"label", "topX", "topY", "bottomX", "bottomY", "isCrowd"}
+               for r in to_jsonl_rows(dataset) for label in r["label"])
+    for ann in to_coco(dataset)["annotations"]:
+        assert "segmentation" not in ann and ann["area"] == pytest.approx(ann["bbox"][2] * ann["bbox"][3])

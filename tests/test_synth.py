@@ -11,7 +11,7 @@ import pytest
 from pycocotools import mask as mask_utils
 
 from mmdet_mlflow import cli
-from mmdet_mlflow.data import load_dataset
+from mmdet_mlflow.data import OBJECT_DETECTION, load_dataset
 from mmdet_mlflow.synth import (CLASSES, MIN_VISIBLE_FRACTION, OBJECT_HEIGHT, OBJECTS_PER_IMAGE, SceneStyle, SynthError,
                                  generate, scene_instances, synth_scene)
 
@@ -156,3 +156,38 @@ def test_mosaic_pictures_are_ordinary_scenes_side_by_side(tmp_path, capsys):
     assert all_files(again) == all_files(folder)
     assert cli.main(["synth", "--output", str(tmp_path / "bad"), "--mosaic", str(MAX_MOSAIC + 1)]) != 0
     assert "mosaic" in capsys.readouterr().err
+
+
+def test_object_detection_set_has_the_same_pictures_and_the_polygons_boxes(synth_dir, tmp_path, capsys):
+    """--task object-detection: the same pictures, split and objects as the instance-segmentation
+    set of the same seed, each annotated with its polygons' box alone, in every format."""
+    folder = tmp_path / "od"
+    assert cli.main(["synth", "--output", str(folder), "--num-images", "10", "--seed", "5",
+                     "--task", "object-detection"]) == 0
+    assert "train: 8 images" in capsys.readouterr().out
+    od_files, is_files = all_files(folder), all_files(synth_dir)
+    assert od_files.keys() == is_files.keys()
+    assert all(od_files[name] == is_files[name] for name in od_files if name.startswith("images/"))
+    for split in ("train", "validation"):
+        rows = [json.loads(line) for line in (folder / f"{split}.jsonl").read_text().splitlines()]
+        assert all("polygon" not in label and {"topX", "topY", "bottomX", "bottomY"} <= set(label)
+                   for r in rows for label in r["label"])
+        annotations = json.loads((folder / f"{split}.coco.json").read_text())["annotations"]
+        assert annotations and all("segmentation" not in a for a in annotations)
+        segmented = load_dataset(synth_dir / f"{split}.jsonl", classes=CLASSES)
+        for form in (folder / f"{split}.jsonl", folder / split, folder / f"{split}.coco.json"):
+            boxed = load_dataset(form, classes=CLASSES)
+            assert boxed.task == OBJECT_DETECTION
+            assert [r.path.name for r in boxed.images] == [r.path.name for r in segmented.images]
+            for a, b in zip(boxed.images, segmented.images):
+                assert [i.label for i in a.instances] == [i.label for i in b.instances]
+                assert all(i.polygons is None for i in a.instances)
+                np.testing.assert_allclose([i.bbox() for i in a.instances], [i.bbox() for i in b.instances],
+                                           atol=1e-3)
+    assert cv2.imread(str(folder / "preview.png")).shape == (600, 1200, 3)
+    again = tmp_path / "again"
+    generate(again, num_images=10, seed=5, progress=False, task=OBJECT_DETECTION)
+    assert all_files(again) == od_files
+    with pytest.raises(SystemExit):
+        cli.main(["synth", "--output", str(tmp_path / "bad"), "--task", "classification"])
+    assert "invalid choice: 'classification'" in capsys.readouterr().err

@@ -115,6 +115,26 @@ def test_training_pictures_are_cut_into_the_inference_tiles(tmp_path):
     assert area == pytest.approx(100 * 40, rel=0.05)
 
 
+def test_box_only_objects_are_cut_into_the_tiles_as_boxes(tmp_path):
+    """Object-detection data: each box clipped to the tile, dropped under the same visible
+    fraction (of the box) as a mask's piece."""
+    from mmdet_mlflow.data import OBJECT_DETECTION, Dataset
+    from mmdet_mlflow.training.tiles import TrainingTiles, tile_dataset
+
+    segmented = _picture_with_objects(tmp_path)
+    record = segmented.images[0]
+    record.instances = [inst.box_only() for inst in record.instances]
+    dataset = Dataset(images=[record], classes=segmented.classes)
+    tiled = tile_dataset(dataset, TrainingTiles.from_settings("2x1", 0.0), tmp_path / "tiles", progress=False)
+    assert tiled.task == OBJECT_DETECTION
+    whole, left, right = tiled.images
+    assert whole.instances == record.instances
+    assert [(i.label, i.bbox()) for i in left.instances] == [
+        ("can", (20.0, 20.0, 60.0, 60.0)), ("carton", (100.0, 200.0, 100.0, 40.0)), ("can", (150.0, 10.0, 50.0, 20.0))]
+    assert [(i.label, i.bbox()) for i in right.instances] == [("carton", (0.0, 200.0, 100.0, 40.0))]
+    assert all(i.polygons is None for r in tiled.images for i in r.instances)
+
+
 def test_a_tiled_finetune_prepares_tiles_as_coco(tmp_path):
     """prepare_data with tiling (what ``finetune --tile-grid-size`` does) writes the tiles'
     COCO file for mmdet; validation stays whole pictures. Bad grids are refused up front."""

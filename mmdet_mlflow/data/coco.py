@@ -1,4 +1,5 @@
-"""COCO instances JSON: polygons or RLE in pixels, category and image ids kept as read."""
+"""COCO instances JSON: polygons or RLE in pixels (instance segmentation), or boxes alone,
+without a ``segmentation`` (object detection); category and image ids kept as read."""
 from __future__ import annotations
 
 import json
@@ -6,10 +7,10 @@ from pathlib import Path
 
 from pycocotools import mask as mask_utils
 
-from mmdet_mlflow.data.dataset import Dataset, ImageRecord, Instance
+from mmdet_mlflow.data.dataset import Dataset, ImageRecord, Instance, instance_task, mixing_problem
 from mmdet_mlflow.data.paths import OutsideDataFolder, image_path, path_text
 from mmdet_mlflow.data.problems import DataError, Problems
-from mmdet_mlflow.data.validation import PIXEL_TOLERANCE, check_polygons, checked_size, stated_size
+from mmdet_mlflow.data.validation import PIXEL_TOLERANCE, check_box, check_polygons, checked_size, stated_size
 from mmdet_mlflow.files import atomic_write_text
 
 
@@ -27,13 +28,13 @@ def load_coco(path: Path, classes, validate: bool, confine_images: bool = False)
 
     name_of, broken_categories = _categories(doc, where, problems)
     records = _images(doc, where, path.parent, problems, validate, confine_images)
-    _annotations(doc, where, records, name_of, broken_categories, problems)
+    task = _annotations(doc, where, records, name_of, broken_categories, problems)
     problems.raise_if_any(path)
     if not records:
         raise DataError(f"{path}: images: no images")
 
     dataset = Dataset(images=list(records.values()), classes=list(name_of.values()),
-                      category_ids=list(name_of))
+                      category_ids=list(name_of), task=task)
     if classes is not None:
         dataset = _with_classes(dataset, list(classes), path)
     return dataset
@@ -86,9 +87,11 @@ def _images(doc: dict, where: str, folder: Path, problems: Problems, validate: b
 
 
 def _annotations(doc: dict, where: str, records: dict[int, ImageRecord], name_of: dict[int, str],
-                 broken_categories: set, problems: Problems) -> None:
-    from scoring.encode import mask_polygons
-
+                 broken_categories: set, problems: Problems) -> str | None:
+    """Each annotation added to its image's record; returns the task they are for (that of the
+    first: an annotation of the other is a problem, the first such one reported)."""
+    first = None      # (task, "annotations[i] (id N)")
+    mixed = False
     for i, ann in enumerate(doc["annotations"]):
         fld = f"annotations[{i}]"
         if not isinstance(ann, dict):
@@ -105,29 +108,59 @@ def _annotations(doc: dict, where: str, records: dict[int, ImageRecord], name_of
         if ann.get("category_id") not in name_of:
             problems.add(awhere, "category_id", f"no category with id {ann.get('category_id')!r}")
             continue
-        seg = ann.get("segmentation")
-        iscrowd = bool(ann.get("iscrowd", 0))
-        if isinstance(seg, dict):
-            try:
-                rle = _compressed_rle(seg, record.height, record.width)
-            except (KeyError, TypeError, ValueError) as err:
-                problems.add(awhere, "segmentation", f"invalid RLE: {err}")
-                continue
-            mask = mask_utils.decode(rle).astype(bool)
-            if not mask.any():
-                problems.add(awhere, "segmentation", "RLE mask is empty")
-                continue
-            polygons = [p.ravel().astype(float).tolist() for p in mask_polygons(mask, 0)]
-            instance = Instance(label=name_of[ann["category_id"]], polygons=polygons, iscrowd=iscrowd,
-                                rle={"size": list(rle["size"]), "counts": rle["counts"].decode()})
-        else:
-            segments = check_polygons(seg, awhere, "segmentation", problems, low=(0.0, 0.0),
-                                      high=(float(record.width), float(record.height)),
-                                      tolerance=PIXEL_TOLERANCE)
-            if segments is None:
-                continue
-            instance = Instance(label=name_of[ann["category_id"]], polygons=segments, iscrowd=iscrowd)
+        instance = _instance(ann, name_of[ann["category_id"]], record, awhere, problems)
+        if instance is None:
+            continue
+        task = instance_task(instance)
+        if first is None:
+            first = (task, awhere[len(where) + 2:])
+        elif task != first[0] and not mixed:
+            problems.add(awhere, "segmentation", mixing_problem(task, first[0], first[1]))
+            mixed = True
         record.instances.append(instance)
+    return first[0] if first else None
+
+
+def _instance(ann: dict, label: str, record: ImageRecord, awhere: str, problems: Problems) -> Instance | None:
+    """An annotation in pixels: its mask (RLE or polygons) where it has a segmentation, else its
+    box alone (a missing, null or empty segmentation); None after recording its problems."""
+    from scoring.encode import mask_polygons
+
+    seg = ann.get("segmentation")
+    iscrowd = bool(ann.get("iscrowd", 0))
+    if seg is None or seg == []:
+        bbox = ann.get("bbox")
+        if not isinstance(bbox, list) or len(bbox) != 4:
+            problems.add(awhere, "bbox", f"expected [x, y, width, height] (an annotation without a "
+                                         f"segmentation is its box alone), got {bbox!r}")
+            return None
+        x, y, w, h = bbox
+        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (x, y, w, h))
+        edges = [("bbox x", x), ("bbox y", y), ("bbox x + width", x + w if numbers else w),
+                 ("bbox y + height", y + h if numbers else h)]
+        box = check_box(edges, awhere, problems, high=(float(record.width), float(record.height)),
+                        tolerance=PIXEL_TOLERANCE)
+        if box is None:
+            return None
+        return Instance.boxed(label, (box[0], box[1], box[2] - box[0], box[3] - box[1]), iscrowd)
+    if isinstance(seg, dict):
+        try:
+            rle = _compressed_rle(seg, record.height, record.width)
+        except (KeyError, TypeError, ValueError) as err:
+            problems.add(awhere, "segmentation", f"invalid RLE: {err}")
+            return None
+        mask = mask_utils.decode(rle).astype(bool)
+        if not mask.any():
+            problems.add(awhere, "segmentation", "RLE mask is empty")
+            return None
+        polygons = [p.ravel().astype(float).tolist() for p in mask_polygons(mask, 0)]
+        return Instance(label=label, polygons=polygons, iscrowd=iscrowd,
+                        rle={"size": list(rle["size"]), "counts": rle["counts"].decode()})
+    segments = check_polygons(seg, awhere, "segmentation", problems, low=(0.0, 0.0),
+                              high=(float(record.width), float(record.height)), tolerance=PIXEL_TOLERANCE)
+    if segments is None:
+        return None
+    return Instance(label=label, polygons=segments, iscrowd=iscrowd)
 
 
 def _with_classes(dataset: Dataset, classes: list[str], source) -> Dataset:
@@ -148,7 +181,7 @@ def _with_classes(dataset: Dataset, classes: list[str], source) -> Dataset:
         if name not in id_of:
             id_of[name], next_id = next_id, next_id + 1
         ids.append(id_of[name])
-    return Dataset(images=dataset.images, classes=classes, category_ids=ids)
+    return Dataset(images=dataset.images, classes=classes, category_ids=ids, task=dataset.task)
 
 
 def _compressed_rle(seg: dict, height: int, width: int) -> dict:
@@ -162,7 +195,8 @@ def _compressed_rle(seg: dict, height: int, width: int) -> dict:
 
 
 def to_coco(dataset: Dataset, relative_to: Path | None = None) -> dict:
-    """COCO instances dict. Image ids are kept when every image has one, else 1..N; category ids
+    """COCO instances dict (box-only instances without a ``segmentation``, their ``area`` the
+    box's). Image ids are kept when every image has one, else 1..N; category ids
     are kept when read from COCO, else 1..K; annotation ids are 1..M. ``file_name`` is the
     absolute path, or relative to ``relative_to`` for images under that folder."""
     keep_ids = all(r.image_id is not None for r in dataset.images) and \
@@ -177,12 +211,12 @@ def to_coco(dataset: Dataset, relative_to: Path | None = None) -> dict:
             if inst.label not in category_of:
                 raise DataError(f"image {record.path}: label {inst.label!r} is not one of the "
                                 f"dataset's classes {dataset.classes}")
-            annotations.append({
-                "id": len(annotations) + 1, "image_id": image_id,
-                "category_id": category_of[inst.label],
-                "segmentation": inst.coco_segmentation(),
-                "area": inst.area(record.height, record.width),
-                "bbox": list(inst.bbox()), "iscrowd": int(inst.iscrowd)})
+            annotation = {"id": len(annotations) + 1, "image_id": image_id,
+                          "category_id": category_of[inst.label]}
+            if inst.has_mask:       # box-only (object detection): no segmentation at all
+                annotation["segmentation"] = inst.coco_segmentation()
+            annotations.append({**annotation, "area": inst.area(record.height, record.width),
+                                "bbox": list(inst.bbox()), "iscrowd": int(inst.iscrowd)})
     categories = [{"id": cid, "name": name} for name, cid in category_of.items()]
     # "info" is optional in COCO, but pycocotools 2.0.10's loadRes (mmdet's CocoMetric, our
     # evaluation) fails without it.

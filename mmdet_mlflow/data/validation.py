@@ -1,5 +1,5 @@
 """The checks every reader applies: image files (present, decodable, the stated size, not a
-decompression bomb), sizes, polygons and labels. Each problem is recorded, none stops the read."""
+decompression bomb), sizes, polygons, boxes and labels. Each problem is recorded, none stops the read."""
 from __future__ import annotations
 
 import io
@@ -11,9 +11,9 @@ import numpy as np
 from mmdet_mlflow.data.dataset import Dataset
 from mmdet_mlflow.data.problems import Problems
 
-# JSONL values this far outside 0..1 (float noise from other tools) are clipped, not refused.
+# JSONL values (polygons, boxes) this far outside 0..1 (float noise from other tools) are clipped, not refused.
 NORMALIZED_TOLERANCE = 1e-6
-# COCO polygons may overshoot the image by up to a pixel (annotation tools round outward).
+# COCO polygons and boxes may overshoot the image by up to a pixel (annotation tools round outward).
 PIXEL_TOLERANCE = 1.0
 
 
@@ -79,8 +79,7 @@ def check_polygons(value, where: str, fld: str, problems: Problems, low, high, t
     segments, ok = [], True
     for k, seg in enumerate(value):
         sfld = f"{fld}[{k}]"
-        if not isinstance(seg, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                and math.isfinite(v) for v in seg):
+        if not isinstance(seg, list) or not all(_is_number(v) for v in seg):
             problems.add(where, sfld, "expected a list of numbers")
             ok = False
             continue
@@ -104,9 +103,41 @@ def check_polygons(value, where: str, fld: str, problems: Problems, low, high, t
     return segments if ok else None
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_box(edges, where: str, problems: Problems, high, tolerance):
+    """A validated box (x0, y0, x1, y1), clipped into 0..``high`` within ``tolerance``, or None
+    after recording problems. ``edges``: (field, value) for the left, top, right and bottom edge,
+    in that order; each problem names the edge's field."""
+    (left_fld, _), (top_fld, _), (right_fld, _), (bottom_fld, _) = edges
+    ok = True
+    for fld, value in edges:
+        if not _is_number(value):
+            problems.add(where, fld, f"expected a number, got {value!r}")
+            ok = False
+    if not ok:
+        return None
+    limits = (high[0], high[1], high[0], high[1])
+    for (fld, value), limit in zip(edges, limits):
+        if not -tolerance <= value <= limit + tolerance:
+            problems.add(where, fld, f"{value:g} is outside {_range_text((0.0, 0.0), high)}")
+            ok = False
+    if not ok:
+        return None
+    x0, y0, x1, y1 = (min(max(float(value), 0.0), limit) for (_, value), limit in zip(edges, limits))
+    for low_fld, low, high_fld, high_value, side in ((left_fld, x0, right_fld, x1, "right of"),
+                                                     (top_fld, y0, bottom_fld, y1, "below")):
+        if high_value <= low:
+            problems.add(where, high_fld, f"{high_value:g} is not {side} {low_fld} {low:g} (an empty box)")
+            ok = False
+    return (x0, y0, x1, y1) if ok else None
+
+
 def _range_text(low, high) -> str:
     if tuple(high) == (1.0, 1.0):
-        return "0..1 (AutoML polygons are normalized by the image width and height)"
+        return "0..1 (AutoML polygons and boxes are normalized by the image width and height)"
     return f"the image (0..{high[0]:g} x 0..{high[1]:g} pixels)"
 
 

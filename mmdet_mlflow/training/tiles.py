@@ -67,13 +67,19 @@ def _rasterized(instance: Instance, rect, image_hw) -> np.ndarray:
 def clip_instance(instance: Instance, rect, image_hw, min_visible_fraction: float) -> Instance | None:
     """``instance`` (pixel coordinates of the picture) as seen in tile ``rect``, in the tile's
     coordinates: whole objects keep their polygons (shifted), cut ones are clipped (their
-    visible part traced again); None for a piece under ``min_visible_fraction`` of the object."""
+    visible part traced again; a box-only one's box clipped); None for a piece under
+    ``min_visible_fraction`` of the object."""
     from scoring.encode import mask_polygons
 
     x0, y0, x1, y1 = rect
     bx, by, bw, bh = instance.bbox()
     if bx >= x1 or by >= y1 or bx + bw <= x0 or by + bh <= y0:
         return None
+    if not instance.has_mask:  # object detection: the box clipped to the tile, kept as a box
+        cx0, cy0, cx1, cy1 = max(bx, x0), max(by, y0), min(bx + bw, x1), min(by + bh, y1)
+        if (cx1 - cx0) * (cy1 - cy0) < min_visible_fraction * bw * bh:
+            return None
+        return Instance.boxed(instance.label, (cx0 - x0, cy0 - y0, cx1 - cx0, cy1 - cy0), instance.iscrowd)
     inside = bx >= x0 and by >= y0 and bx + bw <= x1 and by + bh <= y1
     if inside and instance.rle is None:
         polygons = [(np.asarray(s, dtype=np.float64).reshape(-1, 2) - (x0, y0)).ravel().tolist()
@@ -144,4 +150,5 @@ def tile_dataset(dataset: Dataset, tiling: TrainingTiles, folder: Path,
         records.extend(tile_record(record, image, tiling, target))
     for number, record in enumerate(records, start=1):
         record.image_id = number
-    return Dataset(images=records, classes=list(dataset.classes), category_ids=dataset.category_ids)
+    return Dataset(images=records, classes=list(dataset.classes), category_ids=dataset.category_ids,
+                   task=dataset.task)
