@@ -1,4 +1,5 @@
-"""The ``mmdet`` MLflow flavor: RTMDet-Ins instance segmentation as a self-contained MLflow model.
+"""The ``mmdet`` MLflow flavor: mmdet's detectors (object detection and instance segmentation,
+``scoring.families``) as self-contained MLflow models.
 
 Laid out like MLflow's own flavor modules (``mlflow.pytorch``): ``save_model``, ``log_model``,
 ``load_model`` (the mmdet detector) and ``_load_pyfunc``. A saved model's ``python_function``
@@ -51,9 +52,11 @@ def save_model(
     calibration_images=None,
     default_params: dict | None = None,
 ):
-    """Save an RTMDet-Ins model as an MLflow model directory at ``path``.
+    """Save an mmdet detector as an MLflow model directory at ``path``.
 
-    ``config``: a config name mmdet ships (``rtmdet-ins_x_8xb16-300e_coco``) or a config file.
+    ``config``: a config name mmdet ships (``rtmdet-ins_x_8xb16-300e_coco``,
+    ``yolof_r50-c5_8xb8-1x_coco``, ...) or a config file; its family (``scoring.families``)
+    decides the task (object detection or instance segmentation) and the runtimes it has.
     ``checkpoint``: a path, an http(s) URL or ``"official"`` (the published COCO weights,
     sha256-checked and cached). ``classes``: class names; by default those stored in the
     checkpoint, else COCO's when it has 80 classes. The weights must match the config exactly.
@@ -78,10 +81,10 @@ def save_model(
     from mlflow_model.checkpoints import classes_from_meta, resolve_checkpoint, write_weights
     from scoring.weights import read_state_dict
     from mlflow_model.configs import config_name, load_config
-    from scoring.runtimes.torch_rtmdet import build_detector
-    from scoring.families import family_of_config
+    from scoring.runtimes.torch_mmdet import build_detector
+    from scoring.families import UnknownModel, family_of_config
     from scoring.runtimes import RUNTIMES
-    from scoring.schema import TASK, mlflow_signature
+    from scoring.schema import AZURE_TASKS, mlflow_signature
 
     if quantize and not calibration_images:
         raise SaveModelError("quantize='int8' needs calibration images")
@@ -92,16 +95,19 @@ def save_model(
     if quantize and runtime != "onnx":
         raise SaveModelError("quantize='int8' needs runtime='onnx'")
     path = Path(path).resolve()
-    checkpoint_path, source = resolve_checkpoint(checkpoint, config_name(config))
-    state_dict, meta = read_state_dict(checkpoint_path)
     family = family_of_config(load_config(config).model)
     try:
+        family.check_runtime(runtime)  # a runtime the family lacks: refused before any download
         family.default_params({}).updated(default_params)  # a bad value: refused before the work
+    except UnknownModel as err:
+        raise SaveModelError(str(err)) from None
     except InputError as err:
         raise SaveModelError(f"default_params: {err}") from None
+    checkpoint_path, source = resolve_checkpoint(checkpoint, config_name(config))
+    state_dict, meta = read_state_dict(checkpoint_path)
     class_names = list(classes) if classes else classes_from_meta(meta)
     if class_names is None:
-        class_names = _classes_for_count(_class_count(state_dict, family))
+        class_names = _classes_for_count(_class_count(state_dict, load_config(config).model, family))
     cfg = load_config(config, num_classes=len(class_names))
     # Builds the model and refuses weights that do not fit it, before anything is written.
     detector = build_detector(cfg, state_dict, class_names, device="cpu")
@@ -115,6 +121,7 @@ def save_model(
     defaults = family.default_params(cfg.model.test_cfg).updated(default_params)
     info = {
         "family": family.name,
+        "task": family.task,
         "runtime": runtime,
         "classes": class_names,
         "config_name": config_name(config),
@@ -125,11 +132,11 @@ def save_model(
     }
     weights_dir.write_info(info)
     if runtime in ("onnx", "openvino"):  # openvino serves the same exported graph
-        _export_onnx(weights_dir, detector, quantize, calibration_images, runtime)
+        _export_onnx(weights_dir, detector, quantize, calibration_images, runtime, family)
     _copy_code(saved.code)
 
     mlflow_model = mlflow_model or Model()
-    mlflow_model.signature = signature or mlflow_signature(defaults, class_names)
+    mlflow_model.signature = signature or mlflow_signature(defaults, class_names, family.task)
     if input_example is None:
         input_example = _default_input_example()
     _save_example(mlflow_model, input_example, str(path))
@@ -147,12 +154,13 @@ def save_model(
         weights=f"{layout.DATA_DIR}/"
                 + (layout.WEIGHTS_FILE if runtime == "torch" else layout.ONNX_FILE),
         runtime=runtime,
+        task=family.task,
         classes=class_names,
         config_name=info["config_name"],
         checkpoint=info["checkpoint"],
         **info["versions"],
     )
-    mlflow_model.metadata = {"base_model_task": TASK, "config_name": info["config_name"],
+    mlflow_model.metadata = {"base_model_task": AZURE_TASKS[family.task], "config_name": info["config_name"],
                              "checkpoint_sha256": source.sha256, **(metadata or {})}
     mlflow_model.save(str(saved.mlmodel))
 
@@ -163,14 +171,17 @@ def save_model(
 
 
 def _export_onnx(weights_dir, detector, quantize: str | None, calibration_images,
-                 runtime: str = "onnx") -> None:
-    """Export to ONNX (checked against torch; for the openvino runtime on OpenVINO at fp32 as
-    well), optionally add int8, then drop the torch weights: an ONNX or OpenVINO model serves
-    from model.onnx alone (config.py stays, for provenance)."""
-    from mlflow_model.onnx_export import (add_int8_to_weights_dir, check_openvino_against_torch,
-                                          export_to_weights_dir)
+                 runtime: str, family) -> None:
+    """Export to ONNX with the family's exporter (checked against torch; for the openvino
+    runtime on OpenVINO at fp32 as well), optionally add int8, then drop the torch weights: an
+    ONNX or OpenVINO model serves from model.onnx alone (config.py stays, for provenance)."""
+    import importlib
 
-    spec = export_to_weights_dir(weights_dir.path, detector=detector)
+    from mlflow_model.onnx_export import add_int8_to_weights_dir, check_openvino_against_torch
+
+    module, function = family.exporter(runtime).split(":")
+    export = getattr(importlib.import_module(module), function)
+    spec = export(weights_dir.path, detector=detector)
     print(f"exported to ONNX; max |onnx - torch| on the raw outputs of sample images: "
           f"{spec['files'][layout.ONNX_FILE]['max_abs_diff_vs_torch']:.2e}", flush=True)
     if runtime == "openvino":
@@ -216,7 +227,7 @@ def load_model(model_uri: str, device: str | None = None, dst_path: str | None =
     weights = ModelDir(local).data
     if runtime_of(weights.read_info()) in ("onnx", "openvino"):
         return load_segmenter(weights.path, device=device)
-    from scoring.runtimes.torch_rtmdet import load_detector
+    from scoring.runtimes.torch_mmdet import load_detector
 
     return load_detector(weights, device)[0]
 
@@ -236,13 +247,15 @@ def _load_pyfunc(path):
     return load(path)
 
 
-def _class_count(state_dict, family) -> int:
-    count = family.class_count(state_dict)
+def _class_count(state_dict, model_cfg, family) -> int:
+    from scoring.runtimes.torch_mmdet import count_classes
+
+    count = count_classes(state_dict, model_cfg, family)
     if count is None:
         from mlflow_model.checkpoints import CheckpointError
 
-        raise CheckpointError(f"the checkpoint has no {family.title} classification layer "
-                              f"({family.class_layer})")
+        raise CheckpointError(f"the checkpoint has no {family.title} classification layer: it is "
+                              f"not a {family.title} checkpoint, or pass --classes")
     return count
 
 

@@ -1,5 +1,5 @@
-"""Configs by name (the ones mmdet ships for a family of ours, ``scoring.families``) or by path,
-and their published checkpoints."""
+"""Configs by name (any config mmdet ships: the named families' and every other detector's,
+``scoring.families``) or by path, and their published checkpoints."""
 from __future__ import annotations
 
 import re
@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from scoring.errors import MmdetMlflowError
-from scoring.families import FAMILIES, family_of_config
+from scoring.families import NAMED, family_of_config, supported_text
 
 COCO_CONFIG_NAME_SUFFIX = "_coco"
 
@@ -23,18 +23,24 @@ def mmdet_config_dir() -> Path:
 
 
 def resolve_config_path(name_or_path: str | Path) -> Path:
-    """A config file path, or one of mmdet's shipped config names (``.py`` optional)."""
+    """A config file path, or the name of a config mmdet ships (``.py`` optional): the named
+    families' folders first, then every folder of mmdet's configs."""
     path = Path(name_or_path)
     if path.suffix == ".py" and path.is_file():
         return path.resolve()
     name = path.name.removesuffix(".py")
-    for family in FAMILIES.values():
-        shipped = mmdet_config_dir() / family.config_folder / f"{name}.py"
+    folders = [folder for family in NAMED for folder in family.config_folders]
+    for folder in folders:
+        shipped = mmdet_config_dir() / folder / f"{name}.py"
         if shipped.is_file():
             return shipped
-    known = "; ".join(f"{f.title} configs: {', '.join(f.shipped_configs)}" for f in FAMILIES.values())
+    found = sorted(mmdet_config_dir().glob(f"*/{name}.py"))
+    if found:
+        return found[0]
+    named = "; ".join(f"{f.title}: {', '.join(f.shipped_configs)}" for f in NAMED)
     raise ConfigError(f"no config file {str(name_or_path)!r} and no config of that name ships with "
-                      f"mmdet; {known}")
+                      f"mmdet (named families' configs: {named}; or any config of mmdet's "
+                      f"configs/ folders by name)")
 
 
 def config_name(name_or_path: str | Path) -> str:
@@ -43,18 +49,26 @@ def config_name(name_or_path: str | Path) -> str:
 
 def load_config(name_or_path, num_classes: int | None = None):
     """The mmengine Config, made self-contained for packaging: no pretrained-backbone download
-    at model build time, and the head sized for ``num_classes`` when given. Refused unless its
-    model is of a family we know (``scoring.families``)."""
+    at model build time, and every class-shaped head sized for ``num_classes`` when given (by
+    its family). Refused unless its model is an image detector we can serve."""
     from mmengine.config import Config
 
-    cfg = Config.fromfile(str(resolve_config_path(name_or_path)))
-    if family_of_config(cfg.model) is None:
-        families = ", ".join(f.title for f in FAMILIES.values())
-        raise ConfigError(f"{name_or_path} is not a config of a model family we package ({families}): "
-                          f"its head is {cfg.model.get('bbox_head', {}).get('type')!r}")
-    cfg.model.backbone.init_cfg = None
+    path = resolve_config_path(name_or_path)
+    try:
+        cfg = Config.fromfile(str(path))
+    except Exception as err:  # a text file, a config of another library, a syntax error
+        raise ConfigError(f"{name_or_path} is not an mmdet config: {type(err).__name__}: "
+                          f"{str(err).splitlines()[0][:300] if str(err) else ''}") from None
+    model = cfg.get("model")
+    family = family_of_config(model) if isinstance(model, dict) else None
+    if family is None:
+        kind = model.get("type") if isinstance(model, dict) else "no model"
+        raise ConfigError(f"{name_or_path} is not a config we can package (its model is {kind!r}); "
+                          f"supported: {supported_text()}")
+    if isinstance(cfg.model.get("backbone"), dict):
+        cfg.model.backbone.init_cfg = None
     if num_classes is not None:
-        cfg.model.bbox_head.num_classes = num_classes
+        family.set_num_classes(cfg.model, num_classes)
     return cfg
 
 
@@ -65,16 +79,19 @@ class OfficialCheckpoint:
 
 
 def official_checkpoint(name: str) -> OfficialCheckpoint:
-    """The published COCO checkpoint of a shipped config, from mmdet's metafile.yml."""
+    """The published COCO checkpoint of a shipped config, from the metafile.yml beside it (found
+    by the config file it names: some entries keep an older model name, YOLOF's)."""
     import yaml
 
-    metafiles = [mmdet_config_dir() / f.config_folder / "metafile.yml" for f in FAMILIES.values()]
-    for metafile in metafiles:
-        for model in yaml.safe_load(metafile.read_text())["Models"]:
-            if model.get("Name") == name and model.get("Weights"):
-                url = model["Weights"]
-                match = re.search(r"-([0-9a-f]{8,})\.pth$", url)
-                if not match:
-                    raise ConfigError(f"the published checkpoint URL of {name} has no hash: {url}")
-                return OfficialCheckpoint(url, match.group(1))
-    raise ConfigError(f"mmdet publishes no checkpoint for {name!r} (see {', '.join(map(str, metafiles))})")
+    config = resolve_config_path(name)
+    metafile = config.parent / "metafile.yml"
+    models = yaml.safe_load(metafile.read_text())["Models"] if metafile.is_file() else []
+    for model in models:
+        if (Path(str(model.get("Config", ""))).name == config.name or model.get("Name") == name) \
+                and model.get("Weights"):
+            url = model["Weights"]
+            match = re.search(r"-([0-9a-f]{8,})\.pth$", url)
+            if not match:
+                raise ConfigError(f"the published checkpoint URL of {name} has no hash: {url}")
+            return OfficialCheckpoint(url, match.group(1))
+    raise ConfigError(f"mmdet publishes no checkpoint for {name!r} (see {metafile})")

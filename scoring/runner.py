@@ -37,7 +37,7 @@ from scoring.errors import InputError
 from scoring.fetch import Deadline, FetchBudget
 from scoring.runtimes.base import ImageDetections, Segmenter
 from scoring.runtimes.masks import MaskWindow
-from scoring.schema import PredictParams
+from scoring.schema import PredictParams, check_task_params
 from scoring.tiling import segment_tiled, tiles_for
 from scoring.work import check_deadline, check_work, picture_deadline
 
@@ -74,7 +74,9 @@ def score_images(segmenter: Segmenter, items: Iterable[tuple[Any, Any]],
     if on_error not in ("raise", "yield"):
         raise ValueError(f"on_error must be 'raise' or 'yield', not {on_error!r}")
     if not isinstance(params, PredictParams):
+        check_task_params(segmenter.task, params)  # mask params of a box-only model: refused
         params = segmenter.default_params.updated(params)
+    check_task_params(segmenter.task, {"mask_format": params.mask_format})
     check_classes(segmenter.class_names, params)  # an unknown class name: refused before any work
     decode = decode or (lambda key, value: decode_image(value, row=key, budget=budget))
     job = _Job(segmenter, params, encode, keep_images, deadline, on_error)

@@ -11,7 +11,15 @@ from scoring.tiles import check_overlap_ratio, format_tile_grid, parse_tile_grid
 
 INPUT_COLUMN = "image"
 OUTPUT_COLUMN = "boxes"
-TASK = "image-instance-segmentation"
+# The two tasks a model serves: boxes, labels and scores; or those and each detection's mask.
+OBJECT_DETECTION = "object-detection"
+INSTANCE_SEGMENTATION = "instance-segmentation"
+TASKS = (OBJECT_DETECTION, INSTANCE_SEGMENTATION)
+# The task names Azure ML's catalog and AutoML give them (the MLmodel's base_model_task).
+AZURE_TASKS = {OBJECT_DETECTION: "image-object-detection",
+               INSTANCE_SEGMENTATION: "image-instance-segmentation"}
+# Params only a model that makes masks has: an object-detection model refuses them.
+MASK_PARAMS = ("mask_threshold", "polygon_tolerance")
 # How each detection's mask is answered: "polygon" (the model card's normalized outer polygons,
 # holes lost), "rle" (COCO compressed RLE of the full-size mask, holes kept) or "none" (no mask
 # at all, and no mask work).
@@ -114,6 +122,27 @@ class PredictParams:
         return value if want_int else float(value)
 
 
+def check_task_params(task: str, values: Mapping[str, Any] | None) -> None:
+    """Refuse, for an object-detection model, what only masks mean: ``mask_format`` other than
+    "none", and the mask-only params, naming the model's task."""
+    if task != OBJECT_DETECTION or not values:
+        return
+    asked = [name for name in MASK_PARAMS if name in values]
+    mask_format = values.get("mask_format", "none")
+    if mask_format != "none":
+        asked.insert(0, f"mask_format {mask_format!r}")
+    if asked:
+        raise InputError(f"this model does {OBJECT_DETECTION} (boxes, labels and scores; no masks): "
+                         f"{', '.join(asked)} {'is' if len(asked) == 1 else 'are'} for "
+                         f"{INSTANCE_SEGMENTATION} models; leave {'it' if len(asked) == 1 else 'them'} out")
+
+
+def task_param_names(task: str) -> list[str]:
+    """The predict params a model of ``task`` takes (its signature's)."""
+    names = [f.name for f in fields(PredictParams)]
+    return [n for n in names if n not in MASK_PARAMS] if task == OBJECT_DETECTION else names
+
+
 def class_names_param(value: Any) -> tuple[str, ...]:
     """The ``classes`` param as a tuple of names, in the order given, without repeats: a list of
     strings, or one comma-separated string (each name stripped of surrounding spaces; a name
@@ -147,10 +176,12 @@ def _shown(value: Any, limit: int = 200) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
-def mlflow_signature(defaults: PredictParams, class_names: Sequence[str] | None = None):
+def mlflow_signature(defaults: PredictParams, class_names: Sequence[str] | None = None,
+                     task: str = INSTANCE_SEGMENTATION):
     """The MLflow signature: a string ``image`` column in, one ``{"boxes": [...]}`` object out
     per image (the response record of the model card), and the predict params with their
-    defaults (MLflow only passes params that the signature declares).
+    defaults (MLflow only passes params that the signature declares). An object-detection
+    model's detections have no ``polygon`` or ``rle``, and it declares no mask-only params.
 
     ``classes`` is a string array (shape (-1,)) whose default is every class of the model
     (``class_names``), so a request without it keeps them all; under ``mlflow models serve`` its
@@ -172,19 +203,20 @@ def mlflow_signature(defaults: PredictParams, class_names: Sequence[str] | None 
 
     coords = ("topX", "topY", "bottomX", "bottomY")
     box = Object([Property(c, "double") for c in coords])
-    detection = Object(
-        [
-            Property("box", box),
-            Property("label", "string"),
-            Property("score", "double"),
+    properties = [Property("box", box), Property("label", "string"), Property("score", "double")]
+    if task == INSTANCE_SEGMENTATION:
+        properties += [
             Property("polygon", Array(Array("double")), required=False),
             Property("rle", Object([Property("size", Array("long")), Property("counts", "string")]),
                      required=False),
         ]
-    )
+    detection = Object(properties)
     param_types = {bool: "boolean", int: "long", float: "double", str: "string"}
     specs = []
+    taken = task_param_names(task)
     for name, value in defaults.as_dict().items():
+        if name not in taken:
+            continue
         if name == "classes":
             if class_names is not None:
                 specs.append(ParamSpec(name, "string", list(value or class_names), shape=(-1,)))

@@ -263,15 +263,27 @@ def refuse_unknown_params() -> None:
             known = [spec.name for spec in params_schema.params]
             unknown = [name for name in params if name not in known]
             if unknown:
-                raise MlflowException.invalid_parameter_value(
-                    f"unknown param{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
-                    f"known params: {', '.join(known)}")
+                raise MlflowException.invalid_parameter_value(unknown_params_message(unknown, known))
             if "classes" in params and "classes" in known:
                 params = {**params, "classes": _class_names(params["classes"])}
         return original(data, params, input_schema, params_schema, flavor, *args, **kwargs)
 
     validate.refuses_unknown_params = True
     pyfunc._validate_prediction_input = validate
+
+
+def unknown_params_message(unknown: list, known: list) -> str:
+    """Unknown params named, with the known ones; mask params sent to a model that makes no
+    masks are named as such, with the model's task."""
+    from scoring.schema import INSTANCE_SEGMENTATION, MASK_PARAMS, OBJECT_DETECTION
+
+    for_masks = [name for name in unknown if name in MASK_PARAMS and name not in known]
+    if for_masks and not any(name in known for name in MASK_PARAMS):
+        return (f"this model does {OBJECT_DETECTION} (boxes, labels and scores; no masks): "
+                f"{', '.join(map(repr, for_masks))} {'is' if len(for_masks) == 1 else 'are'} for "
+                f"{INSTANCE_SEGMENTATION} models; known params: {', '.join(known)}")
+    return (f"unknown param{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+            f"known params: {', '.join(known)}")
 
 
 def _class_names(value) -> list:

@@ -57,8 +57,10 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0][:300] if text else type(err).__name__
 
 
-def check_state_dict(model, state_dict: Mapping, source: str) -> None:
-    """Refuse a checkpoint that does not fit the model exactly, saying what is wrong."""
+def check_state_dict(model, state_dict: Mapping, source: str, family=None) -> None:
+    """Refuse a checkpoint that does not fit the model exactly, saying what is wrong: with the
+    model's family (``scoring.families``), a checkpoint of another class count or of another
+    family is named as such."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
@@ -68,14 +70,8 @@ def check_state_dict(model, state_dict: Mapping, source: str) -> None:
     if not (missing or unexpected or mismatched):
         return
     problems = []
-    from scoring.families import FAMILIES
-
-    class_layers = [f".{family.class_layer}." for family in FAMILIES.values()]
-    cls_key = next((k for k, _, _ in mismatched if any(layer in f".{k}" for layer in class_layers)), None)
-    if cls_key:
-        got, want = dict((k, (g, w)) for k, g, w in mismatched)[cls_key]
-        problems.append(f"the checkpoint was trained for {got[0]} classes but the model is set up "
-                        f"for {want[0]} (pass --classes matching the checkpoint)")
+    if family is not None:
+        problems.extend(_family_problems(model, state_dict, family))
     if mismatched:
         problems.append(f"{len(mismatched)} tensors have the wrong shape, e.g. " + "; ".join(
             f"{k}: checkpoint {g} vs model {w}" for k, g, w in mismatched[:3]))
@@ -85,3 +81,21 @@ def check_state_dict(model, state_dict: Mapping, source: str) -> None:
         problems.append(f"{len(unexpected)} checkpoint tensors are not in the model, e.g. "
                         f"{', '.join(unexpected[:3])}")
     raise CheckpointError(f"checkpoint {source} does not match the config: " + "; ".join(problems))
+
+
+def _family_problems(model, state_dict: Mapping, family) -> list[str]:
+    """What a misfit means in words: another family's checkpoint, or another class count."""
+    from scoring.families import NAMED
+
+    if family.class_count(state_dict) is None:
+        other = next((f for f in NAMED if f is not family and f.class_count(state_dict) is not None
+                      and f.class_layer.key != getattr(family.class_layer, "key", None)), None)
+        if other is not None:
+            return [f"it looks like a {other.title} checkpoint (it has {other.title}'s class layer), "
+                    f"but the config is {family.title}'s"]
+        return []
+    got, want = family.class_count(state_dict), family.class_count(model.state_dict())
+    if got != want:
+        return [f"the checkpoint was trained for {got} classes but the model is set up for {want} "
+                f"(pass --classes matching the checkpoint)"]
+    return []

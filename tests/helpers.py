@@ -26,18 +26,39 @@ def make_official_checkpoint(path: Path, config: str = TINY, classes=None, seed:
 
     from mlflow_model.configs import load_config
 
+    from scoring.families import RTMDET_INS, family_of_config
+
     classes = list(classes or get_classes("coco"))
     torch.manual_seed(seed)
     init_default_scope("mmdet")
     cfg = load_config(config, num_classes=len(classes))
     model = MODELS.build(cfg.model)
     model.init_weights()
+    family = family_of_config(cfg.model)
     if confident:
         with torch.no_grad():
-            _liven_head(model, seed)
+            if family is RTMDET_INS:
+                _liven_head(model, seed)
+            else:
+                _liven_class_biases(model, cfg.model, family)
     torch.save({"meta": {"mmdet_version": "3.3.0", "dataset_meta": {"classes": tuple(classes)}},
                 "state_dict": model.state_dict()}, path)
     return path
+
+
+def _liven_class_biases(model, model_cfg, family) -> None:
+    """Lift the class layers' biases (from their prior of 0.01 to 0.5; a softmax head's
+    background row down) so that an untrained model of any family finds things to compare."""
+    from scoring.runtimes.torch_mmdet import class_shaped_layers
+
+    state = model.state_dict()
+    keys = [k for k in state if family.is_class_shaped(k)] or list(class_shaped_layers(model_cfg, family))
+    background = family.class_layer.background if family.class_layer else 0
+    for key in keys:
+        if key.endswith(".bias") and not any(part in key for part in ("reg", "conv_logits")):
+            state[key].fill_(0.0)
+            if background:
+                state[key][-background:] = -5.0
 
 
 def _liven_head(model, seed: int) -> None:

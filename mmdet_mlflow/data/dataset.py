@@ -10,10 +10,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from mmdet_mlflow.data.problems import DataError
-
-INSTANCE_SEGMENTATION = "instance-segmentation"
-OBJECT_DETECTION = "object-detection"
-TASKS = (INSTANCE_SEGMENTATION, OBJECT_DETECTION)
+from scoring.schema import INSTANCE_SEGMENTATION, OBJECT_DETECTION, TASKS  # noqa: F401  (the one place)
 
 
 @dataclass

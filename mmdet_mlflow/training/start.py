@@ -10,7 +10,7 @@ from typing import Sequence
 from mlflow_model.checkpoints import classes_from_meta, resolve_checkpoint
 from mlflow_model.configs import config_name, resolve_config_path
 from scoring.model_dir import ModelDir, WeightsDir
-from scoring.families import RTMDET_INS
+from scoring.families import RTMDET_INS, Family
 from scoring.weights import check_state_dict, read_state_dict
 from mmdet_mlflow.training.settings import FinetuneError
 
@@ -63,16 +63,16 @@ class StartingPoint:
 
 
 def adapt_weights(model, weights: dict, weight_classes: Sequence[str] | None,
-                  classes: Sequence[str], class_layer: str = RTMDET_INS.class_layer) -> tuple[dict, list[str]]:
-    """The starting weights for ``model`` (already initialised) set up for ``classes``: the
-    classifier (the family's ``class_layer``) rows of classes the checkpoint knows by name are kept, the others
-    keep the model's fresh initialisation; every other tensor must fit exactly. Returns the
-    state dict to load strictly and what was re-initialised, in words."""
-    layer = f".{class_layer}."
+                  classes: Sequence[str], family: Family = RTMDET_INS) -> tuple[dict, list[str]]:
+    """The starting weights for ``model`` (already initialised) set up for ``classes``: of the
+    family's class-shaped tensors (``Family.is_class_shaped``), the rows of classes the
+    checkpoint knows by name are kept, the others keep the model's fresh initialisation; every
+    other tensor must fit exactly. Returns the state dict to load strictly and what was
+    re-initialised, in words."""
     own = model.state_dict()
-    classifier = [k for k in own if layer in f".{k}"]
+    classifier = [k for k in own if family.is_class_shaped(k)]
     check_state_dict(_Keys({k: v for k, v in own.items() if k not in classifier}),
-                     {k: v for k, v in weights.items() if layer not in f".{k}"},
+                     {k: v for k, v in weights.items() if not family.is_class_shaped(k)},
                      "(everything but the classifier)")
     adapted = {k: weights[k] for k in own if k not in classifier}
     fits = all(k in weights and weights[k].shape == own[k].shape for k in classifier)

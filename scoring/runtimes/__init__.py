@@ -44,7 +44,7 @@ def load_segmenter(weights_dir: str | os.PathLike, device: str | None = None,
 
     margin = MASK_BOX_MARGIN.value()  # a bad value is refused before the model loads
     info = WeightsDir(weights_dir).read_info()
-    load = family_of(info).segmenter_loader(runtime_of(info))
+    load = family_of(info).loader(runtime_of(info))
     segmenter = load(weights_dir, info=info, device=device, batch_size=batch_size)
     segmenter.mask_box_margin = margin
     return segmenter

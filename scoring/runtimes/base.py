@@ -23,7 +23,7 @@ from typing import Any, Iterator, Protocol, Sequence
 import numpy as np
 
 from scoring.runtimes.masks import MaskWindow
-from scoring.schema import PredictParams
+from scoring.schema import INSTANCE_SEGMENTATION, PredictParams
 
 
 class MaskSource(Protocol):
@@ -111,6 +111,9 @@ class Segmenter:
     ``batch_size`` and implement the three steps; ``__call__`` runs them batch by batch."""
 
     runtime: str = ""  # "torch" or "onnx": what model.json's "runtime" names
+    # What the model serves: "object-detection" (no masks: ``ImageDetections.masks`` is None)
+    # or "instance-segmentation" (scoring.schema.TASKS).
+    task: str = INSTANCE_SEGMENTATION
     # What the network computes in: "fp32", "int8" (an ONNX model's quantized network) or
     # "bf16" (OpenVINO on a CPU with native bf16); a logged evaluation records it.
     precision: str = "fp32"

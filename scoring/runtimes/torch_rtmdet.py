@@ -1,8 +1,9 @@
 """The torch runtime: an mmdet RTMDet-Ins detector behind the ``Segmenter`` seam.
 
-Loading (``build_detector``, ``load_torch_segmenter``), the three steps (preprocess with mmdet's
-own test pipeline, forward with the detector's data preprocessor, backbone, neck and head, and
-post-processing) and RTMDet-Ins post-processing with the full-image masks deferred:
+Loading (``load_torch_segmenter``), the three steps (preprocess with mmdet's own test pipeline
+and the request's test settings, both from ``torch_mmdet``'s base; forward with the detector's
+data preprocessor, backbone, neck and head; post-processing) and RTMDet-Ins post-processing with
+the full-image masks deferred:
 
 mmdet's ``RTMDetInsHead._bbox_mask_post_process`` upsamples every detection's mask logits to the
 original image size in one tensor: 100 detections on a 12-megapixel image is 4.8 GB of float32.
@@ -16,7 +17,6 @@ Only a model whose ``model.json`` names the torch runtime imports this module (a
 from __future__ import annotations
 
 import contextlib
-import copy
 import types
 from typing import Iterator, Sequence
 
@@ -24,11 +24,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from scoring import settings
-from scoring.class_filter import drop_excluded_classes, excluded_classes
+from scoring.class_filter import excluded_classes
+from scoring.families import RTMDET_INS
 from scoring.runtimes import masks as mask_windows
-from scoring.model_dir import WeightsDir
-from scoring.runtimes.base import ImageDetections, Segmenter, forward_batch_size, masks_wanted
+from scoring.runtimes.base import ImageDetections, forward_batch_size, masks_wanted
+from scoring.runtimes.torch_mmdet import MmdetTorchRuntime, load_detector
 from scoring.schema import PredictParams
 
 MASK_CHUNK_BYTES = mask_windows.MASK_CHUNK_BYTES
@@ -179,44 +179,6 @@ class DeferredMasks:
 
 # --- loading ---------------------------------------------------------------------------------
 
-def default_device() -> str:
-    return settings.DEVICE.value() or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def build_detector(config, state_dict, class_names: Sequence[str], device: str | None = None):
-    """An mmdet detector in eval mode with exactly these weights (strict: every key, every
-    shape), as mmdet's init_detector would build it."""
-    from mmdet.registry import MODELS
-    from mmengine.model.utils import revert_sync_batchnorm
-    from mmengine.registry import init_default_scope
-
-    from scoring.weights import check_state_dict
-
-    init_default_scope(config.get("default_scope", "mmdet"))
-    model = revert_sync_batchnorm(MODELS.build(config.model))
-    check_state_dict(model, state_dict, "weights")
-    model.load_state_dict(state_dict, strict=True)
-    model.cfg = config
-    model.dataset_meta = {"classes": tuple(class_names)}
-    return model.to(device or default_device()).eval()
-
-
-def load_detector(weights_dir, device: str | None = None, info: dict | None = None):
-    """(detector, model.json info) of a weights folder (a path or a ``scoring.model_dir.WeightsDir``;
-    ``info``: its model.json, when already read)."""
-    from mmengine.config import Config
-
-    from scoring.weights import read_state_dict
-
-    weights_dir = WeightsDir(getattr(weights_dir, "path", weights_dir))
-    info = info if info is not None else weights_dir.read_info()
-    cfg = Config.fromfile(str(weights_dir.config))
-    # The one safe reader: a truncated or corrupt weights file fails the server's start with a
-    # message naming the file, not torch's "failed finding central directory".
-    state_dict, _ = read_state_dict(weights_dir.weights)
-    return build_detector(cfg, state_dict, info["classes"], device), info
-
-
 def load_torch_segmenter(weights_dir, device: str | None = None, batch_size: int | None = None,
                          *, info: dict | None = None) -> "TorchSegmenter":
     """The TorchSegmenter of a weights folder (``info``: its model.json, when already read)."""
@@ -249,59 +211,22 @@ def borrowed_segmenter(detector, config, class_names: Sequence[str], default_par
 
 # --- the three steps ---------------------------------------------------------------------------
 
-class TorchSegmenter(Segmenter):
+class TorchSegmenter(MmdetTorchRuntime):
     """Runs an mmdet RTMDet-Ins detector on BGR uint8 arrays, real batches (one forward pass
-    per batch, not a loop of images)."""
-
-    runtime = "torch"
+    per batch, not a loop of images), its masks deferred."""
 
     def __init__(self, detector, class_names: Sequence[str], default_params: PredictParams,
                  batch_size: int = 8, config=None):
         """``config``: the mmengine config whose test pipeline prepares the pictures (default:
         the detector's own ``cfg``, which ``build_detector`` sets)."""
-        from mmcv.transforms import Compose
-        from mmdet.utils import get_test_pipeline_cfg
-        from mmengine.registry import init_default_scope
-
-        init_default_scope("mmdet")
-        self.detector = detector
-        self.class_names = list(class_names)
-        self.default_params = default_params
-        self.batch_size = batch_size
-        steps = [s for s in copy.deepcopy(get_test_pipeline_cfg(
-                 detector.cfg if config is None else config))
-                 if "LoadAnnotations" not in s["type"]]  # nothing to annotate at inference
-        steps[0]["type"] = "mmdet.LoadImageFromNDArray"  # as mmdet's inference_detector does
-        resize = next((s for s in steps if s["type"].split(".")[-1] == "Resize" and s.get("keep_ratio")), None)
-        if resize is not None:
-            self.input_scale = tuple(resize["scale"])
-        self.pipeline = Compose(steps)
+        super().__init__(detector, RTMDET_INS, class_names, default_params, batch_size, config)
         head = detector.bbox_head
-        self._test_cfg = head.test_cfg
-        self.configured_score_threshold = self._test_cfg.get("score_thr")
         # Our instance only: the detector object itself stays a plain mmdet model elsewhere.
         head._bbox_mask_post_process = types.MethodType(bbox_post_process_deferring_masks, head)
 
-    @property
-    def device(self) -> torch.device:
-        return self.detector.data_preprocessor.device
-
-    def preprocess(self, images: Sequence[np.ndarray]) -> dict:
-        """mmdet's test pipeline (resize, pad, pack) for each image, collated into one batch."""
-        packed = [self.pipeline(dict(img=img, img_id=i)) for i, img in enumerate(images)]
-        return dict(inputs=[p["inputs"] for p in packed],
-                    data_samples=[p["data_samples"] for p in packed])
-
     def test_cfg(self, params: PredictParams):
-        """The model's test settings with this request's params: passed per call, never written
-        into the shared model, so concurrent requests cannot see each other's settings."""
-        cfg = copy.deepcopy(self._test_cfg)
-        cfg.score_thr = params.score_threshold
-        cfg.nms.iou_threshold = params.iou_threshold
-        cfg.nms.class_agnostic = params.class_agnostic_nms  # mmcv's batched_nms reads it
-        cfg.max_per_img = params.max_detections
-        cfg.nms_pre = max(cfg.get("nms_pre", 1000), params.max_detections)
-        cfg.mask_thr_binary = params.mask_threshold
+        """The family's test settings for the request, and whether to make mask logits."""
+        cfg = super().test_cfg(params)
         cfg.with_masks = masks_wanted(params)
         return cfg
 
@@ -321,7 +246,7 @@ class TorchSegmenter(Segmenter):
         the full-size masks deferred to ``DeferredMasks``."""
         head = self.detector.bbox_head
         outputs = raw["head_outputs"]  # (cls_scores, bbox_preds, kernel_preds, mask_feat)
-        drop_excluded_classes(outputs[0], excluded_classes(self.class_names, params))
+        self.family.exclude_classes(outputs[0], excluded_classes(self.class_names, params))
         results = head.predict_by_feat(*outputs, batch_img_metas=raw["metas"],
                                        cfg=self.test_cfg(params), rescale=True)
         out = []

@@ -1,0 +1,17 @@
+"""Deformable DETR (object detection): queries, not NMS; ``max_per_img`` top queries by score,
+so ``iou_threshold`` and ``class_agnostic_nms`` do not apply. The ``classes`` param drops the
+other classes' answers (its scores are a top-k over queries x classes)."""
+from scoring.families.base import ClassLayer, Family
+from scoring.schema import OBJECT_DETECTION
+
+FAMILY = Family(
+    name="deformable-detr",
+    title="Deformable DETR",
+    task=OBJECT_DETECTION,
+    model_types=("DeformableDETR",),
+    config_folders=("deformable_detr",),
+    shipped_configs=("deformable-detr-refine-twostage_r50_16xb2-50e_coco",),
+    class_layer=ClassLayer(r"bbox_head\.cls_branches\.0\.weight"),
+    class_shaped=r"bbox_head\.cls_branches\..*",
+    loaders={"torch": "scoring.runtimes.torch_mmdet:load_whole_detector"},
+)

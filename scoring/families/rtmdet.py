@@ -1,0 +1,23 @@
+"""RTMDet (object detection): a dense head whose class logits lie (batch, classes, h, w), served
+through mmdet's own post-processing (``predict_by_feat``) on torch."""
+from scoring.families.base import ClassLayer, Family
+from scoring.schema import OBJECT_DETECTION
+
+FAMILY = Family(
+    name="rtmdet",
+    title="RTMDet",
+    task=OBJECT_DETECTION,
+    model_types=("RTMDet",),
+    head_types=("RTMDetHead", "RTMDetSepBNHead"),
+    config_folders=("rtmdet",),
+    shipped_configs=(
+        "rtmdet_tiny_8xb32-300e_coco",
+        "rtmdet_s_8xb32-300e_coco",
+        "rtmdet_m_8xb32-300e_coco",
+        "rtmdet_l_8xb32-300e_coco",
+        "rtmdet_x_8xb32-300e_coco",
+    ),
+    class_layer=ClassLayer(r"bbox_head\.rtm_cls\.0\.weight|bbox_head\.rtm_cls\.weight"),
+    class_shaped=r"bbox_head\.rtm_cls\..*",
+    loaders={"torch": "scoring.runtimes.torch_mmdet:load_dense_head_detector"},
+)

@@ -1,0 +1,31 @@
+"""RTMDet-Ins (instance segmentation): its own torch runtime (masks deferred and windowed), and
+an exported graph with numpy post-processing on ONNX Runtime and OpenVINO."""
+from scoring.families.base import ClassLayer, Family
+from scoring.schema import INSTANCE_SEGMENTATION
+
+FAMILY = Family(
+    name="rtmdet-ins",
+    title="RTMDet-Ins",
+    task=INSTANCE_SEGMENTATION,
+    model_types=("RTMDet",),
+    head_types=("RTMDetInsHead", "RTMDetInsSepBNHead"),
+    config_folders=("rtmdet",),
+    shipped_configs=(
+        "rtmdet-ins_tiny_8xb32-300e_coco",
+        "rtmdet-ins_s_8xb32-300e_coco",
+        "rtmdet-ins_m_8xb32-300e_coco",
+        "rtmdet-ins_l_8xb32-300e_coco",
+        "rtmdet-ins_x_8xb16-300e_coco",
+    ),
+    class_layer=ClassLayer(r"bbox_head\.rtm_cls\.0\.weight|bbox_head\.rtm_cls\.weight"),
+    class_shaped=r"bbox_head\.rtm_cls\..*",
+    loaders={
+        "torch": "scoring.runtimes.torch_rtmdet:load_torch_segmenter",
+        "onnx": "scoring.runtimes.onnx_rtmdet:load_onnx_segmenter",
+        "openvino": "scoring.runtimes.openvino_rtmdet:load_openvino_segmenter",
+    },
+    exporters={
+        "onnx": "mlflow_model.onnx_export:export_to_weights_dir",
+        "openvino": "mlflow_model.onnx_export:export_to_weights_dir",
+    },
+)

@@ -1,0 +1,35 @@
+"""YOLOF (object detection): one dilated-encoder level, a dense head of anchors x classes."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from scoring.families.base import ClassLayer, Family
+from scoring.schema import OBJECT_DETECTION
+
+# The config's anchor generator: ratios [1.0] x scales [1, 2, 4, 8, 16].
+ANCHORS = 5
+
+
+class YolofFamily(Family):
+    def exclude_classes(self, class_logits: Sequence[Any], excluded: list[int]) -> None:
+        """YOLOF's class logits lie (batch, anchors x classes, h, w), anchor-major: the
+        excluded classes' channels of every anchor."""
+        if not excluded:
+            return
+        for logits in class_logits:
+            classes = logits.shape[1] // ANCHORS
+            channels = [anchor * classes + index for anchor in range(ANCHORS) for index in excluded]
+            logits[:, channels] = float("-inf")
+
+
+FAMILY = YolofFamily(
+    name="yolof",
+    title="YOLOF",
+    task=OBJECT_DETECTION,
+    model_types=("YOLOF",),
+    config_folders=("yolof",),
+    shipped_configs=("yolof_r50-c5_8xb8-1x_coco",),
+    class_layer=ClassLayer(r"bbox_head\.cls_score\.weight", per_class=ANCHORS),
+    class_shaped=r"bbox_head\.cls_score\..*",
+    loaders={"torch": "scoring.runtimes.torch_mmdet:load_dense_head_detector"},
+)
