@@ -15,7 +15,7 @@ DEFAULT_CALIBRATION_IMAGES = 32
 def add_parser(subparsers):
     p = subparsers.add_parser("package", help="write an MLflow model directory from a config and checkpoint")
     p.add_argument("--config", required=True,
-                   help="an RTMDet-Ins config name mmdet ships (e.g. rtmdet-ins_x_8xb16-300e_coco) or a config file")
+                   help="a config name mmdet ships (e.g. rtmdet-ins_x_8xb16-300e_coco, yolof_r50-c5_8xb8-1x_coco) or a config file: any mmdet 3.x object detector or instance segmenter")
     p.add_argument("--checkpoint", required=True,
                    help="a checkpoint path, an http(s) URL, or 'official' (published COCO weights, sha256-checked)")
     p.add_argument("--output", required=True, help="the model directory to create (must not exist)")
