@@ -44,6 +44,7 @@ def baseline_merge(rev: str):
     path.write_text(source)
     spec = importlib.util.spec_from_file_location("tiling_baseline", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module.merge_tiles
 
