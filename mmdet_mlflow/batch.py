@@ -16,20 +16,6 @@ import sys
 from pathlib import Path
 
 
-def input_files(path: Path, exclude: tuple[Path, ...] = ()) -> list[Path]:
-    """The file itself, or every file under the folder (as Azure passes a folder's files),
-    sorted, without hidden files or ``exclude`` (the output, when it sits inside)."""
-    path = Path(path)
-    if path.is_file():
-        return [path]
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path} is neither a file nor a folder")
-    skip = {Path(os.path.abspath(p)) for p in exclude}
-    return sorted(p for p in path.rglob("*")
-                  if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
-                  and Path(os.path.abspath(p)) not in skip)
-
-
 def progress_file(output: Path) -> Path:
     return output.with_name(f".{output.name}.progress")
 
@@ -104,15 +90,17 @@ def run_batch(model_dir: Path, input_path: Path, output: Path, mini_batch_size: 
 
     import mlflow_model
     from scoring.model_dir import ModelDir
-    from scoring.batch_files import file_name, score_files
+    from scoring.batch_files import file_name, input_entries, score_files
     from scoring.class_filter import check_classes
 
     input_path, output = Path(input_path), Path(output)
-    files = input_files(input_path, exclude=(output, progress_file(output)))
+    listing = input_entries(input_path, exclude=(output, progress_file(output)))
+    files = listing.entries  # each one's records, or its error record (a FIFO, a symlink loop, ...)
     root = input_path if input_path.is_dir() else input_path.parent
     done = completed_files(output)
     todo = [f for f in files if file_name(f, root) not in done]
-    counts = {"files": len(files), "skipped": len(files) - len(todo), "images": 0, "errors": 0}
+    counts = {"files": len(files), "skipped": len(files) - len(todo), "images": 0, "errors": 0,
+              "hidden": listing.hidden}
     if not todo:
         return counts
     segmenter = mlflow_model.load_segmenter(ModelDir(model_dir).data.path)

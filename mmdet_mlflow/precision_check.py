@@ -65,7 +65,7 @@ class ImageSource(NamedTuple):
         from mmdet_mlflow.predict import image_files
 
         if path.is_dir() and not any(path.glob("MLTable")):
-            dataset, files = None, image_files(path)
+            dataset, files = None, [e.path for e in image_files(path).entries if not e.problem]
         else:
             from mmdet_mlflow.data import load_dataset
 

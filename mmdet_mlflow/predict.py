@@ -9,13 +9,13 @@ from typing import Iterable
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
 
 
-def image_files(path: Path) -> list[Path]:
-    """The image itself, or the images in a folder (recursively), sorted."""
-    if path.is_file():
-        return [path]
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path} is neither an image file nor a folder")
-    return sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+def image_files(path: Path):
+    """The image itself, or every entry of a folder (recursively) named as a picture, each
+    with its problem (``scoring.batch_files.input_entries``: a FIFO, a symlink loop, ... is an
+    error line, never a silent gap), sorted; hidden names are skipped and counted."""
+    from scoring.batch_files import input_entries
+
+    return input_entries(path, wanted=lambda name: Path(name).suffix.lower() in IMAGE_SUFFIXES)
 
 
 def picture_paths(names: Iterable[str]) -> dict[str, Path]:
@@ -37,9 +37,9 @@ def picture_paths(names: Iterable[str]) -> dict[str, Path]:
 def predict_files(model_dir: Path, files: Iterable[Path], output: Path,
                   params: dict | None = None, visualize_dir: Path | None = None,
                   root: Path | None = None) -> dict:
-    """Score ``files`` through the one runner; a file that cannot be read gets an ``error``
-    line instead of stopping the run, as in batch scoring. Files are named relative to ``root``
-    (the input folder) in pictures. Returns counts."""
+    """Score ``files`` (paths, or ``image_files``' entries) through the one runner; a file that
+    cannot be read gets an ``error`` line instead of stopping the run, as in batch scoring.
+    Files are named relative to ``root`` (the input folder) in pictures. Returns counts."""
     from tqdm import tqdm
 
     import mlflow_model

@@ -10,8 +10,10 @@ runner), and one row per picture is written as Parquet (and optionally JSON line
 
 ``boxes`` holds what the model's ``predict`` answers for the picture (typed: a list of structs)
 and ``error`` is null; or ``boxes`` is null and ``error`` names the file and its problem
-(corrupt, empty, over the pixel or byte limit, not an image). One bad picture never fails the
-job, and no picture is scored twice.
+(corrupt, empty, over the pixel or byte limit, not an image, not a regular file). One bad
+picture never fails the job, and no picture is scored twice. In a local folder every entry is
+accounted for (``scoring.batch_files.input_entries``): those Spark's listing leaves out (symlink
+loops, dangling symlinks) get error rows in ``batch=-1`` (``UNLISTED_BATCH``).
 
 Resuming: the job is a Structured Streaming query over the input folder run with
 ``trigger(availableNow=True)``: it plans the pictures into micro-batches (``files_per_batch``
@@ -47,7 +49,15 @@ CHECKPOINT_DIR = "_checkpoint"
 # 10000 pictures' bytes in a worker's memory at once; the model takes one or a few at a time.
 RECORDS_PER_ARROW_BATCH = 16
 FILES_PER_BATCH = 1000  # pictures per micro-batch: what one kill can cost at most
-# Spark's file listing ignores names that start with "_" or "." (Hadoop's hidden files).
+# The partition of the error rows of a local folder's entries that Spark's listing leaves out
+# (symlink loops, dangling symlinks, folders it may not list): no micro-batch has this number.
+UNLISTED_BATCH = -1
+
+
+def spark_hidden(name: str) -> bool:
+    """Names Spark's file listing ignores (``InMemoryFileIndex``: Hadoop's hidden files)."""
+    return (name.startswith(".") or (name.startswith("_") and "=" not in name)
+            or name.endswith("._COPYING_"))
 
 
 # The fixed schema of Spark's binaryFile source (a streaming source must be told it).
@@ -301,6 +311,8 @@ def run_spark_batch(model: str, input_path: str, output: str, master: str | None
     max_file_bytes = max_file_bytes or settings.MAX_REQUEST_BYTES.value()
     if _is_local(input_path) and not Path(input_path).is_dir():
         raise SparkBatchError(f"{input_path} is not a folder")
+    # a local folder is listed here too: for the entries Spark's listing skips or misreads
+    entries = local_entries(input_path, glob) if _is_local(input_path) else None
     if _is_local(output):
         if (Path(output) / PARQUET_DIR).exists() and not (Path(output) / CHECKPOINT_DIR).exists():
             raise FileExistsError(f"{output} has results but no {CHECKPOINT_DIR}/ to resume from: "
@@ -315,7 +327,26 @@ def run_spark_batch(model: str, input_path: str, output: str, master: str | None
         written_schema = written_schema.result()
     job = _Job(spark, resolved, json.dumps(predict_params.as_dict(), sort_keys=True),
                dict(params or {}), output, jsonl, max_file_bytes, written_schema, log)
-    return job.run(input_path, glob, files_per_batch, records_per_arrow_batch)
+    return job.run(input_path, glob, files_per_batch, records_per_arrow_batch, entries)
+
+
+def local_entries(input_path: str, glob: str | None):
+    """The entries of a local folder as Spark lists them (its hidden names, ``glob`` on file
+    names), each with its problem (``scoring.batch_files.input_entries``). Refuses a folder
+    holding a link to a folder above it: Spark's listing follows links to folders, and it would
+    list every file under that one again at each level, some 40 deep (the system's limit on
+    links in a path)."""
+    from fnmatch import fnmatchcase
+
+    from scoring.batch_files import Listing, input_entries
+
+    listing = input_entries(input_path, hidden=spark_hidden)
+    loops = [entry for entry in listing.entries if entry.problem and os.path.isdir(entry)]
+    if loops:
+        raise SparkBatchError(f"{loops[0]}: {loops[0].problem}; the listing would follow it again "
+                              f"and again: remove the link, or give a folder without it")
+    return Listing([entry for entry in listing.entries
+                    if not glob or fnmatchcase(entry.path.name, glob)], listing.hidden)
 
 
 class _Job:
@@ -338,7 +369,9 @@ class _Job:
         self.loads = context.accumulator({}, _PidCounts())
 
     def run(self, input_path: str, glob: str | None, files_per_batch: int,
-            records_per_arrow_batch: int) -> dict:
+            records_per_arrow_batch: int, entries=None) -> dict:
+        """``entries``: ``local_entries`` of a local folder, for the error rows of those Spark's
+        listing leaves out."""
         spark = self.spark
         # Also in a session that was already running (Databricks, Synapse): Spark's default of
         # 10000 rows per Arrow batch would put 10000 pictures in a worker's memory at once.
@@ -369,12 +402,57 @@ class _Job:
         finally:
             if query.isActive:
                 query.stop()
+        unlisted, hidden = (self.write_unlisted(entries)
+                            if entries is not None and self.local_files() else (0, None))
         if fresh:  # every row of the output is this run's
-            counts = {"pictures": self.this_run, "errors": self.errors_this_run}
+            counts = {"pictures": self.this_run + unlisted,
+                      "errors": self.errors_this_run + unlisted}
         else:
             counts = _output_counts(spark, self.parquet_out, self.written_schema)
-        counts.update(this_run=self.this_run, model_loads=dict(self.loads.value))
+        counts.update(this_run=self.this_run, unlisted=unlisted, hidden=hidden,
+                      model_loads=dict(self.loads.value))
         return counts
+
+    def local_files(self) -> bool:
+        """Whether the output is on this machine's disk and Spark reads paths without a scheme
+        from it too (the input's were listed here)."""
+        hadoop = self.spark.sparkContext._jsc.hadoopConfiguration()
+        return _is_local(self.output) and str(hadoop.get("fs.defaultFS", "file:///")).startswith("file:")
+
+    def write_unlisted(self, listing) -> tuple[int, int]:
+        """Error rows for the entries of a local folder that Spark's listing leaves out (a
+        symlink loop, a dangling symlink, a folder it may not list), in the partition
+        ``batch=UNLISTED_BATCH``, rewritten by every run from the folder as it is and what
+        Spark has listed so far (the checkpoint's file log): none is lost, none is written
+        twice. Returns (rows, hidden entries not read)."""
+        import shutil
+
+        listed = _logged_files(self.checkpoint)
+        rows = []
+        for entry in listing.entries:
+            path = "file:" + os.path.abspath(entry.path)
+            if entry.problem and path not in listed:
+                rows.append((path, None, None, None, f"{path}: {entry.problem}"))
+        target = _join(self.parquet_out, f"batch={UNLISTED_BATCH}")
+        jsonl_target = _join(self.output, JSONL_DIR, f"batch={UNLISTED_BATCH}")
+        if not rows:  # none now (a link mended since): no stale row beside the file's own
+            shutil.rmtree(target, ignore_errors=True)
+            shutil.rmtree(jsonl_target, ignore_errors=True)
+            return 0, listing.hidden
+        stamp = self.stamp()
+        frame = self.spark.createDataFrame(rows, self.scored_schema).select("*", *stamp)
+        frame.write.mode("overwrite").parquet(target)
+        if self.jsonl:
+            frame.write.mode("overwrite").option("ignoreNullFields", "false").json(jsonl_target)
+        self.log(f"{len(rows)} entries Spark does not list (symlink loops, dangling symlinks, "
+                 f"folders it may not list): error rows in batch={UNLISTED_BATCH}")
+        return len(rows), listing.hidden
+
+    def stamp(self) -> list:
+        """The columns every row gets besides ``scored_schema``'s: the model and the params."""
+        from pyspark.sql import functions as F
+
+        return [F.lit(self.resolved.uri).alias("model"), F.lit(self.params_json).alias("params")]
 
     def write_batch(self, batch, batch_id: int) -> None:
         import functools
@@ -396,13 +474,13 @@ class _Job:
                                   max_file_bytes=self.max_file_bytes, loads=self.loads,
                                   answered=answered)
         rows = rows.mapInPandas(score, self.scored_schema)
-        stamp = [F.lit(self.resolved.uri).alias("model"), F.lit(self.params_json).alias("params")]
+        stamp = self.stamp()
         target = _join(self.parquet_out, f"batch={batch_id}")
         rows.select("*", *stamp).write.mode("overwrite").parquet(target)  # a redone batch
         scanned = answered.value  # replaces its rows
         empty = sorted(set(_batch_files(spark, self.checkpoint, batch_id)) - scanned.keys())
         if empty:  # Spark's file scans skip files of 0 bytes: they get their error row here
-            (spark.createDataFrame([(path, None, 0, None, f"{path}: empty file (0 bytes)")
+            (spark.createDataFrame([(path, None, 0, None, f"{path}: {_unscanned_problem(path)}")
                                     for path in empty], self.scored_schema)
              .select("*", *stamp).write.mode("append").parquet(target))
         if self.jsonl:
@@ -424,14 +502,23 @@ def _score_on_executor(batches, model_path, model_name, params, max_file_bytes, 
     return score_pictures(batches, model_path, params, max_file_bytes, loads, answered)
 
 
+def _unscanned_problem(path: str) -> str:
+    """Why a file of a batch has no row from its scan: Spark's scans skip files of 0 bytes,
+    which its listing also makes of a FIFO, a socket or a device; on this machine's disk
+    ``file_problem`` says which (what ``mmdet-mlflow batch`` says), never opening it."""
+    from scoring.batch_files import file_problem
+
+    if path.startswith("file:/"):
+        return file_problem(path[len("file:"):]) or "empty file (0 bytes)"
+    return "empty file (0 bytes)"
+
+
 def _batch_files(spark, checkpoint: str, batch_id: int) -> list[str]:
     """The files of micro-batch ``batch_id``, named as its scan names them: those the file
     source recorded for it in the checkpoint before running it (``sources/0/<N>``, or
     ``<N>.compact``, which also holds earlier batches': JSON lines after a version line, paths
     as URIs). Its scan returns no row for some of them: files of 0 bytes, which Spark's file
     scans drop (``FileSourceScanExec`` keeps only files with a length)."""
-    from urllib.parse import unquote
-
     log_dir = _join(checkpoint, "sources", "0")
     lines = None
     for name in (str(batch_id), f"{batch_id}.compact"):
@@ -446,14 +533,26 @@ def _batch_files(spark, checkpoint: str, batch_id: int) -> list[str]:
             break
         except Exception:  # not this name (AnalysisException: path does not exist)
             continue
-    listed = []
-    for line in lines or []:
+    return [path for path, batch in _logged_entries(lines or []) if batch == batch_id]
+
+
+def _logged_entries(lines: list[str]) -> Iterator[tuple[str, int]]:
+    """(path as the scan names it, batch id) of the lines of a file source log."""
+    from urllib.parse import unquote
+
+    for line in lines:
         if not line.startswith("{"):
             continue  # the version line
         entry = json.loads(line)
-        if entry.get("batchId") == batch_id:
-            listed.append(_scan_path(unquote(entry["path"])))
-    return listed
+        yield _scan_path(unquote(entry["path"])), entry.get("batchId")
+
+
+def _logged_files(checkpoint: str) -> set[str]:
+    """Every file the query's file source has listed, in any batch (a local checkpoint)."""
+    log_dir = Path(checkpoint, "sources", "0")
+    names = log_dir.iterdir() if log_dir.is_dir() else []
+    return {path for log in names if log.name.split(".")[0].isdigit()
+            for path, _ in _logged_entries(log.read_text().splitlines())}
 
 
 def _scan_path(uri: str) -> str:

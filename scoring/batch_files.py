@@ -6,6 +6,12 @@ base64 strings, URLs or bytes (one row each). Every image gets one record ``{"ro
 "prediction", "file", "error"}``: ``prediction`` is the online response's entry for it
 (``{"boxes": [...]}``) or ``error`` says what was wrong with that file or row, so one bad input
 never costs the others. Scoring goes through the one runner (``scoring.runner``).
+
+Which files a folder holds is listed here too (``input_entries``), for every command that scores
+a folder (``batch``, ``predict``, ``spark-batch``): every entry is accounted for, a regular file
+to read or an entry with its problem (a FIFO, a socket, a symlink loop, ...), which becomes that
+entry's error record. Nothing is opened before ``os.stat`` says it is a regular file: reading a
+FIFO would wait for a writer forever.
 """
 from __future__ import annotations
 
@@ -15,7 +21,9 @@ import json
 import logging
 import os
 import re
+import stat
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -28,9 +36,123 @@ COLUMNS = ("row", "prediction", "file", "error")  # predictions.csv's columns, i
 logger = logging.getLogger("mmdet_mlflow.batch")
 
 
+# --- which entries a folder holds, and what is wrong with those that are no file to read -------
+
+@dataclass(frozen=True)
+class Entry(os.PathLike):
+    """An entry of an input folder, usable as its path. ``problem``: why the listing found it
+    is no file to read (a symlink loop, a FIFO, ...), or None (``file_problem`` checks it again
+    when it is read)."""
+
+    path: Path
+    problem: str | None = None
+
+    def __fspath__(self) -> str:
+        return os.fspath(self.path)
+
+    def __str__(self) -> str:
+        return os.fspath(self.path)
+
+
+@dataclass(frozen=True)
+class Listing:
+    entries: list[Entry]  # sorted by path
+    hidden: int  # entries not listed because their names are hidden (a hidden folder: once)
+
+
+_NOT_REGULAR = {stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFSOCK: "a socket",
+                stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+                stat.S_IFDIR: "a folder"}
+
+
+def file_problem(path: str | os.PathLike) -> str | None:
+    """Why ``path`` gives no image, from what the listing found or ``os.stat`` alone (never
+    opened): a symlink loop, a dangling symlink, not a regular file (a FIFO, a socket, a
+    device, a folder), unreadable, empty; None for a regular file with bytes to read."""
+    if isinstance(path, Entry) and path.problem:
+        return path.problem
+    try:
+        info = os.stat(path)
+    except OSError as err:
+        return _stat_problem(path, err)
+    kind = stat.S_IFMT(info.st_mode)
+    if kind != stat.S_IFREG:
+        return f"not a regular file: {_NOT_REGULAR.get(kind, f'file type {kind:o}')}"
+    if not os.access(path, os.R_OK):
+        return "cannot read the file: permission denied"
+    if info.st_size == 0:
+        return "empty file (0 bytes)"
+    return None
+
+
+def _stat_problem(path, err: OSError) -> str:
+    import errno
+
+    if err.errno == errno.ELOOP:
+        return "a symlink loop: the link leads back to itself"
+    if err.errno == errno.ENOENT and os.path.islink(path):
+        return f"a dangling symlink: its target {os.readlink(path)} does not exist"
+    return problem(err)
+
+
+def _dot_name(name: str) -> bool:
+    return name.startswith(".")
+
+
+def input_entries(path: str | os.PathLike, exclude: Iterable[str | os.PathLike] = (),
+                  hidden: Callable[[str], bool] = _dot_name,
+                  wanted: Callable[[str], bool] | None = None) -> Listing:
+    """The file itself, or every entry under the folder (as Azure passes a folder's files),
+    each with its problem (``file_problem``, and a symlink to a folder that holds it: a loop,
+    never followed), sorted. Folders, real or linked, are descended into; names ``hidden``
+    says are skipped (and counted), as are ``exclude`` (the output, when it sits inside) and
+    entries whose name ``wanted`` refuses."""
+    path = Path(path)
+    if not path.is_dir():
+        if not os.path.lexists(path):
+            raise FileNotFoundError(f"{path} is neither a file nor a folder")
+        return Listing([Entry(path, file_problem(path))], 0)
+    skip = {os.path.abspath(p) for p in exclude}
+    entries, hidden_count = [], 0
+    start = os.stat(path)
+    folders = [(path, frozenset({(start.st_dev, start.st_ino)}))]  # and the folders above it
+    while folders:
+        folder, above = folders.pop()
+        try:
+            names = os.listdir(folder)
+        except OSError as err:  # a sub-folder we may not list: its entry, not the end of the run
+            entries.append(Entry(folder, f"cannot list the folder: {err.strerror or err}"))
+            continue
+        for name in names:
+            entry = folder / name
+            if os.path.abspath(entry) in skip:
+                continue
+            if hidden(name):
+                hidden_count += 1
+                continue
+            try:
+                info = os.stat(entry)
+            except OSError:
+                info = None
+            if info is not None and stat.S_ISDIR(info.st_mode):
+                if (info.st_dev, info.st_ino) not in above:
+                    folders.append((entry, above | {(info.st_dev, info.st_ino)}))
+                elif wanted is None or wanted(name):
+                    entries.append(Entry(entry, f"a symlink loop: a link to the folder "
+                                                f"{os.path.realpath(entry)}, which holds it"))
+            elif wanted is None or wanted(name):
+                entries.append(Entry(entry, file_problem(entry)))
+    return Listing(sorted(entries, key=lambda e: e.path), hidden_count)
+
+
+# --- the images of a file, and their records --------------------------------------------------
+
 def file_images(path: str | os.PathLike) -> list[tuple[int, object]]:
     """(row, image value) of a file: a table's ``image`` column, or the file itself as row 0.
     Values that are not strings come back as they are; scoring reports them per row."""
+    known = file_problem(path)
+    if known:
+        raise InputError(known)
     suffix = Path(path).suffix.lower()
     reader = TABLE_READERS.get(suffix)
     if reader is None:
@@ -83,7 +205,8 @@ def score_files(segmenter: Segmenter, paths: Iterable[str | os.PathLike],
     """Records for every image in ``paths``, in order (see the module docstring)."""
     records: list[dict] = []
     items = []  # (index into records, image value)
-    for path in map(str, paths):
+    for path in paths:
+        path = path if isinstance(path, Entry) else str(path)
         name = file_name(path)
         try:
             images = file_images(path)
@@ -108,6 +231,9 @@ def read_image_file(path: str | os.PathLike, row=None):
     nothing) is that file's error, as an undecodable one is, never the end of the run."""
     from scoring.decode import decode_image
 
+    known = file_problem(path)
+    if known:
+        raise InputError(known, row=row)
     try:
         data = Path(path).read_bytes()
     except OSError as err:
@@ -187,5 +313,5 @@ def parse_record(line: str) -> dict:
             "file": unescape_text(file), "error": unescape_text(error) or None}
 
 
-__all__ = ["COLUMNS", "file_images", "format_record", "parse_record", "problem",
-           "record", "score_files"]
+__all__ = ["COLUMNS", "Entry", "Listing", "file_images", "file_problem", "format_record",
+           "input_entries", "parse_record", "problem", "record", "score_files"]

@@ -239,3 +239,42 @@ def found_again(reference, other, images, params) -> tuple[int, int]:
                          and abs(float(b.scores[j]) - float(a.scores[i])) <= 0.05
                          for j in range(len(b)))
     return found, close
+
+
+def odd_entries(folder: Path, picture: bytes, unreadable: bool = True,
+                folder_loop: bool = True) -> dict[str, str | None]:
+    """Entries of an input folder that are no picture to read, each with what its one error
+    record must name (None: a picture, to be scored): an empty file, a FIFO (which must never be
+    opened: reading one waits for a writer), a unix socket, a symlink loop, a dangling symlink,
+    a link to the folder that holds it, a folder named like a picture (descended into) and,
+    where the tests do not run as root (who reads anything), a file we may not read. A hidden
+    picture is not listed at all."""
+    import contextlib
+    import os
+    import socket
+
+    folder.mkdir(parents=True, exist_ok=True)
+    expected: dict[str, str | None] = {}
+    (folder / "empty.jpg").write_bytes(b"")
+    expected["empty.jpg"] = "empty file (0 bytes)"
+    os.mkfifo(folder / "pipe.jpg")
+    expected["pipe.jpg"] = "not a regular file: a FIFO (named pipe)"
+    with contextlib.chdir(folder), socket.socket(socket.AF_UNIX) as sock:
+        sock.bind("socket.jpg")  # relative: a socket's path may not be over 107 bytes
+    expected["socket.jpg"] = "not a regular file: a socket"
+    (folder / "loop.jpg").symlink_to("loop.jpg")
+    expected["loop.jpg"] = "a symlink loop"
+    (folder / "dangling.jpg").symlink_to("nowhere.jpg")
+    expected["dangling.jpg"] = "a dangling symlink: its target nowhere.jpg does not exist"
+    (folder / "d.jpg").mkdir()
+    (folder / "d.jpg" / "inside.png").write_bytes(picture)
+    expected["d.jpg/inside.png"] = None
+    if folder_loop:
+        (folder / "d.jpg" / "back.jpg").symlink_to("..")
+        expected["d.jpg/back.jpg"] = f"a symlink loop: a link to the folder {folder.resolve()}, which holds it"
+    (folder / ".hidden.png").write_bytes(picture)
+    if unreadable and os.geteuid() != 0:
+        (folder / "locked.png").write_bytes(picture)
+        (folder / "locked.png").chmod(0)
+        expected["locked.png"] = "cannot read the file: permission denied"
+    return expected

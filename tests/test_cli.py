@@ -162,7 +162,7 @@ def test_predict_keeps_sub_folders_in_pictures_and_reports_unreadable_files_as_b
         shutil.copy(image_files[0], folder / sub / "1.png")
     (folder / "b" / "1.jpg").write_bytes(image_files[1].read_bytes())  # would share 1.png's picture
     out, pictures = tmp_path / "p.jsonl", tmp_path / "pictures"
-    files = listed(folder) + [folder / "gone.png"]
+    files = listed(folder).entries + [folder / "gone.png"]
     counts = predict_files(tiny_model_dir, files, out, {"max_detections": 2}, pictures, root=folder)
     assert counts["images"] == 3 and counts["errors"] == 1
     lines = {Path(line["file"]).relative_to(folder).as_posix(): line

@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from helpers import scene_image, write_png
+from helpers import odd_entries, scene_image, write_png
 from hostile_cases import encoded, png_bomb
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -263,6 +263,9 @@ def _job_input(folder: Path) -> dict[str, str | None]:
     expected["bomb.png"] = "over the limit of"
     (folder / "too-many-bytes.png").write_bytes(encoded("PNG", scene_image(600, 400, 3)) + b"\0" * 300_000)
     expected["too-many-bytes.png"] = "bytes, over the limit of 300000 (--max-file-bytes)"
+    # a FIFO, a socket, links that loop or lead nowhere: error rows with batch's words (a file
+    # we may not read would fail Spark's scan, and a link to a folder above is refused: not here)
+    expected.update(odd_entries(folder, good, unreadable=False, folder_loop=False))
     return expected
 
 
@@ -309,7 +312,7 @@ def test_spark_batch_killed_once_and_rerun_has_one_row_per_picture(tmp_path, tin
 
     final = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert final.returncode == 0, final.stdout[-2000:] + final.stderr[-4000:]
-    assert "pictures scored this run" in final.stdout
+    assert "pictures scored this run" in final.stdout and "1 hidden, not read" in final.stdout
     assert "wrote Spark's class-data archive" in final.stderr
     archives = list(cache.rglob("*.jsa"))
     assert len(archives) == 1 and archives[0].stat().st_size > 1_000_000
@@ -414,8 +417,10 @@ def test_a_local_driver_jvm_gets_the_fast_start_options_only_where_they_apply(tm
     assert spark_jvm.fast_start_options("local[2]") is None
 
 
-@pytest.mark.parametrize("broken", ["missing", "unknown-runtime", "not-ours"])
-def test_spark_batch_refuses_a_bad_model_before_spark_starts(tmp_path, tiny_model_dir, broken):
+@pytest.mark.parametrize("broken", ["missing", "unknown-runtime", "not-ours", "looping-input"])
+def test_spark_batch_refuses_a_bad_model_or_input_before_spark_starts(tmp_path, tiny_model_dir, broken):
+    """A link to a folder above, which Spark's listing would follow some 40 levels deep (every
+    file under it listed at each level), is refused as a bad model is."""
     model = tmp_path / "model"
     if broken != "missing":
         shutil.copytree(tiny_model_dir, model)
@@ -424,7 +429,9 @@ def test_spark_batch_refuses_a_bad_model_before_spark_starts(tmp_path, tiny_mode
         (model / "model" / "model.json").write_text(json.dumps({**info, "runtime": "tensorrt"}))
     if broken == "not-ours":
         (model / "model" / "model.json").unlink()
-    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "sub").mkdir(parents=True)
+    if broken == "looping-input":
+        (tmp_path / "in" / "sub" / "up").symlink_to("..")
     result = subprocess.run([sys.executable, "-m", "mmdet_mlflow.cli", "spark-batch", "--model", str(model),
                              "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
                              "--master", "local[1]"],
@@ -432,7 +439,9 @@ def test_spark_batch_refuses_a_bad_model_before_spark_starts(tmp_path, tiny_mode
                             timeout=120)
     assert result.returncode == 2, result.stderr[-3000:]
     message = {"missing": "no model at", "unknown-runtime": "runtime 'tensorrt' is not one of",
-               "not-ours": "is not an mmdet-mlflow model"}[broken]
+               "not-ours": "is not an mmdet-mlflow model",
+               "looping-input": f"in/sub/up: a symlink loop: a link to the folder {tmp_path.resolve()}/in, "
+                                f"which holds it"}[broken]
     assert message in result.stderr
     assert "Spark" not in result.stderr and not (tmp_path / "out").exists(), "Spark never started"
 

@@ -11,7 +11,9 @@ def add_parser(subparsers):
         "batch", help="score a folder (images, CSV / JSONL / parquet tables of images) as an "
                       "Azure batch endpoint would; resumable")
     p.add_argument("--model", required=True, help="an MLflow model directory saved by `package`")
-    p.add_argument("--input", required=True, help="a file or a folder (all files in it, recursively)")
+    p.add_argument("--input", required=True,
+                   help="a file or a folder (every entry in it, recursively, but hidden ones; "
+                        "what cannot be read is an error record)")
     p.add_argument("--output", required=True,
                    help="JSON lines file, one {row, prediction, file, error} per image; rerun to resume")
     p.add_argument("--mini-batch-size", type=_positive_int, default=10,
@@ -34,6 +36,7 @@ def run(args):
 
     counts = run_batch(Path(args.model), Path(args.input), Path(args.output), args.mini_batch_size,
                        params_from_args(args) or None)
-    print(f"{counts['files']} files ({counts['skipped']} already done): {counts['images']} images "
-          f"scored, {counts['errors']} errors -> {args.output}")
+    hidden = f"; {counts['hidden']} hidden, not read" if counts["hidden"] else ""
+    print(f"{counts['files']} files ({counts['skipped']} already done{hidden}): {counts['images']} "
+          f"images scored, {counts['errors']} errors -> {args.output}")
     return 1 if counts["errors"] else 0

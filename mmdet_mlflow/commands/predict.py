@@ -55,7 +55,9 @@ def params_from_args(args) -> dict:
 def add_parser(subparsers):
     p = subparsers.add_parser("predict", help="predict on an image or a folder of images")
     p.add_argument("--model", required=True, help="an MLflow model directory saved by `package`")
-    p.add_argument("--input", required=True, help="an image file or a folder of images")
+    p.add_argument("--input", required=True,
+                   help="an image file or a folder of images (recursively, but hidden names; "
+                        "what cannot be read is an error line)")
     p.add_argument("--output", required=True, help="JSON lines file: one {file, boxes} per image")
     p.add_argument("--visualize", metavar="OUT_DIR", help="also write annotated PNGs here")
     add_params_arguments(p)
@@ -66,10 +68,12 @@ def run(args):
     from mmdet_mlflow.predict import image_files, predict_files
 
     source = Path(args.input)
-    files = image_files(source)
-    counts = predict_files(Path(args.model), files, Path(args.output), params_from_args(args),
-                           Path(args.visualize) if args.visualize else None,
+    listing = image_files(source)
+    counts = predict_files(Path(args.model), listing.entries, Path(args.output),
+                           params_from_args(args), Path(args.visualize) if args.visualize else None,
                            root=source if source.is_dir() else source.parent)
+    hidden = f" ({listing.hidden} hidden, not read)" if listing.hidden else ""
     print(f"{counts['images']} images, {counts['detections']} detections, {counts['errors']} "
-          f"unreadable -> {args.output}" + (f"; pictures in {args.visualize}" if args.visualize else ""))
+          f"unreadable{hidden} -> {args.output}"
+          + (f"; pictures in {args.visualize}" if args.visualize else ""))
     return 1 if counts["errors"] else 0

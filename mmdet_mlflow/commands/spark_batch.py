@@ -47,7 +47,9 @@ def run(args):
     finally:
         spark_jvm.before_exit(log=lambda message: print(message, file=sys.stderr, flush=True))
     loads = counts["model_loads"]
+    unlisted = f" ({counts['unlisted']} entries Spark does not list)" if counts["unlisted"] else ""
+    hidden = f"; {counts['hidden']} hidden, not read" if counts["hidden"] else ""
     print(f"{counts['this_run']} pictures scored this run; {counts['pictures']} in the output, "
-          f"{counts['errors']} of them errors -> {args.output}; the model loaded "
+          f"{counts['errors']} of them errors{unlisted}{hidden} -> {args.output}; the model loaded "
           f"{sum(loads.values())} times in {len(loads)} Python workers")
     return 0  # unreadable pictures are rows of the output, not a failed job
