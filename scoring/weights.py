@@ -87,15 +87,16 @@ def _family_problems(model, state_dict: Mapping, family) -> list[str]:
     """What a misfit means in words: another family's checkpoint, or another class count."""
     from scoring.families import NAMED
 
-    if family.class_count(state_dict) is None:
-        other = next((f for f in NAMED if f is not family and f.class_count(state_dict) is not None
-                      and f.class_layer.key != getattr(family.class_layer, "key", None)), None)
-        if other is not None:
-            return [f"it looks like a {other.title} checkpoint (it has {other.title}'s class layer), "
-                    f"but the config is {family.title}'s"]
-        return []
+    # a family with keys of its own (RTMDet-Ins's mask kernels) is told apart from one that
+    # shares its class layer (RTMDet)
+    others = [f for f in NAMED if f is not family and f.claims(state_dict)]
+    other = next((f for f in others if f.own_key), None) or (None if family.claims(state_dict)
+                                                             else next(iter(others), None))
+    if other is not None:
+        return [f"it looks like a {other.title} checkpoint (it has {other.title}'s layers), "
+                f"but the config is {family.title}'s"]
     got, want = family.class_count(state_dict), family.class_count(model.state_dict())
-    if got != want:
+    if got is not None and got != want:
         return [f"the checkpoint was trained for {got} classes but the model is set up for {want} "
                 f"(pass --classes matching the checkpoint)"]
     return []

@@ -39,6 +39,10 @@ def make_official_checkpoint(path: Path, config: str = TINY, classes=None, seed:
         with torch.no_grad():
             if family is RTMDET_INS:
                 _liven_head(model, seed)
+            elif family.name == "rtmdet":  # the same head without masks: boxes of a size too
+                _liven_head(model, seed)
+                for conv in model.bbox_head.rtm_reg:
+                    conv.bias.fill_(1.0)
             else:
                 _liven_class_biases(model, cfg.model, family)
     torch.save({"meta": {"mmdet_version": "3.3.0", "dataset_meta": {"classes": tuple(classes)}},
@@ -59,6 +63,8 @@ def _liven_class_biases(model, model_cfg, family) -> None:
             state[key].fill_(0.0)
             if background:
                 state[key][-background:] = -5.0
+        elif "conv_logits" in key:  # Mask R-CNN: smooth masks (an untrained head's are noise)
+            state[key].fill_(2.0 if key.endswith(".bias") else 0.0)
 
 
 def _liven_head(model, seed: int) -> None:
@@ -76,7 +82,7 @@ def _liven_head(model, seed: int) -> None:
         spread = float(logits.std()) or 1.0
         conv.weight.mul_(2.0 / spread)
         conv.bias.fill_(-1.5)
-    for conv in model.bbox_head.rtm_kernel:
+    for conv in getattr(model.bbox_head, "rtm_kernel", ()):
         conv.weight.normal_(0.0, 0.05)
         conv.bias.normal_(0.0, 1.0)
 

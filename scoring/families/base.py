@@ -65,6 +65,9 @@ class Family:
     # Every state-dict key whose tensor is shaped by the class count (a regex matched against
     # the whole key): re-initialised when fine-tuning for other classes.
     class_shaped: str | None = None
+    # A key only this family's checkpoints have, where another family shares its class layer
+    # (RTMDet-Ins's mask kernels beside RTMDet's class layer): tells a checkpoint's family.
+    own_key: str | None = None
     # runtime -> "module:function" that loads a weights folder: (path, info=, device=,
     # batch_size=) -> the runtime's detector. Imported only when a model on it is loaded.
     loaders: Mapping[str, str] = field(default_factory=dict)
@@ -116,6 +119,12 @@ class Family:
     def class_count(self, state_dict: Mapping[str, Any]) -> int | None:
         """Classes of a checkpoint, from its class layer's rows (None: no such layer)."""
         return self.class_layer.classes(state_dict) if self.class_layer else None
+
+    def claims(self, state_dict: Mapping[str, Any]) -> bool:
+        """Whether a checkpoint looks like this family's: its class layer, and its own key."""
+        if self.class_count(state_dict) is None:
+            return False
+        return self.own_key is None or any(re.fullmatch(self.own_key, key) for key in state_dict)
 
     def is_class_shaped(self, key: str) -> bool:
         return bool(self.class_shaped) and re.fullmatch(self.class_shaped, key) is not None

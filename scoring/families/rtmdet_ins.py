@@ -19,6 +19,7 @@ FAMILY = Family(
     ),
     class_layer=ClassLayer(r"bbox_head\.rtm_cls\.0\.weight|bbox_head\.rtm_cls\.weight"),
     class_shaped=r"bbox_head\.rtm_cls\..*",
+    own_key=r"bbox_head\.rtm_kernel\..*",
     loaders={
         "torch": "scoring.runtimes.torch_rtmdet:load_torch_segmenter",
         "onnx": "scoring.runtimes.onnx_rtmdet:load_onnx_segmenter",
