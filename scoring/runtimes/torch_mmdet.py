@@ -181,6 +181,8 @@ class DenseHeadDetector(MmdetTorchRuntime):
 
     @torch.no_grad()
     def forward(self, batch: dict, params: PredictParams) -> dict:
+        """The network only, one batched pass: normalize, backbone + neck, head -> its raw
+        outputs (as an ONNX runtime's forward: the box decoding and NMS are post-processing)."""
         data = self.detector.data_preprocessor(batch, False)
         feats = self.detector.extract_feat(data["inputs"])
         return {"head_outputs": self.detector.bbox_head(feats),

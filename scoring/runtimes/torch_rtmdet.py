@@ -28,7 +28,7 @@ from scoring.class_filter import excluded_classes
 from scoring.families import RTMDET_INS
 from scoring.runtimes import masks as mask_windows
 from scoring.runtimes.base import ImageDetections, forward_batch_size, masks_wanted
-from scoring.runtimes.torch_mmdet import MmdetTorchRuntime, load_detector
+from scoring.runtimes.torch_mmdet import DenseHeadDetector, load_detector
 from scoring.schema import PredictParams
 
 MASK_CHUNK_BYTES = mask_windows.MASK_CHUNK_BYTES
@@ -211,7 +211,7 @@ def borrowed_segmenter(detector, config, class_names: Sequence[str], default_par
 
 # --- the three steps ---------------------------------------------------------------------------
 
-class TorchSegmenter(MmdetTorchRuntime):
+class TorchSegmenter(DenseHeadDetector):
     """Runs an mmdet RTMDet-Ins detector on BGR uint8 arrays, real batches (one forward pass
     per batch, not a loop of images), its masks deferred."""
 
@@ -229,15 +229,6 @@ class TorchSegmenter(MmdetTorchRuntime):
         cfg = super().test_cfg(params)
         cfg.with_masks = masks_wanted(params)
         return cfg
-
-    @torch.no_grad()
-    def forward(self, batch: dict, params: PredictParams) -> dict:
-        """The network only, one batched pass: normalize, backbone + neck, head -> its raw
-        outputs (as the ONNX runtime's forward: the box decoding and NMS are post-processing)."""
-        data = self.detector.data_preprocessor(batch, False)
-        feats = self.detector.extract_feat(data["inputs"])
-        return {"head_outputs": self.detector.bbox_head(feats),
-                "metas": [sample.metainfo for sample in data["data_samples"]]}
 
     @torch.no_grad()
     def postprocess(self, raw: dict, params: PredictParams) -> list[ImageDetections]:
