@@ -4,11 +4,13 @@ the same candidates, for 100, 1000 and 10000 candidates (and more for the curren
 in one run. Prints seconds per merge and the ratio baseline / now, and checks that both merges
 give the same answer.
 
-The candidates imitate what a tiled request with a low score_threshold brings to the merge: a
-6000 x 6000 picture in an 8x8 grid, each source's boxes spread over it with many overlaps
-(``--labels`` classes, 2 by default: few labels put more candidates in each other's way).
+The candidates are what a hostile tiled request brings to the merge: a 6000 x 6000 picture in
+an 8x8 grid (65 sources) through the untrained tiny RTMDet-Ins at score_threshold 0 and
+max_detections 10000 (each source's best ``count / 65`` are kept for a count): dense, heavily
+overlapping boxes. ``--synthetic`` uses random boxes spread over each source instead (few
+overlaps: the old merge was fast there).
 
-    .venv/bin/python bench/merge.py [--counts 100 1000 10000] [--baseline-rev 1e80cfb]
+    .venv/bin/python bench/merge.py [--counts 100 1000 10000] [--baseline-rev 1e80cfb] [--synthetic]
                                     (under flock -x /tmp/cpu.lock)
 """
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from scoring.runtimes.base import ImageDetections  # noqa: E402
 from scoring.schema import PredictParams  # noqa: E402
@@ -68,6 +70,41 @@ def candidates(total: int, labels: int, seed: int = 0):
     return found, sources
 
 
+def model_candidates(work: Path):
+    """Each source's detections of the hostile request, from the untrained tiny model (ONNX
+    Runtime, no masks), and the sources; best first in each source."""
+    import contextlib
+    import io
+    import shutil
+
+    import mlflow_model
+    from helpers import TINY, make_official_checkpoint, scene_image
+    from mlflow_model.onnx_export import export_to_weights_dir
+    from scoring.runtimes.onnx_rtmdet import load_onnx_segmenter
+
+    with contextlib.redirect_stdout(io.StringIO()):  # packaging's own messages
+        checkpoint = make_official_checkpoint(work / "tiny.pth", TINY)
+        mlflow_model.save_model(work / "tiny", TINY, str(checkpoint))
+        shutil.copytree(work / "tiny" / "model", work / "onnx")
+        export_to_weights_dir(work / "onnx")
+    segmenter = load_onnx_segmenter(work / "onnx")
+    height, width = PICTURE_HW
+    image = scene_image(width // 8, height // 8, 1).repeat(8, axis=0).repeat(8, axis=1)
+    sources = [(0, 0, width, height)] + tiles_for(PICTURE_HW, PARAMS)
+    params = PARAMS.updated({"mask_format": "none"})
+    found = [segmenter([image[y0:y1, x0:x1]], params)[0] for x0, y0, x1, y1 in sources]
+    return found, sources
+
+
+def keep_best(found, total: int):
+    """Each source's best ``total / sources`` detections."""
+    import dataclasses
+
+    each = max(1, total // len(found))
+    return [dataclasses.replace(f, boxes=f.boxes[:each], scores=f.scores[:each], labels=f.labels[:each])
+            for f in found]
+
+
 def timed(merge, found, sources) -> tuple[float, ImageDetections]:
     started = time.perf_counter()
     merged = merge(found, sources, PICTURE_HW, PARAMS)
@@ -79,16 +116,22 @@ def main() -> None:
     parser.add_argument("--counts", type=int, nargs="+", default=[100, 1000, 10_000])
     parser.add_argument("--current-only", type=int, nargs="*", default=[50_000],
                         help="counts timed for the current merge alone (the baseline takes minutes)")
-    parser.add_argument("--labels", type=int, default=2)
+    parser.add_argument("--labels", type=int, default=2, help="labels of --synthetic boxes")
+    parser.add_argument("--synthetic", action="store_true")
     parser.add_argument("--baseline-rev", default=BASELINE_REV)
     args = parser.parse_args()
     before = baseline_merge(args.baseline_rev)
-    print(f"merge of a {PICTURE_HW[1]}x{PICTURE_HW[0]} picture's {PARAMS.tile_grid_size} tiles, "
-          f"{args.labels} labels; baseline: scoring/tiling.py at {args.baseline_rev}")
-    print(f"| candidates | baseline s | now s | baseline / now | objects |")
+    if not args.synthetic:
+        clutter = model_candidates(Path(tempfile.mkdtemp(prefix="bench-merge-")))
+    kind = (f"random boxes, {args.labels} labels" if args.synthetic
+            else "the untrained tiny model's detections at score_threshold 0")
+    print(f"merge of a {PICTURE_HW[1]}x{PICTURE_HW[0]} picture's {PARAMS.tile_grid_size} tiles, {kind}; "
+          f"baseline: scoring/tiling.py at {args.baseline_rev}")
+    print("| candidates | baseline s | now s | baseline / now | objects |")
     print("| --- | --- | --- | --- | --- |")
     for total in args.counts + args.current_only:
-        found, sources = candidates(total, args.labels)
+        found, sources = (candidates(total, args.labels) if args.synthetic
+                          else (keep_best(clutter[0], total), clutter[1]))
         count = sum(len(f) for f in found)
         now, merged = timed(merge_tiles, found, sources)
         if total in args.current_only:

@@ -158,11 +158,11 @@ def merge_tiles(detections: Sequence[ImageDetections], sources: Sequence[tuple[i
     candidates = []
     for source, (found, rect) in enumerate(zip(detections, sources)):
         x0, y0 = rect[0], rect[1]
-        inner = _inner_borders(rect, width, height)
-        for i in range(len(found)):
-            box = np.asarray(found.boxes[i], np.float64) + (x0, y0, x0, y0)
-            candidates.append(_Candidate(source, i, box, float(found.scores[i]), int(found.labels[i]),
-                                         cut=_touches(box, inner), tile=tuple(rect)))
+        boxes = np.asarray(found.boxes, np.float64).reshape(-1, 4) + (x0, y0, x0, y0)
+        cut = _touches(boxes, _inner_borders(rect, width, height))
+        scores, labels, tile = np.asarray(found.scores).tolist(), np.asarray(found.labels).tolist(), tuple(rect)
+        candidates.extend(_Candidate(source, i, boxes[i], float(scores[i]), int(labels[i]), bool(cut[i]), tile)
+                          for i in range(len(boxes)))
     # Wholes first, a tile's before the whole picture's (finer: its masks are made at several
     # times the whole picture's scale), then cut pieces; each by score.
     candidates.sort(key=lambda c: (c.cut, c.source == 0, -c.score))
@@ -277,12 +277,14 @@ class _AnchorIndex:
 
     def _cells(self, box: np.ndarray) -> list[int]:
         """The cells a box reaches into (a box past the picture's edge: the edge's cells)."""
-        def span(low: float, high: float, cells: int) -> range:
-            first = min(max(0, int(low // self.cell)), cells - 1)
-            return range(first, min(max(first, int(high // self.cell)), cells - 1) + 1)
-
-        columns = span(box[0], box[2], self.columns)
-        return [row * self.columns + column for row in span(box[1], box[3], self.rows) for column in columns]
+        x0, y0, x1, y1 = box.tolist()
+        cell, columns, rows = self.cell, self.columns, self.rows
+        first_column = min(max(0, int(x0 // cell)), columns - 1)
+        last_column = min(max(first_column, int(x1 // cell)), columns - 1)
+        first_row = min(max(0, int(y0 // cell)), rows - 1)
+        last_row = min(max(first_row, int(y1 // cell)), rows - 1)
+        return [row * columns + column for row in range(first_row, last_row + 1)
+                for column in range(first_column, last_column + 1)]
 
     def add(self, candidate: _Candidate, group: int, keeper_cut: bool, keeper: bool) -> None:
         n = self.size
@@ -364,15 +366,25 @@ def _inner_borders(rect, width: int, height: int) -> tuple[float | None, ...]:
             x1 if x1 < width else None, y1 if y1 < height else None)
 
 
-def _touches(box: np.ndarray, inner: tuple[float | None, ...]) -> bool:
+def _touches(boxes: np.ndarray, inner: tuple[float | None, ...]) -> np.ndarray:
+    """Whether each box (a row of ``boxes``, or one box) touches one of a tile's inner borders."""
+    boxes = np.asarray(boxes)
     left, top, right, bottom = inner
-    return ((left is not None and box[0] <= left + BORDER_PIXELS)
-            or (top is not None and box[1] <= top + BORDER_PIXELS)
-            or (right is not None and box[2] >= right - BORDER_PIXELS)
-            or (bottom is not None and box[3] >= bottom - BORDER_PIXELS))
+    touching = np.zeros(boxes.shape[:-1], bool)
+    if left is not None:
+        touching |= boxes[..., 0] <= left + BORDER_PIXELS
+    if top is not None:
+        touching |= boxes[..., 1] <= top + BORDER_PIXELS
+    if right is not None:
+        touching |= boxes[..., 2] >= right - BORDER_PIXELS
+    if bottom is not None:
+        touching |= boxes[..., 3] >= bottom - BORDER_PIXELS
+    return touching
 
 
 def _union_box(members: Sequence[_Candidate]) -> np.ndarray:
+    if len(members) == 1:
+        return members[0].box
     boxes = np.stack([c.box for c in members])
     return np.concatenate([boxes[:, :2].min(axis=0), boxes[:, 2:].max(axis=0)])
 
