@@ -7,10 +7,10 @@ the mask prototype features), with a dynamic batch axis, at the static input siz
 config's test pipeline (``Pad`` size: 640x640 for RTMDet's COCO configs), or with dynamic
 spatial axes where the pipeline resizes without padding to a fixed size (YOLOF: the data
 preprocessor pads each batch to a multiple of 32, as the runtime does). The family decides the
-head's settings and output names (``head_settings``, ``output_names``); the export is one. Box decoding, NMS and the dynamic mask convolutions stay
-out of the graph: they are data-dependent (how many boxes pass the score threshold), and numpy
-reproduces mmdet's steps exactly where an ONNX NMS would not (ORT's NonMaxSuppression is not
-mmcv's rule). The settings the numpy code needs are written to model.json's "onnx" section.
+head's settings and output names (``head_settings``, ``output_names``); the export is one.
+Box decoding, NMS and the dynamic mask convolutions stay out of the graph: they are
+data-dependent (how many boxes pass the score threshold), and numpy reproduces mmdet's steps
+exactly where an ONNX NMS would not (ORT's NonMaxSuppression is not mmcv's rule). The settings the numpy code needs are written to model.json's "onnx" section.
 
 Needs torch, mmdet and onnxruntime (packaging time); the ``onnx`` package for ``quantize_int8``.
 """

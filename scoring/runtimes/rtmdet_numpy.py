@@ -1,8 +1,10 @@
-"""mmdet 3.3.0's RTMDet-Ins pre- and post-processing, step by step in numpy (float32 as mmdet
+"""mmdet 3.3.0's dense-head pre- and post-processing, step by step in numpy (float32 as mmdet
 and mmcv compute them), for the ONNX runtime (``scoring.runtimes.onnx_rtmdet``): the config's
-test pipeline (keep-ratio resize, pad) and ``RTMDetInsHead``'s ``_predict_by_feat_single`` /
-``_bbox_mask_post_process`` (priors, score filter and top-k, box decoding, mmcv's batched NMS,
-the dynamic mask convolutions, full-size masks a chunk at a time). Imports numpy and OpenCV only.
+test pipeline (keep-ratio resize, pad) and the heads' ``_predict_by_feat_single`` /
+``_bbox_post_process`` / RTMDet-Ins' ``_bbox_mask_post_process`` (priors: RTMDet's points or
+YOLOF's anchors, score filter and top-k, box decoding: distances or YOLOF's deltas, mmcv's
+batched NMS, the dynamic mask convolutions, full-size masks a chunk at a time). Imports numpy
+and OpenCV only.
 """
 from __future__ import annotations
 
