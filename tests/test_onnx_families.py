@@ -145,3 +145,19 @@ def test_package_refuses_a_runtime_the_family_lacks_before_writing(tmp_path, run
     assert f"Mask R-CNN models have no {runtime!r} runtime here (runtimes: torch)" in done.stderr
     assert "Traceback" not in done.stderr
     assert not output.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_package_openvino_measures_bf16_for_a_box_only_model(tmp_path):
+    """The bf16 check at packaging on an object-detection model (no --calibration-data:
+    synthetic pictures, speed and agreement, no mAP and so no gate)."""
+    config = small_config("rtmdet_tiny_8xb32-300e_coco", tmp_path)
+    checkpoint = make_official_checkpoint(tmp_path / "official.pth", str(config), classes=CLASSES)
+    output = tmp_path / "model"
+    done = subprocess.run([sys.executable, "-m", "mmdet_mlflow.cli", "package", "--config", config,
+                           "--checkpoint", checkpoint, "--output", output, "--runtime", "openvino"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    info = json.loads((output / "model" / "model.json").read_text())
+    assert (info["family"], info["runtime"]) == ("rtmdet", "openvino")
+    report = info["precision_checks"]["bf16"]
+    assert report["accepted"] and "segm_AP" not in report
