@@ -1,13 +1,16 @@
-"""Export an mmdet RTMDet-Ins detector to ONNX for ``scoring.runtimes.onnx_rtmdet``, refusing a
-file whose outputs differ from torch's.
+"""Export an mmdet dense-head detector (RTMDet-Ins, RTMDet, YOLOF) to ONNX for
+``scoring.runtimes.onnx_rtmdet``, refusing a file whose outputs differ from torch's.
 
 What is exported is the network only: backbone + neck + head, up to the head's raw outputs (per
-level the class logits, box distances and dynamic-kernel parameters, plus the mask prototype
-features), at the static input size of the config's test pipeline (``Pad`` size: 640x640 for the
-COCO configs), with a dynamic batch axis. Box decoding, NMS and the dynamic mask convolutions stay
-out of the graph: they are data-dependent (how many boxes pass the score threshold), and numpy
-reproduces mmdet's steps exactly where an ONNX NMS would not (ORT's NonMaxSuppression is not
-mmcv's rule). The settings the numpy code needs are written to model.json's "onnx" section.
+level the class logits and box regressions; RTMDet-Ins also the dynamic-kernel parameters and
+the mask prototype features), with a dynamic batch axis, at the static input size of the
+config's test pipeline (``Pad`` size: 640x640 for RTMDet's COCO configs), or with dynamic
+spatial axes where the pipeline resizes without padding to a fixed size (YOLOF: the data
+preprocessor pads each batch to a multiple of 32, as the runtime does). The family decides the
+head's settings and output names (``head_settings``, ``output_names``); the export is one.
+Box decoding, NMS and the dynamic mask convolutions stay out of the graph: they are
+data-dependent (how many boxes pass the score threshold), and numpy reproduces mmdet's steps
+exactly where an ONNX NMS would not (ORT's NonMaxSuppression is not mmcv's rule). The settings the numpy code needs are written to model.json's "onnx" section.
 
 Needs torch, mmdet and onnxruntime (packaging time); the ``onnx`` package for ``quantize_int8``.
 """
@@ -23,7 +26,7 @@ import numpy as np
 
 from scoring.model_dir import ONNX_FILE, ONNX_INFO_KEY, WeightsDir, onnx_data_file, sha256_of
 from scoring.errors import MmdetMlflowError
-from scoring.families import RTMDET_INS
+from scoring.families import FAMILIES, RTMDET_INS, family_named
 
 OPSET = 17
 INPUT_NAME = "inputs"
@@ -37,16 +40,27 @@ class OnnxExportError(MmdetMlflowError):
     """The model cannot be exported, or its ONNX outputs differ from torch's beyond tolerance."""
 
 
-def output_names(strides: Sequence[int]) -> dict:
-    return {"cls_scores": [f"cls_score_s{s}" for s in strides],
-            "bbox_preds": [f"bbox_pred_s{s}" for s in strides],
-            "kernel_preds": [f"kernel_pred_s{s}" for s in strides],
-            "mask_feat": "mask_feat"}
+# The head's outputs in the order its forward returns them (a list per level, or one tensor);
+# a head has the first two, RTMDet-Ins all four.
+OUTPUT_KINDS = ("cls_scores", "bbox_preds", "kernel_preds", "mask_feat")
+
+
+def output_names(strides: Sequence[int], with_masks: bool = True) -> dict:
+    names = {"cls_scores": [f"cls_score_s{s}" for s in strides],
+             "bbox_preds": [f"bbox_pred_s{s}" for s in strides]}
+    if with_masks:
+        names.update(kernel_preds=[f"kernel_pred_s{s}" for s in strides], mask_feat="mask_feat")
+    return names
 
 
 def flat_output_names(outputs: dict) -> list[str]:
-    return [*outputs["cls_scores"], *outputs["bbox_preds"], *outputs["kernel_preds"],
-            outputs["mask_feat"]]
+    """The output names in the order of the head's flattened outputs (``_raw_outputs_module``)."""
+    flat = []
+    for kind in OUTPUT_KINDS:
+        if kind in outputs:
+            names = outputs[kind]
+            flat.extend([names] if isinstance(names, str) else names)
+    return flat
 
 
 # ----------------------------------------------------------------------------- settings
@@ -96,8 +110,8 @@ def preprocess_settings(cfg) -> dict:
     elif not keep_ratio:
         size_wh, pad_value = scale_wh, [0.0] * 3  # every image is resized to exactly this size
     else:
-        raise OnnxExportError("the test pipeline resizes keeping the aspect ratio without padding "
-                              "to a fixed size: the ONNX model needs a static input size")
+        # no fixed size: the data preprocessor pads each batch (dynamic spatial axes)
+        size_wh, pad_value = None, [0.0] * 3
     pre = cfg.model.data_preprocessor
     if pre.get("batch_augments"):
         raise OnnxExportError("the data preprocessor has batch augments at test time")
@@ -105,33 +119,71 @@ def preprocess_settings(cfg) -> dict:
     std = pre.get("std") or [1.0, 1.0, 1.0]
     bgr_to_rgb = bool(pre.get("bgr_to_rgb", False) or pre.get("rgb_to_bgr", False))
     divisor = int(pre.get("pad_size_divisor", 1))
-    if size_wh[0] % divisor or size_wh[1] % divisor:
+    if size_wh is not None and (size_wh[0] % divisor or size_wh[1] % divisor):
         raise OnnxExportError(f"the input size {size_wh} is not a multiple of the data "
                               f"preprocessor's pad_size_divisor {divisor}")
-    return {"input_hw": [size_wh[1], size_wh[0]], "resize_scale_wh": list(scale_wh),
-            "keep_ratio": keep_ratio, "pad_value": pad_value, "mean": [float(v) for v in mean],
-            "std": [float(v) for v in std], "bgr_to_rgb": bgr_to_rgb}
+    # input_hw None: each batch padded to its largest picture, rounded up to pad_size_divisor,
+    # with the data preprocessor's pad_value (after normalization)
+    return {"input_hw": None if size_wh is None else [size_wh[1], size_wh[0]],
+            "resize_scale_wh": list(scale_wh), "keep_ratio": keep_ratio, "pad_value": pad_value,
+            "mean": [float(v) for v in mean], "std": [float(v) for v in std],
+            "bgr_to_rgb": bgr_to_rgb, "pad_size_divisor": divisor,
+            "batch_pad_value": float(pre.get("pad_value", 0))}
 
 
-def head_settings(head) -> dict:
-    """What the numpy post-processing needs to know about an RTMDetInsHead."""
+# family -> (its head types the numpy post-processing reproduces, their box coder)
+HEADS = {"rtmdet-ins": (RTMDET_INS.head_types, "DistancePointBBoxCoder"),
+         "rtmdet": (family_named("rtmdet").head_types, "DistancePointBBoxCoder"),
+         "yolof": (("YOLOFHead",), "DeltaXYWHBBoxCoder")}
+
+
+def head_settings(head, family: str = RTMDET_INS.name) -> dict:
+    """What the numpy post-processing needs to know about the dense head of a ``family`` model:
+    its "kind" (the family), strides, classes, and the family's own (RTMDet-Ins: the dynamic
+    mask convolutions; YOLOF: its anchors and box coder's settings)."""
     kind = type(head).__name__
-    if kind not in RTMDET_INS.head_types:
-        raise OnnxExportError(f"the head is {kind}, not an RTMDet-Ins head: the ONNX export "
-                              f"reproduces RTMDet-Ins' post-processing only")
+    if family not in HEADS:
+        title = FAMILIES[family].title if family in FAMILIES else "these"
+        raise OnnxExportError(f"{title} models have no ONNX export here (the ONNX runtime "
+                              f"reproduces the heads of {', '.join(HEADS)})")
+    head_types, coder = HEADS[family]
+    if kind not in head_types:
+        raise OnnxExportError(f"the head is {kind}, not one of {', '.join(head_types)}: the "
+                              f"ONNX export reproduces those heads' post-processing only")
     if not head.use_sigmoid_cls:
-        raise OnnxExportError("the head's classifier is softmax: the ONNX runtime reproduces "
-                              "the sigmoid one RTMDet-Ins uses")
-    if type(head.bbox_coder).__name__ != "DistancePointBBoxCoder":
-        raise OnnxExportError(f"the head's box coder is {type(head.bbox_coder).__name__}")
+        raise OnnxExportError(f"the head's classifier is softmax: the ONNX runtime reproduces "
+                              f"the sigmoid one {family} uses")
+    if type(head.bbox_coder).__name__ != coder:
+        raise OnnxExportError(f"the head's box coder is {type(head.bbox_coder).__name__}, not {coder}")
     strides = head.prior_generator.strides
     if any(sw != sh for sw, sh in strides):
         raise OnnxExportError(f"the head has non-square strides {strides}")
-    return {"strides": [int(s[0]) for s in strides], "prior_offset": float(head.prior_generator.offset),
-            "num_classes": int(head.cls_out_channels), "num_prototypes": int(head.num_prototypes),
-            "dyconv_channels": int(head.dyconv_channels),
-            "weight_nums": [int(n) for n in head.weight_nums],
-            "bias_nums": [int(n) for n in head.bias_nums]}
+    settings = {"kind": family, "strides": [int(s[0]) for s in strides],
+                "num_classes": int(head.cls_out_channels)}
+    if family == "yolof":
+        return {**settings, **_anchor_settings(head)}
+    settings["prior_offset"] = float(head.prior_generator.offset)
+    if family == "rtmdet-ins":
+        settings.update(num_prototypes=int(head.num_prototypes),
+                        dyconv_channels=int(head.dyconv_channels),
+                        weight_nums=[int(n) for n in head.weight_nums],
+                        bias_nums=[int(n) for n in head.bias_nums])
+    return settings
+
+
+def _anchor_settings(head) -> dict:
+    """An anchor head's base anchors per level (the config's anchor generator's, as it made
+    them) and its DeltaXYWHBBoxCoder's decoding settings."""
+    generator, coder = head.prior_generator, head.bbox_coder
+    if type(generator).__name__ != "AnchorGenerator":
+        raise OnnxExportError(f"the head's prior generator is {type(generator).__name__}, not "
+                              f"AnchorGenerator")
+    if getattr(coder, "use_box_type", False):
+        raise OnnxExportError("the head's box coder uses box types")
+    return {"base_anchors": [anchors.tolist() for anchors in generator.base_anchors],
+            "coder": {"means": [float(v) for v in coder.means], "stds": [float(v) for v in coder.stds],
+                      "clip_border": bool(coder.clip_border),
+                      "add_ctr_clamp": bool(coder.add_ctr_clamp), "ctr_clamp": float(coder.ctr_clamp)}}
 
 
 def test_settings(test_cfg) -> dict:
@@ -148,14 +200,17 @@ def test_settings(test_cfg) -> dict:
 
 
 def onnx_model_spec(detector) -> dict:
-    """model.json's "onnx" section (without the files) for ``detector`` and its ``cfg``."""
+    """model.json's "onnx" section (without the files) for ``detector`` and its ``cfg``, as its
+    family (``family_of_config``) decides."""
+    from scoring.families import family_of_config
     from scoring.runtimes.rtmdet_numpy import ONNX_INFO_FORMAT
 
-    head = head_settings(detector.bbox_head)
+    family = family_of_config(detector.cfg.model)
+    head = head_settings(getattr(detector, "bbox_head", None), family.name if family else "")
     return {"format": ONNX_INFO_FORMAT, "opset": OPSET, "input_name": INPUT_NAME,
             "preprocess": preprocess_settings(detector.cfg), "head": head,
             "test_cfg": test_settings(detector.bbox_head.test_cfg),
-            "outputs": output_names(head["strides"]), "files": {}}
+            "outputs": output_names(head["strides"], with_masks=family.makes_masks), "files": {}}
 
 
 # ----------------------------------------------------------------------------- export
@@ -172,28 +227,36 @@ def _raw_outputs_module(detector):
             self.detector = detector
 
         def forward(self, inputs):
-            cls_scores, bbox_preds, kernel_preds, mask_feat = \
-                self.detector.bbox_head(self.detector.extract_feat(inputs))
-            return (*cls_scores, *bbox_preds, *kernel_preds, mask_feat)
+            flat = []
+            for part in self.detector.bbox_head(self.detector.extract_feat(inputs)):
+                flat.extend(part if isinstance(part, (list, tuple)) else [part])
+            return tuple(flat)
 
     return RawHeadOutputs().eval()
 
 
 def export_onnx(detector, onnx_path: str | os.PathLike, spec: dict) -> Path:
     """Write the detector's network (raw head outputs) to ``onnx_path``, its weights beside it
-    (``move_weights_out``): legacy TorchScript exporter, opset 17, static spatial size, dynamic
-    batch axis."""
+    (``move_weights_out``): legacy TorchScript exporter, opset 17, dynamic batch axis, static
+    spatial size where the pipeline pads to one (else dynamic height and width too)."""
     import torch
 
     onnx_path = Path(onnx_path)
-    height, width = spec["preprocess"]["input_hw"]
+    pre = spec["preprocess"]
     names = flat_output_names(spec["outputs"])
     module = _raw_outputs_module(detector.cpu())
+    if pre["input_hw"] is not None:
+        height, width = pre["input_hw"]
+        axes = {n: {0: "batch"} for n in [INPUT_NAME, *names]}
+    else:  # any size the pipeline makes: its scale's, padded as the data preprocessor pads
+        divisor = pre["pad_size_divisor"]
+        height, width = (-(-side // divisor) * divisor for side in sorted(pre["resize_scale_wh"]))
+        # each its own names: an output's size is not its input's
+        axes = {n: {0: "batch", 2: f"{n}_height", 3: f"{n}_width"} for n in [INPUT_NAME, *names]}
     dummy = torch.zeros(1, 3, height, width)
     with torch.no_grad():
         torch.onnx.export(module, (dummy,), str(onnx_path), dynamo=False, opset_version=OPSET,
-                          input_names=[INPUT_NAME], output_names=names,
-                          dynamic_axes={n: {0: "batch"} for n in [INPUT_NAME, *names]},
+                          input_names=[INPUT_NAME], output_names=names, dynamic_axes=axes,
                           do_constant_folding=True)
     move_weights_out(onnx_path)
     return onnx_path
@@ -336,7 +399,7 @@ def export_to_weights_dir(weights_dir: str | os.PathLike, detector=None,
     Returns the section."""
     folder = WeightsDir(weights_dir)
     if detector is None:
-        from scoring.runtimes.torch_rtmdet import load_detector
+        from scoring.runtimes.torch_mmdet import load_detector
 
         detector, _ = load_detector(folder, device="cpu")
     spec = onnx_model_spec(detector)

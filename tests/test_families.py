@@ -246,8 +246,9 @@ def test_a_text_file_is_not_a_config(tmp_path):
 
 
 def test_a_runtime_the_family_lacks_is_refused_before_anything_is_written(tmp_path):
-    with pytest.raises(MmdetMlflowError, match=r"YOLOF models have no 'onnx' runtime here \(runtimes: torch\)"):
-        mlflow_model.save_model(tmp_path / "m", "yolof_r50-c5_8xb8-1x_coco", "official", runtime="onnx")
+    with pytest.raises(MmdetMlflowError, match=r"VFNet models have no 'onnx' runtime here \(runtimes: torch\)"):
+        mlflow_model.save_model(tmp_path / "m", "vfnet_r50-mdconv-c3-c5_fpn_ms-2x_coco", "official",
+                                runtime="onnx")
     assert not (tmp_path / "m").exists()
 
 

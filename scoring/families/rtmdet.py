@@ -1,5 +1,6 @@
 """RTMDet (object detection): a dense head whose class logits lie (batch, classes, h, w), served
-through mmdet's own post-processing (``predict_by_feat``) on torch."""
+through mmdet's own post-processing (``predict_by_feat``) on torch, and as an exported graph with
+RTMDet-Ins' numpy post-processing without the masks on ONNX Runtime and OpenVINO."""
 from scoring.families.base import ClassLayer, Family
 from scoring.schema import OBJECT_DETECTION
 
@@ -19,5 +20,13 @@ FAMILY = Family(
     ),
     class_layer=ClassLayer(r"bbox_head\.rtm_cls\.0\.weight|bbox_head\.rtm_cls\.weight"),
     class_shaped=r"bbox_head\.rtm_cls\..*",
-    loaders={"torch": "scoring.runtimes.torch_mmdet:load_dense_head_detector"},
+    loaders={
+        "torch": "scoring.runtimes.torch_mmdet:load_dense_head_detector",
+        "onnx": "scoring.runtimes.onnx_rtmdet:load_onnx_segmenter",
+        "openvino": "scoring.runtimes.openvino_rtmdet:load_openvino_segmenter",
+    },
+    exporters={
+        "onnx": "mlflow_model.onnx_export:export_to_weights_dir",
+        "openvino": "mlflow_model.onnx_export:export_to_weights_dir",
+    },
 )

@@ -1,4 +1,6 @@
-"""YOLOF (object detection): one dilated-encoder level, a dense head of anchors x classes."""
+"""YOLOF (object detection): one dilated-encoder level, a dense head of anchors x classes; on
+torch, and as an exported graph (dynamic input size) with numpy post-processing (its anchors and
+delta box coder) on ONNX Runtime and OpenVINO."""
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -31,5 +33,13 @@ FAMILY = YolofFamily(
     shipped_configs=("yolof_r50-c5_8xb8-1x_coco",),
     class_layer=ClassLayer(r"bbox_head\.cls_score\.weight", per_class=ANCHORS),
     class_shaped=r"bbox_head\.cls_score\..*",
-    loaders={"torch": "scoring.runtimes.torch_mmdet:load_dense_head_detector"},
+    loaders={
+        "torch": "scoring.runtimes.torch_mmdet:load_dense_head_detector",
+        "onnx": "scoring.runtimes.onnx_rtmdet:load_onnx_segmenter",
+        "openvino": "scoring.runtimes.openvino_rtmdet:load_openvino_segmenter",
+    },
+    exporters={
+        "onnx": "mlflow_model.onnx_export:export_to_weights_dir",
+        "openvino": "mlflow_model.onnx_export:export_to_weights_dir",
+    },
 )

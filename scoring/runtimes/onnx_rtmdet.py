@@ -1,17 +1,22 @@
-"""RTMDet-Ins on ONNX Runtime: the same answers as the torch runtime without torch, mmcv, mmdet
-or mmengine (this module imports numpy, OpenCV and onnxruntime only).
+"""Dense-head detectors on ONNX Runtime (RTMDet-Ins, RTMDet, YOLOF): the same answers as the
+torch runtime without torch, mmcv, mmdet or mmengine (this module imports numpy, OpenCV and
+onnxruntime only).
 
 The ONNX file holds the network up to the head's raw outputs (``mlflow_model.onnx_export``):
-per level the class logits, the box distances and the dynamic-kernel parameters, plus the mask
-prototype features. Everything around it is reproduced here in numpy, step by step as mmdet
-3.3.0 / mmcv 2.1.0 do it, in float32 like they do, so that the boxes, scores and masks match:
+per level the class logits and box regressions (RTMDet-Ins: also the dynamic-kernel parameters,
+and the mask prototype features). Everything around it is reproduced here in numpy, step by
+step as mmdet 3.3.0 / mmcv 2.1.0 do it, in float32 like they do, so that the boxes, scores and
+masks match:
 
 - ``preprocess``: the config's test pipeline (``Resize`` keep_ratio, ``Pad``) and
-  ``DetDataPreprocessor`` (normalize, channel order) -> the very tensor mmdet feeds the network;
-- ``postprocess``: ``RTMDetInsHead.predict_by_feat`` -> ``_predict_by_feat_single`` ->
-  ``_bbox_mask_post_process`` (score filter and top-k, box decoding from the priors, rescale,
-  min size, mmcv's ``batched_nms``, ``max_per_img``, the dynamic mask convolutions), with the
-  full-size masks made a chunk at a time as ``scoring.runtimes.torch_rtmdet.MaskResampler`` makes them.
+  ``DetDataPreprocessor`` (normalize, channel order, the batch padded to its size divisor) ->
+  the very tensor mmdet feeds the network;
+- ``postprocess``: the family's class filter on the raw class logits, then the head's
+  ``predict_by_feat`` -> ``_predict_by_feat_single`` -> ``_bbox_post_process`` /
+  ``_bbox_mask_post_process`` (score filter and top-k, box decoding from the priors: RTMDet's
+  point distances or YOLOF's anchor deltas, rescale, min size, mmcv's ``batched_nms``,
+  ``max_per_img``; RTMDet-Ins: the dynamic mask convolutions, with the full-size masks made a
+  chunk at a time as ``scoring.runtimes.torch_rtmdet.MaskResampler`` makes them).
 
 The settings these steps need (input size, normalization, strides, test_cfg, ...) are written
 into model.json's ``"onnx"`` section at export time, so no mmengine config is read here.
@@ -19,7 +24,6 @@ into model.json's ``"onnx"`` section at export time, so no mmengine config is re
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Sequence
@@ -28,13 +32,14 @@ import numpy as np
 
 from scoring.model_dir import INFO_FILE, ONNX_FILE, ONNX_INFO_KEY, ONNX_INT8_FILE, onnx_data_file, sha256_of
 from scoring.runtimes.base import ImageDetections, Segmenter, forward_batch_size, masks_wanted
-from scoring.class_filter import drop_excluded_classes, excluded_classes
+from scoring.class_filter import excluded_classes
+from scoring.families import RTMDET_INS, family_of
 # The settings recorded at export, and the pre- and post-processing in numpy, live in
 # scoring.runtimes.rtmdet_numpy; what is here is the runtime: the session and the Segmenter.
 from scoring.runtimes.rtmdet_numpy import (ImageMeta, NumpyMaskResampler, OnnxModelError, OnnxModelSpec,
-                                           batched_nms, check_fits_input, distance2bbox,
-                                           dynamic_mask_logits, filter_scores_and_topk, grid_priors,
-                                           per_prior, resize_like_mmdet, sigmoid)
+                                           anchor_priors, batched_nms, check_fits_input, delta2bbox,
+                                           distance2bbox, dynamic_mask_logits, filter_scores_and_topk,
+                                           grid_priors, per_prior, resize_like_mmdet, sigmoid)
 from scoring.schema import PredictParams
 from scoring.settings import network_threads
 
@@ -42,23 +47,27 @@ from scoring.settings import network_threads
 
 
 class OnnxSegmenter(Segmenter):
-    """RTMDet-Ins through ONNX Runtime, with mmdet's pre- and post-processing in numpy."""
+    """A dense-head detector (its ``family``'s head: RTMDet-Ins, RTMDet, YOLOF) through ONNX
+    Runtime, with mmdet's pre- and post-processing in numpy."""
 
     runtime = "onnx"
 
     def __init__(self, session, spec: OnnxModelSpec, class_names: Sequence[str],
-                 default_params: PredictParams, batch_size: int = 1, precision: str = "fp32"):
+                 default_params: PredictParams, batch_size: int = 1, precision: str = "fp32",
+                 family=RTMDET_INS):
         self.session = session
         self.precision = precision  # "fp32", or "int8" for the quantized network
         self.spec = spec
+        self.family = family
+        self.task = family.task
         self.class_names = list(class_names)
         self.default_params = default_params
         self.batch_size = batch_size
-        input_h, input_w = spec.input_hw
-        self._priors = [grid_priors((math.ceil(input_h / s), math.ceil(input_w / s)), s,
-                                    spec.prior_offset) for s in spec.strides]
-        self._output_names = (list(spec.outputs["cls_scores"]) + list(spec.outputs["bbox_preds"])
-                              + list(spec.outputs["kernel_preds"]) + [spec.outputs["mask_feat"]])
+        self._priors: dict[tuple, np.ndarray] = {}  # (level, feature map size) -> priors
+        self._output_names = [name for kind in ("cls_scores", "bbox_preds", "kernel_preds")
+                              for name in spec.outputs.get(kind, ())]
+        if spec.with_masks:
+            self._output_names.append(spec.outputs["mask_feat"])
         self._mean = np.asarray(spec.mean, np.float32).reshape(1, 1, 3)
         self._std = np.asarray(spec.std, np.float32).reshape(1, 1, 3)
         if spec.keep_ratio:
@@ -67,16 +76,28 @@ class OnnxSegmenter(Segmenter):
 
     # --- preprocess: mmdet's test pipeline + DetDataPreprocessor
 
-    def preprocess_into(self, image: np.ndarray, out: np.ndarray) -> ImageMeta:
-        """One BGR uint8 image -> ``out`` (3, H, W) float32 network input; returns its meta.
-
-        The same float32 operations as the test pipeline's Resize, Pad and DetDataPreprocessor
-        ((x - mean) / std per pixel, pad value included), so the tensor is bit-identical, but
-        written channel by channel straight into the batch: the padding is one constant per
-        channel, and no padded, float or transposed copy of the image is made on the way."""
+    def resized(self, image: np.ndarray) -> tuple[np.ndarray, ImageMeta]:
+        """The test pipeline's Resize (and the check that a fixed Pad size holds it)."""
         spec = self.spec
         resized, scale_factor = resize_like_mmdet(image, spec.resize_scale_wh, spec.keep_ratio)
-        check_fits_input(resized, spec.input_hw)
+        if spec.input_hw is not None:
+            check_fits_input(resized, spec.input_hw)
+        img_hw = tuple(spec.input_hw) if spec.input_hw is not None else resized.shape[:2]
+        return resized, ImageMeta(ori_hw=image.shape[:2], img_hw=img_hw, scale_factor=scale_factor)
+
+    def preprocess_into(self, image: np.ndarray, out: np.ndarray,
+                        resized: tuple[np.ndarray, ImageMeta] | None = None) -> ImageMeta:
+        """One BGR uint8 image (or its ``resized`` one) -> ``out`` (3, H, W) float32 network
+        input; returns its meta.
+
+        The same float32 operations as the test pipeline's Resize, Pad and DetDataPreprocessor
+        ((x - mean) / std per pixel, a Pad step's value included; the batch's padding to its
+        size divisor with the preprocessor's value, after normalizing), so the tensor is
+        bit-identical, but written channel by channel straight into the batch: the padding is
+        one constant per channel, and no padded, float or transposed copy of the image is made
+        on the way."""
+        spec = self.spec
+        resized, meta = resized or self.resized(image)
         height, width = resized.shape[:2]
         channels = (2, 1, 0) if spec.bgr_to_rgb else (0, 1, 2)
         pad = np.broadcast_to(np.asarray(spec.pad_value, np.uint8), (3,))
@@ -85,14 +106,25 @@ class OnnxSegmenter(Segmenter):
             plane = out[c]
             np.subtract(resized[:, :, source], mean, out=plane[:height, :width], dtype=np.float32)
             np.divide(plane[:height, :width], std, out=plane[:height, :width])
-            padded_value = (np.float32(pad[source]) - mean) / std
+            padded_value = ((np.float32(pad[source]) - mean) / std if spec.input_hw is not None
+                            else np.float32(spec.batch_pad_value))
             plane[height:, :] = padded_value
             plane[:height, width:] = padded_value
-        return ImageMeta(ori_hw=image.shape[:2], img_hw=tuple(spec.input_hw), scale_factor=scale_factor)
+        return meta
 
     def preprocess(self, images: Sequence[np.ndarray]) -> dict:
-        inputs = np.empty((len(images), 3, *self.spec.input_hw), np.float32)
-        metas = [self.preprocess_into(image, inputs[i]) for i, image in enumerate(images)]
+        if self.spec.input_hw is not None:
+            inputs = np.empty((len(images), 3, *self.spec.input_hw), np.float32)
+            metas = [self.preprocess_into(image, inputs[i]) for i, image in enumerate(images)]
+            return {"inputs": inputs, "metas": metas}
+        # mmdet's stack_batch: the largest picture's size, rounded up to the size divisor
+        resized = [self.resized(image) for image in images]
+        divisor = self.spec.pad_size_divisor
+        height, width = (-(-max(r.shape[axis] for r, _ in resized) // divisor) * divisor
+                         for axis in (0, 1))
+        inputs = np.empty((len(images), 3, height, width), np.float32)
+        metas = [self.preprocess_into(image, inputs[i], one)
+                 for i, (image, one) in enumerate(zip(images, resized))]
         return {"inputs": inputs, "metas": metas}
 
     # --- forward: the network only
@@ -111,41 +143,65 @@ class OnnxSegmenter(Segmenter):
         cfg["max_per_img"] = params.max_detections
         cfg["nms_pre"] = max(int(cfg.get("nms_pre", 1000)), params.max_detections)
         cfg["class_agnostic"] = bool(getattr(params, "class_agnostic_nms", False))
-        cfg["with_masks"] = masks_wanted(params)
+        cfg["with_masks"] = masks_wanted(params) and self.spec.with_masks
         return cfg
 
     def postprocess(self, raw: dict, params: PredictParams) -> list[ImageDetections]:
         cfg = self.test_cfg(params)
         outputs, names = raw["outputs"], self.spec.outputs
-        drop_excluded_classes([outputs[n] for n in names["cls_scores"]],
-                              excluded_classes(self.class_names, params))
+        # the family's class filter: it knows how classes lie in its logits (YOLOF: per anchor)
+        self.family.exclude_classes([outputs[n] for n in names["cls_scores"]],
+                                    excluded_classes(self.class_names, params))
         results = []
         for i, meta in enumerate(raw["metas"]):
             results.append(self._detections_single(
                 [outputs[n][i] for n in names["cls_scores"]],
                 [outputs[n][i] for n in names["bbox_preds"]],
-                [outputs[n][i] for n in names["kernel_preds"]],
-                outputs[names["mask_feat"]][i], meta, cfg))
+                [outputs[n][i] for n in names.get("kernel_preds", ())] or None,
+                outputs[names["mask_feat"]][i] if self.spec.with_masks else None, meta, cfg))
         return results
+
+    def level_priors(self, level: int, featmap_hw: tuple[int, int]) -> np.ndarray:
+        """The priors of one level's feature map, as the head's prior generator makes them:
+        points (x, y, stride, stride) of RTMDet's, or YOLOF's anchors (x1, y1, x2, y2), one row
+        per cell and anchor. Kept per size (one, for a static input)."""
+        key = (level, tuple(featmap_hw))
+        if key not in self._priors:
+            stride = self.spec.strides[level]
+            self._priors[key] = (anchor_priors(self.spec.base_anchors[level], featmap_hw, stride)
+                                 if self.spec.base_anchors
+                                 else grid_priors(featmap_hw, stride, self.spec.prior_offset))
+        return self._priors[key]
+
+    def decode(self, priors: np.ndarray, regressions: np.ndarray, img_hw) -> np.ndarray:
+        """The head's box coder: YOLOF's deltas from anchors, RTMDet's distances from points."""
+        if self.spec.base_anchors:
+            return delta2bbox(priors, regressions, self.spec.coder, img_hw)
+        return distance2bbox(priors[:, :2], regressions, img_hw)
 
     def _detections_single(self, cls_scores, bbox_preds, kernel_preds, mask_feat,
                            meta: ImageMeta, cfg: dict) -> ImageDetections:
-        # _predict_by_feat_single: per level, scores -> filter_scores_and_topk
+        # _predict_by_feat_single: per level, scores -> filter_scores_and_topk; the rows are
+        # (cell, anchor) pairs, classes in the columns (one anchor per cell but for YOLOF)
+        num_classes = self.spec.num_classes
         level_boxes, level_priors, level_scores, level_labels, level_kernels = [], [], [], [], []
-        for cls_score, bbox_pred, kernel_pred, priors in zip(cls_scores, bbox_preds, kernel_preds,
-                                                            self._priors):
-            scores = sigmoid(per_prior(cls_score))
+        for level, (cls_score, bbox_pred) in enumerate(zip(cls_scores, bbox_preds)):
+            priors = self.level_priors(level, cls_score.shape[-2:])
+            scores = sigmoid(per_prior(cls_score).reshape(-1, num_classes))
             scores, labels, keep = filter_scores_and_topk(scores, cfg["score_thr"], cfg["nms_pre"])
-            level_boxes.append(per_prior(bbox_pred)[keep])
-            level_kernels.append(per_prior(kernel_pred)[keep])
+            level_boxes.append(per_prior(bbox_pred).reshape(-1, 4)[keep])
+            if kernel_preds is not None:
+                level_kernels.append(per_prior(kernel_preds[level])[keep])
             level_priors.append(priors[keep])
             level_scores.append(scores)
             level_labels.append(labels)
         priors = np.concatenate(level_priors)
-        boxes = distance2bbox(priors[:, :2], np.concatenate(level_boxes), meta.img_hw)
+        boxes = self.decode(priors, np.concatenate(level_boxes), meta.img_hw)
         scores = np.concatenate(level_scores)
         labels = np.concatenate(level_labels)
-        kernels = np.concatenate(level_kernels)
+        # (a box-only head: no kernel columns, so one indexing serves both)
+        kernels = (np.concatenate(level_kernels) if level_kernels
+                   else np.empty((len(priors), 0), np.float32))
 
         # _bbox_mask_post_process: rescale (scale_boxes by 1/scale_factor, float32 like torch)
         inverse = np.asarray([1 / meta.scale_factor[0], 1 / meta.scale_factor[1]] * 2, np.float32)
@@ -243,20 +299,28 @@ def check_session_fits(session, spec: OnnxModelSpec, onnx_path: Path) -> None:
         problems.append(f"inputs {[i.name for i in inputs]}, expected [{spec.input_name!r}]")
     else:
         shape = inputs[0].shape
-        if list(shape[1:]) != [3, *spec.input_hw]:
-            problems.append(f"input shape {shape}, expected [batch, 3, {spec.input_hw[0]}, "
-                            f"{spec.input_hw[1]}]")
+        if not _fits(shape[1:], [3, *(spec.input_hw or (None, None))]):
+            problems.append(f"input shape {shape}, expected [batch, 3, "
+                            f"{', '.join(map(str, spec.input_hw or ('height', 'width')))}]")
     got = {o.name: o.shape for o in session.get_outputs()}
     for name, want in spec.expected_outputs().items():
         if name not in got:
             problems.append(f"no output {name!r}")
-        elif list(got[name][1:]) != list(want[1:]):
+        elif not _fits(got[name][1:], want[1:]):
             problems.append(f"output {name!r} has shape {got[name]}, expected {list(want)}")
     if problems:
+        size = f"{spec.input_hw[1]}x{spec.input_hw[0]}" if spec.input_hw else "of any size"
         raise OnnxModelError(f"{onnx_path} does not fit this model's settings in model.json "
                              f"({len(spec.outputs['cls_scores'])} levels, {spec.num_classes} "
-                             f"classes, input {spec.input_hw[1]}x{spec.input_hw[0]}): "
-                             + "; ".join(problems))
+                             f"classes, input {size}): " + "; ".join(problems))
+
+
+def _fits(shape, want) -> bool:
+    """A graph's shape against the one expected, where an expected None (a dynamic size) takes
+    anything, and so does a size the graph leaves unknown (None: OpenVINO infers no channels
+    for YOLOF's outputs behind its reshape on a dynamic size; the file's sha256 still holds)."""
+    return len(shape) == len(want) and all(w is None or s is None or s == w
+                                           for s, w in zip(shape, want))
 
 
 def open_session_checked(onnx_path: Path, spec: OnnxModelSpec, record: dict,
@@ -346,4 +410,5 @@ def load_onnx_segmenter(weights_dir_path: str | os.PathLike, batch_size: int | N
     return OnnxSegmenter(session, spec, info["classes"],
                          PredictParams.from_dict(info["default_params"]),
                          batch_size=batch_size or forward_batch_size(info, on_gpu),
-                         precision="int8" if onnx_path.name == ONNX_INT8_FILE else "fp32")
+                         precision="int8" if onnx_path.name == ONNX_INT8_FILE else "fp32",
+                         family=family_of(info))

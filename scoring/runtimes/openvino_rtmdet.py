@@ -1,4 +1,4 @@
-"""RTMDet-Ins on OpenVINO Runtime: the ONNX runtime's model (the same exported ``model.onnx`` and
+"""Dense-head detectors (RTMDet-Ins, RTMDet, YOLOF) on OpenVINO Runtime: the ONNX runtime's model (the same exported ``model.onnx`` and
 its data file, the same numpy pre- and post-processing) with OpenVINO executing the network, in
 the precision the serving CPU computes fastest (imports numpy, OpenCV and openvino only).
 
@@ -23,6 +23,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Sequence
 
+from scoring.families import RTMDET_INS, family_of
 from scoring.runtimes.base import forward_batch_size
 from scoring.runtimes.onnx_rtmdet import (OnnxModelError, OnnxSegmenter, build_while_checking,
                                           check_session_fits, read_onnx_model, release_freed_heap)
@@ -55,14 +56,15 @@ def cpu_has_bf16() -> bool:
 
 
 class OpenVinoSegmenter(OnnxSegmenter):
-    """RTMDet-Ins through OpenVINO Runtime, with the ONNX runtime's numpy pre- and
+    """A dense-head detector through OpenVINO Runtime, with the ONNX runtime's numpy pre- and
     post-processing. ``compiled_model``: an ``openvino.CompiledModel`` of the exported graph."""
 
     runtime = "openvino"
 
     def __init__(self, compiled_model, spec, class_names: Sequence[str],
-                 default_params: PredictParams, batch_size: int = 1, precision: str = "fp32"):
-        super().__init__(None, spec, class_names, default_params, batch_size)
+                 default_params: PredictParams, batch_size: int = 1, precision: str = "fp32",
+                 family=RTMDET_INS):
+        super().__init__(None, spec, class_names, default_params, batch_size, family=family)
         self.compiled_model = compiled_model
         self.precision = precision  # what the network runs in: "fp32" or "bf16"
         # An infer request is not thread-safe, and servers call predict from threads: one each.
@@ -100,14 +102,16 @@ def requested_precision(precision: str | None = None) -> str:
 
 class _Ports:
     """An OpenVINO model's inputs and outputs as ``check_session_fits`` reads an ORT session's:
-    ``.name`` and ``.shape`` (a dynamic dimension as ``"batch"``)."""
+    ``.name`` and ``.shape`` (the dynamic batch as ``"batch"``, another dynamic size as None)."""
 
     def __init__(self, model):
         self._model = model
 
     @staticmethod
     def _view(port):
-        shape = [d.get_length() if d.is_static else "batch" for d in port.get_partial_shape()]
+        # a dynamic size as None, but the batch axis, named as ORT names it
+        shape = [d.get_length() if d.is_static else ("batch" if i == 0 else None)
+                 for i, d in enumerate(port.get_partial_shape())]
         return SimpleNamespace(name=port.get_any_name(), shape=shape)
 
     def get_inputs(self):
@@ -170,4 +174,4 @@ def load_openvino_segmenter(weights_dir_path: str | os.PathLike, batch_size: int
     batch_size = batch_size or forward_batch_size(info, on_gpu=False)
     return OpenVinoSegmenter(compiled, spec, info["classes"],
                              PredictParams.from_dict(info["default_params"]),
-                             batch_size=batch_size, precision=used)
+                             batch_size=batch_size, precision=used, family=family_of(info))

@@ -1,14 +1,16 @@
-"""mmdet 3.3.0's RTMDet-Ins pre- and post-processing, step by step in numpy (float32 as mmdet
+"""mmdet 3.3.0's dense-head pre- and post-processing, step by step in numpy (float32 as mmdet
 and mmcv compute them), for the ONNX runtime (``scoring.runtimes.onnx_rtmdet``): the config's
-test pipeline (keep-ratio resize, pad) and ``RTMDetInsHead``'s ``_predict_by_feat_single`` /
-``_bbox_mask_post_process`` (priors, score filter and top-k, box decoding, mmcv's batched NMS,
-the dynamic mask convolutions, full-size masks a chunk at a time). Imports numpy and OpenCV only.
+test pipeline (keep-ratio resize, pad) and the heads' ``_predict_by_feat_single`` /
+``_bbox_post_process`` / RTMDet-Ins' ``_bbox_mask_post_process`` (priors: RTMDet's points or
+YOLOF's anchors, score filter and top-k, box decoding: distances or YOLOF's deltas, mmcv's
+batched NMS, the dynamic mask convolutions, full-size masks a chunk at a time). Imports numpy
+and OpenCV only.
 """
 from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import cv2
@@ -35,10 +37,14 @@ class OnnxModelError(MmdetMlflowError):
 @dataclass(frozen=True)
 class OnnxModelSpec:
     """What the numpy pre- and post-processing need to know about the exported network, read from
-    model.json's "onnx" section (written by ``mlflow_model.onnx_export.onnx_model_spec``)."""
+    model.json's "onnx" section (written by ``mlflow_model.onnx_export.onnx_model_spec``).
+    ``head_kind`` is the family whose head it is: "rtmdet-ins" (what a section without one
+    holds), "rtmdet" (the same head without masks) or "yolof" (anchors, delta boxes)."""
 
     input_name: str
-    input_hw: tuple[int, int]  # static network input (height, width): the Pad size
+    # static network input (height, width): the Pad size; None: each batch padded to its
+    # largest picture rounded up to ``pad_size_divisor``, with ``batch_pad_value``
+    input_hw: tuple[int, int] | None
     resize_scale_wh: tuple[int, int]  # Resize(scale=(w, h))
     keep_ratio: bool
     pad_value: tuple[float, float, float]  # per channel of the BGR image
@@ -47,17 +53,32 @@ class OnnxModelSpec:
     bgr_to_rgb: bool
     strides: tuple[int, ...]
     num_classes: int
-    num_prototypes: int
-    dyconv_channels: int
-    weight_nums: tuple[int, ...]
-    bias_nums: tuple[int, ...]
     test_cfg: dict  # nms_pre, score_thr, min_bbox_size, nms (iou_threshold), max_per_img
-    outputs: dict  # "cls_scores" / "bbox_preds" / "kernel_preds": names per level; "mask_feat"
+    outputs: dict  # "cls_scores" / "bbox_preds" (/ "kernel_preds"): names per level; "mask_feat"
     prior_offset: float = 0.0  # MlvlPointGenerator's offset (0 for RTMDet)
+    head_kind: str = "rtmdet-ins"
+    # RTMDet-Ins: the dynamic mask convolutions
+    num_prototypes: int = 0
+    dyconv_channels: int = 0
+    weight_nums: tuple[int, ...] = ()
+    bias_nums: tuple[int, ...] = ()
+    # YOLOF: per level (anchors, 4) base anchors, the box coder's settings
+    base_anchors: tuple = ()
+    coder: dict = field(default_factory=dict)
+    pad_size_divisor: int = 1
+    batch_pad_value: float = 0.0
 
     @property
     def num_gen_params(self) -> int:
         return sum(self.weight_nums) + sum(self.bias_nums)
+
+    @property
+    def with_masks(self) -> bool:
+        return "mask_feat" in self.outputs
+
+    @property
+    def anchors_per_cell(self) -> int:
+        return len(self.base_anchors[0]) if self.base_anchors else 1
 
     @classmethod
     def from_dict(cls, d: dict) -> "OnnxModelSpec":
@@ -66,9 +87,15 @@ class OnnxModelSpec:
                                  f"code reads format {ONNX_INFO_FORMAT}: re-export the model")
         try:
             pre, head = d["preprocess"], d["head"]
+            kind = head.get("kind", "rtmdet-ins")
+            masks = {}
+            if kind == "rtmdet-ins":
+                masks = dict(num_prototypes=int(head["num_prototypes"]),
+                             dyconv_channels=int(head["dyconv_channels"]),
+                             weight_nums=tuple(head["weight_nums"]), bias_nums=tuple(head["bias_nums"]))
             return cls(
                 input_name=d["input_name"],
-                input_hw=tuple(pre["input_hw"]),
+                input_hw=None if pre["input_hw"] is None else tuple(pre["input_hw"]),
                 resize_scale_wh=tuple(pre["resize_scale_wh"]),
                 keep_ratio=bool(pre["keep_ratio"]),
                 pad_value=tuple(pre["pad_value"]),
@@ -77,29 +104,36 @@ class OnnxModelSpec:
                 bgr_to_rgb=bool(pre["bgr_to_rgb"]),
                 strides=tuple(head["strides"]),
                 num_classes=int(head["num_classes"]),
-                num_prototypes=int(head["num_prototypes"]),
-                dyconv_channels=int(head["dyconv_channels"]),
-                weight_nums=tuple(head["weight_nums"]),
-                bias_nums=tuple(head["bias_nums"]),
                 test_cfg=dict(d["test_cfg"]),
                 outputs=dict(d["outputs"]),
                 prior_offset=float(head.get("prior_offset", 0.0)),
+                head_kind=kind,
+                base_anchors=tuple(np.asarray(a, np.float32) for a in head.get("base_anchors", ())),
+                coder=dict(head.get("coder", {})),
+                pad_size_divisor=int(pre.get("pad_size_divisor", 1)),
+                batch_pad_value=float(pre.get("batch_pad_value", 0.0)),
+                **masks,
             )
         except (KeyError, TypeError, ValueError) as err:
             raise OnnxModelError(f"model.json's onnx section is incomplete or malformed ({err!r}): "
                                  f"re-export the model") from None
 
     def expected_outputs(self, batch: Any = "batch") -> dict[str, tuple]:
-        """Output name -> (batch, channels, height, width) the head must produce for this config."""
-        height, width = self.input_hw
+        """Output name -> (batch, channels, height, width) the head must produce for this config
+        (height and width None where the input size is dynamic)."""
+        def size(stride: int) -> tuple:
+            if self.input_hw is None:
+                return (None, None)
+            return tuple(math.ceil(side / stride) for side in self.input_hw)
+
+        anchors = self.anchors_per_cell
         want = {}
-        for kind, channels in (("cls_scores", self.num_classes), ("bbox_preds", 4),
+        for kind, channels in (("cls_scores", self.num_classes * anchors), ("bbox_preds", 4 * anchors),
                                ("kernel_preds", self.num_gen_params)):
-            for name, stride in zip(self.outputs[kind], self.strides):
-                want[name] = (batch, channels, math.ceil(height / stride), math.ceil(width / stride))
-        stride = self.strides[0]  # MaskFeatModule works at the first level's size
-        want[self.outputs["mask_feat"]] = (batch, self.num_prototypes, math.ceil(height / stride),
-                                           math.ceil(width / stride))
+            for name, stride in zip(self.outputs.get(kind, ()), self.strides):
+                want[name] = (batch, channels, *size(stride))
+        if self.with_masks:  # MaskFeatModule works at the first level's size
+            want[self.outputs["mask_feat"]] = (batch, self.num_prototypes, *size(self.strides[0]))
         return want
 
 
@@ -111,7 +145,8 @@ class ImageMeta:
     """What mmdet's pipeline records per image and the post-processing reads."""
 
     ori_hw: tuple[int, int]
-    img_hw: tuple[int, int]  # mmdet's img_shape after Pad: the padded network input size
+    # mmdet's img_shape: after a Pad step the padded network input size, else the resized size
+    img_hw: tuple[int, int]
     scale_factor: tuple[float, float]  # (w_scale, h_scale) of the resize
 
 
@@ -165,6 +200,48 @@ def filter_scores_and_topk(scores: np.ndarray, score_thr: float, topk: int):
     kept = scores[prior_idx, class_idx]
     order = np.argsort(-kept, kind="stable")[:topk]
     return kept[order], class_idx[order], prior_idx[order]
+
+
+def anchor_priors(base_anchors: np.ndarray, featmap_hw: tuple[int, int], stride: int) -> np.ndarray:
+    """mmdet AnchorGenerator.single_level_grid_priors: every base anchor shifted to every
+    feature-map cell, (cell, anchor) row-major like the head's outputs; (h*w*anchors, 4)."""
+    height, width = featmap_hw
+    shift_x = np.arange(width, dtype=np.float32) * np.float32(stride)
+    shift_y = np.arange(height, dtype=np.float32) * np.float32(stride)
+    xx, yy = np.tile(shift_x, height), np.repeat(shift_y, width)
+    shifts = np.stack([xx, yy, xx, yy], axis=-1)
+    return (base_anchors[None, :, :] + shifts[:, None, :]).reshape(-1, 4)
+
+
+def delta2bbox(rois: np.ndarray, deltas: np.ndarray, coder: dict, max_hw: tuple[int, int],
+               wh_ratio_clip: float = 16 / 1000) -> np.ndarray:
+    """mmdet DeltaXYWHBBoxCoder.decode (delta2bbox, one class of deltas), float32 as torch:
+    (dx, dy, dw, dh) denormalized by the coder's means and stds, the center shift clamped to
+    ``ctr_clamp`` pixels and the size ratio to log(1 / wh_ratio_clip) (YOLOF's add_ctr_clamp),
+    clipped to the image where the coder clips."""
+    if len(deltas) == 0:
+        return deltas.reshape(0, 4)
+    means = np.asarray(coder.get("means", (0.0,) * 4), np.float32)
+    stds = np.asarray(coder.get("stds", (1.0,) * 4), np.float32)
+    denorm = deltas * stds + means
+    dxy, dwh = denorm[:, :2], denorm[:, 2:]
+    pxy = (rois[:, :2] + rois[:, 2:]) * np.float32(0.5)
+    pwh = rois[:, 2:] - rois[:, :2]
+    dxy_wh = pwh * dxy
+    max_ratio = np.float32(abs(np.log(wh_ratio_clip)))
+    if coder.get("add_ctr_clamp", False):
+        clamp = np.float32(coder.get("ctr_clamp", 32))
+        dxy_wh = np.clip(dxy_wh, -clamp, clamp)
+        dwh = np.minimum(dwh, max_ratio)
+    else:
+        dwh = np.clip(dwh, -max_ratio, max_ratio)
+    gxy = pxy + dxy_wh
+    gwh = pwh * np.exp(dwh)
+    boxes = np.concatenate([gxy - gwh * np.float32(0.5), gxy + gwh * np.float32(0.5)], axis=-1)
+    if coder.get("clip_border", True):
+        np.clip(boxes[:, 0::2], 0, max_hw[1], out=boxes[:, 0::2])
+        np.clip(boxes[:, 1::2], 0, max_hw[0], out=boxes[:, 1::2])
+    return boxes.astype(np.float32, copy=False)
 
 
 def distance2bbox(points: np.ndarray, distances: np.ndarray, max_hw: tuple[int, int]) -> np.ndarray:
