@@ -2,6 +2,12 @@
 ground truth in COCO format, compute COCO and Azure-named metrics (mmdet_mlflow.metrics), draw
 PR curves and sample pictures, log to MLflow when tracking is on.
 
+What is measured follows the task (``evaluated_task``): an instance-segmentation model on
+instance-segmentation data is measured on masks and boxes (sections ``bbox``, ``segm``,
+``segm_from_polygons``; Azure-named metrics on masks); anything with an object-detection side
+(an object-detection model, or object-detection test data) on boxes alone (section ``bbox``;
+Azure-named metrics on boxes), and the model is not asked for masks (mask_format "none").
+
 Scoring uses a LOW score threshold (the model config's ``score_thr``, 0.05 for RTMDet-Ins, or
 ``box_score_threshold`` if lower): COCO AP integrates precision over the whole ranking of
 detections, so cutting at 0.3 would drop the low-score tail and under-report AP. Precision,
@@ -38,18 +44,21 @@ import numpy as np
 import mlflow_model
 from scoring.errors import InputError
 from scoring.model_dir import ModelDir
-from scoring.schema import PredictParams
+from scoring.schema import INSTANCE_SEGMENTATION, OBJECT_DETECTION, TASKS, PredictParams
 from mmdet_mlflow.data import load_dataset, spread_indices, to_coco
 from mmdet_mlflow.files import atomic_write_json, atomic_write_text
 from mmdet_mlflow.metrics import (AZURE_BOX_SCORE_THRESHOLD, AZURE_IOU_THRESHOLD, AZURE_METRIC_NAMES,
-                                  DEFINITIONS, EvaluationError, azure_metrics, coco_api,
-                                  coco_evaluate, coco_metric_names, coco_stats)
+                                  EvaluationError, azure_metrics, coco_api, coco_evaluate,
+                                  coco_metric_names, coco_stats, definitions)
 from mmdet_mlflow.plots import pr_curves, sample_grid
 
 METRICS_FILE = "metrics.json"
 GROUND_TRUTH_FILE = "ground_truth.json"
 PREDICTION_FILES = {"bbox": "predictions.bbox.json", "segm": "predictions.segm.json",
                     "segm_from_polygons": "predictions.segm_from_polygons.json"}
+# The COCO sections an evaluation of each task reports, the one the Azure-named metrics are
+# computed on first.
+SECTIONS = {INSTANCE_SEGMENTATION: ("segm", "bbox", "segm_from_polygons"), OBJECT_DETECTION: ("bbox",)}
 PR_CURVES_FILE = "pr_curves.png"
 SAMPLES_FILE = "samples.png"
 DEFAULT_MAP_SCORE_THRESHOLD = 0.05  # RTMDet-Ins configs' score_thr
@@ -67,7 +76,8 @@ def evaluate(model_dir, test_data, output_dir, iou_threshold: float = AZURE_IOU_
     instead of the one the model serves (e.g. its fp32 ONNX network beside the int8 one it
     serves); ``track=False``: log nothing to MLflow. ``params``: predict params over the model's
     own (e.g. ``tile_grid_size``: evaluate tiled inference, scoring.tiling); the score threshold
-    is evaluate's own (``map_score_threshold``)."""
+    is evaluate's own (``map_score_threshold``), and so is ``mask_format`` (polygons where masks
+    are measured, none where boxes alone are)."""
     for name, value in (("iou_threshold", iou_threshold), ("box_score_threshold", box_score_threshold)):
         if not 0.0 <= value <= 1.0:
             raise EvaluationError(f"{name} must be between 0 and 1, got {value}")
@@ -86,7 +96,12 @@ def evaluate(model_dir, test_data, output_dir, iou_threshold: float = AZURE_IOU_
                               f"(no {weights.info_file.relative_to(model_dir)})")
 
     dataset = load_dataset(test_data, confine_images=confine_images)
-    model_classes = weights.read_info()["classes"]
+    info = weights.read_info()
+    model_classes = info["classes"]
+    # an older model.json names no task: those models were all RTMDet-Ins
+    model_task = segmenter.task if segmenter is not None else info.get("task", INSTANCE_SEGMENTATION)
+    task, note = evaluated_task(model_task, dataset.task)
+    sections = SECTIONS[task]
     category_of = _category_ids(dataset, model_classes, test_data)
     data_folder = test_data if test_data.is_dir() else test_data.parent
     ground_truth = to_coco(dataset, relative_to=data_folder.absolute())
@@ -97,71 +112,92 @@ def evaluate(model_dir, test_data, output_dir, iou_threshold: float = AZURE_IOU_
     # Everything is scored against the very text written to ground_truth.json (a fresh COCO
     # object each time, as anyone recomputing from the files would do).
     gt_text = json.dumps(ground_truth)
-    coco_api(json.loads(gt_text))  # refuses a ground truth COCOeval would choke on, before scoring
+    masks = task == INSTANCE_SEGMENTATION
+    coco_api(json.loads(gt_text), masks)  # refuses a ground truth COCOeval would choke on, before scoring
 
     segmenter = segmenter or mlflow_model.load_segmenter(weights.path, batch_size=batch_size)
     if map_score_threshold is None:
         configured = segmenter.configured_score_threshold or DEFAULT_MAP_SCORE_THRESHOLD
         map_score_threshold = min(float(configured), box_score_threshold)
-    params = segmenter.default_params.updated({**(params or {}), "score_threshold": map_score_threshold})
+    params = segmenter.default_params.updated({**(params or {}), "score_threshold": map_score_threshold,
+                                               "mask_format": "polygon" if masks else "none"})
 
     image_ids = [image["id"] for image in ground_truth["images"]]
     sample_indices = set(spread_indices(len(dataset.images), num_samples))
     scored = _score(segmenter, dataset.images, image_ids, params, category_of, box_score_threshold,
-                    sample_indices, progress)
+                    sample_indices, progress, masks)
 
     output_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(output_dir / GROUND_TRUTH_FILE, gt_text)
     stats, evaluators = {}, {}
-    for iou_type, file_name in PREDICTION_FILES.items():
-        text = json.dumps(scored.results[iou_type])
-        atomic_write_text(output_dir / file_name, text)
-        evaluators[iou_type] = coco_evaluate(coco_api(json.loads(gt_text)), json.loads(text),
-                                             iou_type.split("_")[0])
-        stats[iou_type] = coco_stats(evaluators[iou_type])
-    azure = azure_metrics(evaluators["segm"], iou_threshold, box_score_threshold)
+    for section in sorted(sections, key=list(PREDICTION_FILES).index):  # the order they are written in
+        text = json.dumps(scored.results[section])
+        atomic_write_text(output_dir / PREDICTION_FILES[section], text)
+        evaluators[section] = coco_evaluate(coco_api(json.loads(gt_text), masks), json.loads(text),
+                                            section.split("_")[0])
+        stats[section] = coco_stats(evaluators[section])
+    matched = evaluators[sections[0]]  # what the Azure-named metrics and the PR curves are on
+    azure = azure_metrics(matched, iou_threshold, box_score_threshold)
 
     per_image = []
     for image, counts in zip(ground_truth["images"], scored.per_image):
-        anns = evaluators["segm"].cocoGt.imgToAnns[image["id"]]
+        anns = matched.cocoGt.imgToAnns[image["id"]]
         per_image.append({"image_id": image["id"], "file_name": image["file_name"],
                           "ground_truth": sum(1 for a in anns if not a["iscrowd"]),
                           "crowd_regions": sum(1 for a in anns if a["iscrowd"]),
                           **counts, **azure["per_image"][image["id"]]})
     document = {
-        "bbox": stats["bbox"],
-        "segm": stats["segm"],
-        "segm_from_polygons": stats["segm_from_polygons"],
+        "task": task,
+        **({"notes": [note]} if note else {}),
+        **{section: stats[section] for section in PREDICTION_FILES if section in stats},
         **{name: azure[name] for name in AZURE_METRIC_NAMES},
         "per_label_metrics": azure["per_label_metrics"],
         "confusion_matrix": azure["confusion_matrix"],
         "settings": {
             "iou_threshold": iou_threshold, "box_score_threshold": box_score_threshold,
             "map_score_threshold": map_score_threshold, "max_detections": params.max_detections,
-            "mask_threshold": params.mask_threshold, "polygon_tolerance": params.polygon_tolerance,
+            **({"mask_threshold": params.mask_threshold, "polygon_tolerance": params.polygon_tolerance}
+               if masks else {}),
             "nms_iou_threshold": params.iou_threshold,
             "tile_grid_size": params.tile_grid_size, "tile_overlap_ratio": params.tile_overlap_ratio,
             "tile_predictions_nms_thresh": params.tile_predictions_nms_thresh,
             "model": str(model_dir), "test_data": str(test_data),
+            "model_task": model_task, "test_data_task": dataset.task,
             # what scored: the runtime, and the precision its network ran in on this machine
             # (an OpenVINO model's "auto" is bf16 or fp32 by the CPU; int8 for a quantized ONNX one)
             "runtime": segmenter.runtime, "precision": getattr(segmenter, "precision", "fp32"),
         },
         "counts": {"images": len(per_image), "ground_truth": sum(p["ground_truth"] for p in per_image),
-                   "predictions": len(scored.results["segm"]),
+                   "predictions": len(scored.results["bbox"]),
                    "predictions_at_box_score_threshold": sum(p["predicted"] for p in per_image),
                    "predictions_outside_test_labels": scored.outside_labels},
         "per_image": per_image,
-        "definitions": DEFINITIONS,
+        "definitions": definitions(sections[0]),
     }
 
-    pr_curves(evaluators["segm"], azure["evaluator"], azure["per_label_metrics"],
-              output_dir / PR_CURVES_FILE)
+    pr_curves(matched, azure["evaluator"], azure["per_label_metrics"], output_dir / PR_CURVES_FILE)
     sample_grid(scored.samples, box_score_threshold, output_dir / SAMPLES_FILE)
     atomic_write_json(output_dir / METRICS_FILE, document, indent=2)
     if track:
         _log_to_mlflow(document, output_dir)
     return document
+
+
+def evaluated_task(model_task: str, data_task: str) -> tuple[str, str | None]:
+    """The task an evaluation measures (scoring.schema.TASKS) of a model of ``model_task`` on
+    test data of ``data_task``, and a note for the reader where that is less than the model
+    makes: masks where both have them, else boxes alone (an object-detection model on instance
+    segmentation data is measured on the data's boxes)."""
+    for what, given in (("the model", model_task), ("the test data", data_task)):
+        if given not in TASKS:
+            raise EvaluationError(f"{what} is for {given!r}, which evaluate cannot measure: it "
+                                  f"evaluates {' or '.join(TASKS)}")
+    if model_task == INSTANCE_SEGMENTATION and data_task == OBJECT_DETECTION:
+        return OBJECT_DETECTION, (
+            f"an {INSTANCE_SEGMENTATION} model on {OBJECT_DETECTION} test data (boxes alone): "
+            f"box metrics only; its masks are not measured")
+    return (INSTANCE_SEGMENTATION if model_task == data_task == INSTANCE_SEGMENTATION
+            else OBJECT_DETECTION), None
 
 
 class _Scored:
@@ -173,9 +209,10 @@ class _Scored:
 
 
 def _score(segmenter, records, image_ids, params, category_of, box_score_threshold,
-           sample_indices, progress) -> _Scored:
-    """Every test image through the one runner; each detection's mask is made once and gives
-    its RLE (segm) and, through the one encoder, its polygons (segm_from_polygons)."""
+           sample_indices, progress, masks: bool) -> _Scored:
+    """Every test image through the one runner; with ``masks``, each detection's mask is made
+    once and gives its RLE (segm) and, through the one encoder, its polygons
+    (segm_from_polygons); without, boxes alone (no mask is made)."""
     from tqdm import tqdm
 
     from mmdet_mlflow.data import response_boxes
@@ -193,25 +230,30 @@ def _score(segmenter, records, image_ids, params, category_of, box_score_thresho
     out = _Scored()
     with tqdm(total=len(records), desc="evaluate", unit="img", file=sys.stderr,
               disable=None if progress else True) as bar:
-        for scored in score_images(segmenter, enumerate(records), params, encode=encode_keeping_rles,
+        for scored in score_images(segmenter, enumerate(records), params,
+                                   encode=encode_keeping_rles if masks else encode_boxes,
                                    decode=decode_checked, keep_images=True):
             index, record = scored.key, records[scored.key]
             boxes = _add_results(out, image_ids[index], scored.detections, scored.response, category_of)
             shown = [b for b in boxes if b["score"] >= box_score_threshold]
             out.per_image.append({"predicted": len(shown), "predicted_for_ap": len(boxes)})
             if index in sample_indices:
-                out.samples.append((record.path.name, scored.image, response_boxes(record), shown))
+                truth = response_boxes(record)
+                if not masks:  # boxes are what was measured: the pictures show boxes alone
+                    truth = [{k: v for k, v in box.items() if k != "polygon"} for box in truth]
+                out.samples.append((record.path.name, scored.image, truth, shown))
             bar.update(1)
     return out
 
 
 def _add_results(out: _Scored, image_id: int, dets, encoded, category_of) -> list[dict]:
     """One image's detections appended as COCO results (bbox as mmdet's CocoMetric writes it:
-    x, y, w, h of the model's box, unclipped); returns its response boxes for the test labels."""
+    x, y, w, h of the model's box, unclipped; segm and segm_from_polygons where masks were
+    made); returns its response boxes for the test labels."""
     boxes, rles = encoded
     width, height = dets.image_size
     kept = []
-    for i, (rle, box) in enumerate(zip(rles, boxes)):
+    for i, box in enumerate(boxes):
         category_id = category_of.get(box["label"])
         if category_id is None:
             out.outside_labels += 1
@@ -221,10 +263,21 @@ def _add_results(out: _Scored, image_id: int, dets, encoded, category_of) -> lis
         x1, y1, x2, y2 = (float(v) for v in dets.boxes[i])
         head = {"image_id": image_id, "category_id": category_id}
         out.results["bbox"].append({**head, "bbox": [x1, y1, x2 - x1, y2 - y1], "score": score})
-        out.results["segm"].append({**head, "segmentation": rle, "score": score})
+        if rles is None:
+            continue
+        out.results["segm"].append({**head, "segmentation": rles[i], "score": score})
         out.results["segm_from_polygons"].append(
             {**head, "segmentation": _polygons_rle(box["polygon"], width, height), "score": score})
     return kept
+
+
+def encode_boxes(dets, params) -> tuple[list[dict], None]:
+    """The runner's encoder for evaluation on boxes alone: the public response boxes (the one
+    encoder, mask_format "none": no mask is made) and no RLEs."""
+    from scoring.encode import encode_detections
+    from scoring.schema import OUTPUT_COLUMN
+
+    return encode_detections(dets, params)[OUTPUT_COLUMN], None
 
 
 def encode_keeping_rles(dets, params) -> tuple[list[dict], list[dict]]:
@@ -284,8 +337,9 @@ def _category_ids(dataset, model_classes: Sequence[str], test_data) -> dict[str,
 def mlflow_metrics(document: dict) -> dict[str, float]:
     """metrics.json's numbers under MLflow metric names; undefined (-1) values are left out."""
     flat = {}
-    for section in ("bbox", "segm", "segm_from_polygons"):
-        flat.update(coco_metric_names(section, document[section]))
+    for section in PREDICTION_FILES:  # the COCO sections this evaluation has
+        if section in document:
+            flat.update(coco_metric_names(section, document[section]))
     for name in AZURE_METRIC_NAMES:
         flat[name] = document[name]
     for label, values in document["per_label_metrics"].items():
@@ -307,7 +361,8 @@ def _log_to_mlflow(document: dict, output_dir: Path) -> str | None:
         if active is None:
             mlflow.log_params({f"evaluate.{k}": v for k, v in document["settings"].items()})
         # tags too: a run of its own's params say it, but an enclosing run's params may not
-        mlflow.set_tags({f"evaluate.{k}": document["settings"][k] for k in ("runtime", "precision")})
+        mlflow.set_tags({**{f"evaluate.{k}": document["settings"][k] for k in ("runtime", "precision")},
+                         "evaluate.task": document["task"]})
         mlflow.log_metrics(mlflow_metrics(document))
         for name in (METRICS_FILE, PR_CURVES_FILE, SAMPLES_FILE):
             mlflow.log_artifact(str(output_dir / name), artifact_path="evaluation")

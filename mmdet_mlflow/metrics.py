@@ -1,12 +1,13 @@
 """The metric core: COCO ground truth + COCO-format results -> COCO stats (pycocotools' COCOeval,
-nothing re-implemented) and Azure's instance-segmentation metric names, matched the way COCOeval
-matches. No model here: anything that has COCO dicts can use it (tests feed hand-made ones).
+nothing re-implemented) and the metric names Azure AutoML logs for image instance segmentation and
+object detection alike, matched the way COCOeval matches. No model here: anything that has COCO dicts can use it (tests feed hand-made ones).
 
 Conventions (also written into metrics.json as ``definitions``):
 - -1 means "undefined", as COCOeval writes it: AP of a class without ground truth, precision
   with no predictions, recall without ground truth.
-- Azure-named metrics are computed on masks (``segm``) at one IoU threshold (``iou_threshold``)
-  with COCOeval's own per-image matching: per image and class, detections in descending score
+- Azure-named metrics are computed on masks (``segm``) for instance segmentation and on boxes
+  (``bbox``) for object detection, at one IoU threshold (``iou_threshold``), with COCOeval's
+  own per-image matching: per image and class, detections in descending score
   order each take the unmatched ground truth with the highest IoU >= the threshold; a detection
   that matches a crowd region is ignored (neither true nor false positive); at most 100
   detections per image and class count (COCO's maxDets).
@@ -30,8 +31,9 @@ COCO_STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl",
                    "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 BACKGROUND = "background"
 UNDEFINED = -1.0
-# Azure's metric names, with Azure's meaning: mask AP at one IoU threshold, precision and recall
-# at one score threshold (azure_metrics). Azure's defaults for the two thresholds:
+# Azure's metric names, with Azure's meaning (AutoML logs the same names for image instance
+# segmentation, on masks, and image object detection, on boxes): AP at one IoU threshold,
+# precision and recall at one score threshold (azure_metrics). Azure's defaults for the two thresholds:
 AZURE_METRIC_NAMES = ("mean_average_precision", "precision", "recall")
 AZURE_IOU_THRESHOLD = 0.5
 AZURE_BOX_SCORE_THRESHOLD = 0.3
@@ -62,6 +64,18 @@ DEFINITIONS = {
                         "each image are matched regardless of label, same greedy rule and IoU "
                         "threshold, and each such pair counts in (true label, predicted label).",
 }
+# The same, for an evaluation on boxes alone (object detection): one COCO section, box IoU.
+BOX_DEFINITIONS = {
+    **{k: v for k, v in DEFINITIONS.items() if k not in ("bbox, segm", "segm_from_polygons")},
+    "bbox": "pycocotools COCOeval stats on predictions.bbox.json against ground_truth.json "
+            "(every prediction down to map_score_threshold, at most 100 per image and class).",
+    "matching": DEFINITIONS["matching"].replace("mask IoU", "box IoU"),
+}
+
+
+def definitions(iou_type: str) -> dict[str, str]:
+    """What each number of an evaluation on ``iou_type`` ("segm": masks, or "bbox": boxes) means."""
+    return DEFINITIONS if iou_type == "segm" else BOX_DEFINITIONS
 
 
 class EvaluationError(MmdetMlflowError, ValueError):
@@ -75,9 +89,10 @@ def _quiet():
         yield
 
 
-def check_ground_truth(gt: dict) -> None:
+def check_ground_truth(gt: dict, masks: bool = True) -> None:
     """Refuse, with a message naming the image / annotation, a ground truth that would make
-    COCOeval crash or silently mis-score."""
+    COCOeval crash or silently mis-score. ``masks``: every annotation must have a segmentation
+    (evaluating masks); without, boxes alone are measured and a segmentation is optional."""
     for key in ("images", "annotations", "categories"):
         if not isinstance(gt.get(key), list):
             raise EvaluationError(f"ground truth has no {key!r} list")
@@ -98,19 +113,19 @@ def check_ground_truth(gt: dict) -> None:
             raise EvaluationError(f"{where}: no such image")
         if ann.get("category_id") not in category_ids:
             raise EvaluationError(f"{where}: category {ann.get('category_id')} is not defined")
-        for key in ("id", "bbox", "area", "iscrowd", "segmentation"):
+        for key in ("id", "bbox", "area", "iscrowd") + (("segmentation",) if masks else ()):
             if key not in ann:
                 raise EvaluationError(f"{where}: no {key!r}")
-        seg = ann["segmentation"]
+        seg = ann.get("segmentation")
         if isinstance(seg, list) and (not seg or any(len(s) < 6 or len(s) % 2 for s in seg)):
             raise EvaluationError(f"{where}: a polygon needs at least 3 points (x, y pairs)")
 
 
-def coco_api(gt: dict):
-    """A pycocotools COCO object over this dict (checked first)."""
+def coco_api(gt: dict, masks: bool = True):
+    """A pycocotools COCO object over this dict (checked first, ``check_ground_truth``)."""
     from pycocotools.coco import COCO
 
-    check_ground_truth(gt)
+    check_ground_truth(gt, masks)
     api = COCO()
     api.dataset = {"info": {}, **gt}  # pycocotools 2.0.10's loadRes needs an 'info'
     with _quiet():
@@ -190,7 +205,8 @@ def _ratio(num: int, den: int) -> float:
 
 def azure_metrics(base, iou_threshold: float, box_score_threshold: float) -> dict:
     """``mean_average_precision``, ``precision``, ``recall``, ``per_label_metrics`` and a
-    confusion matrix from an evaluated COCOeval (normally segm), see the module docstring.
+    confusion matrix from an evaluated COCOeval (segm for instance segmentation, bbox for object
+    detection), see the module docstring.
     Also returns per-image true positives under ``per_image`` (image id -> counts)."""
     evaluator = _at_iou_threshold(base, iou_threshold)
     gt_api, dt_api = evaluator.cocoGt, evaluator.cocoDt

@@ -17,21 +17,21 @@ PANEL_HEIGHT = 320
 HEADER = 28
 
 
-def pr_curves(segm_eval, at_threshold_eval, per_label: dict, path: Path) -> Path:
-    """One panel per label with ground truth: mask precision over recall at IoU 0.50 and 0.75,
-    the mean over COCO's IoU thresholds 0.50:0.95, the curve at ``iou_threshold``, and the
-    operating point at ``box_score_threshold``."""
+def pr_curves(coco_eval, at_threshold_eval, per_label: dict, path: Path) -> Path:
+    """One panel per label with ground truth: mask precision (box precision, of a bbox
+    ``coco_eval``) over recall at IoU 0.50 and 0.75, the mean over COCO's IoU thresholds
+    0.50:0.95, the curve at ``iou_threshold``, and the operating point at ``box_score_threshold``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    params = segm_eval.params
+    params = coco_eval.params
     recall = params.recThrs
-    precision = segm_eval.eval["precision"][:, :, :, 0, -1]  # (IoU, recall, label), all areas, 100 dets
+    precision = coco_eval.eval["precision"][:, :, :, 0, -1]  # (IoU, recall, label), all areas, 100 dets
     chosen = at_threshold_eval.eval["precision"][0, :, :, 0, 0]
     iou_threshold = float(at_threshold_eval.params.iouThrs[0])
-    names = [segm_eval.cocoGt.cats[c]["name"] for c in params.catIds]
+    names = [coco_eval.cocoGt.cats[c]["name"] for c in params.catIds]
     shown = [k for k, name in enumerate(names) if per_label[name]["ground_truth"] > 0]
     columns = min(4, max(1, len(shown)))
     rows = max(1, math.ceil(len(shown) / columns))
@@ -61,7 +61,8 @@ def pr_curves(segm_eval, at_threshold_eval, per_label: dict, path: Path) -> Path
         ax.grid(alpha=0.3)
     if shown:
         axes.ravel()[0].legend(fontsize=7, loc="lower left")
-    fig.suptitle("Mask precision-recall per label (COCOeval, all areas, 100 detections)", fontsize=10)
+    what = "Mask" if params.iouType == "segm" else "Box"
+    fig.suptitle(f"{what} precision-recall per label (COCOeval, all areas, 100 detections)", fontsize=10)
     return _save_figure(fig, path)
 
 

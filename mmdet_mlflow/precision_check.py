@@ -1,7 +1,8 @@
 """What a cheaper precision costs against a model's own fp32 network, measured at packaging:
 int8 (the ONNX model's quantized network) and bf16 (the OpenVINO model's graph compiled at bf16).
 One report for both (``report_precision_cost``: speed end to end, fp32 detections found again,
-segm mAP where the data are labelled), one sampler (``mmdet_mlflow.data.spread_indices``), one box
+mAP where the data are labelled: segm mAP of an instance-segmentation model on masked data, else
+bbox mAP, as evaluate measures them), one sampler (``mmdet_mlflow.data.spread_indices``), one box
 IoU (``scoring.boxes``), and the accuracy gate ``package --runtime openvino`` applies
 (``package_gated``). ``mmdet-mlflow package`` calls it; ``save_model`` itself only saves.
 """
@@ -13,8 +14,9 @@ from typing import NamedTuple
 from scoring.errors import MmdetMlflowError
 
 CHECK_IMAGES = 24  # images a cheaper precision's speed and accuracy are measured on at packaging
-# The most segm mAP bf16 may lose against fp32 on the calibration data before `package --runtime
-# openvino` refuses the model (issue 20); --accept-accuracy-drop overrides.
+# The most mAP (segm, or bbox where boxes alone are measured) bf16 may lose against fp32 on the
+# calibration data before `package --runtime openvino` refuses the model; --accept-accuracy-drop
+# overrides.
 MAX_SEGM_MAP_DROP = 0.01
 
 
@@ -27,7 +29,7 @@ def package_gated(output: Path, save, source, accept_drop: bool,
     """``save(path)`` an OpenVINO model into a folder beside ``output``, measure bf16 against fp32
     on it (``report_precision_cost``), record the numbers in its model.json and move it to
     ``output``; refuse with AccuracyDropError, leaving nothing behind, when bf16 loses more than
-    ``max_drop`` segm mAP (unless ``accept_drop``)."""
+    ``max_drop`` mAP (the report's ``map_metric``: segm_AP or bbox_AP) unless ``accept_drop``."""
     import os
     import shutil
 
@@ -38,12 +40,13 @@ def package_gated(output: Path, save, source, accept_drop: bool,
     try:
         model = save(staging)
         report = report_precision_cost(staging, source, "bf16")
-        drop = report.get("segm_AP_change")
-        report["max_segm_AP_drop"] = max_drop
+        metric = report.get("map_metric", "segm_AP")
+        drop = report.get(f"{metric}_change")
+        report[f"max_{metric}_drop"] = max_drop
         report["accepted"] = drop is None or drop >= -max_drop or accept_drop
         if not report["accepted"]:
             raise AccuracyDropError(
-                f"bf16 loses {-drop:.3f} segm mAP against fp32 on {report['images']} images of "
+                f"bf16 loses {-drop:.3f} {metric.split('_')[0]} mAP against fp32 on {report['images']} images of "
                 f"{source.path} (more than {max_drop}): nothing written. Package with "
                 f"--runtime onnx, or pass --accept-accuracy-drop (and serve with "
                 f"MMDET_MLFLOW_PRECISION=fp32 where accuracy matters)")
@@ -113,7 +116,8 @@ def report_precision_cost(model_dir: Path, source: ImageSource | None, candidate
     is small; without a source, ``sample_images``: speed and agreement only): time per image end
     to end (decode aside, one image per pass, the threads serving uses), how many fp32
     detections (score >= 0.3) the candidate finds again (same label, box IoU >= 0.5) and, where
-    the data are annotated with the model's labels, COCO segm mAP of both. Printed, and returned."""
+    the data are annotated with the model's labels, COCO mAP of both (``map_metric``: segm_AP
+    where evaluate measures masks, bbox_AP where boxes alone). Printed, and returned."""
     import time
 
     from mmdet_mlflow.data import spread_indices
@@ -152,12 +156,12 @@ def report_precision_cost(model_dir: Path, source: ImageSource | None, candidate
     report[f"fp32_detections_found_by_{candidate}"] = [found, total]
     print(f"{candidate} finds {found} of fp32's {total} detections at score >= 0.3 on them (same "
           f"label, box IoU >= 0.5)", flush=True)
-    maps = _segm_maps(model_dir, dataset, chosen, variants) if dataset is not None else None
-    if maps:
-        report["segm_AP"] = maps
-        report["segm_AP_change"] = maps[candidate] - maps["fp32"]
-        print(f"segm mAP@[.5:.95] on them: fp32 {maps['fp32']:.3f}, {candidate} {maps[candidate]:.3f} "
-              f"({report['segm_AP_change']:+.3f})", flush=True)
+    measured = _maps(model_dir, dataset, chosen, variants) if dataset is not None else None
+    if measured:
+        metric, maps = measured
+        report.update({"map_metric": metric, metric: maps, f"{metric}_change": maps[candidate] - maps["fp32"]})
+        print(f"{metric.split('_')[0]} mAP@[.5:.95] on them: fp32 {maps['fp32']:.3f}, {candidate} "
+              f"{maps[candidate]:.3f} ({report[f'{metric}_change']:+.3f})", flush=True)
     return report
 
 
@@ -176,9 +180,11 @@ def record_precision_cost(model_dir: Path, report: dict) -> None:
     weights.write_info(info)
 
 
-def _segm_maps(model_dir: Path, dataset, chosen: list[int], variants: dict) -> dict | None:
-    """COCO segm mAP of each variant on the chosen images of an annotated data set whose labels
-    the model knows; None (and why) where that cannot be measured."""
+def _maps(model_dir: Path, dataset, chosen: list[int], variants: dict) -> tuple[str, dict] | None:
+    """(metric, {variant: value}): COCO mAP@[.5:.95] of each variant on the chosen images of an
+    annotated data set whose labels the model knows, as evaluate measures it (``segm_AP`` where
+    masks are measured, ``bbox_AP`` where boxes alone are); None (and why) where that cannot be
+    measured."""
     import tempfile
 
     from mmdet_mlflow.data import Dataset, write_coco
@@ -186,18 +192,20 @@ def _segm_maps(model_dir: Path, dataset, chosen: list[int], variants: dict) -> d
     from mmdet_mlflow.metrics import EvaluationError
 
     subset = Dataset(images=[dataset.images[i] for i in chosen], classes=dataset.classes,
-                     category_ids=dataset.category_ids)
+                     category_ids=dataset.category_ids, task=dataset.task)
     if not any(record.instances for record in subset.images):
         return None
     try:
         with tempfile.TemporaryDirectory() as tmp:
             test = write_coco(subset, Path(tmp) / "check.coco.json", relative=False)
-            return {name: evaluate(model_dir, test, Path(tmp) / name, segmenter=segmenter, progress=False,
-                                   num_samples=0, track=False)["segm"]["AP"]
+            docs = {name: evaluate(model_dir, test, Path(tmp) / name, segmenter=segmenter, progress=False,
+                                   num_samples=0, track=False)
                     for name, segmenter in variants.items()}
     except EvaluationError as err:
-        print(f"no segm mAP for {' vs '.join(reversed(list(variants)))}: {err}", flush=True)
+        print(f"no mAP for {' vs '.join(reversed(list(variants)))}: {err}", flush=True)
         return None
+    section = "segm" if all("segm" in doc for doc in docs.values()) else "bbox"
+    return f"{section}_AP", {name: doc[section]["AP"] for name, doc in docs.items()}
 
 
 def _agreement(reference: list[list[dict]], other: list[list[dict]]) -> tuple[int, int]:

@@ -148,6 +148,21 @@ def test_bad_ground_truth_is_a_clear_error(break_it, message):
         metrics.coco_api(gt)
 
 
+def test_box_only_ground_truth_is_measured_on_boxes_and_refused_for_masks():
+    """Object-detection ground truth has no segmentation: fine for boxes, a clear error for masks."""
+    gt = _ground_truth()
+    for ann in gt["annotations"]:
+        del ann["segmentation"]
+    results = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9}
+               for a in gt["annotations"] if not a["iscrowd"]]
+    base = metrics.coco_evaluate(metrics.coco_api(copy.deepcopy(gt), masks=False), results, "bbox")
+    assert metrics.coco_stats(base)["AP"] == pytest.approx(1.0, abs=1e-12)
+    azure = metrics.azure_metrics(base, 0.5, 0.3)
+    assert azure["mean_average_precision"] == pytest.approx(1.0) and azure["recall"] == 1.0
+    with pytest.raises(metrics.EvaluationError, match="annotation 1 of image 1: no 'segmentation'"):
+        metrics.coco_api(gt)
+
+
 def test_predictions_for_unknown_images_are_refused():
     gt = _ground_truth()
     result = {**_segm_result(gt["annotations"][0], 0.9), "image_id": 42}
@@ -266,6 +281,7 @@ def test_evaluate_matches_pycocotools_on_its_own_files(tmp_path, labelled_set, f
                  "--output", str(out)]) == 0
     assert "segm AP" in capsys.readouterr().out
     doc = json.loads((out / "metrics.json").read_text())
+    assert doc["task"] == "instance-segmentation" and "notes" not in doc
 
     # Our numbers are COCOeval's on the files we wrote, recomputed here from scratch.
     for section, iou_type, file_name in (("bbox", "bbox", "predictions.bbox.json"),
@@ -508,3 +524,180 @@ def test_component_entry_reports_bad_data_like_the_cli(tmp_path, labelled_set, t
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "labels the model does not know" in result.stderr and "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Object detection: an object-detection model, or object-detection test data, is measured on
+# boxes alone.
+
+OD_CONFIG = "rtmdet_tiny_8xb32-300e_coco"
+MASK_FILES = ("predictions.segm.json", "predictions.segm_from_polygons.json")
+
+
+@pytest.fixture(scope="module")
+def od_model(tmp_path_factory) -> Path:
+    """A tiny RTMDet (object detection) with the synthetic set's classes. Random weights made
+    worth measuring: scores that vary with the picture on both sides of 0.3 (as the instance
+    segmentation model's, helpers.with_visible_outputs), and box sides of 3 strides from each
+    prior (random regression weights give boxes of no size, which mmdet drops)."""
+    import torch
+
+    import mlflow_model
+    from mmdet_mlflow.synth import CLASSES
+
+    folder = tmp_path_factory.mktemp("od_model")
+    checkpoint = with_visible_outputs(make_official_checkpoint(folder / "od.pth", OD_CONFIG, classes=CLASSES,
+                                                               confident=False))
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    for key, value in ckpt["state_dict"].items():
+        if key.startswith("bbox_head.rtm_reg.") and key.endswith(".bias"):
+            value.fill_(3.0)
+    torch.save(ckpt, checkpoint)
+    mlflow_model.save_model(folder / "model", OD_CONFIG, str(checkpoint), classes=CLASSES)
+    return folder / "model"
+
+
+@pytest.fixture(scope="module")
+def od_labelled_set(tmp_path_factory, od_model) -> Path:
+    """Synthetic scenes annotated with boxes alone (``synth --task object-detection``), plus the
+    object-detection model's own two best boxes on each picture but the last (found almost
+    exactly), so box AP lands strictly between 0 and 1. COCO without any segmentation."""
+    import mlflow_model
+    from mmdet_mlflow.data import load_dataset, to_coco
+    from mmdet_mlflow.synth import generate
+    from scoring.decode import decode_image
+    from scoring.schema import OBJECT_DETECTION
+
+    folder = tmp_path_factory.mktemp("od_data")
+    generate(folder, num_images=4, seed=7, progress=False, task=OBJECT_DETECTION)
+    dataset = load_dataset(folder / "train.coco.json")
+    segmenter = mlflow_model.load_segmenter(od_model / mlflow_model.MODEL_DATA_DIR)
+    detections = segmenter([decode_image(r.path.read_bytes()) for r in dataset.images],
+                           segmenter.default_params.updated({"score_threshold": 0.05}))
+    coco = to_coco(dataset, relative_to=folder)
+    category_id = {c["name"]: c["id"] for c in coco["categories"]}
+    for image, found in list(zip(coco["images"], detections))[:-1]:
+        for k in range(min(2, len(found))):
+            x1, y1, x2, y2 = np.clip(found.boxes[k], 0, [image["width"], image["height"]] * 2).tolist()
+            coco["annotations"].append({"id": len(coco["annotations"]) + 1, "image_id": image["id"],
+                                        "category_id": category_id[found.label_name(k)],
+                                        "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1),
+                                        "iscrowd": 0})
+    assert not any("segmentation" in a for a in coco["annotations"])
+    path = folder / "test.coco.json"
+    path.write_text(json.dumps(coco))
+    return path
+
+
+def _assert_box_metrics_only(doc: dict, out: Path) -> None:
+    """metrics.json of an evaluation on boxes: the bbox section alone, equal to pycocotools' own
+    on the files written, the Azure-named metrics on boxes."""
+    assert doc["task"] == "object-detection"
+    assert "segm" not in doc and "segm_from_polygons" not in doc
+    assert not any((out / name).exists() for name in MASK_FILES)
+    assert "mask_threshold" not in doc["settings"] and "polygon_tolerance" not in doc["settings"]
+    evaluator = _coco_recomputed(out, "bbox", "predictions.bbox.json")
+    for name, value in zip(metrics.COCO_STAT_NAMES, evaluator.stats):
+        assert doc["bbox"][name] == pytest.approx(value, abs=1e-9), name
+    assert doc["mean_average_precision"] == pytest.approx(doc["bbox"]["AP50"], abs=1e-9)
+    for k, cat_id in enumerate(evaluator.params.catIds):
+        curve = evaluator.eval["precision"][0, :, k, 0, 2]
+        expected = float(np.mean(curve)) if (curve > -1).all() else -1.0
+        name = evaluator.cocoGt.cats[cat_id]["name"]
+        assert doc["per_label_metrics"][name]["average_precision"] == pytest.approx(expected, abs=1e-9)
+    assert "box IoU" in doc["definitions"]["matching"] and "segm_from_polygons" not in doc["definitions"]
+    assert doc["counts"]["predictions"] == len(json.loads((out / "predictions.bbox.json").read_text()))
+    for picture in ("pr_curves.png", "samples.png"):
+        assert (out / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_an_object_detection_model_is_measured_on_boxes(tmp_path, od_model, od_labelled_set, capsys):
+    """An object-detection model on object-detection data: COCO bbox stats and the Azure-named
+    metrics on boxes, nothing about masks (had evaluate asked the model for masks, its runner
+    would have refused); what MLflow gets says the same."""
+    import mlflow
+
+    from mmdet_mlflow.cli import main
+
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--model", str(od_model), "--test", str(od_labelled_set), "--output", str(out),
+                 "--samples", "2"]) == 0
+    printed = capsys.readouterr()
+    assert "bbox AP" in printed.out and "segm" not in printed.out and "note:" not in printed.err
+    doc = json.loads((out / "metrics.json").read_text())
+    _assert_box_metrics_only(doc, out)
+    assert "notes" not in doc
+    assert doc["settings"]["model_task"] == doc["settings"]["test_data_task"] == "object-detection"
+    assert 0 < doc["bbox"]["AP"] < 1 and 0 < doc["bbox"]["AP50"] < 1  # a test with teeth
+
+    run = mlflow.search_runs(search_all_experiments=True, filter_string="attributes.run_name = 'evaluate'",
+                             order_by=["attributes.start_time DESC"], output_format="list")[0]
+    assert run.data.metrics["bbox_AP"] == pytest.approx(doc["bbox"]["AP"])
+    assert run.data.metrics["mean_average_precision"] == pytest.approx(doc["mean_average_precision"])
+    assert not any(name.startswith("segm") for name in run.data.metrics)
+    assert run.data.tags["evaluate.precision"] == "fp32" and run.data.tags["evaluate.task"] == "object-detection"
+    assert run.data.params["evaluate.model_task"] == "object-detection"
+
+
+def test_an_instance_segmentation_model_on_box_only_data_is_measured_on_boxes(
+        tmp_path, fridge_model, od_labelled_set, capsys):
+    from mmdet_mlflow.cli import main
+
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--model", str(fridge_model), "--test", str(od_labelled_set),
+                 "--output", str(out), "--samples", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "note: an instance-segmentation model on object-detection test data" in err
+    doc = json.loads((out / "metrics.json").read_text())
+    _assert_box_metrics_only(doc, out)
+    assert doc["notes"] == ["an instance-segmentation model on object-detection test data (boxes "
+                            "alone): box metrics only; its masks are not measured"]
+    assert doc["settings"]["model_task"] == "instance-segmentation"
+
+
+def test_an_object_detection_model_on_masked_data_is_measured_on_its_boxes(
+        tmp_path, od_model, labelled_set):
+    from mmdet_mlflow.evaluate import evaluate
+
+    test_file, _ = labelled_set
+    out = tmp_path / "eval"
+    doc = evaluate(od_model, test_file, out, progress=False, num_samples=1, track=False)
+    _assert_box_metrics_only(doc, out)
+    assert "notes" not in doc and doc["settings"]["test_data_task"] == "instance-segmentation"
+    # the ground truth is the data's, masks and all: COCOeval's bbox reads its boxes
+    assert all("segmentation" in a for a in json.loads((out / "ground_truth.json").read_text())["annotations"])
+
+
+def test_tasks_evaluate_cannot_measure_are_a_clear_error(tmp_path, od_labelled_set, od_model, capsys):
+    from mmdet_mlflow.cli import main
+    from mmdet_mlflow.evaluate import evaluated_task
+
+    assert evaluated_task("instance-segmentation", "instance-segmentation") == ("instance-segmentation", None)
+    assert evaluated_task("object-detection", "instance-segmentation") == ("object-detection", None)
+    with pytest.raises(metrics.EvaluationError, match="the model is for 'keypoints', which evaluate "
+                                                      "cannot measure"):
+        evaluated_task("keypoints", "object-detection")
+
+    # test data mixing box-only instances with masked ones: refused, naming the annotation
+    coco = json.loads(od_labelled_set.read_text())
+    x, y, w, h = coco["annotations"][1]["bbox"]
+    coco["annotations"][1]["segmentation"] = [[x, y, x + w, y, x + w, y + h]]
+    mixed = od_labelled_set.parent / "mixed.coco.json"
+    mixed.write_text(json.dumps(coco))
+    code = main(["evaluate", "--model", str(od_model), "--test", str(mixed), "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "a dataset is one task" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_precision_check_measures_box_map_where_evaluate_measures_boxes(od_model, od_labelled_set):
+    """The packaging gate's mAP is evaluate's: bbox_AP for an object-detection model (the same
+    network twice here: no change)."""
+    import mlflow_model
+    from mmdet_mlflow.data import load_dataset
+    from mmdet_mlflow.precision_check import _maps
+
+    segmenter = mlflow_model.load_segmenter(od_model / mlflow_model.MODEL_DATA_DIR)
+    dataset = load_dataset(od_labelled_set)
+    metric, maps = _maps(od_model, dataset, [0, 1], {"fp32": segmenter, "bf16": segmenter})
+    assert metric == "bbox_AP" and maps["fp32"] == maps["bf16"] > 0

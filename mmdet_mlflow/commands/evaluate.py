@@ -1,6 +1,8 @@
 """mmdet-mlflow evaluate: COCO and Azure-named metrics of a saved model on labelled test data."""
 from __future__ import annotations
 
+import sys
+
 from mmdet_mlflow.commands.predict import add_tiling_arguments, tiling_from_args
 
 
@@ -8,7 +10,9 @@ def add_parser(subparsers):
     p = subparsers.add_parser(
         "evaluate", help="score labelled test data and compute COCO / Azure metrics",
         description="Scores every test image with the model, then writes metrics.json (COCO bbox "
-                    "and segm stats, Azure's mean_average_precision / precision / recall / "
+                    "and segm stats for an instance-segmentation model on instance-segmentation "
+                    "data, bbox alone where the model or the data is object detection; Azure's "
+                    "mean_average_precision / precision / recall / "
                     "per_label_metrics, a confusion matrix, per-image counts), the predictions "
                     "and ground truth in COCO format, pr_curves.png and samples.png. Logs to "
                     "MLflow when a run is active or MLFLOW_TRACKING_URI is set.")
@@ -17,7 +21,8 @@ def add_parser(subparsers):
                    help="test data: AutoML JSONL, an MLTable folder or COCO instances JSON")
     p.add_argument("--output", required=True, help="folder for metrics.json, predictions, pictures")
     p.add_argument("--iou-threshold", type=float, default=0.5,
-                   help="mask IoU for a match in the Azure-named metrics (default 0.5)")
+                   help="mask IoU (box IoU for object detection) for a match in the Azure-named "
+                        "metrics (default 0.5)")
     p.add_argument("--box-score-threshold", type=float, default=0.3,
                    help="score from which a prediction counts for precision, recall, the "
                         "confusion matrix and the sample pictures (default 0.3)")
@@ -41,10 +46,16 @@ def run(args):
                    box_score_threshold=args.box_score_threshold, batch_size=args.batch_size,
                    map_score_threshold=args.map_score_threshold, num_samples=args.samples,
                    confine_images=args.confine_images, params=tiling_from_args(args))
-    segm, bbox = doc["segm"], doc["bbox"]
-    print(f"{doc['counts']['images']} images: segm AP {segm['AP']:.4f} (AP50 {segm['AP50']:.4f}), "
-          f"bbox AP {bbox['AP']:.4f}, segm AP from polygons {doc['segm_from_polygons']['AP']:.4f}; "
-          f"mean_average_precision {doc['mean_average_precision']:.4f}, precision "
-          f"{doc['precision']:.4f}, recall {doc['recall']:.4f} at IoU "
-          f"{doc['settings']['iou_threshold']:g}, score {doc['settings']['box_score_threshold']:g} "
-          f"-> {args.output}")
+    for note in doc.get("notes", []):
+        print(f"note: {note}", file=sys.stderr)
+    bbox = doc["bbox"]
+    if "segm" in doc:
+        segm = doc["segm"]
+        coco = (f"segm AP {segm['AP']:.4f} (AP50 {segm['AP50']:.4f}), bbox AP {bbox['AP']:.4f}, segm AP "
+                f"from polygons {doc['segm_from_polygons']['AP']:.4f}")
+    else:
+        coco = f"bbox AP {bbox['AP']:.4f} (AP50 {bbox['AP50']:.4f}, AP75 {bbox['AP75']:.4f}), boxes alone"
+    print(f"{doc['counts']['images']} images: {coco}; mean_average_precision "
+          f"{doc['mean_average_precision']:.4f}, precision {doc['precision']:.4f}, recall "
+          f"{doc['recall']:.4f} at IoU {doc['settings']['iou_threshold']:g}, score "
+          f"{doc['settings']['box_score_threshold']:g} -> {args.output}")
