@@ -120,6 +120,9 @@ def build_config(start: StartingPoint, data: PreparedData, settings: FinetuneSet
     cfg = load_config(start.config_path, num_classes=len(data.classes))
     family = family_of_config(cfg.model)
     check_trainable(family, data, settings, start)
+    if not (cfg.get("optim_wrapper") or {}).get("optimizer"):
+        raise FinetuneError(f"{start.config_path} has no optim_wrapper.optimizer: its config says "
+                            f"nothing of how to train it")
     own_optimizer = dict(cfg.optim_wrapper.optimizer)
     own_epochs = (cfg.get("train_cfg") or {}).get("max_epochs") or 300
     settings = settings.for_family(family, own_optimizer)
