@@ -263,6 +263,124 @@ def test_two_processes_under_torchrun(fridge, tmp_path, tracking_uri):
     assert len(runs) == 1  # only rank 0 tracks
 
 
+@pytest.fixture(scope="module")
+def boxes_only(tmp_path_factory) -> Path:
+    """The fridge pictures annotated with boxes alone (object-detection data)."""
+    from mmdet_mlflow.synth import generate
+
+    folder = tmp_path_factory.mktemp("fridge-boxes")
+    generate(folder, num_images=6, seed=3, progress=False, task="object-detection")
+    return folder
+
+
+def test_an_object_detection_model_finetunes_on_boxes_and_writes_an_object_detection_model(
+        boxes_only, tmp_path, tracking_uri):
+    import mlflow
+    import pandas as pd
+    from mlflow.models import Model
+
+    out = tmp_path / "run"
+    result = finetune(boxes_only / "train.jsonl", boxes_only / "validation.jsonl", out,
+                      config="rtmdet_tiny_8xb32-300e_coco", checkpoint="none", progress=False,
+                      settings=FinetuneSettings(number_of_epochs=1, max_steps=2, **FAST))
+    assert result.steps == 2
+    # validated on boxes: COCO's box stats and Azure's metrics of the boxes, no mask stats
+    epoch = result.epochs[-1]
+    assert {"mean_average_precision", "precision", "recall", "bbox_AP", "bbox_AP50"} <= set(epoch)
+    assert not any(name.startswith("segm_") for name in epoch)
+    assert epoch["mean_average_precision"] == pytest.approx(epoch["bbox_AP50"], abs=1e-9)
+    # the family's recipe: RTMDet's AdamW at its fine-tune rate, recorded where the run is
+    assert json.loads((out / "run.json").read_text())["settings"]["learning_rate"] == 0.001
+    for folder in (out / "pytorch_model_folder", out / "mlflow_model_folder" / "model"):
+        info = json.loads((folder / "model.json").read_text())
+        assert (info["family"], info["task"]) == ("rtmdet", "object-detection")
+    assert Model.load(str(out / "mlflow_model_folder")).flavors["mmdet"]["task"] == "object-detection"
+
+    model = mlflow.pyfunc.load_model(str(out / "mlflow_model_folder"))
+    image = next((boxes_only / "images").glob("*.jpg"))
+    predictions = model.predict(pd.DataFrame({"image": [b64(image)]}),
+                                params={"score_threshold": 0.0, "max_detections": 5})
+    boxes = predictions["boxes"].iloc[0]
+    boxes = json.loads(boxes) if isinstance(boxes, str) else boxes
+    assert boxes and all(set(b) == {"box", "label", "score"} for b in boxes)
+    assert {b["label"] for b in boxes} <= set(CLASSES)
+    # the MLflow run's logged model is of the same task
+    run = mlflow.MlflowClient(tracking_uri).get_run(result.mlflow_run_id)
+    logged = [m for m in mlflow.search_logged_models(experiment_ids=[run.info.experiment_id],
+                                                     output_format="list")
+              if m.source_run_id == run.info.run_id]
+    assert logged
+    logged_model = Model.load(f"models:/{logged[0].model_id}")
+    assert logged_model.flavors["mmdet"]["task"] == "object-detection"
+
+
+def test_box_data_cannot_train_masks_and_the_sets_must_share_a_task(fridge, boxes_only, tmp_path):
+    with pytest.raises(FinetuneError, match="RTMDet-Ins is an instance-segmentation model.*"
+                                            "object-detection data.*train an object-detection model"):
+        finetune(boxes_only / "train.jsonl", boxes_only / "validation.jsonl", tmp_path / "a",
+                 config=TINY, checkpoint="none", progress=False, track=False,
+                 settings=FinetuneSettings(number_of_epochs=1, **FAST))
+    with pytest.raises(FinetuneError, match=r"training data \(.*train.jsonl\) are instance-segmentation "
+                                            r"data but the validation data \(.*validation.jsonl\) are "
+                                            r"object-detection data"):
+        finetune(fridge / "train.jsonl", boxes_only / "validation.jsonl", tmp_path / "b",
+                 config="rtmdet_tiny_8xb32-300e_coco", checkpoint="none", progress=False, track=False,
+                 settings=FinetuneSettings(number_of_epochs=1, **FAST))
+    assert not (tmp_path / "a" / "checkpoints").exists() and not (tmp_path / "b" / "checkpoints").exists()
+
+
+def test_yolof_finetunes_on_instance_data_from_a_checkpoint_of_other_classes(fridge, tmp_path):
+    """An object-detection family trains on instance-segmentation data (its boxes), starting
+    from a checkpoint whose classes differ: its class-shaped head (anchors x classes) is
+    re-initialised but for the classes it knows by name."""
+    from helpers import make_official_checkpoint
+
+    config = "yolof_r50-c5_8xb8-1x_coco"
+    checkpoint = make_official_checkpoint(tmp_path / "yolof.pth", config,
+                                          classes=["bird", "milk_bottle", "cat", "can"])
+    out = tmp_path / "run"
+    result = finetune(fridge / "train.jsonl", fridge / "validation.jsonl", out, config=config,
+                      checkpoint=str(checkpoint), progress=False, track=False,
+                      settings=FinetuneSettings(number_of_epochs=1, max_steps=2, image_size=128,
+                                                training_batch_size=2, validation_batch_size=2,
+                                                warmup_steps=1))
+    assert result.steps == 2
+    assert any("re-initialised for 2 new classes (carton, water_bottle), kept for can, milk_bottle; "
+               "the checkpoint's other 2 classes are dropped" in note for note in result.notes), result.notes
+    assert "bbox_AP" in result.epochs[-1] and "segm_AP" not in result.epochs[-1]
+    weights = torch.load(out / "pytorch_model_folder" / "weights.pth", weights_only=True)
+    assert weights["bbox_head.cls_score.weight"].shape[0] == 5 * len(CLASSES)
+    info = json.loads((out / "pytorch_model_folder" / "model.json").read_text())
+    assert (info["family"], info["task"], info["classes"]) == ("yolof", "object-detection", CLASSES)
+    # SGD, the family's fine-tune rate
+    assert json.loads((out / "run.json").read_text())["settings"]["learning_rate"] == 0.015
+
+
+def test_yolof_class_rows_lie_anchor_major():
+    """YOLOF's cls_score has a block of every class per anchor: a kept class's 5 rows come from
+    the checkpoint's 5 rows of that class."""
+    from mmdet.registry import MODELS
+    from mmengine.registry import init_default_scope
+
+    from mlflow_model.configs import load_config
+    from scoring.families import family_named
+
+    init_default_scope("mmdet")
+    config = "yolof_r50-c5_8xb8-1x_coco"
+    old = {}
+    for count, seed in ((3, 0), (2, 1)):
+        torch.manual_seed(seed)
+        old[count] = MODELS.build(load_config(config, num_classes=count).model)
+        old[count].init_weights()
+    weights = old[3].state_dict()
+    adapted, _ = adapt_weights(old[2], weights, ["a", "b", "c"], ["c", "new"],
+                               load_config(config).model, family_named("yolof"))
+    key = "bbox_head.cls_score.weight"
+    for anchor in range(5):
+        assert torch.equal(adapted[key][anchor * 2], weights[key][anchor * 3 + 2])
+        assert torch.equal(adapted[key][anchor * 2 + 1], old[2].state_dict()[key][anchor * 2 + 1])
+
+
 def test_weights_adapt_to_new_classes_by_name(tmp_path):
     from mmdet.registry import MODELS
     from mmengine.registry import init_default_scope
@@ -272,6 +390,8 @@ def test_weights_adapt_to_new_classes_by_name(tmp_path):
 
     init_default_scope("mmdet")
 
+    model_cfg = load_config(TINY).model
+
     def model(num_classes, seed):
         torch.manual_seed(seed)
         m = MODELS.build(load_config(TINY, num_classes=num_classes).model)
@@ -280,7 +400,7 @@ def test_weights_adapt_to_new_classes_by_name(tmp_path):
 
     old = model(4, 0).state_dict()
     fresh = model(3, 1)
-    adapted, notes = adapt_weights(fresh, old, ["cat", "x", "dog", "y"], ["dog", "bird", "cat"])
+    adapted, notes = adapt_weights(fresh, old, ["cat", "x", "dog", "y"], ["dog", "bird", "cat"], model_cfg)
     key = "bbox_head.rtm_cls.1.weight"
     assert torch.equal(adapted[key][0], old[key][2]) and torch.equal(adapted[key][2], old[key][0])
     assert torch.equal(adapted[key][1], fresh.state_dict()[key][1])        # bird: new
@@ -288,12 +408,48 @@ def test_weights_adapt_to_new_classes_by_name(tmp_path):
     assert "1 new classes (bird), kept for dog, cat" in notes[0]
     fresh.load_state_dict(adapted, strict=True)
 
-    same, notes = adapt_weights(model(4, 2), old, ["a", "b", "c", "d"], ["a", "b", "c", "d"])
+    same, notes = adapt_weights(model(4, 2), old, ["a", "b", "c", "d"], ["a", "b", "c", "d"], model_cfg)
     assert notes == [] and all(torch.equal(same[k], old[k]) for k in old)
 
     broken = dict(old, **{"backbone.stem.0.conv.weight": torch.zeros(1)})
     with pytest.raises(CheckpointError, match="backbone.stem.0.conv.weight"):
-        adapt_weights(model(4, 3), broken, None, ["a", "b", "c", "d"])
+        adapt_weights(model(4, 3), broken, None, ["a", "b", "c", "d"], model_cfg)
+
+
+def test_mask_rcnn_weights_adapt_every_class_shaped_layer_by_name():
+    """Mask R-CNN's class-shaped layers have their own layouts: fc_cls a row per class and a
+    background row (kept from the checkpoint), fc_reg 4 rows per class, conv_logits a mask per
+    class; each known class's rows move to its new place, a new class's keep the fresh ones."""
+    from mmdet.registry import MODELS
+    from mmengine.registry import init_default_scope
+
+    from mlflow_model.configs import load_config
+    from scoring.families import family_named
+
+    init_default_scope("mmdet")
+    config = "mask-rcnn_r50_fpn_1x_coco"
+
+    def model(num_classes, seed):
+        torch.manual_seed(seed)
+        m = MODELS.build(load_config(config, num_classes=num_classes).model)
+        m.init_weights()
+        return m
+
+    old = model(3, 0).state_dict()
+    fresh = model(2, 1)
+    adapted, notes = adapt_weights(fresh, old, ["cat", "x", "dog"], ["dog", "bird"],
+                                   load_config(config).model, family_named("mask-rcnn"))
+    assert "1 new classes (bird), kept for dog" in notes[0]
+    cls, reg, logits = ("roi_head.bbox_head.fc_cls.weight", "roi_head.bbox_head.fc_reg.weight",
+                        "roi_head.mask_head.conv_logits.weight")
+    assert torch.equal(adapted[cls][0], old[cls][2])                  # dog
+    assert torch.equal(adapted[cls][1], fresh.state_dict()[cls][1])   # bird: new
+    assert torch.equal(adapted[cls][2], old[cls][3])                  # background
+    assert torch.equal(adapted[reg][0:4], old[reg][8:12])
+    assert torch.equal(adapted[reg][4:8], fresh.state_dict()[reg][4:8])
+    assert torch.equal(adapted[logits][0], old[logits][2])
+    assert torch.equal(adapted["roi_head.bbox_head.fc_cls.bias"][2], old["roi_head.bbox_head.fc_cls.bias"][3])
+    fresh.load_state_dict(adapted, strict=True)
 
 
 @pytest.mark.parametrize("change, message", [

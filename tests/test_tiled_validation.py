@@ -154,7 +154,8 @@ def test_an_untiled_finetune_validates_whole_pictures_as_before(large, start, tm
     # the config asks for mmengine's ValLoop untiled, ours with the tiling otherwise
     from mmdet_mlflow.training.start import StartingPoint
 
-    data = PreparedData(tmp_path / "t.json", tmp_path / "v.json", list(CLASSES), 2, 1, False)
+    data = PreparedData(tmp_path / "t.json", tmp_path / "v.json", list(CLASSES), 2, 1, False,
+                        "instance-segmentation")
     starting = StartingPoint.from_config(TINY, "none")
     plain = build_config(starting, data, FinetuneSettings(**FAST), tmp_path / "w", "cpu")
     tiled = build_config(starting, data, FinetuneSettings(tile_grid_size="3x2", **FAST), tmp_path / "w", "cpu")

@@ -1,5 +1,5 @@
-"""mmdet-mlflow finetune: train RTMDet-Ins on AutoML JSONL / MLTable / COCO data, export an
-MLflow model. Run it again with the same --output to resume after an interruption. The Azure ML
+"""mmdet-mlflow finetune: train a detector of any family we serve (RTMDet-Ins, RTMDet, Mask
+R-CNN, YOLOF, ...) on AutoML JSONL / MLTable / COCO data, export an MLflow model of its task. Run it again with the same --output to resume after an interruption. The Azure ML
 fine-tune component runs this command as it is (components/finetune/spec.yaml)."""
 from __future__ import annotations
 
@@ -15,8 +15,10 @@ SETTING_HELPS = {
     "max_steps": "stop after this many steps (overrides --number-of-epochs)",
     "training_batch_size": "images per step and process",
     "validation_batch_size": "images per validation batch",
-    "learning_rate": "AdamW learning rate after warm-up (flat, then cosine over the second half)",
-    "weight_decay": "AdamW weight decay",
+    "learning_rate": "learning rate after warm-up, for the config's own optimizer and schedule "
+                     "(default: the model family's: 0.001 for RTMDet's AdamW, 0.01 for Mask R-CNN's "
+                     "SGD, ...; docs/finetune.md)",
+    "weight_decay": "the optimizer's weight decay (default: the model family's, e.g. 0.05 for RTMDet)",
     "warmup_steps": "linear warm-up steps (default: a tenth of training, at most 1000)",
     "gradient_accumulation_step": "steps whose gradients add up before an update",
     "image_size": "square input size for training and inference",
@@ -67,7 +69,9 @@ def add_parser(subparsers):
     p.add_argument("--model", help="an MLflow model folder saved by mmdet-mlflow (package or finetune) "
                                    "or a pytorch_model_folder of an earlier fine-tune; given with "
                                    "--config, --model wins (an Azure pipeline always passes a config)")
-    p.add_argument("--config", help="an RTMDet-Ins config name mmdet ships or a config file")
+    p.add_argument("--config", help="a config name mmdet ships (rtmdet-ins_tiny_8xb32-300e_coco, "
+                                    "rtmdet_tiny_8xb32-300e_coco, mask-rcnn_r50_fpn_1x_coco, ...) or a config "
+                                    "file; an instance-segmentation model needs data with masks")
     p.add_argument("--checkpoint", help="with --config: a checkpoint path, http(s) URL, 'official' "
                                         "(published COCO weights) or 'none' (train from scratch)")
     p.add_argument("--training-data", required=True, help="AutoML JSONL, MLTable folder or COCO JSON")
@@ -125,9 +129,11 @@ def run(args):
     if result.mlflow_model_dir is None:
         return 0  # not rank 0 under torchrun: rank 0 reports
     best = result.best or {}
+    scored = "segm" if "segm_AP" in best else "bbox"  # an object-detection model has boxes only
     print(f"fine-tuned {len(result.classes)} classes ({', '.join(result.classes)}) for {result.steps} "
-          f"steps at precision {result.precision}; best epoch {best.get('epoch')}: segm_AP {best.get('segm_AP', 0):.4f}, "
-          f"mean_average_precision {best.get('mean_average_precision', 0):.4f} (mask AP at IoU 0.5)")
+          f"steps at precision {result.precision}; best epoch {best.get('epoch')}: {scored}_AP "
+          f"{best.get(f'{scored}_AP', 0):.4f}, mean_average_precision {best.get('mean_average_precision', 0):.4f} "
+          f"({'mask' if scored == 'segm' else 'box'} AP at IoU 0.5)")
     print(f"MLflow model: {result.mlflow_model_dir}")
     print(f"PyTorch model: {result.pytorch_model_dir}")
     if result.mlflow_run_id:

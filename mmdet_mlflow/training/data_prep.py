@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mmdet_mlflow.data import Dataset, load_dataset, write_coco
+from mmdet_mlflow.data.dataset import instances_task
 from mmdet_mlflow.training.settings import FinetuneError
 from mmdet_mlflow.training.tiles import TrainingTiles, tile_dataset
 
@@ -23,6 +24,7 @@ class PreparedData:
     train_images: int                     # images with at least one object (mmdet keeps only those)
     val_images: int
     has_rle: bool                         # COCO RLE masks: decoded to bitmaps, not polygons
+    task: str                             # what the data annotate: Dataset.task of both sets
 
 
 def prepare_data(training_data, validation_data, coco_paths: tuple[Path, Path] | None,
@@ -38,6 +40,12 @@ def prepare_data(training_data, validation_data, coco_paths: tuple[Path, Path] |
                        confine_images=confine_images)
     if not any(record.instances for record in train.images):
         raise FinetuneError(f"{training_data} has no labelled objects to train on")
+    # (a validation set without objects is for either task)
+    if (instances_task(val.images) or train.task) != train.task:
+        raise FinetuneError(
+            f"the training data ({training_data}) are {train.task} data but the validation data "
+            f"({validation_data}) are {val.task} data: give both sets for one task (both with "
+            f"masks, or both boxes only)")
     if tiling is not None and coco_paths is not None:
         train = tile_dataset(train, tiling, coco_paths[0].parent / TILES_FOLDER)
     if coco_paths is None:
@@ -47,7 +55,7 @@ def prepare_data(training_data, validation_data, coco_paths: tuple[Path, Path] |
         train_coco, val_coco = (write_coco(dataset, path, relative=False)
                                 for dataset, path in zip((train, val), coco_paths))
     return PreparedData(train_coco, val_coco, list(train.classes), _trainable_images(train),
-                        len(val.images), _has_rle(train) or _has_rle(val))
+                        len(val.images), _has_rle(train) or _has_rle(val), train.task)
 
 
 def _trainable_images(dataset: Dataset) -> int:

@@ -77,6 +77,7 @@ def finetune(training_data, validation_data, output_dir, *, model=None, config=N
     from mmdet_mlflow.training.runner import FinetuneRunner
     from mmdet_mlflow.training.precision import training_precision
     from mmdet_mlflow.training.tracking import TrainingMonitorHook, TrainingRun
+    from scoring.families import UnknownModel, family_of_config
 
     settings = settings or FinetuneSettings()
     settings.check()
@@ -106,6 +107,14 @@ def finetune(training_data, validation_data, output_dir, *, model=None, config=N
 
     start, data = main_first(processes, load_inputs)
     cfg = build_config(start, data, settings, out.checkpoints, device, processes.world_size)
+    family = family_of_config(cfg.model)
+    # the learning rate and weight decay that train, the family's where the settings leave them
+    # unset: what run.json, MLflow and model.json record
+    settings = settings.for_family(family, cfg.optim_wrapper["optimizer"])
+    try:  # before hours of training, not after
+        family.check_runtime(runtime)
+    except UnknownModel as err:
+        raise FinetuneError(str(err)) from None
     resume_from = latest_checkpoint(out.checkpoints)
     run_info = out.read_run_info()
     if resume_from is not None:
@@ -156,7 +165,8 @@ def finetune(training_data, validation_data, output_dir, *, model=None, config=N
             export_models, Path(pytorch_model_dir or out.pytorch_model),
             cfg, weights, data.classes, Path(pytorch_model_dir or out.pytorch_model),
             Path(mlflow_model_dir or out.mlflow_model), runtime=runtime,
-            info=dict(start=start.description, best=result.best, settings=settings.as_params(),
+            info=dict(start=start.description, family=family.name, task=family.task,
+                      best=result.best, settings=settings.as_params(),
                       training_precision=precision),
             default_params=settings.inference_tiling(),
             gate_data=out.validation_coco if runtime == "openvino" else None,

@@ -147,6 +147,6 @@ class FinetuneRunner(Runner):
         model = self.model.module if hasattr(self.model, "module") else self.model
         family = family_of_config(self.cfg.model)
         adapted, notes = adapt_weights(model, self.start.weights, self.start.weight_classes,
-                                       self.classes, family=family)
+                                       self.classes, self.cfg.model, family=family)
         model.load_state_dict(adapted, strict=True)
         self.start_notes = notes

@@ -36,8 +36,10 @@ class FinetuneSettings:
     max_steps: int | None = None             # stop after this many steps (overrides epochs)
     training_batch_size: int = 8             # per process
     validation_batch_size: int = 8
-    learning_rate: float = 0.001             # AdamW, after warm-up; flat, then cosine
-    weight_decay: float = 0.05
+    # After warm-up, for the config's own optimizer and schedule; None: the model family's
+    # (scoring.families TrainingRecipe: RTMDet's AdamW 0.001 and 0.05, Mask R-CNN's SGD 0.01, ...)
+    learning_rate: float | None = None
+    weight_decay: float | None = None
     warmup_steps: int | None = None          # default: a tenth of training, at most 1000
     gradient_accumulation_step: int = 1
     image_size: int = 640                    # square training/inference size (RTMDet: 640)
@@ -63,9 +65,9 @@ class FinetuneSettings:
             value = getattr(self, name)
             if value is not None and int(value) < 1:
                 problems.append(f"{name} must be at least 1 (got {value})")
-        if not self.learning_rate > 0:
+        if self.learning_rate is not None and not self.learning_rate > 0:
             problems.append(f"learning_rate must be positive (got {self.learning_rate})")
-        if self.weight_decay < 0:
+        if self.weight_decay is not None and self.weight_decay < 0:
             problems.append(f"weight_decay must not be negative (got {self.weight_decay})")
         for name in ("image_size", "image_min_size", "image_max_size"):
             value = getattr(self, name)
@@ -102,8 +104,21 @@ class FinetuneSettings:
             return int(self.image_max_size), int(self.image_min_size)
         return int(self.image_size), int(self.image_size)
 
+    def for_family(self, family, optimizer: dict) -> "FinetuneSettings":
+        """These settings with the learning rate and weight decay they leave unset filled in:
+        the family's (``Family.training``), else the config's own ``optimizer``'s."""
+        recipe = family.training
+        return dataclasses.replace(
+            self,
+            learning_rate=_first(self.learning_rate, recipe.learning_rate, optimizer.get("lr")),
+            weight_decay=_first(self.weight_decay, recipe.weight_decay, optimizer.get("weight_decay", 0.0)))
+
     def as_params(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+def _first(*values):
+    return next(value for value in values if value is not None)
 
 
 def _best_model_metric_problem(name: str) -> str:

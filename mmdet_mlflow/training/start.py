@@ -63,32 +63,41 @@ class StartingPoint:
 
 
 def adapt_weights(model, weights: dict, weight_classes: Sequence[str] | None,
-                  classes: Sequence[str], family: Family = RTMDET_INS) -> tuple[dict, list[str]]:
-    """The starting weights for ``model`` (already initialised) set up for ``classes``: of the
-    family's class-shaped tensors (``Family.is_class_shaped``), the rows of classes the
-    checkpoint knows by name are kept, the others keep the model's fresh initialisation; every
-    other tensor must fit exactly. Returns the state dict to load strictly and what was
+                  classes: Sequence[str], model_cfg, family: Family = RTMDET_INS) -> tuple[dict, list[str]]:
+    """The starting weights for ``model`` (already initialised, built from ``model_cfg`` for
+    ``classes``) set up for ``classes``: of its class-shaped tensors (every one whose shape the
+    class count sets, ``class_shaped_layers``: a classifier, Mask R-CNN's class-specific box
+    deltas and mask logits, ...), the rows of classes the checkpoint knows by name are kept
+    (each class's rows where the family lays them, ``Family.class_rows``; rows of no class, a
+    background row, from the checkpoint), the others keep the model's fresh initialisation;
+    every other tensor must fit exactly. Returns the state dict to load strictly and what was
     re-initialised, in words."""
+    from scoring.runtimes.torch_mmdet import class_shaped_layers
+
     own = model.state_dict()
-    classifier = [k for k in own if family.is_class_shaped(k)]
-    check_state_dict(_Keys({k: v for k, v in own.items() if k not in classifier}),
-                     {k: v for k, v in weights.items() if not family.is_class_shaped(k)},
-                     "(everything but the classifier)")
-    adapted = {k: weights[k] for k in own if k not in classifier}
-    fits = all(k in weights and weights[k].shape == own[k].shape for k in classifier)
+    layers = class_shaped_layers(model_cfg, family)
+    check_state_dict(_Keys({k: v for k, v in own.items() if k not in layers}),
+                     {k: v for k, v in weights.items() if k not in layers},
+                     "(everything but the class-shaped layers)")
+    adapted = {k: weights[k] for k in own if k not in layers}
+    fits = all(k in weights and weights[k].shape == own[k].shape for k in layers)
     if fits and (weight_classes is None or list(weight_classes) == list(classes)):
-        adapted.update({k: weights[k] for k in classifier})
+        adapted.update({k: weights[k] for k in layers})
         return adapted, [] if weight_classes else [
             "the checkpoint names no classes: its classifier is used as is, in the data's class order"]
 
     row_of = {name: i for i, name in enumerate(weight_classes or [])}
     kept = []
-    for key in classifier:
+    for key, (per_class, rest) in layers.items():
         old, new = weights.get(key), own[key].clone()
-        if old is not None and old.shape[1:] == new.shape[1:] and old.shape[0] == len(row_of):
+        if old is not None and old.shape[1:] == new.shape[1:] and \
+                old.shape[0] == per_class * len(row_of) + rest:
             kept = [name for name in classes if name in row_of]
             for name in kept:
-                new[classes.index(name)] = old[row_of[name]]
+                new[_class_rows(family, classes.index(name), len(classes), per_class)] = \
+                    old[_class_rows(family, row_of[name], len(row_of), per_class)]
+            if rest:  # rows of no class (a background row): the checkpoint's
+                new[-rest:] = old[-rest:]
         adapted[key] = new
     fresh = [name for name in classes if name not in kept]
     note = f"classifier re-initialised for {len(fresh)} new classes ({', '.join(fresh) or 'none'})"
@@ -97,6 +106,13 @@ def adapt_weights(model, weights: dict, weight_classes: Sequence[str] | None,
     if len(row_of) > len(kept):
         note += f"; the checkpoint's other {len(row_of) - len(kept)} classes are dropped"
     return adapted, [note]
+
+
+def _class_rows(family: Family, index: int, count: int, per_class: int) -> list[int]:
+    """The rows of class ``index`` of ``count`` in a tensor with ``per_class`` rows a class."""
+    if family.class_rows == "anchor-major":
+        return [block * count + index for block in range(per_class)]
+    return [index * per_class + row for row in range(per_class)]
 
 
 class _Keys:

@@ -2,7 +2,8 @@
 (on every rank, RLE-encoded masks), and our metric core (mmdet_mlflow.metrics) scores them, so
 that validation and evaluation compute the same numbers under the same names (docs/metrics.md):
 COCO's stats for masks and boxes (``segm_AP``, ``bbox_AP``, ...) and Azure's
-``mean_average_precision``, ``precision`` and ``recall``. Unlike CocoMetric's own, the values are
+``mean_average_precision``, ``precision`` and ``recall`` (of the masks; of the boxes for an
+object-detection model, which has only the box stats). Unlike CocoMetric's own, the values are
 not rounded to three decimals, and a model that detects nothing scores 0, not nothing.
 """
 from __future__ import annotations
@@ -12,6 +13,7 @@ from mmdet.registry import METRICS
 
 from mmdet_mlflow.metrics import (AZURE_METRIC_NAMES, azure_metrics, coco_evaluate, coco_metric_names,
                                   coco_stats)
+from scoring.schema import INSTANCE_SEGMENTATION
 
 
 @METRICS.register_module(force=True)
@@ -19,8 +21,11 @@ class ValidationMetric(CocoMetric):
     """CocoMetric's gathering, our scoring. Prints pycocotools' tables (the fine-tune keeps them
     in evaluation.log)."""
 
-    def __init__(self, ann_file: str, iou_threshold: float, box_score_threshold: float, **kwargs):
-        super().__init__(ann_file=ann_file, metric=["bbox", "segm"], format_only=False,
+    def __init__(self, ann_file: str, iou_threshold: float, box_score_threshold: float,
+                 task: str = INSTANCE_SEGMENTATION, **kwargs):
+        """``task``: the model's; an object-detection model is scored on its boxes alone."""
+        self.iou_types = ("bbox", "segm") if task == INSTANCE_SEGMENTATION else ("bbox",)
+        super().__init__(ann_file=ann_file, metric=list(self.iou_types), format_only=False,
                          backend_args=None, **kwargs)
         self.iou_threshold = iou_threshold
         self.box_score_threshold = box_score_threshold
@@ -32,15 +37,19 @@ class ValidationMetric(CocoMetric):
         bbox, segm = coco_results(predictions, self.cat_ids)
         named = {}
         evaluators = {}
-        for iou_type, found in (("bbox", bbox), ("segm", segm)):
+        found_by_type = {"bbox": bbox, "segm": segm}
+        for iou_type in self.iou_types:
+            found = found_by_type[iou_type]
             evaluators[iou_type] = coco_evaluate(self._coco_api, found, iou_type)
             named.update(coco_metric_names(iou_type, coco_stats(evaluators[iou_type])))
             print(f"{iou_type} ({len(found)} predictions):")
             evaluators[iou_type].summarize()
-        azure = azure_metrics(evaluators["segm"], self.iou_threshold, self.box_score_threshold)
+        scored = self.iou_types[-1]  # Azure's metrics: of the masks, else of the boxes
+        azure = azure_metrics(evaluators[scored], self.iou_threshold, self.box_score_threshold)
         named.update({name: azure[name] for name in AZURE_METRIC_NAMES})
         print(", ".join(f"{name} {azure[name]:.4f}" for name in AZURE_METRIC_NAMES) +
-              f" (masks, IoU {self.iou_threshold:g}, score {self.box_score_threshold:g})")
+              f" ({'masks' if scored == 'segm' else 'boxes'}, IoU {self.iou_threshold:g}, "
+              f"score {self.box_score_threshold:g})")
         return named
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from scoring.families import deformable_detr, generic, mask_rcnn, rtmdet, rtmdet_ins, sparse_rcnn, vfnet, yolof
-from scoring.families.base import ClassLayer, Family, UnknownModel
+from scoring.families.base import ClassLayer, Family, TrainingRecipe, UnknownModel
 
 NAMED = (
     rtmdet_ins.FAMILY,
@@ -28,7 +28,7 @@ DEFAULT_FAMILY = rtmdet_ins.FAMILY.name  # models saved before model.json named 
 RTMDET_INS = rtmdet_ins.FAMILY
 
 __all__ = ["ClassLayer", "DEFAULT_FAMILY", "FAMILIES", "Family", "GENERIC", "NAMED", "RTMDET_INS",
-           "UnknownModel", "family_named", "family_of", "family_of_config", "supported_text"]
+           "TrainingRecipe", "UnknownModel", "family_named", "family_of", "family_of_config", "supported_text"]
 
 
 def family_named(name: str) -> Family:

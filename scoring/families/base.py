@@ -50,6 +50,22 @@ class ClassLayer:
 
 
 @dataclass(frozen=True)
+class TrainingRecipe:
+    """What fine-tuning (``mmdet_mlflow.training.config``) needs to know of a family beyond its
+    config, whose own recipe it trains with (optimizer, schedule, pipelines, hooks), scaled to
+    the fine-tune's steps and input size. Data only: no mmdet here."""
+
+    # The learning rate and weight decay a fine-tune uses when its settings name none (the
+    # config's own optimizer takes them); None: the config's own value.
+    learning_rate: float | None = None
+    weight_decay: float | None = None
+    # The (w, h) input the config's pipelines are written for: that scale becomes the
+    # fine-tune's input size, twice it (RTMDet's mosaic canvas) twice that size, and every
+    # other scale in them (multi-scale resizes, crops) is scaled by as much.
+    pipeline_scale: tuple[int, int] = (1333, 800)
+
+
+@dataclass(frozen=True)
 class Family:
     name: str  # what model.json's "family" records
     title: str  # for messages
@@ -74,9 +90,14 @@ class Family:
     # runtime -> "module:function" that exports the network for that runtime: (weights folder,
     # detector) -> its record. Resolved by packaging (mlflow_model) only.
     exporters: Mapping[str, str] = field(default_factory=dict)
-    # The square input size the config's pipelines are written for; training rescales every
-    # size in them that is this or twice this (RTMDet: 640 and its 1280 mosaic canvas).
-    pipeline_size: int = 640
+    # How fine-tuning trains it (``TrainingRecipe``).
+    training: TrainingRecipe = TrainingRecipe()
+    # How a class-shaped tensor's rows of one class lie when a class has several (rows per
+    # class, ``scoring.runtimes.torch_mmdet.class_shaped_layers``): "class-major" (a class's
+    # rows together: Mask R-CNN's 4 box deltas per class) or "anchor-major" (a block of all
+    # classes per anchor: YOLOF's cls_score). Rows beyond the classes' (a background row) come
+    # last, as mmdet lays them out.
+    class_rows: str = "class-major"
 
     @property
     def makes_masks(self) -> bool:
