@@ -23,7 +23,7 @@ os.environ.setdefault("MMDET_MLFLOW_CACHE", str(SCRATCH / "cache"))
 # suite works from its scratch folder, so nothing lands in the checkout it was started in.
 os.chdir(SCRATCH)
 
-from helpers import TINY, make_official_checkpoint, scene_image, write_png  # noqa: E402
+from helpers import OD_CLASSES, TINY, TINY_OD, make_official_checkpoint, scene_image, write_png  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -38,6 +38,19 @@ def tiny_model_dir(tmp_path_factory, tiny_checkpoint) -> Path:
     path = tmp_path_factory.mktemp("models") / "tiny"
     mlflow_model.save_model(path, TINY, str(tiny_checkpoint))
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_od_model_dir(tmp_path_factory) -> Path:
+    """An object-detection model (RTMDet tiny, boxes only) packaged as the instance-segmentation
+    one is, for the surfaces that must serve either task."""
+    import mlflow_model
+
+    folder = tmp_path_factory.mktemp("od")
+    # seed 1: its untrained boxes survive NMS on the test pictures (seed 0 finds none)
+    checkpoint = make_official_checkpoint(folder / "rtmdet_tiny.pth", TINY_OD, classes=OD_CLASSES, seed=1)
+    mlflow_model.save_model(folder / "model", TINY_OD, str(checkpoint))
+    return folder / "model"
 
 
 @pytest.fixture(scope="session")
