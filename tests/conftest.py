@@ -41,16 +41,22 @@ def tiny_model_dir(tmp_path_factory, tiny_checkpoint) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_od_model_dir(tmp_path_factory) -> Path:
-    """An object-detection model (RTMDet tiny, boxes only) packaged as the instance-segmentation
-    one is, for the surfaces that must serve either task."""
+def tiny_od_checkpoint(tmp_path_factory) -> Path:
+    """An object-detection checkpoint (RTMDet tiny, boxes only) in the official format; seed 1:
+    its untrained boxes survive NMS on the test pictures (seed 0's find none)."""
+    return make_official_checkpoint(tmp_path_factory.mktemp("ckpt") / "rtmdet_tiny.pth", TINY_OD,
+                                    classes=OD_CLASSES, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_od_model_dir(tmp_path_factory, tiny_od_checkpoint) -> Path:
+    """The object-detection checkpoint packaged as the instance-segmentation one is, for the
+    surfaces that must serve either task."""
     import mlflow_model
 
-    folder = tmp_path_factory.mktemp("od")
-    # seed 1: its untrained boxes survive NMS on the test pictures (seed 0 finds none)
-    checkpoint = make_official_checkpoint(folder / "rtmdet_tiny.pth", TINY_OD, classes=OD_CLASSES, seed=1)
-    mlflow_model.save_model(folder / "model", TINY_OD, str(checkpoint))
-    return folder / "model"
+    path = tmp_path_factory.mktemp("models") / "tiny-od"
+    mlflow_model.save_model(path, TINY_OD, str(tiny_od_checkpoint))
+    return path
 
 
 @pytest.fixture(scope="session")
