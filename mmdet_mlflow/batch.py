@@ -92,6 +92,7 @@ def run_batch(model_dir: Path, input_path: Path, output: Path, mini_batch_size: 
     from scoring.model_dir import ModelDir
     from scoring.batch_files import file_name, input_entries, score_files
     from scoring.class_filter import check_classes
+    from scoring.runner import predict_params
 
     input_path, output = Path(input_path), Path(output)
     listing = input_entries(input_path, exclude=(output, progress_file(output)))
@@ -104,7 +105,7 @@ def run_batch(model_dir: Path, input_path: Path, output: Path, mini_batch_size: 
     if not todo:
         return counts
     segmenter = mlflow_model.load_segmenter(ModelDir(model_dir).data.path)
-    params = segmenter.default_params.updated(params)  # a bad param fails before any file
+    params = predict_params(segmenter, params)  # a bad param fails before any file
     check_classes(segmenter.class_names, params)  # so does a class the model does not have
     output.parent.mkdir(parents=True, exist_ok=True)
     with open(output, "ab") as out, open(progress_file(output), "ab") as progress, \

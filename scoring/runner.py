@@ -59,6 +59,16 @@ class Scored:
         return self.error is None
 
 
+def predict_params(segmenter: Segmenter, values: PredictParams | dict | None) -> PredictParams:
+    """A call's predict params: the model's defaults updated with ``values`` (PredictParams are
+    taken as they are), refusing what the model's task does not take (mask params of a box-only
+    model), so that a batch job fails at its start as a request fails at once."""
+    if isinstance(values, PredictParams):
+        return values
+    check_task_params(segmenter.task, values)  # mask params of a box-only model: refused
+    return segmenter.default_params.updated(values)
+
+
 def score_images(segmenter: Segmenter, items: Iterable[tuple[Any, Any]],
                  params: PredictParams | dict | None = None, *, encode: Encoder = encode_detections,
                  on_error: str = "raise", keep_images: bool = False,
@@ -73,9 +83,7 @@ def score_images(segmenter: Segmenter, items: Iterable[tuple[Any, Any]],
     """
     if on_error not in ("raise", "yield"):
         raise ValueError(f"on_error must be 'raise' or 'yield', not {on_error!r}")
-    if not isinstance(params, PredictParams):
-        check_task_params(segmenter.task, params)  # mask params of a box-only model: refused
-        params = segmenter.default_params.updated(params)
+    params = predict_params(segmenter, params)
     check_task_params(segmenter.task, {"mask_format": params.mask_format})
     check_classes(segmenter.class_names, params)  # an unknown class name: refused before any work
     decode = decode or (lambda key, value: decode_image(value, row=key, budget=budget))

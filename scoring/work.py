@@ -19,13 +19,14 @@ an error row while the job goes on.
 """
 from __future__ import annotations
 
+# Imports the standard library and the project's settings alone: the deployment tooling reads
+# ``before_timeout`` in an environment without numpy.
+
 import contextlib
 import os
 import sys
 import time
 from contextvars import ContextVar
-
-import numpy as np
 
 from scoring import settings
 from scoring.errors import InputError
@@ -120,7 +121,7 @@ def check_deadline(deadline: Deadline | None, doing: str = "") -> None:
         raise InputError(f"{deadline.what}{' ' + doing if doing else ''}; {LESS_WORK}")
 
 
-def check_work(segmenter, image: np.ndarray, params, tiles: int, key=None) -> None:
+def check_work(segmenter, image, params, tiles: int, key=None) -> None:
     """Refuse, before the model runs, what it cannot take or what would cost too much
     (``tiles``: the picture's tiles under the params, 0 without tiling)."""
     problem = segmenter.image_problem(image)

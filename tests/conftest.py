@@ -23,7 +23,7 @@ os.environ.setdefault("MMDET_MLFLOW_CACHE", str(SCRATCH / "cache"))
 # suite works from its scratch folder, so nothing lands in the checkout it was started in.
 os.chdir(SCRATCH)
 
-from helpers import TINY, make_official_checkpoint, scene_image, write_png  # noqa: E402
+from helpers import OD_CLASSES, TINY, TINY_OD, make_official_checkpoint, scene_image, write_png  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -37,6 +37,25 @@ def tiny_model_dir(tmp_path_factory, tiny_checkpoint) -> Path:
 
     path = tmp_path_factory.mktemp("models") / "tiny"
     mlflow_model.save_model(path, TINY, str(tiny_checkpoint))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_od_checkpoint(tmp_path_factory) -> Path:
+    """An object-detection checkpoint (RTMDet tiny, boxes only) in the official format; seed 1:
+    its untrained boxes survive NMS on the test pictures (seed 0's find none)."""
+    return make_official_checkpoint(tmp_path_factory.mktemp("ckpt") / "rtmdet_tiny.pth", TINY_OD,
+                                    classes=OD_CLASSES, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_od_model_dir(tmp_path_factory, tiny_od_checkpoint) -> Path:
+    """The object-detection checkpoint packaged as the instance-segmentation one is, for the
+    surfaces that must serve either task."""
+    import mlflow_model
+
+    path = tmp_path_factory.mktemp("models") / "tiny-od"
+    mlflow_model.save_model(path, TINY_OD, str(tiny_od_checkpoint))
     return path
 
 

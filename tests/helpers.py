@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 
 TINY = "rtmdet-ins_tiny_8xb32-300e_coco"
+TINY_OD = "rtmdet_tiny_8xb32-300e_coco"  # object detection: boxes only
+OD_CLASSES = ("cat", "dog", "bird")  # the object-detection test model's classes
 X = "rtmdet-ins_x_8xb16-300e_coco"
 VENV_BIN = Path(sys.executable).parent
 
@@ -284,3 +286,18 @@ def odd_entries(folder: Path, picture: bytes, unreadable: bool = True,
         (folder / "locked.png").chmod(0)
         expected["locked.png"] = "cannot read the file: permission denied"
     return expected
+
+
+def assert_object_detection_answers(answers: list[dict]) -> None:
+    """Each image's answer follows AutoML's object-detection schema: ``{"boxes": [{"box",
+    "label", "score"}]}``, boxes normalized to 0..1, no mask key of any kind; and the
+    object-detection test model finds something to check."""
+    assert any(answer["boxes"] for answer in answers), "the object-detection test model finds something"
+    for answer in answers:
+        assert set(answer) == {"boxes"}
+        for det in answer["boxes"]:
+            assert set(det) == {"box", "label", "score"}, det
+            assert set(det["box"]) == {"topX", "topY", "bottomX", "bottomY"}
+            assert all(0.0 <= v <= 1.0 for v in det["box"].values())
+            assert det["box"]["topX"] <= det["box"]["bottomX"] and det["box"]["topY"] <= det["box"]["bottomY"]
+            assert det["label"] in OD_CLASSES and 0.0 < det["score"] <= 1.0

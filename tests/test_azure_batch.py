@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from helpers import b64, assert_same_detections
+from helpers import assert_object_detection_answers, b64, assert_same_detections
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGES = 6  # in the resume test
@@ -107,6 +107,33 @@ def test_params_from_the_deployment_environment(tiny_model_dir, image_files, mon
     monkeypatch.setenv(settings.BATCH_PARAMS.env, json.dumps({"score_threshold": 2}))
     with pytest.raises(InputError, match="score_threshold"):
         batch_score.init(model_dir=str(tiny_model_dir))
+
+
+def test_an_object_detection_model_scores_boxes_and_refuses_mask_params_at_init(
+        tiny_od_model_dir, image_files, monkeypatch):
+    """Records in AutoML's object-detection schema, what the online path answers; a mask param
+    in the deployment's params fails init, naming the model's task, before any file is read."""
+    import mlflow
+
+    from scoring import settings
+    from scoring.azureml import batch_score
+    from scoring.batch_files import parse_record
+    from scoring.errors import InputError
+
+    monkeypatch.delenv(settings.BATCH_PARAMS.env, raising=False)
+    batch_score.init(model_dir=str(tiny_od_model_dir))
+    records = [parse_record(line) for line in batch_score.run([str(p) for p in image_files])]
+    assert [r["file"] for r in records] == [p.name for p in image_files]
+    assert all(r["error"] is None for r in records)
+    predictions = [r["prediction"] for r in records]
+    assert_object_detection_answers(predictions)
+    online = mlflow.pyfunc.load_model(str(tiny_od_model_dir)).predict(
+        pd.DataFrame({"image": [b64(p) for p in image_files]})).to_dict(orient="records")
+    assert predictions == online
+    for params in ({"mask_format": "polygon"}, {"mask_threshold": 0.4}):
+        monkeypatch.setenv(settings.BATCH_PARAMS.env, json.dumps(params))
+        with pytest.raises(InputError, match="this model does object-detection"):
+            batch_score.init(model_dir=str(tiny_od_model_dir))
 
 
 def _cli(*args) -> list[str]:

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import requests
 
-from helpers import b64, free_port, running
+from helpers import assert_object_detection_answers, b64, free_port, running
 from mmdet_mlflow import servers
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,20 +34,30 @@ def image_server(image_files):
     httpd.server_close()
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_model_dir):
+def _azure_served(tmp_path_factory, model_dir):
     base = tmp_path_factory.mktemp("azure-online")
     # azmlinfsrv always binds 0.0.0.0 (DEFAULT_HOST); the tests run the very same entry point,
     # amlserver.run(), with the host set to 127.0.0.1 so that nothing listens beyond this machine.
     app = servers.azure_app_folder(base / "app")
     model_root = base / "azureml-models" / "rtmdet-ins-tiny" / "1"  # as Azure mounts it
-    shutil.copytree(tiny_model_dir, model_root / "tiny-model")
+    shutil.copytree(model_dir, model_root / "tiny-model")
     port = free_port()
     log = base / "server.log"
     with running(servers.azmlinfsrv_command(model_root, port), f"http://127.0.0.1:{port}/", log, cwd=app,
                  env={**servers.azmlinfsrv_env(app), "MMDET_MLFLOW_URL_ALLOWLIST": "127.0.0.1/32"}):
         log_when_healthy = log.read_text()  # running() returned: GET / has answered 200
         yield f"http://127.0.0.1:{port}", log, model_root / "tiny-model", log_when_healthy
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_model_dir):
+    yield from _azure_served(tmp_path_factory, tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def od_server(tmp_path_factory, tiny_od_model_dir):
+    """The object-detection test model under the same server and entry script."""
+    yield from _azure_served(tmp_path_factory, tiny_od_model_dir)
 
 
 def _seed_request(image_files, **extra) -> dict:
@@ -217,3 +227,18 @@ def test_find_model_dir(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no MLflow model"):
         find_model_dir(tmp_path / "empty")
+
+
+def test_an_object_detection_model_answers_boxes_and_refuses_mask_params_naming_its_task(
+        od_server, image_files):
+    url = od_server[0]
+    response = requests.post(f"{url}/score", json=_seed_request(image_files), timeout=120)
+    assert response.status_code == 200, response.text
+    assert_object_detection_answers(response.json())
+    for params, named in (({"mask_format": "rle"}, "mask_format 'rle'"),
+                          ({"mask_threshold": 0.3}, "'mask_threshold'")):
+        response = requests.post(f"{url}/score", json=_seed_request(image_files, params=params), timeout=120)
+        assert response.status_code == 400, response.text
+        message = response.json()["message"]
+        assert "this model does object-detection" in message and named in message, message
+        assert "Traceback" not in message

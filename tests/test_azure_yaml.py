@@ -378,18 +378,23 @@ def test_deploy_dry_run_from_an_installed_wheel(tmp_path):
     assert environment_file.version == environment.environment_version()  # the same image
 
 
-def test_the_package_component_fills_the_output_folder_azure_made(tmp_path, tiny_checkpoint):
+@pytest.mark.parametrize("config, checkpoint, task", [
+    ("rtmdet-ins_tiny_8xb32-300e_coco", "tiny_checkpoint", "instance-segmentation"),
+    ("rtmdet_tiny_8xb32-300e_coco", "tiny_od_checkpoint", "object-detection"),  # any family's config
+])
+def test_the_package_component_fills_the_output_folder_azure_made(tmp_path, request, config, checkpoint, task):
     """Run as Azure runs it: the output folder exists (empty) before the command starts, and
     checkpoint_file overrides the default checkpoint `official` (nothing is downloaded)."""
-    from helpers import TINY
-
     component = load_azure_yaml(ROOT / "components/package/spec.yaml")
     (tmp_path / "mlflow_model_folder").mkdir()
-    values = {"model_name": TINY, "checkpoint": "official", "checkpoint_file": tiny_checkpoint}
+    values = {"model_name": config, "checkpoint": "official",
+              "checkpoint_file": request.getfixturevalue(checkpoint)}
     argv = filled_command(component, values, tmp_path)
     done = subprocess.run([sys.executable, *argv[1:]], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "mlflow_model_folder" / "MLmodel").is_file()
+    info = json.loads((tmp_path / "mlflow_model_folder" / "model" / "model.json").read_text())
+    assert info["config_name"] == config and info["task"] == task
 
 
 def test_the_package_component_writes_an_int8_onnx_model(tmp_path, tiny_checkpoint, image_files):

@@ -6,8 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
-from helpers import TINY
+from helpers import OD_CLASSES, TINY, TINY_OD, assert_object_detection_answers
 
 
 def cli(*args, cwd=None):
@@ -39,6 +40,46 @@ def test_package_then_predict_a_folder_with_pictures(tmp_path, tiny_checkpoint, 
         assert all(d["score"] > 0.5 for d in by_file[name]["boxes"])
         assert (tmp_path / "pictures" / name).is_file()
     assert "2 images" in done.stdout and "1 unreadable" in done.stdout
+
+
+def test_an_object_detection_config_packages_predicts_draws_boxes_and_batches(
+        tmp_path, tiny_od_checkpoint, image_files):
+    """The commands take an object-detection config as they take RTMDet-Ins's: `package` by
+    config name, `predict` on a folder (its pictures with boxes alone drawn: the detections
+    drawn on the input, nothing filled) and `batch`, all in AutoML's object-detection schema."""
+    import cv2
+
+    from mmdet_mlflow.visualize import draw_detections
+
+    model = tmp_path / "model"
+    done = cli("package", "--config", TINY_OD, "--checkpoint", tiny_od_checkpoint, "--output", model)
+    assert done.returncode == 0, done.stderr
+    assert f"packaged {TINY_OD} ({len(OD_CLASSES)} classes" in done.stdout
+    info = json.loads((model / "model" / "model.json").read_text())
+    assert info["family"] == "rtmdet" and info["task"] == "object-detection"
+
+    folder = image_files[0].parent
+    out = tmp_path / "predictions.jsonl"
+    done = cli("predict", "--model", model, "--input", folder, "--output", out,
+               "--visualize", tmp_path / "pictures")
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(Path(line["file"]).name for line in lines) == ["scene0.png", "scene1.png"]
+    assert_object_detection_answers([{"boxes": line["boxes"]} for line in lines])
+    for line in lines:
+        name = Path(line["file"]).name
+        drawn = cv2.imread(str(tmp_path / "pictures" / name))
+        assert np.array_equal(drawn, draw_detections(cv2.imread(line["file"]), line["boxes"]))
+
+    batch_out = tmp_path / "batch.jsonl"
+    done = cli("batch", "--model", model, "--input", folder, "--output", batch_out)
+    assert done.returncode == 0, done.stderr
+    records = [json.loads(line) for line in batch_out.read_text().splitlines()]
+    assert sorted(r["file"] for r in records) == ["scene0.png", "scene1.png"]
+    assert all(r["error"] is None for r in records)
+    assert_object_detection_answers([r["prediction"] for r in records])
+    by_name = {Path(line["file"]).name: line["boxes"] for line in lines}
+    assert all(r["prediction"]["boxes"] == by_name[r["file"]] for r in records)
 
 
 def test_package_errors_are_one_clear_line(tmp_path, tiny_checkpoint):
@@ -90,6 +131,18 @@ def test_register_then_deploy_dry_run_without_the_serving_stack(tmp_path, tiny_m
     deployment = yaml.safe_load((out / "batch-deployment.yml").read_text())
     assert deployment["model"] == "azureml:seg@latest"
     assert deployment["endpoint_name"] == "seg-batch"
+
+
+@pytest.mark.parametrize("model, task, azure_task", [
+    ("tiny_model_dir", "instance-segmentation", "image-instance-segmentation"),
+    ("tiny_od_model_dir", "object-detection", "image-object-detection"),
+])
+def test_the_registered_model_is_tagged_with_the_task_it_serves(request, model, task, azure_task):
+    from mmdet_mlflow.azure.register import model_entity
+
+    entity = model_entity(request.getfixturevalue(model), "m")
+    assert entity.tags["task"] == task and entity.tags["base_model_task"] == azure_task
+    assert task in entity.description
 
 
 def test_a_mistyped_boolean_is_refused_not_read_as_false(tmp_path):

@@ -37,6 +37,9 @@ SUBSTITUTIONS = [
     ("rtmdet-ins_x_8xb16-300e_coco --checkpoint official",
      "rtmdet-ins_tiny_8xb32-300e_coco --checkpoint {checkpoint}",
      "'official' downloads 400 MB: a tiny checkpoint in the published format instead"),
+    ("rtmdet_tiny_8xb32-300e_coco --checkpoint official",
+     "rtmdet_tiny_8xb32-300e_coco --checkpoint {od_checkpoint}",
+     "the object detector's official weights download too: its tiny checkpoint in the published format"),
     ("sqlite:///outputs/demo/mlflow.db --port 5001", "sqlite:///mlflow.db --port {port}",
      "the demo does not run here: the store of the README's own fine-tune stands in"),
     ("127.0.0.1:5000", "127.0.0.1:{port}", "a free port: other test runs may share the machine"),
@@ -116,7 +119,7 @@ def serve_block(block: str, cwd: Path, env: dict, port: int, health: str, probe)
     assert wait_until_closed(port), f"$ {block}\nleft a server on port {port} after Ctrl-C"
 
 
-def test_every_readme_block_runs_as_written(tmp_path, tiny_checkpoint):
+def test_every_readme_block_runs_as_written(tmp_path, tiny_checkpoint, tiny_od_checkpoint):
     checkout = tmp_path / "checkout"
     checkout.mkdir()
     (checkout / ".venv").symlink_to(VENV)
@@ -124,7 +127,8 @@ def test_every_readme_block_runs_as_written(tmp_path, tiny_checkpoint):
         (checkout / name).symlink_to(ROOT / name)
     port = free_port()
     readme = README.read_text()
-    blocks = substituted(bash_blocks(readme), {"checkpoint": tiny_checkpoint, "port": port})
+    blocks = substituted(bash_blocks(readme), {"checkpoint": tiny_checkpoint, "od_checkpoint": tiny_od_checkpoint,
+                                                 "port": port})
     env = user_environment()
 
     for first_line in NOT_RUN:

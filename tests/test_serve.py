@@ -6,17 +6,27 @@ import json
 import pytest
 import requests
 
-from helpers import VENV_BIN, b64, free_port, running
+from helpers import VENV_BIN, assert_object_detection_answers, b64, free_port, running
+
+
+def _served(model_dir, tmp_path_factory):
+    port = free_port()
+    log = tmp_path_factory.mktemp("serve") / "mlflow-serve.log"
+    cmd = [str(VENV_BIN / "mlflow"), "models", "serve", "-m", str(model_dir),
+           "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"]
+    with running(cmd, f"http://127.0.0.1:{port}/ping", log):
+        yield f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
-    port = free_port()
-    log = tmp_path_factory.mktemp("serve") / "mlflow-serve.log"
-    cmd = [str(VENV_BIN / "mlflow"), "models", "serve", "-m", str(tiny_model_dir),
-           "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"]
-    with running(cmd, f"http://127.0.0.1:{port}/ping", log):
-        yield f"http://127.0.0.1:{port}"
+    yield from _served(tiny_model_dir, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def od_server(tiny_od_model_dir, tmp_path_factory):
+    """The object-detection test model served the same way."""
+    yield from _served(tiny_od_model_dir, tmp_path_factory)
 
 
 def invoke(server, body, **kwargs):
@@ -92,3 +102,18 @@ def test_malformed_requests_get_4xx_and_the_server_keeps_serving(server, image_f
 def test_health_routes(server):
     assert requests.get(f"{server}/ping", timeout=10).status_code == 200
     assert requests.get(f"{server}/version", timeout=10).status_code == 200
+
+
+def test_an_object_detection_model_answers_boxes_and_refuses_mask_params_naming_its_task(
+        od_server, image_files):
+    response = invoke(od_server, seed_request(image_files, {"score_threshold": 0.1}))
+    assert response.status_code == 200, response.text
+    assert_object_detection_answers(response.json()["predictions"])
+    for params, named in (({"mask_format": "polygon"}, "mask_format 'polygon'"),
+                          ({"mask_threshold": 0.3}, "'mask_threshold'"),
+                          ({"polygon_tolerance": 2.0}, "'polygon_tolerance'")):
+        response = invoke(od_server, seed_request(image_files[:1], params))
+        assert response.status_code == 400, response.text
+        message = response.json()["message"]
+        assert "this model does object-detection" in message and named in message, message
+        assert "Traceback" not in message

@@ -380,6 +380,35 @@ def _arrow_plain(value):
     return value
 
 
+def test_an_object_detection_model_gives_typed_boxes_without_polygons(spark, tiny_od_model_dir, pictures,
+                                                                      tmp_path):
+    """spark_udf with the object-detection model's signature: a struct per detection of box,
+    label and score, no mask field, equal to predict; spark-batch's typed rows (one schema for
+    every model) carry no polygon and no RLE for it, and the same boxes."""
+    import mlflow.pyfunc
+
+    from mmdet_mlflow.spark_batch import run_spark_batch
+
+    values = [_b64(p) for p in pictures]
+    expected = _predicted(tiny_od_model_dir, values)
+    udf = mlflow.pyfunc.spark_udf(spark, str(tiny_od_model_dir), env_manager="local")
+    assert udf.returnType["boxes"].dataType.elementType.names == ["box", "label", "score"]
+    rows = spark.createDataFrame(pd.DataFrame({"image": values})).select(udf("image").alias("p")).collect()
+    _assert_same([_plain(r.p)["boxes"] for r in rows], expected)
+
+    output = tmp_path / "out"
+    counts = run_spark_batch(str(tiny_od_model_dir), str(pictures[0].parent), str(output),
+                             master="local[2]", log=lambda message: None)
+    assert counts["pictures"] == len(pictures) and counts["errors"] == 0
+    job = _job_rows(output)
+    by_name = {p.rsplit("/", 1)[-1]: b for p, b in zip(job["path"], job["boxes"])}
+    for picture, boxes in zip(pictures, expected):
+        typed = by_name[picture.name]
+        assert all(d["polygon"] is None and d["rle"] is None for d in typed)
+        got = [{k: v for k, v in _arrow_plain(d).items() if k != "polygon"} for d in typed]
+        assert _close(got, boxes)
+
+
 def test_a_local_driver_jvm_gets_the_fast_start_options_only_where_they_apply(tmp_path, monkeypatch):
     """The options: the class archive when one is in place, else the instruction to write one
     (never a half-written one); none at all when the setting is off, for a cluster's driver,

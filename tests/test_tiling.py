@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from helpers import scene_image
+from helpers import assert_object_detection_answers, scene_image
 from scoring.errors import InputError
 from scoring.runtimes.base import ImageDetections
 from scoring.schema import PredictParams
@@ -367,6 +367,26 @@ def test_the_pyfunc_takes_the_tiling_params_and_refuses_bad_ones(tiny_onnx_model
         model.predict(frame, params={"tile_grid_size": "2by2"})
     signature = {p.name: (p.dtype, p.default) for p in model.metadata.signature.params.params}
     assert signature["tile_grid_size"][1] == "" and signature["tile_overlap_ratio"][1] == 0.25
+
+
+def test_an_object_detection_model_tiles_through_the_box_merge(tiny_od_model_dir):
+    """A model that makes no masks tiles as one that does, its pieces merged by their boxes
+    alone: the answer in AutoML's object-detection schema, boxes in the picture's 0..1,
+    the same answer each time, and the grid's tiles really scored (the merge of a tile's
+    boxes is not the whole picture's answer)."""
+    import cv2
+    import mlflow.pyfunc
+
+    model = mlflow.pyfunc.load_model(str(tiny_od_model_dir))
+    ok, png = cv2.imencode(".png", scene_image(900, 600, 2))
+    frame = pd.DataFrame({"image": [base64.b64encode(png.tobytes()).decode()]})
+    params = {"tile_grid_size": "2x2", "score_threshold": 0.1, "max_detections": 30}
+    tiled = model.predict(frame, params=params).to_dict(orient="records")
+    assert_object_detection_answers(tiled)
+    assert len(tiled[0]["boxes"]) <= 30
+    assert model.predict(frame, params=params).to_dict(orient="records") == tiled
+    whole = model.predict(frame, params={**params, "tile_grid_size": ""}).to_dict(orient="records")
+    assert tiled != whole
 
 
 def test_package_records_a_default_tiling_that_requests_override(tmp_path, tiny_checkpoint):

@@ -10,7 +10,9 @@ from pathlib import Path
 from azure.ai.ml.constants import AssetTypes
 from azure.ai.ml.entities import Model
 
+from scoring.families import family_of
 from scoring.model_dir import ModelDir
+from scoring.schema import AZURE_TASKS
 from mlflow_model.model_dir import REGISTRATION_FILE
 from mmdet_mlflow.azure.client import ml_client
 from mmdet_mlflow.files import atomic_write_json
@@ -19,12 +21,17 @@ logger = logging.getLogger(__name__)
 
 
 def model_entity(model_folder: Path, name: str, description: str | None = None):
+    """The model version to create, tagged with the task it serves (``task``: ours, and
+    ``base_model_task``: Azure's name for it) so a workspace tells an object detector from an
+    instance segmenter without loading either."""
     info = ModelDir(model_folder).data.read_info()
+    family = family_of(info)
     return Model(
         path=str(model_folder), type=AssetTypes.MLFLOW_MODEL, name=name,
-        description=description or f"RTMDet-Ins ({info['config_name']}) instance segmentation, "
+        description=description or f"{family.title} ({info['config_name']}) {family.task}, "
                                    f"{len(info['classes'])} classes, packaged by mmdet-mlflow",
-        tags={"base_model_task": "image-instance-segmentation", "config_name": info["config_name"],
+        tags={"task": family.task, "base_model_task": AZURE_TASKS[family.task],
+              "family": family.name, "config_name": info["config_name"],
               "classes": ",".join(info["classes"])[:250]},
     )
 

@@ -30,11 +30,12 @@ def init(model_dir: str | None = None, params: dict | None = None, input_root: s
     online.init(model_dir)
     from scoring import settings  # importable now: the model's code/ is on sys.path
     from scoring.class_filter import check_classes
+    from scoring.runner import predict_params
 
     segmenter = online.model.get_raw_model()
     if params is None:
         params = settings.BATCH_PARAMS.value()
-    params = segmenter.default_params.updated(params)  # a bad param fails init
+    params = predict_params(segmenter, params)  # a bad param, or one for masks of a box-only model, fails init
     check_classes(segmenter.class_names, params)  # so does a class the model does not have
     _state.update(segmenter=segmenter, params=params,
                   input_root=input_root or settings.BATCH_INPUT_ROOT.value())
