@@ -41,12 +41,11 @@ def make_official_checkpoint(path: Path, config: str = TINY, classes=None, seed:
         with torch.no_grad():
             if family is RTMDET_INS:
                 _liven_head(model, seed)
-            elif family.name == "rtmdet":  # the same head without masks: boxes of a size too
-                _liven_head(model, seed)
-                for conv in model.bbox_head.rtm_reg:
-                    conv.bias.fill_(1.0)
             else:
                 _liven_class_biases(model, cfg.model, family)
+                if family.name == "rtmdet":  # boxes of a size (an untrained head's are often empty)
+                    for conv in model.bbox_head.rtm_reg:
+                        conv.bias.fill_(1.0)
     torch.save({"meta": {"mmdet_version": "3.3.0", "dataset_meta": {"classes": tuple(classes)}},
                 "state_dict": model.state_dict()}, path)
     return path
