@@ -1,7 +1,8 @@
 """RTMDet (object detection): a dense head whose class logits lie (batch, classes, h, w), served
 through mmdet's own post-processing (``predict_by_feat``) on torch, and as an exported graph with
 RTMDet-Ins' numpy post-processing without the masks on ONNX Runtime and OpenVINO."""
-from scoring.families.base import ClassLayer, Family, TrainingRecipe
+from scoring.families.base import (EXPORTED_GRAPH_LOADERS, GRAPH_EXPORTERS, ClassLayer, Family,
+                                   TrainingRecipe)
 from scoring.schema import OBJECT_DETECTION
 
 FAMILY = Family(
@@ -23,13 +24,6 @@ FAMILY = Family(
     # RTMDet's AdamW at a fine-tune's gentler rate (the config's 0.004 is for 256 pictures a
     # step from ImageNet weights); its pipelines are written for a 640 square.
     training=TrainingRecipe(learning_rate=0.001, weight_decay=0.05, pipeline_scale=(640, 640)),
-    loaders={
-        "torch": "scoring.runtimes.torch_mmdet:load_dense_head_detector",
-        "onnx": "scoring.runtimes.onnx_rtmdet:load_onnx_segmenter",
-        "openvino": "scoring.runtimes.openvino_rtmdet:load_openvino_segmenter",
-    },
-    exporters={
-        "onnx": "mlflow_model.onnx_export:export_to_weights_dir",
-        "openvino": "mlflow_model.onnx_export:export_to_weights_dir",
-    },
+    loaders={"torch": "scoring.runtimes.torch_mmdet:load_dense_head_detector", **EXPORTED_GRAPH_LOADERS},
+    exporters=GRAPH_EXPORTERS,
 )

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from scoring.families.base import ClassLayer, Family, TrainingRecipe
+from scoring.families.base import (EXPORTED_GRAPH_LOADERS, GRAPH_EXPORTERS, ClassLayer, Family,
+                                   TrainingRecipe)
 from scoring.schema import OBJECT_DETECTION
 
 # The config's anchor generator: ratios [1.0] x scales [1, 2, 4, 8, 16].
@@ -36,13 +37,6 @@ FAMILY = YolofFamily(
     class_rows="anchor-major",  # as exclude_classes reads them
     # SGD: the config's 0.12 is for 64 pictures a step; a fine-tune takes 8.
     training=TrainingRecipe(learning_rate=0.015),
-    loaders={
-        "torch": "scoring.runtimes.torch_mmdet:load_dense_head_detector",
-        "onnx": "scoring.runtimes.onnx_rtmdet:load_onnx_segmenter",
-        "openvino": "scoring.runtimes.openvino_rtmdet:load_openvino_segmenter",
-    },
-    exporters={
-        "onnx": "mlflow_model.onnx_export:export_to_weights_dir",
-        "openvino": "mlflow_model.onnx_export:export_to_weights_dir",
-    },
+    loaders={"torch": "scoring.runtimes.torch_mmdet:load_dense_head_detector", **EXPORTED_GRAPH_LOADERS},
+    exporters=GRAPH_EXPORTERS,
 )
