@@ -43,9 +43,6 @@ def make_official_checkpoint(path: Path, config: str = TINY, classes=None, seed:
                 _liven_head(model, seed)
             else:
                 _liven_class_biases(model, cfg.model, family)
-                if family.name == "rtmdet":  # boxes of a size (an untrained head's are often empty)
-                    for conv in model.bbox_head.rtm_reg:
-                        conv.bias.fill_(1.0)
     torch.save({"meta": {"mmdet_version": "3.3.0", "dataset_meta": {"classes": tuple(classes)}},
                 "state_dict": model.state_dict()}, path)
     return path
