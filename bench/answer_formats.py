@@ -59,10 +59,10 @@ def package(work: Path):
 
     checkpoint = make_official_checkpoint(work / "tiny.pth", TINY)
     mlflow_model.save_model(work / "tiny", TINY, str(checkpoint))
-    return mlflow_model.load_segmenter(ModelDir(work / "tiny").data.path, device="cpu", batch_size=1)
+    return mlflow_model.load_predictor(ModelDir(work / "tiny").data.path, device="cpu", batch_size=1)
 
 
-def encode_stage(segmenter, repeats: int) -> None:
+def encode_stage(predictor, repeats: int) -> None:
     """The masks are made once per picture and count; each format's encoder is timed on each
     mask as it goes by (100 full-size masks of 4000x3000 do not fit in memory together)."""
     from scoring.encode import mask_polygons, normalized_segments
@@ -82,8 +82,8 @@ def encode_stage(segmenter, repeats: int) -> None:
     for width, height in SIZES:
         image = scene_image(width, height, 0)
         for count in COUNTS:
-            params = segmenter.default_params.updated({"score_threshold": 0.0, "max_detections": count})
-            [dets] = segmenter([image], params)
+            params = predictor.default_params.updated({"score_threshold": 0.0, "max_detections": count})
+            [dets] = predictor([image], params)
             assert len(dets) == count, f"{len(dets)} detections, wanted {count}"
             seconds = dict.fromkeys(encoders, 0.0)
             parts = {label: [] for label in encoders}
@@ -111,7 +111,7 @@ def encode_stage(segmenter, repeats: int) -> None:
             print(f"   {width}x{height:<4} {count:>4}  {'(masks made)':<14} {'':9} {making:15.3f}")
 
 
-def end_to_end(segmenter, repeats: int) -> None:
+def end_to_end(predictor, repeats: int) -> None:
     import cv2
 
     from scoring.decode import decode_image
@@ -123,7 +123,7 @@ def end_to_end(segmenter, repeats: int) -> None:
 
     def run(mask_format):
         return lambda: json.dumps([s.response for s in score_images(
-            segmenter, [(0, jpeg)], {**params, "mask_format": mask_format},
+            predictor, [(0, jpeg)], {**params, "mask_format": mask_format},
             decode=lambda key, value: decode_image(value, row=key))])
 
     # interleaved, so drift in the machine's load hits both alike
@@ -137,7 +137,7 @@ def end_to_end(segmenter, repeats: int) -> None:
           f"{times['polygon'] / times['none']:.1f}x faster (goal >= 1.3x)")
 
 
-def rle_against_pycocotools(segmenter, repeats: int) -> None:
+def rle_against_pycocotools(predictor, repeats: int) -> None:
     from pycocotools import mask as mask_util
 
     from scoring import rle
@@ -145,8 +145,8 @@ def rle_against_pycocotools(segmenter, repeats: int) -> None:
     print("\n3. scoring.rle.encode against pycocotools.mask.encode (+ asfortranarray, + str), "
           f"the model's masks, best of {repeats}")
     for width, height in SIZES:
-        params = segmenter.default_params.updated({"score_threshold": 0.0, "max_detections": 20})
-        [dets] = segmenter([scene_image(width, height, 2)], params)
+        params = predictor.default_params.updated({"score_threshold": 0.0, "max_detections": 20})
+        [dets] = predictor([scene_image(width, height, 2)], params)
         masks = list(dets.iter_masks(params.mask_threshold))
 
         def theirs():
@@ -163,7 +163,7 @@ def rle_against_pycocotools(segmenter, repeats: int) -> None:
               f"a mask, pycocotools {theirs_s * 1e3 / len(masks):.2f} ms -> {theirs_s / ours_s:.1f}x")
 
 
-def demo_pictures(segmenter, scenes: int) -> None:
+def demo_pictures(predictor, scenes: int) -> None:
     from mmdet_mlflow.synth import synth_scene
     from scoring.encode import encode_detections, mask_polygons, normalized_segments
     from scoring.rle import encode
@@ -183,10 +183,10 @@ def demo_pictures(segmenter, scenes: int) -> None:
                                       rle=encode(obj.mask) if name == "rle" else None)
                      for obj in scene.objects]
             truth[name].append(len(json.dumps({"boxes": boxes})))
-        [dets] = segmenter([scene.image])
+        [dets] = predictor([scene.image])
         for name, values in (("rle", {"mask_format": "rle"}),
                              ("polygon", {"mask_format": "polygon", "polygon_tolerance": 0.0})):
-            model[name].append(len(json.dumps(encode_detections(dets, segmenter.default_params.updated(values)))))
+            model[name].append(len(json.dumps(encode_detections(dets, predictor.default_params.updated(values)))))
     print(f"\n4. demo-like pictures (mmdet_mlflow.synth, seed 0, {scenes} scenes, 480x360..640x480), "
           "mean JSON bytes per picture:")
     for what, sizes in (("the scenes' true object masks", truth),
@@ -205,11 +205,11 @@ def main() -> None:
     args = parser.parse_args()
     parts = set(args.parts.split(","))
     with tempfile.TemporaryDirectory() as work:
-        segmenter = package(Path(work))
-        for part, run in (("1", lambda: encode_stage(segmenter, args.repeats)),
-                          ("2", lambda: end_to_end(segmenter, args.repeats)),
-                          ("3", lambda: rle_against_pycocotools(segmenter, args.repeats)),
-                          ("4", lambda: demo_pictures(segmenter, args.scenes))):
+        predictor = package(Path(work))
+        for part, run in (("1", lambda: encode_stage(predictor, args.repeats)),
+                          ("2", lambda: end_to_end(predictor, args.repeats)),
+                          ("3", lambda: rle_against_pycocotools(predictor, args.repeats)),
+                          ("4", lambda: demo_pictures(predictor, args.scenes))):
             if part in parts:
                 run()
 

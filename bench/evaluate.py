@@ -3,7 +3,7 @@ same images: images per second of the whole evaluate call (model load, decode, p
 to RLE and polygons, three COCOeval runs, Azure metrics, pictures, writing the files) divided by
 the model's own predict on those images (model load, decode, predict, encode to the public
 response: ``scoring.frame.score_frame``, i.e. what the pyfunc does) at the same score threshold
-(goal >= 0.9: metric computation must not dominate). Also the bare forward pass (segmenter only,
+(goal >= 0.9: metric computation must not dominate). Also the bare forward pass (predictor only,
 no masks) for reference.
 
 The default model is the tiny config, untrained (this machine cannot download weights), made to
@@ -82,19 +82,19 @@ def main() -> int:
     data_dir = model_dir / mlflow_model.MODEL_DATA_DIR
     print(f"{len(files)} images, model {model_dir}, torch threads {torch.get_num_threads()}")
 
-    segmenter = mlflow_model.load_segmenter(data_dir)
+    predictor = mlflow_model.load_predictor(data_dir)
     low_score = {"score_threshold": 0.05}  # what evaluate scores with (the config's score_thr)
 
     def whole_evaluate():
         evaluate(model_dir, test_data, work / "out", progress=False)
 
     def model_predict():  # load + decode + predict + encode, as the pyfunc does
-        predict_with = mlflow_model.load_segmenter(data_dir)
+        predict_with = mlflow_model.load_predictor(data_dir)
         score_frame(predict_with, [path.read_bytes() for path in files], low_score)
 
-    def bare_forward():  # the loaded segmenter's batched forward pass only, no masks
+    def bare_forward():  # the loaded predictor's batched forward pass only, no masks
         images = [decode_image(path.read_bytes()) for path in files]
-        segmenter(images, segmenter.default_params.updated(low_score))
+        predictor(images, predictor.default_params.updated(low_score))
 
     runs = {"evaluate": whole_evaluate, "predict": model_predict, "forward": bare_forward}
     bare_forward()  # warm up

@@ -36,18 +36,18 @@ BOX_SHARE = 0.05  # issue 19's phone photos: boxes about 5 % of the picture
 
 
 def models(work: Path):
-    """(torch segmenter, ONNX segmenter) of one untrained tiny model."""
+    """(torch predictor, ONNX predictor) of one untrained tiny model."""
     import mlflow_model
     from mlflow_model.onnx_export import export_to_weights_dir
-    from scoring.runtimes.onnx_rtmdet import load_onnx_segmenter
+    from scoring.runtimes.onnx_rtmdet import load_onnx_predictor
 
     checkpoint = make_official_checkpoint(work / "tiny.pth", TINY)
     mlflow_model.save_model(work / "tiny", TINY, str(checkpoint))
     onnx_dir = work / "onnx"
     shutil.copytree(work / "tiny" / "model", onnx_dir)
     export_to_weights_dir(onnx_dir)
-    return (mlflow_model.load_segmenter(work / "tiny" / "model", device="cpu", batch_size=1),
-            load_onnx_segmenter(onnx_dir, num_threads=2))
+    return (mlflow_model.load_predictor(work / "tiny" / "model", device="cpu", batch_size=1),
+            load_onnx_predictor(onnx_dir, num_threads=2))
 
 
 def picture(width: int, height: int):
@@ -80,7 +80,7 @@ def object_boxes(width: int, height: int, count: int, share: float) -> np.ndarra
     return np.stack([x, y, x + w, y + h], axis=1).astype(np.float32)
 
 
-def mask_sources(segmenter, dets, logits, boxes):
+def mask_sources(predictor, dets, logits, boxes):
     """(before, exact, box+4) mask makers for one image's detections and low-res logits: each a
     function of the threshold returning an iterator of (pixels, offset)."""
     from scoring.runtimes.masks import MaskWindow
@@ -129,24 +129,24 @@ def time_masks(make, repeats: int) -> tuple[float, int]:
     return best, pixels
 
 
-def whole_answer(segmenter, image, margin, repeats: int) -> tuple[float, float]:
+def whole_answer(predictor, image, margin, repeats: int) -> tuple[float, float]:
     """Seconds for one picture's (forward pass, masks + polygons) as the server runs them."""
     from scoring.encode import encode_detections
 
-    params = segmenter.default_params.updated({"max_detections": DETECTIONS, "score_threshold": 0.0})
-    segmenter.mask_box_margin = margin
+    params = predictor.default_params.updated({"max_detections": DETECTIONS, "score_threshold": 0.0})
+    predictor.mask_box_margin = margin
     best = (float("inf"), float("inf"))
     try:
         for _ in range(repeats):
             start = time.perf_counter()
-            dets = segmenter([image], params)[0]
+            dets = predictor([image], params)[0]
             middle = time.perf_counter()
             encode_detections(dets, params)
             end = time.perf_counter()
             if end - start < sum(best):
                 best = (middle - start, end - middle)
     finally:
-        segmenter.mask_box_margin = None
+        predictor.mask_box_margin = None
     return best
 
 
@@ -158,16 +158,16 @@ def main() -> None:
     args = parser.parse_args()
     sizes = [tuple(int(v) for v in size.split("x")) for size in args.sizes.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
-        segmenters = models(Path(tmp))
+        predictors = models(Path(tmp))
         print("per-detection mask time (make + trace), ms; ratio = before / after")
-        for segmenter in segmenters:
-            params = segmenter.default_params.updated({"max_detections": DETECTIONS,
+        for predictor in predictors:
+            params = predictor.default_params.updated({"max_detections": DETECTIONS,
                                                        "score_threshold": 0.0})
             for width, height in sizes:
-                dets = segmenter([picture(width, height)], params)[0]
-                own = (dets.masks.mask_logits if segmenter.runtime == "onnx"
+                dets = predictor([picture(width, height)], params)[0]
+                own = (dets.masks.mask_logits if predictor.runtime == "onnx"
                        else dets.masks.mask_logits.numpy())
-                geometry = dets.masks.geometry if segmenter.runtime == "onnx" else dets.masks.resampler.geometry
+                geometry = dets.masks.geometry if predictor.runtime == "onnx" else dets.masks.resampler.geometry
                 areas = (dets.boxes[:, 2] - dets.boxes[:, 0]) * (dets.boxes[:, 3] - dets.boxes[:, 1])
                 share = float(np.median(areas)) / (width * height)
                 large = object_boxes(width, height, len(dets), BOX_SHARE)
@@ -176,23 +176,23 @@ def main() -> None:
                         ("compact", compact_logits(own.shape[-2:], dets.boxes, geometry), dets.boxes),
                         (f"compact {BOX_SHARE:.0%}", compact_logits(own.shape[-2:], large, geometry), large)):
                     timings = {name: time_masks(make, args.repeats)
-                               for name, make in mask_sources(segmenter, dets, logits, boxes).items()}
+                               for name, make in mask_sources(predictor, dets, logits, boxes).items()}
                     before = timings["before"][0]
                     cells = "  ".join(f"{name} {t * 1000:7.2f} (x{before / t:5.1f}, {px} px)"
                                       for name, (t, px) in timings.items())
-                    print(f"{segmenter.runtime:5s} {width}x{height} {len(dets):3d} dets (median box "
+                    print(f"{predictor.runtime:5s} {width}x{height} {len(dets):3d} dets (median box "
                           f"{share:.1%} of picture) {kind:9s}: {cells}")
         if args.skip_answer:
             return
         print(f"whole answer, 4032x3024, {DETECTIONS} detections, untrained tiny model, seconds "
               f"(forward pass + masks and polygons):")
         image = picture(4032, 3024)
-        for segmenter in segmenters:
+        for predictor in predictors:
             cells = []
             for name, margin in (("exact windows", None), ("box+4", 4)):
-                forward, masks = whole_answer(segmenter, image, margin, args.repeats)
+                forward, masks = whole_answer(predictor, image, margin, args.repeats)
                 cells.append(f"{name} {forward + masks:.3f} ({forward:.3f} + {masks:.3f})")
-            print(f"{segmenter.runtime:5s} " + "  ".join(cells))
+            print(f"{predictor.runtime:5s} " + "  ".join(cells))
 
 
 if __name__ == "__main__":

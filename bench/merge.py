@@ -80,19 +80,19 @@ def model_candidates(work: Path):
     import mlflow_model
     from helpers import TINY, make_official_checkpoint, scene_image
     from mlflow_model.onnx_export import export_to_weights_dir
-    from scoring.runtimes.onnx_rtmdet import load_onnx_segmenter
+    from scoring.runtimes.onnx_rtmdet import load_onnx_predictor
 
     with contextlib.redirect_stdout(io.StringIO()):  # packaging's own messages
         checkpoint = make_official_checkpoint(work / "tiny.pth", TINY)
         mlflow_model.save_model(work / "tiny", TINY, str(checkpoint))
         shutil.copytree(work / "tiny" / "model", work / "onnx")
         export_to_weights_dir(work / "onnx")
-    segmenter = load_onnx_segmenter(work / "onnx")
+    predictor = load_onnx_predictor(work / "onnx")
     height, width = PICTURE_HW
     image = scene_image(width // 8, height // 8, 1).repeat(8, axis=0).repeat(8, axis=1)
     sources = [(0, 0, width, height)] + tiles_for(PICTURE_HW, PARAMS)
     params = PARAMS.updated({"mask_format": "none"})
-    found = [segmenter([image[y0:y1, x0:x1]], params)[0] for x0, y0, x1, y1 in sources]
+    found = [predictor([image[y0:y1, x0:x1]], params)[0] for x0, y0, x1, y1 in sources]
     return found, sources
 
 

@@ -111,31 +111,31 @@ def run_model(name: str, work: Path, args, images) -> None:
 
     import mlflow_model
     from scoring.pyfunc import MMDetPyfuncModel
-    from scoring.runtimes.onnx_rtmdet import load_onnx_segmenter
+    from scoring.runtimes.onnx_rtmdet import load_onnx_predictor
 
     threads = torch.get_num_threads()
     fp32_runtimes = ["onnx fp32"]
     weights = package(work, name, args.int8, images)
-    torch_runtime = mlflow_model.load_segmenter(weights, device="cpu", batch_size=1)
+    torch_runtime = mlflow_model.load_predictor(weights, device="cpu", batch_size=1)
     # no spinning: ORT's idle threads would otherwise busy-wait through torch's turn
-    runtimes = {"onnx fp32": load_onnx_segmenter(weights, batch_size=1, num_threads=threads,
+    runtimes = {"onnx fp32": load_onnx_predictor(weights, batch_size=1, num_threads=threads,
                                                  spin=False)}
     if args.int8:
-        runtimes["onnx int8"] = load_onnx_segmenter(weights, batch_size=1, num_threads=threads,
+        runtimes["onnx int8"] = load_onnx_predictor(weights, batch_size=1, num_threads=threads,
                                                     onnx_file="model.int8.onnx", spin=False)
     if args.openvino:
-        from scoring.runtimes.openvino_rtmdet import cpu_has_bf16, load_openvino_segmenter
+        from scoring.runtimes.openvino_rtmdet import cpu_has_bf16, load_openvino_predictor
 
         for precision in ("fp32", "bf16") if cpu_has_bf16() else ("fp32",):
             start = time.perf_counter()
-            runtimes[f"openvino {precision}"] = load_openvino_segmenter(
+            runtimes[f"openvino {precision}"] = load_openvino_predictor(
                 weights, batch_size=1, num_threads=threads, precision=precision, quiet=True)
             print(f"[load] {name}: openvino {precision} compiled in "
                   f"{time.perf_counter() - start:.2f} s", flush=True)
         fp32_runtimes.append("openvino fp32")
         if args.int8:  # the same int8 (QDQ) graph ORT runs, executed by OpenVINO (AMX-INT8 / VNNI)
             start = time.perf_counter()
-            runtimes["openvino int8"] = load_openvino_segmenter(
+            runtimes["openvino int8"] = load_openvino_predictor(
                 weights, batch_size=1, num_threads=threads, onnx_file="model.int8.onnx", quiet=True)
             print(f"[load] {name}: openvino int8 (ORT's QDQ graph) compiled in "
                   f"{time.perf_counter() - start:.2f} s", flush=True)

@@ -129,12 +129,12 @@ def polygon_cost(model_dir: Path) -> dict:
     from scoring.encode import mask_polygons
     from scoring.schema import PredictParams
 
-    segmenter = mlflow_model.load_segmenter(model_dir / "model")
-    tolerance = segmenter.default_params.polygon_tolerance
+    predictor = mlflow_model.load_predictor(model_dir / "model")
+    tolerance = predictor.default_params.polygon_tolerance
     totals = {"raw_bytes": 0, "simplified_bytes": 0, "ious": []}
     for image in (scene_image(640, 480, 7),
                   cv2.resize(scene_image(1000, 750, 5), (4000, 3000), interpolation=cv2.INTER_NEAREST)):
-        dets = segmenter([image], PredictParams(score_threshold=0.05))[0]
+        dets = predictor([image], PredictParams(score_threshold=0.05))[0]
         height, width = image.shape[:2]
         for mask in dets.iter_masks(0.5):
             drawn = {}

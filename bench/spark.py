@@ -81,7 +81,7 @@ def spark_jvms_ended(timeout: float = 60) -> None:
 def load_seconds(model: Path) -> float:
     """The model's load time in a fresh process (what the batch command pays once)."""
     code = ("import time, mlflow_model; from scoring.model_dir import ModelDir; "
-            "t = time.perf_counter(); mlflow_model.load_segmenter(ModelDir(%r).data.path); "
+            "t = time.perf_counter(); mlflow_model.load_predictor(ModelDir(%r).data.path); "
             "print(time.perf_counter() - t)" % str(model))
     seconds, out = timed([sys.executable, "-c", code])
     # the last line that is a number (the OpenVINO runtime prints its precision on stderr)

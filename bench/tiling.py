@@ -54,10 +54,10 @@ TEST_SEED = 1  # the demo trains on seed 0: seed 1's scenes are unseen
 
 
 # --------------------------------------------------------------------------------------------
-# SAHI around our segmenter
+# SAHI around our predictor
 
 def sahi_model_class():
-    """A SAHI DetectionModel running our segmenter (untiled, one slice a call: SAHI's own way)
+    """A SAHI DetectionModel running our predictor (untiled, one slice a call: SAHI's own way)
     and handing SAHI each detection's box, score, class and mask polygons in slice pixels, as
     SAHI's mmdet wrapper does (from the mask window, not a slice-size mask: no handicap)."""
     from sahi.models.base import DetectionModel
@@ -65,22 +65,22 @@ def sahi_model_class():
     from sahi.utils.compatibility import fix_full_shape_list, fix_shift_amount_list
     from sahi.utils.cv import get_coco_segmentation_from_bool_mask
 
-    class OurSegmenterForSahi(DetectionModel):
-        def __init__(self, segmenter, params, **kwargs):
-            self.segmenter, self.params = segmenter, params
-            super().__init__(model=segmenter, confidence_threshold=params.score_threshold,
+    class OurPredictorForSahi(DetectionModel):
+        def __init__(self, predictor, params, **kwargs):
+            self.predictor, self.params = predictor, params
+            super().__init__(model=predictor, confidence_threshold=params.score_threshold,
                              mask_threshold=params.mask_threshold,
-                             category_mapping={str(i): n for i, n in enumerate(segmenter.class_names)},
+                             category_mapping={str(i): n for i, n in enumerate(predictor.class_names)},
                              **kwargs)
 
         def load_model(self):
-            self.set_model(self.segmenter)
+            self.set_model(self.predictor)
 
         def set_model(self, model, **kwargs):
             self.model = model
 
         def perform_inference(self, image):
-            self._original_predictions = self.segmenter([image], self.params)
+            self._original_predictions = self.predictor([image], self.params)
 
         def _create_object_prediction_list_from_original_predictions(self, shift_amount_list=[[0, 0]],
                                                                      full_shape_list=None):
@@ -105,7 +105,7 @@ def sahi_model_class():
                 per_image.append(found)
             self._object_prediction_list_per_image = per_image
 
-    return OurSegmenterForSahi
+    return OurPredictorForSahi
 
 
 class SahiMasks:
@@ -145,20 +145,20 @@ class SahiMasks:
         return (window.full() for window in self.iter_windows(threshold))
 
 
-class SahiSegmenter:
-    """Our Segmenter interface over SAHI's sliced prediction, so that ``score_images`` (the
+class SahiPredictor:
+    """Our Predictor interface over SAHI's sliced prediction, so that ``score_images`` (the
     public answer) and ``evaluate`` (mAP) run it exactly as they run ours."""
 
     runtime = "sahi"
     batch_size = 1
 
-    def __init__(self, segmenter, slice_wh, overlap, force_merge=True):
-        self.inner = segmenter
+    def __init__(self, predictor, slice_wh, overlap, force_merge=True):
+        self.inner = predictor
         self.force_merge = force_merge
-        self.class_names = segmenter.class_names
-        self.default_params = segmenter.default_params
-        self.configured_score_threshold = segmenter.configured_score_threshold
-        self.input_scale = segmenter.input_scale
+        self.class_names = predictor.class_names
+        self.default_params = predictor.default_params
+        self.configured_score_threshold = predictor.configured_score_threshold
+        self.input_scale = predictor.input_scale
         self.slice_wh, self.overlap = slice_wh, overlap
         self.model_class = sahi_model_class()
 
@@ -214,7 +214,7 @@ def measure(spec: dict) -> dict:
     global GRID
     GRID = spec["grid"]
     torch.set_num_threads(spec["threads"])
-    segmenter = mlflow_model.load_segmenter(Path(spec["model"]) / mlflow_model.MODEL_DATA_DIR,
+    predictor = mlflow_model.load_predictor(Path(spec["model"]) / mlflow_model.MODEL_DATA_DIR,
                                             batch_size=spec["batch_size"])
     # untiled (and SAHI's slices) ask for no tiling: a model fine-tuned on tiles tiles by default
     params = ({"tile_grid_size": GRID, "tile_overlap_ratio": OVERLAP} if spec["method"] == "tiled"
@@ -227,23 +227,23 @@ def measure(spec: dict) -> dict:
 
         x0, y0, x1, y1 = tiles_for((first.height, first.width),
                                    PredictParams(tile_grid_size=GRID, tile_overlap_ratio=OVERLAP))[0]
-        segmenter = SahiSegmenter(segmenter, (x1 - x0, y1 - y0), OVERLAP,
+        predictor = SahiPredictor(predictor, (x1 - x0, y1 - y0), OVERLAP,
                                   force_merge=spec.get("force_merge", True))
     result = {"method": spec["method"], "batch_size": spec["batch_size"],
               "force_merge": spec.get("force_merge", True),
               "picture": f"{first.width}x{first.height}",
               "tiles": len(tiles_for((first.height, first.width),
-                                     segmenter.default_params.updated(
+                                     predictor.default_params.updated(
                                          {"tile_grid_size": GRID, "tile_overlap_ratio": OVERLAP})))}
 
     def answer(record):
-        scored = list(score_images(segmenter, [(record.path.name, record.path.read_bytes())], params))
+        scored = list(score_images(predictor, [(record.path.name, record.path.read_bytes())], params))
         return len(scored[0].response["boxes"])
 
     if spec["timed"]:
         # warm-up (first passes allocate): the network on a tile-sized corner of a picture
         image = cv2.imread(str(records[0].path))
-        (segmenter.inner if spec["method"] == "sahi" else segmenter)([image[:image.shape[0] // 4,
+        (predictor.inner if spec["method"] == "sahi" else predictor)([image[:image.shape[0] // 4,
                                                                             :image.shape[1] // 4]])
         seconds, detections = [], []
         for record in records[:spec["timed"]]:
@@ -257,7 +257,7 @@ def measure(spec: dict) -> dict:
         from mmdet_mlflow.evaluate import evaluate
 
         start = time.perf_counter()
-        doc = evaluate(spec["model"], spec["test"], spec["output"], params=params, segmenter=segmenter,
+        doc = evaluate(spec["model"], spec["test"], spec["output"], params=params, predictor=predictor,
                        progress=False, track=False, num_samples=2)
         result.update(segm_ap=doc["segm"]["AP"], segm_ap50=doc["segm"]["AP50"], bbox_ap=doc["bbox"]["AP"],
                       evaluated=doc["counts"]["images"],
@@ -465,12 +465,12 @@ def draw_comparison(model: str, test: Path, out: Path, width: int = 1000) -> Non
     from mmdet_mlflow.visualize import draw_detections
     from scoring.runner import score_images
 
-    segmenter = mlflow_model.load_segmenter(Path(model) / mlflow_model.MODEL_DATA_DIR)
+    predictor = mlflow_model.load_predictor(Path(model) / mlflow_model.MODEL_DATA_DIR)
     record = load_dataset(test).images[0]
     panels = []
     for title, params in (("untiled", {}), (f"tiled {GRID}, overlap {OVERLAP}",
                                              {"tile_grid_size": GRID, "tile_overlap_ratio": OVERLAP})):
-        scored = next(score_images(segmenter, [(record.path.name, record.path.read_bytes())], params,
+        scored = next(score_images(predictor, [(record.path.name, record.path.read_bytes())], params,
                                    keep_images=True))
         drawn = draw_detections(scored.image, scored.response["boxes"])
         height = round(drawn.shape[0] * width / drawn.shape[1])

@@ -216,7 +216,7 @@ def log_model(config, checkpoint, name: str = "model", classes=None,
 
 def load_model(model_uri: str, device: str | None = None, dst_path: str | None = None):
     """A torch model: the plain mmdet detector (eval mode), to use with mmdet's APIs. An ONNX
-    model: its runtime object (``scoring.runtimes.onnx_rtmdet.OnnxSegmenter``: call it on BGR
+    model: its runtime object (``scoring.runtimes.onnx_rtmdet.OnnxPredictor``: call it on BGR
     arrays, or use its ``session``, an ``onnxruntime.InferenceSession``), since it carries no
     torch weights and needs no torch."""
     from mlflow.tracking.artifact_utils import _download_artifact_from_uri
@@ -226,15 +226,15 @@ def load_model(model_uri: str, device: str | None = None, dst_path: str | None =
     local = Path(_download_artifact_from_uri(artifact_uri=model_uri, output_path=dst_path))
     weights = ModelDir(local).data
     if runtime_of(weights.read_info()) in ("onnx", "openvino"):
-        return load_segmenter(weights.path, device=device)
+        return load_predictor(weights.path, device=device)
     from scoring.runtimes.torch_mmdet import load_detector
 
     return load_detector(weights, device)[0]
 
 
-def load_segmenter(data_dir, device: str | None = None, batch_size: int | None = None):
-    """The segmenter (``scoring.runtimes``) of a saved model's ``model/`` folder."""
-    from scoring.runtimes import load_segmenter as load
+def load_predictor(data_dir, device: str | None = None, batch_size: int | None = None):
+    """The predictor (``scoring.runtimes``) of a saved model's ``model/`` folder."""
+    from scoring.runtimes import load_predictor as load
 
     return load(data_dir, device=device, batch_size=batch_size)
 

@@ -310,12 +310,12 @@ def sample_images(count: int = 3, seed: int = 0) -> list[np.ndarray]:
 
 def network_inputs(spec: dict, images: Sequence[np.ndarray]) -> np.ndarray:
     """The (N, 3, H, W) tensor the runtime's numpy preprocessing makes for ``images``."""
-    from scoring.runtimes.onnx_rtmdet import OnnxSegmenter
+    from scoring.runtimes.onnx_rtmdet import OnnxPredictor
     from scoring.runtimes.rtmdet_numpy import OnnxModelSpec
     from scoring.schema import PredictParams
 
-    segmenter = OnnxSegmenter(None, OnnxModelSpec.from_dict(spec), [], PredictParams())
-    return segmenter.preprocess(images)["inputs"]
+    predictor = OnnxPredictor(None, OnnxModelSpec.from_dict(spec), [], PredictParams())
+    return predictor.preprocess(images)["inputs"]
 
 
 def compare_with_torch(detector, onnx_path: Path, spec: dict, inputs: np.ndarray,
@@ -361,15 +361,15 @@ def check_openvino_against_torch(weights_dir: str | os.PathLike, detector,
     """The exported graph on OpenVINO Runtime at fp32 against torch, as ``compare_with_torch``
     checks ORT (same tolerance): an OpenVINO model serves fp32 only where this passes. Records
     the max difference in model.json's record of model.onnx; returns it."""
-    from scoring.runtimes.openvino_rtmdet import load_openvino_segmenter
+    from scoring.runtimes.openvino_rtmdet import load_openvino_predictor
 
     folder = WeightsDir(weights_dir)
-    segmenter = load_openvino_segmenter(folder.path, precision="fp32", quiet=True)
+    predictor = load_openvino_predictor(folder.path, precision="fp32", quiet=True)
     info = folder.read_info()
     spec = info[ONNX_INFO_KEY]
 
     def run(names, inputs):
-        outputs = segmenter.forward({"inputs": inputs, "metas": None}, None)["outputs"]
+        outputs = predictor.forward({"inputs": inputs, "metas": None}, None)["outputs"]
         return [outputs[name] for name in names]
 
     images = list(images) if images is not None else sample_images()
@@ -455,7 +455,7 @@ def quantize_int8(onnx_path: str | os.PathLike, calibration_images: Sequence[np.
 def add_int8_to_weights_dir(weights_dir: str | os.PathLike,
                             calibration_images: Sequence[np.ndarray]) -> dict:
     """Quantize a weights folder's model.onnx to model.int8.onnx (``quantize_int8``) and record
-    it in model.json's "onnx" files; ``load_onnx_segmenter(..., onnx_file=ONNX_INT8_FILE)``
+    it in model.json's "onnx" files; ``load_onnx_predictor(..., onnx_file=ONNX_INT8_FILE)``
     serves it. Returns its record."""
     from scoring.model_dir import ONNX_INT8_FILE
 

@@ -104,16 +104,16 @@ def run_batch(model_dir: Path, input_path: Path, output: Path, mini_batch_size: 
               "hidden": listing.hidden}
     if not todo:
         return counts
-    segmenter = mlflow_model.load_segmenter(ModelDir(model_dir).data.path)
-    params = predict_params(segmenter, params)  # a bad param fails before any file
-    check_classes(segmenter.class_names, params)  # so does a class the model does not have
+    predictor = mlflow_model.load_predictor(ModelDir(model_dir).data.path)
+    params = predict_params(predictor, params)  # a bad param fails before any file
+    check_classes(predictor.class_names, params)  # so does a class the model does not have
     output.parent.mkdir(parents=True, exist_ok=True)
     with open(output, "ab") as out, open(progress_file(output), "ab") as progress, \
             tqdm(total=len(files), initial=counts["skipped"], unit="file", desc="batch",
                  file=sys.stderr, disable=None) as bar:
         for start in range(0, len(todo), mini_batch_size):
             mini_batch = todo[start:start + mini_batch_size]
-            records = score_files(segmenter, mini_batch, params, lambda p: file_name(p, root))
+            records = score_files(predictor, mini_batch, params, lambda p: file_name(p, root))
             end = _append_synced(out, "".join(json.dumps(r) + "\n" for r in records).encode())
             names = [file_name(p, root) for p in mini_batch]
             _append_synced(progress, "".join(json.dumps({"file": n, "end": end}) + "\n"

@@ -68,11 +68,11 @@ DEFAULT_SAMPLES = 8
 def evaluate(model_dir, test_data, output_dir, iou_threshold: float = AZURE_IOU_THRESHOLD,
              box_score_threshold: float = AZURE_BOX_SCORE_THRESHOLD, batch_size: int | None = None,
              map_score_threshold: float | None = None, num_samples: int = DEFAULT_SAMPLES,
-             progress: bool = True, confine_images: bool = False, segmenter=None,
+             progress: bool = True, confine_images: bool = False, predictor=None,
              track: bool = True, params: dict | None = None) -> dict:
     """Evaluate ``model_dir`` (saved by ``package``) on ``test_data``; write everything to
     ``output_dir`` and return the metrics.json document. ``confine_images``: refuse test images
-    outside the test data's folder (mmdet_mlflow.data.paths). ``segmenter``: score with this one
+    outside the test data's folder (mmdet_mlflow.data.paths). ``predictor``: score with this one
     instead of the one the model serves (e.g. its fp32 ONNX network beside the int8 one it
     serves); ``track=False``: log nothing to MLflow. ``params``: predict params over the model's
     own (e.g. ``tile_grid_size``: evaluate tiled inference, scoring.tiling); the score threshold
@@ -99,7 +99,7 @@ def evaluate(model_dir, test_data, output_dir, iou_threshold: float = AZURE_IOU_
     info = weights.read_info()
     model_classes = info["classes"]
     # an older model.json names no task: those models were all RTMDet-Ins
-    model_task = segmenter.task if segmenter is not None else info.get("task", INSTANCE_SEGMENTATION)
+    model_task = predictor.task if predictor is not None else info.get("task", INSTANCE_SEGMENTATION)
     task, note = evaluated_task(model_task, dataset.task)
     sections = SECTIONS[task]
     category_of = _category_ids(dataset, model_classes, test_data)
@@ -115,16 +115,16 @@ def evaluate(model_dir, test_data, output_dir, iou_threshold: float = AZURE_IOU_
     masks = task == INSTANCE_SEGMENTATION
     coco_api(json.loads(gt_text), masks)  # refuses a ground truth COCOeval would choke on, before scoring
 
-    segmenter = segmenter or mlflow_model.load_segmenter(weights.path, batch_size=batch_size)
+    predictor = predictor or mlflow_model.load_predictor(weights.path, batch_size=batch_size)
     if map_score_threshold is None:
-        configured = segmenter.configured_score_threshold or DEFAULT_MAP_SCORE_THRESHOLD
+        configured = predictor.configured_score_threshold or DEFAULT_MAP_SCORE_THRESHOLD
         map_score_threshold = min(float(configured), box_score_threshold)
-    params = segmenter.default_params.updated({**(params or {}), "score_threshold": map_score_threshold,
+    params = predictor.default_params.updated({**(params or {}), "score_threshold": map_score_threshold,
                                                "mask_format": "polygon" if masks else "none"})
 
     image_ids = [image["id"] for image in ground_truth["images"]]
     sample_indices = set(spread_indices(len(dataset.images), num_samples))
-    scored = _score(segmenter, dataset.images, image_ids, params, category_of, box_score_threshold,
+    scored = _score(predictor, dataset.images, image_ids, params, category_of, box_score_threshold,
                     sample_indices, progress, masks)
 
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -165,7 +165,7 @@ def evaluate(model_dir, test_data, output_dir, iou_threshold: float = AZURE_IOU_
             "model_task": model_task, "test_data_task": dataset.task,
             # what scored: the runtime, and the precision its network ran in on this machine
             # (an OpenVINO model's "auto" is bf16 or fp32 by the CPU; int8 for a quantized ONNX one)
-            "runtime": segmenter.runtime, "precision": getattr(segmenter, "precision", "fp32"),
+            "runtime": predictor.runtime, "precision": getattr(predictor, "precision", "fp32"),
         },
         "counts": {"images": len(per_image), "ground_truth": sum(p["ground_truth"] for p in per_image),
                    "predictions": len(scored.results["bbox"]),
@@ -208,7 +208,7 @@ class _Scored:
         self.outside_labels = 0
 
 
-def _score(segmenter, records, image_ids, params, category_of, box_score_threshold,
+def _score(predictor, records, image_ids, params, category_of, box_score_threshold,
            sample_indices, progress, masks: bool) -> _Scored:
     """Every test image through the one runner; with ``masks``, each detection's mask is made
     once and gives its RLE (segm) and, through the one encoder, its polygons
@@ -230,7 +230,7 @@ def _score(segmenter, records, image_ids, params, category_of, box_score_thresho
     out = _Scored()
     with tqdm(total=len(records), desc="evaluate", unit="img", file=sys.stderr,
               disable=None if progress else True) as bar:
-        for scored in score_images(segmenter, enumerate(records), params,
+        for scored in score_images(predictor, enumerate(records), params,
                                    encode=encode_keeping_rles if masks else encode_boxes,
                                    decode=decode_checked, keep_images=True):
             index, record = scored.key, records[scored.key]

@@ -89,21 +89,21 @@ def calibration_images(source: ImageSource, count: int) -> list:
 
 
 def precision_variants(model_dir: Path, candidate: str) -> dict:
-    """{"fp32": segmenter, candidate: segmenter} of a saved model, one image per pass: "int8" is
+    """{"fp32": predictor, candidate: predictor} of a saved model, one image per pass: "int8" is
     the ONNX model's int8 network against its fp32 one (ONNX Runtime), "bf16" the OpenVINO
     model's graph compiled at bf16 against the same graph at fp32."""
     from scoring.model_dir import ONNX_FILE, ONNX_INT8_FILE, ModelDir
 
     weights = ModelDir(model_dir).data.path
     if candidate == "int8":
-        from scoring.runtimes.onnx_rtmdet import load_onnx_segmenter
+        from scoring.runtimes.onnx_rtmdet import load_onnx_predictor
 
-        return {name: load_onnx_segmenter(weights, onnx_file=file, batch_size=1)
+        return {name: load_onnx_predictor(weights, onnx_file=file, batch_size=1)
                 for name, file in (("fp32", ONNX_FILE), ("int8", ONNX_INT8_FILE))}
     if candidate == "bf16":
-        from scoring.runtimes.openvino_rtmdet import load_openvino_segmenter
+        from scoring.runtimes.openvino_rtmdet import load_openvino_predictor
 
-        return {name: load_openvino_segmenter(weights, precision=name, batch_size=1, quiet=True)
+        return {name: load_openvino_predictor(weights, precision=name, batch_size=1, quiet=True)
                 for name in ("fp32", "bf16")}
     raise ValueError(f"no precision {candidate!r} to measure: int8 or bf16")
 
@@ -136,12 +136,12 @@ def report_precision_cost(model_dir: Path, source: ImageSource | None, candidate
         where = f"{len(images)} synthetic pictures (no --calibration-data: no mAP)"
     variants = precision_variants(model_dir, candidate)
     seconds, answers = {}, {}
-    for name, segmenter in variants.items():
-        params = segmenter.default_params.updated({"score_threshold": 0.3})
-        list(score_images(segmenter, [(0, images[0])], params, decode=lambda key, image: image))  # warm-up
+    for name, predictor in variants.items():
+        params = predictor.default_params.updated({"score_threshold": 0.3})
+        list(score_images(predictor, [(0, images[0])], params, decode=lambda key, image: image))  # warm-up
         started = time.perf_counter()
         answers[name] = [scored.response["boxes"] for scored in score_images(
-            segmenter, enumerate(images), params, decode=lambda key, image: image)]
+            predictor, enumerate(images), params, decode=lambda key, image: image)]
         seconds[name] = (time.perf_counter() - started) / len(images)
     report = {"precision": candidate, "images": len(images), "seconds_per_image": seconds,
               "speedup": seconds["fp32"] / seconds[candidate]}
@@ -198,9 +198,9 @@ def _maps(model_dir: Path, dataset, chosen: list[int], variants: dict) -> tuple[
     try:
         with tempfile.TemporaryDirectory() as tmp:
             test = write_coco(subset, Path(tmp) / "check.coco.json", relative=False)
-            docs = {name: evaluate(model_dir, test, Path(tmp) / name, segmenter=segmenter, progress=False,
+            docs = {name: evaluate(model_dir, test, Path(tmp) / name, predictor=predictor, progress=False,
                                    num_samples=0, track=False)
-                    for name, segmenter in variants.items()}
+                    for name, predictor in variants.items()}
     except EvaluationError as err:
         print(f"no mAP for {' vs '.join(reversed(list(variants)))}: {err}", flush=True)
         return None

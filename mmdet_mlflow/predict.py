@@ -49,7 +49,7 @@ def predict_files(model_dir: Path, files: Iterable[Path], output: Path,
     from scoring.schema import OUTPUT_COLUMN
 
     files = list(files)
-    segmenter = mlflow_model.load_segmenter(ModelDir(model_dir).data.path)
+    predictor = mlflow_model.load_predictor(ModelDir(model_dir).data.path)
     if visualize_dir:
         import cv2
 
@@ -62,7 +62,7 @@ def predict_files(model_dir: Path, files: Iterable[Path], output: Path,
     items = ((path, path) for path in files)
     with open(output, "w") as out, tqdm(total=len(files), unit="img", desc="predict",
                                         file=sys.stderr, disable=None) as bar:
-        for scored in score_images(segmenter, items, params, on_error="yield",
+        for scored in score_images(predictor, items, params, on_error="yield",
                                    keep_images=bool(visualize_dir),
                                    decode=lambda path, _: read_image_file(path, row=str(path))):
             path = scored.key

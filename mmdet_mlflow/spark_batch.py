@@ -157,14 +157,14 @@ def score_pictures(batches: Iterator, model_path: str, params: dict, max_file_by
                    loads=None, answered=None) -> Iterator:
     """``mapInPandas`` function: Arrow batches of binaryFile rows (``content`` null for files
     over ``max_file_bytes``, which were not read) -> one row per picture (``scored_schema``).
-    The model is loaded once per Python worker (``worker_segmenter``). ``answered``, a Spark
+    The model is loaded once per Python worker (``worker_predictor``). ``answered``, a Spark
     accumulator, is told each row's path and whether it is an error row."""
     import pandas as pd
 
     from scoring.runner import score_images
 
-    segmenter = worker_segmenter(model_path, loads)
-    predict_params = segmenter.default_params.updated(params)
+    predictor = worker_predictor(model_path, loads)
+    predict_params = predictor.default_params.updated(params)
     for frame in batches:
         errors: dict[str, str] = {}
         items = []
@@ -176,9 +176,9 @@ def score_pictures(batches: Iterator, model_path: str, params: dict, max_file_by
                 items.append((path, content))
         boxes: dict[str, list] = {}
         try:
-            scored_items = list(score_images(segmenter, items, predict_params, on_error="yield"))
+            scored_items = list(score_images(predictor, items, predict_params, on_error="yield"))
         except Exception:  # not an input problem (a bug, or a picture that trips a library):
-            scored_items = _one_by_one(segmenter, items, predict_params, errors)  # find which
+            scored_items = _one_by_one(predictor, items, predict_params, errors)  # find which
         for scored in scored_items:
             if scored.ok:
                 boxes[scored.key] = scored.response["boxes"]
@@ -195,8 +195,8 @@ def score_pictures(batches: Iterator, model_path: str, params: dict, max_file_by
         })
 
 
-def worker_segmenter(model_path: str, loads=None):
-    """The model's segmenter in this Python worker, loaded once per worker (``scoring.pyfunc``
+def worker_predictor(model_path: str, loads=None):
+    """The model's predictor in this Python worker, loaded once per worker (``scoring.pyfunc``
     keeps it) as the model's pyfunc loader loads it for ``mlflow.pyfunc.load_model`` (the driver
     checked the MLmodel), without importing MLflow: a second or more of each worker's start,
     for nothing the scoring uses. ``loads``, a Spark accumulator, is told which worker loaded it."""
@@ -204,13 +204,13 @@ def worker_segmenter(model_path: str, loads=None):
     from scoring.model_dir import ModelDir
 
     before = pyfunc.pyfunc_load_count()
-    segmenter = pyfunc.kept_model(ModelDir(model_path).data.path).get_raw_model()
+    predictor = pyfunc.kept_model(ModelDir(model_path).data.path).get_raw_model()
     if loads is not None and pyfunc.pyfunc_load_count() > before:
         loads.add({os.getpid(): 1})
-    return segmenter
+    return predictor
 
 
-def _one_by_one(segmenter, items, params, errors: dict) -> list:
+def _one_by_one(predictor, items, params, errors: dict) -> list:
     """Score each picture alone, so that the one an unexpected error comes from is an error
     row (its traceback in the worker's log, as ``mmdet-mlflow batch`` does) and the others are
     scored: one picture never fails the job."""
@@ -220,7 +220,7 @@ def _one_by_one(segmenter, items, params, errors: dict) -> list:
     scored_items = []
     for key, value in items:
         try:
-            scored_items.extend(score_images(segmenter, [(key, value)], params, on_error="yield"))
+            scored_items.extend(score_images(predictor, [(key, value)], params, on_error="yield"))
         except Exception as err:
             errors[key] = f"{key}: {problem(err)}"
     return scored_items

@@ -29,7 +29,7 @@ from typing import Callable, Iterable
 
 from scoring.errors import InputError
 from scoring.runner import score_images
-from scoring.runtimes.base import Segmenter
+from scoring.runtimes.base import Predictor
 from scoring.schema import INPUT_COLUMN, PredictParams
 
 COLUMNS = ("row", "prediction", "file", "error")  # predictions.csv's columns, in order
@@ -199,7 +199,7 @@ def file_name(path: str | os.PathLike, root: str | os.PathLike | None = None) ->
     return os.path.basename(path)
 
 
-def score_files(segmenter: Segmenter, paths: Iterable[str | os.PathLike],
+def score_files(predictor: Predictor, paths: Iterable[str | os.PathLike],
                 params: PredictParams | dict | None = None,
                 file_name: Callable[[str], str] = file_name) -> list[dict]:
     """Records for every image in ``paths``, in order (see the module docstring)."""
@@ -216,7 +216,7 @@ def score_files(segmenter: Segmenter, paths: Iterable[str | os.PathLike],
         for row, value in images:
             records.append(record(name, row))
             items.append((len(records) - 1, value))
-    for scored in score_images(segmenter, items, params, on_error="yield",
+    for scored in score_images(predictor, items, params, on_error="yield",
                                decode=lambda index, value: _decode(value, records[index]["row"])):
         if scored.ok:
             records[scored.key]["prediction"] = scored.response

@@ -13,7 +13,7 @@ from scoring.decode import preview
 from scoring.errors import InputError
 from scoring.fetch import request_budget
 from scoring.runner import score_images
-from scoring.runtimes.base import Segmenter
+from scoring.runtimes.base import Predictor
 from scoring.schema import INPUT_COLUMN, OUTPUT_COLUMN
 from scoring.work import request_deadline
 
@@ -58,7 +58,7 @@ def check_index_label(label: Any, where: str) -> None:
         raise InputError(f"{where} labels must be strings or numbers, got {preview(label)}")
 
 
-def score_frame(segmenter: Segmenter, model_input: Any,
+def score_frame(predictor: Predictor, model_input: Any,
                 params: Mapping[str, Any] | None = None) -> pd.DataFrame:
     """Decode, predict and encode, one batch at a time, within a served request's limits (rows,
     work deadline, URL budget: see scoring.settings). Errors name the row by its index label
@@ -74,7 +74,7 @@ def score_frame(segmenter: Segmenter, model_input: Any,
     spark = deadline is None
     out = [Boxes(map(OptionalKeys, boxes) if spark else boxes)
            for boxes in (scored.response[OUTPUT_COLUMN]
-                         for scored in score_images(segmenter, rows, params, deadline=deadline,
+                         for scored in score_images(predictor, rows, params, deadline=deadline,
                                                     budget=budget))]
     return pd.DataFrame({OUTPUT_COLUMN: out}, index=frame.index)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from scoring import serving_guards
-from scoring.runtimes import load_segmenter
+from scoring.runtimes import load_predictor
 
 
 class MMDetPyfuncModel:
@@ -16,13 +16,13 @@ class MMDetPyfuncModel:
     else is our bug: logged with its traceback, answered 500 without one (MLflow's server would
     otherwise put the traceback in the response body)."""
 
-    def __init__(self, segmenter):
-        self.segmenter = segmenter
+    def __init__(self, predictor):
+        self.predictor = predictor
 
     def get_raw_model(self):
-        """The segmenter (``scoring.runtimes``): what ``PyFuncModel.get_raw_model()`` returns,
+        """The predictor (``scoring.runtimes``): what ``PyFuncModel.get_raw_model()`` returns,
         so batch scoring can drive the runner directly."""
-        return self.segmenter
+        return self.predictor
 
     def predict(self, model_input, params=None):
         from mlflow.exceptions import MlflowException
@@ -32,7 +32,7 @@ class MMDetPyfuncModel:
         from scoring.frame import score_frame
 
         try:
-            return score_frame(self.segmenter, model_input, params)
+            return score_frame(self.predictor, model_input, params)
         except InputError as err:
             raise MlflowException(str(err), error_code=INVALID_PARAMETER_VALUE) from None
         except Exception as err:
@@ -65,7 +65,7 @@ def kept_model(path) -> MMDetPyfuncModel:
     key = _loaded_key(path)
     model = _LAST_LOADED.get(key)
     if model is None:
-        model = MMDetPyfuncModel(load_segmenter(path))
+        model = MMDetPyfuncModel(load_predictor(path))
         _LAST_LOADED.clear()
         _LAST_LOADED[key] = model
         _LOAD_COUNT[0] += 1

@@ -1,4 +1,4 @@
-"""The one runner: images in, responses out, ``decode -> batch -> segmenter -> encode``.
+"""The one runner: images in, responses out, ``decode -> batch -> predictor -> encode``.
 
 Every path that scores images goes through ``score_images``: the pyfunc (``scoring.frame``,
 under ``mlflow models serve`` and Azure's online endpoint), ``mmdet-mlflow predict``, batch
@@ -35,7 +35,7 @@ from scoring.decode import decode_image
 from scoring.encode import encode_detections
 from scoring.errors import InputError
 from scoring.fetch import Deadline, FetchBudget
-from scoring.runtimes.base import ImageDetections, Segmenter
+from scoring.runtimes.base import ImageDetections, Predictor
 from scoring.runtimes.masks import MaskWindow
 from scoring.schema import PredictParams, check_task_params
 from scoring.tiling import segment_tiled, tiles_for
@@ -59,23 +59,23 @@ class Scored:
         return self.error is None
 
 
-def predict_params(segmenter: Segmenter, values: PredictParams | dict | None) -> PredictParams:
+def predict_params(predictor: Predictor, values: PredictParams | dict | None) -> PredictParams:
     """A call's predict params: the model's defaults updated with ``values`` (PredictParams are
     taken as they are), refusing what the model's task does not take (mask params of a box-only
     model), so that a batch job fails at its start as a request fails at once."""
     if isinstance(values, PredictParams):
         return values
-    check_task_params(segmenter.task, values)  # mask params of a box-only model: refused
-    return segmenter.default_params.updated(values)
+    check_task_params(predictor.task, values)  # mask params of a box-only model: refused
+    return predictor.default_params.updated(values)
 
 
-def score_images(segmenter: Segmenter, items: Iterable[tuple[Any, Any]],
+def score_images(predictor: Predictor, items: Iterable[tuple[Any, Any]],
                  params: PredictParams | dict | None = None, *, encode: Encoder = encode_detections,
                  on_error: str = "raise", keep_images: bool = False,
                  decode: Callable[[Any, Any], np.ndarray] | None = None,
                  deadline: Deadline | None = None,
                  budget: FetchBudget | None = None) -> Iterator[Scored]:
-    """Score ``items`` in order, the segmenter's ``batch_size`` images per forward pass.
+    """Score ``items`` in order, the predictor's ``batch_size`` images per forward pass.
 
     ``params`` are this call's predict params (a dict is checked against the model's defaults).
     ``decode(key, value)`` overrides how a value becomes a BGR image (default: the one decoder,
@@ -83,24 +83,24 @@ def score_images(segmenter: Segmenter, items: Iterable[tuple[Any, Any]],
     """
     if on_error not in ("raise", "yield"):
         raise ValueError(f"on_error must be 'raise' or 'yield', not {on_error!r}")
-    params = predict_params(segmenter, params)
-    check_task_params(segmenter.task, {"mask_format": params.mask_format})
-    check_classes(segmenter.class_names, params)  # an unknown class name: refused before any work
+    params = predict_params(predictor, params)
+    check_task_params(predictor.task, {"mask_format": params.mask_format})
+    check_classes(predictor.class_names, params)  # an unknown class name: refused before any work
     decode = decode or (lambda key, value: decode_image(value, row=key, budget=budget))
-    job = _Job(segmenter, params, encode, keep_images, deadline, on_error)
+    job = _Job(predictor, params, encode, keep_images, deadline, on_error)
     batch: list[tuple[Any, np.ndarray]] = []
     for key, value in items:
         try:
             check_deadline(deadline)
             image = decode(key, value)
-            check_work(segmenter, image, params, len(tiles_for(image.shape[:2], params)), key)
+            check_work(predictor, image, params, len(tiles_for(image.shape[:2], params)), key)
             batch.append((key, image))
         except InputError as err:
             if on_error == "raise":
                 raise
             yield Scored(key, error=err)
             continue
-        if len(batch) == segmenter.batch_size:
+        if len(batch) == predictor.batch_size:
             check_deadline(deadline)
             yield from job.score(batch)
             batch = []
@@ -113,7 +113,7 @@ def score_images(segmenter: Segmenter, items: Iterable[tuple[Any, Any]],
 class _Job:
     """How one call scores its batches: the same params, encoder and limits for each."""
 
-    segmenter: Segmenter
+    predictor: Predictor
     params: PredictParams
     encode: Encoder
     keep_images: bool
@@ -122,16 +122,16 @@ class _Job:
 
     def score(self, batch: list[tuple[Any, np.ndarray]]) -> Iterator[Scored]:
         """A batch's answers: with tiling, picture by picture (the whole picture and its tiles,
-        merged); without, the batch in the segmenter's passes. Each picture's work is bounded by
+        merged); without, the batch in the predictor's passes. Each picture's work is bounded by
         its deadline: the request's, or in a batch job its own from when its work starts."""
         if self.params.tile_grid:
             for key, image in batch:
                 deadline = self._picture_deadline()
                 yield self._scored(key, image, deadline, lambda: segment_tiled(
-                    self.segmenter, image, self.params, deadline))
+                    self.predictor, image, self.params, deadline))
             return
         deadlines = [self._picture_deadline() for _ in batch]
-        found = self.segmenter([image for _, image in batch], self.params)
+        found = self.predictor([image for _, image in batch], self.params)
         for (key, image), detections, deadline in zip(batch, found, deadlines):
             yield self._scored(key, image, deadline, lambda: detections)
 

@@ -1,6 +1,6 @@
 """Tiled inference, as Azure AutoML's tiling for images: a large picture is cut into overlapping
 tiles (``scoring.tiles``: ``tile_grid_size`` "MxN", ``tile_overlap_ratio``), the tiles and the
-whole picture go through the network (the segmenter's batches: ``MMDET_MLFLOW_BATCH_SIZE``
+whole picture go through the network (the predictor's batches: ``MMDET_MLFLOW_BATCH_SIZE``
 tiles a pass at most, so memory stays bounded), and their detections are merged into one
 answer in the picture's pixels, masks included.
 
@@ -45,7 +45,7 @@ import numpy as np
 
 from scoring.boxes import area, box_iou
 from scoring.fetch import Deadline
-from scoring.runtimes.base import ImageDetections, Segmenter
+from scoring.runtimes.base import ImageDetections, Predictor
 from scoring.runtimes.masks import MaskWindow
 from scoring.schema import PredictParams
 from scoring.tiles import tile_rectangles
@@ -82,21 +82,21 @@ def tiles_for(image_hw: tuple[int, int], params: PredictParams) -> list[tuple[in
     return rects if len(rects) > 1 else []
 
 
-def segment_tiled(segmenter: Segmenter, image: np.ndarray, params: PredictParams,
+def segment_tiled(predictor: Predictor, image: np.ndarray, params: PredictParams,
                   deadline: Deadline | None = None) -> ImageDetections:
     """One picture's detections with tiling: the whole picture and each tile through the
-    segmenter (its batches, ``deadline`` checked before each), merged. Without tiles (no grid,
+    predictor (its batches, ``deadline`` checked before each), merged. Without tiles (no grid,
     or one tile), the plain answer."""
     rects = tiles_for(image.shape[:2], params)
     if not rects:
-        return segmenter([image], params)[0]
+        return predictor([image], params)[0]
     height, width = image.shape[:2]
     sources = [(0, 0, width, height)] + rects
     crops = [image[y0:y1, x0:x1] for x0, y0, x1, y1 in sources]  # views: no copies
     found: list[ImageDetections] = []
-    for start in range(0, len(crops), segmenter.batch_size):
+    for start in range(0, len(crops), predictor.batch_size):
         check_deadline(deadline, f"(after {start} of {len(crops)} tiled passes)")
-        found.extend(segmenter(crops[start:start + segmenter.batch_size], params))
+        found.extend(predictor(crops[start:start + predictor.batch_size], params))
     return merge_tiles(found, sources, (height, width), params, deadline)
 
 

@@ -121,10 +121,10 @@ def check_deadline(deadline: Deadline | None, doing: str = "") -> None:
         raise InputError(f"{deadline.what}{' ' + doing if doing else ''}; {LESS_WORK}")
 
 
-def check_work(segmenter, image, params, tiles: int, key=None) -> None:
+def check_work(predictor, image, params, tiles: int, key=None) -> None:
     """Refuse, before the model runs, what it cannot take or what would cost too much
     (``tiles``: the picture's tiles under the params, 0 without tiling)."""
-    problem = segmenter.image_problem(image)
+    problem = predictor.image_problem(image)
     if problem:
         raise InputError(problem, row=key)
     height, width = image.shape[:2]

@@ -14,7 +14,7 @@ from helpers import scene_image
 from scoring.encode import encode_detections, mask_polygons
 from scoring.errors import InputError
 from scoring.runner import score_images
-from scoring.runtimes.base import ImageDetections, Segmenter
+from scoring.runtimes.base import ImageDetections, Predictor
 from scoring.schema import PredictParams
 
 RUNTIMES = ("torch", "onnx")
@@ -22,18 +22,18 @@ IMAGES = [scene_image(320, 240, 0), scene_image(200, 300, 1), scene_image(97, 13
 
 
 @pytest.fixture(scope="module", params=RUNTIMES)
-def segmenter(request, tiny_model_dir):
+def predictor(request, tiny_model_dir):
     import mlflow_model
     from scoring.model_dir import ModelDir
 
     folder = tiny_model_dir if request.param == "torch" else request.getfixturevalue("tiny_onnx_model_dir")
-    segmenter = mlflow_model.load_segmenter(ModelDir(folder).data.path, device="cpu", batch_size=1)
-    assert segmenter.runtime == request.param
-    return segmenter
+    predictor = mlflow_model.load_predictor(ModelDir(folder).data.path, device="cpu", batch_size=1)
+    assert predictor.runtime == request.param
+    return predictor
 
 
-def answers(segmenter, params: dict, images=IMAGES) -> list:
-    return list(score_images(segmenter, enumerate(images), params, keep_images=True,
+def answers(predictor, params: dict, images=IMAGES) -> list:
+    return list(score_images(predictor, enumerate(images), params, keep_images=True,
                              decode=lambda key, image: image))
 
 
@@ -43,12 +43,12 @@ def coco_decode(rle: dict) -> np.ndarray:
 
 # --- rle -----------------------------------------------------------------------------------------
 
-def test_rle_answers_decode_to_the_models_masks_pixel_for_pixel(segmenter):
+def test_rle_answers_decode_to_the_models_masks_pixel_for_pixel(predictor):
     params = {"mask_format": "rle", "score_threshold": 0.05}
     found = 0
-    for scored in answers(segmenter, params):
+    for scored in answers(predictor, params):
         boxes = scored.response["boxes"]
-        masks = list(scored.detections.iter_masks(segmenter.default_params.mask_threshold))
+        masks = list(scored.detections.iter_masks(predictor.default_params.mask_threshold))
         assert len(boxes) == len(masks)
         height, width = scored.image.shape[:2]
         for box, mask in zip(boxes, masks):
@@ -62,10 +62,10 @@ def test_rle_answers_decode_to_the_models_masks_pixel_for_pixel(segmenter):
     assert found >= 5, "the test model should make non-empty masks"
 
 
-def test_rle_answers_carry_the_same_detections_as_polygon_answers(segmenter):
-    polygon = answers(segmenter, {"score_threshold": 0.05})
-    rle = answers(segmenter, {"score_threshold": 0.05, "mask_format": "rle"})
-    none = answers(segmenter, {"score_threshold": 0.05, "mask_format": "none"})
+def test_rle_answers_carry_the_same_detections_as_polygon_answers(predictor):
+    polygon = answers(predictor, {"score_threshold": 0.05})
+    rle = answers(predictor, {"score_threshold": 0.05, "mask_format": "rle"})
+    none = answers(predictor, {"score_threshold": 0.05, "mask_format": "none"})
     for a, b, c in zip(polygon, rle, none):
         strip = lambda boxes: [{k: v for k, v in box.items() if k not in ("polygon", "rle")} for box in boxes]
         assert strip(a.response["boxes"]) == strip(b.response["boxes"]) == c.response["boxes"]
@@ -88,10 +88,10 @@ class _CountingMasks:
             yield mask
 
 
-class _Counting(Segmenter):
-    """A real segmenter whose detections' masks are counted as they are made."""
+class _Counting(Predictor):
+    """A real predictor whose detections' masks are counted as they are made."""
 
-    def __init__(self, inner: Segmenter):
+    def __init__(self, inner: Predictor):
         self.inner = inner
         self.class_names, self.default_params = inner.class_names, inner.default_params
         self.batch_size, self.input_scale = inner.batch_size, inner.input_scale
@@ -107,8 +107,8 @@ class _Counting(Segmenter):
 
 
 @pytest.mark.parametrize("mask_format", ["none", "polygon", "rle"])
-def test_none_makes_no_mask_at_all(segmenter, mask_format):
-    counting = _Counting(segmenter)
+def test_none_makes_no_mask_at_all(predictor, mask_format):
+    counting = _Counting(predictor)
     scored = answers(counting, {"mask_format": mask_format, "score_threshold": 0.05})
     detections = sum(len(s.response["boxes"]) for s in scored)
     assert detections >= 3
@@ -116,13 +116,13 @@ def test_none_makes_no_mask_at_all(segmenter, mask_format):
     assert made == (0 if mask_format == "none" else detections)
 
 
-def test_none_is_not_held_to_the_mask_work_limit(segmenter, monkeypatch):
+def test_none_is_not_held_to_the_mask_work_limit(predictor, monkeypatch):
     """MMDET_MLFLOW_MAX_MASK_PIXELS bounds max_detections x pixels of mask work: without masks
     there is none, so the request is served."""
     monkeypatch.setenv("MMDET_MLFLOW_MAX_MASK_PIXELS", "1000")
     with pytest.raises(InputError, match="mask pixels, over the limit"):
-        answers(segmenter, {"mask_format": "polygon"}, IMAGES[:1])
-    assert answers(segmenter, {"mask_format": "none"}, IMAGES[:1])[0].ok
+        answers(predictor, {"mask_format": "polygon"}, IMAGES[:1])
+    assert answers(predictor, {"mask_format": "none"}, IMAGES[:1])[0].ok
 
 
 # --- the encoder on known masks --------------------------------------------------------------------
@@ -176,8 +176,8 @@ def test_polygons_put_the_largest_part_first():
     assert cv2.contourArea(contours[0]) < cv2.contourArea(contours[1])  # so the order did change
 
 
-def test_rle_answers_are_json(segmenter):
-    scored = answers(segmenter, {"mask_format": "rle", "max_detections": 3}, IMAGES[:1])[0]
+def test_rle_answers_are_json(predictor):
+    scored = answers(predictor, {"mask_format": "rle", "max_detections": 3}, IMAGES[:1])[0]
     assert json.loads(json.dumps(scored.response)) == scored.response
 
 
@@ -187,12 +187,12 @@ def _labels(scored) -> list[str]:
     return [box["label"] for box in scored.response["boxes"]]
 
 
-def test_classes_filter_before_top_k_so_max_detections_counts_kept_classes(segmenter):
+def test_classes_filter_before_top_k_so_max_detections_counts_kept_classes(predictor):
     """The answer with classes=C and max_detections=K is the unfiltered answer's detections of C,
     first K: the filter acts before the top-k and NMS (class-aware NMS: other classes never
     suppressed those of C)."""
     base = {"score_threshold": 0.05, "mask_format": "none"}
-    everything = answers(segmenter, {**base, "max_detections": 1000})
+    everything = answers(predictor, {**base, "max_detections": 1000})
     counts = {}
     for scored in everything:
         for label in _labels(scored):
@@ -202,7 +202,7 @@ def test_classes_filter_before_top_k_so_max_detections_counts_kept_classes(segme
     limit = 3
     for comma_separated in (False, True):
         classes = ", ".join(kept) if comma_separated else kept
-        filtered = answers(segmenter, {**base, "classes": classes, "max_detections": limit})
+        filtered = answers(predictor, {**base, "classes": classes, "max_detections": limit})
         for full, got in zip(everything, filtered):
             want = [box for box in full.response["boxes"] if box["label"] in kept][:limit]
             assert got.response["boxes"] == want
@@ -210,10 +210,10 @@ def test_classes_filter_before_top_k_so_max_detections_counts_kept_classes(segme
     assert any(set(_labels(s)[:limit]) - set(kept) for s in everything)
 
 
-def test_classes_naming_every_class_is_no_filter(segmenter):
+def test_classes_naming_every_class_is_no_filter(predictor):
     params = {"score_threshold": 0.05, "mask_format": "none"}
-    assert [s.response for s in answers(segmenter, {**params, "classes": list(segmenter.class_names)})] == \
-        [s.response for s in answers(segmenter, params)]
+    assert [s.response for s in answers(predictor, {**params, "classes": list(predictor.class_names)})] == \
+        [s.response for s in answers(predictor, params)]
 
 
 def test_both_runtimes_filter_alike(tiny_model_dir, tiny_onnx_model_dir):
@@ -225,8 +225,8 @@ def test_both_runtimes_filter_alike(tiny_model_dir, tiny_onnx_model_dir):
               "max_detections": 5}
     got = {}
     for name, folder in (("torch", tiny_model_dir), ("onnx", tiny_onnx_model_dir)):
-        segmenter = mlflow_model.load_segmenter(ModelDir(folder).data.path, device="cpu", batch_size=1)
-        got[name] = answers(segmenter, params)
+        predictor = mlflow_model.load_predictor(ModelDir(folder).data.path, device="cpu", batch_size=1)
+        got[name] = answers(predictor, params)
     for a, b in zip(got["torch"], got["onnx"]):
         assert set(_labels(a)) <= {"person", "car", "dog"}
         assert_same_detections(a.response, b.response, share=1.0)
@@ -248,12 +248,12 @@ def test_bad_values_name_the_param(params, message):
         PredictParams().updated(params)
 
 
-def test_an_unknown_class_is_refused_before_any_image_listing_the_models_classes(segmenter):
+def test_an_unknown_class_is_refused_before_any_image_listing_the_models_classes(predictor):
     def never(key, value):
         raise AssertionError("no image is decoded for a request with a bad param")
 
     with pytest.raises(InputError) as refused:
-        list(score_images(segmenter, [(0, "x")], {"classes": ["person", "unicorn"]}, decode=never))
+        list(score_images(predictor, [(0, "x")], {"classes": ["person", "unicorn"]}, decode=never))
     message = str(refused.value)
     assert "param 'classes'" in message and "'unicorn'" in message
     assert "the model's classes: person, bicycle, car" in message
@@ -288,10 +288,10 @@ for name in ("torch", "torchvision", "mmcv", "mmdet", "mmengine", "pycocotools")
 sys.path.insert(0, sys.argv[1])
 import cv2
 from scoring.runner import score_images
-from scoring.runtimes.onnx_rtmdet import load_onnx_segmenter
-segmenter = load_onnx_segmenter(sys.argv[2])
+from scoring.runtimes.onnx_rtmdet import load_onnx_predictor
+predictor = load_onnx_predictor(sys.argv[2])
 params = {"mask_format": "rle", "classes": "person, car, dog", "score_threshold": 0.05}
-[scored] = score_images(segmenter, [(0, cv2.imread(sys.argv[3]))], params, decode=lambda k, v: v)
+[scored] = score_images(predictor, [(0, cv2.imread(sys.argv[3]))], params, decode=lambda k, v: v)
 print(json.dumps(scored.response))
 """
 
@@ -311,8 +311,8 @@ def test_rle_and_classes_serve_without_pycocotools_or_torch(tiny_onnx_model_dir,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     lean = json.loads(result.stdout.strip().splitlines()[-1])
-    segmenter = mlflow_model.load_segmenter(weights, device="cpu", batch_size=1)
-    [want] = score_images(segmenter, [(0, cv2.imread(str(image_files[0])))],
+    predictor = mlflow_model.load_predictor(weights, device="cpu", batch_size=1)
+    [want] = score_images(predictor, [(0, cv2.imread(str(image_files[0])))],
                           {"mask_format": "rle", "classes": "person, car, dog", "score_threshold": 0.05},
                           decode=lambda key, value: value)
     assert lean["boxes"] and [b["rle"] for b in lean["boxes"]] == [b["rle"] for b in want.response["boxes"]]

@@ -218,10 +218,10 @@ def labelled_set(tmp_path_factory, fridge_model):
     generate(folder, num_images=5, seed=7, progress=False,
              style=SceneStyle(object_size=(60, 250), min_visible_fraction=0.35))
     dataset = load_dataset(folder / "train.coco.json")
-    segmenter = mlflow_model.load_segmenter(fridge_model / mlflow_model.MODEL_DATA_DIR)
-    params = segmenter.default_params.updated({"score_threshold": 0.05})  # what evaluate uses
+    predictor = mlflow_model.load_predictor(fridge_model / mlflow_model.MODEL_DATA_DIR)
+    params = predictor.default_params.updated({"score_threshold": 0.05})  # what evaluate uses
     images = [decode_image(r.path.read_bytes()) for r in dataset.images]
-    detections = segmenter(images, params)  # one batch, as evaluate's (batch size 8) will be
+    detections = predictor(images, params)  # one batch, as evaluate's (batch size 8) will be
     model_masks = [(list(d.iter_masks(params.mask_threshold)), d.scores.copy(),
                     [d.label_name(i) for i in range(len(d))], d.boxes.copy()) for d in detections]
 
@@ -390,7 +390,7 @@ def test_a_logged_evaluation_names_the_precision_the_network_ran_in(tmp_path, la
     from mmdet_mlflow.data import load_dataset
     from mmdet_mlflow.evaluate import evaluate
     from scoring.decode import decode_image
-    from scoring.runtimes.openvino_rtmdet import cpu_has_bf16, load_openvino_segmenter
+    from scoring.runtimes.openvino_rtmdet import cpu_has_bf16, load_openvino_predictor
     from mmdet_mlflow.synth import CLASSES
 
     test_file, _ = labelled_set
@@ -399,12 +399,12 @@ def test_a_logged_evaluation_names_the_precision_the_network_ran_in(tmp_path, la
     mlflow_model.save_model(onnx_model, TINY, str(fridge_model.parent / "fridge.pth"), classes=CLASSES,
                             runtime="onnx", quantize="int8", calibration_images=calibration)
     weights = onnx_model / mlflow_model.MODEL_DATA_DIR
-    for segmenter, runtime, precision in (
+    for predictor, runtime, precision in (
             (None, "onnx", "int8"),
-            (load_openvino_segmenter(weights, precision="bf16", quiet=True), "openvino",
+            (load_openvino_predictor(weights, precision="bf16", quiet=True), "openvino",
              "bf16" if cpu_has_bf16() else "fp32")):
         with mlflow.start_run(run_name="evaluate-precision") as run:
-            doc = evaluate(onnx_model, test_file, tmp_path / runtime, segmenter=segmenter, progress=False,
+            doc = evaluate(onnx_model, test_file, tmp_path / runtime, predictor=predictor, progress=False,
                            num_samples=0)
         assert doc["settings"]["runtime"] == runtime and doc["settings"]["precision"] == precision
         written = json.loads((tmp_path / runtime / "metrics.json").read_text())["settings"]
@@ -434,8 +434,8 @@ def test_evaluate_scores_tiled_inference_with_the_tiling_options(tmp_path, label
     assert doc["settings"]["tile_overlap_ratio"] == 0.3
     assert doc["settings"]["tile_predictions_nms_thresh"] == 0.4
 
-    segmenter = mlflow_model.load_segmenter(fridge_model / mlflow_model.MODEL_DATA_DIR)
-    params = segmenter.default_params.updated({"score_threshold": 0.05, "tile_grid_size": "2x2",
+    predictor = mlflow_model.load_predictor(fridge_model / mlflow_model.MODEL_DATA_DIR)
+    params = predictor.default_params.updated({"score_threshold": 0.05, "tile_grid_size": "2x2",
                                                "tile_overlap_ratio": 0.3,
                                                "tile_predictions_nms_thresh": 0.4})
     untiled = PredictParams(**{**params.as_dict(), "tile_grid_size": ""})
@@ -444,13 +444,13 @@ def test_evaluate_scores_tiled_inference_with_the_tiling_options(tmp_path, label
     names = {c["id"]: c["name"] for c in TEST_CATEGORIES}
     for image in load_dataset(test_file).images:
         picture = decode_image(image.path.read_bytes())
-        tiled = segment_tiled(segmenter, picture, params)
+        tiled = segment_tiled(predictor, picture, params)
         want = sorted((tiled.label_name(i), round(float(tiled.scores[i]), 4)) for i in range(len(tiled))
                       if tiled.label_name(i) in names.values())
         got = sorted((names[r["category_id"]], round(r["score"], 4)) for r in results
                      if r["image_id"] == image.image_id and r["category_id"] in kept)
         assert got == want, image.path.name
-    plain = segmenter([picture], untiled)[0]
+    plain = predictor([picture], untiled)[0]
     assert len(tiled) != len(plain) or not np.allclose(tiled.boxes, plain.boxes)  # tiling did something
 
     code = main(["evaluate", "--model", str(fridge_model), "--test", str(test_file),
@@ -571,9 +571,9 @@ def od_labelled_set(tmp_path_factory, od_model) -> Path:
     folder = tmp_path_factory.mktemp("od_data")
     generate(folder, num_images=4, seed=7, progress=False, task=OBJECT_DETECTION)
     dataset = load_dataset(folder / "train.coco.json")
-    segmenter = mlflow_model.load_segmenter(od_model / mlflow_model.MODEL_DATA_DIR)
-    detections = segmenter([decode_image(r.path.read_bytes()) for r in dataset.images],
-                           segmenter.default_params.updated({"score_threshold": 0.05}))
+    predictor = mlflow_model.load_predictor(od_model / mlflow_model.MODEL_DATA_DIR)
+    detections = predictor([decode_image(r.path.read_bytes()) for r in dataset.images],
+                           predictor.default_params.updated({"score_threshold": 0.05}))
     coco = to_coco(dataset, relative_to=folder)
     category_id = {c["name"]: c["id"] for c in coco["categories"]}
     for image, found in list(zip(coco["images"], detections))[:-1]:
@@ -697,7 +697,7 @@ def test_the_precision_check_measures_box_map_where_evaluate_measures_boxes(od_m
     from mmdet_mlflow.data import load_dataset
     from mmdet_mlflow.precision_check import _maps
 
-    segmenter = mlflow_model.load_segmenter(od_model / mlflow_model.MODEL_DATA_DIR)
+    predictor = mlflow_model.load_predictor(od_model / mlflow_model.MODEL_DATA_DIR)
     dataset = load_dataset(od_labelled_set)
-    metric, maps = _maps(od_model, dataset, [0, 1], {"fp32": segmenter, "bf16": segmenter})
+    metric, maps = _maps(od_model, dataset, [0, 1], {"fp32": predictor, "bf16": predictor})
     assert metric == "bbox_AP" and maps["fp32"] == maps["bf16"] > 0

@@ -201,8 +201,8 @@ def test_a_batch_answers_as_pictures_one_at_a_time():
         checkpoint = make_official_checkpoint(folder / "rtmdet.pth", "rtmdet_tiny_8xb32-300e_coco",
                                               classes=CLASSES)
         mlflow_model.save_model(folder / "model", "rtmdet_tiny_8xb32-300e_coco", str(checkpoint))
-        alone = mlflow_model.load_segmenter(folder / "model" / "model", device="cpu", batch_size=1)
-        batched = mlflow_model.load_segmenter(folder / "model" / "model", device="cpu", batch_size=2)
+        alone = mlflow_model.load_predictor(folder / "model" / "model", device="cpu", batch_size=1)
+        batched = mlflow_model.load_predictor(folder / "model" / "model", device="cpu", batch_size=2)
     pictures = [(0, scene_image(320, 240, 1)), (1, scene_image(200, 300, 2))]
     params = {"score_threshold": 0.05}
     one = [s.response["boxes"] for s in score_images(alone, pictures, params, decode=lambda k, v: v)]

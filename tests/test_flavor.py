@@ -147,11 +147,11 @@ def test_masks_are_bit_identical_to_mmdet_even_in_small_chunks(tiny_model_dir, t
     from scoring.decode import decode_image
     from scoring.schema import PredictParams
 
-    segmenter = mlflow_model.load_segmenter(tiny_model_dir / "model", device="cpu")
+    predictor = mlflow_model.load_predictor(tiny_model_dir / "model", device="cpu")
     # A budget of one full-size mask per chunk: the chunked path must change nothing.
     monkeypatch.setattr(scoring.runtimes.torch_rtmdet, "MASK_CHUNK_BYTES", 1)
     image = decode_image(image_files[0].read_bytes())
-    dets = segmenter([image], PredictParams(score_threshold=0.05))[0]
+    dets = predictor([image], PredictParams(score_threshold=0.05))[0]
     ref = _mmdet_reference(tiny_checkpoint, image_files[0])
     ours = np.stack(list(dets.iter_masks(0.5)))
     assert ours.shape == tuple(ref.masks.shape) and ours.any()
@@ -161,14 +161,14 @@ def test_masks_are_bit_identical_to_mmdet_even_in_small_chunks(tiny_model_dir, t
 def test_a_batch_is_one_forward_pass_with_the_same_results(tiny_model_dir, image_files):
     from scoring.decode import decode_image
 
-    segmenter = mlflow_model.load_segmenter(tiny_model_dir / "model", device="cpu", batch_size=8)
+    predictor = mlflow_model.load_predictor(tiny_model_dir / "model", device="cpu", batch_size=8)
     images = [decode_image(p.read_bytes()) for p in image_files]
     calls = []
-    original = segmenter.detector.extract_feat
-    segmenter.detector.extract_feat = lambda x: calls.append(x.shape) or original(x)
-    together = segmenter(images)
+    original = predictor.detector.extract_feat
+    predictor.detector.extract_feat = lambda x: calls.append(x.shape) or original(x)
+    together = predictor(images)
     assert len(calls) == 1 and calls[0][0] == 2
-    alone = [segmenter([img])[0] for img in images]
+    alone = [predictor([img])[0] for img in images]
     for a, b in zip(together, alone):
         # Batched convolutions differ from single ones in the last float bits, which can swap
         # near-tied detections (this untrained model has many): match them as sets.
@@ -182,9 +182,9 @@ def test_a_batch_is_one_forward_pass_with_the_same_results(tiny_model_dir, image
 
 def test_forward_batches_are_single_images_on_cpu_unless_asked(tiny_model_dir, monkeypatch):
     """On CPU one image per pass is fastest (bench/predict.py); the model's 8 is for GPUs."""
-    assert mlflow_model.load_segmenter(tiny_model_dir / "model", device="cpu").batch_size == 1
+    assert mlflow_model.load_predictor(tiny_model_dir / "model", device="cpu").batch_size == 1
     monkeypatch.setenv("MMDET_MLFLOW_BATCH_SIZE", "4")
-    assert mlflow_model.load_segmenter(tiny_model_dir / "model", device="cpu").batch_size == 4
+    assert mlflow_model.load_predictor(tiny_model_dir / "model", device="cpu").batch_size == 4
 
 
 def test_params_change_the_result(tiny_model_dir, image_files):

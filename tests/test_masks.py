@@ -306,14 +306,14 @@ def test_the_box_margin_setting_cuts_a_served_models_masks_to_their_boxes(reques
     and leaves them exactly as they are inside that window; unset, masks are mmdet's; a value
     that is not a number of cells is refused at load, naming the variable."""
     from helpers import scene_image
-    from scoring.runtimes import load_segmenter
+    from scoring.runtimes import load_predictor
     from scoring.settings import SettingError
 
     folder = request.getfixturevalue(fixture) / "model"
     image = scene_image(640, 480, 3)
-    exact = load_segmenter(folder, device="cpu")
+    exact = load_predictor(folder, device="cpu")
     monkeypatch.setenv("MMDET_MLFLOW_MASK_BOX_MARGIN", "4")
-    cut = load_segmenter(folder, device="cpu")
+    cut = load_predictor(folder, device="cpu")
     assert (exact.mask_box_margin, cut.mask_box_margin) == (None, 4.0)
     params = exact.default_params
     want, got = exact([image], params)[0], cut([image], params)[0]
@@ -331,4 +331,4 @@ def test_the_box_margin_setting_cuts_a_served_models_masks_to_their_boxes(reques
     assert outside > 0  # the untrained model's masks do reach past their boxes: the cut did work
     monkeypatch.setenv("MMDET_MLFLOW_MASK_BOX_MARGIN", "four")
     with pytest.raises(SettingError, match="MMDET_MLFLOW_MASK_BOX_MARGIN"):
-        load_segmenter(folder, device="cpu")
+        load_predictor(folder, device="cpu")

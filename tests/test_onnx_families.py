@@ -39,9 +39,9 @@ def runtimes(request, tmp_path_factory):
     family = family_named(info["family"])
     loaded = {runtime: family.loader(runtime)(weights, info=info, device="cpu", batch_size=1)
               for runtime in ("torch", "onnx")}
-    from scoring.runtimes.openvino_rtmdet import load_openvino_segmenter
+    from scoring.runtimes.openvino_rtmdet import load_openvino_predictor
 
-    loaded["openvino"] = load_openvino_segmenter(weights, batch_size=1, precision="fp32", quiet=True)
+    loaded["openvino"] = load_openvino_predictor(weights, batch_size=1, precision="fp32", quiet=True)
     return EXPORTED[name], loaded
 
 
@@ -128,9 +128,9 @@ def test_package_onnx_serves_the_model_without_torch_weights(tmp_path):
     assert (info["family"], info["task"], info["runtime"]) == ("rtmdet", "object-detection", "onnx")
     assert info["onnx"]["head"]["kind"] == "rtmdet" and "mask_feat" not in info["onnx"]["outputs"]
     assert not (tmp_path / "model" / "model" / "weights.pth").exists()
-    segmenter = mlflow_model.load_segmenter(tmp_path / "model" / "model")
-    assert segmenter.runtime == "onnx" and segmenter.task == "object-detection"
-    [answer] = segmenter([scene_image(320, 240, 0)])
+    predictor = mlflow_model.load_predictor(tmp_path / "model" / "model")
+    assert predictor.runtime == "onnx" and predictor.task == "object-detection"
+    [answer] = predictor([scene_image(320, 240, 0)])
     assert answer.masks is None
 
 

@@ -32,12 +32,12 @@ def onnx_weights_dir(tmp_path_factory, tiny_model_dir) -> Path:
 
 
 @pytest.fixture(scope="module")
-def segmenters(onnx_weights_dir):
+def predictors(onnx_weights_dir):
     import mlflow_model
-    from scoring.runtimes.onnx_rtmdet import load_onnx_segmenter
+    from scoring.runtimes.onnx_rtmdet import load_onnx_predictor
 
-    torch_segmenter = mlflow_model.load_segmenter(onnx_weights_dir, device="cpu", batch_size=1)
-    return torch_segmenter, load_onnx_segmenter(onnx_weights_dir, num_threads=2)
+    torch_predictor = mlflow_model.load_predictor(onnx_weights_dir, device="cpu", batch_size=1)
+    return torch_predictor, load_onnx_predictor(onnx_weights_dir, num_threads=2)
 
 
 @pytest.fixture(scope="module")
@@ -52,15 +52,15 @@ def _copy(folder: Path, tmp_path: Path) -> Path:
 # ----------------------------------------------------------------------------- equality
 
 
-def test_preprocessing_gives_the_network_mmdets_tensor(segmenters, images):
+def test_preprocessing_gives_the_network_mmdets_tensor(predictors, images):
     import torch
 
-    torch_segmenter, onnx_segmenter = segmenters
+    torch_predictor, onnx_predictor = predictors
     for image in images:
-        batch = torch_segmenter.preprocess([image])
-        data = torch_segmenter.detector.data_preprocessor(batch, False)
+        batch = torch_predictor.preprocess([image])
+        data = torch_predictor.detector.data_preprocessor(batch, False)
         want = data["inputs"].numpy()
-        ours = onnx_segmenter.preprocess([image])
+        ours = onnx_predictor.preprocess([image])
         assert ours["inputs"].shape == want.shape
         assert float(np.abs(ours["inputs"] - want).max()) == 0.0, image.shape
         meta, their_meta = ours["metas"][0], data["data_samples"][0].metainfo
@@ -70,8 +70,8 @@ def test_preprocessing_gives_the_network_mmdets_tensor(segmenters, images):
     assert isinstance(want, np.ndarray) and not isinstance(want, torch.Tensor)
 
 
-def _detections(segmenter, image, params):
-    [dets] = segmenter([image], params)
+def _detections(predictor, image, params):
+    [dets] = predictor([image], params)
     masks = list(dets.iter_masks(params.mask_threshold))
     return dets, masks
 
@@ -82,14 +82,14 @@ def _mask_iou(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
 
 
-def _compare(torch_segmenter, onnx_segmenter, images, params) -> tuple[int, int, list[float]]:
+def _compare(torch_predictor, onnx_predictor, images, params) -> tuple[int, int, list[float]]:
     """(matched, total, mask IoUs of the matched): a detection matches one of the other runtime's
     with the same label, box within 0.5 px and score within 1e-4."""
     matched = total = 0
     ious = []
     for image in images:
-        want, want_masks = _detections(torch_segmenter, image, params)
-        got, got_masks = _detections(onnx_segmenter, image, params)
+        want, want_masks = _detections(torch_predictor, image, params)
+        got, got_masks = _detections(onnx_predictor, image, params)
         assert got.image_size == want.image_size
         total += max(len(want), len(got))
         used = set()
@@ -108,23 +108,23 @@ def _compare(torch_segmenter, onnx_segmenter, images, params) -> tuple[int, int,
 
 @pytest.mark.parametrize("param_values", [{}, {"score_threshold": 0.05, "iou_threshold": 0.5},
                                           {"max_detections": 7, "mask_threshold": 0.3}])
-def test_detections_and_masks_equal_the_torch_runtime(segmenters, images, param_values):
-    torch_segmenter, onnx_segmenter = segmenters
-    params = torch_segmenter.default_params.updated(param_values)
-    matched, total, ious = _compare(torch_segmenter, onnx_segmenter, images, params)
+def test_detections_and_masks_equal_the_torch_runtime(predictors, images, param_values):
+    torch_predictor, onnx_predictor = predictors
+    params = torch_predictor.default_params.updated(param_values)
+    matched, total, ious = _compare(torch_predictor, onnx_predictor, images, params)
     assert total >= 3 * len(images), f"only {total} detections: the test model should see things"
     assert matched >= 0.99 * total, f"{matched} of {total} detections identical"
     assert min(ious) >= 0.99, f"worst matched mask IoU {min(ious):.4f}"
 
 
-def test_class_agnostic_nms_equals_the_torch_runtime(segmenters, images):
-    torch_segmenter, onnx_segmenter = segmenters
-    params = _with_class_agnostic_nms(torch_segmenter.default_params)
-    matched, total, ious = _compare(torch_segmenter, onnx_segmenter, images, params)
+def test_class_agnostic_nms_equals_the_torch_runtime(predictors, images):
+    torch_predictor, onnx_predictor = predictors
+    params = _with_class_agnostic_nms(torch_predictor.default_params)
+    matched, total, ious = _compare(torch_predictor, onnx_predictor, images, params)
     assert matched >= 0.99 * total and min(ious) >= 0.99
 
 
-def test_class_agnostic_nms_keeps_one_box_per_place(segmenters, images):
+def test_class_agnostic_nms_keeps_one_box_per_place(predictors, images):
     """The same boxes as mmcv's batched_nms with class_agnostic=True (mmdet's nms cfg option)."""
     import torch
     from mmcv.ops import batched_nms as mmcv_batched_nms
@@ -146,11 +146,11 @@ def test_class_agnostic_nms_keeps_one_box_per_place(segmenters, images):
         assert batched_nms(boxes, scores, labels, 0.5, agnostic, max_num=7).tolist() == \
             theirs[:7].tolist()
 
-    _, onnx_segmenter = segmenters
-    base = onnx_segmenter.default_params.updated({"score_threshold": 0.05})
+    _, onnx_predictor = predictors
+    base = onnx_predictor.default_params.updated({"score_threshold": 0.05})
     agnostic = _with_class_agnostic_nms(base)
-    aware = onnx_segmenter([images[2]], base)[0]
-    merged = onnx_segmenter([images[2]], agnostic)[0]
+    aware = onnx_predictor([images[2]], base)[0]
+    merged = onnx_predictor([images[2]], agnostic)[0]
     assert 0 < len(merged) <= len(aware)
     from scoring.runtimes.rtmdet_numpy import nms
 
@@ -177,16 +177,16 @@ class _AgnosticParams:
         return getattr(self._params, name)
 
 
-def test_runtime_is_named_and_batches_as_single_images(segmenters, images):
-    _, onnx_segmenter = segmenters
-    assert onnx_segmenter.runtime == "onnx" and onnx_segmenter.batch_size == 1
-    params = onnx_segmenter.default_params
-    one_by_one = [onnx_segmenter([img], params)[0] for img in images[:3]]
-    onnx_segmenter.batch_size = 3
+def test_runtime_is_named_and_batches_as_single_images(predictors, images):
+    _, onnx_predictor = predictors
+    assert onnx_predictor.runtime == "onnx" and onnx_predictor.batch_size == 1
+    params = onnx_predictor.default_params
+    one_by_one = [onnx_predictor([img], params)[0] for img in images[:3]]
+    onnx_predictor.batch_size = 3
     try:
-        batched = onnx_segmenter(images[:3], params)
+        batched = onnx_predictor(images[:3], params)
     finally:
-        onnx_segmenter.batch_size = 1
+        onnx_predictor.batch_size = 1
     for a, b in zip(one_by_one, batched):
         assert len(a) == len(b)
         assert np.abs(a.boxes - b.boxes).max(initial=0) <= 1e-2
@@ -240,7 +240,7 @@ def test_int8_model_is_recorded_loads_and_finds_what_fp32_finds(onnx_weights_dir
     Random weights say nothing about accuracy (the bench prints it); this checks it is the same
     model: most fp32 detections are found again within 2 px and 0.05 score."""
     from mlflow_model.onnx_export import add_int8_to_weights_dir, sample_images
-    from scoring.runtimes.onnx_rtmdet import load_onnx_segmenter
+    from scoring.runtimes.onnx_rtmdet import load_onnx_predictor
 
     folder = _copy(onnx_weights_dir, tmp_path)
     record = add_int8_to_weights_dir(folder, sample_images(4))
@@ -251,8 +251,8 @@ def test_int8_model_is_recorded_loads_and_finds_what_fp32_finds(onnx_weights_dir
             for name in ("model.onnx", "model.int8.onnx")}
     assert size["model.int8.onnx"] < 0.5 * size["model.onnx"]
 
-    fp32 = load_onnx_segmenter(folder, num_threads=2)
-    int8 = load_onnx_segmenter(folder, num_threads=2, onnx_file="model.int8.onnx")
+    fp32 = load_onnx_predictor(folder, num_threads=2)
+    int8 = load_onnx_predictor(folder, num_threads=2, onnx_file="model.int8.onnx")
     params = fp32.default_params
     found, close = found_again(fp32, int8, images[:3], params)
     assert found > 0 and close >= 0.5 * found, f"int8 found {close} of fp32's {found} detections"
@@ -267,7 +267,7 @@ def test_a_model_saved_with_its_weights_in_the_graph_file_still_loads(onnx_weigh
     import onnx
 
     from mlflow_model.onnx_export import file_record
-    from scoring.runtimes.onnx_rtmdet import load_onnx_segmenter
+    from scoring.runtimes.onnx_rtmdet import load_onnx_predictor
 
     folder = _copy(onnx_weights_dir, tmp_path)
     onnx.save_model(onnx.load(str(folder / "model.onnx")), str(folder / "model.onnx"))
@@ -278,24 +278,24 @@ def test_a_model_saved_with_its_weights_in_the_graph_file_still_loads(onnx_weigh
     record.update(file_record(folder / "model.onnx"))  # the one file's sha256 and size
     (folder / "model.json").write_text(json.dumps(info))
 
-    embedded, external = load_onnx_segmenter(folder), load_onnx_segmenter(onnx_weights_dir)
+    embedded, external = load_onnx_predictor(folder), load_onnx_predictor(onnx_weights_dir)
     params = external.default_params
     [a], [b] = embedded([images[0]], params), external([images[0]], params)
     assert len(b) > 0 and np.array_equal(a.boxes, b.boxes) and np.array_equal(a.scores, b.scores)
 
 
 def test_missing_onnx_file_is_refused(onnx_weights_dir, tmp_path):
-    from scoring.runtimes.onnx_rtmdet import OnnxModelError, load_onnx_segmenter
+    from scoring.runtimes.onnx_rtmdet import OnnxModelError, load_onnx_predictor
 
     folder = _copy(onnx_weights_dir, tmp_path)
     (folder / "model.onnx").unlink()
     with pytest.raises(OnnxModelError, match="model.onnx is missing"):
-        load_onnx_segmenter(folder)
+        load_onnx_predictor(folder)
 
 
 @pytest.mark.parametrize("changed", ["model.onnx.data", "model.onnx"])
 def test_a_different_onnx_file_is_refused_by_its_checksum(onnx_weights_dir, tmp_path, changed):
-    from scoring.runtimes.onnx_rtmdet import OnnxModelError, load_onnx_segmenter
+    from scoring.runtimes.onnx_rtmdet import OnnxModelError, load_onnx_predictor
 
     folder = _copy(onnx_weights_dir, tmp_path)
     with open(folder / changed, "r+b") as f:  # one flipped byte: deep in the weights, or the graph
@@ -304,30 +304,30 @@ def test_a_different_onnx_file_is_refused_by_its_checksum(onnx_weights_dir, tmp_
         f.seek(-1, 1)
         f.write(bytes([byte[0] ^ 0xFF]))
     with pytest.raises(OnnxModelError, match=f"{changed} is not the file exported with this model"):
-        load_onnx_segmenter(folder)
+        load_onnx_predictor(folder)
 
 
 def test_a_missing_weights_file_is_refused(onnx_weights_dir, tmp_path):
-    from scoring.runtimes.onnx_rtmdet import OnnxModelError, load_onnx_segmenter
+    from scoring.runtimes.onnx_rtmdet import OnnxModelError, load_onnx_predictor
 
     folder = _copy(onnx_weights_dir, tmp_path)
     (folder / "model.onnx.data").unlink()
     with pytest.raises(OnnxModelError, match="weights file .*model.onnx.data is missing"):
-        load_onnx_segmenter(folder)
+        load_onnx_predictor(folder)
     _forget_checksum(folder)  # without model.json's record ORT's own refusal comes through
     with pytest.raises(OnnxModelError, match="is not a loadable ONNX model"):
-        load_onnx_segmenter(folder)
+        load_onnx_predictor(folder)
 
 
 def test_a_damaged_file_is_reported_by_its_checksum_though_the_session_fails_too(onnx_weights_dir, tmp_path):
     # The checksum is computed while the session is built; the clearer of the two reasons wins.
-    from scoring.runtimes.onnx_rtmdet import OnnxModelError, load_onnx_segmenter
+    from scoring.runtimes.onnx_rtmdet import OnnxModelError, load_onnx_predictor
 
     folder = _copy(onnx_weights_dir, tmp_path)
     data = (folder / "model.onnx").read_bytes()
     (folder / "model.onnx").write_bytes(data[: len(data) // 3])  # truncated, checksum kept
     with pytest.raises(OnnxModelError, match="not the file exported with this model"):
-        load_onnx_segmenter(folder)
+        load_onnx_predictor(folder)
 
 
 def _forget_checksum(folder: Path) -> None:
@@ -337,8 +337,8 @@ def _forget_checksum(folder: Path) -> None:
 
 
 WHEEL_RUNTIMES = {  # the runtimes serving the exported graph: loader, what it says of a cut graph
-    "onnx": ("scoring.runtimes.onnx_rtmdet:load_onnx_segmenter", "is not a loadable ONNX model"),
-    "openvino": ("scoring.runtimes.openvino_rtmdet:load_openvino_segmenter",
+    "onnx": ("scoring.runtimes.onnx_rtmdet:load_onnx_predictor", "is not a loadable ONNX model"),
+    "openvino": ("scoring.runtimes.openvino_rtmdet:load_openvino_predictor",
                  r"model.onnx is not an ONNX model OpenVINO [\d.]+.* can read"),
 }
 
@@ -372,21 +372,21 @@ def test_a_graph_that_does_not_fit_model_json_is_refused(onnx_weights_dir, tmp_p
 
 
 def test_an_input_size_that_does_not_fit_the_config_is_refused(onnx_weights_dir, tmp_path):
-    from scoring.runtimes.onnx_rtmdet import OnnxModelError, load_onnx_segmenter
+    from scoring.runtimes.onnx_rtmdet import OnnxModelError, load_onnx_predictor
 
     folder = copied_model_folder(onnx_weights_dir, tmp_path, forget_checksums=True)
     info = json.loads((folder / "model.json").read_text())
     info["onnx"]["preprocess"]["input_hw"] = [320, 320]
     (folder / "model.json").write_text(json.dumps(info))
     with pytest.raises(OnnxModelError, match="input shape"):
-        load_onnx_segmenter(folder)
+        load_onnx_predictor(folder)
 
 
 def test_a_model_without_an_onnx_export_is_refused(tiny_model_dir):
-    from scoring.runtimes.onnx_rtmdet import OnnxModelError, load_onnx_segmenter
+    from scoring.runtimes.onnx_rtmdet import OnnxModelError, load_onnx_predictor
 
     with pytest.raises(OnnxModelError, match="was not exported to ONNX"):
-        load_onnx_segmenter(tiny_model_dir / "model")
+        load_onnx_predictor(tiny_model_dir / "model")
 
 
 # ----------------------------------------------------------------------------- without torch
@@ -398,10 +398,10 @@ for name in ("torch", "torchvision", "mmcv", "mmdet", "mmengine"):
     sys.modules[name] = None  # any import of them now raises ImportError
 sys.path.insert(0, sys.argv[1])
 import cv2
-from scoring.runtimes.onnx_rtmdet import load_onnx_segmenter
-segmenter = load_onnx_segmenter(sys.argv[2])
+from scoring.runtimes.onnx_rtmdet import load_onnx_predictor
+predictor = load_onnx_predictor(sys.argv[2])
 image = cv2.imread(sys.argv[3])
-[dets] = segmenter([image])
+[dets] = predictor([image])
 masks = list(dets.iter_masks(0.5))
 print(json.dumps({"n": len(dets), "labels": [dets.label_name(i) for i in range(len(dets))],
                   "boxes": dets.boxes.tolist(), "mask_pixels": [int(m.sum()) for m in masks],
@@ -411,7 +411,7 @@ print(json.dumps({"n": len(dets), "labels": [dets.label_name(i) for i in range(l
 """
 
 
-def test_predicts_in_a_process_where_torch_cannot_be_imported(onnx_weights_dir, segmenters,
+def test_predicts_in_a_process_where_torch_cannot_be_imported(onnx_weights_dir, predictors,
                                                                image_files):
     result = subprocess.run([sys.executable, "-c", NO_TRAINING_STACK, str(ROOT),
                              str(onnx_weights_dir), str(image_files[0])],
@@ -422,7 +422,7 @@ def test_predicts_in_a_process_where_torch_cannot_be_imported(onnx_weights_dir, 
     import cv2
 
     image = cv2.imread(str(image_files[0]))
-    [want] = segmenters[1]([image])
+    [want] = predictors[1]([image])
     assert answer["n"] == len(want) > 0
     assert np.allclose(answer["boxes"], want.boxes, atol=1e-3)
     assert all(shape == [image.shape[0], image.shape[1]] for shape in answer["mask_shapes"])
@@ -459,7 +459,7 @@ def test_package_int8_prints_its_speed_and_accuracy_cost(tmp_path, tiny_checkpoi
         done.stdout
 
 
-def test_evaluation_gives_both_runtimes_the_same_segm_ap(segmenters, images, tiny_model_dir, tmp_path):
+def test_evaluation_gives_both_runtimes_the_same_segm_ap(predictors, images, tiny_model_dir, tmp_path):
     """`evaluate` scores the ONNX runtime as it scores torch: on ground truth made of the torch
     runtime's own first detections' masks (so AP is far from 0 for random weights), segm and bbox
     mAP@[.5:.95] of the two agree within 0.002."""
@@ -469,25 +469,25 @@ def test_evaluation_gives_both_runtimes_the_same_segm_ap(segmenters, images, tin
     from mmdet_mlflow.evaluate import evaluate
     from scoring.encode import mask_polygons
 
-    torch_segmenter, onnx_segmenter = segmenters
-    params = torch_segmenter.default_params.updated({"score_threshold": 0.0, "max_detections": 15})
+    torch_predictor, onnx_predictor = predictors
+    params = torch_predictor.default_params.updated({"score_threshold": 0.0, "max_detections": 15})
     records = []
     for index, image in enumerate(images):
         path = tmp_path / f"{index}.png"  # lossless: both read the very pixels the answer came from
         cv2.imwrite(str(path), image)
-        dets, masks = _detections(torch_segmenter, image, params)
+        dets, masks = _detections(torch_predictor, image, params)
         height, width = image.shape[:2]
         instances = []
         for label, mask in zip(dets.labels, masks):
             polygons = [p.ravel().astype(float).tolist() for p in mask_polygons(mask, 0.5)]
             if polygons and mask.sum() >= 16:
-                instances.append(Instance(label=torch_segmenter.class_names[int(label)], polygons=polygons))
+                instances.append(Instance(label=torch_predictor.class_names[int(label)], polygons=polygons))
         records.append(ImageRecord(path=path, width=width, height=height, instances=instances))
     assert sum(len(r.instances) for r in records) >= 10
-    test = write_coco(Dataset(images=records, classes=list(torch_segmenter.class_names)), tmp_path / "test.coco.json")
-    scores = {name: evaluate(tiny_model_dir, test, tmp_path / name, segmenter=segmenter, progress=False,
+    test = write_coco(Dataset(images=records, classes=list(torch_predictor.class_names)), tmp_path / "test.coco.json")
+    scores = {name: evaluate(tiny_model_dir, test, tmp_path / name, predictor=predictor, progress=False,
                              num_samples=0, track=False)
-              for name, segmenter in (("torch", torch_segmenter), ("onnx", onnx_segmenter))}
+              for name, predictor in (("torch", torch_predictor), ("onnx", onnx_predictor))}
     assert scores["torch"]["segm"]["AP"] > 0.5, scores["torch"]["segm"]
     for section in ("segm", "bbox"):
         assert abs(scores["onnx"][section]["AP"] - scores["torch"][section]["AP"]) <= 0.002, \

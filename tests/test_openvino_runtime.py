@@ -32,12 +32,12 @@ def ov_weights_dir(tmp_path_factory, tiny_onnx_model_dir) -> Path:
 
 
 @pytest.fixture(scope="module")
-def segmenters(ov_weights_dir, tiny_model_dir):
+def predictors(ov_weights_dir, tiny_model_dir):
     import mlflow_model
-    from scoring.runtimes.openvino_rtmdet import load_openvino_segmenter
+    from scoring.runtimes.openvino_rtmdet import load_openvino_predictor
 
-    torch_segmenter = mlflow_model.load_segmenter(tiny_model_dir / "model", device="cpu", batch_size=1)
-    return torch_segmenter, load_openvino_segmenter(ov_weights_dir, precision="fp32", num_threads=2)
+    torch_predictor = mlflow_model.load_predictor(tiny_model_dir / "model", device="cpu", batch_size=1)
+    return torch_predictor, load_openvino_predictor(ov_weights_dir, precision="fp32", num_threads=2)
 
 
 @pytest.fixture(scope="module")
@@ -59,12 +59,12 @@ def _forget_checksum(folder: Path) -> None:
 
 
 def test_only_loading_and_forward_are_its_own():
-    from scoring.runtimes.onnx_rtmdet import OnnxSegmenter
-    from scoring.runtimes.openvino_rtmdet import OpenVinoSegmenter
+    from scoring.runtimes.onnx_rtmdet import OnnxPredictor
+    from scoring.runtimes.openvino_rtmdet import OpenVinoPredictor
 
-    assert OpenVinoSegmenter.preprocess is OnnxSegmenter.preprocess
-    assert OpenVinoSegmenter.postprocess is OnnxSegmenter.postprocess
-    assert OpenVinoSegmenter.forward is not OnnxSegmenter.forward
+    assert OpenVinoPredictor.preprocess is OnnxPredictor.preprocess
+    assert OpenVinoPredictor.postprocess is OnnxPredictor.postprocess
+    assert OpenVinoPredictor.forward is not OnnxPredictor.forward
 
 
 # ----------------------------------------------------------------------------- equality
@@ -72,24 +72,24 @@ def test_only_loading_and_forward_are_its_own():
 
 @pytest.mark.parametrize("param_values", [{}, {"score_threshold": 0.05, "iou_threshold": 0.5},
                                           {"max_detections": 7, "mask_threshold": 0.3}])
-def test_fp32_detections_and_masks_equal_the_torch_runtime(segmenters, images, param_values):
-    torch_segmenter, ov_segmenter = segmenters
-    assert ov_segmenter.precision == "fp32" and ov_segmenter.runtime == "openvino"
-    params = torch_segmenter.default_params.updated(param_values)
-    matched, total, ious = _compare(torch_segmenter, ov_segmenter, images, params)
+def test_fp32_detections_and_masks_equal_the_torch_runtime(predictors, images, param_values):
+    torch_predictor, ov_predictor = predictors
+    assert ov_predictor.precision == "fp32" and ov_predictor.runtime == "openvino"
+    params = torch_predictor.default_params.updated(param_values)
+    matched, total, ious = _compare(torch_predictor, ov_predictor, images, params)
     assert total >= 3 * len(images), f"only {total} detections: the test model should see things"
     assert matched >= 0.99 * total, f"{matched} of {total} detections identical"
     assert min(ious) >= 0.99, f"worst matched mask IoU {min(ious):.4f}"
 
 
-def test_auto_is_bf16_where_the_cpu_has_it_and_finds_what_fp32_finds(ov_weights_dir, segmenters, images):
+def test_auto_is_bf16_where_the_cpu_has_it_and_finds_what_fp32_finds(ov_weights_dir, predictors, images):
     """Random weights say nothing about accuracy (packaging measures it on real data): this
     checks it is the same model, most fp32 detections found again within 2 px and 0.05 score."""
-    from scoring.runtimes.openvino_rtmdet import cpu_has_bf16, load_openvino_segmenter
+    from scoring.runtimes.openvino_rtmdet import cpu_has_bf16, load_openvino_predictor
 
-    auto = load_openvino_segmenter(ov_weights_dir, num_threads=2)
+    auto = load_openvino_predictor(ov_weights_dir, num_threads=2)
     assert auto.precision == ("bf16" if cpu_has_bf16() else "fp32")
-    fp32 = segmenters[1]
+    fp32 = predictors[1]
     params = fp32.default_params
     found, close = found_again(fp32, auto, images[:3], params)
     assert found > 0 and close >= 0.8 * found, f"{auto.precision} found {close} of fp32's {found}"
@@ -97,36 +97,36 @@ def test_auto_is_bf16_where_the_cpu_has_it_and_finds_what_fp32_finds(ov_weights_
 
 def test_the_precision_comes_from_the_environment_and_is_printed_at_load(ov_weights_dir, monkeypatch,
                                                                          capfd):
-    from scoring.runtimes import load_segmenter
+    from scoring.runtimes import load_predictor
 
     monkeypatch.setenv("MMDET_MLFLOW_PRECISION", "FP32")
-    segmenter = load_segmenter(ov_weights_dir)  # model.json names the runtime
-    assert type(segmenter).__name__ == "OpenVinoSegmenter" and segmenter.precision == "fp32"
+    predictor = load_predictor(ov_weights_dir)  # model.json names the runtime
+    assert type(predictor).__name__ == "OpenVinoPredictor" and predictor.precision == "fp32"
     assert "openvino runtime, precision fp32 (MMDET_MLFLOW_PRECISION=fp32" in capfd.readouterr().err
 
 
 def test_a_bad_precision_name_is_refused_at_load(ov_weights_dir, monkeypatch):
     from scoring.runtimes.onnx_rtmdet import OnnxModelError
-    from scoring.runtimes.openvino_rtmdet import load_openvino_segmenter
+    from scoring.runtimes.openvino_rtmdet import load_openvino_predictor
     from scoring.settings import SettingError
 
     with pytest.raises(OnnxModelError, match="precision 'fp16' is not one of auto, fp32, bf16"):
-        load_openvino_segmenter(ov_weights_dir, precision="fp16")
+        load_openvino_predictor(ov_weights_dir, precision="fp16")
     monkeypatch.setenv("MMDET_MLFLOW_PRECISION", "half")
     with pytest.raises(SettingError, match="MMDET_MLFLOW_PRECISION='half' is not valid: not one of "
                                            "auto, fp32, bf16"):
-        load_openvino_segmenter(ov_weights_dir)
+        load_openvino_predictor(ov_weights_dir)
 
 
-def test_batches_as_single_images(segmenters, images):
-    _, segmenter = segmenters
-    params = segmenter.default_params
-    one_by_one = [segmenter([img], params)[0] for img in images[:3]]
-    segmenter.batch_size = 3  # the graph's batch axis is dynamic
+def test_batches_as_single_images(predictors, images):
+    _, predictor = predictors
+    params = predictor.default_params
+    one_by_one = [predictor([img], params)[0] for img in images[:3]]
+    predictor.batch_size = 3  # the graph's batch axis is dynamic
     try:
-        batched = segmenter(images[:3], params)
+        batched = predictor(images[:3], params)
     finally:
-        segmenter.batch_size = 1
+        predictor.batch_size = 1
     for a, b in zip(one_by_one, batched):
         assert len(a) == len(b)
         assert np.abs(a.boxes - b.boxes).max(initial=0) <= 1e-2
@@ -137,7 +137,7 @@ def test_batches_as_single_images(segmenters, images):
 
 def test_a_changed_file_is_refused_by_its_checksum(ov_weights_dir, tmp_path):
     from scoring.runtimes.onnx_rtmdet import OnnxModelError
-    from scoring.runtimes.openvino_rtmdet import load_openvino_segmenter
+    from scoring.runtimes.openvino_rtmdet import load_openvino_predictor
 
     folder = _copy(ov_weights_dir, tmp_path)
     with open(folder / "model.onnx.data", "r+b") as f:
@@ -146,7 +146,7 @@ def test_a_changed_file_is_refused_by_its_checksum(ov_weights_dir, tmp_path):
         f.seek(-1, 1)
         f.write(bytes([byte[0] ^ 0xFF]))
     with pytest.raises(OnnxModelError, match="model.onnx.data is not the file exported with this model"):
-        load_openvino_segmenter(folder)
+        load_openvino_predictor(folder)
 
 
 # ----------------------------------------------------------------------------- without torch
@@ -158,14 +158,14 @@ for name in ("torch", "torchvision", "mmcv", "mmdet", "mmengine", "onnxruntime")
     sys.modules[name] = None  # any import of them now raises ImportError
 sys.path.insert(0, sys.argv[1])
 import cv2
-from scoring.runtimes import load_segmenter
-segmenter = load_segmenter(sys.argv[2])
-[dets] = segmenter([cv2.imread(sys.argv[3])])
-print(json.dumps({"n": len(dets), "boxes": dets.boxes.tolist(), "precision": segmenter.precision}))
+from scoring.runtimes import load_predictor
+predictor = load_predictor(sys.argv[2])
+[dets] = predictor([cv2.imread(sys.argv[3])])
+print(json.dumps({"n": len(dets), "boxes": dets.boxes.tolist(), "precision": predictor.precision}))
 """
 
 
-def test_predicts_in_a_process_without_torch_or_onnxruntime(ov_weights_dir, segmenters, image_files):
+def test_predicts_in_a_process_without_torch_or_onnxruntime(ov_weights_dir, predictors, image_files):
     import os
 
     result = subprocess.run([sys.executable, "-c", NO_TRAINING_STACK, str(ROOT), str(ov_weights_dir),
@@ -175,7 +175,7 @@ def test_predicts_in_a_process_without_torch_or_onnxruntime(ov_weights_dir, segm
     answer = json.loads(result.stdout.strip().splitlines()[-1])
     import cv2
 
-    [want] = segmenters[1]([cv2.imread(str(image_files[0]))])
+    [want] = predictors[1]([cv2.imread(str(image_files[0]))])
     assert answer["precision"] == "fp32" and answer["n"] == len(want) > 0
     assert np.allclose(answer["boxes"], want.boxes, atol=1e-3)
 
@@ -249,21 +249,21 @@ def test_wheel_runtimes_take_the_thread_count_spark_gives_each_task(monkeypatch,
     """ONNX Runtime and OpenVINO ignore OMP_NUM_THREADS, which PySpark sets to each task's cores:
     both take it (or MMDET_MLFLOW_NUM_THREADS, first), so two Spark workers on two cores run a
     thread each instead of two each."""
-    from scoring.runtimes.onnx_rtmdet import load_onnx_segmenter
-    from scoring.runtimes.openvino_rtmdet import load_openvino_segmenter
+    from scoring.runtimes.onnx_rtmdet import load_onnx_predictor
+    from scoring.runtimes.openvino_rtmdet import load_openvino_predictor
 
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    onnx = load_onnx_segmenter(tiny_onnx_model_dir / "model", device="cpu")
+    onnx = load_onnx_predictor(tiny_onnx_model_dir / "model", device="cpu")
     assert onnx.session.get_session_options().intra_op_num_threads == threads
-    openvino = load_openvino_segmenter(ov_weights_dir, precision="fp32", quiet=True)
+    openvino = load_openvino_predictor(ov_weights_dir, precision="fp32", quiet=True)
     assert int(openvino.compiled_model.get_property("INFERENCE_NUM_THREADS")) == threads
 
 
 def test_a_thread_count_below_one_is_refused_at_load(monkeypatch, tiny_onnx_model_dir):
-    from scoring.runtimes.onnx_rtmdet import load_onnx_segmenter
+    from scoring.runtimes.onnx_rtmdet import load_onnx_predictor
     from scoring.settings import SettingError
 
     monkeypatch.setenv("MMDET_MLFLOW_NUM_THREADS", "0")
     with pytest.raises(SettingError, match="MMDET_MLFLOW_NUM_THREADS"):
-        load_onnx_segmenter(tiny_onnx_model_dir / "model", device="cpu")
+        load_onnx_predictor(tiny_onnx_model_dir / "model", device="cpu")

@@ -50,12 +50,12 @@ def test_a_passed_deadline_stops_the_masks_of_an_image(tiny_pyfunc):
     took 6 minutes, long after the client had gone), instead of after the last one."""
     from scoring.runner import score_images
 
-    segmenter = tiny_pyfunc.get_raw_model()
+    predictor = tiny_pyfunc.get_raw_model()
     image = scene_image(64, 48, 0)
     params = {"score_threshold": 0.0, "max_detections": 50}
     items = [(0, image)]
     decode = lambda key, value: value  # noqa: E731  (the image is already decoded)
-    whole = list(score_images(segmenter, items, params, decode=decode, deadline=_PassesAfter(99)))
+    whole = list(score_images(predictor, items, params, decode=decode, deadline=_PassesAfter(99)))
     assert len(whole[0].response["boxes"]) == 50
     with pytest.raises(InputError, match="took longer than the test allows"):
-        list(score_images(segmenter, items, params, decode=decode, deadline=_PassesAfter(2)))
+        list(score_images(predictor, items, params, decode=decode, deadline=_PassesAfter(2)))

@@ -112,16 +112,16 @@ def test_a_finetune_on_tiles_validates_with_tiled_inference(large, start, tmp_pa
     # 3 passes of (2, 2, 1) pictures at the 128-pixel input.
     validation = load_dataset(large / "validation.jsonl").images
     assert len(validation) == 1 and (validation[0].width, validation[0].height) == (1280, 960)
-    segmenter = mlflow_model.load_segmenter(result.mlflow_model_dir / mlflow_model.MODEL_DATA_DIR,
+    predictor = mlflow_model.load_predictor(result.mlflow_model_dir / mlflow_model.MODEL_DATA_DIR,
                                             batch_size=2)
-    params = segmenter.default_params.updated({"score_threshold": 0.05})  # the config's score_thr
+    params = predictor.default_params.updated({"score_threshold": 0.05})  # the config's score_thr
     assert params.tile_grid_size == "2x2" and len(tiles_for((960, 1280), params)) == 4
     assert [shape[0] for shape in watch.passes] == [2, 2, 1]
     assert all(shape[2:] == (128, 128) for shape in watch.passes)
 
     # What validation scored is what the exported model (the validated weights) answers tiled.
     picture = decode_image(validation[0].path.read_bytes())
-    tiled = segment_tiled(segmenter, picture, params)
+    tiled = segment_tiled(predictor, picture, params)
     [scored] = watch.predictions
     assert len(tiled) > 0 and len(scored["scores"]) == len(tiled)
     np.testing.assert_allclose(scored["bboxes"].numpy(), tiled.boxes, atol=1e-3)
@@ -129,7 +129,7 @@ def test_a_finetune_on_tiles_validates_with_tiled_inference(large, start, tmp_pa
     assert scored["labels"].tolist() == tiled.labels.tolist()
     assert scored["masks"] == [mask_rle(mask) for mask in tiled.iter_masks(params.mask_threshold)]
     # and not what it answers untiled
-    whole = segmenter([picture], params.updated({"tile_grid_size": ""}))[0]
+    whole = predictor([picture], params.updated({"tile_grid_size": ""}))[0]
     assert len(whole) != len(tiled) or not np.allclose(whole.boxes, tiled.boxes, atol=1e-3)
 
     log = (tmp_path / "run" / "evaluation.log").read_text()

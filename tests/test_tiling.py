@@ -305,8 +305,8 @@ def test_a_grid_finer_than_the_picture_is_clipped_not_refused():
 def runtimes(tiny_model_dir, tiny_onnx_model_dir):
     import mlflow_model
 
-    return {"torch": mlflow_model.load_segmenter(tiny_model_dir / "model", device="cpu"),
-            "onnx": mlflow_model.load_segmenter(tiny_onnx_model_dir / "model", device="cpu")}
+    return {"torch": mlflow_model.load_predictor(tiny_model_dir / "model", device="cpu"),
+            "onnx": mlflow_model.load_predictor(tiny_onnx_model_dir / "model", device="cpu")}
 
 
 @pytest.mark.parametrize("size", [(1280, 960), (37, 21), (1, 900), (900, 1)])
@@ -320,9 +320,9 @@ def test_tiled_answers_through_the_real_model_on_both_runtimes(runtimes, size):
         np.random.default_rng(3).integers(0, 255, (height, width, 3), dtype=np.uint8)
     params = {"tile_grid_size": "3x2", "score_threshold": 0.05, "max_detections": 20}
     answers = {}
-    for name, segmenter in runtimes.items():
+    for name, predictor in runtimes.items():
         try:
-            scored = list(score_images(segmenter, [(0, image)], params, decode=lambda k, v: v))
+            scored = list(score_images(predictor, [(0, image)], params, decode=lambda k, v: v))
             answers[name] = scored[0].response["boxes"]
         except InputError as err:
             answers[name] = str(err)
@@ -337,14 +337,14 @@ def test_tiled_answers_through_the_real_model_on_both_runtimes(runtimes, size):
             assert 0 <= a["box"][k] <= 1 and a["box"][k] == pytest.approx(b["box"][k], abs=1e-3)
 
 
-def test_tiling_runs_the_whole_picture_and_each_tile_in_the_segmenters_batches(tiny_onnx_model_dir,
+def test_tiling_runs_the_whole_picture_and_each_tile_in_the_predictors_batches(tiny_onnx_model_dir,
                                                                                monkeypatch):
     """(tiles + 1) pictures through the network, MMDET_MLFLOW_BATCH_SIZE of them a pass."""
     import mlflow_model
     from scoring.tiling import segment_tiled
 
     monkeypatch.setenv("MMDET_MLFLOW_BATCH_SIZE", "4")
-    batched = mlflow_model.load_segmenter(tiny_onnx_model_dir / "model", device="cpu")
+    batched = mlflow_model.load_predictor(tiny_onnx_model_dir / "model", device="cpu")
     passes = []
     original = batched.forward
     batched.forward = lambda batch, params: passes.append(len(batch["inputs"])) or original(batch, params)
@@ -407,9 +407,9 @@ def test_package_records_a_default_tiling_that_requests_override(tmp_path, tiny_
     model = mlflow.pyfunc.load_model(str(out))
     signature = {p.name: p.default for p in model.metadata.signature.params.params}
     assert signature["tile_grid_size"] == "2x2"
-    segmenter = model.get_raw_model()
-    assert segmenter.default_params.tile_grid == (2, 2)
-    assert segmenter.default_params.updated({"tile_grid_size": ""}).tile_grid is None
+    predictor = model.get_raw_model()
+    assert predictor.default_params.tile_grid == (2, 2)
+    assert predictor.default_params.updated({"tile_grid_size": ""}).tile_grid is None
 
 
 def test_package_refuses_a_bad_default_tiling_before_writing(tmp_path, tiny_checkpoint, capsys):

@@ -27,29 +27,29 @@ LONG_PARAMS = {"tile_grid_size": "8x8", "max_detections": 100, "mask_format": "n
 def runtimes(tiny_model_dir, tiny_onnx_model_dir):
     import mlflow_model
 
-    return {"torch": mlflow_model.load_segmenter(tiny_model_dir / "model", device="cpu"),
-            "onnx": mlflow_model.load_segmenter(tiny_onnx_model_dir / "model", device="cpu")}
+    return {"torch": mlflow_model.load_predictor(tiny_model_dir / "model", device="cpu"),
+            "onnx": mlflow_model.load_predictor(tiny_onnx_model_dir / "model", device="cpu")}
 
 
-def counting_passes(segmenter) -> list:
+def counting_passes(predictor) -> list:
     passes = []
-    original = segmenter.forward
-    segmenter.forward = lambda batch, params: passes.append(1) or original(batch, params)
+    original = predictor.forward
+    predictor.forward = lambda batch, params: passes.append(1) or original(batch, params)
     return passes
 
 
 @pytest.mark.parametrize("runtime", ["torch", "onnx"])
 def test_a_tiled_picture_over_the_merge_budget_is_refused_before_any_pass(runtimes, runtime):
-    segmenter = runtimes[runtime]
-    passes = counting_passes(segmenter)
+    predictor = runtimes[runtime]
+    passes = counting_passes(predictor)
     try:
         image = np.zeros((2000, 2000, 3), np.uint8)
         params = {"tile_grid_size": "8x8", "max_detections": 1000, "score_threshold": 0.0,
                   "mask_format": "none"}
         with pytest.raises(InputError) as refused:
-            list(score_images(segmenter, [("big", image)], params, decode=lambda key, value: value))
+            list(score_images(predictor, [("big", image)], params, decode=lambda key, value: value))
     finally:
-        del segmenter.forward
+        del predictor.forward
     message = str(refused.value)
     assert message.startswith("row big: ")
     assert "65 passes x max_detections 1000 = 65000" in message
@@ -72,12 +72,12 @@ def test_the_merge_budget_is_a_setting(runtimes, monkeypatch):
 def test_mask_format_none_makes_no_mask_work(runtimes, runtime):
     """No mask logits and no masks: the detections carry none, and the boxes, scores and labels
     are those of the same request with masks."""
-    segmenter = runtimes[runtime]
+    predictor = runtimes[runtime]
     image = scene_image(640, 480, 2)
     params = {"score_threshold": 0.05, "max_detections": 30}
-    with_masks = next(score_images(segmenter, [(0, image)], params, keep_images=True,
+    with_masks = next(score_images(predictor, [(0, image)], params, keep_images=True,
                                    decode=lambda key, value: value))
-    without = next(score_images(segmenter, [(0, image)], {**params, "mask_format": "none"},
+    without = next(score_images(predictor, [(0, image)], {**params, "mask_format": "none"},
                                 keep_images=True, decode=lambda key, value: value))
     assert without.detections.masks is None and with_masks.detections.masks is not None
     assert len(without.detections) == len(with_masks.detections) > 0

@@ -6,7 +6,7 @@ that would pick the exported epoch by how well it does on something it will not 
 each validation picture is scored as the saved model will score it: through the one runner
 (``scoring.runner.score_images``), whose tiling (``scoring.tiling``) sends the whole picture and
 its tiles through the network in batches and merges their detections with their masks, run by
-the network being trained (``scoring.runtimes.torch_rtmdet.borrowed_segmenter``). The answers go
+the network being trained (``scoring.runtimes.torch_rtmdet.borrowed_predictor``). The answers go
 into the same ``ValidationMetric`` under the same names, and the best epoch is chosen as for any
 fine-tune.
 
@@ -33,7 +33,7 @@ from scoring.families import family_of_config
 from scoring.rle import encode_window
 from scoring.runner import score_images
 from scoring.runtimes.base import ImageDetections
-from scoring.runtimes.torch_rtmdet import borrowed_segmenter
+from scoring.runtimes.torch_rtmdet import borrowed_predictor
 from scoring.schema import PredictParams
 
 DEFAULT_SCORE_THRESHOLD = 0.05  # RTMDet-Ins configs' score_thr
@@ -90,17 +90,17 @@ class TiledValLoop(ValLoop):
         dataset = self.dataloader.dataset
         detector = runner.model.module if is_model_wrapper(runner.model) else runner.model
         params = validation_params(runner.cfg, self.tiling)
-        with borrowed_segmenter(detector, runner.cfg, dataset.metainfo["classes"], params,
-                                batch_size=self.dataloader.batch_size or 1) as segmenter:
+        with borrowed_predictor(detector, runner.cfg, dataset.metainfo["classes"], params,
+                                batch_size=self.dataloader.batch_size or 1) as predictor:
             for idx, indices in enumerate(self.picture_batches()):
-                self.run_pictures(idx, [dataset.get_data_info(i) for i in indices], segmenter, params)
+                self.run_pictures(idx, [dataset.get_data_info(i) for i in indices], predictor, params)
         metrics = self.evaluator.evaluate(len(dataset))
         runner.call_hook("after_val_epoch", metrics=metrics)
         runner.call_hook("after_val")
         return metrics
 
     @torch.no_grad()
-    def run_pictures(self, idx: int, infos: list[dict], segmenter, params: PredictParams) -> None:
+    def run_pictures(self, idx: int, infos: list[dict], predictor, params: PredictParams) -> None:
         """One batch of pictures through tiled inference, into the evaluator."""
         samples = [dict(img_id=info["img_id"], img_path=info["img_path"],
                         ori_shape=(info["height"], info["width"])) for info in infos]
@@ -111,7 +111,7 @@ class TiledValLoop(ValLoop):
             return decode_image(Path(path).read_bytes(), row=str(path))
 
         outputs = [dict(sample, pred_instances=scored.response) for sample, scored in zip(
-            samples, score_images(segmenter, [(i, s["img_path"]) for i, s in enumerate(samples)],
+            samples, score_images(predictor, [(i, s["img_path"]) for i, s in enumerate(samples)],
                                   params, encode=coco_prediction, decode=decode))]
         self.evaluator.process(data_samples=outputs, data_batch=data_batch)
         self.runner.call_hook("after_val_iter", batch_idx=idx, data_batch=data_batch, outputs=outputs)

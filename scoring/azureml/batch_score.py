@@ -32,12 +32,12 @@ def init(model_dir: str | None = None, params: dict | None = None, input_root: s
     from scoring.class_filter import check_classes
     from scoring.runner import predict_params
 
-    segmenter = online.model.get_raw_model()
+    predictor = online.model.get_raw_model()
     if params is None:
         params = settings.BATCH_PARAMS.value()
-    params = predict_params(segmenter, params)  # a bad param, or one for masks of a box-only model, fails init
-    check_classes(segmenter.class_names, params)  # so does a class the model does not have
-    _state.update(segmenter=segmenter, params=params,
+    params = predict_params(predictor, params)  # a bad param, or one for masks of a box-only model, fails init
+    check_classes(predictor.class_names, params)  # so does a class the model does not have
+    _state.update(predictor=predictor, params=params,
                   input_root=input_root or settings.BATCH_INPUT_ROOT.value())
 
 
@@ -52,9 +52,9 @@ def score_files(paths) -> list[dict]:
     """Records ``{"row", "prediction", "file", "error"}`` for every image in ``paths``, in order."""
     from scoring import batch_files
 
-    if "segmenter" not in _state:
+    if "predictor" not in _state:
         raise RuntimeError("init() has not loaded the model")
-    return batch_files.score_files(_state["segmenter"], paths, _state["params"], _file_name)
+    return batch_files.score_files(_state["predictor"], paths, _state["params"], _file_name)
 
 
 def _file_name(path: str) -> str:

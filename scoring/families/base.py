@@ -28,8 +28,8 @@ from scoring.schema import INSTANCE_SEGMENTATION, PredictParams
 # The runtimes of an exported graph with numpy post-processing (RTMDet-Ins, RTMDet, YOLOF): its
 # loaders, and the one exporter that writes the graph for both.
 EXPORTED_GRAPH_LOADERS = {
-    "onnx": "scoring.runtimes.onnx_rtmdet:load_onnx_segmenter",
-    "openvino": "scoring.runtimes.openvino_rtmdet:load_openvino_segmenter",
+    "onnx": "scoring.runtimes.onnx_rtmdet:load_onnx_predictor",
+    "openvino": "scoring.runtimes.openvino_rtmdet:load_openvino_predictor",
 }
 GRAPH_EXPORTERS = {runtime: "mlflow_model.onnx_export:export_to_weights_dir" for runtime in EXPORTED_GRAPH_LOADERS}
 

@@ -12,15 +12,15 @@ from __future__ import annotations
 import os
 
 from scoring.errors import MmdetMlflowError
-from scoring.runtimes.base import ImageDetections, MaskSource, Segmenter
+from scoring.runtimes.base import ImageDetections, MaskSource, Predictor
 
 # Every runtime a saved model can name in model.json (the one list: the flavor, the CLI, the
 # components and the pipeline take their choices from here).
 RUNTIMES = ("torch", "onnx", "openvino")
 DEFAULT_RUNTIME = "torch"
 
-__all__ = ["DEFAULT_RUNTIME", "RUNTIMES", "ImageDetections", "MaskSource", "Segmenter",
-           "load_segmenter", "runtime_of"]
+__all__ = ["DEFAULT_RUNTIME", "RUNTIMES", "ImageDetections", "MaskSource", "Predictor",
+           "load_predictor", "runtime_of"]
 
 
 class RuntimeNotAvailable(MmdetMlflowError):
@@ -34,10 +34,10 @@ def runtime_of(info: dict) -> str:
     return runtime
 
 
-def load_segmenter(weights_dir: str | os.PathLike, device: str | None = None,
-                   batch_size: int | None = None) -> Segmenter:
-    """The segmenter of a saved model's ``model/`` folder: model.json is read once, here, and
-    the loader its family registers for its runtime builds the segmenter."""
+def load_predictor(weights_dir: str | os.PathLike, device: str | None = None,
+                   batch_size: int | None = None) -> Predictor:
+    """The predictor of a saved model's ``model/`` folder: model.json is read once, here, and
+    the loader its family registers for its runtime builds the predictor."""
     from scoring.families import family_of
     from scoring.model_dir import WeightsDir
     from scoring.settings import MASK_BOX_MARGIN
@@ -45,6 +45,6 @@ def load_segmenter(weights_dir: str | os.PathLike, device: str | None = None,
     margin = MASK_BOX_MARGIN.value()  # a bad value is refused before the model loads
     info = WeightsDir(weights_dir).read_info()
     load = family_of(info).loader(runtime_of(info))
-    segmenter = load(weights_dir, info=info, device=device, batch_size=batch_size)
-    segmenter.mask_box_margin = margin
-    return segmenter
+    predictor = load(weights_dir, info=info, device=device, batch_size=batch_size)
+    predictor.mask_box_margin = margin
+    return predictor

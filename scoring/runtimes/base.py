@@ -3,17 +3,20 @@
 A runtime turns BGR uint8 images into ``ImageDetections`` in three steps, Hugging Face pipeline
 style, each testable on its own::
 
-    batch = segmenter.preprocess(images)          # test pipeline: resize, pad (normalize: torch)
-    raw = segmenter.forward(batch, params)         # the network only: the head's raw outputs
-    detections = segmenter.postprocess(raw, params)  # boxes, scores, NMS, lazy masks per image
+    batch = predictor.preprocess(images)          # test pipeline: resize, pad (normalize: torch)
+    raw = predictor.forward(batch, params)         # the network only: the head's raw outputs
+    detections = predictor.postprocess(raw, params)  # boxes, scores, NMS, lazy masks per image
 
 The steps mean the same in every runtime: ``forward`` runs the network and nothing else (so it
 is what a faster runtime or precision replaces), and ``postprocess`` does everything after it,
 NMS included, with the request's params.
 
-Two implementations: ``scoring.runtimes.torch_rtmdet`` (torch + mmdet, imported only for a model
-that uses them) and ``scoring.runtimes.onnx_rtmdet`` (ONNX Runtime + numpy). This module imports
-numpy only, so the code shipped in a saved model stays importable without torch.
+Detection is the contract and masks an optional part of it: an object-detection model's
+detections carry ``masks=None``. Which class implements a model is its family's choice
+(``scoring.families``: a loader per runtime): on torch, ``scoring.runtimes.torch_mmdet`` (any
+mmdet detector; imported only for a model that uses torch), on ONNX Runtime and OpenVINO,
+``scoring.runtimes.onnx_rtmdet`` and ``openvino_rtmdet`` (numpy post-processing). This module
+imports numpy only, so the code shipped in a saved model stays importable without torch.
 """
 from __future__ import annotations
 
@@ -106,7 +109,7 @@ def forward_batch_size(info: dict, on_gpu: bool) -> int:
     return int(info.get("batch_size", 8)) if on_gpu else 1
 
 
-class Segmenter:
+class Predictor:
     """Base of every runtime. Subclasses set ``class_names``, ``default_params`` and
     ``batch_size`` and implement the three steps; ``__call__`` runs them batch by batch."""
 
@@ -131,6 +134,16 @@ class Segmenter:
     # The (width, height) box the test pipeline resizes into, keeping the aspect ratio (RTMDet:
     # 640 x 640); None when the runtime does not resize.
     input_scale: tuple[int, int] | None = None
+
+    def __init__(self, family, class_names: Sequence[str], default_params: PredictParams,
+                 batch_size: int):
+        """What every runtime knows of its model: its ``family`` (scoring.families, which owns
+        the task), its classes, its default params and its images per forward pass."""
+        self.family = family
+        self.task = family.task
+        self.class_names = list(class_names)
+        self.default_params = default_params
+        self.batch_size = batch_size
 
     def image_problem(self, image: np.ndarray) -> str | None:
         """Why ``image`` cannot go through this model (None when it can): a side that the

@@ -31,11 +31,11 @@ from typing import Sequence
 import numpy as np
 
 from scoring.model_dir import INFO_FILE, ONNX_FILE, ONNX_INFO_KEY, ONNX_INT8_FILE, onnx_data_file, sha256_of
-from scoring.runtimes.base import ImageDetections, Segmenter, forward_batch_size, masks_wanted
+from scoring.runtimes.base import ImageDetections, Predictor, forward_batch_size, masks_wanted
 from scoring.class_filter import excluded_classes
 from scoring.families import RTMDET_INS, family_of
 # The settings recorded at export, and the pre- and post-processing in numpy, live in
-# scoring.runtimes.rtmdet_numpy; what is here is the runtime: the session and the Segmenter.
+# scoring.runtimes.rtmdet_numpy; what is here is the runtime: the session and the Predictor.
 from scoring.runtimes.rtmdet_numpy import (ImageMeta, NumpyMaskResampler, OnnxModelError, OnnxModelSpec,
                                            anchor_priors, batched_nms, check_fits_input, delta2bbox,
                                            distance2bbox, dynamic_mask_logits, filter_scores_and_topk,
@@ -46,7 +46,7 @@ from scoring.settings import network_threads
 # ----------------------------------------------------------------------------- the runtime
 
 
-class OnnxSegmenter(Segmenter):
+class OnnxPredictor(Predictor):
     """A dense-head detector (its ``family``'s head: RTMDet-Ins, RTMDet, YOLOF) through ONNX
     Runtime, with mmdet's pre- and post-processing in numpy."""
 
@@ -55,14 +55,10 @@ class OnnxSegmenter(Segmenter):
     def __init__(self, session, spec: OnnxModelSpec, class_names: Sequence[str],
                  default_params: PredictParams, batch_size: int = 1, precision: str = "fp32",
                  family=RTMDET_INS):
+        super().__init__(family, class_names, default_params, batch_size)
         self.session = session
         self.precision = precision  # "fp32", or "int8" for the quantized network
         self.spec = spec
-        self.family = family
-        self.task = family.task
-        self.class_names = list(class_names)
-        self.default_params = default_params
-        self.batch_size = batch_size
         self._priors: dict[tuple, np.ndarray] = {}  # (level, feature map size) -> priors
         self._output_names = [name for kind in ("cls_scores", "bbox_preds", "kernel_preds")
                               for name in spec.outputs.get(kind, ())]
@@ -71,7 +67,7 @@ class OnnxSegmenter(Segmenter):
         self._mean = np.asarray(spec.mean, np.float32).reshape(1, 1, 3)
         self._std = np.asarray(spec.std, np.float32).reshape(1, 1, 3)
         if spec.keep_ratio:
-            self.input_scale = tuple(spec.resize_scale_wh)  # Segmenter.image_problem reads it
+            self.input_scale = tuple(spec.resize_scale_wh)  # Predictor.image_problem reads it
         self.configured_score_threshold = spec.test_cfg.get("score_thr")
 
     # --- preprocess: mmdet's test pipeline + DetDataPreprocessor
@@ -394,11 +390,11 @@ def read_onnx_model(weights_dir_path: str | os.PathLike, onnx_file: str | None =
     return info, spec, onnx_path, record
 
 
-def load_onnx_segmenter(weights_dir_path: str | os.PathLike, batch_size: int | None = None,
+def load_onnx_predictor(weights_dir_path: str | os.PathLike, batch_size: int | None = None,
                         num_threads: int | None = None, onnx_file: str | None = None,
                         providers: Sequence[str] | None = None, spin: bool = True, *,
-                        info: dict | None = None, device: str | None = None) -> OnnxSegmenter:
-    """The OnnxSegmenter of a weights folder holding model.json (with its "onnx" section) and
+                        info: dict | None = None, device: str | None = None) -> OnnxPredictor:
+    """The OnnxPredictor of a weights folder holding model.json (with its "onnx" section) and
     the ONNX file (``read_onnx_model``); ``device="cpu"`` keeps ORT off a GPU. Clear
     OnnxModelError for a missing, corrupt or mismatched ONNX file."""
     info, spec, onnx_path, record = read_onnx_model(weights_dir_path, onnx_file, info)
@@ -407,7 +403,7 @@ def load_onnx_segmenter(weights_dir_path: str | os.PathLike, batch_size: int | N
     session = open_session_checked(onnx_path, spec, record, num_threads or network_threads(),
                                    providers, spin)
     on_gpu = session.get_providers()[0] == "CUDAExecutionProvider"
-    return OnnxSegmenter(session, spec, info["classes"],
+    return OnnxPredictor(session, spec, info["classes"],
                          PredictParams.from_dict(info["default_params"]),
                          batch_size=batch_size or forward_batch_size(info, on_gpu),
                          precision="int8" if onnx_path.name == ONNX_INT8_FILE else "fp32",

@@ -2,7 +2,7 @@
 its data file, the same numpy pre- and post-processing) with OpenVINO executing the network, in
 the precision the serving CPU computes fastest (imports numpy, OpenCV and openvino only).
 
-Only loading and ``forward`` differ from ``scoring.runtimes.onnx_rtmdet.OnnxSegmenter``; its
+Only loading and ``forward`` differ from ``scoring.runtimes.onnx_rtmdet.OnnxPredictor``; its
 ``preprocess`` and ``postprocess`` are inherited, not copied. The precision is chosen at load
 (``MMDET_MLFLOW_PRECISION``, ``scoring.settings.PRECISION``):
 
@@ -12,7 +12,7 @@ Only loading and ``forward`` differ from ``scoring.runtimes.onnx_rtmdet.OnnxSegm
 - ``bf16``: 3-5x faster than f32 on an AMX CPU (docs/runtimes.md); packaging measures what it
   costs in accuracy (``mmdet-mlflow package --runtime openvino``).
 
-The precision used is logged at load and kept on the segmenter (``segmenter.precision``).
+The precision used is logged at load and kept on the predictor (``predictor.precision``).
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from typing import Sequence
 
 from scoring.families import RTMDET_INS, family_of
 from scoring.runtimes.base import forward_batch_size
-from scoring.runtimes.onnx_rtmdet import (OnnxModelError, OnnxSegmenter, build_while_checking,
+from scoring.runtimes.onnx_rtmdet import (OnnxModelError, OnnxPredictor, build_while_checking,
                                           check_session_fits, read_onnx_model, release_freed_heap)
 from scoring.schema import PredictParams
 from scoring.settings import network_threads
@@ -55,7 +55,7 @@ def cpu_has_bf16() -> bool:
     return "BF16" in openvino_core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
-class OpenVinoSegmenter(OnnxSegmenter):
+class OpenVinoPredictor(OnnxPredictor):
     """A dense-head detector through OpenVINO Runtime, with the ONNX runtime's numpy pre- and
     post-processing. ``compiled_model``: an ``openvino.CompiledModel`` of the exported graph."""
 
@@ -152,11 +152,11 @@ def compile_network(onnx_path: Path, spec, precision: str = "auto", num_threads:
     return compiled, _OUR_NAMES.get(used, used)
 
 
-def load_openvino_segmenter(weights_dir_path: str | os.PathLike, batch_size: int | None = None,
+def load_openvino_predictor(weights_dir_path: str | os.PathLike, batch_size: int | None = None,
                             num_threads: int | None = None, precision: str | None = None,
                             onnx_file: str | None = None, quiet: bool = False, *,
-                            info: dict | None = None, device: str | None = None) -> OpenVinoSegmenter:
-    """The OpenVinoSegmenter of a weights folder holding model.json (with its "onnx" section) and
+                            info: dict | None = None, device: str | None = None) -> OpenVinoPredictor:
+    """The OpenVinoPredictor of a weights folder holding model.json (with its "onnx" section) and
     the ONNX file, compiled at ``precision`` (default: MMDET_MLFLOW_PRECISION, "auto"). Clear
     OnnxModelError for a missing, changed, damaged or mismatched file or a bad precision name,
     as the ONNX runtime refuses them; the precision used is printed (stderr) unless ``quiet``.
@@ -172,6 +172,6 @@ def load_openvino_segmenter(weights_dir_path: str | os.PathLike, batch_size: int
         print(f"mmdet-mlflow: openvino runtime, precision {used}{note} (MMDET_MLFLOW_PRECISION="
               f"{wanted}; {onnx_path.name})", file=sys.stderr, flush=True)
     batch_size = batch_size or forward_batch_size(info, on_gpu=False)
-    return OpenVinoSegmenter(compiled, spec, info["classes"],
+    return OpenVinoPredictor(compiled, spec, info["classes"],
                              PredictParams.from_dict(info["default_params"]),
                              batch_size=batch_size, precision=used, family=family_of(info))

@@ -30,7 +30,7 @@ import torch
 from scoring import settings
 from scoring.class_filter import excluded_classes
 from scoring.model_dir import WeightsDir
-from scoring.runtimes.base import ImageDetections, Segmenter, forward_batch_size, masks_wanted
+from scoring.runtimes.base import ImageDetections, Predictor, forward_batch_size, masks_wanted
 from scoring.schema import PredictParams
 
 
@@ -106,7 +106,7 @@ def count_classes(state_dict, model_cfg, family) -> int | None:
     return None
 
 
-class MmdetTorchRuntime(Segmenter):
+class MmdetTorchRuntime(Predictor):
     """An mmdet detector on BGR uint8 arrays, real batches (one forward pass per batch)."""
 
     runtime = "torch"
@@ -120,12 +120,8 @@ class MmdetTorchRuntime(Segmenter):
         from mmengine.registry import init_default_scope
 
         init_default_scope("mmdet")
+        super().__init__(family, class_names, default_params, batch_size)
         self.detector = detector
-        self.family = family
-        self.task = family.task
-        self.class_names = list(class_names)
-        self.default_params = default_params
-        self.batch_size = batch_size
         steps = [s for s in copy.deepcopy(get_test_pipeline_cfg(
                  detector.cfg if config is None else config))
                  if "LoadAnnotations" not in s["type"]]  # nothing to annotate at inference

@@ -1,6 +1,6 @@
-"""The torch runtime: an mmdet RTMDet-Ins detector behind the ``Segmenter`` seam.
+"""The torch runtime: an mmdet RTMDet-Ins detector behind the ``Predictor`` seam.
 
-Loading (``load_torch_segmenter``), the three steps (preprocess with mmdet's own test pipeline
+Loading (``load_torch_predictor``), the three steps (preprocess with mmdet's own test pipeline
 and the request's test settings, both from ``torch_mmdet``'s base; forward with the detector's
 data preprocessor, backbone, neck and head; post-processing) and RTMDet-Ins post-processing with
 the full-image masks deferred:
@@ -179,29 +179,29 @@ class DeferredMasks:
 
 # --- loading ---------------------------------------------------------------------------------
 
-def load_torch_segmenter(weights_dir, device: str | None = None, batch_size: int | None = None,
-                         *, info: dict | None = None) -> "TorchSegmenter":
-    """The TorchSegmenter of a weights folder (``info``: its model.json, when already read)."""
+def load_torch_predictor(weights_dir, device: str | None = None, batch_size: int | None = None,
+                         *, info: dict | None = None) -> "RtmdetInsDetector":
+    """The RtmdetInsDetector of a weights folder (``info``: its model.json, when already read)."""
     detector, info = load_detector(weights_dir, device, info)
     on_gpu = detector.data_preprocessor.device.type == "cuda"
-    return TorchSegmenter(detector, info["classes"], PredictParams.from_dict(info["default_params"]),
+    return RtmdetInsDetector(detector, info["classes"], PredictParams.from_dict(info["default_params"]),
                           batch_size=batch_size or forward_batch_size(info, on_gpu))
 
 
 @contextlib.contextmanager
-def borrowed_segmenter(detector, config, class_names: Sequence[str], default_params: PredictParams,
-                       batch_size: int) -> Iterator["TorchSegmenter"]:
-    """A TorchSegmenter around a detector that stays its owner's, such as a network in the
+def borrowed_predictor(detector, config, class_names: Sequence[str], default_params: PredictParams,
+                       batch_size: int) -> Iterator["RtmdetInsDetector"]:
+    """A RtmdetInsDetector around a detector that stays its owner's, such as a network in the
     middle of its fine-tune, validated between epochs as its saved model will answer
     (``config``: the config the model is saved with, whose test pipeline that model will use).
     While lent the detector is in eval mode; afterwards it is as it was: its mode, and its head
-    without the deferred-mask post-processing the segmenter puts on it."""
+    without the deferred-mask post-processing the predictor puts on it."""
     head = detector.bbox_head
     had_own = "_bbox_mask_post_process" in vars(head)
     was_training = detector.training
     detector.eval()
     try:
-        yield TorchSegmenter(detector, class_names, default_params, batch_size=batch_size,
+        yield RtmdetInsDetector(detector, class_names, default_params, batch_size=batch_size,
                              config=config)
     finally:
         if not had_own:
@@ -211,7 +211,7 @@ def borrowed_segmenter(detector, config, class_names: Sequence[str], default_par
 
 # --- the three steps ---------------------------------------------------------------------------
 
-class TorchSegmenter(DenseHeadDetector):
+class RtmdetInsDetector(DenseHeadDetector):
     """Runs an mmdet RTMDet-Ins detector on BGR uint8 arrays, real batches (one forward pass
     per batch, not a loop of images), its masks deferred."""
 
