@@ -10,7 +10,7 @@ setup:
 
 # The venv's bin goes first on PATH: servers the tests start (mlflow, uvicorn, azmlinfsrv) run from it.
 test: setup
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest tests
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest tests --durations=25
 
 # The main job, offline: synthetic data -> fine-tune -> evaluate -> register -> serve -> Azure
 # entry scripts -> batch scoring, all under outputs/demo (steps whose inputs did not change are
