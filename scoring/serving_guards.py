@@ -13,8 +13,14 @@ MLflow function each, for our models only, when a model of ours is loaded (``ins
   ``inputs`` columns of different lengths): the table is checked first, as our own parser
   (Azure's script) checks it, and refused with a 400 naming the problem.
 
-Each wrap checks that the function it wraps exists; the tests that send those requests say so if
-a later MLflow moves it.
+MLflow offers no public hook for any of these: unknown params are dropped by MLflow's own params
+check (``_enforce_params_schema``) before the model sees them, whatever the signature says, and
+the scoring server parses and reads bodies before any model code runs. So the wraps stay, here
+only, installed once per process (``install``), and only on the MLflow version they were written
+for and are tested on (``WRITTEN_FOR_MLFLOW``, MLflow's pin in mlflow_model/requirements.txt):
+on another version nothing is wrapped, a warning says so, and MLflow serves as it does for any
+model (unknown params ignored, some malformed bodies a 500, no body limit under ``mlflow models
+serve``). Each wrap also checks that the function it wraps exists.
 """
 from __future__ import annotations
 
@@ -24,12 +30,39 @@ import sys
 
 LOADER_MODULE = "scoring.pyfunc"  # the pyfunc loader_module of our models
 
+# The MLflow whose private functions the wraps below were written for; tests/test_serving_guards.py
+# checks it is the version mlflow_model/requirements.txt pins.
+WRITTEN_FOR_MLFLOW = "3.17.2"
+
+_STATE = {"version_checked": False, "version_ok": False, "server_wrapped": False}
+
 
 def install() -> None:
-    refuse_unknown_params()
-    refuse_unparseable_json()
-    refuse_unreadable_tables()
-    limit_request_bodies()
+    """Wrap MLflow's functions (see the module's docstring), each once per process: the pyfunc
+    loader calls this on every load. The params check is wrapped at the first call, the scoring
+    server's functions at the first call where that server is running (``mlflow models serve``
+    imports it before it loads the model); later calls do nothing. On another MLflow version
+    than ``WRITTEN_FOR_MLFLOW`` nothing is wrapped, with a warning."""
+    if not _STATE["version_checked"]:
+        import mlflow
+
+        from scoring.version_guard import written_for
+
+        _STATE["version_checked"] = True
+        _STATE["version_ok"] = written_for(
+            "mlflow", mlflow.__version__, WRITTEN_FOR_MLFLOW,
+            "its serving is left as MLflow makes it: params the signature does not declare are "
+            "ignored instead of refused, and under `mlflow models serve` request bodies have no "
+            "size limit and some malformed ones answer 500")
+        if _STATE["version_ok"]:
+            refuse_unknown_params()
+    if not _STATE["version_ok"] or _STATE["server_wrapped"]:
+        return
+    if "mlflow.pyfunc.scoring_server" in sys.modules:
+        _STATE["server_wrapped"] = True
+        refuse_unparseable_json()
+        refuse_unreadable_tables()
+        limit_request_bodies()
 
 
 def limit_request_bodies() -> None:

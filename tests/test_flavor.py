@@ -19,7 +19,7 @@ COCO_TEST_SETTINGS = {"score_threshold": 0.05, "polygon_tolerance": 0.0}
 def test_mlmodel_is_a_loader_module_pyfunc_with_an_mmdet_flavor(tiny_model_dir):
     mlmodel = yaml.safe_load((tiny_model_dir / "MLmodel").read_text())
     pyfunc = mlmodel["flavors"]["python_function"]
-    assert pyfunc["loader_module"] == "scoring.pyfunc"  # the serving core loads it (issue 18)
+    assert pyfunc["loader_module"] == "scoring.pyfunc"  # the serving core loads it
     assert pyfunc["code"] == "code" and pyfunc["data"] == "model"
     assert not list(tiny_model_dir.rglob("*.pkl")), "nothing is pickled"
     mmdet = mlmodel["flavors"]["mmdet"]
@@ -156,6 +156,28 @@ def test_masks_are_bit_identical_to_mmdet_even_in_small_chunks(tiny_model_dir, t
     ours = np.stack(list(dets.iter_masks(0.5)))
     assert ours.shape == tuple(ref.masks.shape) and ours.any()
     assert np.array_equal(ours, ref.masks.numpy())
+
+
+def test_on_another_mmdet_the_masks_are_mmdets_own_with_a_warning(tiny_model_dir, tiny_checkpoint,
+                                                                  image_files, monkeypatch):
+    """The deferred-mask post-processing copies a private mmdet method: on another mmdet (its
+    version value faked) the head keeps mmdet's own, a warning says so, and the answers are
+    still mmdet's, masks bit for bit."""
+    import mmdet
+
+    from scoring.decode import decode_image
+    from scoring.schema import PredictParams
+    from scoring.version_guard import UntestedVersionWarning
+
+    monkeypatch.setattr(mmdet, "__version__", "3.9.0")
+    with pytest.warns(UntestedVersionWarning, match="mmdet 3.9.0 is installed.*mmdet's own post-processing"):
+        predictor = mlflow_model.load_predictor(tiny_model_dir / "model", device="cpu")
+    assert "_bbox_mask_post_process" not in vars(predictor.detector.bbox_head)
+    dets = predictor([decode_image(image_files[0].read_bytes())], PredictParams(score_threshold=0.05))[0]
+    ref = _mmdet_reference(tiny_checkpoint, image_files[0])
+    assert len(dets) == len(ref) > 0
+    np.testing.assert_allclose(dets.boxes, ref.bboxes.numpy(), atol=1e-4)
+    assert np.array_equal(np.stack(list(dets.iter_masks(0.5))), ref.masks.numpy())
 
 
 def test_a_batch_is_one_forward_pass_with_the_same_results(tiny_model_dir, image_files):

@@ -12,6 +12,11 @@ keeps only its low-resolution mask logits (N x H/8 x W/8); ``MaskResampler`` tur
 full-size boolean masks a few at a time with the very same interpolation calls (per-channel,
 so bit-identical to mmdet's), and the caller encodes each chunk before the next is made.
 
+That post-processing is a copy of a private mmdet method, put on the head instance, so it is used
+only on the mmdet it was copied from (``COPIED_FROM_MMDET``, scoring.version_guard): on another
+mmdet the head keeps its own ``_bbox_mask_post_process`` (mmdet's public ``predict_by_feat``
+path, full-size masks made at once, more memory on large pictures), with a warning.
+
 Only a model whose ``model.json`` names the torch runtime imports this module (and torch).
 """
 from __future__ import annotations
@@ -28,10 +33,26 @@ from scoring.class_filter import excluded_classes
 from scoring.families import RTMDET_INS
 from scoring.runtimes import masks as mask_windows
 from scoring.runtimes.base import ImageDetections, forward_batch_size, masks_wanted
-from scoring.runtimes.torch_mmdet import DenseHeadDetector, load_detector
+from scoring.runtimes.torch_mmdet import DenseHeadDetector, DenseMasks, load_detector
 from scoring.schema import PredictParams
 
 MASK_CHUNK_BYTES = mask_windows.MASK_CHUNK_BYTES
+
+# The mmdet whose RTMDetInsHead._bbox_mask_post_process bbox_post_process_deferring_masks copies
+# (tests/test_serving_guards.py checks it is the version mlflow_model/requirements.txt pins).
+COPIED_FROM_MMDET = "3.3.0"
+
+
+def defers_masks() -> bool:
+    """Whether the installed mmdet is the one ``bbox_post_process_deferring_masks`` was copied
+    from (a warning when not: mmdet's own post-processing is used instead)."""
+    import mmdet
+
+    from scoring.version_guard import written_for
+
+    return written_for("mmdet", mmdet.__version__, COPIED_FROM_MMDET,
+                       "RTMDet-Ins masks are made by mmdet's own post-processing: all at the "
+                       "picture's full size at once, which takes more memory on large pictures")
 
 
 def bbox_post_process_deferring_masks(
@@ -220,9 +241,10 @@ class RtmdetInsDetector(DenseHeadDetector):
         """``config``: the mmengine config whose test pipeline prepares the pictures (default:
         the detector's own ``cfg``, which ``build_detector`` sets)."""
         super().__init__(detector, RTMDET_INS, class_names, default_params, batch_size, config)
-        head = detector.bbox_head
-        # Our instance only: the detector object itself stays a plain mmdet model elsewhere.
-        head._bbox_mask_post_process = types.MethodType(bbox_post_process_deferring_masks, head)
+        if defers_masks():
+            head = detector.bbox_head
+            # Our instance only: the detector object itself stays a plain mmdet model elsewhere.
+            head._bbox_mask_post_process = types.MethodType(bbox_post_process_deferring_masks, head)
 
     def test_cfg(self, params: PredictParams):
         """The family's test settings for the request, and whether to make mask logits."""
@@ -234,7 +256,8 @@ class RtmdetInsDetector(DenseHeadDetector):
     def postprocess(self, raw: dict, params: PredictParams) -> list[ImageDetections]:
         """The class filter (``params.classes``) on the class logits, then mmdet's
         ``predict_by_feat`` (score filter, top-k, box decoding, rescale, NMS, mask kernels), with
-        the full-size masks deferred to ``DeferredMasks``."""
+        the full-size masks deferred to ``DeferredMasks`` (made by mmdet at once where the
+        head keeps mmdet's own post-processing: ``defers_masks``)."""
         head = self.detector.bbox_head
         outputs = raw["head_outputs"]  # (cls_scores, bbox_preds, kernel_preds, mask_feat)
         self.family.exclude_classes(outputs[0], excluded_classes(self.class_names, params))
@@ -250,7 +273,11 @@ class RtmdetInsDetector(DenseHeadDetector):
                 scores=res.scores.cpu().numpy(),
                 labels=res.labels.cpu().numpy(),
                 class_names=self.class_names,
-                masks=DeferredMasks(res.mask_logits, resampler, boxes, self.mask_box_margin)
-                if masks_wanted(params) else None,
+                masks=self._masks(res, resampler, boxes) if masks_wanted(params) else None,
             ))
         return out
+
+    def _masks(self, result, resampler: MaskResampler, boxes: np.ndarray):
+        if "mask_logits" in result:
+            return DeferredMasks(result.mask_logits, resampler, boxes, self.mask_box_margin)
+        return DenseMasks(result.masks)  # mmdet's own post-processing (``defers_masks``)
