@@ -266,10 +266,9 @@ def move_weights_out(onnx_path: Path) -> Path:
     """Rewrite ``onnx_path`` with its weights in the file ``onnx_data_file`` names beside it.
 
     Embedded weights are parsed out of the protobuf into a copy, then copied again into ORT's
-    own layout; from external data ORT reads them straight into place. For the x model
-    (392 MiB of weights) the session builds in 0.48 s instead of 0.90 s and the process peaks
-    at about 550 MiB instead of 890 MiB while loading (same RSS once loaded). Returns the data
-    file."""
+    own layout; from external data ORT reads them straight into place, so a session builds
+    faster and the process peaks lower while loading (the same RSS once loaded; docs/onnx.md
+    has the measurement). Returns the data file."""
     import onnx
 
     data = onnx_path.parent / onnx_data_file(onnx_path.name)

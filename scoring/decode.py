@@ -18,7 +18,7 @@ from scoring.truncation import ENDS_EARLY, ends_early, signature
 
 _URL = re.compile(r"^https?://", re.IGNORECASE)
 _DATA_URI = re.compile(r"^data:[\w/+.-]*(;[\w=.-]+)*;base64,", re.IGNORECASE)
-_WHITESPACE = b" \t\n\r\f\v"  # what rb"\s" matches: bytes.translate drops them 10x faster than re.sub
+_WHITESPACE = b" \t\n\r\f\v"  # what rb"\s" matches: bytes.translate drops them in one pass, no regex
 _BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")  # in the message of Pillow's DecompressionBombError
 
 

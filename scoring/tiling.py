@@ -53,8 +53,8 @@ from scoring.work import check_deadline
 
 # A cut piece is part of an object when its box and the object's box (or another piece's),
 # clipped to where both are seen, have at least this IoU: the same view of one object, so
-# "the same box" (bench/tiling.py, on two unseen mosaic sets: 0.5 merged neighbours' pieces
-# and lost 0.015-0.017 segm mAP against 0.7; 0.7-0.9 were within 0.004 of each other).
+# "the same box". Lower, neighbours' pieces are merged into one object; above, the choice
+# hardly matters (bench/tiling.py; bench/results/design-choices.md has the measurement).
 PIECE_IOU = 0.7
 # An object only the whole picture saw whole takes the union of its pieces' masks (finer) when
 # their boxes' union has at least this IoU with the whole picture's box.

@@ -135,14 +135,13 @@ def _best_model_metric_problem(name: str) -> str:
 
 
 # The recipe the offline demo uses: the tiny model trained from scratch on a few hundred
-# synthetic images on 2 CPU cores within 10 minutes. bench/recipe_search.py's second grid
-# (bench/results/recipe-search.md) chose it: on the demo's set (240 training images, 60
-# validation) 16 epochs (480 steps) reach segm mAP@[.5:.95] 0.75 in about 8 minutes on a 2-core
-# AMD EPYC (Zen 4); 12 epochs 0.67-0.68, 10 epochs 0.65. From scratch there is no pretrained
-# feature to protect, so a high learning rate (0.008 was worse) and a short warm-up; batch 8
-# (batch 4 with as many images was worse); 256 px (320 px costs 1.3x a step and was worse
-# for the same time); RTMDet's stage-2 augmentation (no mosaic) throughout, so the model sees
-# every object whole; validation only at epochs 8 and 16 (each costs seconds of training time).
+# synthetic images on a 2-core CPU in minutes. bench/recipe_search.py's second grid chose it
+# (bench/results/recipe-search.md has the figures, their date and CPU): fewer epochs lost mAP.
+# From scratch there is no pretrained feature to protect, so a high learning rate (a higher
+# one was worse) and a short warm-up; batch 8 (batch 4 with as many images was worse); 256 px
+# (a larger size costs more a step and was worse for the same time); RTMDet's stage-2
+# augmentation (no mosaic) throughout, so the model sees every object whole; validation only at
+# the middle and the end (each costs training time).
 QUICK_CPU_CONFIG = "rtmdet-ins_tiny_8xb32-300e_coco"
 
 

@@ -12,13 +12,13 @@ Two costs of doing that literally, and what this module does about them:
   second resize is computed for the kept window only (``windowed_resize``), with the very index
   rule torch and OpenCV use for a bilinear resize with half-pixel centres (``source_index``),
   a band of rows at a time.
-- Every mask cost the whole picture: on a 12-megapixel photo, ~60 ms a detection for objects
-  covering 5 % of it. So each detection's mask is made only over the window where it can be
-  True at all (``MaskGeometry.support_window``, read off the low-resolution logits: exact), and
-  optionally cut to its box plus a margin (``MaskGeometry.box_window``: RTMDet-Ins's masks are
-  not cut to their boxes and an untrained model's cover the picture), from the few
-  low-resolution cells that window needs (``box_window_mask``), and handed on as a
-  ``MaskWindow``: the pixels and where they sit.
+- Every mask cost the whole picture, however small its object: on a large photo that is most of
+  an answer's time (bench/results/masks.md). So each detection's mask is made only over the
+  window where it can be True at all (``MaskGeometry.support_window``, read off the
+  low-resolution logits: exact), and optionally cut to its box plus a margin
+  (``MaskGeometry.box_window``: RTMDet-Ins's masks are not cut to their boxes and an untrained
+  model's cover the picture), from the few low-resolution cells that window needs
+  (``box_window_mask``), and handed on as a ``MaskWindow``: the pixels and where they sit.
 """
 from __future__ import annotations
 
@@ -37,8 +37,9 @@ BOX_MARGIN_CELLS = 4
 
 # A window at least this fraction of the picture is made the whole-picture way and cut: there
 # the window saves little, and the runtime's whole-picture resize (torch's, multi-threaded) is
-# the faster code. OpenCV's whole-picture resize is ~2-4x faster a pixel than the window's
-# numpy, so the ONNX runtime passes a quarter (bench/masks.py).
+# the faster code. OpenCV's whole-picture resize is faster a pixel than the window's numpy by
+# more than torch's, so the ONNX runtime passes a quarter (bench/masks.py,
+# bench/results/design-choices.md).
 WHOLE_PICTURE_FRACTION = 0.5
 
 

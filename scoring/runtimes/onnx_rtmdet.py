@@ -271,9 +271,8 @@ def release_freed_heap() -> None:
 
     Building a session reads the weights and then replaces every convolution's weights with a
     copy in ORT's blocked (NCHWc) layout; the originals are freed, but glibc keeps those pages in
-    the process, fragmented among live blocks. For the x model (392 MiB of weights) the session
-    holds 520-570 MiB resident when built, 461 MiB once trimmed (measured; a few ms; 893 MiB
-    before trimming when the weights were embedded in the graph file)."""
+    the process, fragmented among live blocks: trimming them takes a few milliseconds and gives
+    back about the size of the weights' first copy (bench/results/design-choices.md)."""
     import ctypes
     import ctypes.util
 
@@ -333,7 +332,7 @@ def build_while_checking(onnx_path: Path, record: dict, build):
     ``record`` of them holds (``mlflow_model.onnx_export.file_record``).
 
     The hashes are computed in a thread while the runtime builds the session (both release the
-    GIL): for the x model that is 0.26 s of a cold start no longer waited for. A changed file is
+    GIL), so a cold start does not wait for them on top of the build. A changed file is
     reported as such even when the session could not be built either (a damaged file fails
     both ways)."""
     from concurrent.futures import ThreadPoolExecutor

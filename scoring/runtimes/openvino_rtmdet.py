@@ -9,7 +9,7 @@ Only loading and ``forward`` differ from ``scoring.runtimes.onnx_rtmdet.OnnxPred
 - ``auto`` (default): OpenVINO's own choice for the CPU, which is bf16 where the CPU computes
   bf16 natively (AMX, AVX512-BF16) and f32 elsewhere (AVX2-only CPUs: as fast as ONNX Runtime);
 - ``fp32``: answers equal the torch model's as the ONNX model's do;
-- ``bf16``: 3-5x faster than f32 on an AMX CPU (docs/runtimes.md); packaging measures what it
+- ``bf16``: several times faster than f32 on an AMX CPU (docs/runtimes.md); packaging measures what it
   costs in accuracy (``mmdet-mlflow package --runtime openvino``).
 
 The precision used is logged at load and kept on the predictor (``predictor.precision``).
