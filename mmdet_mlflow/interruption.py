@@ -10,7 +10,7 @@ class Interruption:
 
     Python turns SIGINT into a KeyboardInterrupt wherever the main thread is; raised inside a
     finalizer (a socket or connection being garbage-collected) it is printed as "Exception
-    ignored" and lost: the demo ran on to exit 0 (the flaky test of issue 12), and ``serve``
+    ignored" and lost: the demo ran on to exit 0 (a test that failed now and then), and ``serve``
     kept serving after Ctrl-C (tests/test_readme.py, once). So the handler also remembers the
     signal, and ``check()`` at every step, inside every wait loop and at the very end raises
     again: an interruption can be delayed, never lost."""

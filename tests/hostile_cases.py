@@ -550,7 +550,7 @@ def _param_cases() -> list[Case]:
         ("tile-overlap-one", {"tile_overlap_ratio": 1}, "tile_overlap_ratio"),
         ("tile-overlap-negative", {"tile_overlap_ratio": -0.5}, "tile_overlap_ratio"),
         ("tile-nms-above-one", {"tile_predictions_nms_thresh": 2}, "tile_predictions_nms_thresh"),
-        # answer formats (issue 22): every server answers these with our message, naming the param
+        # answer formats: every server answers these with our message, naming the param
         ("mask-format-unknown", {"mask_format": "mask"}, "param 'mask_format' must be one of 'polygon', 'rle', 'none'"),
         ("mask-format-list", {"mask_format": ["rle"]}, "mask_format"),
         ("mask-format-case", {"mask_format": "RLE"}, "param 'mask_format' must be one of"),

@@ -1,4 +1,4 @@
-"""Answer formats (issue 22): ``mask_format`` "polygon" / "rle" / "none" and the ``classes``
+"""Answer formats: ``mask_format`` "polygon" / "rle" / "none" and the ``classes``
 filter, on the real tiny model in both runtimes, through the one runner and the one encoder."""
 from __future__ import annotations
 
@@ -275,7 +275,7 @@ def test_the_signature_declares_both_params_and_the_rle_key(tiny_model_dir):
     assert specs["mask_format"].default == "polygon" and specs["mask_format"].shape is None
     assert specs["classes"].shape == (-1,)
     assert specs["classes"].default[:3] == ["person", "bicycle", "car"] and len(specs["classes"].default) == 80
-    # one {"boxes": [detection, ...]} object per image (an object, for spark_udf: issue 21)
+    # one {"boxes": [detection, ...]} object per image (an object, as spark_udf needs)
     detection = json.loads(signature.outputs.to_json())[0]["properties"]["boxes"]["items"]["properties"]
     assert detection["polygon"]["required"] is False and detection["rle"]["required"] is False
     assert set(detection["rle"]["properties"]) == {"size", "counts"}

@@ -172,7 +172,7 @@ def test_deploy_errors_are_one_clear_line(tmp_path):
 
 
 def test_predict_answers_rle_or_boxes_alone_for_the_classes_asked(tmp_path, tiny_model_dir, image_files):
-    """--mask-format and --classes reach the answers and the pictures (issue 22)."""
+    """--mask-format and --classes reach the answers and the pictures."""
     from pycocotools import mask as mask_util
 
     folder = image_files[0].parent

@@ -103,7 +103,7 @@ def test_pyfunc_errors_name_the_row_and_are_bad_request(tiny_model_dir, image_fi
         assert message in err.value.message and err.value.get_http_status_code() == 400
 
 
-# --- data cut short: refused, never completed from memory (issue 23) ----------------------------
+# --- data cut short: refused, never completed from memory --------------------------------------
 
 def _cut(data: bytes, share: float) -> bytes:
     return data[: int(len(data) * share)]

@@ -1,4 +1,4 @@
-"""Fine-tuning's precision (issue 20): bf16 autocast on CPU through our own OptimWrapper (fp32
+"""Fine-tuning's precision: bf16 autocast on CPU through our own OptimWrapper (fp32
 master weights, finite losses, weights that move), what "auto" picks, and `finetune --runtime
 openvino` passing package's bf16 accuracy gate on the validation data. Real tiny fine-tunes on
 CPU (a few steps)."""

@@ -1,4 +1,4 @@
-"""The README's shell blocks, run as written (issue 12, item 1: its serve command had failed for
+"""The README's shell blocks, run as written (its serve command had once failed for
 every new user while the suite passed).
 
 Every ```bash block of README.md runs, in the README's order, with bash in a scratch folder that
@@ -81,7 +81,7 @@ def substituted(blocks: list[str], values: dict) -> list[str]:
 
 
 def user_environment() -> dict:
-    """A shell's environment as a user has it: the venv not on PATH (the bug of issue 12: MLflow
+    """A shell's environment as a user has it: the venv not on PATH (a bug seen once: MLflow
     starts uvicorn by name), no MLflow run or store chosen (the suite's conftest chooses one).
     PYTHONPATH names this checkout, so its code runs even where the venv was built by another
     checkout (a git worktree sharing one venv); in a fresh clone that changes nothing."""

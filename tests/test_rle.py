@@ -109,7 +109,7 @@ def test_decode_refuses_what_is_not_an_rle():
 
 def test_a_window_encodes_as_the_picture_size_mask_it_stands_for():
     """Answers encode each detection's mask window without pasting it into a picture-size mask
-    (work in proportion to the object, issue 19): the string is the full mask's, byte for byte,
+    (work in proportion to the object): the string is the full mask's, byte for byte,
     wherever the window sits (corners, whole columns, a single pixel, empty)."""
     rng = np.random.default_rng(3)
     height, width = 37, 53

@@ -1,5 +1,5 @@
 """Pictures of detections: a prediction is tagged 'label score', ground truth (which has no score)
-with its label alone (issue 12, item 5: synth's preview and evaluation's samples showed 1.00 on
+with its label alone (synth's preview and evaluation's samples showed 1.00 on
 every ground-truth box)."""
 from __future__ import annotations
 

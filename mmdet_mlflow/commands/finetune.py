@@ -28,8 +28,9 @@ SETTING_HELPS = {
                              "or recall (Azure's meaning), or a COCO stat such as segm_AP or bbox_AP "
                              "(docs/metrics.md)",
     "precision": "32; 16: mixed precision (AMP) on GPU; bf16: torch's bf16 autocast on CPU (fp32 "
-                 "weights; fast where the CPU has AMX or AVX512-BF16); auto: bf16 where issue 20's "
-                 "measurement adopted it, else 32 (docs/runtimes.md)",
+                 "weights; fast where the CPU has AMX or AVX512-BF16); auto: bf16 on CPUs that "
+                 "compute it natively where the demo recipe's measurement adopted it, else 32 "
+                 "(docs/runtimes.md)",
     "checkpoint_interval_steps": "also checkpoint every N steps (always: every epoch)",
     "evaluation_frequency": "validate every N epochs, and always after the last (Azure AutoML's name)",
     "num_workers": "data-loading processes (default: 0 on CPU, 2 on GPU)",

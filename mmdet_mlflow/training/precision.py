@@ -7,8 +7,8 @@ dtype=torch.bfloat16)`` while the weights, their gradients and the optimizer's s
 assert in its constructor), hence this wrapper. No loss scaling: bf16 has fp32's exponent range,
 so gradients do not underflow as fp16's do.
 
-"auto" follows issue 20's rule, measured on the demo recipe (docs/runtimes.md, "Fine-tuning
-with torch's CPU bf16 autocast"): bf16 only where the CPU computes bf16 natively (the same test
+"auto" follows the rule measured on the demo recipe (docs/runtimes.md, "Fine-tuning with
+torch's CPU bf16 autocast"): bf16 only where the CPU computes bf16 natively (the same test
 the OpenVINO runtime's ``auto`` uses: ``scoring.runtimes.openvino_rtmdet.cpu_has_bf16``) and only
 if ``AUTO_PICKS_BF16_ON_CPU``; on a GPU, "auto" trains as today (fp32).
 """
@@ -19,8 +19,8 @@ from contextlib import contextmanager
 PRECISIONS = ("32", "16", "bf16", "auto")
 
 # Whether the demo recipe's measurement supports bf16 for "auto" on CPUs with native bf16
-# (issue 20: >= 1.3x faster AND final segm mAP within 0.01 of fp32; docs/runtimes.md has the
-# numbers). Set from the measurement; see that section before changing it.
+# (the rule: >= 1.3x faster a step AND final segm mAP within 0.01 of fp32's; docs/runtimes.md
+# has the numbers). Set from the measurement; see that section before changing it.
 AUTO_PICKS_BF16_ON_CPU = True
 
 
@@ -46,8 +46,9 @@ def training_precision(requested: str, device: str) -> tuple[str, str | None]:
         if not cpu_computes_bf16():
             return "32", "precision auto: this CPU has no native bf16, training in fp32"
         if not AUTO_PICKS_BF16_ON_CPU:
-            return "32", ("precision auto: fp32 (bf16 autocast did not meet issue 20's rule on "
-                          "the demo recipe: docs/runtimes.md); --precision bf16 asks for it")
+            return "32", ("precision auto: fp32 (bf16 autocast was not both 1.3x faster and within "
+                          "0.01 segm mAP of fp32 on the demo recipe: docs/runtimes.md); "
+                          "--precision bf16 asks for it")
         return "bf16", "precision auto: bf16 autocast (this CPU computes bf16 natively)"
     if requested == "16" and device != "cuda":
         return "32", "precision 16 (AMP) needs a GPU: training in 32-bit on CPU"
