@@ -1,4 +1,4 @@
-"""Benchmark of the answer formats (issue 22; not a test). Prints, measured in this one run:
+"""Benchmark of the answer formats (not a test). Prints, measured in this one run:
 
 1. per picture size (640x480, 4000x3000) and detection count (3, 100): the answer's JSON bytes
    and the encode stage's time (making the full-size masks + encoding them + the JSON text) for
@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from _quiet import quiet_logs
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
@@ -203,6 +205,7 @@ def main() -> None:
     parser.add_argument("--scenes", type=int, default=20)
     parser.add_argument("--parts", default="1,2,3,4", help="which parts to run, e.g. 1,4")
     args = parser.parse_args()
+    quiet_logs()
     parts = set(args.parts.split(","))
     with tempfile.TemporaryDirectory() as work:
         predictor = package(Path(work))

@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _quiet import quiet_logs
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 os.environ.pop("MLFLOW_TRACKING_URI", None)  # measure the evaluation, not a tracking server
@@ -64,6 +66,7 @@ def main() -> int:
     parser.add_argument("--model", help="a model directory (default: a tiny untrained one)")
     parser.add_argument("--test", help="test data (default: the synthetic validation split)")
     args = parser.parse_args()
+    quiet_logs()
 
     import torch
 

@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _quiet import quiet_logs
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mmdet_mlflow.training import QUICK_CPU_CONFIG, FinetuneSettings, finetune, quick_cpu_recipe  # noqa: E402
@@ -133,6 +135,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's, the core count)")
     parser.add_argument("--work", type=Path, help="work folder (default: a temporary one)")
     args = parser.parse_args()
+    quiet_logs()
 
     import torch
 

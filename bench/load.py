@@ -20,6 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from _quiet import packaging_to_stderr, quiet_logs
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
@@ -29,7 +31,8 @@ def tiny_model(folder: Path, runtime: str) -> Path:
     from helpers import TINY, make_official_checkpoint
 
     checkpoint = make_official_checkpoint(folder / "tiny.pth")
-    mlflow_model.save_model(folder / "tiny", TINY, str(checkpoint), runtime=runtime)
+    with packaging_to_stderr():
+        mlflow_model.save_model(folder / "tiny", TINY, str(checkpoint), runtime=runtime)
     return folder / "tiny"
 
 
@@ -44,6 +47,7 @@ def main() -> int:
     parser.add_argument("--runtime", choices=("torch", "onnx"), default="torch",
                         help="the tiny model's runtime (without --model)")
     args = parser.parse_args()
+    quiet_logs()
 
     from load_harness import Server, busy_seconds_after, run_load
     from mmdet_mlflow import servers

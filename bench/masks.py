@@ -2,7 +2,7 @@
 torch and the ONNX runtime, at 640x480 and 4032x3024 (12 MP), the time to make each detection's
 mask and trace its polygons:
 
-- before: the whole-picture mask of every detection (the way before issue 19), traced whole;
+- before: the whole-picture mask of every detection (the way before masks were made over windows), traced whole;
 - exact: each mask over the window where it can be True (``MaskGeometry.support_window``), the
   same masks, traced in the window;
 - box+4: the same, cut to its box and 4 low-resolution cells (``box_margin_cells=4``).
@@ -26,13 +26,15 @@ from pathlib import Path
 
 import numpy as np
 
+from _quiet import packaging_to_stderr, quiet_logs
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from helpers import TINY, make_official_checkpoint, scene_image  # noqa: E402
 
 DETECTIONS = 62
-BOX_SHARE = 0.05  # issue 19's phone photos: boxes about 5 % of the picture
+BOX_SHARE = 0.05  # phone photos of a few objects: boxes about 5 % of the picture
 
 
 def models(work: Path):
@@ -42,10 +44,11 @@ def models(work: Path):
     from scoring.runtimes.onnx_rtmdet import load_onnx_predictor
 
     checkpoint = make_official_checkpoint(work / "tiny.pth", TINY)
-    mlflow_model.save_model(work / "tiny", TINY, str(checkpoint))
     onnx_dir = work / "onnx"
-    shutil.copytree(work / "tiny" / "model", onnx_dir)
-    export_to_weights_dir(onnx_dir)
+    with packaging_to_stderr():
+        mlflow_model.save_model(work / "tiny", TINY, str(checkpoint))
+        shutil.copytree(work / "tiny" / "model", onnx_dir)
+        export_to_weights_dir(onnx_dir)
     return (mlflow_model.load_predictor(work / "tiny" / "model", device="cpu", batch_size=1),
             load_onnx_predictor(onnx_dir, num_threads=2))
 
@@ -156,6 +159,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="640x480,4032x3024", help="pictures, WxH,...")
     parser.add_argument("--skip-answer", action="store_true", help="not the whole 12 MP answer")
     args = parser.parse_args()
+    quiet_logs()
     sizes = [tuple(int(v) for v in size.split("x")) for size in args.sizes.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         predictors = models(Path(tmp))

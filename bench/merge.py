@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from _quiet import quiet_logs
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
@@ -120,6 +122,7 @@ def main() -> None:
     parser.add_argument("--synthetic", action="store_true")
     parser.add_argument("--baseline-rev", default=BASELINE_REV)
     args = parser.parse_args()
+    quiet_logs()
     before = baseline_merge(args.baseline_rev)
     if not args.synthetic:
         clutter = model_candidates(Path(tempfile.mkdtemp(prefix="bench-merge-")))

@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _quiet import packaging_to_stderr, quiet_logs
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
@@ -59,15 +61,17 @@ def build_venv(model_dir: Path, folder: Path) -> dict:
     venv = folder / "venv"
     shutil.rmtree(venv, ignore_errors=True)  # always a fresh venv: the install time is the point
     started = time.monotonic()
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, stdout=sys.stderr)
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
     requirements = (model_dir / "requirements.txt").read_text().split()
     if any(r.startswith("torch==") for r in requirements):  # mmcv builds against torch: torch first
         build = [r for r in requirements if r.split("==")[0] in ("torch", "numpy")]
-        subprocess.run([*pip, *build, "setuptools>=77,<81", "wheel", "ninja"], check=True)
-        subprocess.run([*pip, "--no-build-isolation", "-r", str(model_dir / "requirements.txt")], check=True)
+        subprocess.run([*pip, *build, "setuptools>=77,<81", "wheel", "ninja"], check=True, stdout=sys.stderr)
+        subprocess.run([*pip, "--no-build-isolation", "-r", str(model_dir / "requirements.txt")], check=True,
+                       stdout=sys.stderr)
     else:
-        subprocess.run([*pip, "--only-binary=:all:", "-r", str(model_dir / "requirements.txt")], check=True)
+        subprocess.run([*pip, "--only-binary=:all:", "-r", str(model_dir / "requirements.txt")], check=True,
+                       stdout=sys.stderr)
     seconds = time.monotonic() - started
     size = int(subprocess.run(["du", "-sb", str(venv)], capture_output=True, text=True, check=True)
                .stdout.split()[0])
@@ -93,6 +97,7 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, help="work here and keep it (default: a temporary folder)")
     parser.add_argument("--runtimes", default="torch,onnx,openvino")
     args = parser.parse_args()
+    quiet_logs()
     work = args.keep or Path(tempfile.mkdtemp(prefix="mmdet-mlflow-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     checkpoint = make_official_checkpoint(work / "weights.pth", config=args.config)
@@ -102,7 +107,8 @@ def main() -> None:
     for runtime in args.runtimes.split(","):
         model_dir = work / f"model-{runtime}"
         if not model_dir.exists():
-            mlflow_model.save_model(model_dir, args.config, str(checkpoint), runtime=runtime)
+            with packaging_to_stderr():
+                mlflow_model.save_model(model_dir, args.config, str(checkpoint), runtime=runtime)
         env = build_venv(model_dir, work / f"env-{runtime}")
         results[runtime] = {**env, **cold_start(env["python"], model_dir, image)}
         r = results[runtime]

@@ -36,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
+from _quiet import packaging_to_stderr, quiet_logs
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
@@ -56,15 +58,18 @@ def package(work: Path, name: str, int8: bool, calibration) -> Path:
     from mlflow_model.onnx_export import export_to_weights_dir, quantize_int8
 
     checkpoint = make_official_checkpoint(work / f"{name}.pth", CONFIGS[name])
-    mlflow_model.save_model(work / name, CONFIGS[name], str(checkpoint))
     weights = work / name / "model"
+    with packaging_to_stderr():
+        mlflow_model.save_model(work / name, CONFIGS[name], str(checkpoint))
     start = time.perf_counter()
-    spec = export_to_weights_dir(weights)
+    with packaging_to_stderr():
+        spec = export_to_weights_dir(weights)
     print(f"[export] {name}: {time.perf_counter() - start:.1f} s, "
           f"{(weights / 'model.onnx').stat().st_size / 2**20:.1f} MiB", flush=True)
     if int8:
         start = time.perf_counter()
-        quantize_int8(weights / "model.onnx", calibration, weights / "model.int8.onnx", spec)
+        with packaging_to_stderr():
+            quantize_int8(weights / "model.onnx", calibration, weights / "model.int8.onnx", spec)
         print(f"[quantize] {name}: {time.perf_counter() - start:.1f} s, "
               f"{(weights / 'model.int8.onnx').stat().st_size / 2**20:.1f} MiB", flush=True)
     return weights
@@ -177,7 +182,7 @@ def run_model(name: str, work: Path, args, images) -> None:
                   f"torch {rates['torch']:.2f} img/s, ratio {rates[k] / rates['torch']:.2f}x"
                   f"{vs_onnx(k, rates)}", flush=True)
 
-    # 2b. a 12-megapixel picture tiled (issue 20's goal for x at auto on an AMX CPU: < 6 s)
+    # 2b. a 12-megapixel picture tiled (the goal for x at auto on an AMX CPU: < 6 s)
     if args.tiled:
         big = pd.DataFrame({"image": [encode_png(scene_image(4032, 3024, 7))]})
         params = {"tile_grid_size": args.tiled}
@@ -251,6 +256,7 @@ def main() -> None:
     parser.add_argument("--detections", default="3,100",
                         help="detections per picture to time end to end (default 3,100)")
     args = parser.parse_args()
+    quiet_logs()
     # one predict call scores all --images: on a slow or loaded CPU x takes longer than a
     # request may (60 s), which is a serving limit, not something to measure here
     os.environ.setdefault("MMDET_MLFLOW_REQUEST_TIMEOUT", "3600")

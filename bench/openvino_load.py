@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _quiet import packaging_to_stderr, quiet_logs
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 
@@ -84,9 +86,10 @@ def export(work: Path, name: str) -> tuple[Path, Path]:
     from mlflow_model.onnx_export import export_to_weights_dir
 
     checkpoint = make_official_checkpoint(work / f"{name}.pth", CONFIGS[name])
-    mlflow_model.save_model(work / name, CONFIGS[name], str(checkpoint))
     weights = work / name / "model"
-    export_to_weights_dir(weights)
+    with packaging_to_stderr():
+        mlflow_model.save_model(work / name, CONFIGS[name], str(checkpoint))
+        export_to_weights_dir(weights)
     ir = weights / "model.xml"
     start = time.perf_counter()
     ov.save_model(ov.Core().read_model(str(weights / "model.onnx")), str(ir), compress_to_fp16=False)
@@ -107,6 +110,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--ep-python", help="a python whose venv has onnxruntime-openvino")
     args = parser.parse_args()
+    quiet_logs()
     print(cpu_description(), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from _quiet import quiet_logs
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
@@ -162,6 +164,7 @@ def main() -> None:
     parser.add_argument("--batches", default="1,8", help="batch sizes to time (default 1,8)")
     parser.add_argument("--skip-memory", action="store_true", help="only time throughput")
     args = parser.parse_args()
+    quiet_logs()
     import torch
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "

@@ -1,4 +1,4 @@
-"""Recipe search for the demo model (not a test; issue 12, item 3: segm mAP@[.5:.95] >= 0.70 on
+"""Recipe search for the demo model (not a test; goal: segm mAP@[.5:.95] >= 0.70 on
 the synthetic validation set with fine-tuning <= 10 minutes on 2 cores).
 
 Runs a list of fine-tune settings one after another, each exactly as `make demo` runs its steps
@@ -41,6 +41,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from _quiet import quiet_logs
+
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = "rtmdet-ins_tiny_8xb32-300e_coco"
 DEFAULT_RESULTS = Path.home() / "mmdet-mlflow-recipe-search.jsonl"
@@ -48,7 +50,7 @@ DEFAULT_RESULTS = Path.home() / "mmdet-mlflow-recipe-search.jsonl"
 # The demo set's difficulty the second grid settled on: larger objects, less occlusion.
 EASY = {"object_size": [110, 260], "min_visible_fraction": 0.6}
 
-# Named lists. "first-grid" starts from the demo's recipe and the feasibility run of issue 12 (the
+# Named lists. "first-grid" starts from the demo's recipe and its first feasibility run (the
 # tiny model from scratch, 320 px, batch 8, 500 steps: 0.73 on a simpler 4-class shapes set in
 # about 9 minutes) and varies one thing at a time around it.
 NAMED_SETTINGS = {
@@ -220,6 +222,7 @@ def main() -> int:
     parser.add_argument("--work", type=Path, help="data and runs (default: a new folder in the temp dir)")
     parser.add_argument("--list", action="store_true", help="print the settings' fine-tune options, run nothing")
     args = parser.parse_args()
+    quiet_logs()
     settings = load_settings(args.settings)
     if args.list:
         for setting in settings:

@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _quiet import packaging_to_stderr, quiet_logs
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
@@ -53,7 +55,8 @@ def package(work: Path, runtime: str) -> Path:
     if not checkpoint.exists():
         make_official_checkpoint(checkpoint, TINY)
     path = work / f"model-{runtime}"
-    mlflow_model.save_model(path, TINY, str(checkpoint), runtime=runtime)
+    with packaging_to_stderr():
+        mlflow_model.save_model(path, TINY, str(checkpoint), runtime=runtime)
     return path
 
 
@@ -95,6 +98,7 @@ def main() -> None:
     parser.add_argument("--runtime", default="torch,onnx")
     parser.add_argument("--master", default="local[2]")
     args = parser.parse_args()
+    quiet_logs()
     print(f"CPU: {cpu_description()}; {args.pictures} pictures 640x480 JPEG; tiny model", flush=True)
     cli = [sys.executable, "-m", "mmdet_mlflow.cli"]
     with tempfile.TemporaryDirectory(prefix="bench-spark-") as tmp:

@@ -1,4 +1,4 @@
-"""Benchmark of tiled inference (issue 19; scoring.tiling) against untiled inference and SAHI
+"""Benchmark of tiled inference (scoring.tiling) against untiled inference and SAHI
 (not a test). Prints, measured in this one run, on unseen synthetic fridge pictures made 4x4
 larger (``synth --mosaic 4``: 16 ordinary scenes side by side, 2560x1920, objects unchanged)
 and on the same scenes as ordinary pictures (the reference):
@@ -12,7 +12,7 @@ and on the same scenes as ordinary pictures (the reference):
 - tiny and x (rtmdet-ins_x_8xb16-300e_coco, mmdet's random initial weights: network cost only,
   it finds nothing): seconds per large picture for each (decode -> detections -> the public
   answer's polygons), tiled at MMDET_MLFLOW_BATCH_SIZE 1 and 4, and the peak RSS of each;
-- the ratios issue 19 sets goals for: tiled mAP / original mAP (>= 0.9), tiled mAP / SAHI mAP
+- the ratios with goals: tiled mAP / original mAP (>= 0.9), tiled mAP / SAHI mAP
   (>= 1), tiled time / ((tiles + 1) x one untiled answer at batch 1) (<= 1.2), tiled time /
   SAHI time (<= 1).
 
@@ -37,6 +37,8 @@ import sys
 import time
 from pathlib import Path
 
+from _quiet import progress, quiet_logs
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
@@ -44,7 +46,7 @@ TINY_CONFIG = "rtmdet-ins_tiny_8xb32-300e_coco"
 X_CONFIG = "rtmdet-ins_x_8xb16-300e_coco"
 MOSAIC = 4
 # 5x5 at overlap 0.25 cuts a 2560x1920 picture into 640x480 tiles: the size of the scenes it is
-# made of (what the model was trained on), and the slices issue 19's SAHI measurement used.
+# made of (what the model was trained on), and the slices of the SAHI measurement the goals came from.
 # 4x4 gives 788x591 tiles, which the network shrinks further than it shrank its training pictures.
 DEFAULT_GRID = "5x5"
 GRID = DEFAULT_GRID  # main() sets it from --grid; measure() from its spec
@@ -280,8 +282,8 @@ def run_measurement(spec: dict) -> dict:
 
 def cli(*args: str) -> None:
     shown = " ".join(["mmdet-mlflow", *args])
-    print(f"$ {shown}", flush=True)
-    subprocess.run([sys.executable, "-m", "mmdet_mlflow.cli", *args], check=True,
+    progress(f"$ {shown}")
+    subprocess.run([sys.executable, "-m", "mmdet_mlflow.cli", *args], check=True, stdout=sys.stderr,
                    env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
@@ -397,6 +399,7 @@ def main() -> None:
                              "side into FILE (docs/images/tiling.jpg)")
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    quiet_logs()
     if args.measure:
         print(json.dumps(measure(json.loads(args.measure))), flush=True)
         return
@@ -416,7 +419,7 @@ def main() -> None:
     started = time.perf_counter()
 
     def go(key, **spec):
-        print(f"[{time.perf_counter() - started:5.0f} s] {key} ...", flush=True)
+        progress(f"[{time.perf_counter() - started:5.0f} s] {key} ...")
         runs[key] = run_measurement({"evaluate": False, "output": str(work / "eval" / key),
                                      "threads": threads, "grid": GRID, **spec})
         print(f"        {json.dumps(runs[key])}", flush=True)

@@ -1,5 +1,5 @@
 """One fine-tuning step on CPU in fp32 and under torch's CPU bf16 autocast (not a test): does
-bf16 training pay on this CPU? (issue 20: adopt it for `finetune --precision auto` only if a step
+bf16 training pay on this CPU? (adopt it for `finetune --precision auto` only if a step
 is >= 1.3x faster and the demo recipe's final segm mAP stays within 0.01.)
 
 A step is what mmengine's OptimWrapper does for RTMDet-Ins: forward with loss (``detector.loss``,
@@ -17,6 +17,8 @@ import statistics
 import sys
 import time
 from pathlib import Path
+
+from _quiet import quiet_logs
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
@@ -99,6 +101,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's); 1 on a machine others are loading")
     args = parser.parse_args()
+    quiet_logs()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"{cpu_description()}; torch {torch.__version__} {torch.get_num_threads()} threads; "
