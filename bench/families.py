@@ -4,7 +4,9 @@ family exports) against bare mmdet ``inference_detector`` on the same picture an
 the peak resident memory (VmHWM) of each.
 
 Per family, one picture at the size of its config's test resize (the picture fills the model's
-input: the real cost of one request), random weights in mmdet's published layout
+input: the real cost of one request), ours asked for the config's own score threshold (as
+``inference_detector`` uses; the model's other defaults as served: an instance-segmentation model
+answers polygons, an object-detection one boxes only), random weights in mmdet's published layout
 (tests/helpers.make_official_checkpoint, class biases lifted so there are detections). Each side
 runs in a process of its own, so that each memory peak is its own: one process makes the
 checkpoint, the model folders (one per runtime) and the picture; one per runtime loads our model
@@ -89,6 +91,17 @@ def prepare(config: str, folder: Path, runtimes: list[str]) -> None:
         mlflow_model.save_model(folder / f"model-{runtime}", config, str(checkpoint), runtime=runtime)
     width, height = test_scale(config)
     write_png(folder / "picture.png", scene_image(width, height, 0))
+    (folder / "params.json").write_text(json.dumps(mmdet_params(config)))
+
+
+def mmdet_params(config: str) -> dict:
+    """Our predict params that do what ``inference_detector`` does: the config's own score
+    threshold (ours defaults to AutoML's 0.3, which on random weights can leave nothing to do)."""
+    from mlflow_model.configs import load_config
+    from scoring.families import Family
+
+    test_cfg = Family.detection_cfg(dict(load_config(config).model.test_cfg))
+    return {"score_threshold": float(test_cfg.get("score_thr", 0.0))}
 
 
 def _best(run, repeats: int, profile: int = 0) -> tuple[float, int]:
@@ -123,7 +136,8 @@ def measure(side: str, config: str, folder: Path, repeats: int, profile: int = 0
 
         model = mlflow.pyfunc.load_model(str(folder / f"model-{side}"))
         frame = pd.DataFrame({"image": [b64(folder / "picture.png")]})
-        seconds, found = _best(lambda: len(model.predict(frame)["boxes"][0]), repeats, profile)
+        params = json.loads((folder / "params.json").read_text())
+        seconds, found = _best(lambda: len(model.predict(frame, params=params)["boxes"][0]), repeats, profile)
         if side != "torch" and "torch" in sys.modules:
             raise SystemExit(f"the {side} model's process imported torch: its memory would be torch's")
     else:
