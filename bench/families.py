@@ -1,16 +1,22 @@
 """Benchmark of every model family (not a test): our pyfunc predict end to end (base64 PNG ->
-decode -> runtime -> encode) against bare mmdet ``inference_detector`` on the same picture and
-weights, and the peak resident memory (VmHWM) of each.
+decode -> runtime -> encode) on each runtime the family has (torch; onnx and openvino where the
+family exports) against bare mmdet ``inference_detector`` on the same picture and weights, and
+the peak resident memory (VmHWM) of each.
 
 Per family, one picture at the size of its config's test resize (the picture fills the model's
-input: the real cost of one request), random weights in mmdet's published layout
-(tests/helpers.make_official_checkpoint, class biases lifted so there are detections). Three
-processes per family, so that each memory peak is its own: one makes the checkpoint, the model
-folder and the picture; one loads our model and predicts; one loads mmdet's detector and runs
-``inference_detector``. Each predicts once to warm up, then times best of --repeats. Only the
-results go to stdout (mmengine's logs are silenced, warnings go to stderr).
+input: the real cost of one request), ours asked for the config's own score threshold (as
+``inference_detector`` uses; the model's other defaults as served: an instance-segmentation model
+answers polygons, an object-detection one boxes only), random weights in mmdet's published layout
+(tests/helpers.make_official_checkpoint, class biases lifted so there are detections). Each side
+runs in a process of its own, so that each memory peak is its own: one process makes the
+checkpoint, the model folders (one per runtime) and the picture; one per runtime loads our model
+and predicts; one loads mmdet's detector and runs ``inference_detector`` (measured once per
+family, in the same invocation, and compared with every runtime's row). Both sides predict once to
+warm up, then time the best of --repeats, with torch's default threads on both sides (the
+columns say how many). Only the results go to stdout (mmengine's logs are silenced, warnings go
+to stderr).
 
-    .venv/bin/python bench/families.py [--families rtmdet,mask-rcnn] [--repeats 3]
+    .venv/bin/python bench/families.py [--families rtmdet,mask-rcnn] [--runtimes torch,onnx] [--repeats 3]
 """
 from __future__ import annotations
 
@@ -37,13 +43,19 @@ CONFIGS = {
     "mmdet-detection": "retinanet_r18_fpn_1x_coco",
 }
 CLASSES = ["cat", "dog", "bird"]
+RUNTIMES = ("torch", "onnx", "openvino")
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile")
+
+
+def _importable() -> None:
+    sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 
 def _quiet() -> None:
-    """mmengine's logger prints to stdout: only results may go there."""
+    """mmengine's logger prints to stdout: only results may go there. (Not called where our
+    exported model is measured: importing mmengine would load torch into a process that has none.)"""
     import logging
 
-    sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
     from mmengine.logging import MMLogger
 
     MMLogger.get_instance("mmengine").setLevel(logging.ERROR)
@@ -61,35 +73,73 @@ def test_scale(config: str) -> tuple[int, int]:
     return 640, 640
 
 
-def prepare(config: str, folder: Path) -> None:
+def exported_runtimes(family: str, wanted: list[str]) -> list[str]:
+    """The runtimes of ``wanted`` that ``family`` has (torch always; onnx and openvino where it
+    exports)."""
+    from scoring.families import family_named
+
+    have = family_named(family).exporters
+    return [runtime for runtime in wanted if runtime == "torch" or runtime in have]
+
+
+def prepare(config: str, folder: Path, runtimes: list[str]) -> None:
     import mlflow_model
     from helpers import make_official_checkpoint, scene_image, write_png
 
     checkpoint = make_official_checkpoint(folder / "official.pth", config, classes=CLASSES, seed=1)
-    mlflow_model.save_model(folder / "model", config, str(checkpoint))
+    for runtime in runtimes:
+        mlflow_model.save_model(folder / f"model-{runtime}", config, str(checkpoint), runtime=runtime)
     width, height = test_scale(config)
     write_png(folder / "picture.png", scene_image(width, height, 0))
+    (folder / "params.json").write_text(json.dumps(mmdet_params(config)))
 
 
-def _best(run, repeats: int) -> tuple[float, int]:
+def mmdet_params(config: str) -> dict:
+    """Our predict params that do what ``inference_detector`` does: the config's own score
+    threshold (ours defaults to AutoML's 0.3, which on random weights can leave nothing to do)."""
+    from mlflow_model.configs import load_config
+    from scoring.families import Family
+
+    test_cfg = Family.detection_cfg(dict(load_config(config).model.test_cfg))
+    return {"score_threshold": float(test_cfg.get("score_thr", 0.0))}
+
+
+def _best(run, repeats: int, profile: int = 0) -> tuple[float, int]:
+    """The best of ``repeats`` timed calls after one warm-up; with ``profile``, the timed calls'
+    ``profile`` costliest functions (cumulative) go to stderr (cProfile slows them down)."""
     found = run()  # warm-up: first-call allocations and lazy imports
+    profiler = None
+    if profile:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
         found = run()
         best = min(best, time.perf_counter() - start)
+    if profiler is not None:
+        import pstats
+
+        profiler.disable()
+        pstats.Stats(profiler, stream=sys.stderr).sort_stats("cumulative").print_stats(profile)
     return best, found
 
 
-def measure(side: str, config: str, folder: Path, repeats: int) -> dict:
-    if side == "ours":
+def measure(side: str, config: str, folder: Path, repeats: int, profile: int = 0) -> dict:
+    """``side``: ``mmdet``, or the runtime of our model to measure."""
+    if side in RUNTIMES:
         import mlflow.pyfunc
         import pandas as pd
-        from helpers import b64
+        from helpers import b64  # numpy only: an exported model's process stays without torch
 
-        model = mlflow.pyfunc.load_model(str(folder / "model"))
+        model = mlflow.pyfunc.load_model(str(folder / f"model-{side}"))
         frame = pd.DataFrame({"image": [b64(folder / "picture.png")]})
-        seconds, found = _best(lambda: len(model.predict(frame)["boxes"][0]), repeats)
+        params = json.loads((folder / "params.json").read_text())
+        seconds, found = _best(lambda: len(model.predict(frame, params=params)["boxes"][0]), repeats, profile)
+        if side != "torch" and "torch" in sys.modules:
+            raise SystemExit(f"the {side} model's process imported torch: its memory would be torch's")
     else:
         import cv2
         from mmdet.apis import inference_detector, init_detector
@@ -99,10 +149,38 @@ def measure(side: str, config: str, folder: Path, repeats: int) -> dict:
         detector = init_detector(load_config(config, num_classes=len(CLASSES)),
                                  str(folder / "official.pth"), device="cpu")
         image = cv2.imread(str(folder / "picture.png"))
-        seconds, found = _best(lambda: len(inference_detector(detector, image).pred_instances), repeats)
+        seconds, found = _best(lambda: len(inference_detector(detector, image).pred_instances), repeats,
+                               profile)
         return {"seconds": seconds, "detections": found, "peak_rss_mb": peak_rss_mb(),
-                "picture": f"{image.shape[1]}x{image.shape[0]}"}
-    return {"seconds": seconds, "detections": found, "peak_rss_mb": peak_rss_mb()}
+                "picture": f"{image.shape[1]}x{image.shape[0]}", "threads": threads(side)}
+    return {"seconds": seconds, "detections": found, "peak_rss_mb": peak_rss_mb(), "threads": threads(side)}
+
+
+def threads(side: str) -> str:
+    """The threads of the side's network pass: torch's, or the exported runtime's
+    (MMDET_MLFLOW_NUM_THREADS or OMP_NUM_THREADS, else "auto": one per physical core, ONNX
+    Runtime's and OpenVINO's default)."""
+    if side in ("torch", "mmdet"):
+        import torch
+
+        return str(torch.get_num_threads())
+    from scoring.settings import network_threads
+
+    return str(network_threads() or "auto")
+
+
+def cpu_line() -> str:
+    """The CPU's model name and which of the flags that decide the exported runtimes' kernels
+    (and OpenVINO's bf16) it has."""
+    name, flags = "unknown", set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name":
+            name = value.strip()
+        elif key.strip() == "flags":
+            flags = set(value.split())
+    marks = " ".join(f"{flag}{'+' if flag in flags else '-'}" for flag in CPU_FLAGS)
+    return f"CPU: {name}, {os.cpu_count()} logical CPUs; flags: {marks}"
 
 
 def peak_rss_mb() -> float:
@@ -124,36 +202,61 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--families", default=",".join(CONFIGS),
                         help=f"comma-separated, of: {', '.join(CONFIGS)}")
+    parser.add_argument("--runtimes", default=",".join(RUNTIMES),
+                        help=f"comma-separated, of: {', '.join(RUNTIMES)} (onnx and openvino only for "
+                             "the families that export)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--prepare", nargs=2, metavar=("CONFIG", "FOLDER"), help=argparse.SUPPRESS)
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="print each side's N costliest functions (cProfile, cumulative) to stderr; "
+                             "the times are then the profiled ones")
+    parser.add_argument("--prepare", nargs=3, metavar=("CONFIG", "FOLDER", "RUNTIMES"), help=argparse.SUPPRESS)
     parser.add_argument("--measure", nargs=3, metavar=("SIDE", "CONFIG", "FOLDER"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    _importable()
     if args.prepare:
         _quiet()
-        prepare(args.prepare[0], Path(args.prepare[1]))
+        prepare(args.prepare[0], Path(args.prepare[1]), args.prepare[2].split(","))
         return 0
     if args.measure:
-        _quiet()
         side, config, folder = args.measure
-        print(json.dumps(measure(side, config, Path(folder), args.repeats)))
+        if side in ("torch", "mmdet"):
+            _quiet()
+        print(json.dumps(measure(side, config, Path(folder), args.repeats, args.profile)))
         return 0
 
     families = [f.strip() for f in args.families.split(",") if f.strip()]
     unknown = [f for f in families if f not in CONFIGS]
     if unknown:
         parser.error(f"unknown families {unknown}; known: {', '.join(CONFIGS)}")
-    print(f"{'family':<16} {'config':<58} {'picture':>9} {'ours s':>8} {'mmdet s':>8} {'ratio':>6} "
-          f"{'dets':>9} {'ours MB':>8} {'mmdet MB':>8}", flush=True)
+    runtimes = [r.strip() for r in args.runtimes.split(",") if r.strip()]
+    if not runtimes or set(runtimes) - set(RUNTIMES):
+        parser.error(f"--runtimes {args.runtimes!r}: a comma-separated list of {', '.join(RUNTIMES)}")
+    print(cpu_line())
+    print(f"ratio = mmdet s / ours s: how many times as fast as bare mmdet inference_detector ours is "
+          f"(> 1 faster); best of {args.repeats} warm repeats each; thr = threads of the network pass "
+          f"(ours/mmdet); MB = peak RSS (VmHWM) of each side's process")
+    print(f"{'family':<16} {'runtime':<8} {'config':<58} {'picture':>9} {'ours s':>8} {'mmdet s':>8} "
+          f"{'ratio':>6} {'dets':>9} {'thr':>6} {'ours MB':>8} {'mmdet MB':>8}", flush=True)
     for family in families:
         config = CONFIGS[family]
+        measured = exported_runtimes(family, runtimes)
         with tempfile.TemporaryDirectory(prefix=f"bench-{family}-") as tmp:
-            _child("--prepare", config, tmp)
-            ours, mmdet = (json.loads(_child("--measure", side, config, tmp, "--repeats", str(args.repeats))
-                                      .strip().splitlines()[-1]) for side in ("ours", "mmdet"))
-        print(f"{family:<16} {config:<58} {mmdet['picture']:>9} {ours['seconds']:>8.3f} "
-              f"{mmdet['seconds']:>8.3f} {ours['seconds'] / mmdet['seconds']:>6.2f} "
-              f"{ours['detections']:>4}/{mmdet['detections']:<4} {ours['peak_rss_mb']:>8.0f} "
-              f"{mmdet['peak_rss_mb']:>8.0f}", flush=True)
+            _child("--prepare", config, tmp, ",".join(measured))
+
+            def run(side: str) -> dict:
+                out = _child("--measure", side, config, tmp, "--repeats", str(args.repeats),
+                             "--profile", str(args.profile))
+                return json.loads(out.strip().splitlines()[-1])
+
+            mmdet = run("mmdet")
+            for runtime in measured:
+                ours = run(runtime)
+                print(f"{family:<16} {runtime:<8} {config:<58} {mmdet['picture']:>9} "
+                      f"{ours['seconds']:>8.3f} {mmdet['seconds']:>8.3f} "
+                      f"{mmdet['seconds'] / ours['seconds']:>5.2f}x "
+                      f"{ours['detections']:>4}/{mmdet['detections']:<4} "
+                      f"{ours['threads'] + '/' + mmdet['threads']:>6} {ours['peak_rss_mb']:>8.0f} "
+                      f"{mmdet['peak_rss_mb']:>8.0f}", flush=True)
     return 0
 
 
