@@ -229,12 +229,13 @@ def _one_by_one(predictor, items, params, errors: dict) -> list:
 # --- on the driver -----------------------------------------------------------------------------
 
 def spark_session(master: str | None = None, app_name: str = "mmdet-mlflow spark-batch",
-                  records_per_arrow_batch: int = RECORDS_PER_ARROW_BATCH):
+                  records_per_arrow_batch: int = RECORDS_PER_ARROW_BATCH,
+                  fast_start: bool | None = None, log=None):
     """A SparkSession for the job (the active one, when there is one: its settings stay as they
     are, as on Databricks or Synapse). A new local one runs its Python workers with this
-    Python and its driver JVM starts fast (``spark_jvm``: end it with ``spark_jvm.stop`` or
-    ``spark_jvm.before_exit``). The MMDET_MLFLOW_ settings are passed on to executors."""
-    from pyspark import SparkContext
+    Python, and with ``fast_start`` (default: MMDET_MLFLOW_SPARK_FAST_START) its driver JVM
+    starts fast (``spark_jvm``; end the session with ``spark_jvm.stop``, which writes the
+    class-data archive on a first run). The MMDET_MLFLOW_ settings are passed on to executors."""
     from pyspark.sql import SparkSession
 
     from mmdet_mlflow import spark_jvm
@@ -244,8 +245,7 @@ def spark_session(master: str | None = None, app_name: str = "mmdet-mlflow spark
     builder = SparkSession.builder.appName(app_name)
     if master:
         builder = builder.master(master)
-    launching = SparkContext._gateway is None
-    java_options = spark_jvm.fast_start_options(master)
+    java_options = spark_jvm.fast_start_options(master, fast_start, log)
     if java_options:
         builder = builder.config(spark_jvm.JAVA_OPTIONS_KEY, java_options)
     builder = (builder
@@ -254,10 +254,7 @@ def spark_session(master: str | None = None, app_name: str = "mmdet-mlflow spark
     for name, value in os.environ.items():
         if name.startswith("MMDET_MLFLOW_"):
             builder = builder.config(f"spark.executorEnv.{name}", value)
-    session = builder.getOrCreate()
-    if launching:
-        spark_jvm.launched(SparkContext._gateway)
-    return session
+    return builder.getOrCreate()
 
 
 class _Merged:
@@ -296,11 +293,12 @@ def run_spark_batch(model: str, input_path: str, output: str, master: str | None
                     glob: str | None = None, jsonl: bool = False, params: dict | None = None,
                     files_per_batch: int = FILES_PER_BATCH,
                     records_per_arrow_batch: int = RECORDS_PER_ARROW_BATCH,
-                    max_file_bytes: int | None = None, spark=None, log=None) -> dict:
+                    max_file_bytes: int | None = None, spark=None, log=None,
+                    fast_start: bool | None = None) -> dict:
     """Score every picture under ``input_path`` into ``output`` (see the module docstring);
     rerun with the same ``output`` to resume. Returns counts over the whole output:
     ``pictures``, ``errors``, ``this_run`` (rows written by this run), ``model_loads`` ({worker
-    pid: loads} in this run)."""
+    pid: loads} in this run). ``fast_start``: see ``spark_session``."""
     from concurrent.futures import ThreadPoolExecutor
 
     from scoring import settings
@@ -323,7 +321,8 @@ def run_spark_batch(model: str, input_path: str, output: str, master: str | None
     # imports): made while the JVM starts.
     with ThreadPoolExecutor(1, thread_name_prefix="output-schema") as pool:
         written_schema = pool.submit(output_schema)
-        spark = spark or spark_session(master, records_per_arrow_batch=records_per_arrow_batch)
+        spark = spark or spark_session(master, records_per_arrow_batch=records_per_arrow_batch,
+                                       fast_start=fast_start, log=log)
         written_schema = written_schema.result()
     job = _Job(spark, resolved, json.dumps(predict_params.as_dict(), sort_keys=True),
                dict(params or {}), output, jsonl, max_file_bytes, written_schema, log)
