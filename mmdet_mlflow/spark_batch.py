@@ -229,12 +229,13 @@ def _one_by_one(predictor, items, params, errors: dict) -> list:
 # --- on the driver -----------------------------------------------------------------------------
 
 def spark_session(master: str | None = None, app_name: str = "mmdet-mlflow spark-batch",
-                  records_per_arrow_batch: int = RECORDS_PER_ARROW_BATCH):
+                  records_per_arrow_batch: int = RECORDS_PER_ARROW_BATCH,
+                  fast_start: bool | None = None, log=None):
     """A SparkSession for the job (the active one, when there is one: its settings stay as they
     are, as on Databricks or Synapse). A new local one runs its Python workers with this
-    Python and its driver JVM starts fast (``spark_jvm``: end it with ``spark_jvm.stop`` or
-    ``spark_jvm.before_exit``). The MMDET_MLFLOW_ settings are passed on to executors."""
-    from pyspark import SparkContext
+    Python, and with ``fast_start`` (default: MMDET_MLFLOW_SPARK_FAST_START) its driver JVM
+    starts fast (``spark_jvm``; end the session with ``spark_jvm.stop``, which writes the
+    class-data archive on a first run). The MMDET_MLFLOW_ settings are passed on to executors."""
     from pyspark.sql import SparkSession
 
     from mmdet_mlflow import spark_jvm
@@ -244,8 +245,7 @@ def spark_session(master: str | None = None, app_name: str = "mmdet-mlflow spark
     builder = SparkSession.builder.appName(app_name)
     if master:
         builder = builder.master(master)
-    launching = SparkContext._gateway is None
-    java_options = spark_jvm.fast_start_options(master)
+    java_options = spark_jvm.fast_start_options(master, fast_start, log)
     if java_options:
         builder = builder.config(spark_jvm.JAVA_OPTIONS_KEY, java_options)
     builder = (builder
@@ -254,10 +254,7 @@ def spark_session(master: str | None = None, app_name: str = "mmdet-mlflow spark
     for name, value in os.environ.items():
         if name.startswith("MMDET_MLFLOW_"):
             builder = builder.config(f"spark.executorEnv.{name}", value)
-    session = builder.getOrCreate()
-    if launching:
-        spark_jvm.launched(SparkContext._gateway)
-    return session
+    return builder.getOrCreate()
 
 
 class _Merged:
@@ -296,11 +293,12 @@ def run_spark_batch(model: str, input_path: str, output: str, master: str | None
                     glob: str | None = None, jsonl: bool = False, params: dict | None = None,
                     files_per_batch: int = FILES_PER_BATCH,
                     records_per_arrow_batch: int = RECORDS_PER_ARROW_BATCH,
-                    max_file_bytes: int | None = None, spark=None, log=None) -> dict:
+                    max_file_bytes: int | None = None, spark=None, log=None,
+                    fast_start: bool | None = None) -> dict:
     """Score every picture under ``input_path`` into ``output`` (see the module docstring);
     rerun with the same ``output`` to resume. Returns counts over the whole output:
     ``pictures``, ``errors``, ``this_run`` (rows written by this run), ``model_loads`` ({worker
-    pid: loads} in this run)."""
+    pid: loads} in this run). ``fast_start``: see ``spark_session``."""
     from concurrent.futures import ThreadPoolExecutor
 
     from scoring import settings
@@ -323,7 +321,8 @@ def run_spark_batch(model: str, input_path: str, output: str, master: str | None
     # imports): made while the JVM starts.
     with ThreadPoolExecutor(1, thread_name_prefix="output-schema") as pool:
         written_schema = pool.submit(output_schema)
-        spark = spark or spark_session(master, records_per_arrow_batch=records_per_arrow_batch)
+        spark = spark or spark_session(master, records_per_arrow_batch=records_per_arrow_batch,
+                                       fast_start=fast_start, log=log)
         written_schema = written_schema.result()
     job = _Job(spark, resolved, json.dumps(predict_params.as_dict(), sort_keys=True),
                dict(params or {}), output, jsonl, max_file_bytes, written_schema, log)
@@ -390,8 +389,8 @@ class _Job:
                   .option("maxFileAge", "36500d"))
         if glob:
             reader = reader.option("pathGlobFilter", glob)
-        # No batch committed yet: whatever a killed run left is redone (the same batch ids)
-        fresh = _is_local(self.checkpoint) and not any(Path(self.checkpoint, "commits").glob("*"))
+        # Nothing written yet: every row of the output will be this run's
+        fresh = _is_local(self.output) and not Path(self.parquet_out).exists()
         query = (reader.load(input_path).writeStream
                  .foreachBatch(self.write_batch)
                  .option("checkpointLocation", self.checkpoint)
@@ -423,16 +422,16 @@ class _Job:
         """Error rows for the entries of a local folder that Spark's listing leaves out (a
         symlink loop, a dangling symlink, a folder it may not list), in the partition
         ``batch=UNLISTED_BATCH``, rewritten by every run from the folder as it is and what
-        Spark has listed so far (the checkpoint's file log): none is lost, none is written
-        twice. Returns (rows, hidden entries not read)."""
+        Spark has listed so far (every file it listed has a row in a micro-batch's partition,
+        once the query is done): none is lost, none is written twice. Returns (rows, hidden
+        entries not read)."""
         import shutil
 
-        listed = _logged_files(self.checkpoint)
-        rows = []
-        for entry in listing.entries:
-            path = "file:" + os.path.abspath(entry.path)
-            if entry.problem and path not in listed:
-                rows.append((path, None, None, None, f"{path}: {entry.problem}"))
+        problems = {"file:" + os.path.abspath(entry.path): entry.problem
+                    for entry in listing.entries if entry.problem}
+        listed = self.listed_paths() if problems else set()
+        rows = [(path, None, None, None, f"{path}: {problem}")
+                for path, problem in problems.items() if path not in listed]
         target = _join(self.parquet_out, f"batch={UNLISTED_BATCH}")
         jsonl_target = _join(self.output, JSONL_DIR, f"batch={UNLISTED_BATCH}")
         if not rows:  # none now (a link mended since): no stale row beside the file's own
@@ -447,6 +446,16 @@ class _Job:
         self.log(f"{len(rows)} entries Spark does not list (symlink loops, dangling symlinks, "
                  f"folders it may not list): error rows in batch={UNLISTED_BATCH}")
         return len(rows), listing.hidden
+
+    def listed_paths(self) -> set[str]:
+        """The paths of the rows of the micro-batches written so far (not ``UNLISTED_BATCH``'s)."""
+        from pyspark.sql import functions as F
+
+        if not Path(self.parquet_out).is_dir():
+            return set()
+        table = self.spark.read.schema(self.written_schema).parquet(self.parquet_out)
+        return {row.path for row in
+                table.where(F.col("batch") != UNLISTED_BATCH).select("path").distinct().collect()}
 
     def stamp(self) -> list:
         """The columns every row gets besides ``scored_schema``'s: the model and the params."""
@@ -514,11 +523,18 @@ def _unscanned_problem(path: str) -> str:
 
 
 def _batch_files(spark, checkpoint: str, batch_id: int) -> list[str]:
-    """The files of micro-batch ``batch_id``, named as its scan names them: those the file
-    source recorded for it in the checkpoint before running it (``sources/0/<N>``, or
-    ``<N>.compact``, which also holds earlier batches': JSON lines after a version line, paths
-    as URIs). Its scan returns no row for some of them: files of 0 bytes, which Spark's file
-    scans drop (``FileSourceScanExec`` keeps only files with a length)."""
+    """The files of micro-batch ``batch_id``, named as its scan names them, read from the
+    query's checkpoint: its scan returns no row for some of them (files of 0 bytes, which
+    Spark's file scans drop: ``FileSourceScanExec`` keeps only files with a length), and Spark
+    has no public way to name a micro-batch's files (``DataFrame.inputFiles`` of a
+    ``foreachBatch`` batch is empty: the batch is a ``LogicalRDD``).
+
+    This reads Spark's own file source log, the one place that depends on Spark's internals:
+    ``sources/0/<N>`` (or ``<N>.compact``, which also holds earlier batches'), a version line
+    ``v1`` then one JSON object per file (``path`` as a URI, ``batchId``). Checked against
+    pyspark 4.3.0 (``FileStreamSourceLog``)."""
+    from urllib.parse import unquote
+
     log_dir = _join(checkpoint, "sources", "0")
     lines = None
     for name in (str(batch_id), f"{batch_id}.compact"):
@@ -533,26 +549,8 @@ def _batch_files(spark, checkpoint: str, batch_id: int) -> list[str]:
             break
         except Exception:  # not this name (AnalysisException: path does not exist)
             continue
-    return [path for path, batch in _logged_entries(lines or []) if batch == batch_id]
-
-
-def _logged_entries(lines: list[str]) -> Iterator[tuple[str, int]]:
-    """(path as the scan names it, batch id) of the lines of a file source log."""
-    from urllib.parse import unquote
-
-    for line in lines:
-        if not line.startswith("{"):
-            continue  # the version line
-        entry = json.loads(line)
-        yield _scan_path(unquote(entry["path"])), entry.get("batchId")
-
-
-def _logged_files(checkpoint: str) -> set[str]:
-    """Every file the query's file source has listed, in any batch (a local checkpoint)."""
-    log_dir = Path(checkpoint, "sources", "0")
-    names = log_dir.iterdir() if log_dir.is_dir() else []
-    return {path for log in names if log.name.split(".")[0].isdigit()
-            for path, _ in _logged_entries(log.read_text().splitlines())}
+    entries = [json.loads(line) for line in lines or [] if line.startswith("{")]  # not "v1"
+    return [_scan_path(unquote(entry["path"])) for entry in entries if entry.get("batchId") == batch_id]
 
 
 def _scan_path(uri: str) -> str:

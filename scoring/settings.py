@@ -152,9 +152,10 @@ CHECKPOINT_MIRROR = Setting("CHECKPOINT_MIRROR", None, str, "a server laid out l
                             "package, finetune")
 DOWNLOAD_TIMEOUT = Setting("DOWNLOAD_TIMEOUT", 20.0, float, "seconds to wait for a checkpoint "
                            "server to answer", "package, finetune")
-SPARK_FAST_START = Setting("SPARK_FAST_START", True, _switch, "JVM options for a short-lived "
-                           "driver and a class-data archive in the cache, for a local Spark that "
-                           "spark-batch starts itself (0 to start Spark as it comes)", "spark-batch")
+SPARK_FAST_START = Setting("SPARK_FAST_START", False, _switch, "1: JVM options for a short-lived "
+                           "driver and a class-data archive in the cache (about 190 MB, written by "
+                           "the first such run), for a local Spark that spark-batch starts itself "
+                           "(as --fast-start)", "spark-batch")
 
 SETTINGS = (DEVICE, BATCH_SIZE, PRECISION, NUM_THREADS, MASK_BOX_MARGIN, MAX_IMAGE_PIXELS, MAX_ROWS,
             MAX_MASK_PIXELS, MAX_TILE_CANDIDATES, REQUEST_TIMEOUT, BATCH_PICTURE_TIMEOUT,

@@ -38,7 +38,7 @@ def spark():
     session = spark_session("local[2]", app_name="mmdet-mlflow tests", records_per_arrow_batch=2)
     session.sparkContext.setLogLevel("ERROR")
     yield session
-    spark_jvm.stop(session)  # waits for a class archive this JVM writes (in the suite's cache)
+    spark_jvm.stop(session)
 
 
 @pytest.fixture(scope="module")
@@ -283,18 +283,14 @@ def test_spark_batch_killed_once_and_rerun_has_one_row_per_picture(tmp_path, tin
     """The job is killed (SIGKILL, the driver and its JVM) once the first micro-batch is
     committed and while later ones run; the rerun skips the committed pictures and completes:
     exactly one row per file, the bad ones as error rows naming the file and the problem.
-    In a cache of its own, the first run to end writes the driver's class-data archive (the
-    killed one cannot: no half-written archive is ever put in place), and a third run, with
-    nothing left to do, starts from it and leaves it as it is."""
+    Neither run writes anything to the cache (the fast start is off by default)."""
     root = tmp_path / "input"
     expected = _job_input(root)
     output = tmp_path / "out"
-    cmd = [sys.executable, "-m", "mmdet_mlflow.cli", "spark-batch", "--model", str(tiny_model_dir),
-           "--input", str(root), "--output", str(output), "--master", "local[2]",
-           "--files-per-batch", "3", "--max-file-bytes", "300000", "--jsonl",
-           "--max-detections", "5"]
+    cmd = _spark_batch_command(tiny_model_dir, root, output)
     cache = tmp_path / "cache"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MMDET_MLFLOW_CACHE": str(cache)}
+    env.pop("MMDET_MLFLOW_SPARK_FAST_START", None)
     log = tmp_path / "first.log"
     with open(log, "wb") as out:
         first = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -308,15 +304,11 @@ def test_spark_batch_killed_once_and_rerun_has_one_row_per_picture(tmp_path, tin
     done_before = len(_job_rows(output)) if (output / "parquet").exists() else 0
     assert done_before >= 3
 
-    assert not list(cache.rglob("*.jsa")), "the killed run put no archive in place"
-
     final = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert final.returncode == 0, final.stdout[-2000:] + final.stderr[-4000:]
     assert "pictures scored this run" in final.stdout and "1 hidden, not read" in final.stdout
-    assert "wrote Spark's class-data archive" in final.stderr
-    archives = list(cache.rglob("*.jsa"))
-    assert len(archives) == 1 and archives[0].stat().st_size > 1_000_000
-    written = archives[0].stat().st_mtime_ns
+    assert not cache.exists(), "a run without the fast start writes nothing to the cache"
+    assert "class-data archive" not in final.stderr
 
     rows = _job_rows(output)
     names = [_name(p, root) for p in rows["path"]]
@@ -341,11 +333,59 @@ def test_spark_batch_killed_once_and_rerun_has_one_row_per_picture(tmp_path, tin
     assert sorted(_name(r["path"], root) for r in jsonl) == sorted(expected)
     assert all(("error" in r) and ("boxes" in r) for r in jsonl)
 
-    third = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert third.returncode == 0, third.stdout[-2000:] + third.stderr[-4000:]
-    assert f"0 pictures scored this run; {len(expected)} in the output" in third.stdout
-    assert "class-data archive" not in third.stderr
+
+def _spark_batch_command(model: Path, root: Path, output: Path, *more: str) -> list[str]:
+    return [sys.executable, "-m", "mmdet_mlflow.cli", "spark-batch", "--model", str(model),
+            "--input", str(root), "--output", str(output), "--master", "local[2]",
+            "--files-per-batch", "3", "--max-file-bytes", "300000", "--jsonl",
+            "--max-detections", "5", *more]
+
+
+def test_spark_batch_fast_start_says_what_it_writes_before_and_keeps_one_archive(tmp_path, tiny_model_dir):
+    """With --fast-start, the first run says where its class-data archive goes and about how
+    large it is before Spark starts, removes the archive of another Java or Spark build, and
+    writes its own at its end; the next run starts from it and leaves it as it is."""
+    from mmdet_mlflow import spark_jvm
+
+    root = tmp_path / "input"
+    root.mkdir()
+    write_png(root / "one.png", scene_image(96, 72, 1))
+    cache = tmp_path / "cache"
+    stale = cache / spark_jvm.ARCHIVE_DIR / "spark-3.5.1-0123456789abcdef.jsa"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"an archive of another build")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MMDET_MLFLOW_CACHE": str(cache)}
+    cmd = _spark_batch_command(tiny_model_dir, root, tmp_path / "out", "--fast-start")
+
+    first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-4000:]
+    archives = list(cache.rglob("*.jsa"))
+    assert len(archives) == 1 and archives[0] != stale and archives[0].stat().st_size > 1_000_000
+    said = first.stderr.index(f"archive of about {spark_jvm.ARCHIVE_SIZE_ESTIMATE_MB} MB to {archives[0]}")
+    assert said < first.stderr.index("batch 0:") < first.stderr.index("wrote Spark's class-data archive")
+    assert "removed 1 class-data archives of other Java or Spark builds" in first.stderr
+    assert not list(cache.rglob("*.writing"))
+    written = archives[0].stat().st_mtime_ns
+
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-4000:]
+    assert "0 pictures scored this run; 1 in the output" in again.stdout
+    assert "class-data archive" not in again.stderr
     assert list(cache.rglob("*.jsa")) == archives and archives[0].stat().st_mtime_ns == written
+
+
+def test_a_fast_started_session_never_stopped_exits_and_writes_nothing(tmp_path):
+    """No exit hook: a program that starts a fast-start session and ends without stopping it
+    exits as any driver program does, and its JVM, never asked, writes no archive."""
+    cache = tmp_path / "cache"
+    code = ("from mmdet_mlflow.spark_batch import spark_session; "
+            "spark = spark_session('local[1]', fast_start=True); "
+            "assert spark.range(5).count() == 5; print('counted')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "MMDET_MLFLOW_CACHE": str(cache)})
+    assert done.returncode == 0 and "counted" in done.stdout, done.stderr[-3000:]
+    assert "class-data archive of about" in done.stderr
+    assert not list(cache.rglob("*.jsa")) and not list(cache.rglob("*.writing"))
 
 
 def test_spark_batch_boxes_equal_predict(tmp_path, tiny_onnx_model_dir, pictures):
@@ -409,41 +449,54 @@ def test_an_object_detection_model_gives_typed_boxes_without_polygons(spark, tin
         assert _close(got, boxes)
 
 
-def test_a_local_driver_jvm_gets_the_fast_start_options_only_where_they_apply(tmp_path, monkeypatch):
-    """The options: the class archive when one is in place, else the instruction to write one
-    (never a half-written one); none at all when the setting is off, for a cluster's driver,
-    or when the user gives the driver JVM options of their own (ours would replace them)."""
+def test_a_local_driver_jvm_gets_the_fast_start_options_only_where_asked_and_they_apply(tmp_path, monkeypatch):
+    """None by default. Asked for (the argument, else the setting): the class archive when one
+    is in place, else the options to write one when the session ends, said beforehand, with
+    the archives of other builds and the day-old half-written ones removed; none for a
+    cluster's driver, or when the user gives the driver JVM options of their own (ours would
+    replace them)."""
+    from pyspark import SparkContext
+
     from mmdet_mlflow import spark_jvm
 
     monkeypatch.setenv("MMDET_MLFLOW_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(spark_jvm, "_pending_archive", [])
+    monkeypatch.setattr(spark_jvm, "_to_write", [])
     monkeypatch.delenv("PYSPARK_SUBMIT_ARGS", raising=False)
+    monkeypatch.delenv("MMDET_MLFLOW_SPARK_FAST_START", raising=False)
     monkeypatch.setenv("SPARK_CONF_DIR", str(tmp_path / "conf"))
-    from pyspark import SparkContext
-
     # as before this process launches its JVM (the module's session may be running)
     monkeypatch.setattr(SparkContext, "_gateway", None)
     archive = spark_jvm.archive_path(spark_jvm._java())
     archive.parent.mkdir(parents=True)
-    half_written = archive.with_name(archive.stem + ".123.writing")
-    half_written.write_bytes(b"not all of it")
+    other_build = archive.with_name("spark-3.5.1-0123456789abcdef.jsa")
+    other_build.write_bytes(b"an archive of another build")
+    killed, writing = archive.with_name("spark-x.1.writing"), archive.with_name("spark-x.2.writing")
+    killed.write_bytes(b"not all of it")
+    os.utime(killed, (time.time() - 2 * 86400,) * 2)
+    writing.write_bytes(b"being written")
+    said = []
 
-    options = spark_jvm.fast_start_options("local[2]")
+    assert spark_jvm.fast_start_options("local[2]", log=said.append) is None
+    assert not said and other_build.exists()
+    options = spark_jvm.fast_start_options("local[2]", fast_start=True, log=said.append)
     assert "-XX:TieredStopAtLevel=1" in options and "-XX:+UseSerialGC" in options
-    assert f"-XX:ArchiveClassesAtExit={archive.parent}" in options
-    assert str(half_written) not in options and "SharedArchiveFile" not in options
-    assert spark_jvm._pending_archive and spark_jvm._pending_archive[0][1] == archive
+    assert "-XX:+RecordDynamicDumpInfo" in options and "SharedArchiveFile" not in options
+    assert spark_jvm._to_write and spark_jvm._to_write[0].archive == archive
+    assert spark_jvm._to_write[0].marker in options
+    assert sorted(archive.parent.iterdir()) == [writing], "other builds' and killed runs' are removed"
+    assert f"about {spark_jvm.ARCHIVE_SIZE_ESTIMATE_MB} MB to {archive}" in said[-1]
 
     archive.write_bytes(b"an archive")
-    assert f"-XX:SharedArchiveFile={archive}" in spark_jvm.fast_start_options("local[*]")
+    monkeypatch.setenv("MMDET_MLFLOW_SPARK_FAST_START", "1")
+    options = spark_jvm.fast_start_options("local[*]", log=said.append)
+    assert f"-XX:SharedArchiveFile={archive}" in options and "RecordDynamicDumpInfo" not in options
+    assert spark_jvm.fast_start_options("local[2]", fast_start=False) is None
     assert spark_jvm.fast_start_options("spark://cluster:7077") is None
     assert spark_jvm.fast_start_options(None) is None
-    monkeypatch.setenv("MMDET_MLFLOW_SPARK_FAST_START", "0")
-    assert spark_jvm.fast_start_options("local[2]") is None
-    monkeypatch.delenv("MMDET_MLFLOW_SPARK_FAST_START")
     (tmp_path / "conf").mkdir()
     (tmp_path / "conf" / "spark-defaults.conf").write_text("spark.driver.extraJavaOptions -Xss4m\n")
-    assert spark_jvm.fast_start_options("local[2]") is None
+    assert spark_jvm.fast_start_options("local[2]", log=said.append) is None
+    assert "Spark fast start not used" in said[-1]
 
 
 @pytest.mark.parametrize("broken", ["missing", "unknown-runtime", "not-ours", "looping-input"])
