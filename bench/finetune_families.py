@@ -64,9 +64,9 @@ class CpuScale:
 SCALES = {
     "rtmdet-ins": CpuScale(256, 8, 12),
     "rtmdet": CpuScale(256, 8, 12),
-    "mask-rcnn": CpuScale(192, 4, 3),
+    "mask-rcnn": CpuScale(192, 4, 2),
     "yolof": CpuScale(192, 4, 12),
-    "vfnet": CpuScale(160, 4, 3),
+    "vfnet": CpuScale(160, 4, 2),
     "deformable-detr": CpuScale(320, 4, 2),
     "sparse-rcnn": CpuScale(192, 4, 2),
 }
