@@ -59,6 +59,18 @@ def subprocess_env(tracking_uri: str) -> dict:
             "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
 
 
+def predicted_boxes(model_dir: Path, image: Path, max_detections: int) -> list[dict]:
+    """What the MLflow model at ``model_dir`` answers for ``image`` at score threshold 0."""
+    import mlflow
+    import pandas as pd
+
+    predictions = mlflow.pyfunc.load_model(str(model_dir)).predict(
+        pd.DataFrame({"image": [b64(image)]}),
+        params={"score_threshold": 0.0, "max_detections": max_detections})
+    boxes = predictions["boxes"].iloc[0]
+    return json.loads(boxes) if isinstance(boxes, str) else boxes
+
+
 def history(output: Path) -> tuple[list[dict], list[dict]]:
     entries = [json.loads(line) for line in (output / "history.jsonl").read_text().splitlines()]
     return ([e for e in entries if e["kind"] == "step"], [e for e in entries if e["kind"] == "epoch"])
@@ -67,7 +79,6 @@ def history(output: Path) -> tuple[list[dict], list[dict]]:
 def test_finetune_coco_checkpoint_on_jsonl_gives_servable_model_with_new_classes(
         fridge, tiny_checkpoint, tmp_path, tracking_uri):
     import mlflow
-    import pandas as pd
 
     out = tmp_path / "run"
     result = finetune(fridge / "train.jsonl", fridge / "validation.jsonl", out, config=TINY,
@@ -105,12 +116,7 @@ def test_finetune_coco_checkpoint_on_jsonl_gives_servable_model_with_new_classes
     assert "Average Precision" in log and "mean_average_precision" in log
 
     # mlflow_model_folder: loads and predicts with the synthetic class names.
-    model = mlflow.pyfunc.load_model(str(out / "mlflow_model_folder"))
-    image = next((fridge / "images").glob("*.jpg"))
-    predictions = model.predict(pd.DataFrame({"image": [b64(image)]}),
-                                params={"score_threshold": 0.0, "max_detections": 20})
-    boxes = predictions["boxes"].iloc[0]
-    boxes = json.loads(boxes) if isinstance(boxes, str) else boxes
+    boxes = predicted_boxes(out / "mlflow_model_folder", next((fridge / "images").glob("*.jpg")), 20)
     assert boxes and {b["label"] for b in boxes} <= set(CLASSES)
 
     # MLflow: params, a loss per step, metrics per epoch, the plot and the model.
@@ -276,7 +282,6 @@ def boxes_only(tmp_path_factory) -> Path:
 def test_an_object_detection_model_finetunes_on_boxes_and_writes_an_object_detection_model(
         boxes_only, tmp_path, tracking_uri):
     import mlflow
-    import pandas as pd
     from mlflow.models import Model
 
     out = tmp_path / "run"
@@ -296,12 +301,7 @@ def test_an_object_detection_model_finetunes_on_boxes_and_writes_an_object_detec
         assert (info["family"], info["task"]) == ("rtmdet", "object-detection")
     assert Model.load(str(out / "mlflow_model_folder")).flavors["mmdet"]["task"] == "object-detection"
 
-    model = mlflow.pyfunc.load_model(str(out / "mlflow_model_folder"))
-    image = next((boxes_only / "images").glob("*.jpg"))
-    predictions = model.predict(pd.DataFrame({"image": [b64(image)]}),
-                                params={"score_threshold": 0.0, "max_detections": 5})
-    boxes = predictions["boxes"].iloc[0]
-    boxes = json.loads(boxes) if isinstance(boxes, str) else boxes
+    boxes = predicted_boxes(out / "mlflow_model_folder", next((boxes_only / "images").glob("*.jpg")), 5)
     assert boxes and all(set(b) == {"box", "label", "score"} for b in boxes)
     assert {b["label"] for b in boxes} <= set(CLASSES)
     # the MLflow run's logged model is of the same task
@@ -354,6 +354,33 @@ def test_yolof_finetunes_on_instance_data_from_a_checkpoint_of_other_classes(fri
     assert (info["family"], info["task"], info["classes"]) == ("yolof", "object-detection", CLASSES)
     # SGD, the family's fine-tune rate
     assert json.loads((out / "run.json").read_text())["settings"]["learning_rate"] == 0.015
+
+
+def test_deformable_detr_finetunes_at_its_smallest_input_and_refuses_a_smaller_one(boxes_only, tmp_path):
+    """Deformable DETR (two-stage) takes its 300 queries as the top encoder tokens: below its
+    recipe's smallest input its training pictures have fewer, refused before training with the
+    reason; at that input it trains and writes an object-detection model that answers."""
+    from mlflow.models import Model
+
+    config = "deformable-detr-refine-twostage_r50_16xb2-50e_coco"
+    small = dict(training_batch_size=1, validation_batch_size=1, warmup_steps=1, number_of_epochs=1)
+    with pytest.raises(FinetuneError, match=r"Deformable DETR trains at an input of at least 320 px "
+                                            r"\(its two-stage queries .*\), not 160 px"):
+        finetune(boxes_only / "train.jsonl", boxes_only / "validation.jsonl", tmp_path / "small",
+                 config=config, checkpoint="none", progress=False, track=False,
+                 settings=FinetuneSettings(image_size=160, **small))
+    assert not (tmp_path / "small" / "checkpoints").exists()
+
+    out = tmp_path / "run"
+    result = finetune(boxes_only / "train.jsonl", boxes_only / "validation.jsonl", out, config=config,
+                      checkpoint="none", progress=False, track=False,
+                      settings=FinetuneSettings(image_size=320, max_steps=2, **small))
+    assert result.steps == 2 and "bbox_AP" in result.epochs[-1]
+    info = json.loads((out / "pytorch_model_folder" / "model.json").read_text())
+    assert (info["family"], info["task"], info["classes"]) == ("deformable-detr", "object-detection", CLASSES)
+    assert Model.load(str(out / "mlflow_model_folder")).flavors["mmdet"]["task"] == "object-detection"
+    boxes = predicted_boxes(out / "mlflow_model_folder", next((boxes_only / "images").glob("*.jpg")), 5)
+    assert len(boxes) == 5 and {b["label"] for b in boxes} <= set(CLASSES)
 
 
 def test_yolof_class_rows_lie_anchor_major():

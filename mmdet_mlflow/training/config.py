@@ -267,6 +267,12 @@ def check_trainable(family: Family | None, data: PreparedData, settings: Finetun
             f"metric_for_best_model {settings.metric_for_best_model} scores masks, which "
             f"{family.title} ({family.task}) does not make: use a bbox_ stat or mean_average_precision "
             f"(box AP at IoU 0.5 for an object-detection model)")
+    smallest = min(settings.input_size())
+    if smallest < family.training.min_image_size:
+        raise FinetuneError(
+            f"{family.title} trains at an input of at least {family.training.min_image_size} px "
+            f"({family.training.min_image_size_reason}), not {smallest} px: raise --image-size "
+            f"(or --image-min-size)")
     if settings.inference_tiling() and family is not RTMDET_INS:
         raise FinetuneError(
             f"--tile-grid-size fine-tunes RTMDet-Ins models only for now (validation scores tiled "

@@ -72,6 +72,11 @@ class TrainingRecipe:
     # fine-tune's input size, twice it (RTMDet's mosaic canvas) twice that size, and every
     # other scale in them (multi-scale resizes, crops) is scaled by as much.
     pipeline_scale: tuple[int, int] = (1333, 800)
+    # The smallest input side (``image_size``, or ``image_min_size``) the scaled training
+    # pipeline still works at: below it the model cannot train (Deformable DETR's two-stage
+    # queries need as many encoder tokens), refused before training with this reason.
+    min_image_size: int = 32
+    min_image_size_reason: str = ""
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,12 @@ FAMILY = Family(
     class_shaped=r"bbox_head\.cls_branches\..*",
     # AdamW with its gradient clipping: the config's 2e-4 is for 32 pictures a step;
     # transformers fine-tune at about half that.
-    training=TrainingRecipe(learning_rate=0.0001),
+    # The two-stage variant takes its 300 queries as the top-scoring encoder tokens (one per 8x8
+    # pixels and coarser levels): its multi-scale training pipeline, scaled to a 320 input, sets
+    # the short side to 115-192 px, which still gives over 300 tokens (160: 58-96 px, too few).
+    training=TrainingRecipe(
+        learning_rate=0.0001, min_image_size=320,
+        min_image_size_reason="its two-stage queries are the top 300 encoder tokens, and smaller "
+                              "training pictures have fewer"),
     loaders={"torch": "scoring.runtimes.torch_mmdet:load_whole_detector"},
 )
