@@ -73,29 +73,79 @@ def run_demo(settings: DemoSettings) -> dict:
         interruption.check()
 
 
+@dataclass(frozen=True)
+class DemoFolders:
+    """Where the demo's steps write, all under ``out``."""
+
+    out: Path
+
+    @property
+    def tracking(self) -> str:  # the embedded MLflow tracking store and registry
+        return f"sqlite:///{self.out / 'mlflow.db'}"
+
+    @property
+    def data(self) -> Path:
+        return self.out / "data"
+
+    @property
+    def finetuned(self) -> Path:
+        return self.out / "finetune"
+
+    @property
+    def model_dir(self) -> Path:  # the fine-tune's MLflow model
+        return finetune_outputs(self.finetuned)[0]
+
+    @property
+    def evaluation(self) -> Path:
+        return self.out / "evaluation"
+
+    @property
+    def batch_predictions(self) -> Path:
+        return self.out / "batch" / "predictions.jsonl"
+
+
 def _run_demo(settings: DemoSettings) -> dict:
-    out = settings.output.resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    tracking = f"sqlite:///{out / 'mlflow.db'}"
-    os.environ["MLFLOW_TRACKING_URI"] = tracking
-    steps = Steps(out)
-    data, finetuned, evaluation = out / "data", out / "finetune", out / "evaluation"
+    folders = DemoFolders(settings.output.resolve())
+    folders.out.mkdir(parents=True, exist_ok=True)
+    os.environ["MLFLOW_TRACKING_URI"] = folders.tracking
+    steps = Steps(folders.out)
+    _step_data(steps, folders, settings)
+    _step_finetune(steps, folders, settings)
+    headline = _step_evaluate(steps, folders)
+    model_uri = _step_register(steps, folders)
+    request = seed_request(sorted((folders.data / "images").glob("*.jpg")), folders.data,
+                           settings.request_images)
+    (folders.out / "request.json").write_text(json.dumps(request))
+    with contextlib.ExitStack() as running:
+        answer = _step_mlflow_serve(running, folders, model_uri, request)
+        _step_azure_online(running, folders, request, answer)
+    print("  servers stopped")
+    _step_batch(steps, folders)
+    return _summary(folders, model_uri, headline)
 
-    say(f"1/7 synthetic fridge-objects data -> {data}")
-    steps.run("synth", ["synth", "--output", str(data), "--num-images", str(settings.num_images),
-                        "--seed", str(settings.seed)], produces=data / "validation.coco.json")
 
-    say(f"2/7 fine-tune {CONFIG} from scratch on it (tracked in {tracking})")
-    model_dir, _ = finetune_outputs(finetuned)
+def _step_data(steps: Steps, folders: DemoFolders, settings: DemoSettings) -> None:
+    say(f"1/7 synthetic fridge-objects data -> {folders.data}")
+    steps.run("synth", ["synth", "--output", str(folders.data), "--num-images", str(settings.num_images),
+                        "--seed", str(settings.seed)], produces=folders.data / "validation.coco.json")
+
+
+def _step_finetune(steps: Steps, folders: DemoFolders, settings: DemoSettings) -> None:
+    say(f"2/7 fine-tune {CONFIG} from scratch on it (tracked in {folders.tracking})")
+    data = folders.data
     steps.run("finetune", ["finetune", "--config", CONFIG, "--checkpoint", "none",
                            "--training-data", str(data / "train.jsonl"),
                            "--validation-data", str(data / "validation"),
-                           "--output", str(finetuned), *settings.finetune_args],
-              produces=ModelDir(model_dir).mlmodel, after=("synth",))
+                           "--output", str(folders.finetuned), *settings.finetune_args],
+              produces=ModelDir(folders.model_dir).mlmodel, after=("synth",))
 
+
+def _step_evaluate(steps: Steps, folders: DemoFolders) -> dict:
+    """Evaluate the fine-tuned model; returns the headline metrics it printed."""
+    evaluation = folders.evaluation
     say(f"3/7 evaluate on the validation set -> {evaluation}")
-    steps.run("evaluate", ["evaluate", "--model", str(model_dir), "--test",
-                           str(data / "validation.coco.json"), "--output", str(evaluation)],
+    steps.run("evaluate", ["evaluate", "--model", str(folders.model_dir), "--test",
+                           str(folders.data / "validation.coco.json"), "--output", str(evaluation)],
               produces=evaluation / "metrics.json", after=("finetune",))
     metrics = json.loads((evaluation / "metrics.json").read_text())
     headline = {"segm mAP@[.5:.95]": metrics["segm"]["AP"], "segm AP50": metrics["segm"]["AP50"],
@@ -105,55 +155,74 @@ def _run_demo(settings: DemoSettings) -> dict:
     for name, value in headline.items():
         print(f"  {name}: {value:.4f}" if isinstance(value, float) else f"  {name}: {value}")
     print(f"  pictures: {', '.join(sorted(p.name for p in evaluation.glob('*.png')))}")
+    return headline
 
+
+def _step_register(steps: Steps, folders: DemoFolders) -> str:
+    """Register the fine-tuned model; returns its models:/ URI."""
     say(f"4/7 register the model in the embedded MLflow registry as {MODEL_NAME!r}")
-    version = register(finetuned, steps.keys["finetune"])
+    version = register(folders.finetuned, steps.keys["finetune"])
     model_uri = f"models:/{MODEL_NAME}/{version}"
     print(f"  {model_uri}")
+    return model_uri
 
-    request = seed_request(sorted((data / "images").glob("*.jpg")), data, settings.request_images)
-    (out / "request.json").write_text(json.dumps(request))
-    with contextlib.ExitStack() as running:
-        say(f"5/7 mlflow models serve -m {model_uri}, the model card's request (request.json)")
-        port = servers.free_port()
-        running.enter_context(servers.serve(servers.mlflow_serve_command(model_uri, port),
-                                            f"http://127.0.0.1:{port}/ping", out / "mlflow-serve.log"))
-        print(f"  serving on http://127.0.0.1:{port} (log: mlflow-serve.log)", flush=True)
-        # MLflow's scoring server reads the same columns/index/data under "dataframe_split".
-        body = {"dataframe_split": request["input_data"], "params": request["params"]}
-        answer = post(f"http://127.0.0.1:{port}/invocations", body)["predictions"]
-        show_response(answer)
-        pictures = draw(request["files"], answer, out / "serving")
-        print(f"  annotated: {', '.join(str(p.relative_to(out)) for p in pictures)}")
 
-        say("6/7 the Azure ML online entry script (scoring/azureml/score.py) under azmlinfsrv, same request")
-        port = servers.free_port()
-        app = servers.azure_app_folder(out / "azure-app")
-        running.enter_context(servers.serve(servers.azmlinfsrv_command(model_dir, port),
-                                            f"http://127.0.0.1:{port}/", out / "azmlinfsrv.log",
-                                            cwd=app, env=servers.azmlinfsrv_env(app)))
-        print(f"  serving on http://127.0.0.1:{port}/score (log: azmlinfsrv.log)", flush=True)
-        azure_answer = post_when_ready(f"http://127.0.0.1:{port}/score",
-                                       {"input_data": request["input_data"], "params": request["params"]})
-        show_response(azure_answer)
-        same = [len(a["boxes"]) for a in azure_answer] == [len(a["boxes"]) for a in answer]
-        print(f"  same detections as mlflow models serve: {same}")
-    print("  servers stopped")
+def _step_mlflow_serve(running: contextlib.ExitStack, folders: DemoFolders, model_uri: str,
+                       request: dict) -> list:
+    """Serve the registered model with ``mlflow models serve`` (kept running in ``running``) and
+    ask it ``request``; returns its answer, drawn on the request's pictures."""
+    out = folders.out
+    say(f"5/7 mlflow models serve -m {model_uri}, the model card's request (request.json)")
+    port = servers.free_port()
+    running.enter_context(servers.serve(servers.mlflow_serve_command(model_uri, port),
+                                        f"http://127.0.0.1:{port}/ping", out / "mlflow-serve.log"))
+    print(f"  serving on http://127.0.0.1:{port} (log: mlflow-serve.log)", flush=True)
+    # MLflow's scoring server reads the same columns/index/data under "dataframe_split".
+    body = {"dataframe_split": request["input_data"], "params": request["params"]}
+    answer = post(f"http://127.0.0.1:{port}/invocations", body)["predictions"]
+    show_response(answer)
+    pictures = draw(request["files"], answer, out / "serving")
+    print(f"  annotated: {', '.join(str(p.relative_to(out)) for p in pictures)}")
+    return answer
 
+
+def _step_azure_online(running: contextlib.ExitStack, folders: DemoFolders, request: dict,
+                       mlflow_answer: list) -> None:
+    """Serve the model with the Azure ML online entry script under azmlinfsrv (kept running in
+    ``running``), ask it the same request and compare with ``mlflow models serve``'s answer."""
+    out = folders.out
+    say("6/7 the Azure ML online entry script (scoring/azureml/score.py) under azmlinfsrv, same request")
+    port = servers.free_port()
+    app = servers.azure_app_folder(out / "azure-app")
+    running.enter_context(servers.serve(servers.azmlinfsrv_command(folders.model_dir, port),
+                                        f"http://127.0.0.1:{port}/", out / "azmlinfsrv.log",
+                                        cwd=app, env=servers.azmlinfsrv_env(app)))
+    print(f"  serving on http://127.0.0.1:{port}/score (log: azmlinfsrv.log)", flush=True)
+    azure_answer = post_when_ready(f"http://127.0.0.1:{port}/score",
+                                   {"input_data": request["input_data"], "params": request["params"]})
+    show_response(azure_answer)
+    same = [len(a["boxes"]) for a in azure_answer] == [len(a["boxes"]) for a in mlflow_answer]
+    print(f"  same detections as mlflow models serve: {same}")
+
+
+def _step_batch(steps: Steps, folders: DemoFolders) -> None:
     say("7/7 batch scoring over the validation images, as Azure's batch driver runs it")
-    validation_images = out / "validation-images"
-    link_validation_images(data, validation_images)
-    steps.run("batch", ["batch", "--model", str(model_dir), "--input", str(validation_images),
-                        "--output", str(out / "batch" / "predictions.jsonl")],
-              produces=out / "batch" / "predictions.jsonl", after=("finetune",))
+    validation_images = folders.out / "validation-images"
+    link_validation_images(folders.data, validation_images)
+    steps.run("batch", ["batch", "--model", str(folders.model_dir), "--input", str(validation_images),
+                        "--output", str(folders.batch_predictions)],
+              produces=folders.batch_predictions, after=("finetune",))
 
+
+def _summary(folders: DemoFolders, model_uri: str, headline: dict) -> dict:
+    """Where everything is (summary.json), printed."""
     say("done")
-    summary = {"data": str(data), "model": str(model_dir), "registered": model_uri,
-               "evaluation": str(evaluation), "metrics": headline,
-               "serving_pictures": str(out / "serving"),
-               "batch_predictions": str(out / "batch" / "predictions.jsonl"),
-               "mlflow_ui": f"mlflow ui --backend-store-uri {tracking}"}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    summary = {"data": str(folders.data), "model": str(folders.model_dir), "registered": model_uri,
+               "evaluation": str(folders.evaluation), "metrics": headline,
+               "serving_pictures": str(folders.out / "serving"),
+               "batch_predictions": str(folders.batch_predictions),
+               "mlflow_ui": f"mlflow ui --backend-store-uri {folders.tracking}"}
+    (folders.out / "summary.json").write_text(json.dumps(summary, indent=2))
     for name, value in summary.items():
         print(f"  {name}: {value}")
     return summary

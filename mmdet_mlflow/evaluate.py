@@ -78,50 +78,27 @@ def evaluate(model_dir, test_data, output_dir, iou_threshold: float = AZURE_IOU_
     own (e.g. ``tile_grid_size``: evaluate tiled inference, scoring.tiling); the score threshold
     is evaluate's own (``map_score_threshold``), and so is ``mask_format`` (polygons where masks
     are measured, none where boxes alone are)."""
-    for name, value in (("iou_threshold", iou_threshold), ("box_score_threshold", box_score_threshold)):
-        if not 0.0 <= value <= 1.0:
-            raise EvaluationError(f"{name} must be between 0 and 1, got {value}")
-    if map_score_threshold is not None and not 0.0 <= map_score_threshold <= box_score_threshold:
-        raise EvaluationError(f"map_score_threshold must be between 0 and box_score_threshold "
-                              f"({box_score_threshold}), got {map_score_threshold}: precision and "
-                              f"recall are read from the predictions scored for AP")
+    _check_thresholds(iou_threshold, box_score_threshold, map_score_threshold)
     try:
         PredictParams().updated(params)  # a bad param is refused before anything is loaded
     except InputError as err:
         raise EvaluationError(str(err)) from None
     model_dir, test_data, output_dir = Path(model_dir), Path(test_data), Path(output_dir)
-    weights = ModelDir(model_dir).data
-    if not weights.info_file.is_file():
-        raise EvaluationError(f"{model_dir} is not a model directory saved by `mmdet-mlflow package` "
-                              f"(no {weights.info_file.relative_to(model_dir)})")
+    weights = _saved_weights(model_dir)
 
     dataset = load_dataset(test_data, confine_images=confine_images)
     info = weights.read_info()
-    model_classes = info["classes"]
     # an older model.json names no task: those models were all RTMDet-Ins
     model_task = predictor.task if predictor is not None else info.get("task", INSTANCE_SEGMENTATION)
     task, note = evaluated_task(model_task, dataset.task)
     sections = SECTIONS[task]
-    category_of = _category_ids(dataset, model_classes, test_data)
-    data_folder = test_data if test_data.is_dir() else test_data.parent
-    ground_truth = to_coco(dataset, relative_to=data_folder.absolute())
-    ground_truth["info"]["description"] = f"ground truth of {test_data}"
-    if not ground_truth["annotations"]:
-        raise EvaluationError(f"{test_data}: no image has annotations: there is nothing to measure "
-                              f"predictions against")
-    # Everything is scored against the very text written to ground_truth.json (a fresh COCO
-    # object each time, as anyone recomputing from the files would do).
-    gt_text = json.dumps(ground_truth)
+    category_of = _category_ids(dataset, info["classes"], test_data)
     masks = task == INSTANCE_SEGMENTATION
-    coco_api(json.loads(gt_text), masks)  # refuses a ground truth COCOeval would choke on, before scoring
+    ground_truth, gt_text = _ground_truth(dataset, test_data, masks)
 
     predictor = predictor or mlflow_model.load_predictor(weights.path, batch_size=batch_size)
-    if map_score_threshold is None:
-        configured = predictor.configured_score_threshold or DEFAULT_MAP_SCORE_THRESHOLD
-        map_score_threshold = min(float(configured), box_score_threshold)
-    params = predictor.default_params.updated({**(params or {}), "score_threshold": map_score_threshold,
-                                               "mask_format": "polygon" if masks else "none"})
-
+    map_score_threshold, params = _scoring_params(predictor, params, map_score_threshold,
+                                                  box_score_threshold, masks)
     image_ids = [image["id"] for image in ground_truth["images"]]
     sample_indices = set(spread_indices(len(dataset.images), num_samples))
     scored = _score(predictor, dataset.images, image_ids, params, category_of, box_score_threshold,
@@ -129,23 +106,9 @@ def evaluate(model_dir, test_data, output_dir, iou_threshold: float = AZURE_IOU_
 
     output_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(output_dir / GROUND_TRUTH_FILE, gt_text)
-    stats, evaluators = {}, {}
-    for section in sorted(sections, key=list(PREDICTION_FILES).index):  # the order they are written in
-        text = json.dumps(scored.results[section])
-        atomic_write_text(output_dir / PREDICTION_FILES[section], text)
-        evaluators[section] = coco_evaluate(coco_api(json.loads(gt_text), masks), json.loads(text),
-                                            section.split("_")[0])
-        stats[section] = coco_stats(evaluators[section])
-    matched = evaluators[sections[0]]  # what the Azure-named metrics and the PR curves are on
+    stats, matched = _write_and_measure(output_dir, gt_text, scored, sections, masks)
     azure = azure_metrics(matched, iou_threshold, box_score_threshold)
-
-    per_image = []
-    for image, counts in zip(ground_truth["images"], scored.per_image):
-        anns = matched.cocoGt.imgToAnns[image["id"]]
-        per_image.append({"image_id": image["id"], "file_name": image["file_name"],
-                          "ground_truth": sum(1 for a in anns if not a["iscrowd"]),
-                          "crowd_regions": sum(1 for a in anns if a["iscrowd"]),
-                          **counts, **azure["per_image"][image["id"]]})
+    per_image = _per_image(ground_truth, scored, matched, azure)
     document = {
         "task": task,
         **({"notes": [note]} if note else {}),
@@ -153,24 +116,12 @@ def evaluate(model_dir, test_data, output_dir, iou_threshold: float = AZURE_IOU_
         **{name: azure[name] for name in AZURE_METRIC_NAMES},
         "per_label_metrics": azure["per_label_metrics"],
         "confusion_matrix": azure["confusion_matrix"],
-        "settings": {
-            "iou_threshold": iou_threshold, "box_score_threshold": box_score_threshold,
-            "map_score_threshold": map_score_threshold, "max_detections": params.max_detections,
-            **({"mask_threshold": params.mask_threshold, "polygon_tolerance": params.polygon_tolerance}
-               if masks else {}),
-            "nms_iou_threshold": params.iou_threshold,
-            "tile_grid_size": params.tile_grid_size, "tile_overlap_ratio": params.tile_overlap_ratio,
-            "tile_predictions_nms_thresh": params.tile_predictions_nms_thresh,
-            "model": str(model_dir), "test_data": str(test_data),
-            "model_task": model_task, "test_data_task": dataset.task,
-            # what scored: the runtime, and the precision its network ran in on this machine
-            # (an OpenVINO model's "auto" is bf16 or fp32 by the CPU; int8 for a quantized ONNX one)
-            "runtime": predictor.runtime, "precision": getattr(predictor, "precision", "fp32"),
-        },
-        "counts": {"images": len(per_image), "ground_truth": sum(p["ground_truth"] for p in per_image),
-                   "predictions": len(scored.results["bbox"]),
-                   "predictions_at_box_score_threshold": sum(p["predicted"] for p in per_image),
-                   "predictions_outside_test_labels": scored.outside_labels},
+        "settings": _settings_record(
+            dict(iou_threshold=iou_threshold, box_score_threshold=box_score_threshold,
+                 map_score_threshold=map_score_threshold), params, masks,
+            dict(model=str(model_dir), test_data=str(test_data), model_task=model_task,
+                 test_data_task=dataset.task), predictor),
+        "counts": _counts(per_image, scored),
         "per_image": per_image,
         "definitions": definitions(sections[0]),
     }
@@ -181,6 +132,106 @@ def evaluate(model_dir, test_data, output_dir, iou_threshold: float = AZURE_IOU_
     if track:
         _log_to_mlflow(document, output_dir)
     return document
+
+
+def _check_thresholds(iou_threshold: float, box_score_threshold: float,
+                      map_score_threshold: float | None) -> None:
+    for name, value in (("iou_threshold", iou_threshold), ("box_score_threshold", box_score_threshold)):
+        if not 0.0 <= value <= 1.0:
+            raise EvaluationError(f"{name} must be between 0 and 1, got {value}")
+    if map_score_threshold is not None and not 0.0 <= map_score_threshold <= box_score_threshold:
+        raise EvaluationError(f"map_score_threshold must be between 0 and box_score_threshold "
+                              f"({box_score_threshold}), got {map_score_threshold}: precision and "
+                              f"recall are read from the predictions scored for AP")
+
+
+def _saved_weights(model_dir: Path):
+    """The weights folder of a model saved by ``package``; refused when it is not one."""
+    weights = ModelDir(model_dir).data
+    if not weights.info_file.is_file():
+        raise EvaluationError(f"{model_dir} is not a model directory saved by `mmdet-mlflow package` "
+                              f"(no {weights.info_file.relative_to(model_dir)})")
+    return weights
+
+
+def _ground_truth(dataset, test_data: Path, masks: bool) -> tuple[dict, str]:
+    """The test data as COCO ground truth, and the very text written to ground_truth.json;
+    refused when nothing is annotated or COCOeval would choke on it, before any scoring."""
+    data_folder = test_data if test_data.is_dir() else test_data.parent
+    ground_truth = to_coco(dataset, relative_to=data_folder.absolute())
+    ground_truth["info"]["description"] = f"ground truth of {test_data}"
+    if not ground_truth["annotations"]:
+        raise EvaluationError(f"{test_data}: no image has annotations: there is nothing to measure "
+                              f"predictions against")
+    # Everything is scored against the very text written to ground_truth.json (a fresh COCO
+    # object each time, as anyone recomputing from the files would do).
+    gt_text = json.dumps(ground_truth)
+    coco_api(json.loads(gt_text), masks)
+    return ground_truth, gt_text
+
+
+def _scoring_params(predictor, params: dict | None, map_score_threshold: float | None,
+                    box_score_threshold: float, masks: bool) -> tuple[float, PredictParams]:
+    """The score threshold predictions are scored for AP at (the model's own, or the default,
+    unless given; never above ``box_score_threshold``) and the predict params that score them:
+    ``params`` over the model's own, polygons where masks are measured, none where not."""
+    if map_score_threshold is None:
+        configured = predictor.configured_score_threshold or DEFAULT_MAP_SCORE_THRESHOLD
+        map_score_threshold = min(float(configured), box_score_threshold)
+    return map_score_threshold, predictor.default_params.updated(
+        {**(params or {}), "score_threshold": map_score_threshold,
+         "mask_format": "polygon" if masks else "none"})
+
+
+def _write_and_measure(output_dir: Path, gt_text: str, scored: _Scored, sections: Sequence[str],
+                       masks: bool) -> tuple[dict, object]:
+    """Each section's predictions written and measured with COCOeval against the ground truth:
+    the stats per section, and the evaluator of the first (what the Azure-named metrics and the
+    PR curves are on)."""
+    stats, evaluators = {}, {}
+    for section in sorted(sections, key=list(PREDICTION_FILES).index):  # the order they are written in
+        text = json.dumps(scored.results[section])
+        atomic_write_text(output_dir / PREDICTION_FILES[section], text)
+        evaluators[section] = coco_evaluate(coco_api(json.loads(gt_text), masks), json.loads(text),
+                                            section.split("_")[0])
+        stats[section] = coco_stats(evaluators[section])
+    return stats, evaluators[sections[0]]
+
+
+def _per_image(ground_truth: dict, scored: _Scored, matched, azure: dict) -> list[dict]:
+    per_image = []
+    for image, counts in zip(ground_truth["images"], scored.per_image):
+        anns = matched.cocoGt.imgToAnns[image["id"]]
+        per_image.append({"image_id": image["id"], "file_name": image["file_name"],
+                          "ground_truth": sum(1 for a in anns if not a["iscrowd"]),
+                          "crowd_regions": sum(1 for a in anns if a["iscrowd"]),
+                          **counts, **azure["per_image"][image["id"]]})
+    return per_image
+
+
+def _settings_record(thresholds: dict, params: PredictParams, masks: bool, inputs: dict,
+                     predictor) -> dict:
+    """metrics.json's ``settings``: the ``thresholds`` read at, the predict params that scored,
+    the ``inputs`` (model, test data and their tasks), and what scored."""
+    return {
+        **thresholds, "max_detections": params.max_detections,
+        **({"mask_threshold": params.mask_threshold, "polygon_tolerance": params.polygon_tolerance}
+           if masks else {}),
+        "nms_iou_threshold": params.iou_threshold,
+        "tile_grid_size": params.tile_grid_size, "tile_overlap_ratio": params.tile_overlap_ratio,
+        "tile_predictions_nms_thresh": params.tile_predictions_nms_thresh,
+        **inputs,
+        # what scored: the runtime, and the precision its network ran in on this machine
+        # (an OpenVINO model's "auto" is bf16 or fp32 by the CPU; int8 for a quantized ONNX one)
+        "runtime": predictor.runtime, "precision": getattr(predictor, "precision", "fp32"),
+    }
+
+
+def _counts(per_image: list[dict], scored: _Scored) -> dict:
+    return {"images": len(per_image), "ground_truth": sum(p["ground_truth"] for p in per_image),
+            "predictions": len(scored.results["bbox"]),
+            "predictions_at_box_score_threshold": sum(p["predicted"] for p in per_image),
+            "predictions_outside_test_labels": scored.outside_labels}
 
 
 def evaluated_task(model_task: str, data_task: str) -> tuple[str, str | None]:

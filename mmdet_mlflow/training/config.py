@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from mlflow_model.configs import load_config
@@ -120,22 +121,50 @@ def build_config(start: StartingPoint, data: PreparedData, settings: FinetuneSet
     cfg = load_config(start.config_path, num_classes=len(data.classes))
     family = family_of_config(cfg.model)
     check_trainable(family, data, settings, start)
+    own_optimizer = _own_optimizer(cfg, start)
+    own_epochs = (cfg.get("train_cfg") or {}).get("max_epochs") or 300
+    settings = settings.for_family(family, own_optimizer)
+    budget = StepBudget.of(data, settings, world_size)
+    train_pipeline, test_pipeline, stage2_pipeline = _pipelines(cfg, settings, data, family)
+    _set_data(cfg, data, settings, family, device, train_pipeline, test_pipeline)
+    _set_loops(cfg, settings, budget)
+    _set_optimizer(cfg, settings, own_optimizer, budget, device)
+    _set_hooks(cfg, settings, budget, own_epochs, stage2_pipeline)
+    _set_environment(cfg, settings, work_dir, device, world_size)
+    return cfg
+
+
+def _own_optimizer(cfg, start: StartingPoint) -> dict:
+    """The optimizer the config trains with (its type, momentum, ...), which the fine-tune keeps."""
     if not (cfg.get("optim_wrapper") or {}).get("optimizer"):
         raise FinetuneError(f"{start.config_path} has no optim_wrapper.optimizer: its config says "
                             f"nothing of how to train it")
-    own_optimizer = dict(cfg.optim_wrapper.optimizer)
-    own_epochs = (cfg.get("train_cfg") or {}).get("max_epochs") or 300
-    settings = settings.for_family(family, own_optimizer)
-    size = settings.input_size()
-    per_epoch = steps_per_epoch(data.train_images, settings.training_batch_size, world_size)
-    epochs = int(settings.number_of_epochs)
-    if settings.max_steps:
-        epochs = min(epochs, math.ceil(settings.max_steps / per_epoch))
-    total_steps = min(epochs * per_epoch, settings.max_steps or epochs * per_epoch)
-    workers = settings.num_workers if settings.num_workers is not None else (2 if device == "cuda" else 0)
-    metainfo = dict(classes=tuple(data.classes))
-    poly2mask = data.has_rle
+    return dict(cfg.optim_wrapper.optimizer)
 
+
+@dataclass(frozen=True)
+class StepBudget:
+    """How long the fine-tune trains: its epochs, each of ``per_epoch`` steps, ``total_steps``
+    in all (``max_steps`` may end the last epoch early)."""
+
+    epochs: int
+    per_epoch: int
+    total_steps: int
+
+    @classmethod
+    def of(cls, data: PreparedData, settings: FinetuneSettings, world_size: int) -> "StepBudget":
+        per_epoch = steps_per_epoch(data.train_images, settings.training_batch_size, world_size)
+        epochs = int(settings.number_of_epochs)
+        if settings.max_steps:
+            epochs = min(epochs, math.ceil(settings.max_steps / per_epoch))
+        return cls(epochs, per_epoch, min(epochs * per_epoch, settings.max_steps or epochs * per_epoch))
+
+
+def _pipelines(cfg, settings: FinetuneSettings, data: PreparedData,
+               family: Family) -> tuple[list, list, list | None]:
+    """The config's training and test pipelines at the fine-tune's input size, and the stage-2
+    pipeline training switches to for its last epochs (None: no switch)."""
+    size, poly2mask = settings.input_size(), data.has_rle
     # RTMDet trains with mosaic + mixup, then switches to a milder stage-2 pipeline (no mosaic,
     # a balanced zoom) for its last epochs; without strong augmentation, stage 2 throughout.
     stage2 = cfg.get("train_pipeline_stage2")
@@ -151,6 +180,14 @@ def build_config(start: StartingPoint, data: PreparedData, settings: FinetuneSet
             if step["type"] == "Pad":
                 step.pop("size", None)
                 step["size_divisor"] = 32
+    return train_pipeline, test_pipeline, stage2_pipeline
+
+
+def _set_data(cfg, data: PreparedData, settings: FinetuneSettings, family: Family, device: str,
+              train_pipeline: list, test_pipeline: list) -> None:
+    """The pipelines, the data loaders of both sets through them, and the validation metric."""
+    workers = settings.num_workers if settings.num_workers is not None else (2 if device == "cuda" else 0)
+    metainfo = dict(classes=tuple(data.classes))
 
     def loader(coco: Path, pipeline, batch, shuffle, test_mode):
         dataset = dict(type="CocoDataset", metainfo=metainfo, data_root="",
@@ -173,12 +210,19 @@ def build_config(start: StartingPoint, data: PreparedData, settings: FinetuneSet
                              box_score_threshold=AZURE_BOX_SCORE_THRESHOLD)
     cfg.test_evaluator = cfg.val_evaluator
 
-    cfg.train_cfg = dict(type="StepLimitedEpochTrainLoop", max_epochs=epochs,
+
+def _set_loops(cfg, settings: FinetuneSettings, budget: StepBudget) -> None:
+    cfg.train_cfg = dict(type="StepLimitedEpochTrainLoop", max_epochs=budget.epochs,
                          max_steps=settings.max_steps, val_interval=int(settings.evaluation_frequency))
     tiling = settings.inference_tiling()
     # A fine-tune on tiles is validated as its model will answer: tiled (training.tiled_validation).
     cfg.val_cfg = dict(type="TiledValLoop", tiling=tiling) if tiling else dict(type="ValLoop")
     cfg.test_cfg = dict(type="TestLoop")
+
+
+def _set_optimizer(cfg, settings: FinetuneSettings, own_optimizer: dict, budget: StepBudget,
+                   device: str) -> None:
+    """The config's own optimizer and schedule at the fine-tune's rate, budget and precision."""
     # What training computes in ("32", "16" or "bf16": training_precision decides, "auto" included).
     precision, _ = training_precision(settings.precision, device)
     amp = precision == "16"
@@ -194,14 +238,19 @@ def build_config(start: StartingPoint, data: PreparedData, settings: FinetuneSet
         accumulative_counts=int(settings.gradient_accumulation_step))
     if amp:
         cfg.optim_wrapper["loss_scale"] = "dynamic"
-    cfg.param_scheduler = schedule(total_steps, settings.learning_rate, settings.warmup_steps,
+    cfg.param_scheduler = schedule(budget.total_steps, settings.learning_rate, settings.warmup_steps,
                                    list(cfg.get("param_scheduler") or []), own_optimizer.get("lr"))
     cfg.auto_scale_lr = dict(enable=False, base_batch_size=settings.training_batch_size)
 
+
+def _set_hooks(cfg, settings: FinetuneSettings, budget: StepBudget, own_epochs: int,
+               stage2_pipeline: list | None) -> None:
+    """mmengine's default hooks (checkpoints kept by the best validation metric) and the
+    config's own, its pipeline switch rescaled to the fine-tune's epochs."""
     best_key = validation_key(settings.metric_for_best_model)
     cfg.default_hooks = dict(
         timer=dict(type="IterTimerHook"),
-        logger=dict(type="LoggerHook", interval=max(1, min(50, per_epoch))),
+        logger=dict(type="LoggerHook", interval=max(1, min(50, budget.per_epoch))),
         param_scheduler=dict(type="ParamSchedulerHook"),
         # max_keep_ckpts=2: mmengine deletes the oldest before writing the next, so a crash
         # while writing still leaves a complete one to resume from.
@@ -214,6 +263,7 @@ def build_config(start: StartingPoint, data: PreparedData, settings: FinetuneSet
     own_hooks = [dict(hook) for hook in cfg.get("custom_hooks") or []]
     hooks = [hook for hook in own_hooks if hook["type"] != "PipelineSwitchHook"]
     if stage2_pipeline is not None:
+        epochs = budget.epochs
         switch = next((hook for hook in own_hooks if hook["type"] == "PipelineSwitchHook"), {})
         share = (own_epochs - switch.get("switch_epoch", own_epochs - 20)) / own_epochs
         hooks.append(dict(type="PipelineSwitchHook", switch_pipeline=stage2_pipeline,
@@ -223,6 +273,10 @@ def build_config(start: StartingPoint, data: PreparedData, settings: FinetuneSet
                           by_epoch=False, max_keep_ckpts=2, save_last=False))
     cfg.custom_hooks = hooks
 
+
+def _set_environment(cfg, settings: FinetuneSettings, work_dir: Path, device: str, world_size: int) -> None:
+    """Where and how it runs: the device's normalisation and process group, seed, work folder,
+    logging; the config's keys that training does not read are dropped."""
     if device == "cpu":
         # SyncBN needs CUDA: plain BatchNorm per process (DDP on CPU: gloo, no SyncBN), and
         # mmdet's RTMDet would convert every BatchNorm to SyncBN when distributed.
@@ -248,7 +302,6 @@ def build_config(start: StartingPoint, data: PreparedData, settings: FinetuneSet
     for unused in ("tta_model", "tta_pipeline", "img_scales", "data_root", "dataset_type",
                    "train_pipeline_stage2", "checkpoint"):
         cfg.pop(unused, None)
-    return cfg
 
 
 def check_trainable(family: Family | None, data: PreparedData, settings: FinetuneSettings,

@@ -11,6 +11,7 @@ continues from the last checkpoint (checkpoints.py).
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Sequence
 
 from mmdet_mlflow.files import atomic_write_json
-from mmdet_mlflow.training.data_prep import prepare_data
+from mmdet_mlflow.training.data_prep import PreparedData, prepare_data
 from mmdet_mlflow.training.tiles import TrainingTiles
 from mmdet_mlflow.training.outputs import TrainingOutput
 from mmdet_mlflow.training.settings import FinetuneError, FinetuneSettings
@@ -69,68 +70,24 @@ def finetune(training_data, validation_data, output_dir, *, model=None, config=N
     # package, which the CLI imports to build its options.
     import torch
 
-    from scoring.runtimes import RUNTIMES
-    from mmdet_mlflow.training.checkpoints import best_checkpoint, latest_checkpoint, load_training_checkpoint
-    from mmdet_mlflow.training.config import build_config
     from mmdet_mlflow.training.distributed import join_process_group, main_first
-    from mmdet_mlflow.training.export import export_models
-    from mmdet_mlflow.training.runner import FinetuneRunner
     from mmdet_mlflow.training.precision import training_precision
-    from mmdet_mlflow.training.tracking import TrainingMonitorHook, TrainingRun
-    from scoring.families import UnknownModel, family_of_config
+    from mmdet_mlflow.training.tracking import TrainingRun
 
     settings = settings or FinetuneSettings()
-    settings.check()
-    if runtime not in RUNTIMES:  # before hours of training, not after
-        raise FinetuneError(f"runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
-    if accept_accuracy_drop and runtime != "openvino":
-        raise FinetuneError("--accept-accuracy-drop is for --runtime openvino (its bf16 accuracy gate)")
-    if (model is None) == (config is None):
-        raise FinetuneError("start from --model (an MLflow model folder) or --config with "
-                            "--checkpoint (a path, URL, 'official' or 'none'), not both or neither")
+    _check_request(settings, model, config, runtime, accept_accuracy_drop)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     precision, precision_note = training_precision(settings.precision, device)
     notes = [precision_note] if precision_note else []
     out = TrainingOutput(Path(output_dir).expanduser().absolute())
     processes = join_process_group(device)
-
-    def load_inputs(main: bool):
-        start = StartingPoint.from_model_folder(model) if model is not None else \
-            StartingPoint.from_config(config, checkpoint)
-        if main:
-            return start, prepare_data(training_data, validation_data, (out.train_coco, out.validation_coco),
-                                       validate_data, confine_images,
-                                       TrainingTiles.from_settings(settings.tile_grid_size,
-                                                                   settings.tile_overlap_ratio))
-        # Other ranks read the COCO files rank 0 wrote (validated there) and write nothing.
-        return start, prepare_data(out.train_coco, out.validation_coco, None, validate=False)
-
-    start, data = main_first(processes, load_inputs)
-    cfg = build_config(start, data, settings, out.checkpoints, device, processes.world_size)
-    family = family_of_config(cfg.model)
-    # the learning rate and weight decay that train, the family's where the settings leave them
-    # unset: what run.json, MLflow and model.json record
-    settings = settings.for_family(family, cfg.optim_wrapper["optimizer"])
-    try:  # before hours of training, not after
-        family.check_runtime(runtime)
-    except UnknownModel as err:
-        raise FinetuneError(str(err)) from None
-    resume_from = latest_checkpoint(out.checkpoints)
-    run_info = out.read_run_info()
-    if resume_from is not None:
-        if run_info.get("classes") and run_info["classes"] != data.classes:
-            raise FinetuneError(f"{out.folder} holds a training run for classes {run_info['classes']}, "
-                                f"but the data has {data.classes}: use another --output")
-        cfg.resume, cfg.load_from = True, str(resume_from)
-
-    runner = FinetuneRunner.from_cfg(cfg)
-    for hook in extra_hooks:
-        runner.register_hook(hook)
-    if resume_from is None:
-        runner.start_from(start, data.classes)
-    else:  # mmengine checkpoints an epoch before validating it: validate it now
-        runner.validate_resumed_epoch = resume_from.name.startswith("epoch_")
-
+    start, data = main_first(processes, functools.partial(
+        _load_inputs, out=out, model=model, config=config, checkpoint=checkpoint,
+        training_data=training_data, validation_data=validation_data, settings=settings,
+        validate_data=validate_data, confine_images=confine_images))
+    cfg, family, settings = _training_config(start, data, settings, out, device, processes.world_size, runtime)
+    resume_from, run_info = _resume_point(out, data)
+    runner = _runner(cfg, start, data, resume_from, extra_hooks)
     result = FinetuneResult(out.folder, None, None, data.classes, notes=notes, runtime=runtime,
                             precision=precision,
                             resumed_from=str(resume_from) if resume_from else None)
@@ -148,22 +105,10 @@ def finetune(training_data, validation_data, output_dir, *, model=None, config=N
         if resume_from is None:
             run.log_params(settings, start, data, processes.world_size, device)
         run.set_tags({"training_precision": precision})
-        hook = TrainingMonitorHook(run, out.folder, settings.metric_for_best_model,
-                                   progress=progress, resumed=resume_from is not None)
-        runner.register_hook(hook, priority="VERY_LOW")
-        try:
-            _train(runner)
-        finally:
-            hook.close()
-        result.notes += runner.start_notes
-        result.epochs, result.steps = hook.epochs, runner.iter
-        result.seconds_per_step = hook.mean_step_seconds()
-        result.mlflow_run_id = run.run_id
-        best_path, result.best = best_checkpoint(runner, hook.epochs, settings.metric_for_best_model)
-        weights = load_training_checkpoint(best_path)["state_dict"]
-        result.pytorch_model_dir, result.mlflow_model_dir = _export_or_explain(
-            export_models, Path(pytorch_model_dir or out.pytorch_model),
-            cfg, weights, data.classes, Path(pytorch_model_dir or out.pytorch_model),
+        hook = _train_monitored(runner, run, out, settings, progress, resumed=resume_from is not None)
+        best_path = _record_training(result, runner, hook, run, settings.metric_for_best_model)
+        result.pytorch_model_dir, result.mlflow_model_dir = _export_best(
+            best_path, cfg, data.classes, Path(pytorch_model_dir or out.pytorch_model),
             Path(mlflow_model_dir or out.mlflow_model), runtime=runtime,
             info=dict(start=start.description, family=family.name, task=family.task,
                       best=result.best, settings=settings.as_params(),
@@ -179,13 +124,125 @@ def finetune(training_data, validation_data, output_dir, *, model=None, config=N
     return result
 
 
-def _export_or_explain(export_models, pytorch_model_dir: Path, *args, **kwargs):
-    """``export_models(*args, **kwargs)``; where the OpenVINO model's accuracy gate refuses, the
-    error also says that the training is kept and how to export it anyway."""
-    from mmdet_mlflow.precision_check import AccuracyDropError
+def _check_request(settings: FinetuneSettings, model, config, runtime: str,
+                   accept_accuracy_drop: bool) -> None:
+    """Refuse contradictory or unknown options before hours of training, not after."""
+    from scoring.runtimes import RUNTIMES
 
+    settings.check()
+    if runtime not in RUNTIMES:
+        raise FinetuneError(f"runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
+    if accept_accuracy_drop and runtime != "openvino":
+        raise FinetuneError("--accept-accuracy-drop is for --runtime openvino (its bf16 accuracy gate)")
+    if (model is None) == (config is None):
+        raise FinetuneError("start from --model (an MLflow model folder) or --config with "
+                            "--checkpoint (a path, URL, 'official' or 'none'), not both or neither")
+
+
+def _load_inputs(main: bool, *, out: TrainingOutput, model, config, checkpoint, training_data,
+                 validation_data, settings: FinetuneSettings, validate_data: bool,
+                 confine_images: bool) -> tuple[StartingPoint, PreparedData]:
+    """The starting point and the prepared data: read, validated and written as COCO by the main
+    process (``main``); the other ranks read the COCO files it wrote (validated there) and
+    write nothing."""
+    start = StartingPoint.from_model_folder(model) if model is not None else \
+        StartingPoint.from_config(config, checkpoint)
+    if main:
+        return start, prepare_data(training_data, validation_data, (out.train_coco, out.validation_coco),
+                                   validate_data, confine_images,
+                                   TrainingTiles.from_settings(settings.tile_grid_size,
+                                                               settings.tile_overlap_ratio))
+    return start, prepare_data(out.train_coco, out.validation_coco, None, validate=False)
+
+
+def _training_config(start: StartingPoint, data: PreparedData, settings: FinetuneSettings,
+                     out: TrainingOutput, device: str, world_size: int, runtime: str):
+    """The mmengine config that trains, the model's family, and the settings that train: the
+    learning rate and weight decay the family's where the settings leave them unset (what
+    run.json, MLflow and model.json record). Refuses a runtime the family cannot export to,
+    before hours of training, not after."""
+    from mmdet_mlflow.training.config import build_config
+    from scoring.families import UnknownModel, family_of_config
+
+    cfg = build_config(start, data, settings, out.checkpoints, device, world_size)
+    family = family_of_config(cfg.model)
+    settings = settings.for_family(family, cfg.optim_wrapper["optimizer"])
     try:
-        return export_models(*args, **kwargs)
+        family.check_runtime(runtime)
+    except UnknownModel as err:
+        raise FinetuneError(str(err)) from None
+    return cfg, family, settings
+
+
+def _resume_point(out: TrainingOutput, data: PreparedData) -> tuple[Path | None, dict]:
+    """The checkpoint an earlier run in ``out`` left to resume from (None: a fresh start), and
+    that run's run.json; refused when it trained other classes."""
+    from mmdet_mlflow.training.checkpoints import latest_checkpoint
+
+    resume_from = latest_checkpoint(out.checkpoints)
+    run_info = out.read_run_info()
+    if resume_from is not None and run_info.get("classes") and run_info["classes"] != data.classes:
+        raise FinetuneError(f"{out.folder} holds a training run for classes {run_info['classes']}, "
+                            f"but the data has {data.classes}: use another --output")
+    return resume_from, run_info
+
+
+def _runner(cfg, start: StartingPoint, data: PreparedData, resume_from: Path | None, extra_hooks: Sequence):
+    """The runner, with ``extra_hooks``: resuming from ``resume_from``, else starting from
+    ``start``'s weights."""
+    from mmdet_mlflow.training.runner import FinetuneRunner
+
+    if resume_from is not None:
+        cfg.resume, cfg.load_from = True, str(resume_from)
+    runner = FinetuneRunner.from_cfg(cfg)
+    for hook in extra_hooks:
+        runner.register_hook(hook)
+    if resume_from is None:
+        runner.start_from(start, data.classes)
+    else:  # mmengine checkpoints an epoch before validating it: validate it now
+        runner.validate_resumed_epoch = resume_from.name.startswith("epoch_")
+    return runner
+
+
+def _train_monitored(runner, run, out: TrainingOutput, settings: FinetuneSettings, progress: bool,
+                     resumed: bool):
+    """Train on the main process, each epoch's progress and validation metrics reported to the
+    user and ``run``; returns the monitoring hook, which holds them."""
+    from mmdet_mlflow.training.tracking import TrainingMonitorHook
+
+    hook = TrainingMonitorHook(run, out.folder, settings.metric_for_best_model,
+                               progress=progress, resumed=resumed)
+    runner.register_hook(hook, priority="VERY_LOW")
+    try:
+        _train(runner)
+    finally:
+        hook.close()
+    return hook
+
+
+def _record_training(result: FinetuneResult, runner, hook, run, metric_for_best_model: str) -> Path:
+    """What the training did, into ``result``: its epochs, steps, step time, notes, run, and the
+    best epoch; returns the checkpoint of that epoch."""
+    from mmdet_mlflow.training.checkpoints import best_checkpoint
+
+    result.notes += runner.start_notes
+    result.epochs, result.steps = hook.epochs, runner.iter
+    result.seconds_per_step = hook.mean_step_seconds()
+    result.mlflow_run_id = run.run_id
+    best_path, result.best = best_checkpoint(runner, hook.epochs, metric_for_best_model)
+    return best_path
+
+
+def _export_best(best_path: Path, cfg, classes: list[str], pytorch_model_dir: Path, *args, **kwargs):
+    """``export_models`` of the weights in ``best_path``; where the OpenVINO model's accuracy
+    gate refuses, the error also says that the training is kept and how to export it anyway."""
+    from mmdet_mlflow.precision_check import AccuracyDropError
+    from mmdet_mlflow.training.checkpoints import load_training_checkpoint
+    from mmdet_mlflow.training.export import export_models
+
+    weights = load_training_checkpoint(best_path)["state_dict"]
+    try:
+        return export_models(cfg, weights, classes, pytorch_model_dir, *args, **kwargs)
     except AccuracyDropError as err:
         raise AccuracyDropError(
             f"{err}. No MLflow model was written, but the trained weights are kept in "
