@@ -1,7 +1,7 @@
 """Benchmark of every model family (not a test): our pyfunc predict end to end (base64 PNG ->
 decode -> runtime -> encode) on each runtime the family has (torch; onnx and openvino where the
-family exports) against bare mmdet ``inference_detector`` on the same picture and weights, and
-the peak resident memory (VmHWM) of each.
+family exports) against bare mmdet ``inference_detector`` on the same picture file (both sides
+decode it) and weights, and the peak resident memory (VmHWM) of each.
 
 Per family, one picture at the size of its config's test resize (the picture fills the model's
 input: the real cost of one request), ours asked for the config's own score threshold (as
@@ -148,8 +148,10 @@ def measure(side: str, config: str, folder: Path, repeats: int, profile: int = 0
 
         detector = init_detector(load_config(config, num_classes=len(CLASSES)),
                                  str(folder / "official.pth"), device="cpu")
-        image = cv2.imread(str(folder / "picture.png"))
-        seconds, found = _best(lambda: len(inference_detector(detector, image).pred_instances), repeats,
+        # from the file, as ours starts from the encoded picture: both sides decode it
+        picture = str(folder / "picture.png")
+        image = cv2.imread(picture)
+        seconds, found = _best(lambda: len(inference_detector(detector, picture).pred_instances), repeats,
                                profile)
         return {"seconds": seconds, "detections": found, "peak_rss_mb": peak_rss_mb(),
                 "picture": f"{image.shape[1]}x{image.shape[0]}", "threads": threads(side)}
