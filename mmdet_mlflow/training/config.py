@@ -16,7 +16,7 @@ from mmdet_mlflow.training.data_prep import PreparedData
 from mmdet_mlflow.training.precision import register_optim_wrapper, training_precision
 from mmdet_mlflow.training.settings import FinetuneError, FinetuneSettings
 from mmdet_mlflow.training.start import StartingPoint
-from scoring.families import RTMDET_INS, Family, family_of_config
+from scoring.families import Family, family_of_config
 from scoring.schema import INSTANCE_SEGMENTATION
 
 # The keys of pipeline steps that hold a (w, h) size, or a list of them.
@@ -267,10 +267,6 @@ def check_trainable(family: Family | None, data: PreparedData, settings: Finetun
             f"metric_for_best_model {settings.metric_for_best_model} scores masks, which "
             f"{family.title} ({family.task}) does not make: use a bbox_ stat or mean_average_precision "
             f"(box AP at IoU 0.5 for an object-detection model)")
-    if settings.inference_tiling() and family is not RTMDET_INS:
-        raise FinetuneError(
-            f"--tile-grid-size fine-tunes RTMDet-Ins models only for now (validation scores tiled "
-            f"inference with RTMDet-Ins's runtime), not {family.title}")
 
 
 def _takes(model_type: str, argument: str) -> bool:

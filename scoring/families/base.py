@@ -245,6 +245,14 @@ class Family:
     def loader(self, runtime: str) -> Callable:
         return _imported(self._named(self.loaders, runtime, "runtime"))
 
+    def lent_predictor(self, detector, config, class_names: Sequence[str], default_params: PredictParams,
+                       batch_size: int):
+        """A context manager: the family's torch runtime around a live mmdet ``detector`` that
+        stays its owner's (a network in the middle of its fine-tune, validated as its saved
+        model will answer; ``config``: the config it is saved with). Its mode and head are as
+        they were afterwards (``scoring.runtimes.torch_mmdet.borrowed_predictor``)."""
+        return self.loader("torch").lend(detector, self, config, class_names, default_params, batch_size)
+
     def exporter(self, runtime: str) -> str:
         """``"module:function"`` of the export for ``runtime`` (packaging imports it)."""
         return self._named(self.exporters, runtime, "export")

@@ -22,7 +22,9 @@ their masks lazy. Only a model whose ``model.json`` names the torch runtime impo
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import threading
 from typing import Iterator, Sequence
 
@@ -150,6 +152,10 @@ class MmdetTorchRuntime(Predictor):
         return dict(inputs=[p["inputs"] for p in packed],
                     data_samples=[p["data_samples"] for p in packed])
 
+    def give_back(self) -> None:
+        """Undo what this runtime put on its detector, when the detector was only lent to it
+        (``borrowed_predictor``); nothing here."""
+
     def test_cfg(self, params: PredictParams):
         """The model's test settings with this request's params (``Family.test_cfg``)."""
         every_answer = self.filters_answers and bool(excluded_classes(self.class_names, params))
@@ -276,7 +282,29 @@ def _dense_masks(index: int, result) -> DenseMasks | None:
     return DenseMasks(result.masks) if "masks" in result else None
 
 
+@contextlib.contextmanager
+def borrowed_predictor(runtime_class, detector, family, config, class_names: Sequence[str],
+                       default_params: PredictParams, batch_size: int) -> Iterator[MmdetTorchRuntime]:
+    """A ``runtime_class`` around a detector that stays its owner's, such as a network in the
+    middle of its fine-tune, validated between epochs as its saved model will answer
+    (``config``: the config the model is saved with, whose test pipeline that model will use).
+    While lent the detector is in eval mode; afterwards it is as it was: its mode, and whatever
+    the runtime put on it (``give_back``)."""
+    was_training = detector.training
+    detector.eval()
+    predictor = runtime_class(detector, family, class_names, default_params, batch_size=batch_size,
+                              config=config)
+    try:
+        yield predictor
+    finally:
+        predictor.give_back()
+        detector.train(was_training)
+
+
 def _loader(runtime_class):
+    """The loader of a torch runtime class (a family's ``loaders["torch"]``), which also lends
+    it around a live detector: ``load.lend(detector, family, config, ...)`` (``borrowed_predictor``)."""
+
     def load(weights_dir, device: str | None = None, batch_size: int | None = None, *,
              info: dict | None = None) -> MmdetTorchRuntime:
         from scoring.families import family_of
@@ -288,6 +316,7 @@ def _loader(runtime_class):
                              batch_size=batch_size or forward_batch_size(info, on_gpu))
 
     load.__doc__ = f"The {runtime_class.__name__} of a weights folder (``info``: its model.json, when already read)."
+    load.lend = functools.partial(borrowed_predictor, runtime_class)
     return load
 
 
