@@ -45,11 +45,14 @@ def predict_files(model_dir: Path, files: Iterable[Path], output: Path,
     import mlflow_model
     from scoring.batch_files import file_name, read_image_file
     from scoring.model_dir import ModelDir
-    from scoring.runner import score_images
+    from scoring.class_filter import check_classes
+    from scoring.runner import predict_params, score_images
     from scoring.schema import OUTPUT_COLUMN
 
     files = list(files)
     predictor = mlflow_model.load_predictor(ModelDir(model_dir).data.path)
+    params = predict_params(predictor, params)  # mask params of a box-only model: refused here,
+    check_classes(predictor.class_names, params)  # and unknown classes, before anything is written
     if visualize_dir:
         import cv2
 

@@ -74,11 +74,14 @@ class ResolvedModel:
     local_path: Path  # the MLflow model folder on the driver
     runtime: str
     default_params: object  # scoring.schema.PredictParams
+    task: str  # what the model serves (scoring.schema.TASKS): the params it takes
+    class_names: tuple[str, ...] = ()
 
 
 def resolve_model(model_uri: str) -> ResolvedModel:
     """Find the model and check, before any Spark work, that it is an mmdet-mlflow model whose
     runtime this code can run: a local folder or any MLflow URI (``runs:/``, ``models:/``)."""
+    from scoring.families import family_of
     from scoring.model_dir import ModelDir
     from scoring.runtimes import runtime_of
     from scoring.schema import PredictParams
@@ -103,7 +106,8 @@ def resolve_model(model_uri: str) -> ResolvedModel:
     info = model.data.read_info()
     runtime = runtime_of(info)  # RuntimeNotAvailable (an MmdetMlflowError) for an unknown one
     defaults = PredictParams.from_dict(info.get("default_params") or {})
-    return ResolvedModel(model_uri, local.resolve(), runtime, defaults)
+    return ResolvedModel(model_uri, local.resolve(), runtime, defaults, family_of(info).task,
+                         tuple(info.get("classes") or ()))
 
 
 def boxes_spark_type():
@@ -289,6 +293,20 @@ def _is_local(path: str) -> bool:
     return "://" not in path and not path.startswith("file:")
 
 
+def checked_params(resolved: ResolvedModel, params: dict | None):
+    """The job's predict params, refused on the driver before any Spark work as a request's
+    are (not row by row on the executors): a bad value, mask params of an object-detection
+    model (naming its task), a class the model does not have."""
+    from scoring.class_filter import check_classes
+    from scoring.schema import check_task_params
+
+    check_task_params(resolved.task, params)
+    predict_params = resolved.default_params.updated(params)
+    if resolved.class_names:
+        check_classes(resolved.class_names, predict_params)
+    return predict_params
+
+
 def run_spark_batch(model: str, input_path: str, output: str, master: str | None = None,
                     glob: str | None = None, jsonl: bool = False, params: dict | None = None,
                     files_per_batch: int = FILES_PER_BATCH,
@@ -305,7 +323,7 @@ def run_spark_batch(model: str, input_path: str, output: str, master: str | None
 
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
     resolved = resolve_model(model)
-    predict_params = resolved.default_params.updated(params)  # a bad param fails here
+    predict_params = checked_params(resolved, params)
     max_file_bytes = max_file_bytes or settings.MAX_REQUEST_BYTES.value()
     if _is_local(input_path) and not Path(input_path).is_dir():
         raise SparkBatchError(f"{input_path} is not a folder")

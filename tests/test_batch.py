@@ -172,6 +172,19 @@ def test_predict_gives_every_picture_named_entry_one_line(odd_folder, tiny_model
                             expected, folder)
 
 
+@pytest.mark.parametrize("command", ["batch", "predict"])
+def test_mask_params_of_an_object_detection_model_are_refused_naming_its_task_before_any_file(
+        command, tiny_od_model_dir, tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.png").write_bytes(encoded("PNG", picture(32, 24)))
+    output = tmp_path / "out" / "answers.jsonl"
+    done = _cli(command, "--model", tiny_od_model_dir, "--input", tmp_path / "in", "--output", output,
+                "--mask-format", "polygon")
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "this model does object-detection" in done.stderr and "mask_format 'polygon'" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "out").exists()
+
+
 def test_azure_batch_script_never_opens_a_fifo_it_is_given(odd_folder, tiny_model_dir):
     """Azure's driver passes file paths: one that is a FIFO is an error record, not a hang."""
     from scoring.azureml import batch_score

@@ -124,8 +124,10 @@ def test_each_family_answers_as_mmdets_inference_detector(packaged, picture_file
     if task == "instance-segmentation":
         params["polygon_tolerance"] = 0.0
     answer = model.predict(pd.DataFrame({"image": [b64(picture_file)]}), params=params)["boxes"][0]
-    # the config as saved: its heads sized for the checkpoint's classes
+    # the config as saved: its heads sized for the checkpoint's classes; best first, as we
+    # answer (Sparse R-CNN's top-k is unsorted)
     reference = mmdet_answer(model_dir / "model" / "config.py", checkpoint, picture_file)
+    reference = reference[np.argsort(-reference.scores.numpy(), kind="stable")]
     height, width = 240, 320
     assert len(answer) == len(reference) > 0
     if task == "instance-segmentation":
@@ -187,6 +189,33 @@ def test_an_object_detection_model_refuses_mask_params_naming_its_task(packaged,
         with pytest.raises(MlflowException, match="this model does object-detection") as refused:
             model.predict(frame, params=params)
         assert named in str(refused.value)
+
+
+def test_the_classes_param_acts_before_the_cut_to_max_detections(packaged, picture_file):
+    """``classes`` with ``max_detections`` m answers the model's best m of those classes: the
+    answers at a large ``max_detections`` (beyond what some heads can give: capped, not an
+    error), filtered to the class and cut to m. Not the best m of all classes, filtered."""
+    import mlflow.pyfunc
+
+    _, _, _, model_dir = packaged
+    model = mlflow.pyfunc.load_model(str(model_dir))
+    frame = pd.DataFrame({"image": [b64(picture_file)]})
+    settings = {"score_threshold": 0.0, "mask_format": "none"}  # every answer the head gives
+    everything = model.predict(frame, params={**settings, "max_detections": 10_000})["boxes"][0]
+    counts = {name: sum(answer["label"] == name for answer in everything) for name in CLASSES}
+    few = min(3, max(counts.values()))  # the untrained RTMDet's NMS leaves one answer a class
+    assert few > 0
+    # the class the best few answers hold least of, among those with at least a few
+    top = [answer["label"] for answer in everything[:few]]
+    asked = min((name for name in CLASSES if counts[name] >= few), key=top.count)
+    assert top.count(asked) < few  # filtering the best few of all classes would leave fewer
+    expected = [answer for answer in everything if answer["label"] == asked][:few]
+    got = model.predict(frame, params={**settings, "classes": [asked], "max_detections": few})["boxes"][0]
+    assert len(got) == len(expected) == few
+    for mine, theirs in zip(got, expected):
+        assert mine["label"] == asked
+        assert mine["score"] == pytest.approx(theirs["score"], abs=1e-6)
+        assert mine["box"] == pytest.approx(theirs["box"], abs=1e-6)
 
 
 def test_a_batch_answers_as_pictures_one_at_a_time():

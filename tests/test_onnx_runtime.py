@@ -221,7 +221,7 @@ def test_export_refuses_outputs_that_differ_from_torch(onnx_weights_dir, tmp_pat
                                           sample_images)
 
     from scoring.model_dir import WeightsDir
-    from scoring.runtimes.torch_rtmdet import load_detector
+    from scoring.runtimes.torch_mmdet import load_detector
 
     detector, _ = load_detector(WeightsDir(onnx_weights_dir), device="cpu")
     spec = json.loads((onnx_weights_dir / "model.json").read_text())["onnx"]

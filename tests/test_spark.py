@@ -528,6 +528,27 @@ def test_spark_batch_refuses_a_bad_model_or_input_before_spark_starts(tmp_path, 
     assert "Spark" not in result.stderr and not (tmp_path / "out").exists(), "Spark never started"
 
 
+@pytest.mark.parametrize("params, named", [
+    ({"mask_format": "polygon"}, "this model does object-detection"),
+    ({"mask_threshold": 0.4}, "mask_threshold is for instance-segmentation models"),
+    ({"classes": "cat,unicorn"}, "param 'classes' names a class this model does not have: 'unicorn'"),
+])
+def test_spark_batch_refuses_params_the_model_does_not_take_before_spark_starts(
+        tmp_path, tiny_od_model_dir, params, named):
+    """Mask params of an object-detection model (its task named), an unknown class: refused
+    on the driver at the job's start, as a request is, not on each row."""
+    (tmp_path / "in").mkdir()
+    args = [arg for name, value in params.items() for arg in (f"--{name.replace('_', '-')}", str(value))]
+    result = subprocess.run([sys.executable, "-m", "mmdet_mlflow.cli", "spark-batch", "--model",
+                             str(tiny_od_model_dir), "--input", str(tmp_path / "in"),
+                             "--output", str(tmp_path / "out"), "--master", "local[1]", *args],
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert named in result.stderr and "Traceback" not in result.stderr
+    assert "Spark" not in result.stderr and not (tmp_path / "out").exists(), "Spark never started"
+
+
 def test_the_spark_component_loads_and_its_args_parse_with_the_cli():
     from azure.ai.ml import load_component
 

@@ -17,7 +17,7 @@ import pytest
 from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 
-from helpers import TINY, make_official_checkpoint
+from helpers import TINY, TINY_OD, make_official_checkpoint
 from finetune_fixtures import one_torch_thread  # noqa: F401  (fixtures: one torch thread)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -134,6 +134,43 @@ def test_a_finetune_on_tiles_validates_with_tiled_inference(large, start, tmp_pa
 
     log = (tmp_path / "run" / "evaluation.log").read_text()
     assert f"segm ({len(tiled)} predictions)" in log
+
+
+def test_an_object_detection_finetune_on_tiles_validates_its_boxes_with_tiled_inference(tmp_path):
+    """Any family validates tiled through its own torch runtime (its family's, lent the network):
+    an RTMDet box-only fine-tune, its validation predictions boxes alone, equal to what the
+    exported object-detection model answers tiled, measured on boxes."""
+    import mlflow_model
+    from mmdet_mlflow.data import load_dataset
+    from scoring.decode import decode_image
+    from scoring.schema import OBJECT_DETECTION
+    from scoring.tiling import segment_tiled
+
+    data = tmp_path / "large"
+    generate(data, num_images=3, seed=4, mosaic=2, progress=False, task=OBJECT_DETECTION)
+    start = make_official_checkpoint(tmp_path / "start.pth", TINY_OD, classes=CLASSES, seed=1)
+    watch = ValidationWatch()
+    result = finetune(data / "train.jsonl", data / "validation.jsonl", tmp_path / "run", config=TINY_OD,
+                      checkpoint=str(start), track=False, progress=False, extra_hooks=[watch],
+                      settings=FinetuneSettings(tile_grid_size="2x2", tile_overlap_ratio=0.25, **FAST))
+    assert [e["epoch"] for e in result.epochs] == [1]
+    assert "bbox_AP" in result.epochs[0] and "segm_AP" not in result.epochs[0]
+    assert [shape[0] for shape in watch.passes] == [2, 2, 1]  # the picture whole and its 4 tiles
+
+    predictor = mlflow_model.load_predictor(result.mlflow_model_dir / mlflow_model.MODEL_DATA_DIR,
+                                            batch_size=2)
+    assert predictor.task == OBJECT_DETECTION
+    # at the config's score_thr (RTMDet's: 0.001), as validation scores
+    params = predictor.default_params.updated({"score_threshold": predictor.configured_score_threshold})
+    [validation] = load_dataset(data / "validation.jsonl").images
+    tiled = segment_tiled(predictor, decode_image(validation.path.read_bytes()), params)
+    [scored] = watch.predictions
+    assert "masks" not in scored and len(tiled) > 0 and len(scored["scores"]) == len(tiled)
+    np.testing.assert_allclose(scored["bboxes"].numpy(), tiled.boxes, atol=1e-3)
+    np.testing.assert_allclose(scored["scores"].numpy(), tiled.scores, atol=1e-5)
+    assert scored["labels"].tolist() == tiled.labels.tolist()
+    log = (tmp_path / "run" / "evaluation.log").read_text()
+    assert f"bbox ({len(tiled)} predictions)" in log and "segm (" not in log
 
 
 def test_an_untiled_finetune_validates_whole_pictures_as_before(large, start, tmp_path):

@@ -18,7 +18,7 @@ from scoring import settings as env_settings
 from scoring.schema import PredictParams
 from scoring.work import before_timeout
 
-DESCRIPTION = "RTMDet-Ins instance segmentation (mmdet-mlflow)"
+DESCRIPTION = "mmdet object detection / instance segmentation (mmdet-mlflow)"
 
 
 class Entities(NamedTuple):

@@ -21,7 +21,7 @@ import mlflow_model
 CONTEXT_DIR = Path(__file__).resolve().with_name("environment_context")
 DOCKERFILE = "Dockerfile"
 NAME = "mmdet-mlflow"
-DESCRIPTION = ("RTMDet-Ins (mmdet 3.3.0, mmcv 2.1.0 with ops, torch 2.13.0 CPU, MLflow 3) serving "
+DESCRIPTION = ("mmdet detectors (mmdet 3.3.0, mmcv 2.1.0 with ops, torch 2.13.0 CPU, MLflow 3) serving "
                "and training environment")
 TAGS = {"project": "mmdet-mlflow"}
 # Beyond the pins, the image needs the inference server online deployments run under.

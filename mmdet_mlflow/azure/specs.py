@@ -60,7 +60,7 @@ def component_yaml(kind: str) -> str:
         "$schema": SCHEMA.format("commandComponent"),
         "type": "command",
         "name": f"mmdet_mlflow_deploy_{kind}",
-        "display_name": f"Deploy RTMDet-Ins to {what}",
+        "display_name": f"Deploy an mmdet-mlflow model to {what}",
         "version": "0.1.0",
         "description": f"Create or update {what} and its deployment for a registered mmdet-mlflow "
                        f"MLflow model (mmdet-mlflow deploy {kind}). Authenticates with "

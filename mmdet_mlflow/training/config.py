@@ -17,7 +17,7 @@ from mmdet_mlflow.training.data_prep import PreparedData
 from mmdet_mlflow.training.precision import register_optim_wrapper, training_precision
 from mmdet_mlflow.training.settings import FinetuneError, FinetuneSettings
 from mmdet_mlflow.training.start import StartingPoint
-from scoring.families import RTMDET_INS, Family, family_of_config
+from scoring.families import Family, family_of_config
 from scoring.schema import INSTANCE_SEGMENTATION
 
 # The keys of pipeline steps that hold a (w, h) size, or a list of them.
@@ -326,10 +326,6 @@ def check_trainable(family: Family | None, data: PreparedData, settings: Finetun
             f"{family.title} trains at an input of at least {family.training.min_image_size} px "
             f"({family.training.min_image_size_reason}), not {smallest} px: raise --image-size "
             f"(or --image-min-size)")
-    if settings.inference_tiling() and family is not RTMDET_INS:
-        raise FinetuneError(
-            f"--tile-grid-size fine-tunes RTMDet-Ins models only for now (validation scores tiled "
-            f"inference with RTMDet-Ins's runtime), not {family.title}")
 
 
 def _takes(model_type: str, argument: str) -> bool:

@@ -5,8 +5,9 @@ input. A model fine-tuned on tiles answers with tiles by default (its saved defa
 that would pick the exported epoch by how well it does on something it will not be asked. Here
 each validation picture is scored as the saved model will score it: through the one runner
 (``scoring.runner.score_images``), whose tiling (``scoring.tiling``) sends the whole picture and
-its tiles through the network in batches and merges their detections with their masks, run by
-the network being trained (``scoring.runtimes.torch_rtmdet.borrowed_predictor``). The answers go
+its tiles through the network in batches and merges their detections (with their masks, for an
+instance-segmentation model), run by the network being trained, lent to its family's torch
+runtime (``Family.lent_predictor``: any family fine-tunes tiled). The answers go
 into the same ``ValidationMetric`` under the same names, and the best epoch is chosen as for any
 fine-tune.
 
@@ -33,30 +34,34 @@ from scoring.families import family_of_config
 from scoring.rle import encode_window
 from scoring.runner import score_images
 from scoring.runtimes.base import ImageDetections
-from scoring.runtimes.torch_rtmdet import borrowed_predictor
 from scoring.schema import PredictParams
 
-DEFAULT_SCORE_THRESHOLD = 0.05  # RTMDet-Ins configs' score_thr
+DEFAULT_SCORE_THRESHOLD = 0.05  # RTMDet's and Mask R-CNN's configs' score_thr
 
 
 def validation_params(cfg, tiling: dict) -> PredictParams:
     """The predict params the fine-tuned model is saved with (``family.default_params`` of the
     config's test settings, then the tiling, as ``mlflow_model.save_model`` makes them), at the
-    config's ``score_thr``: COCO AP wants the low-score tail, and untiled validation keeps it."""
-    test_cfg = cfg.model.test_cfg
-    return family_of_config(cfg.model).default_params(test_cfg).updated(
+    config's ``score_thr``: COCO AP wants the low-score tail, and untiled validation keeps it.
+    Masks (as RLE) where the family makes them."""
+    family = family_of_config(cfg.model)
+    test_cfg = family.detection_cfg(dict(cfg.model.test_cfg))
+    return family.default_params(cfg.model.test_cfg).updated(
         {**tiling, "score_threshold": float(test_cfg.get("score_thr", DEFAULT_SCORE_THRESHOLD)),
-         "mask_format": "rle"})
+         "mask_format": "rle" if family.makes_masks else "none"})
 
 
 def coco_prediction(detections: ImageDetections, params: PredictParams) -> dict:
     """One picture's detections as CocoMetric takes a prediction: boxes in picture pixels,
-    scores, class indices, and each mask as COCO RLE (made one at a time, each from its window)."""
-    return dict(bboxes=torch.from_numpy(np.asarray(detections.boxes, np.float32).reshape(-1, 4)),
-                scores=torch.from_numpy(np.asarray(detections.scores, np.float32)),
-                labels=torch.from_numpy(np.asarray(detections.labels, np.int64)),
-                masks=[encode_window(window.pixels, window.offset, window.image_hw)
-                       for window in detections.iter_windows(params.mask_threshold)])
+    scores, class indices, and (an instance-segmentation model's) each mask as COCO RLE (made
+    one at a time, each from its window)."""
+    prediction = dict(bboxes=torch.from_numpy(np.asarray(detections.boxes, np.float32).reshape(-1, 4)),
+                      scores=torch.from_numpy(np.asarray(detections.scores, np.float32)),
+                      labels=torch.from_numpy(np.asarray(detections.labels, np.int64)))
+    if detections.masks is not None:
+        prediction["masks"] = [encode_window(window.pixels, window.offset, window.image_hw)
+                               for window in detections.iter_windows(params.mask_threshold)]
+    return prediction
 
 
 @LOOPS.register_module(force=True)
@@ -90,8 +95,9 @@ class TiledValLoop(ValLoop):
         dataset = self.dataloader.dataset
         detector = runner.model.module if is_model_wrapper(runner.model) else runner.model
         params = validation_params(runner.cfg, self.tiling)
-        with borrowed_predictor(detector, runner.cfg, dataset.metainfo["classes"], params,
-                                batch_size=self.dataloader.batch_size or 1) as predictor:
+        family = family_of_config(runner.cfg.model)
+        with family.lent_predictor(detector, runner.cfg, dataset.metainfo["classes"], params,
+                                   batch_size=self.dataloader.batch_size or 1) as predictor:
             for idx, indices in enumerate(self.picture_batches()):
                 self.run_pictures(idx, [dataset.get_data_info(i) for i in indices], predictor, params)
         metrics = self.evaluator.evaluate(len(dataset))

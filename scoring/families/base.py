@@ -34,6 +34,10 @@ EXPORTED_GRAPH_LOADERS = {
 GRAPH_EXPORTERS = {runtime: "mlflow_model.onnx_export:export_to_weights_dir" for runtime in EXPORTED_GRAPH_LOADERS}
 
 
+# ``max_per_img`` that keeps every answer of a head that cuts its NMS answers by slicing.
+UNCUT = 2**31 - 1
+
+
 class UnknownModel(MmdetMlflowError, ValueError):
     """A model of a family we do not know, or on a runtime its family lacks."""
 
@@ -112,6 +116,12 @@ class Family:
     # classes per anchor: YOLOF's cls_score). Rows beyond the classes' (a background row) come
     # last, as mmdet lays them out.
     class_rows: str = "class-major"
+    # Where the model config counts a picture's candidates when its head scores each candidate
+    # once per class and keeps the best ``max_per_img`` of candidates x classes (dotted keys of
+    # ``model``, the first found counts: a DETR's ``num_queries``, Sparse R-CNN's
+    # ``rpn_head.num_proposals``, a two-stage model's proposals ``test_cfg.rpn.max_per_img``).
+    # What the head can answer at most: ``answer_capacity``.
+    candidate_counts: tuple[str, ...] = ()
 
     @property
     def makes_masks(self) -> bool:
@@ -185,11 +195,30 @@ class Family:
             mask_format=PredictParams.mask_format if self.makes_masks else "none",
         )
 
-    def test_cfg(self, test_cfg, params: PredictParams):
+    def answer_capacity(self, model_cfg: Mapping[str, Any], class_count: int) -> int | None:
+        """The most answers the model's head can give a picture: its candidates (the first of
+        ``candidate_counts`` the config has) x classes; None: no bound known (a head that cuts
+        its NMS answers to ``max_per_img`` takes any count)."""
+        for dotted in self.candidate_counts:
+            node: Any = model_cfg
+            for part in dotted.split("."):
+                node = node.get(part) if isinstance(node, Mapping) else None
+            if isinstance(node, int) and node > 0:
+                return node * class_count
+        return None
+
+    def test_cfg(self, test_cfg, params: PredictParams, capacity: int | None = None,
+                 every_answer: bool = False):
         """A copy of the model's test settings with a request's params where the family has
         them (score threshold, NMS IoU and class-agnosticism, detections per picture, mask
         threshold; the candidates before NMS at least ``max_detections``). Passed per call,
-        never written into the shared model, so concurrent requests cannot see each other's."""
+        never written into the shared model, so concurrent requests cannot see each other's.
+
+        ``capacity``: the most answers the head can give (``answer_capacity``), which its
+        ``max_per_img`` cannot pass (a top-k over candidates x classes). ``every_answer``: keep
+        all of them, for a ``classes`` param applied to the head's answers: then it acts before
+        the cut to ``max_detections`` (a top-k over all candidates x classes, or per-class NMS,
+        filtered, equals the filter first), and the runtime cuts."""
         cfg = copy.deepcopy(test_cfg)
         final = self.detection_cfg(cfg)
         if "score_thr" in final:
@@ -198,7 +227,10 @@ class Family:
             final["nms"]["iou_threshold"] = params.iou_threshold
             final["nms"]["class_agnostic"] = params.class_agnostic_nms  # mmcv's batched_nms reads it
         if "max_per_img" in final:
-            final["max_per_img"] = params.max_detections
+            if every_answer:
+                final["max_per_img"] = capacity or UNCUT
+            else:
+                final["max_per_img"] = min(params.max_detections, capacity or params.max_detections)
         if "nms_pre" in final:
             final["nms_pre"] = max(int(final["nms_pre"]), params.max_detections)
         if "mask_thr_binary" in final:
@@ -217,6 +249,14 @@ class Family:
 
     def loader(self, runtime: str) -> Callable:
         return _imported(self._named(self.loaders, runtime, "runtime"))
+
+    def lent_predictor(self, detector, config, class_names: Sequence[str], default_params: PredictParams,
+                       batch_size: int):
+        """A context manager: the family's torch runtime around a live mmdet ``detector`` that
+        stays its owner's (a network in the middle of its fine-tune, validated as its saved
+        model will answer; ``config``: the config it is saved with). Its mode and head are as
+        they were afterwards (``scoring.runtimes.torch_mmdet.borrowed_predictor``)."""
+        return self.loader("torch").lend(detector, self, config, class_names, default_params, batch_size)
 
     def exporter(self, runtime: str) -> str:
         """``"module:function"`` of the export for ``runtime`` (packaging imports it)."""

@@ -1,6 +1,7 @@
 """Deformable DETR (object detection): queries, not NMS; ``max_per_img`` top queries by score,
-so ``iou_threshold`` and ``class_agnostic_nms`` do not apply. The ``classes`` param drops the
-other classes' answers (its scores are a top-k over queries x classes)."""
+so ``iou_threshold`` and ``class_agnostic_nms`` do not apply. The ``classes`` param is applied to
+its answers, the head keeping all of them for it (its scores are a top-k over queries x classes,
+which over all of them commutes with the filter)."""
 from scoring.families.base import ClassLayer, Family, TrainingRecipe
 from scoring.schema import OBJECT_DETECTION
 
@@ -22,5 +23,6 @@ FAMILY = Family(
         learning_rate=0.0001, min_image_size=320,
         min_image_size_reason="its two-stage queries are the top 300 encoder tokens, and smaller "
                               "training pictures have fewer"),
+    candidate_counts=("num_queries",),
     loaders={"torch": "scoring.runtimes.torch_mmdet:load_whole_detector"},
 )

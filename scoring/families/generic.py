@@ -9,6 +9,10 @@ from typing import Any, Mapping
 from scoring.families.base import Family
 from scoring.schema import INSTANCE_SEGMENTATION, OBJECT_DETECTION
 
+# Where an unknown detector's config counts its candidates: a DETR's queries, a sparse head's
+# learned proposals, a two-stage model's proposals (``Family.candidate_counts``).
+GENERIC_CANDIDATE_COUNTS = ("num_queries", "rpn_head.num_proposals", "test_cfg.rpn.max_per_img")
+
 # Parts of a config's model that make it something other than an instance detector.
 NOT_DETECTOR_PARTS = ("panoptic_head", "panoptic_fusion_head", "track_head", "tracker", "detector")
 
@@ -50,6 +54,7 @@ DETECTION = GenericFamily(
     title="mmdet object detector",
     task=OBJECT_DETECTION,
     model_types=(),
+    candidate_counts=GENERIC_CANDIDATE_COUNTS,
     loaders={"torch": "scoring.runtimes.torch_mmdet:load_whole_detector"},
 )
 SEGMENTATION = GenericFamily(
@@ -57,5 +62,6 @@ SEGMENTATION = GenericFamily(
     title="mmdet instance segmenter",
     task=INSTANCE_SEGMENTATION,
     model_types=(),
+    candidate_counts=GENERIC_CANDIDATE_COUNTS,
     loaders={"torch": "scoring.runtimes.torch_mmdet:load_whole_detector"},
 )

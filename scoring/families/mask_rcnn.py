@@ -15,5 +15,6 @@ FAMILY = Family(
     class_shaped=r"roi_head\.(bbox_head\.fc_(cls|reg)|mask_head\.conv_logits)\..*",
     # SGD: the config's 0.02 is for 16 pictures a step; a fine-tune takes 8.
     training=TrainingRecipe(learning_rate=0.01),
+    candidate_counts=("test_cfg.rpn.max_per_img",),
     loaders={"torch": "scoring.runtimes.torch_mask_rcnn:load_mask_rcnn_detector"},
 )

@@ -13,5 +13,6 @@ FAMILY = Family(
                      "sparse-rcnn_r101_fpn_300-proposals_crop-ms-480-800-3x_coco"),
     class_layer=ClassLayer(r"roi_head\.bbox_head\.0\.fc_cls\.weight"),
     class_shaped=r"roi_head\.bbox_head\.\d+\.fc_cls\..*",
+    candidate_counts=("rpn_head.num_proposals",),
     loaders={"torch": "scoring.runtimes.torch_mmdet:load_whole_detector"},
 )

@@ -19,6 +19,10 @@ from scoring.schema import PredictParams
 
 
 class MaskRcnnDetector(MmdetTorchRuntime):
+    # Its per-class NMS answers, all kept (``filters_answers``), then filtered and cut to
+    # ``max_detections``, equal filtering first; masks are made for the kept ones only.
+    filters_answers = True
+
     @torch.no_grad()
     def forward(self, batch: dict, params: PredictParams) -> dict:
         detector = self.detector
@@ -30,6 +34,8 @@ class MaskRcnnDetector(MmdetTorchRuntime):
         cfg = self.test_cfg(params)
         results = detector.roi_head.predict_bbox(feats, metas, proposals, rcnn_test_cfg=cfg.rcnn,
                                                  rescale=False)
+        results = [result[torch.as_tensor(self.kept_answers(result, params), dtype=torch.long,
+                                          device=result.scores.device)] for result in results]
         mask_logits = self._mask_logits(feats, results) if masks_wanted(params) else None
         return {"results": results, "metas": metas, "mask_logits": mask_logits}
 

@@ -13,14 +13,18 @@ serve the families that need nothing of their own:
 - ``WholeDetector`` (the generic path, DETRs, Sparse R-CNN, any other mmdet detector): mmdet's
   own ``predict`` with the request's test settings, answers from its ``pred_instances`` (masks
   when the model makes them); settings the model has no place for (a score threshold of a
-  DETR) and the ``classes`` param are applied to its answers.
+  DETR) and the ``classes`` param are applied to its answers; for the latter the head keeps
+  every answer (``Family.test_cfg``'s ``every_answer``), so the filter acts before the cut to
+  ``max_detections``.
 
 RTMDet-Ins (``torch_rtmdet``) and Mask R-CNN (``torch_mask_rcnn``) build on the base to keep
 their masks lazy. Only a model whose ``model.json`` names the torch runtime imports this module.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import threading
 from typing import Iterator, Sequence
 
@@ -110,6 +114,9 @@ class MmdetTorchRuntime(Predictor):
     """An mmdet detector on BGR uint8 arrays, real batches (one forward pass per batch)."""
 
     runtime = "torch"
+    # Whether the ``classes`` param is applied to the head's answers (not to its raw class
+    # outputs): the head then keeps every answer when a request leaves classes out.
+    filters_answers = False
 
     def __init__(self, detector, family, class_names: Sequence[str], default_params: PredictParams,
                  batch_size: int = 8, config=None):
@@ -130,7 +137,9 @@ class MmdetTorchRuntime(Predictor):
         if resize is not None:
             self.input_scale = tuple(resize["scale"])
         self.pipeline = Compose(steps)
-        self._test_cfg = copy.deepcopy((detector.cfg if config is None else config).model.test_cfg)
+        model_cfg = (detector.cfg if config is None else config).model
+        self._test_cfg = copy.deepcopy(model_cfg.test_cfg)
+        self._answer_capacity = family.answer_capacity(model_cfg, len(self.class_names))
         self.configured_score_threshold = family.detection_cfg(self._test_cfg).get("score_thr")
 
     @property
@@ -143,24 +152,36 @@ class MmdetTorchRuntime(Predictor):
         return dict(inputs=[p["inputs"] for p in packed],
                     data_samples=[p["data_samples"] for p in packed])
 
+    def give_back(self) -> None:
+        """Undo what this runtime put on its detector, when the detector was only lent to it
+        (``borrowed_predictor``); nothing here."""
+
     def test_cfg(self, params: PredictParams):
         """The model's test settings with this request's params (``Family.test_cfg``)."""
-        return self.family.test_cfg(self._test_cfg, params)
+        every_answer = self.filters_answers and bool(excluded_classes(self.class_names, params))
+        return self.family.test_cfg(self._test_cfg, params, self._answer_capacity, every_answer)
+
+    def kept_answers(self, result, params: PredictParams) -> np.ndarray:
+        """Indices of the answers (an mmdet ``InstanceData``) a request keeps, best first: the
+        score threshold and the ``classes`` param where the model had no place for them (a
+        no-op where it had), then the best ``max_detections`` (a stable sort by score: mmdet's
+        order where it sorts, and Sparse R-CNN's unsorted top-k put in order)."""
+        scores = result.scores.detach().float().cpu().numpy()
+        keep = scores >= params.score_threshold
+        excluded = excluded_classes(self.class_names, params)
+        if excluded:
+            keep &= ~np.isin(result.labels.detach().cpu().numpy(), excluded)
+        kept = np.flatnonzero(keep)
+        return kept[np.argsort(-scores[kept], kind="stable")][:params.max_detections]
 
     def detections(self, results, metas, params: PredictParams,
                    masks_of=lambda i, result: None) -> list[ImageDetections]:
-        """mmdet's per-image ``InstanceData`` as our detections: the score threshold, the
-        ``classes`` param and ``max_detections`` applied where the model had no place for them
-        (a no-op where it had), best first as mmdet orders them."""
-        excluded = set(excluded_classes(self.class_names, params))
+        """mmdet's per-image ``InstanceData`` as our detections, those ``kept_answers`` keeps."""
         out = []
         for i, (result, meta) in enumerate(zip(results, metas)):
             scores = result.scores.detach().float().cpu().numpy()
             labels = result.labels.detach().cpu().numpy()
-            keep = scores >= params.score_threshold
-            if excluded:
-                keep &= ~np.isin(labels, list(excluded))
-            kept = np.flatnonzero(keep)[:params.max_detections]
+            kept = self.kept_answers(result, params)
             masks = masks_of(i, result) if masks_wanted(params) else None
             height, width = meta["ori_shape"][:2]
             out.append(ImageDetections(
@@ -197,6 +218,8 @@ class WholeDetector(MmdetTorchRuntime):
     """mmdet's own ``predict`` of any detector, with the request's test settings. A detector
     reads them from its heads (``test_cfg`` attributes), so they are put there for the call,
     one call at a time, and put back."""
+
+    filters_answers = True
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -259,7 +282,29 @@ def _dense_masks(index: int, result) -> DenseMasks | None:
     return DenseMasks(result.masks) if "masks" in result else None
 
 
+@contextlib.contextmanager
+def borrowed_predictor(runtime_class, detector, family, config, class_names: Sequence[str],
+                       default_params: PredictParams, batch_size: int) -> Iterator[MmdetTorchRuntime]:
+    """A ``runtime_class`` around a detector that stays its owner's, such as a network in the
+    middle of its fine-tune, validated between epochs as its saved model will answer
+    (``config``: the config the model is saved with, whose test pipeline that model will use).
+    While lent the detector is in eval mode; afterwards it is as it was: its mode, and whatever
+    the runtime put on it (``give_back``)."""
+    was_training = detector.training
+    detector.eval()
+    predictor = runtime_class(detector, family, class_names, default_params, batch_size=batch_size,
+                              config=config)
+    try:
+        yield predictor
+    finally:
+        predictor.give_back()
+        detector.train(was_training)
+
+
 def _loader(runtime_class):
+    """The loader of a torch runtime class (a family's ``loaders["torch"]``), which also lends
+    it around a live detector: ``load.lend(detector, family, config, ...)`` (``borrowed_predictor``)."""
+
     def load(weights_dir, device: str | None = None, batch_size: int | None = None, *,
              info: dict | None = None) -> MmdetTorchRuntime:
         from scoring.families import family_of
@@ -271,6 +316,7 @@ def _loader(runtime_class):
                              batch_size=batch_size or forward_batch_size(info, on_gpu))
 
     load.__doc__ = f"The {runtime_class.__name__} of a weights folder (``info``: its model.json, when already read)."
+    load.lend = functools.partial(borrowed_predictor, runtime_class)
     return load
 
 

@@ -21,7 +21,6 @@ Only a model whose ``model.json`` names the torch runtime imports this module (a
 """
 from __future__ import annotations
 
-import contextlib
 import types
 from typing import Iterator, Sequence
 
@@ -30,10 +29,9 @@ import torch
 import torch.nn.functional as F
 
 from scoring.class_filter import excluded_classes
-from scoring.families import RTMDET_INS
 from scoring.runtimes import masks as mask_windows
-from scoring.runtimes.base import ImageDetections, forward_batch_size, masks_wanted
-from scoring.runtimes.torch_mmdet import DenseHeadDetector, DenseMasks, load_detector
+from scoring.runtimes.base import ImageDetections, masks_wanted
+from scoring.runtimes.torch_mmdet import DenseHeadDetector, DenseMasks, _loader
 from scoring.schema import PredictParams
 
 MASK_CHUNK_BYTES = mask_windows.MASK_CHUNK_BYTES
@@ -198,53 +196,27 @@ class DeferredMasks:
                              self.box_margin_cells)
 
 
-# --- loading ---------------------------------------------------------------------------------
-
-def load_torch_predictor(weights_dir, device: str | None = None, batch_size: int | None = None,
-                         *, info: dict | None = None) -> "RtmdetInsDetector":
-    """The RtmdetInsDetector of a weights folder (``info``: its model.json, when already read)."""
-    detector, info = load_detector(weights_dir, device, info)
-    on_gpu = detector.data_preprocessor.device.type == "cuda"
-    return RtmdetInsDetector(detector, info["classes"], PredictParams.from_dict(info["default_params"]),
-                          batch_size=batch_size or forward_batch_size(info, on_gpu))
-
-
-@contextlib.contextmanager
-def borrowed_predictor(detector, config, class_names: Sequence[str], default_params: PredictParams,
-                       batch_size: int) -> Iterator["RtmdetInsDetector"]:
-    """A RtmdetInsDetector around a detector that stays its owner's, such as a network in the
-    middle of its fine-tune, validated between epochs as its saved model will answer
-    (``config``: the config the model is saved with, whose test pipeline that model will use).
-    While lent the detector is in eval mode; afterwards it is as it was: its mode, and its head
-    without the deferred-mask post-processing the predictor puts on it."""
-    head = detector.bbox_head
-    had_own = "_bbox_mask_post_process" in vars(head)
-    was_training = detector.training
-    detector.eval()
-    try:
-        yield RtmdetInsDetector(detector, class_names, default_params, batch_size=batch_size,
-                             config=config)
-    finally:
-        if not had_own:
-            vars(head).pop("_bbox_mask_post_process", None)
-        detector.train(was_training)
-
-
 # --- the three steps ---------------------------------------------------------------------------
 
 class RtmdetInsDetector(DenseHeadDetector):
     """Runs an mmdet RTMDet-Ins detector on BGR uint8 arrays, real batches (one forward pass
     per batch, not a loop of images), its masks deferred."""
 
-    def __init__(self, detector, class_names: Sequence[str], default_params: PredictParams,
+    def __init__(self, detector, family, class_names: Sequence[str], default_params: PredictParams,
                  batch_size: int = 8, config=None):
         """``config``: the mmengine config whose test pipeline prepares the pictures (default:
         the detector's own ``cfg``, which ``build_detector`` sets)."""
-        super().__init__(detector, RTMDET_INS, class_names, default_params, batch_size, config)
+        super().__init__(detector, family, class_names, default_params, batch_size, config)
+        head = detector.bbox_head
+        self._head_had_own = "_bbox_mask_post_process" in vars(head)
         if defers_masks():
-            head = detector.bbox_head
             # Our instance only: the detector object itself stays a plain mmdet model elsewhere.
             head._bbox_mask_post_process = types.MethodType(bbox_post_process_deferring_masks, head)
+
+    def give_back(self) -> None:
+        """The lent detector's head without the deferred-mask post-processing put on it."""
+        if not self._head_had_own:
+            vars(self.detector.bbox_head).pop("_bbox_mask_post_process", None)
 
     def test_cfg(self, params: PredictParams):
         """The family's test settings for the request, and whether to make mask logits."""
@@ -281,3 +253,10 @@ class RtmdetInsDetector(DenseHeadDetector):
         if "mask_logits" in result:
             return DeferredMasks(result.mask_logits, resampler, boxes, self.mask_box_margin)
         return DenseMasks(result.masks)  # mmdet's own post-processing (``defers_masks``)
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+# The RtmdetInsDetector of a weights folder; ``load_torch_predictor.lend`` lends one a network
+# in the middle of its fine-tune (``Family.lent_predictor``).
+load_torch_predictor = _loader(RtmdetInsDetector)
