@@ -18,7 +18,7 @@ COMMANDS = ("package", "predict", "serve", "batch", "spark-batch", "convert", "s
 def build_parser(commands: tuple[str, ...] = COMMANDS) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mmdet-mlflow",
-        description="RTMDet-Ins instance segmentation as an MLflow model: package, predict, "
+        description="mmdet detectors (object detection and instance segmentation) as MLflow models: package, predict, "
                     "fine-tune, evaluate, serve and deploy on Azure ML.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in commands:
