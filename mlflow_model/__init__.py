@@ -52,6 +52,7 @@ def save_model(
     quantize: str | None = None,
     calibration_images=None,
     default_params: dict | None = None,
+    model_config: dict | None = None,
 ):
     """Save an mmdet detector as an MLflow model directory at ``path``.
 
@@ -72,7 +73,11 @@ def save_model(
     ``mmdet_mlflow.precision_check``; this function only saves). ``default_params``: predict
     params the model answers with unless a request says otherwise (as AutoML's model settings,
     e.g. ``{"tile_grid_size": "3x2"}``), over those of the config; recorded in model.json and as
-    the signature's defaults.
+    the signature's defaults. ``model_config``: the model's runtime options
+    (``scoring.settings.MODEL_CONFIG_KEYS``, e.g. ``{"batch_size": 4}``), recorded in the
+    MLmodel's ``python_function`` flavor; a key left out is recorded unset, so the environment
+    variable or the built-in default applies, and ``mlflow.pyfunc.load_model(uri,
+    model_config=...)`` overrides any of them.
 
     The steps: check the request, resolve and check the weights against the config (nothing
     is written before both pass), write the weights folder, export it (ONNX and OpenVINO),
@@ -82,6 +87,7 @@ def save_model(
 
     path = Path(path).resolve()
     family = _checked_request(config, runtime, quantize, calibration_images, default_params)
+    recorded_config = _checked_model_config(model_config)
     built = _built_detector(config, checkpoint, classes, family)
     _validate_and_prepare_target_save_path(str(path))
     saved = ModelDir(path)
@@ -91,7 +97,7 @@ def save_model(
         _export_onnx(saved.data, built.detector, quantize, calibration_images, runtime, family)
     _copy_code(saved.code)
     mlflow_model = _write_mlmodel(saved, info, defaults, mlflow_model, signature, input_example,
-                                  metadata)
+                                  metadata, recorded_config)
     requirements = list(pip_requirements or get_default_pip_requirements(runtime))
     requirements += list(extra_pip_requirements or [])
     write_environment(path, requirements, runtime)
@@ -123,6 +129,17 @@ def _checked_request(config, runtime: str, quantize: str | None, calibration_ima
     except InputError as err:
         raise SaveModelError(f"default_params: {err}") from None
     return family
+
+
+def _checked_model_config(model_config: dict | None) -> dict:
+    """What the MLmodel records as the model's model_config (every key; see
+    ``scoring.settings.recorded_config``); an unknown key or a bad value is refused."""
+    from scoring.settings import SettingError, recorded_config
+
+    try:
+        return recorded_config(model_config)
+    except SettingError as err:
+        raise SaveModelError(str(err)) from None
 
 
 @dataclass
@@ -182,9 +199,9 @@ def _write_weights_dir(weights_dir, built: _Built, config, runtime: str, batch_s
 
 
 def _write_mlmodel(saved: ModelDir, info: dict, defaults, mlflow_model, signature, input_example,
-                   metadata: dict | None):
+                   metadata: dict | None, model_config: dict):
     """The MLmodel: the signature and input example, the ``python_function`` flavor (our
-    loader module) and the ``mmdet`` flavor, which points at
+    loader module, the model's recorded model_config) and the ``mmdet`` flavor, which points at
     the files (model.json alone says what the model is: ``scoring.model_dir``)."""
     from mlflow.models import Model
     from mlflow.models.utils import _save_example
@@ -205,6 +222,7 @@ def _write_mlmodel(saved: ModelDir, info: dict, defaults, mlflow_model, signatur
         code=layout.CODE_DIR,
         conda_env=layout.CONDA_FILE,
         python_env=layout.PYTHON_ENV_FILE,
+        model_config=model_config,
     )
     weights = layout.WEIGHTS_FILE if info["runtime"] == "torch" else layout.ONNX_FILE
     mlflow_model.add_flavor(FLAVOR_NAME, config=f"{layout.DATA_DIR}/{layout.CONFIG_FILE}",
@@ -279,19 +297,21 @@ def load_model(model_uri: str, device: str | None = None, dst_path: str | None =
     return load_detector(weights, device)[0]
 
 
-def load_predictor(data_dir, device: str | None = None, batch_size: int | None = None):
-    """The predictor (``scoring.runtimes``) of a saved model's ``model/`` folder."""
+def load_predictor(data_dir, device: str | None = None, batch_size: int | None = None,
+                   model_config: dict | None = None):
+    """The predictor (``scoring.runtimes``) of a saved model's ``model/`` folder, with the
+    model_config ``model_config`` (``scoring.settings``)."""
     from scoring.runtimes import load_predictor as load
 
-    return load(data_dir, device=device, batch_size=batch_size)
+    return load(data_dir, device=device, batch_size=batch_size, model_config=model_config)
 
 
-def _load_pyfunc(path):
+def _load_pyfunc(path, model_config: dict | None = None):
     """MLflow's flavor-module hook; our saved models name ``scoring.pyfunc`` as their
     ``loader_module`` (the code a model carries), which this calls."""
     from scoring.pyfunc import _load_pyfunc as load
 
-    return load(path)
+    return load(path, model_config)
 
 
 def _class_count(state_dict, model_cfg, family) -> int:
