@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -51,6 +52,7 @@ def save_model(
     quantize: str | None = None,
     calibration_images=None,
     default_params: dict | None = None,
+    model_config: dict | None = None,
 ):
     """Save an mmdet detector as an MLflow model directory at ``path``.
 
@@ -71,20 +73,44 @@ def save_model(
     ``mmdet_mlflow.precision_check``; this function only saves). ``default_params``: predict
     params the model answers with unless a request says otherwise (as AutoML's model settings,
     e.g. ``{"tile_grid_size": "3x2"}``), over those of the config; recorded in model.json and as
-    the signature's defaults.
-    """
-    from mlflow.models import Model
-    from mlflow.models.utils import _save_example
-    from mlflow.utils.model_utils import _validate_and_prepare_target_save_path
-    import mlflow.pyfunc
+    the signature's defaults. ``model_config``: the model's runtime options
+    (``scoring.settings.MODEL_CONFIG_KEYS``, e.g. ``{"batch_size": 4}``), recorded in the
+    MLmodel's ``python_function`` flavor; a key left out is recorded unset, so the environment
+    variable or the built-in default applies, and ``mlflow.pyfunc.load_model(uri,
+    model_config=...)`` overrides any of them.
 
-    from mlflow_model.checkpoints import classes_from_meta, resolve_checkpoint, write_weights
-    from scoring.weights import read_state_dict
-    from mlflow_model.configs import config_name, load_config
-    from scoring.runtimes.torch_mmdet import build_detector
+    The steps: check the request, resolve and check the weights against the config (nothing
+    is written before both pass), write the weights folder, export it (ONNX and OpenVINO),
+    copy the serving code, write the MLmodel, write the environment.
+    """
+    from mlflow.utils.model_utils import _validate_and_prepare_target_save_path
+
+    path = Path(path).resolve()
+    family = _checked_request(config, runtime, quantize, calibration_images, default_params)
+    recorded_config = _checked_model_config(model_config)
+    built = _built_detector(config, checkpoint, classes, family)
+    _validate_and_prepare_target_save_path(str(path))
+    saved = ModelDir(path)
+    defaults = family.default_params(built.cfg.model.test_cfg).updated(default_params)
+    info = _write_weights_dir(saved.data, built, config, runtime, batch_size, defaults)
+    if runtime in ("onnx", "openvino"):  # openvino serves the same exported graph
+        _export_onnx(saved.data, built.detector, quantize, calibration_images, runtime, family)
+    _copy_code(saved.code)
+    mlflow_model = _write_mlmodel(saved, info, defaults, mlflow_model, signature, input_example,
+                                  metadata, recorded_config)
+    requirements = list(pip_requirements or get_default_pip_requirements(runtime))
+    requirements += list(extra_pip_requirements or [])
+    write_environment(path, requirements, runtime)
+    return mlflow_model
+
+
+def _checked_request(config, runtime: str, quantize: str | None, calibration_images,
+                     default_params: dict | None):
+    """The config's family, once the runtime, the quantization and the default params are
+    known to be ones it can save: refused before any download or build."""
+    from mlflow_model.configs import load_config
     from scoring.families import UnknownModel, family_of_config
     from scoring.runtimes import RUNTIMES
-    from scoring.schema import AZURE_TASKS, mlflow_signature
 
     if quantize and not calibration_images:
         raise SaveModelError("quantize='int8' needs calibration images")
@@ -94,7 +120,6 @@ def save_model(
         raise SaveModelError(f"quantize must be 'int8' or None, not {quantize!r}")
     if quantize and runtime != "onnx":
         raise SaveModelError("quantize='int8' needs runtime='onnx'")
-    path = Path(path).resolve()
     family = family_of_config(load_config(config).model)
     try:
         family.check_runtime(runtime)  # a runtime the family lacks: refused before any download
@@ -103,43 +128,93 @@ def save_model(
         raise SaveModelError(str(err)) from None
     except InputError as err:
         raise SaveModelError(f"default_params: {err}") from None
+    return family
+
+
+def _checked_model_config(model_config: dict | None) -> dict:
+    """What the MLmodel records as the model's model_config (every key; see
+    ``scoring.settings.recorded_config``); an unknown key or a bad value is refused."""
+    from scoring.settings import SettingError, recorded_config
+
+    try:
+        return recorded_config(model_config)
+    except SettingError as err:
+        raise SaveModelError(str(err)) from None
+
+
+@dataclass
+class _Built:
+    """The checked weights: the config (for its number of classes), the state dict, the class
+    names, where the weights came from, and the detector built from them."""
+
+    family: Any
+    cfg: Any
+    state_dict: dict
+    class_names: list
+    source: Any
+    detector: Any
+
+
+def _built_detector(config, checkpoint, classes, family) -> _Built:
+    """Resolve the checkpoint (download, sha256), name the classes, and build the detector:
+    weights that do not fit the config are refused here, before anything is written."""
+    from mlflow_model.checkpoints import classes_from_meta, resolve_checkpoint
+    from mlflow_model.configs import config_name, load_config
+    from scoring.runtimes.torch_mmdet import build_detector
+    from scoring.weights import read_state_dict
+
     checkpoint_path, source = resolve_checkpoint(checkpoint, config_name(config))
     state_dict, meta = read_state_dict(checkpoint_path)
     class_names = list(classes) if classes else classes_from_meta(meta)
     if class_names is None:
         class_names = _classes_for_count(_class_count(state_dict, load_config(config).model, family))
     cfg = load_config(config, num_classes=len(class_names))
-    # Builds the model and refuses weights that do not fit it, before anything is written.
     detector = build_detector(cfg, state_dict, class_names, device="cpu")
+    return _Built(family, cfg, state_dict, class_names, source, detector)
 
-    _validate_and_prepare_target_save_path(str(path))
-    saved = ModelDir(path)
-    weights_dir = saved.data
+
+def _write_weights_dir(weights_dir, built: _Built, config, runtime: str, batch_size: int,
+                       defaults) -> dict:
+    """The weights folder: the flattened config, the weights, and model.json, the one record
+    of what the model is (family, task, runtime, classes, provenance, defaults, versions)."""
+    from mlflow_model.checkpoints import write_weights
+    from mlflow_model.configs import config_name
+
     weights_dir.path.mkdir(parents=True)
-    cfg.dump(str(weights_dir.config))
-    write_weights(state_dict, weights_dir.weights)
-    defaults = family.default_params(cfg.model.test_cfg).updated(default_params)
+    built.cfg.dump(str(weights_dir.config))
+    write_weights(built.state_dict, weights_dir.weights)
     info = {
-        "family": family.name,
-        "task": family.task,
+        "family": built.family.name,
+        "task": built.family.task,
         "runtime": runtime,
-        "classes": class_names,
+        "classes": built.class_names,
         "config_name": config_name(config),
-        "checkpoint": source.as_dict(),
+        "checkpoint": built.source.as_dict(),
         "default_params": defaults.as_dict(),
         "batch_size": batch_size,
         "versions": _library_versions(),
     }
     weights_dir.write_info(info)
-    if runtime in ("onnx", "openvino"):  # openvino serves the same exported graph
-        _export_onnx(weights_dir, detector, quantize, calibration_images, runtime, family)
-    _copy_code(saved.code)
+    return info
 
+
+def _write_mlmodel(saved: ModelDir, info: dict, defaults, mlflow_model, signature, input_example,
+                   metadata: dict | None, model_config: dict):
+    """The MLmodel: the signature and input example, the ``python_function`` flavor (our
+    loader module, the model's recorded model_config) and the ``mmdet`` flavor, which points at
+    the files (model.json alone says what the model is: ``scoring.model_dir``)."""
+    from mlflow.models import Model
+    from mlflow.models.utils import _save_example
+    import mlflow.pyfunc
+
+    from scoring.schema import AZURE_TASKS, mlflow_signature
+
+    task = info["task"]
     mlflow_model = mlflow_model or Model()
-    mlflow_model.signature = signature or mlflow_signature(defaults, class_names, family.task)
+    mlflow_model.signature = signature or mlflow_signature(defaults, info["classes"], task)
     if input_example is None:
         input_example = _default_input_example()
-    _save_example(mlflow_model, input_example, str(path))
+    _save_example(mlflow_model, input_example, str(saved.path))
     mlflow.pyfunc.add_to_model(
         mlflow_model,
         loader_module="scoring.pyfunc",
@@ -147,26 +222,16 @@ def save_model(
         code=layout.CODE_DIR,
         conda_env=layout.CONDA_FILE,
         python_env=layout.PYTHON_ENV_FILE,
+        model_config=model_config,
     )
-    mlflow_model.add_flavor(
-        FLAVOR_NAME,
-        config=f"{layout.DATA_DIR}/{layout.CONFIG_FILE}",
-        weights=f"{layout.DATA_DIR}/"
-                + (layout.WEIGHTS_FILE if runtime == "torch" else layout.ONNX_FILE),
-        runtime=runtime,
-        task=family.task,
-        classes=class_names,
-        config_name=info["config_name"],
-        checkpoint=info["checkpoint"],
-        **info["versions"],
-    )
-    mlflow_model.metadata = {"base_model_task": AZURE_TASKS[family.task], "config_name": info["config_name"],
-                             "checkpoint_sha256": source.sha256, **(metadata or {})}
+    weights = layout.WEIGHTS_FILE if info["runtime"] == "torch" else layout.ONNX_FILE
+    mlflow_model.add_flavor(FLAVOR_NAME, config=f"{layout.DATA_DIR}/{layout.CONFIG_FILE}",
+                            weights=f"{layout.DATA_DIR}/{weights}",
+                            info=f"{layout.DATA_DIR}/{layout.INFO_FILE}")
+    # Azure ML's name of the task (its catalog and AutoML read it); derived from model.json's
+    # task, never read back by us.
+    mlflow_model.metadata = {"base_model_task": AZURE_TASKS[task], **(metadata or {})}
     mlflow_model.save(str(saved.mlmodel))
-
-    requirements = list(pip_requirements or get_default_pip_requirements(runtime))
-    requirements += list(extra_pip_requirements or [])
-    write_environment(path, requirements, runtime)
     return mlflow_model
 
 
@@ -232,19 +297,21 @@ def load_model(model_uri: str, device: str | None = None, dst_path: str | None =
     return load_detector(weights, device)[0]
 
 
-def load_predictor(data_dir, device: str | None = None, batch_size: int | None = None):
-    """The predictor (``scoring.runtimes``) of a saved model's ``model/`` folder."""
+def load_predictor(data_dir, device: str | None = None, batch_size: int | None = None,
+                   model_config: dict | None = None):
+    """The predictor (``scoring.runtimes``) of a saved model's ``model/`` folder, with the
+    model_config ``model_config`` (``scoring.settings``)."""
     from scoring.runtimes import load_predictor as load
 
-    return load(data_dir, device=device, batch_size=batch_size)
+    return load(data_dir, device=device, batch_size=batch_size, model_config=model_config)
 
 
-def _load_pyfunc(path):
+def _load_pyfunc(path, model_config: dict | None = None):
     """MLflow's flavor-module hook; our saved models name ``scoring.pyfunc`` as their
     ``loader_module`` (the code a model carries), which this calls."""
     from scoring.pyfunc import _load_pyfunc as load
 
-    return load(path)
+    return load(path, model_config)
 
 
 def _class_count(state_dict, model_cfg, family) -> int:

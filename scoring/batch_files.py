@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
+from scoring import settings
 from scoring.errors import InputError
 from scoring.runner import score_images
 from scoring.runtimes.base import Predictor
@@ -202,7 +203,14 @@ def file_name(path: str | os.PathLike, root: str | os.PathLike | None = None) ->
 def score_files(predictor: Predictor, paths: Iterable[str | os.PathLike],
                 params: PredictParams | dict | None = None,
                 file_name: Callable[[str], str] = file_name) -> list[dict]:
-    """Records for every image in ``paths``, in order (see the module docstring)."""
+    """Records for every image in ``paths``, in order (see the module docstring), within the
+    model's model_config (scoring.settings)."""
+    with settings.using(predictor.model_config):
+        return _score_files(predictor, paths, params, file_name)
+
+
+def _score_files(predictor: Predictor, paths: Iterable[str | os.PathLike],
+                 params: PredictParams | dict | None, file_name: Callable[[str], str]) -> list[dict]:
     records: list[dict] = []
     items = []  # (index into records, image value)
     for path in paths:

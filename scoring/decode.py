@@ -104,7 +104,7 @@ def image_from_bytes(data: bytes) -> np.ndarray:
     if width * height > limit:
         raise InputError(
             f"image is {width}x{height} = {width * height} pixels, over the limit of "
-            f"{limit} ({settings.MAX_IMAGE_PIXELS.env})"
+            f"{limit} ({settings.MAX_IMAGE_PIXELS.source()})"
         )
     if cut:
         raise InputError(f"{ENDS_EARLY}: {cut}; send the whole file")
@@ -140,7 +140,7 @@ def _header(data: bytes) -> tuple[int, int, str, str | None]:
         declared = _BOMB_PIXELS.search(str(err))
         size = f"{declared.group(1)} pixels" if declared else "larger than Pillow opens"
         raise InputError(f"image is {size}, over the limit of {settings.MAX_IMAGE_PIXELS.value()} "
-                         f"({settings.MAX_IMAGE_PIXELS.env})") from None
+                         f"({settings.MAX_IMAGE_PIXELS.source()})") from None
     except (UnidentifiedImageError, OSError, ValueError):
         signed = signature(data)
         if signed:  # cut (or damaged) in the header: Pillow could not read what the signature promises

@@ -56,7 +56,8 @@ class Deadline:
 
 def url_deadline() -> Deadline:
     seconds = settings.FETCH_TOTAL_TIMEOUT.value()
-    return Deadline.after(seconds, f"took longer than {seconds:g} s ({settings.FETCH_TOTAL_TIMEOUT.env})")
+    return Deadline.after(seconds,
+                          f"took longer than {seconds:g} s ({settings.FETCH_TOTAL_TIMEOUT.source()})")
 
 
 class FetchBudget:
@@ -82,7 +83,7 @@ def request_budget() -> FetchBudget:
     per served request)."""
     seconds = settings.FETCH_REQUEST_BUDGET.value()
     return FetchBudget(seconds, f"the request's image URLs took longer than {seconds:g} s in all "
-                                f"({settings.FETCH_REQUEST_BUDGET.env})")
+                                f"({settings.FETCH_REQUEST_BUDGET.source()})")
 
 
 def fetch_url(url: str, budget: FetchBudget | None = None) -> bytes:
@@ -150,7 +151,7 @@ def checked_target(url: str, deadline: Deadline | None = None) -> Target:
                 shown = host if host == address else f"{host} (resolves to {address})"
                 raise InputError(
                     f"refusing to fetch {display_url(url)}: {shown} is a {reason} address; "
-                    f"only public hosts are fetched unless listed in {settings.URL_ALLOWLIST.env}")
+                    f"only public hosts are fetched unless listed in {settings.URL_ALLOWLIST.source()}")
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     return Target(url, scheme, host, port, path, tuple(addresses))
 
@@ -326,7 +327,7 @@ def _request(connection, target: Target, deadline: Deadline, shown: str):
     declared = response.getheader("Content-Length")
     if declared and _DIGITS.fullmatch(declared.strip()) and int(declared) > limit:
         raise InputError(f"{shown} is {int(declared)} bytes, over the limit of {limit} "
-                         f"({settings.MAX_DOWNLOAD_BYTES.env})")
+                         f"({settings.MAX_DOWNLOAD_BYTES.source()})")
     chunks, size = [], 0
     while True:
         if deadline.passed():
@@ -336,6 +337,6 @@ def _request(connection, target: Target, deadline: Deadline, shown: str):
             break
         size += len(chunk)
         if size > limit:
-            raise InputError(f"{shown} is larger than {limit} bytes ({settings.MAX_DOWNLOAD_BYTES.env})")
+            raise InputError(f"{shown} is larger than {limit} bytes ({settings.MAX_DOWNLOAD_BYTES.source()})")
         chunks.append(chunk)
     return 200, None, b"".join(chunks)

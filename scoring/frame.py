@@ -48,7 +48,7 @@ def check_row_count(rows: int) -> None:
     max_rows = settings.MAX_ROWS.value()
     if rows > max_rows:
         raise InputError(f"the request has {rows} images, over the limit of {max_rows} "
-                         f"({settings.MAX_ROWS.env}); split it, or use batch scoring")
+                         f"({settings.MAX_ROWS.source()}); split it, or use batch scoring")
 
 
 def check_index_label(label: Any, where: str) -> None:
@@ -61,8 +61,14 @@ def check_index_label(label: Any, where: str) -> None:
 def score_frame(predictor: Predictor, model_input: Any,
                 params: Mapping[str, Any] | None = None) -> pd.DataFrame:
     """Decode, predict and encode, one batch at a time, within a served request's limits (rows,
-    work deadline, URL budget: see scoring.settings). Errors name the row by its index label
-    (the request's ``index``)."""
+    work deadline, URL budget: see scoring.settings; the model's model_config first). Errors
+    name the row by its index label (the request's ``index``)."""
+    with settings.using(predictor.model_config):
+        return _score_frame(predictor, model_input, params)
+
+
+def _score_frame(predictor: Predictor, model_input: Any,
+                 params: Mapping[str, Any] | None) -> pd.DataFrame:
     frame = as_frame(model_input)
     rows = zip(frame.index, frame[INPUT_COLUMN])
     if in_spark_task():  # a batch of a Spark job's rows, not a served request: no request limits

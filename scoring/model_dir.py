@@ -3,12 +3,16 @@
 
 A saved MLflow model (``save_model``)::
 
-    MLmodel                     python_function (loader_module: mlflow_model) + mmdet flavors
+    MLmodel                     python_function flavor (loader_module: scoring.pyfunc, the
+                                model_config it records) + the mmdet flavor (where the
+                                config, the weights and model.json are)
     model/                      the weights folder (``WeightsDir``):
       config.py                   the mmengine config, flattened
       weights.pth                 plain tensors, read with torch.load(weights_only=True)
-      model.json                  class names, default predict params, where the weights came from
-                                  (an ONNX model also records its "onnx" settings here)
+      model.json                  what the model is: family, task, runtime, class names, default
+                                  predict params, batch size, where the weights came from,
+                                  library versions (an ONNX model also records its "onnx"
+                                  settings here); read only through ``WeightsDir.read_info``
       model.onnx                  an ONNX model only: the exported network (raw head outputs)
       model.onnx.data             ... its weights (ONNX external data, see ``onnx_data_file``)
       model.int8.onnx(.data)      an ONNX model only, if quantized: the int8 (QDQ) network
@@ -18,6 +22,11 @@ A saved MLflow model (``save_model``)::
 A fine-tune's ``pytorch_model_folder`` is a weights folder on its own (the same three files);
 the layouts only tooling writes (a fine-tune's outputs, a registration's details) are in
 ``mlflow_model.model_dir``. This module knows these names; nobody else spells them.
+
+model.json is the one source of what a model is: the pyfunc loader is handed the weights folder
+alone, and a fine-tune's weights folder has no MLmodel. Models saved before this rule also
+copied runtime, task, classes, config name, checkpoint and versions into the MLmodel's mmdet
+flavor; nothing reads those copies, so such models load as they did.
 """
 from __future__ import annotations
 
@@ -77,6 +86,7 @@ class WeightsDir:
         return self.info_file.is_file() and self.config.is_file()
 
     def read_info(self) -> dict:
+        """model.json: the one reader of what the model is (see the module docstring)."""
         return json.loads(self.info_file.read_text())
 
     def write_info(self, info: dict) -> None:
@@ -101,6 +111,9 @@ class ModelDir:
     def code(self) -> Path:
         return self.path / CODE_DIR
 
+    def read_info(self) -> dict:
+        """What the model is: its weights folder's model.json (``WeightsDir.read_info``)."""
+        return self.data.read_info()
 
 
 def sha256_of(path: str | os.PathLike) -> str:

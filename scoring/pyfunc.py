@@ -8,6 +8,7 @@ from pathlib import Path
 
 from scoring import serving_guards
 from scoring.runtimes import load_predictor
+from scoring.settings import ModelConfig
 
 
 class MMDetPyfuncModel:
@@ -45,8 +46,11 @@ class MMDetPyfuncModel:
                                   error_code=INTERNAL_ERROR) from None
 
 
-def _load_pyfunc(path):
-    """The pyfunc loader (the MLmodel's ``loader_module``): ``path`` is the model's data directory.
+def _load_pyfunc(path, model_config=None):
+    """The pyfunc loader (the MLmodel's ``loader_module``): ``path`` is the model's data directory,
+    ``model_config`` the model's options (``scoring.settings``: what ``mlflow.pyfunc.load_model``
+    or ``spark_udf`` passed, over what the MLmodel records; an unknown key is refused, naming
+    the known ones).
 
     The model last loaded in this process is kept and handed out again when the same folder,
     unchanged, is loaded with the same settings: ``mlflow.pyfunc.spark_udf`` (local mode) calls
@@ -54,18 +58,19 @@ def _load_pyfunc(path):
     each task paid the model's load (seconds for torch) and a worker's memory held one copy per
     task until collected. One model at most is kept (a worker serves one UDF's model)."""
     serving_guards.install()
-    return kept_model(path)
+    return kept_model(path, model_config)
 
 
-def kept_model(path) -> MMDetPyfuncModel:
+def kept_model(path, model_config=None) -> MMDetPyfuncModel:
     """The model of the data directory ``path``: the one kept by the last load when it is the
     same, else loaded and kept (see ``_load_pyfunc``). Without MLflow's serving guards: what
     code that scores through the runner itself, such as a Spark job's Python workers, loads
     (the guards import MLflow, a second of a worker's start)."""
-    key = _loaded_key(path)
+    config = ModelConfig(model_config)  # an unknown key or a bad value: refused before loading
+    key = _loaded_key(path, config)
     model = _LAST_LOADED.get(key)
     if model is None:
-        model = MMDetPyfuncModel(load_predictor(path))
+        model = MMDetPyfuncModel(load_predictor(path, model_config=config))
         _LAST_LOADED.clear()
         _LAST_LOADED[key] = model
         _LOAD_COUNT[0] += 1
@@ -82,14 +87,14 @@ def pyfunc_load_count() -> int:
     return _LOAD_COUNT[0]
 
 
-def _loaded_key(path) -> tuple:
+def _loaded_key(path, config: ModelConfig) -> tuple:
     """What decides that a kept model is still the one ``path`` would load: the folder, each of
-    its files' size and modification time, and the MMDET_MLFLOW_ settings (batch size, threads
-    and the like are read when a model loads)."""
+    its files' size and modification time, its model_config and the MMDET_MLFLOW_ settings
+    (batch size, threads and the like are read when a model loads)."""
     import os
 
     folder = Path(path).resolve()
     files = tuple(sorted((str(f.relative_to(folder)), f.stat().st_size, f.stat().st_mtime_ns)
                          for f in folder.rglob("*") if f.is_file()))
     settings = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("MMDET_MLFLOW_")))
-    return str(folder), files, settings
+    return str(folder), files, config, settings

@@ -82,7 +82,7 @@ def server_timeout() -> tuple[float, str] | None:
 def request_seconds() -> tuple[float, str]:
     """Seconds a served request's work may take, and why: ``MMDET_MLFLOW_REQUEST_TIMEOUT``,
     shortened to come before the server's own timeout less a margin."""
-    seconds, why = settings.REQUEST_TIMEOUT.value(), settings.REQUEST_TIMEOUT.env
+    seconds, why = settings.REQUEST_TIMEOUT.value(), settings.REQUEST_TIMEOUT.source()
     server = server_timeout()
     if server is not None:
         limit, env = server
@@ -111,7 +111,7 @@ def picture_deadline(request: Deadline | None = None) -> Deadline:
     deadline, when that comes first)."""
     seconds = settings.BATCH_PICTURE_TIMEOUT.value()
     own = Deadline.after(seconds, f"the picture took longer than {seconds:g} s "
-                                  f"({settings.BATCH_PICTURE_TIMEOUT.env})")
+                                  f"({settings.BATCH_PICTURE_TIMEOUT.source()})")
     return own if request is None or own.at < request.at else request
 
 
@@ -135,7 +135,7 @@ def check_work(predictor, image, params, tiles: int, key=None) -> None:
             raise InputError(
                 f"tile_grid_size {params.tile_grid_size!r} makes {tiles} tiles of this {width}x{height} "
                 f"picture: {tiles + 1} passes x max_detections {params.max_detections} = {candidates} "
-                f"detections to merge, over the limit of {limit} ({settings.MAX_TILE_CANDIDATES.env}); "
+                f"detections to merge, over the limit of {limit} ({settings.MAX_TILE_CANDIDATES.source()}); "
                 f"lower max_detections or use a coarser tile_grid_size", row=key)
     if params.mask_format == "none":
         return  # no mask is made: the mask work is nothing
@@ -144,5 +144,5 @@ def check_work(predictor, image, params, tiles: int, key=None) -> None:
         raise InputError(
             f"max_detections {params.max_detections} x {width}x{height} pixels = "
             f"{params.max_detections * width * height} mask pixels, over the limit of "
-            f"{max_mask_pixels} ({settings.MAX_MASK_PIXELS.env}); lower max_detections or send a "
+            f"{max_mask_pixels} ({settings.MAX_MASK_PIXELS.source()}); lower max_detections or send a "
             f"smaller image", row=key)

@@ -17,6 +17,7 @@ from helpers import TINY, X
 from mlflow_model.checkpoints import download, resolve_checkpoint
 from scoring.weights import CheckpointError, read_state_dict
 from mlflow_model.configs import official_checkpoint
+from scoring.model_dir import ModelDir
 
 
 class Evil:
@@ -147,11 +148,12 @@ def test_class_names_come_from_the_checkpoint_or_the_caller(tmp_path, tiny_check
     state_dict, _ = read_state_dict(tiny_checkpoint)
     bare = tmp_path / "bare.pth"
     torch.save(state_dict, bare)  # a plain state dict: 80 classes, no names -> COCO's
-    model = _package(tmp_path, bare)
-    assert model.flavors["mmdet"]["classes"][:2] == ["person", "bicycle"]
+    _package(tmp_path, bare)
+    assert ModelDir(tmp_path / "model").read_info()["classes"][:2] == ["person", "bicycle"]
     shutil.rmtree(tmp_path / "model")
     names = [f"thing{i}" for i in range(80)]
-    assert _package(tmp_path, bare, classes=names).flavors["mmdet"]["classes"] == names
+    _package(tmp_path, bare, classes=names)
+    assert ModelDir(tmp_path / "model").read_info()["classes"] == names
 
 
 def test_the_x_model_has_the_cards_parameter_count_and_round_trips_strictly(tmp_path):

@@ -21,6 +21,7 @@ import pytest
 import mlflow_model
 from helpers import b64, make_official_checkpoint, scene_image, write_png
 from scoring.errors import MmdetMlflowError
+from scoring.model_dir import ModelDir
 
 CLASSES = ["cat", "dog", "bird"]
 SMALL_SCALE = (480, 320)
@@ -163,7 +164,8 @@ def test_the_model_records_its_task_where_mlflow_and_azure_read_it(packaged):
     family, task = FAMILY_CONFIGS[name]
     mlmodel = Model.load(str(model_dir))
     assert mlmodel.metadata["base_model_task"] == f"image-{task}"
-    assert mlmodel.flavors["mmdet"]["task"] == task
+    assert mlmodel.flavors["mmdet"]["info"] == "model/model.json"  # model.json says what it is
+    assert ModelDir(model_dir).read_info()["task"] == task
     detection = mlmodel.signature.outputs.to_dict()[0]["properties"]["boxes"]["items"]["properties"]
     params = {spec.name: spec.default for spec in mlmodel.signature.params.params}
     if task == "object-detection":

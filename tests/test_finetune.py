@@ -299,7 +299,8 @@ def test_an_object_detection_model_finetunes_on_boxes_and_writes_an_object_detec
     for folder in (out / "pytorch_model_folder", out / "mlflow_model_folder" / "model"):
         info = json.loads((folder / "model.json").read_text())
         assert (info["family"], info["task"]) == ("rtmdet", "object-detection")
-    assert Model.load(str(out / "mlflow_model_folder")).flavors["mmdet"]["task"] == "object-detection"
+    mlmodel = Model.load(str(out / "mlflow_model_folder"))
+    assert mlmodel.metadata["base_model_task"] == "image-object-detection"
 
     boxes = predicted_boxes(out / "mlflow_model_folder", next((boxes_only / "images").glob("*.jpg")), 5)
     assert boxes and all(set(b) == {"box", "label", "score"} for b in boxes)
@@ -311,7 +312,7 @@ def test_an_object_detection_model_finetunes_on_boxes_and_writes_an_object_detec
               if m.source_run_id == run.info.run_id]
     assert logged
     logged_model = Model.load(f"models:/{logged[0].model_id}")
-    assert logged_model.flavors["mmdet"]["task"] == "object-detection"
+    assert logged_model.metadata["base_model_task"] == "image-object-detection"
 
 
 def test_box_data_cannot_train_masks_and_the_sets_must_share_a_task(fridge, boxes_only, tmp_path):

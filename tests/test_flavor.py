@@ -22,13 +22,15 @@ def test_mlmodel_is_a_loader_module_pyfunc_with_an_mmdet_flavor(tiny_model_dir):
     assert pyfunc["loader_module"] == "scoring.pyfunc"  # the serving core loads it
     assert pyfunc["code"] == "code" and pyfunc["data"] == "model"
     assert not list(tiny_model_dir.rglob("*.pkl")), "nothing is pickled"
-    mmdet = mlmodel["flavors"]["mmdet"]
-    assert mmdet["config"] == "model/config.py" and mmdet["weights"] == "model/weights.pth"
-    assert len(mmdet["classes"]) == 80 and mmdet["classes"][0] == "person"
-    assert mmdet["mmdet_version"] == "3.3.0" and mmdet["mmcv_version"] == "2.1.0"
-    assert mmdet["config_name"] == TINY
-    assert len(mmdet["checkpoint"]["sha256"]) == 64
-    assert mlmodel["metadata"]["base_model_task"] == "image-instance-segmentation"
+    # the mmdet flavor says where the files are; model.json alone says what the model is
+    assert mlmodel["flavors"]["mmdet"] == {"config": "model/config.py", "weights": "model/weights.pth",
+                                           "info": "model/model.json"}
+    info = json.loads((tiny_model_dir / "model" / "model.json").read_text())
+    assert len(info["classes"]) == 80 and info["classes"][0] == "person"
+    assert info["versions"]["mmdet_version"] == "3.3.0" and info["versions"]["mmcv_version"] == "2.1.0"
+    assert info["config_name"] == TINY and info["runtime"] == "torch"
+    assert len(info["checkpoint"]["sha256"]) == 64
+    assert mlmodel["metadata"] == {"base_model_task": "image-instance-segmentation"}
     assert (tiny_model_dir / "code" / "scoring" / "__init__.py").is_file()
     for packaging_only in ("mlflow_model", "mmdet_mlflow"):  # see tests/test_architecture.py
         assert not (tiny_model_dir / "code" / packaging_only).exists()

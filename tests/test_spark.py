@@ -181,6 +181,25 @@ def test_urls_are_fetched_within_the_ssrf_rules(spark, tiny_onnx_model_dir, pict
         frame.select(refused("image")).collect()
 
 
+def test_spark_udf_model_config_reaches_the_workers(spark, tiny_onnx_model_dir, pictures, picture_server):
+    """spark_udf's model_config is the model's on every worker: the URL allowlist given there
+    lets a loopback URL through as the variable does, and a small image limit refuses the
+    picture, naming the model_config key."""
+    import mlflow.pyfunc
+
+    frame = spark.createDataFrame(pd.DataFrame({"image": [f"{picture_server}/{pictures[0].name}"]}))
+    udf = mlflow.pyfunc.spark_udf(spark, str(tiny_onnx_model_dir), env_manager="local",
+                                  result_type="string", model_config={"url_allowlist": "127.0.0.0/8"})
+    got = [json.loads(r.p) for r in frame.select(udf("image").alias("p")).collect()]
+    _assert_same(got, _predicted(tiny_onnx_model_dir, [_b64(pictures[0])]))
+
+    limited = mlflow.pyfunc.spark_udf(spark, str(tiny_onnx_model_dir), env_manager="local",
+                                      result_type="string",
+                                      model_config={"url_allowlist": "127.0.0.0/8", "max_image_pixels": 10})
+    with pytest.raises(Exception, match="model_config max_image_pixels"):
+        frame.select(limited("image")).collect()
+
+
 def test_an_arrow_batch_is_not_held_to_a_served_requests_limits(spark, tiny_onnx_model_dir):
     """A served request may carry 64 images and work 60 s; an Arrow batch of a Spark job is not
     a request: 70 rows in one batch, under a 1 ms request deadline, are all scored."""

@@ -7,6 +7,7 @@ from pathlib import Path
 from mmdet_mlflow.commands.args import boolean
 from mmdet_mlflow.commands.predict import add_tiling_arguments, tiling_from_args
 from mmdet_mlflow.precision_check import MAX_SEGM_MAP_DROP
+from scoring.model_dir import ModelDir
 from scoring.runtimes import DEFAULT_RUNTIME, RUNTIMES
 
 DEFAULT_CALIBRATION_IMAGES = 32
@@ -62,17 +63,16 @@ def run(args):
     calibration = calibration_images(source, args.calibration_images) if args.quantize else None
     output = Path(args.output)
     if args.runtime == "openvino":
-        model = package_gated(output, lambda path: mlflow_model.save_model(
+        package_gated(output, lambda path: mlflow_model.save_model(
             path, args.config, args.checkpoint, classes=classes, runtime="openvino",
             default_params=tiling_from_args(args)), source, args.accept_accuracy_drop)
     else:
-        model = mlflow_model.save_model(output, args.config, args.checkpoint, classes=classes,
-                                        runtime=args.runtime, quantize=args.quantize,
-                                        calibration_images=calibration,
-                                        default_params=tiling_from_args(args))
+        mlflow_model.save_model(output, args.config, args.checkpoint, classes=classes,
+                                runtime=args.runtime, quantize=args.quantize,
+                                calibration_images=calibration, default_params=tiling_from_args(args))
     if args.quantize:
         record_precision_cost(output, report_precision_cost(output, source, "int8"))
-    flavor = model.flavors[mlflow_model.FLAVOR_NAME]
-    print(f"packaged {flavor['config_name']} ({len(flavor['classes'])} classes, weights sha256 "
-          f"{flavor['checkpoint']['sha256'][:12]}, {args.runtime} runtime) into {args.output}")
+    info = ModelDir(output).read_info()
+    print(f"packaged {info['config_name']} ({len(info['classes'])} classes, weights sha256 "
+          f"{info['checkpoint']['sha256'][:12]}, {args.runtime} runtime) into {args.output}")
     print(f"serve it: mmdet-mlflow serve --model {args.output}")

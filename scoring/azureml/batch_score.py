@@ -11,8 +11,10 @@ instead of failing the mini-batch. Read the output with
 ``pandas.read_csv("predictions.csv", names=COLUMNS)``.
 
 Settings (environment variables, set on the deployment): ``MMDET_MLFLOW_BATCH_PARAMS`` (a JSON
-object of predict params), ``MMDET_MLFLOW_BATCH_SIZE`` (images per forward pass),
-``MMDET_MLFLOW_BATCH_INPUT_ROOT`` (name files relative to it).
+object of predict params), ``MMDET_MLFLOW_BATCH_INPUT_ROOT`` (name files relative to it); the
+model's options as score.py takes them (``MLFLOW_PYFUNC_INFERENCE_CONFIG``, e.g.
+``{"batch_size": 4}``, over the MLmodel's model_config, then ``MMDET_MLFLOW_BATCH_SIZE`` and
+the other variables: ``scoring.settings``).
 """
 from __future__ import annotations
 
@@ -23,11 +25,12 @@ from pathlib import Path
 _state: dict = {}
 
 
-def init(model_dir: str | None = None, params: dict | None = None, input_root: str | None = None):
+def init(model_dir: str | None = None, params: dict | None = None, input_root: str | None = None,
+         model_config: dict | None = None):
     """Load the model (as score.py does: found under AZUREML_MODEL_DIR unless ``model_dir`` is
-    given) and check the predict params before any file is read."""
+    given, with ``model_config``) and check the predict params before any file is read."""
     online = _online_script()
-    online.init(model_dir)
+    online.init(model_dir, model_config)
     from scoring import settings  # importable now: the model's code/ is on sys.path
     from scoring.class_filter import check_classes
     from scoring.runner import predict_params

@@ -57,15 +57,18 @@ def find_model_dir(root: str | os.PathLike) -> Path:
                             f"{SEARCH_DEPTH} folder levels below it")
 
 
-def init(model_root: str | os.PathLike | None = None):
+def init(model_root: str | os.PathLike | None = None, model_config: dict | None = None):
     """Load the model once per worker (from ``model_root``, by default AZUREML_MODEL_DIR); a
-    failure here fails the deployment, with the reason."""
+    failure here fails the deployment, with the reason. Its options (``scoring.settings``): the
+    ``model_config`` given, else a deployment's ``MLFLOW_PYFUNC_INFERENCE_CONFIG`` (a JSON
+    object, MLflow's own variable), over what the MLmodel records; the deployment's
+    ``MMDET_MLFLOW_*`` variables for what none of them sets."""
     global model
     import mlflow.pyfunc
 
     model_dir = find_model_dir(model_root or os.environ.get(MODEL_DIR_ENV, "."))
     logger.info("loading the MLflow model in %s", model_dir)
-    model = mlflow.pyfunc.load_model(str(model_dir))
+    model = mlflow.pyfunc.load_model(str(model_dir), model_config=model_config)
     import scoring
 
     logger.info("model loaded; scoring code from %s", Path(scoring.__file__).parent.parent)

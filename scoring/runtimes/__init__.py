@@ -35,16 +35,22 @@ def runtime_of(info: dict) -> str:
 
 
 def load_predictor(weights_dir: str | os.PathLike, device: str | None = None,
-                   batch_size: int | None = None) -> Predictor:
+                   batch_size: int | None = None, model_config=None) -> Predictor:
     """The predictor of a saved model's ``model/`` folder: model.json is read once, here, and
-    the loader its family registers for its runtime builds the predictor."""
+    the loader its family registers for its runtime builds the predictor. ``model_config``: the
+    model's options (a dict or ``scoring.settings.ModelConfig``; an unknown key is refused),
+    read first while it loads and, kept as ``predictor.model_config``, while it scores."""
+    from scoring import settings
     from scoring.families import family_of
     from scoring.model_dir import WeightsDir
-    from scoring.settings import MASK_BOX_MARGIN
 
-    margin = MASK_BOX_MARGIN.value()  # a bad value is refused before the model loads
-    info = WeightsDir(weights_dir).read_info()
-    load = family_of(info).loader(runtime_of(info))
-    predictor = load(weights_dir, info=info, device=device, batch_size=batch_size)
+    config = model_config if isinstance(model_config, settings.ModelConfig) else \
+        settings.ModelConfig(model_config)
+    with settings.using(config):
+        margin = settings.MASK_BOX_MARGIN.value()  # a bad value is refused before the model loads
+        info = WeightsDir(weights_dir).read_info()
+        load = family_of(info).loader(runtime_of(info))
+        predictor = load(weights_dir, info=info, device=device, batch_size=batch_size)
     predictor.mask_box_margin = margin
+    predictor.model_config = config
     return predictor

@@ -98,9 +98,10 @@ def keep_ratio_size(width: int, height: int, scale: tuple[int, int]) -> tuple[in
 
 
 def forward_batch_size(info: dict, on_gpu: bool) -> int:
-    """Images per forward pass, for every runtime: MMDET_MLFLOW_BATCH_SIZE if set, else the
-    model's (``batch_size`` in model.json, 8) on a GPU, else 1. On CPU, batches of 8 ran slower
-    per image than single passes for both tiny and x (bench/predict.py), while a GPU gains."""
+    """Images per forward pass, for every runtime: the batch_size setting (the model_config's,
+    else MMDET_MLFLOW_BATCH_SIZE) if set, else the model's (``batch_size`` in model.json, 8) on
+    a GPU, else 1. On CPU, batches of 8 ran slower per image than single passes for both tiny
+    and x (bench/predict.py), while a GPU gains."""
     from scoring.settings import BATCH_SIZE
 
     chosen = BATCH_SIZE.value()
@@ -130,6 +131,10 @@ class Predictor:
     # Low-resolution cells of margin around its box each mask is cut to (None: masks are not
     # cut to their boxes, exactly mmdet's; scoring.runtimes.masks.iter_box_windows).
     mask_box_margin: float | None = None
+
+    # The model's model_config (scoring.settings.ModelConfig): active while it scores (the
+    # frame and batch-file entry points set it); none for a predictor built without one.
+    model_config = None
 
     # The (width, height) box the test pipeline resizes into, keeping the aspect ratio (RTMDet:
     # 640 x 640); None when the runtime does not resize.
