@@ -23,7 +23,7 @@ class MaskRcnnDetector(MmdetTorchRuntime):
     # ``max_detections``, equal filtering first; masks are made for the kept ones only.
     filters_answers = True
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def forward(self, batch: dict, params: PredictParams) -> dict:
         detector = self.detector
         data = detector.data_preprocessor(batch, False)
@@ -84,7 +84,7 @@ class PastedMasks:
         height, width = self.image_hw
         probabilities = self.logits.sigmoid()
         for i in range(len(self)):
-            with torch.no_grad():
+            with torch.inference_mode():
                 pasted, (rows, columns) = _do_paste_mask(probabilities[i:i + 1], self.boxes[i:i + 1],
                                                          height, width, skip_empty=True)
             pixels = (pasted[0] >= threshold).cpu().numpy()

@@ -224,7 +224,7 @@ class RtmdetInsDetector(DenseHeadDetector):
         cfg.with_masks = masks_wanted(params)
         return cfg
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def postprocess(self, raw: dict, params: PredictParams) -> list[ImageDetections]:
         """The class filter (``params.classes``) on the class logits, then mmdet's
         ``predict_by_feat`` (score filter, top-k, box decoding, rescale, NMS, mask kernels), with
