@@ -78,29 +78,34 @@ def test_two_models_in_one_process_keep_their_own_config(tiny_model_dir, image_f
     assert settings.MAX_ROWS.value() == 64 and settings.MAX_IMAGE_PIXELS.value() == 50_000_000
 
 
+def _batches_and_refuses_two_rows(model, batch_size: int, limit_named: str, image_files) -> None:
+    assert model.get_raw_model().batch_size == batch_size
+    with pytest.raises(MlflowException, match=limit_named):
+        model.predict(_two_rows(image_files))
+
+
+def _batches_and_answers_two_rows(model, batch_size: int, image_files) -> None:
+    assert model.get_raw_model().batch_size == batch_size
+    assert len(model.predict(_two_rows(image_files))) == 2
+
+
 def test_the_environment_is_the_fallback_for_keys_the_config_leaves_unset(tiny_model_dir, image_files,
                                                                           no_settings):
     no_settings.setenv(settings.MAX_ROWS.env, "1")
     no_settings.setenv(settings.BATCH_SIZE.env, "4")
-    model = _load(tiny_model_dir)
-    assert model.get_raw_model().batch_size == 4
-    with pytest.raises(MlflowException, match="MMDET_MLFLOW_MAX_ROWS"):
-        model.predict(_two_rows(image_files))
-    overridden = _load(tiny_model_dir, {"max_rows": 2, "batch_size": 3})  # load beats environment
-    assert overridden.get_raw_model().batch_size == 3
-    assert len(overridden.predict(_two_rows(image_files))) == 2
+    _batches_and_refuses_two_rows(_load(tiny_model_dir), 4, "MMDET_MLFLOW_MAX_ROWS", image_files)
+    # load beats environment
+    _batches_and_answers_two_rows(_load(tiny_model_dir, {"max_rows": 2, "batch_size": 3}), 3, image_files)
 
 
 def test_precedence_load_then_recorded_then_environment(recorded_model_dir, image_files, no_settings):
     no_settings.setenv(settings.BATCH_SIZE.env, "4")
     no_settings.setenv(settings.MAX_ROWS.env, "5")
-    recorded = _load(recorded_model_dir)  # what the MLmodel records beats the environment
-    assert recorded.get_raw_model().batch_size == 2
-    with pytest.raises(MlflowException, match="model_config max_rows"):
-        recorded.predict(_two_rows(image_files))
-    at_load = _load(recorded_model_dir, {"batch_size": 3, "max_rows": 2})  # load beats both
-    assert at_load.get_raw_model().batch_size == 3
-    assert len(at_load.predict(_two_rows(image_files))) == 2
+    # what the MLmodel records beats the environment
+    _batches_and_refuses_two_rows(_load(recorded_model_dir), 2, "model_config max_rows", image_files)
+    # load beats both
+    _batches_and_answers_two_rows(_load(recorded_model_dir, {"batch_size": 3, "max_rows": 2}), 3,
+                                  image_files)
     # MLflow's own variable for servers that cannot pass model_config (mlflow models serve)
     no_settings.setenv("MLFLOW_PYFUNC_INFERENCE_CONFIG", json.dumps({"batch_size": 5}))
     assert _load(recorded_model_dir).get_raw_model().batch_size == 5
