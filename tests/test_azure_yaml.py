@@ -231,6 +231,27 @@ def test_batch_dry_run_refuses_bad_params(tmp_path):
                  "--params", '{"score": 1}')
 
 
+@pytest.mark.parametrize("kind", ["online", "batch"])
+def test_a_deployment_passes_its_model_config_as_mlflows_own_variable(tmp_path, kind):
+    config = {"max_image_pixels": 20_000_000, "batch_size": 2}
+    extra = ("--compute", "c") if kind == "batch" else ()
+    loaded, _ = _dry_run(kind, tmp_path, "--endpoint-name", "e", "--model", "azureml:m:1", *extra,
+                         "--model-config", json.dumps(config))
+    deployment = loaded[f"{kind}-deployment.yml"]
+    variables = (deployment.environment_variables if kind == "online"
+                 else deployment.settings.environment_variables)
+    assert json.loads(variables["MLFLOW_PYFUNC_INFERENCE_CONFIG"]) == config
+
+
+def test_a_deployment_refuses_an_unknown_model_config_key_before_writing(tmp_path):
+    from scoring.errors import MmdetMlflowError
+
+    with pytest.raises(MmdetMlflowError, match="unknown model_config key 'max_pixels'.*max_image_pixels"):
+        _dry_run("online", tmp_path, "--endpoint-name", "e", "--model", "azureml:m:1",
+                 "--model-config", '{"max_pixels": 1}')
+    assert not (tmp_path / "online").exists() or not any((tmp_path / "online").iterdir())
+
+
 def filled_command(component, values: dict, outputs: Path) -> list[str]:
     """The component's command as Azure fills it: ``$[[...]]`` parts kept only when their input
     has a value, inputs and outputs replaced by their values."""
@@ -261,6 +282,8 @@ def _sample_values(component) -> dict:
             values[name] = spec.enum[-1]
     if "params" in values:  # deploy batch: predict params, a JSON object
         values["params"] = json.dumps({"score_threshold": 0.5})
+    if "model_config" in values:  # deploy: the model's options, a JSON object
+        values["model_config"] = json.dumps({"batch_size": 2})
     return values
 
 

@@ -40,6 +40,7 @@ class OnlineSettings:
     probe_timeout: int = 10
     probe_failure_threshold: int = 30
     url_allowlist: str | None = None  # MMDET_MLFLOW_URL_ALLOWLIST in the deployment
+    model_config: dict[str, Any] = field(default_factory=dict)
     auth_mode: str = "key"
     # Azure's no-code MLflow deployment: no environment and no scoring script; Azure installs the
     # model's conda.yaml at container start and scores with its generated script. Only for a
@@ -66,6 +67,7 @@ class BatchSettings:
     output_file_name: str = "predictions.csv"
     params: dict[str, Any] = field(default_factory=dict)  # predict params for every image
     url_allowlist: str | None = None
+    model_config: dict[str, Any] = field(default_factory=dict)
 
 
 SETTINGS = {"online": OnlineSettings, "batch": BatchSettings}
@@ -78,6 +80,9 @@ FIELD_HELP = {
     "compute": "AmlCompute cluster that runs the batch jobs",
     "params": "predict params for every image, a JSON object",
     "url_allowlist": "hosts or CIDR networks image URLs may point to beyond the public internet",
+    "model_config": "the model's options for this deployment, a JSON object of model_config keys "
+                    "(docs/settings.md), e.g. {\"max_image_pixels\": 20000000}; passed to the "
+                    "model as MLflow's MLFLOW_PYFUNC_INFERENCE_CONFIG",
     "no_code": "true: Azure's no-code MLflow deployment (no environment, no scoring script; "
                "models packaged with --runtime onnx only)",
 }

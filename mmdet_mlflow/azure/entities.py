@@ -88,7 +88,7 @@ def online_entities(settings: OnlineSettings) -> Entities:
         environment_variables=_deployment_env(
             {"WORKER_COUNT": "1",
              env_settings.REQUEST_TIMEOUT.env: f"{before_timeout(settings.request_timeout_ms / 1000):g}"},
-            settings.url_allowlist),
+            settings),
     )
     return Entities(endpoint, deployment, environment)
 
@@ -115,7 +115,7 @@ def batch_entities(settings: BatchSettings) -> Entities:
                                               timeout=settings.retry_timeout),
             error_threshold=settings.error_threshold,
             logging_level="info",
-            environment_variables=_deployment_env(variables, settings.url_allowlist),
+            environment_variables=_deployment_env(variables, settings),
         ),
     )
     return Entities(endpoint, deployment, environment)
@@ -125,5 +125,18 @@ def build_entities(kind: str, settings: OnlineSettings | BatchSettings) -> Entit
     return {"online": online_entities, "batch": batch_entities}[kind](settings)
 
 
-def _deployment_env(variables: dict, allowlist: str | None) -> dict:
-    return {**variables, **({env_settings.URL_ALLOWLIST.env: allowlist} if allowlist else {})}
+def _deployment_env(variables: dict, settings: OnlineSettings | BatchSettings) -> dict:
+    """The deployment's environment variables: ``variables``, the URL allow-list, and the
+    model's ``model_config`` as MLflow's own variable for it (what the entry scripts and
+    MLflow's loader read when nobody passes ``model_config`` at load), checked here so a bad
+    key fails at deploy time, not in every container."""
+    variables = dict(variables)
+    if settings.url_allowlist:
+        variables[env_settings.URL_ALLOWLIST.env] = settings.url_allowlist
+    if settings.model_config:
+        try:
+            env_settings.ModelConfig(settings.model_config)
+        except env_settings.SettingError as err:
+            raise DeploySettingsError(str(err)) from None
+        variables["MLFLOW_PYFUNC_INFERENCE_CONFIG"] = json.dumps(settings.model_config)
+    return variables
