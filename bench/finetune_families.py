@@ -84,7 +84,7 @@ def data_set(work: Path, task: str, images: int) -> Path:
 def run_family(family: str, work: Path, images: int, epochs: int | None) -> dict:
     import mlflow
     import pandas as pd
-    from mlflow.models import Model
+    from scoring.model_dir import ModelDir
 
     from helpers import b64, make_official_checkpoint
     from mmdet_mlflow.training import FinetuneSettings, finetune
@@ -108,7 +108,7 @@ def run_family(family: str, work: Path, images: int, epochs: int | None) -> dict
     last = result.epochs[-1] if result.epochs else {}
 
     model_dir = result.mlflow_model_dir
-    task = Model.load(str(model_dir)).flavors["mmdet"]["task"]
+    task = ModelDir(model_dir).read_info()["task"]
     picture = data / json.loads((data / "validation.jsonl").read_text().splitlines()[0])["image_url"]
     answers = mlflow.pyfunc.load_model(str(model_dir)).predict(
         pd.DataFrame({"image": [b64(picture)]}), params={"score_threshold": 0.0, "max_detections": 100})

@@ -23,6 +23,7 @@ from mmdet_mlflow.synth import CLASSES
 from mmdet_mlflow.training import (FinetuneError, FinetuneSettings, finetune, finetuned_classes,
                                    quick_cpu_recipe)
 from mmdet_mlflow.training.start import adapt_weights
+from scoring.model_dir import ModelDir
 
 ROOT = Path(__file__).resolve().parent.parent
 # Small and fast: 8 training images, 128-pixel input, 4 images a step.
@@ -379,7 +380,8 @@ def test_deformable_detr_finetunes_at_its_smallest_input_and_refuses_a_smaller_o
     assert result.steps == 2 and "bbox_AP" in result.epochs[-1]
     info = json.loads((out / "pytorch_model_folder" / "model.json").read_text())
     assert (info["family"], info["task"], info["classes"]) == ("deformable-detr", "object-detection", CLASSES)
-    assert Model.load(str(out / "mlflow_model_folder")).flavors["mmdet"]["task"] == "object-detection"
+    assert ModelDir(out / "mlflow_model_folder").read_info()["task"] == "object-detection"
+    assert Model.load(str(out / "mlflow_model_folder")).metadata["base_model_task"] == "image-object-detection"
     boxes = predicted_boxes(out / "mlflow_model_folder", next((boxes_only / "images").glob("*.jpg")), 5)
     assert len(boxes) == 5 and {b["label"] for b in boxes} <= set(CLASSES)
 
