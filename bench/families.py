@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -208,6 +209,10 @@ def main(argv=None) -> int:
                         help=f"comma-separated, of: {', '.join(RUNTIMES)} (onnx and openvino only for "
                              "the families that export)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure each side this many times, in processes of their own, alternating "
+                             "which goes first; times are the median of the rounds' best, and a last "
+                             "column gives the lowest and highest round's ratio")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="print each side's N costliest functions (cProfile, cumulative) to stderr; "
                              "the times are then the profiled ones")
@@ -235,7 +240,9 @@ def main(argv=None) -> int:
         parser.error(f"--runtimes {args.runtimes!r}: a comma-separated list of {', '.join(RUNTIMES)}")
     print(cpu_line())
     print(f"ratio = mmdet s / ours s: how many times as fast as bare mmdet inference_detector ours is "
-          f"(> 1 faster); best of {args.repeats} warm repeats each; thr = threads of the network pass "
+          f"(> 1 faster); best of {args.repeats} warm repeats each"
+          f"{f', median of {args.rounds} alternating rounds (last column: the rounds ratios, lowest-highest)' if args.rounds > 1 else ''}"
+          f"; thr = threads of the network pass "
           f"(ours/mmdet); MB = peak RSS (VmHWM) of each side's process")
     print(f"{'family':<16} {'runtime':<8} {'config':<58} {'picture':>9} {'ours s':>8} {'mmdet s':>8} "
           f"{'ratio':>6} {'dets':>9} {'thr':>6} {'ours MB':>8} {'mmdet MB':>8}", flush=True)
@@ -250,16 +257,32 @@ def main(argv=None) -> int:
                              "--profile", str(args.profile))
                 return json.loads(out.strip().splitlines()[-1])
 
-            mmdet = run("mmdet")
+            # Rounds alternate which side goes first (mmdet, ours, ...; then ours, ..., mmdet): a
+            # machine whose speed drifts between processes then hits both sides alike.
+            rounds = []
+            for number in range(args.rounds):
+                order = ["mmdet", *measured] if number % 2 == 0 else [*measured, "mmdet"]
+                rounds.append({side: run(side) for side in order})
+            mmdet = _over_rounds(rounds, "mmdet")
             for runtime in measured:
-                ours = run(runtime)
+                ours = _over_rounds(rounds, runtime)
+                per_round = sorted(r["mmdet"]["seconds"] / r[runtime]["seconds"] for r in rounds)
+                spread = f" {per_round[0]:.2f}-{per_round[-1]:.2f}" if len(rounds) > 1 else ""
                 print(f"{family:<16} {runtime:<8} {config:<58} {mmdet['picture']:>9} "
                       f"{ours['seconds']:>8.3f} {mmdet['seconds']:>8.3f} "
                       f"{mmdet['seconds'] / ours['seconds']:>5.2f}x "
                       f"{ours['detections']:>4}/{mmdet['detections']:<4} "
                       f"{ours['threads'] + '/' + mmdet['threads']:>6} {ours['peak_rss_mb']:>8.0f} "
-                      f"{mmdet['peak_rss_mb']:>8.0f}", flush=True)
+                      f"{mmdet['peak_rss_mb']:>8.0f}{spread}", flush=True)
     return 0
+
+
+def _over_rounds(rounds: list[dict], side: str) -> dict:
+    """One side's result over the rounds: the median of its rounds' best times, its highest
+    memory peak."""
+    results = [r[side] for r in rounds]
+    return {**results[0], "seconds": statistics.median(r["seconds"] for r in results),
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in results)}
 
 
 if __name__ == "__main__":
