@@ -8,9 +8,14 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 setup:
 	@bash tools/setup_venv.sh
 
+# The tests run in parallel: a worker per core, at most 4 (each worker's servers and Spark sessions
+# take memory), each file on one worker, the slowest files first (tests/conftest.py orders them).
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); echo $$(( n > 4 ? 4 : n )))
+
 # The venv's bin goes first on PATH: servers the tests start (mlflow, uvicorn, azmlinfsrv) run from it.
 test: setup
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest tests --durations=25
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadfile \
+	    --no-loadscope-reorder --durations=25
 
 # The main job, offline: synthetic data -> fine-tune -> evaluate -> register -> serve -> Azure
 # entry scripts -> batch scoring, all under outputs/demo (steps whose inputs did not change are

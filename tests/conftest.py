@@ -12,18 +12,58 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# `make test` runs the files in parallel (pytest-xdist), a worker per core. Each worker, and every
+# server or job it starts, gets its share of the cores for torch's OpenMP threads (set before
+# torch is imported): two workers' threads waiting on each other on the same cores made each
+# forward pass many times slower, and a served request miss its deadline. A value the user set wins.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1 and "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // _WORKERS))
 sys.path.insert(0, str(ROOT / "tests"))
 # Tests never write into the repository, and two runs at once must not share state: the MLflow
-# store and the checkpoint cache of a run live in a scratch folder of its own.
+# store and the checkpoint cache of a run live in a scratch folder of its own. So does each worker
+# of a parallel run (pytest-xdist): a worker inherits its parent's environment, so what the parent
+# set here (marked by SCRATCH_VARIABLE) is replaced, while what the user set is kept.
 SCRATCH = Path(tempfile.mkdtemp(prefix="mmdet-mlflow-tests-"))
+SCRATCH_VARIABLE = "MMDET_MLFLOW_TESTS_SCRATCH"
 atexit.register(shutil.rmtree, SCRATCH, ignore_errors=True)
-os.environ.setdefault("MLFLOW_TRACKING_URI", "sqlite:///" + str(SCRATCH / "mlflow.db"))
-os.environ.setdefault("MMDET_MLFLOW_CACHE", str(SCRATCH / "cache"))
-# A sqlite tracking store keeps logged artifacts in ./mlruns of the working directory: the
-# suite works from its scratch folder, so nothing lands in the checkout it was started in.
-os.chdir(SCRATCH)
+_parents_scratch = os.environ.get(SCRATCH_VARIABLE)
+for _variable, _value in {"MLFLOW_TRACKING_URI": "sqlite:///" + str(SCRATCH / "mlflow.db"),
+                          "MMDET_MLFLOW_CACHE": str(SCRATCH / "cache")}.items():
+    if _variable not in os.environ or (_parents_scratch and _parents_scratch in os.environ[_variable]):
+        os.environ[_variable] = _value
+os.environ[SCRATCH_VARIABLE] = str(SCRATCH)
 
 from helpers import OD_CLASSES, TINY, TINY_OD, make_official_checkpoint, scene_image, write_png  # noqa: E402
+
+
+# The files that take longest, in the order a parallel run starts them (each file runs on one
+# worker, `--dist loadfile`): started first, they do not leave one worker busy at the end while the
+# others wait. An order, not a measurement: `pytest --durations=0` says what is slow now; a file
+# not named here starts after these, in pytest's order.
+SLOW_FILES_FIRST = ("test_hostile.py", "test_spark.py", "test_onnx_runtime.py", "test_finetune.py",
+                    "test_evaluate.py", "test_onnx_model.py", "test_families.py", "test_answer_formats.py",
+                    "test_demo.py", "test_readme.py", "test_cli.py", "test_openvino_runtime.py",
+                    "test_onnx_families.py", "test_tiling.py", "test_tiled_validation.py", "test_faults.py",
+                    "test_load.py", "test_azure_yaml.py", "test_work_limits.py", "test_finetune_precision.py")
+
+
+@pytest.hookimpl(trylast=True)  # after pytest has grouped each file's tests by their fixtures
+def pytest_collection_modifyitems(items):
+    rank = {name: at for at, name in enumerate(SLOW_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file keeps its order
+
+
+@pytest.fixture(scope="session", autouse=True)
+def work_in_scratch():
+    """A sqlite tracking store keeps logged artifacts in ./mlruns of the working directory: the
+    tests work from their scratch folder, so nothing lands in the checkout they were started in.
+    (A fixture, not an import-time chdir: the workers of a parallel run start in the folder their
+    parent was started in, where the paths it was given are.)"""
+    started_in = os.getcwd()
+    os.chdir(SCRATCH)
+    yield
+    os.chdir(started_in)
 
 
 @pytest.fixture(scope="session")
