@@ -17,6 +17,7 @@ columns say how many). Only the results go to stdout (mmengine's logs are silenc
 to stderr).
 
     .venv/bin/python bench/families.py [--families rtmdet,mask-rcnn] [--runtimes torch,onnx] [--repeats 3]
+    .venv/bin/python bench/families.py --same-process --families yolof --rounds 4
 """
 from __future__ import annotations
 
@@ -159,6 +160,36 @@ def measure(side: str, config: str, folder: Path, repeats: int, profile: int = 0
     return {"seconds": seconds, "detections": found, "peak_rss_mb": peak_rss_mb(), "threads": threads(side)}
 
 
+def measure_together(config: str, folder: Path, repeats: int, rounds: int) -> dict:
+    """Our torch model and mmdet's detector loaded in one process, measured alternately (``rounds``
+    times each, best of ``repeats``): both sides then run with the same libraries loaded, the same
+    allocator history and the same threads, which separate processes cannot promise. Times are
+    the median of the rounds' best; ``ratios`` the rounds' own."""
+    import mlflow.pyfunc
+    import pandas as pd
+    from helpers import b64
+    from mmdet.apis import inference_detector, init_detector
+
+    from mlflow_model.configs import load_config
+
+    model = mlflow.pyfunc.load_model(str(folder / "model-torch"))
+    frame = pd.DataFrame({"image": [b64(folder / "picture.png")]})
+    params = json.loads((folder / "params.json").read_text())
+    detector = init_detector(load_config(config, num_classes=len(CLASSES)), str(folder / "official.pth"),
+                             device="cpu")
+    picture = str(folder / "picture.png")
+    sides = {"torch": lambda: len(model.predict(frame, params=params)["boxes"][0]),
+             "mmdet": lambda: len(inference_detector(detector, picture).pred_instances)}
+    times, found = {side: [] for side in sides}, {}
+    for number in range(rounds):
+        for side in (sides if number % 2 == 0 else reversed(list(sides))):
+            seconds, found[side] = _best(sides[side], repeats)
+            times[side].append(seconds)
+    return {"ours": statistics.median(times["torch"]), "mmdet": statistics.median(times["mmdet"]),
+            "ratios": sorted(m / o for m, o in zip(times["mmdet"], times["torch"])),
+            "detections": found, "threads": threads("torch")}
+
+
 def threads(side: str) -> str:
     """The threads of the side's network pass: torch's, or the exported runtime's
     (MMDET_MLFLOW_NUM_THREADS or OMP_NUM_THREADS, else "auto": one per physical core, ONNX
@@ -216,6 +247,11 @@ def main(argv=None) -> int:
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="print each side's N costliest functions (cProfile, cumulative) to stderr; "
                              "the times are then the profiled ones")
+    parser.add_argument("--same-process", action="store_true",
+                        help="torch only: load our model and mmdet's detector in one process and measure "
+                             "them alternately, --rounds times (at least 2), as a check on what separate "
+                             "processes add (libraries, allocator history); no memory column")
+    parser.add_argument("--together", nargs=2, metavar=("CONFIG", "FOLDER"), help=argparse.SUPPRESS)
     parser.add_argument("--prepare", nargs=3, metavar=("CONFIG", "FOLDER", "RUNTIMES"), help=argparse.SUPPRESS)
     parser.add_argument("--measure", nargs=3, metavar=("SIDE", "CONFIG", "FOLDER"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -231,6 +267,12 @@ def main(argv=None) -> int:
         print(json.dumps(measure(side, config, Path(folder), args.repeats, args.profile)))
         return 0
 
+    if args.together:
+        _quiet()
+        print(json.dumps(measure_together(args.together[0], Path(args.together[1]), args.repeats,
+                                          max(2, args.rounds))))
+        return 0
+
     families = [f.strip() for f in args.families.split(",") if f.strip()]
     unknown = [f for f in families if f not in CONFIGS]
     if unknown:
@@ -239,6 +281,8 @@ def main(argv=None) -> int:
     if not runtimes or set(runtimes) - set(RUNTIMES):
         parser.error(f"--runtimes {args.runtimes!r}: a comma-separated list of {', '.join(RUNTIMES)}")
     print(cpu_line())
+    if args.same_process:
+        return _same_process(families, args)
     print(f"ratio = mmdet s / ours s: how many times as fast as bare mmdet inference_detector ours is "
           f"(> 1 faster); best of {args.repeats} warm repeats each"
           f"{f', median of {args.rounds} alternating rounds (last column: the rounds ratios, lowest-highest)' if args.rounds > 1 else ''}"
@@ -274,6 +318,25 @@ def main(argv=None) -> int:
                       f"{ours['detections']:>4}/{mmdet['detections']:<4} "
                       f"{ours['threads'] + '/' + mmdet['threads']:>6} {ours['peak_rss_mb']:>8.0f} "
                       f"{mmdet['peak_rss_mb']:>8.0f}{spread}", flush=True)
+    return 0
+
+
+def _same_process(families: list[str], args) -> int:
+    rounds = max(2, args.rounds)
+    print(f"ratio = mmdet s / ours s, both on torch in one process, alternating; best of {args.repeats} "
+          f"warm repeats, median of {rounds} rounds (last column: the rounds' ratios, lowest-highest)")
+    print(f"{'family':<16} {'config':<58} {'ours s':>8} {'mmdet s':>8} {'ratio':>6} {'dets':>9} {'thr':>4}",
+          flush=True)
+    for family in families:
+        config = CONFIGS[family]
+        with tempfile.TemporaryDirectory(prefix=f"bench-{family}-") as tmp:
+            _child("--prepare", config, tmp, "torch")
+            out = _child("--together", config, tmp, "--repeats", str(args.repeats), "--rounds", str(rounds))
+            got = json.loads(out.strip().splitlines()[-1])
+            found = got["detections"]
+            print(f"{family:<16} {config:<58} {got['ours']:>8.3f} {got['mmdet']:>8.3f} "
+                  f"{got['mmdet'] / got['ours']:>5.2f}x {found['torch']:>4}/{found['mmdet']:<4} "
+                  f"{got['threads']:>4} {got['ratios'][0]:.2f}-{got['ratios'][-1]:.2f}", flush=True)
     return 0
 
 
