@@ -129,35 +129,45 @@ def _best(run, repeats: int, profile: int = 0) -> tuple[float, int]:
     return best, found
 
 
+def our_prediction(runtime: str, folder: Path):
+    """A call that predicts the picture with our model of ``runtime`` and returns how many boxes
+    it answered."""
+    import mlflow.pyfunc
+    import pandas as pd
+    from helpers import b64  # numpy only: an exported model's process stays without torch
+
+    model = mlflow.pyfunc.load_model(str(folder / f"model-{runtime}"))
+    frame = pd.DataFrame({"image": [b64(folder / "picture.png")]})
+    params = json.loads((folder / "params.json").read_text())
+    return lambda: len(model.predict(frame, params=params)["boxes"][0])
+
+
+def mmdet_prediction(config: str, folder: Path):
+    """A call that runs mmdet's ``inference_detector`` on the picture file (as ours starts from the
+    encoded picture: both sides decode it) and returns how many detections it made."""
+    from mmdet.apis import inference_detector, init_detector
+
+    from mlflow_model.configs import load_config
+
+    detector = init_detector(load_config(config, num_classes=len(CLASSES)), str(folder / "official.pth"),
+                             device="cpu")
+    picture = str(folder / "picture.png")
+    return lambda: len(inference_detector(detector, picture).pred_instances)
+
+
 def measure(side: str, config: str, folder: Path, repeats: int, profile: int = 0) -> dict:
     """``side``: ``mmdet``, or the runtime of our model to measure."""
     if side in RUNTIMES:
-        import mlflow.pyfunc
-        import pandas as pd
-        from helpers import b64  # numpy only: an exported model's process stays without torch
-
-        model = mlflow.pyfunc.load_model(str(folder / f"model-{side}"))
-        frame = pd.DataFrame({"image": [b64(folder / "picture.png")]})
-        params = json.loads((folder / "params.json").read_text())
-        seconds, found = _best(lambda: len(model.predict(frame, params=params)["boxes"][0]), repeats, profile)
+        seconds, found = _best(our_prediction(side, folder), repeats, profile)
         if side != "torch" and "torch" in sys.modules:
             raise SystemExit(f"the {side} model's process imported torch: its memory would be torch's")
-    else:
-        import cv2
-        from mmdet.apis import inference_detector, init_detector
+        return {"seconds": seconds, "detections": found, "peak_rss_mb": peak_rss_mb(), "threads": threads(side)}
+    import cv2
 
-        from mlflow_model.configs import load_config
-
-        detector = init_detector(load_config(config, num_classes=len(CLASSES)),
-                                 str(folder / "official.pth"), device="cpu")
-        # from the file, as ours starts from the encoded picture: both sides decode it
-        picture = str(folder / "picture.png")
-        image = cv2.imread(picture)
-        seconds, found = _best(lambda: len(inference_detector(detector, picture).pred_instances), repeats,
-                               profile)
-        return {"seconds": seconds, "detections": found, "peak_rss_mb": peak_rss_mb(),
-                "picture": f"{image.shape[1]}x{image.shape[0]}", "threads": threads(side)}
-    return {"seconds": seconds, "detections": found, "peak_rss_mb": peak_rss_mb(), "threads": threads(side)}
+    seconds, found = _best(mmdet_prediction(config, folder), repeats, profile)
+    image = cv2.imread(str(folder / "picture.png"))
+    return {"seconds": seconds, "detections": found, "peak_rss_mb": peak_rss_mb(),
+            "picture": f"{image.shape[1]}x{image.shape[0]}", "threads": threads(side)}
 
 
 def measure_together(config: str, folder: Path, repeats: int, rounds: int) -> dict:
@@ -165,21 +175,7 @@ def measure_together(config: str, folder: Path, repeats: int, rounds: int) -> di
     times each, best of ``repeats``): both sides then run with the same libraries loaded, the same
     allocator history and the same threads, which separate processes cannot promise. Times are
     the median of the rounds' best; ``ratios`` the rounds' own."""
-    import mlflow.pyfunc
-    import pandas as pd
-    from helpers import b64
-    from mmdet.apis import inference_detector, init_detector
-
-    from mlflow_model.configs import load_config
-
-    model = mlflow.pyfunc.load_model(str(folder / "model-torch"))
-    frame = pd.DataFrame({"image": [b64(folder / "picture.png")]})
-    params = json.loads((folder / "params.json").read_text())
-    detector = init_detector(load_config(config, num_classes=len(CLASSES)), str(folder / "official.pth"),
-                             device="cpu")
-    picture = str(folder / "picture.png")
-    sides = {"torch": lambda: len(model.predict(frame, params=params)["boxes"][0]),
-             "mmdet": lambda: len(inference_detector(detector, picture).pred_instances)}
+    sides = {"torch": our_prediction("torch", folder), "mmdet": mmdet_prediction(config, folder)}
     times, found = {side: [] for side in sides}, {}
     for number in range(rounds):
         for side in (sides if number % 2 == 0 else reversed(list(sides))):
