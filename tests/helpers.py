@@ -48,6 +48,25 @@ def make_official_checkpoint(path: Path, config: str = TINY, classes=None, seed:
     return path
 
 
+def config_with_test_scale(name: str, folder: Path, scale: tuple[int, int]) -> Path:
+    """The shipped config ``name`` with its test pipeline's resize at ``scale`` (width, height)
+    and a fixed-size padding (RTMDet's) to match, as a config file of the same name in ``folder``:
+    the same network on smaller pictures, where a test is about what surrounds the network."""
+    from mlflow_model.configs import load_config
+
+    cfg = load_config(name)
+    for pipeline in (cfg.get("test_pipeline"), cfg.get("test_dataloader", {}).get("dataset", {}).get("pipeline")):
+        for step in pipeline or []:
+            kind = str(step.get("type", "")).split(".")[-1]
+            if kind.endswith("Resize") and "scale" in step:
+                step["scale"] = tuple(scale)
+            elif kind == "Pad" and step.get("size"):
+                step["size"] = tuple(scale)
+    path = folder / f"{name}.py"
+    cfg.dump(str(path))
+    return path
+
+
 def _liven_class_biases(model, model_cfg, family) -> None:
     """Lift the class layers' biases (from their prior of 0.01 to 0.5; a softmax head's
     background row down) so that an untrained model of any family finds things to compare."""
