@@ -34,7 +34,7 @@ for _variable, _value in {"MLFLOW_TRACKING_URI": "sqlite:///" + str(SCRATCH / "m
         os.environ[_variable] = _value
 os.environ[SCRATCH_VARIABLE] = str(SCRATCH)
 
-from helpers import OD_CLASSES, TINY, TINY_OD, make_official_checkpoint, scene_image, write_png  # noqa: E402
+from helpers import OD_CLASSES, TINY, TINY_OD, TINY_TEST_SCALE, config_with_test_scale, make_official_checkpoint, scene_image, write_png  # noqa: E402
 
 
 # The files that take longest, in the order a parallel run starts them (each file runs on one
@@ -72,11 +72,17 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, tiny_checkpoint) -> Path:
+def tiny_config(tmp_path_factory) -> Path:
+    """The tiny RTMDet-Ins config at TINY_TEST_SCALE, as a config file of the same name."""
+    return config_with_test_scale(TINY, tmp_path_factory.mktemp("config"), TINY_TEST_SCALE)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_config, tiny_checkpoint) -> Path:
     import mlflow_model
 
     path = tmp_path_factory.mktemp("models") / "tiny"
-    mlflow_model.save_model(path, TINY, str(tiny_checkpoint))
+    mlflow_model.save_model(path, str(tiny_config), str(tiny_checkpoint))
     return path
 
 
@@ -100,12 +106,12 @@ def tiny_od_model_dir(tmp_path_factory, tiny_od_checkpoint) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_onnx_model_dir(tmp_path_factory, tiny_checkpoint) -> Path:
+def tiny_onnx_model_dir(tmp_path_factory, tiny_config, tiny_checkpoint) -> Path:
     """The tiny model's weights packaged for the ONNX Runtime runtime."""
     import mlflow_model
 
     path = tmp_path_factory.mktemp("models") / "tiny-onnx"
-    mlflow_model.save_model(path, TINY, str(tiny_checkpoint), runtime="onnx")
+    mlflow_model.save_model(path, str(tiny_config), str(tiny_checkpoint), runtime="onnx")
     return path
 
 

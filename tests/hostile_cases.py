@@ -493,7 +493,7 @@ def _mode_cases() -> list[Case]:
         "tiff-16bit": encoded("TIFF", Image.fromarray((picture()[..., 0].astype(np.uint16) * 257), mode="I;16")),
         "gif-gray": encoded("GIF", rgb.convert("L")),
         "one-pixel": encoded("PNG", picture(1, 1)),
-        # thin, but a pixel thick at the model's input (320 px in tests/test_hostile.py)
+        # thin, but a pixel thick at the input of the suite's tiny model (helpers.TINY_TEST_SCALE)
         "four-by-2000": encoded("PNG", picture(4, 2000)),
         "wide-3000x6": encoded("PNG", picture(3000, 6)),
         "tall-4x2500": encoded("PNG", picture(4, 2500)),

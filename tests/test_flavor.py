@@ -90,12 +90,11 @@ def test_weights_are_plain_tensors(tiny_model_dir, tiny_checkpoint):
     assert all(torch.equal(weights[k], original[k]) for k in weights)
 
 
-def _mmdet_reference(checkpoint, image_path):
+def _mmdet_reference(model_dir, checkpoint, image_path):
+    """mmdet's own answer, from the config the model was packaged with and the checkpoint."""
     from mmdet.apis import inference_detector, init_detector
 
-    from mlflow_model.configs import resolve_config_path
-
-    detector = init_detector(str(resolve_config_path(TINY)), str(checkpoint), device="cpu")
+    detector = init_detector(str(model_dir / "model" / "config.py"), str(checkpoint), device="cpu")
     return inference_detector(detector, str(image_path)).pred_instances
 
 
@@ -125,7 +124,7 @@ def test_pyfunc_predictions_equal_mmdet_inference_detector(tiny_model_dir, tiny_
         ours = model.predict(pd.DataFrame({"image": [b64(path)]}), params=COCO_TEST_SETTINGS)
         assert list(ours.columns) == ["boxes"] and len(ours) == 1
         boxes = ours["boxes"][0]
-        ref = _mmdet_reference(tiny_checkpoint, path)
+        ref = _mmdet_reference(tiny_model_dir, tiny_checkpoint, path)
         height, width = ref.masks.shape[1:]
         assert len(boxes) == len(ref) > 0
         for det, box, score, label, mask in zip(boxes, ref.bboxes.numpy(), ref.scores.numpy(),
@@ -154,7 +153,7 @@ def test_masks_are_bit_identical_to_mmdet_even_in_small_chunks(tiny_model_dir, t
     monkeypatch.setattr(scoring.runtimes.torch_rtmdet, "MASK_CHUNK_BYTES", 1)
     image = decode_image(image_files[0].read_bytes())
     dets = predictor([image], PredictParams(score_threshold=0.05))[0]
-    ref = _mmdet_reference(tiny_checkpoint, image_files[0])
+    ref = _mmdet_reference(tiny_model_dir, tiny_checkpoint, image_files[0])
     ours = np.stack(list(dets.iter_masks(0.5)))
     assert ours.shape == tuple(ref.masks.shape) and ours.any()
     assert np.array_equal(ours, ref.masks.numpy())
@@ -176,7 +175,7 @@ def test_on_another_mmdet_the_masks_are_mmdets_own_with_a_warning(tiny_model_dir
         predictor = mlflow_model.load_predictor(tiny_model_dir / "model", device="cpu")
     assert "_bbox_mask_post_process" not in vars(predictor.detector.bbox_head)
     dets = predictor([decode_image(image_files[0].read_bytes())], PredictParams(score_threshold=0.05))[0]
-    ref = _mmdet_reference(tiny_checkpoint, image_files[0])
+    ref = _mmdet_reference(tiny_model_dir, tiny_checkpoint, image_files[0])
     assert len(dets) == len(ref) > 0
     np.testing.assert_allclose(dets.boxes, ref.bboxes.numpy(), atol=1e-4)
     assert np.array_equal(np.stack(list(dets.iter_masks(0.5))), ref.masks.numpy())

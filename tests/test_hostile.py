@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from helpers import TINY, VENV_BIN, config_with_test_scale, free_port
+from helpers import VENV_BIN, free_port
 from hostile_cases import FEW, GOOD, OVERSIZED_LIMIT, Case, all_cases, split
 from mmdet_mlflow import servers
 from slow_server import slow_server as serving
@@ -137,43 +137,13 @@ def _limited(cmd: list[str]) -> list[str]:
     return ["prlimit", f"--as={SERVER_ADDRESS_SPACE}", "--", *cmd]
 
 
-# The tiny model on 320 px pictures instead of 640: the cases are about the request, the decoding
-# and the memory they take, which the network's input size does not change (a picture's masks
-# are still made at the picture's own size), and the valid and the damaged-but-decodable cases are
-# a forward pass each, sent several times to each of the four targets.
-HOSTILE_TEST_SCALE = (320, 320)
-
-
-@pytest.fixture(scope="module")
-def hostile_config(tmp_path_factory) -> Path:
-    return config_with_test_scale(TINY, tmp_path_factory.mktemp("hostile-config"), HOSTILE_TEST_SCALE)
-
-
-def _packaged(tmp_path_factory, config: Path, checkpoint: Path, runtime: str) -> Path:
-    import mlflow_model
-
-    path = tmp_path_factory.mktemp("hostile-models") / f"tiny-{runtime}"
-    mlflow_model.save_model(path, str(config), str(checkpoint), runtime=runtime)
-    return path
-
-
-@pytest.fixture(scope="module")
-def hostile_model_dir(tmp_path_factory, hostile_config, tiny_checkpoint) -> Path:
-    return _packaged(tmp_path_factory, hostile_config, tiny_checkpoint, "torch")
-
-
-@pytest.fixture(scope="module")
-def hostile_onnx_model_dir(tmp_path_factory, hostile_config, tiny_checkpoint) -> Path:
-    return _packaged(tmp_path_factory, hostile_config, tiny_checkpoint, "onnx")
-
-
 @pytest.fixture(scope="module", params=TARGETS)
-def target(request, hostile_model_dir, slow_server, tmp_path_factory):
+def target(request, tiny_model_dir, slow_server, tmp_path_factory):
     name = request.param
     if name.startswith("pyfunc"):
         import mlflow
 
-        model_dir = request.getfixturevalue("hostile_onnx_model_dir") if name == "pyfunc-onnx" else hostile_model_dir
+        model_dir = request.getfixturevalue("tiny_onnx_model_dir") if name == "pyfunc-onnx" else tiny_model_dir
         saved = {key: os.environ.get(key) for key in SUITE_ENV}
         os.environ.update(SUITE_ENV)
         try:
@@ -189,7 +159,7 @@ def target(request, hostile_model_dir, slow_server, tmp_path_factory):
     port = free_port()
     log = base / "server.log"
     if name == "mlflow-serve":
-        cmd = [str(VENV_BIN / "mlflow"), "models", "serve", "-m", str(hostile_model_dir), "--env-manager",
+        cmd = [str(VENV_BIN / "mlflow"), "models", "serve", "-m", str(tiny_model_dir), "--env-manager",
                "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"]
         with servers.serve(_limited(cmd), f"http://127.0.0.1:{port}/ping", log, env=SUITE_ENV,
                            timeout=300) as process:
@@ -197,7 +167,7 @@ def target(request, hostile_model_dir, slow_server, tmp_path_factory):
     else:
         app = servers.azure_app_folder(base / "app")
         model_root = base / "azureml-models" / "tiny" / "1"
-        shutil.copytree(hostile_model_dir, model_root / "model")
+        shutil.copytree(tiny_model_dir, model_root / "model")
         with servers.serve(_limited(servers.azmlinfsrv_command(model_root, port)), f"http://127.0.0.1:{port}/",
                            log, cwd=app, env={**servers.azmlinfsrv_env(app), **SUITE_ENV},
                            timeout=300) as process:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import claim_classes, copied_model_folder, found_again, scene_image, truncate_graph
+from helpers import TINY_TEST_SCALE, claim_classes, copied_model_folder, found_again, scene_image, truncate_graph
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -198,7 +198,7 @@ def test_runtime_is_named_and_batches_as_single_images(predictors, images):
 
 def test_export_records_its_settings_and_the_measured_difference(onnx_weights_dir):
     info = json.loads((onnx_weights_dir / "model.json").read_text())["onnx"]
-    assert info["preprocess"]["input_hw"] == [640, 640]
+    assert info["preprocess"]["input_hw"] == list(TINY_TEST_SCALE[::-1])
     assert info["preprocess"]["pad_value"] == [114.0, 114.0, 114.0]
     assert info["preprocess"]["bgr_to_rgb"] is False
     assert info["head"]["strides"] == [8, 16, 32] and info["head"]["num_classes"] == 80
@@ -366,8 +366,9 @@ def test_a_graph_that_does_not_fit_model_json_is_refused(onnx_weights_dir, tmp_p
 
     folder = copied_model_folder(onnx_weights_dir, tmp_path, forget_checksums=True)
     claim_classes(folder, 3)
+    width, height = TINY_TEST_SCALE
     with pytest.raises(OnnxModelError, match=r"output 'cls_score_s8' has shape .*80.*expected "
-                                             r"\['batch', 3, 80, 80\]"):
+                                             rf"\['batch', 3, {height // 8}, {width // 8}\]"):
         _loader(runtime)(folder)
 
 
@@ -376,7 +377,7 @@ def test_an_input_size_that_does_not_fit_the_config_is_refused(onnx_weights_dir,
 
     folder = copied_model_folder(onnx_weights_dir, tmp_path, forget_checksums=True)
     info = json.loads((folder / "model.json").read_text())
-    info["onnx"]["preprocess"]["input_hw"] = [320, 320]
+    info["onnx"]["preprocess"]["input_hw"] = [2 * size for size in TINY_TEST_SCALE[::-1]]
     (folder / "model.json").write_text(json.dumps(info))
     with pytest.raises(OnnxModelError, match="input shape"):
         load_onnx_predictor(folder)
