@@ -44,11 +44,12 @@ def onnx_model_dir(tmp_path_factory, tiny_checkpoint, runtime) -> Path:
 @pytest.fixture(scope="module")
 def model_venv(tmp_path_factory, onnx_model_dir, runtime) -> Path:
     """A venv with nothing but the model's requirements.txt, wheels only (what installs fast and
-    without a compiler), plus the inference server Azure adds to its images."""
+    without a compiler), plus the inference server Azure adds to its images. Not compiled to
+    bytecode at install (about half of pip's time here): Python compiles what a test imports."""
     venv = tmp_path_factory.mktemp(f"{runtime}-venv") / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check",
-           "--only-binary=:all:"]
+           "--only-binary=:all:", "--no-compile"]
     done = subprocess.run([*pip, "-r", str(onnx_model_dir / "requirements.txt")],
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
