@@ -50,6 +50,8 @@ LARGER_VARIANTS = {
     "vfnet_x101-64x4d-mdconv-c3-c5_fpn_ms-2x_coco": ("vfnet", "object-detection"),
     "sparse-rcnn_r101_fpn_300-proposals_crop-ms-480-800-3x_coco": ("sparse-rcnn", "object-detection"),
 }
+# seed 0's untrained RTMDet-s finds nothing on the test picture: nothing to compare
+SEEDS = {"rtmdet_s_8xb32-300e_coco": 1}
 if os.environ.get("MMDET_MLFLOW_TEST_LARGER_VARIANTS"):
     FAMILY_CONFIGS.update(LARGER_VARIANTS)
 
@@ -77,7 +79,8 @@ def packaged(request, tmp_path_factory):
     name = request.param
     folder = tmp_path_factory.mktemp(name.split("_")[0])
     config = small_config(name, folder)
-    checkpoint = make_official_checkpoint(folder / "official.pth", str(config), classes=CLASSES)
+    checkpoint = make_official_checkpoint(folder / "official.pth", str(config), classes=CLASSES,
+                                          seed=SEEDS.get(name, 0))
     model_dir = folder / "model"
     mlflow_model.save_model(model_dir, str(config), str(checkpoint))
     return name, config, checkpoint, model_dir
@@ -214,7 +217,10 @@ def test_the_classes_param_acts_before_the_cut_to_max_detections(packaged, pictu
     for mine, theirs in zip(got, expected):
         assert mine["label"] == asked
         assert mine["score"] == pytest.approx(theirs["score"], abs=1e-6)
-        assert mine["box"] == pytest.approx(theirs["box"], abs=1e-6)
+        # answers of equal score may come in either order (an untrained head scores many alike)
+        alike = [answer["box"] for answer in everything
+                 if answer["label"] == asked and abs(answer["score"] - mine["score"]) <= 1e-6]
+        assert any(mine["box"] == pytest.approx(box, abs=1e-6) for box in alike)
 
 
 def test_a_batch_answers_as_pictures_one_at_a_time():
