@@ -132,6 +132,22 @@ def test_finetune_coco_checkpoint_on_jsonl_gives_servable_model_with_new_classes
     assert any(m.source_run_id == run.info.run_id for m in logged)
 
 
+def test_a_second_finetune_in_the_same_process_writes_only_into_its_own_folder(fridge, tmp_path, tracking_uri):
+    """mmengine keeps its visualizer for the life of the process: the second run must not write
+    into the first one's folder (here gone, as a user may delete it)."""
+    import shutil
+
+    def run(out: Path):
+        return finetune(fridge / "train.jsonl", fridge / "validation.jsonl", out, config=TINY, checkpoint="none",
+                        progress=False, settings=FinetuneSettings(number_of_epochs=1, max_steps=1, **FAST))
+
+    run(tmp_path / "first")
+    shutil.rmtree(tmp_path / "first")
+    run(tmp_path / "second")
+    assert not (tmp_path / "first").exists()
+    assert list((tmp_path / "second").rglob("vis_data/config.py"))
+
+
 def test_evaluation_frequency_validates_every_nth_epoch_and_always_the_last(fridge, tmp_path, tracking_uri):
     """Validation costs seconds an epoch, which a short CPU recipe would rather spend training:
     every 2nd epoch and the last are validated, and only those compete for the best model.

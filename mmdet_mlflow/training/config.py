@@ -296,8 +296,11 @@ def _set_environment(cfg, settings: FinetuneSettings, work_dir: Path, device: st
     cfg.log_level = "WARNING"
     cfg.load_from = None
     cfg.resume = False
+    # mmengine keeps one visualizer per name for the life of the process, with the folder of the
+    # run that made it: a name of its own per output, or a second fine-tune in the same process
+    # (a notebook, a test session) writes into the first one's folder.
     cfg.visualizer = dict(type="DetLocalVisualizer", vis_backends=[dict(type="LocalVisBackend")],
-                          name="visualizer")
+                          name=f"visualizer:{work_dir}")
     cfg.log_processor = dict(type="LogProcessor", window_size=50, by_epoch=True)
     for unused in ("tta_model", "tta_pipeline", "img_scales", "data_root", "dataset_type",
                    "train_pipeline_stage2", "checkpoint"):
