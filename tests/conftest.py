@@ -34,7 +34,8 @@ for _variable, _value in {"MLFLOW_TRACKING_URI": "sqlite:///" + str(SCRATCH / "m
         os.environ[_variable] = _value
 os.environ[SCRATCH_VARIABLE] = str(SCRATCH)
 
-from helpers import OD_CLASSES, TINY, TINY_OD, TINY_TEST_SCALE, config_with_test_scale, make_official_checkpoint, scene_image, write_png  # noqa: E402
+from helpers import (OD_CLASSES, TINY, TINY_OD, TINY_TEST_SCALE, config_with_test_scale,  # noqa: E402
+                     make_official_checkpoint, scene_image, write_png)
 
 
 # The files that take longest, in the order a parallel run starts them (each file runs on one
