@@ -147,6 +147,12 @@ NUM_THREADS = Setting("NUM_THREADS", None, int, "CPU threads of the network's pa
                       "task's cores and torch follows, else the runtime's own choice: every core)",
                       "serving, predict, evaluate, batch, Spark (onnx and openvino models)",
                       model_config=True)
+TORCH_EXACT = Setting("TORCH_EXACT", False, _switch, "1: the torch runtime runs the network exactly "
+                      "as mmdet builds it, its answers bit for bit mmdet's inference_detector's; 0 "
+                      "(default): with batch norms folded into their convolutions and, on a CPU, "
+                      "channels-last memory, where the model's family is tested in that form "
+                      "(faster; the same answers within float rounding); chosen at load",
+                      "serving, predict, evaluate, batch (torch models)", model_config=True)
 MASK_BOX_MARGIN = Setting("MASK_BOX_MARGIN", None, _cells, "cut each detection's mask to its box "
                           "grown by this many cells of the mask logits (a cell is the mask "
                           "head's stride in network-input pixels, scaled to the picture), e.g. "
@@ -216,7 +222,7 @@ SPARK_FAST_START = Setting("SPARK_FAST_START", False, _switch, "1: JVM options f
                            "the first such run), for a local Spark that spark-batch starts itself "
                            "(as --fast-start)", "spark-batch")
 
-SETTINGS = (DEVICE, BATCH_SIZE, PRECISION, NUM_THREADS, MASK_BOX_MARGIN, MAX_IMAGE_PIXELS, MAX_ROWS,
+SETTINGS = (DEVICE, BATCH_SIZE, PRECISION, NUM_THREADS, TORCH_EXACT, MASK_BOX_MARGIN, MAX_IMAGE_PIXELS, MAX_ROWS,
             MAX_MASK_PIXELS, MAX_TILE_CANDIDATES, REQUEST_TIMEOUT, BATCH_PICTURE_TIMEOUT,
             MAX_REQUEST_BYTES, MAX_DOWNLOAD_BYTES, FETCH_TIMEOUT, FETCH_CONNECT_TIMEOUT,
             FETCH_TOTAL_TIMEOUT, FETCH_REQUEST_BUDGET, FETCH_MAX_REDIRECTS,

@@ -109,13 +109,20 @@ def _rasterize(polygons, width, height):
     return canvas.astype(bool)
 
 
-def test_pyfunc_predictions_equal_mmdet_inference_detector(tiny_model_dir, tiny_checkpoint, image_files):
+EXACT = {"torch_exact": True}  # the network as mmdet builds it: bit for bit mmdet's arithmetic
+
+
+@pytest.mark.parametrize("form, tolerance", [("exact", 1e-6), ("served", 1e-4)])
+def test_pyfunc_predictions_equal_mmdet_inference_detector(tiny_model_dir, tiny_checkpoint, image_files,
+                                                           form, tolerance):
     """Same labels, boxes and scores as mmdet's own API on the same files and weights (mmdet
     reads the file itself, in BGR: equal results also prove our channel order), and polygons
-    that rasterize back onto mmdet's masks."""
+    that rasterize back onto mmdet's masks. Exact: the network as mmdet builds it
+    (``torch_exact``), the same arithmetic; served: the default form (batch norms folded,
+    channels-last memory), the same answers within float rounding."""
     import mlflow.pyfunc
 
-    model = mlflow.pyfunc.load_model(str(tiny_model_dir))
+    model = mlflow.pyfunc.load_model(str(tiny_model_dir), model_config=EXACT if form == "exact" else None)
     classes = mlflow_model.load_model(str(tiny_model_dir)).dataset_meta["classes"]
     compared = 0
     for path in image_files:
@@ -130,10 +137,10 @@ def test_pyfunc_predictions_equal_mmdet_inference_detector(tiny_model_dir, tiny_
         for det, box, score, label, mask in zip(boxes, ref.bboxes.numpy(), ref.scores.numpy(),
                                                 ref.labels.numpy(), ref.masks.numpy()):
             assert det["label"] == classes[label]
-            assert det["score"] == pytest.approx(float(score), abs=1e-6)
+            assert det["score"] == pytest.approx(float(score), abs=tolerance)
             expected = np.clip(box / [width, height, width, height], 0, 1)
             got = [det["box"][k] for k in ("topX", "topY", "bottomX", "bottomY")]
-            assert got == pytest.approx(expected.tolist(), abs=1e-6)
+            assert got == pytest.approx(expected.tolist(), abs=tolerance)
             if mask.sum() >= 200:  # contours of specks are dominated by their boundary pixels
                 drawn = _rasterize(det["polygon"], width, height)
                 iou = (drawn & mask).sum() / (drawn | mask).sum()
@@ -148,7 +155,7 @@ def test_masks_are_bit_identical_to_mmdet_even_in_small_chunks(tiny_model_dir, t
     from scoring.decode import decode_image
     from scoring.schema import PredictParams
 
-    predictor = mlflow_model.load_predictor(tiny_model_dir / "model", device="cpu")
+    predictor = mlflow_model.load_predictor(tiny_model_dir / "model", device="cpu", model_config=EXACT)
     # A budget of one full-size mask per chunk: the chunked path must change nothing.
     monkeypatch.setattr(scoring.runtimes.torch_rtmdet, "MASK_CHUNK_BYTES", 1)
     image = decode_image(image_files[0].read_bytes())
@@ -172,7 +179,8 @@ def test_on_another_mmdet_the_masks_are_mmdets_own_with_a_warning(tiny_model_dir
 
     monkeypatch.setattr(mmdet, "__version__", "3.9.0")
     with pytest.warns(UntestedVersionWarning, match="mmdet 3.9.0 is installed.*mmdet's own post-processing"):
-        predictor = mlflow_model.load_predictor(tiny_model_dir / "model", device="cpu")
+        predictor = mlflow_model.load_predictor(tiny_model_dir / "model", device="cpu",
+                                                model_config=EXACT)
     assert "_bbox_mask_post_process" not in vars(predictor.detector.bbox_head)
     dets = predictor([decode_image(image_files[0].read_bytes())], PredictParams(score_threshold=0.05))[0]
     ref = _mmdet_reference(tiny_model_dir, tiny_checkpoint, image_files[0])

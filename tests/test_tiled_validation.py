@@ -26,6 +26,9 @@ from mmdet_mlflow.synth import CLASSES, generate
 from mmdet_mlflow.training import FinetuneSettings, finetune
 
 # 128-pixel input, 2 steps; validation 2 pictures (tiles) a pass.
+# Validation runs the training network in mmdet's own form (it goes on training): the saved
+# model loads in that form too where its answers are compared with validation's bit for bit.
+EXACT = {"torch_exact": True}
 FAST = dict(number_of_epochs=1, max_steps=2, image_size=128, training_batch_size=4,
             validation_batch_size=2, warmup_steps=1, learning_rate=1e-5)
 
@@ -113,7 +116,7 @@ def test_a_finetune_on_tiles_validates_with_tiled_inference(large, start, tmp_pa
     validation = load_dataset(large / "validation.jsonl").images
     assert len(validation) == 1 and (validation[0].width, validation[0].height) == (1280, 960)
     predictor = mlflow_model.load_predictor(result.mlflow_model_dir / mlflow_model.MODEL_DATA_DIR,
-                                            batch_size=2)
+                                            batch_size=2, model_config=EXACT)
     params = predictor.default_params.updated({"score_threshold": 0.05})  # the config's score_thr
     assert params.tile_grid_size == "2x2" and len(tiles_for((960, 1280), params)) == 4
     assert [shape[0] for shape in watch.passes] == [2, 2, 1]
@@ -158,7 +161,7 @@ def test_an_object_detection_finetune_on_tiles_validates_its_boxes_with_tiled_in
     assert [shape[0] for shape in watch.passes] == [2, 2, 1]  # the picture whole and its 4 tiles
 
     predictor = mlflow_model.load_predictor(result.mlflow_model_dir / mlflow_model.MODEL_DATA_DIR,
-                                            batch_size=2)
+                                            batch_size=2, model_config=EXACT)
     assert predictor.task == OBJECT_DETECTION
     # at the config's score_thr (RTMDet's: 0.001), as validation scores
     params = predictor.default_params.updated({"score_threshold": predictor.configured_score_threshold})

@@ -24,5 +24,7 @@ FAMILY = Family(
         min_image_size_reason="its two-stage queries are the top 300 encoder tokens, and smaller "
                               "training pictures have fewer"),
     candidate_counts=("num_queries",),
+    fold_batchnorms=True,
+    channels_last=True,
     loaders={"torch": "scoring.runtimes.torch_mmdet:load_whole_detector"},
 )

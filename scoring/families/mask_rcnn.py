@@ -16,5 +16,7 @@ FAMILY = Family(
     # SGD: the config's 0.02 is for 16 pictures a step; a fine-tune takes 8.
     training=TrainingRecipe(learning_rate=0.01),
     candidate_counts=("test_cfg.rpn.max_per_img",),
+    fold_batchnorms=True,
+    channels_last=True,
     loaders={"torch": "scoring.runtimes.torch_mask_rcnn:load_mask_rcnn_detector"},
 )

@@ -24,6 +24,8 @@ FAMILY = Family(
     # RTMDet's AdamW at a fine-tune's gentler rate (the config's 0.004 is for 256 pictures a
     # step from ImageNet weights); its pipelines are written for a 640 square.
     training=TrainingRecipe(learning_rate=0.001, weight_decay=0.05, pipeline_scale=(640, 640)),
+    fold_batchnorms=True,
+    channels_last=True,
     loaders={"torch": "scoring.runtimes.torch_rtmdet:load_torch_predictor", **EXPORTED_GRAPH_LOADERS},
     exporters=GRAPH_EXPORTERS,
 )

@@ -13,5 +13,7 @@ FAMILY = Family(
     class_shaped=r"bbox_head\.vfnet_cls\..*",
     # SGD: the config's 0.01 is for 16 pictures a step; a fine-tune takes 8.
     training=TrainingRecipe(learning_rate=0.005),
+    fold_batchnorms=True,
+    channels_last=True,
     loaders={"torch": "scoring.runtimes.torch_mmdet:load_dense_head_detector"},
 )

@@ -37,6 +37,8 @@ FAMILY = YolofFamily(
     class_rows="anchor-major",  # as exclude_classes reads them
     # SGD: the config's 0.12 is for 64 pictures a step; a fine-tune takes 8.
     training=TrainingRecipe(learning_rate=0.015),
+    fold_batchnorms=True,
+    channels_last=True,
     loaders={"torch": "scoring.runtimes.torch_mmdet:load_dense_head_detector", **EXPORTED_GRAPH_LOADERS},
     exporters=GRAPH_EXPORTERS,
 )

@@ -314,9 +314,13 @@ def _loader(runtime_class):
              info: dict | None = None) -> MmdetTorchRuntime:
         from scoring.families import family_of
 
+        from scoring.runtimes.torch_serving_form import prepare_for_serving
+
         detector, info = load_detector(weights_dir, device, info)
+        family = family_of(info)
+        prepare_for_serving(detector, family)
         on_gpu = detector.data_preprocessor.device.type == "cuda"
-        return runtime_class(detector, family_of(info), info["classes"],
+        return runtime_class(detector, family, info["classes"],
                              PredictParams.from_dict(info["default_params"]),
                              batch_size=batch_size or forward_batch_size(info, on_gpu))
 

@@ -1,0 +1,113 @@
+"""A loaded detector put in the form that serves fastest, with the same answers: each batch norm
+that directly follows a convolution folded into it, and on a CPU the network's tensors in
+channels-last memory (NHWC).
+
+Both are what the network computes, rearranged. A batch norm in eval mode is a fixed per-channel
+scale and shift, which the convolution before it can apply itself: one pass over each feature
+map fewer (mmdet's own benchmark tool offers the same folding). oneDNN, which runs torch's
+convolutions on x86 CPUs, works in channels-last memory; given NCHW tensors it reorders the
+input and output of every convolution. Both change results only by float rounding (a 1e-5 of
+a score), which the families' tests against mmdet's ``inference_detector`` bound.
+
+Only a detector the runtime owns is put in this form, never one lent to it (a network in the
+middle of its fine-tune) or one handed to a user (``mlflow_model.load_model``); and not where
+the model's settings ask for mmdet's answers bit for bit (``torch_exact``).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+
+def prepare_for_serving(detector: nn.Module, family) -> nn.Module:
+    """``detector`` (in eval mode) in the form its family serves in (``Family.fold_batchnorms``,
+    ``Family.channels_last``; the latter on a CPU only), unless the model's settings ask for
+    mmdet's exact form (``scoring.settings.TORCH_EXACT``); changed in place."""
+    from scoring import settings
+
+    if settings.TORCH_EXACT.value():
+        return detector
+    if family.fold_batchnorms:
+        fold_batchnorms(detector)
+    if family.channels_last and next(detector.parameters()).device.type == "cpu":
+        to_channels_last(detector)
+    return detector
+
+
+def fold_batchnorms(module: nn.Module) -> int:
+    """Fold each batch norm that directly follows a plain convolution, among a module's
+    children in the order they run, into that convolution (its weight and bias rescaled, the
+    norm replaced by an identity); returns how many were folded.
+
+    Children run in the order they are registered in every mmdet and mmcv module but one:
+    mmcv's ``ConvModule`` registers its convolution before its norm whatever its ``order``,
+    so its pair is folded only where the norm runs right after the convolution. Anything
+    between the two (an activation) breaks a pair, and a convolution that transforms its own
+    weight when it runs (weight standardization) or is not a convolution of torch's own (a
+    deformable one) is left alone."""
+    folded = 0
+    order = getattr(module, "order", None)
+    pairs_allowed = not (isinstance(order, tuple) and {"conv", "norm"} <= set(order)
+                         and order.index("norm") != order.index("conv") + 1)
+    previous_name, previous = None, None
+    for name, child in list(module.named_children()):
+        if (pairs_allowed and isinstance(child, _BatchNorm) and _is_plain_conv(previous)
+                and _foldable(previous, child)):
+            _fold(previous, child)
+            module._modules[name] = nn.Identity()
+            folded += 1
+            previous_name, previous = None, None
+            continue
+        if not isinstance(child, (nn.Conv2d, _BatchNorm)):
+            folded += fold_batchnorms(child)
+        previous_name, previous = name, child
+    return folded
+
+
+def _is_plain_conv(module) -> bool:
+    from mmcv.cnn.bricks.wrappers import Conv2d as EmptyTensorConv2d  # nn.Conv2d + empty inputs
+
+    return isinstance(module, nn.Conv2d) and type(module).forward in (
+        nn.Conv2d.forward, EmptyTensorConv2d.forward)
+
+
+def _foldable(conv: nn.Conv2d, norm: _BatchNorm) -> bool:
+    return (not norm.training and norm.running_mean is not None and norm.running_var is not None
+            and norm.num_features == conv.out_channels)
+
+
+@torch.no_grad()
+def _fold(conv: nn.Conv2d, norm: _BatchNorm) -> None:
+    scale = torch.rsqrt(norm.running_var + norm.eps)
+    if norm.weight is not None:
+        scale = scale * norm.weight
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(norm.running_mean)
+    bias = (bias - norm.running_mean) * scale
+    if norm.bias is not None:
+        bias = bias + norm.bias
+    conv.weight.mul_(scale.reshape(-1, 1, 1, 1))
+    conv.bias = nn.Parameter(bias.to(conv.weight.dtype), requires_grad=False)
+
+
+def to_channels_last(module: nn.Module) -> None:
+    """The 4-d weights of ``module`` in channels-last memory (activations follow: a convolution
+    with a channels-last weight answers in channels-last). mmcv's compiled ops read their
+    tensors as NCHW: their weights stay as they are and their 4-d inputs are made NCHW when
+    they are called (a forward pre-hook)."""
+    if type(module).__module__.startswith("mmcv.ops"):
+        module.register_forward_pre_hook(_nchw_inputs, with_kwargs=True)
+        return
+    for parameter in module.parameters(recurse=False):
+        if parameter.dim() == 4:
+            parameter.data = parameter.data.contiguous(memory_format=torch.channels_last)
+    for child in module.children():
+        to_channels_last(child)
+
+
+def _nchw(value):
+    return value.contiguous() if isinstance(value, torch.Tensor) and value.dim() == 4 else value
+
+
+def _nchw_inputs(module, args, kwargs):
+    return tuple(_nchw(arg) for arg in args), {key: _nchw(arg) for key, arg in kwargs.items()}
