@@ -19,10 +19,17 @@ _PINS_FILE = Path(__file__).with_name("requirements.txt")
 
 
 def pinned_requirements(path: str | os.PathLike = _PINS_FILE) -> list[str]:
-    """The requirements of a pip requirements file, without comments and options (``-r ...``);
-    by default the pinned serving stack (mlflow_model/requirements.txt, the one list of pins)."""
-    lines = (line.split("#")[0].strip() for line in Path(path).read_text().splitlines())
-    return [line for line in lines if line and not line.startswith("-")]
+    """The requirements of a pip requirements file and of the files it includes (``-r FILE``,
+    relative to its folder, as pip reads them), without comments and other options; by default
+    the pinned serving stack (mlflow_model/requirements.txt, the one list of pins)."""
+    path = Path(path)
+    found = []
+    for line in (line.split("#")[0].strip() for line in path.read_text().splitlines()):
+        if line.startswith("-r "):
+            found += pinned_requirements(path.parent / line[3:].strip())
+        elif line and not line.startswith("-"):
+            found.append(line)
+    return found
 
 
 def _pin(name: str) -> str:

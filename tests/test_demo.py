@@ -22,8 +22,49 @@ def demo_command(output: Path) -> list[str]:
     return [sys.executable, "-m", "mmdet_mlflow.cli", "demo", "--output", str(output), *REDUCED]
 
 
+# What requirements-dev.txt adds to requirements-demo.txt (`make demo` installs only the latter),
+# with the modules each brings: the demo must run without any of them.
+TEST_ONLY_MODULES = {
+    "azure-ai-ml": ("azure.ai.ml",), "pytest": ("pytest", "_pytest"), "pytest-timeout": ("pytest_timeout",),
+    "pytest-xdist": ("xdist",), "hypothesis": ("hypothesis",), "pyspark": ("pyspark", "py4j"),
+    "sahi": ("sahi",), "fire": ("fire",),
+}
+# Put first on a process's PYTHONPATH, this makes those modules absent as Python sees it: an
+# import fails (ModuleNotFoundError) and importlib's probes (find_spec) answer None.
+WITHOUT_TEST_ONLY_PACKAGES = """
+import sys
+for name in {blocked!r}:
+    sys.modules[name] = None
+"""
+
+
 def env() -> dict:
     return {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "PYTHONUNBUFFERED": "1"}
+
+
+def env_without_test_only_packages(folder: Path) -> dict:
+    """``env()`` in which the test-only packages do not import (a ``sitecustomize`` in
+    ``folder``, first on PYTHONPATH, so the demo's servers inherit it too)."""
+    blocked = sorted({module for modules in TEST_ONLY_MODULES.values() for module in modules})
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text(WITHOUT_TEST_ONLY_PACKAGES.format(blocked=blocked))
+    path = os.pathsep.join(p for p in (str(folder), os.environ.get("PYTHONPATH")) if p)
+    return {**env(), "PYTHONPATH": path}
+
+
+def test_the_demo_installs_less_than_the_tests_and_the_rest_is_named():
+    """requirements-dev.txt builds on requirements-demo.txt, and what it adds is exactly what the
+    demo test runs without."""
+    from packaging.requirements import Requirement
+
+    import mlflow_model
+
+    demo = {Requirement(r).name for r in mlflow_model.pinned_requirements(ROOT / "requirements-demo.txt")}
+    everything = {Requirement(r).name for r in mlflow_model.pinned_requirements(ROOT / "requirements-dev.txt")}
+    no_deps = {Requirement(r).name for r in mlflow_model.pinned_requirements(ROOT / "requirements-nodeps.txt")}
+    assert "-r requirements-demo.txt" in (ROOT / "requirements-dev.txt").read_text().splitlines()
+    assert demo < everything
+    assert (everything - demo) | no_deps == set(TEST_ONLY_MODULES)
 
 
 def port_is_open(port: int) -> bool:
@@ -34,9 +75,10 @@ def port_is_open(port: int) -> bool:
 def test_reduced_demo_end_to_end_then_reused_and_interruptible(tmp_path):
     # run from tmp_path, not the checkout: MLflow puts the runs' files in ./mlruns of the folder
     # the demo runs from (not under --output yet), and tests never write into the repository
+    # the first run as `make demo` installs it: without the packages only the tests use
     out = tmp_path / "demo"
-    first = subprocess.run(demo_command(out), capture_output=True, text=True, env=env(), timeout=1500,
-                           cwd=tmp_path)
+    first = subprocess.run(demo_command(out), capture_output=True, text=True, timeout=1500, cwd=tmp_path,
+                           env=env_without_test_only_packages(tmp_path / "without-test-packages"))
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     for step in range(1, 8):
         assert f"== {step}/7" in first.stdout

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 
+import mlflow_model
 from helpers import b64, free_port, running
 from mmdet_mlflow import servers
 
@@ -70,10 +71,8 @@ def _conda_pip_requirements(model_dir: Path) -> list[str]:
 
 
 def _pin_of(name: str) -> str:
-    for line in (ROOT / "requirements-dev.txt").read_text().splitlines():
-        if line.split("==")[0] == name:
-            return line
-    raise KeyError(name)
+    return next(line for line in mlflow_model.pinned_requirements(ROOT / "requirements-dev.txt")
+                if line.split("==")[0] == name)
 
 
 @pytest.fixture(scope="module")
