@@ -313,7 +313,6 @@ def _loader(runtime_class):
     def load(weights_dir, device: str | None = None, batch_size: int | None = None, *,
              info: dict | None = None) -> MmdetTorchRuntime:
         from scoring.families import family_of
-
         from scoring.runtimes.torch_serving_form import prepare_for_serving
 
         detector, info = load_detector(weights_dir, device, info)

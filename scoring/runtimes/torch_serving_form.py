@@ -50,18 +50,18 @@ def fold_batchnorms(module: nn.Module) -> int:
     order = getattr(module, "order", None)
     pairs_allowed = not (isinstance(order, tuple) and {"conv", "norm"} <= set(order)
                          and order.index("norm") != order.index("conv") + 1)
-    previous_name, previous = None, None
+    previous = None
     for name, child in list(module.named_children()):
         if (pairs_allowed and isinstance(child, _BatchNorm) and _is_plain_conv(previous)
                 and _foldable(previous, child)):
             _fold(previous, child)
             module._modules[name] = nn.Identity()
             folded += 1
-            previous_name, previous = None, None
+            previous = None
             continue
         if not isinstance(child, (nn.Conv2d, _BatchNorm)):
             folded += fold_batchnorms(child)
-        previous_name, previous = name, child
+        previous = child
     return folded
 
 
