@@ -18,6 +18,7 @@ to stderr).
 
     .venv/bin/python bench/families.py [--families rtmdet,mask-rcnn] [--runtimes torch,onnx] [--repeats 3]
     .venv/bin/python bench/families.py --same-process --families yolof --rounds 4
+    .venv/bin/python bench/families.py --families rtmdet-ins --runtimes torch --picture 1280x960
 """
 from __future__ import annotations
 
@@ -75,6 +76,11 @@ def test_scale(config: str) -> tuple[int, int]:
     return 640, 640
 
 
+def picture_size(text: str) -> tuple[int, int]:
+    width, _, height = text.lower().partition("x")
+    return int(width), int(height)
+
+
 def exported_runtimes(family: str, wanted: list[str]) -> list[str]:
     """The runtimes of ``wanted`` that ``family`` has (torch always; onnx and openvino where it
     exports)."""
@@ -84,14 +90,16 @@ def exported_runtimes(family: str, wanted: list[str]) -> list[str]:
     return [runtime for runtime in wanted if runtime == "torch" or runtime in have]
 
 
-def prepare(config: str, folder: Path, runtimes: list[str]) -> None:
+def prepare(config: str, folder: Path, runtimes: list[str], picture: str | None = None) -> None:
+    """The checkpoint, one model folder per runtime, the picture (``picture`` "WxH", default the
+    config's test resize) and the params."""
     import mlflow_model
     from helpers import make_official_checkpoint, scene_image, write_png
 
     checkpoint = make_official_checkpoint(folder / "official.pth", config, classes=CLASSES, seed=1)
     for runtime in runtimes:
         mlflow_model.save_model(folder / f"model-{runtime}", config, str(checkpoint), runtime=runtime)
-    width, height = test_scale(config)
+    width, height = picture_size(picture) if picture else test_scale(config)
     write_png(folder / "picture.png", scene_image(width, height, 0))
     (folder / "params.json").write_text(json.dumps(mmdet_params(config)))
 
@@ -243,6 +251,9 @@ def main(argv=None) -> int:
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="print each side's N costliest functions (cProfile, cumulative) to stderr; "
                              "the times are then the profiled ones")
+    parser.add_argument("--picture", metavar="WxH",
+                        help="the picture's size (default: each config's test resize, which the picture "
+                             "then fills; another size adds the resize back to the picture's own)")
     parser.add_argument("--same-process", action="store_true",
                         help="torch only: load our model and mmdet's detector in one process and measure "
                              "them alternately, --rounds times (at least 2), as a check on what separate "
@@ -254,7 +265,7 @@ def main(argv=None) -> int:
     _importable()
     if args.prepare:
         _quiet()
-        prepare(args.prepare[0], Path(args.prepare[1]), args.prepare[2].split(","))
+        prepare(args.prepare[0], Path(args.prepare[1]), args.prepare[2].split(","), args.picture)
         return 0
     if args.measure:
         side, config, folder = args.measure
@@ -277,6 +288,7 @@ def main(argv=None) -> int:
     if not runtimes or set(runtimes) - set(RUNTIMES):
         parser.error(f"--runtimes {args.runtimes!r}: a comma-separated list of {', '.join(RUNTIMES)}")
     print(cpu_line())
+    picture_option = ("--picture", args.picture) if args.picture else ()
     if args.same_process:
         return _same_process(families, args)
     print(f"ratio = mmdet s / ours s: how many times as fast as bare mmdet inference_detector ours is "
@@ -290,7 +302,7 @@ def main(argv=None) -> int:
         config = CONFIGS[family]
         measured = exported_runtimes(family, runtimes)
         with tempfile.TemporaryDirectory(prefix=f"bench-{family}-") as tmp:
-            _child("--prepare", config, tmp, ",".join(measured))
+            _child("--prepare", config, tmp, ",".join(measured), *picture_option)
 
             def run(side: str) -> dict:
                 out = _child("--measure", side, config, tmp, "--repeats", str(args.repeats),
@@ -319,6 +331,7 @@ def main(argv=None) -> int:
 
 def _same_process(families: list[str], args) -> int:
     rounds = max(2, args.rounds)
+    picture_option = ("--picture", args.picture) if args.picture else ()
     print(f"ratio = mmdet s / ours s, both on torch in one process, alternating; best of {args.repeats} "
           f"warm repeats, median of {rounds} rounds (last column: the rounds' ratios, lowest-highest)")
     print(f"{'family':<16} {'config':<58} {'ours s':>8} {'mmdet s':>8} {'ratio':>6} {'dets':>9} {'thr':>4}",
@@ -326,7 +339,7 @@ def _same_process(families: list[str], args) -> int:
     for family in families:
         config = CONFIGS[family]
         with tempfile.TemporaryDirectory(prefix=f"bench-{family}-") as tmp:
-            _child("--prepare", config, tmp, "torch")
+            _child("--prepare", config, tmp, "torch", *picture_option)
             out = _child("--together", config, tmp, "--repeats", str(args.repeats), "--rounds", str(rounds))
             got = json.loads(out.strip().splitlines()[-1])
             found = got["detections"]

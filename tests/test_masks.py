@@ -55,6 +55,51 @@ def test_logit_cutoff_is_the_sigmoid_threshold():
     assert logit_cutoff(1) == math.inf and logit_cutoff(2) == math.inf
 
 
+
+@pytest.mark.parametrize("threshold", [0.05, 0.3, 0.5, 0.7, 0.99])
+def test_the_torch_cut_is_torchs_own_sigmoid_threshold(threshold):
+    """One comparison of the logits answers as ``sigmoid() > threshold`` on every float32 near
+    the cut (where exact-arithmetic logits and torch's rounding part: near 0.5 torch's sigmoid
+    is 0.5 for every logit under ~9e-8) and far from it, in long and short tensors alike."""
+    import torch
+
+    from scoring.runtimes.torch_rtmdet import above_threshold, sigmoid_cutoff
+
+    cut = sigmoid_cutoff(threshold)
+    near = np.float32(cut) + np.float32(max(abs(cut), 1e-7)) * np.linspace(-1e-3, 1e-3, 200_001,
+                                                                           dtype=np.float32)
+    values = torch.cat([torch.from_numpy(near), torch.randn(100_000) * 10,
+                        torch.tensor([0.0, 1e-8, 5e-8, -1e-8, float("inf"), -float("inf"), float("nan")])])
+    assert torch.equal(above_threshold(values, threshold), values.sigmoid() > threshold)
+    for value in near[::1000]:
+        one = torch.tensor([value])
+        assert torch.equal(above_threshold(one, threshold), one.sigmoid() > threshold)
+    assert sigmoid_cutoff(0.0) is None and sigmoid_cutoff(1.0) is None
+
+
+@pytest.mark.parametrize("width, height", [(640, 640), (640, 480), (97, 131), (320, 240)])
+def test_torch_whole_picture_masks_are_mmdets(width, height):
+    """mmdet 3.3.0's rule (two bilinear resizes, the crop, sigmoid > threshold), pixel for pixel,
+    also where the picture is the network's size and the second resize is skipped, with logits
+    that sit on the cut."""
+    import torch
+    import torch.nn.functional as F
+
+    from scoring.runtimes.torch_rtmdet import MaskResampler
+
+    new_w, new_h = keep_ratio_size(width, height, (640, 640))
+    resampler = MaskResampler(8, [width / new_w, height / new_h], (height, width))
+    logits = torch.randn(5, 80, 80, generator=torch.Generator().manual_seed(3)) * 4
+    logits[0] = 3e-8  # under torch's cut at 0.5: the sigmoid is 0.5 exactly there
+    logits[1, ::2] = -3e-8
+    assert not resampler.windowed(logits)
+    up = F.interpolate(logits.unsqueeze(0), scale_factor=8, mode="bilinear")
+    up = F.interpolate(up, size=list(resampler.geometry.upsampled_shape(80, 80)), mode="bilinear",
+                       align_corners=False)[..., :height, :width]
+    for threshold in (0.5, 0.3):
+        exact = (up.sigmoid().squeeze(0) > threshold).numpy()
+        assert np.array_equal(np.stack(list(resampler.iter_masks(logits, threshold))), exact)
+
 def test_geometry_is_mmdets():
     phone = geometry_for(4032, 3024)  # resized to 640x480: factor 6.3 both ways
     # 640 x (1 / (640 / 4032)) is a hair over 4032 in floats: mmdet rounds it up too; the height

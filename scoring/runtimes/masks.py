@@ -3,7 +3,8 @@
 mmdet (RTMDet-Ins, ``_bbox_mask_post_process``) makes each detection's mask in three steps: a
 bilinear upsampling of the (h, w) logits by the stride, a second bilinear resize to the padded
 input's shape scaled back to the original image (``MaskGeometry.upsampled_shape``), and a crop
-to the original image; then sigmoid > threshold (here: logits > ``logit_cutoff(threshold)``).
+to the original image; then sigmoid > threshold (here: logits > ``logit_cutoff(threshold)``,
+or the runtime's own cut for its sigmoid's rounding).
 
 Two costs of doing that literally, and what this module does about them:
 
@@ -309,15 +310,17 @@ def iter_box_windows(geometry: MaskGeometry, low_logits: np.ndarray, boxes: np.n
                      whole_masks: Callable[[int, int], np.ndarray],
                      box_margin_cells: float | None = None,
                      whole_fraction: float = WHOLE_PICTURE_FRACTION,
-                     chunk_size: int = 1) -> Iterator[MaskWindow]:
+                     chunk_size: int = 1, threshold_logit: float | None = None) -> Iterator[MaskWindow]:
     """Each detection's ``MaskWindow``, in order, over the window where its mask can be True at
     all (``MaskGeometry.support_window``: the same mask as the whole picture's, made at the
     cost of its extent), cut to its box grown by ``box_margin_cells`` where that is given (None:
     not cut; the mask beyond box and margin is then dropped). Made from the cells the window
     needs (``box_window_mask``), or, for a window covering ``whole_fraction`` of the picture or
     more, cut from the runtime's whole-picture masks (``whole_masks(start, stop)``: (k, H, W)
-    booleans of detections start..stop-1, up to ``chunk_size`` at once), which is faster there."""
-    cut = logit_cutoff(threshold)
+    booleans of detections start..stop-1, up to ``chunk_size`` at once), which is faster there.
+    ``threshold_logit``: the runtime's own cut for ``threshold`` where it has one (default
+    ``logit_cutoff``)."""
+    cut = logit_cutoff(threshold) if threshold_logit is None else threshold_logit
     low_h, low_w = low_logits.shape[-2:]
     whole_way = whole_fraction * geometry.ori_h * geometry.ori_w
     exact_windows = not geometry.windowed(low_h, low_w)

@@ -11,6 +11,9 @@ Here the boxes, scores and labels are computed exactly as mmdet 3.3.0 does, but 
 keeps only its low-resolution mask logits (N x H/8 x W/8); ``MaskResampler`` turns them into
 full-size boolean masks a few at a time with the very same interpolation calls (per-channel,
 so bit-identical to mmdet's), and the caller encodes each chunk before the next is made.
+The threshold is one comparison of the logits with the cut at which torch's own sigmoid crosses
+it (``sigmoid_cutoff``), and a second resize to the same size (a picture of the network input's
+size) is skipped: the same booleans, without two full passes over every mask.
 
 That post-processing is a copy of a private mmdet method, put on the head instance, so it is used
 only on the mmdet it was copied from (``COPIED_FROM_MMDET``, scoring.version_guard): on another
@@ -21,6 +24,8 @@ Only a model whose ``model.json`` names the torch runtime imports this module (a
 """
 from __future__ import annotations
 
+import functools
+import math
 import types
 from typing import Iterator, Sequence
 
@@ -94,6 +99,61 @@ def bbox_post_process_deferring_masks(
     return results
 
 
+def above_threshold(logits: torch.Tensor, threshold: float) -> torch.Tensor:
+    """``logits.sigmoid() > threshold``, mmdet's mask rule, as one comparison of the logits with
+    ``sigmoid_cutoff`` (a sigmoid over every pixel of every mask costs more than the resize
+    that made them)."""
+    cut = sigmoid_cutoff(float(threshold), str(logits.device))
+    return logits.sigmoid() > threshold if cut is None else logits > cut
+
+
+def threshold_logit(threshold: float) -> float:
+    """The cut the numpy window code compares logits with: torch's (``sigmoid_cutoff``) where
+    there is one, so that a mask made over its window and one made whole agree pixel for pixel."""
+    cut = sigmoid_cutoff(float(threshold), "cpu")
+    return mask_windows.logit_cutoff(threshold) if cut is None else cut
+
+
+@functools.lru_cache(maxsize=64)
+def sigmoid_cutoff(threshold: float, device: str = "cpu") -> float | None:
+    """The float32 logit ``c`` with ``torch.sigmoid(x) > threshold``  <=>  ``x > c`` for float32
+    ``x`` on ``device``: the largest float whose sigmoid (torch's own, vectorized) is not above
+    the threshold. ``logit_cutoff`` in exact arithmetic is within a few units in the last place
+    of it but not equal: near 0.5, sigmoid rounds every logit under about 9e-8 to 0.5 exactly.
+    Found by bisection over the floats' bit patterns between two logits clearly on either side.
+    None where the threshold is 0 or 1, or the sigmoid is not seen to cross it there."""
+    approx = mask_windows.logit_cutoff(threshold)
+    if not math.isfinite(approx):
+        return None
+
+    def above(key: int) -> bool:  # the same value in every lane of torch's vectorized sigmoid
+        probe = torch.full((64,), _float_of_key(key), dtype=torch.float32, device=device)
+        return bool((probe.sigmoid() > threshold).all())
+
+    slack = 1e-3 * (1 + abs(approx))
+    low, high = _key_of_float(approx - slack), _key_of_float(approx + slack)
+    if above(low) or not above(high):
+        return None
+    while high - low > 1:
+        middle = (low + high) // 2
+        if above(middle):
+            high = middle
+        else:
+            low = middle
+    return _float_of_key(low)
+
+
+def _key_of_float(value: float) -> int:
+    """float32 -> an integer in the floats' order (-0.0 and 0.0 the same)."""
+    bits = int(np.float32(value).view(np.uint32))
+    return bits if bits < 0x80000000 else -(bits & 0x7FFFFFFF)
+
+
+def _float_of_key(key: int) -> float:
+    bits = key if key >= 0 else (-key) | 0x80000000
+    return float(np.uint32(bits).view(np.float32))
+
+
 class MaskResampler:
     """Low-resolution mask logits -> boolean masks at the original image size, as mmdet does:
     of the whole picture (``iter_masks`` without boxes), or of each detection's box window
@@ -123,13 +183,12 @@ class MaskResampler:
                                mode="bilinear")
         if self.windowed(mask_logits):
             return self._windowed_masks(logits[0], threshold)
-        logits = F.interpolate(
-            logits,
-            size=list(self.geometry.upsampled_shape(*mask_logits.shape[-2:])),
-            mode="bilinear",
-            align_corners=False,
-        )[..., : self.geometry.ori_h, : self.geometry.ori_w]
-        return logits.sigmoid().squeeze(0) > threshold
+        big_hw = self.geometry.upsampled_shape(*mask_logits.shape[-2:])
+        # Where the picture is the network input's size the second resize is the identity
+        # (weights 0 and 1), a full pass over every mask for nothing: skipped.
+        if tuple(big_hw) != tuple(logits.shape[-2:]):
+            logits = F.interpolate(logits, size=list(big_hw), mode="bilinear", align_corners=False)
+        return above_threshold(logits[0, :, : self.geometry.ori_h, : self.geometry.ori_w], threshold)
 
     def _windowed_masks(self, logits: torch.Tensor, threshold: float) -> torch.Tensor:
         """The second bilinear resize of ``masks`` computed for the kept ``ori_h x ori_w`` window
@@ -138,8 +197,7 @@ class MaskResampler:
         big_hw = self.geometry.upsampled_shape(in_h // self.geometry.stride,
                                                in_w // self.geometry.stride)
         window = mask_windows.windowed_resize(logits.float().cpu().numpy(), big_hw,
-                                              self.geometry.ori_hw,
-                                              mask_windows.logit_cutoff(threshold))
+                                              self.geometry.ori_hw, threshold_logit(threshold))
         return torch.from_numpy(window)
 
     def iter_masks(self, mask_logits: torch.Tensor, threshold: float) -> Iterator[np.ndarray]:
@@ -157,7 +215,8 @@ class MaskResampler:
         return mask_windows.iter_box_windows(
             self.geometry, low, boxes, threshold, upsample=self._upsample_crop,
             whole_masks=lambda start, stop: self.masks(mask_logits[start:stop], threshold).cpu().numpy(),
-            box_margin_cells=box_margin_cells, chunk_size=self.chunk_size(mask_logits))
+            box_margin_cells=box_margin_cells, chunk_size=self.chunk_size(mask_logits),
+            threshold_logit=threshold_logit(threshold))
 
     def _upsample_crop(self, low: np.ndarray) -> np.ndarray:
         """torch's bilinear upsampling by the stride, as ``masks`` runs it, on a crop."""
