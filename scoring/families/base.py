@@ -125,9 +125,8 @@ class Family:
     # The form the torch runtime serves it in (``scoring.runtimes.torch_serving_form``): batch
     # norms folded into the convolutions before them, and on a CPU channels-last memory. Each
     # changes answers by float rounding only, so a family takes them once its answers are tested
-    # equal to mmdet's in that form. Not by default: a head that iterates on its own answers
-    # (Sparse R-CNN's six stages) grows that rounding into a different ranking, and an unknown
-    # detector may read a tensor's memory as NCHW in an op of its own.
+    # equal to mmdet's in that form. Not by default: an unknown detector may read a tensor's
+    # memory as NCHW in an op of its own.
     fold_batchnorms: bool = False
     channels_last: bool = False
 

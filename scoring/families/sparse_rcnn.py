@@ -15,4 +15,6 @@ FAMILY = Family(
     class_shaped=r"roi_head\.bbox_head\.\d+\.fc_cls\..*",
     candidate_counts=("rpn_head.num_proposals",),
     loaders={"torch": "scoring.runtimes.torch_mmdet:load_whole_detector"},
+    fold_batchnorms=True,
+    channels_last=True,
 )
