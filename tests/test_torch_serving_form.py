@@ -100,3 +100,55 @@ def test_torch_exact_serves_the_network_as_mmdet_builds_it(tiny_model_dir):
     detector = exact.get_raw_model().detector
     assert remaining_norms(detector) > 0
     assert detector.backbone.stem[0].conv.weight.is_contiguous()
+
+
+class ReadsMemoryAsNchw(nn.Module):
+    """An op of a detector's own that reads its 4-d inputs' memory as NCHW whatever their layout,
+    as a compiled extension that skips ``.contiguous()`` would; around the detector's neck."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, features):
+        return self.inner(tuple(f.as_strided(f.shape, torch.empty(f.shape).stride()) for f in features))
+
+
+def generic_detector(wrap_neck: bool = False) -> nn.Module:
+    """RetinaNet R18 (no family of its own: the generic path), random weights and norm statistics."""
+    from mmdet.registry import MODELS
+    from mmengine.registry import init_default_scope
+
+    from mlflow_model.configs import load_config
+
+    init_default_scope("mmdet")
+    torch.manual_seed(0)
+    detector = MODELS.build(load_config("retinanet_r18_fpn_1x_coco", num_classes=3).model)
+    detector.init_weights()
+    if wrap_neck:
+        detector.neck = ReadsMemoryAsNchw(detector.neck)
+    return with_running_stats(detector)
+
+
+@pytest.mark.parametrize("reads_nchw", [False, True], ids=["plain", "an-op-reading-nchw-memory"])
+def test_an_unknown_detector_takes_the_form_only_where_a_probe_shows_the_same_network(reads_nchw):
+    """The generic path folds and goes channels-last where the network's raw outputs on a probe
+    picture stay mmdet's form's; a detector whose own op reads memory as NCHW (wrong in
+    channels-last) is served exactly as mmdet builds it, its outputs bit for bit as before."""
+    from scoring.families import FAMILIES
+    from scoring.runtimes.torch_serving_form import _probe, _raw_outputs, prepare_for_serving
+
+    detector = generic_detector(wrap_neck=reads_nchw)
+    inputs, samples = _probe(detector)
+    before = _raw_outputs(detector, inputs, samples)
+    served = prepare_for_serving(detector, FAMILIES["mmdet-detection"])
+    after = _raw_outputs(served, inputs, samples)
+    first_conv = served.backbone.conv1.weight
+    if reads_nchw:
+        assert remaining_norms(served) > 0 and first_conv.is_contiguous()
+        assert all(torch.equal(a, b) for a, b in zip(after, before))
+    else:
+        assert remaining_norms(served) == 0
+        assert first_conv.is_contiguous(memory_format=torch.channels_last)
+        for a, b in zip(after, before):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

@@ -125,10 +125,12 @@ class Family:
     # The form the torch runtime serves it in (``scoring.runtimes.torch_serving_form``): batch
     # norms folded into the convolutions before them, and on a CPU channels-last memory. Each
     # changes answers by float rounding only, so a family takes them once its answers are tested
-    # equal to mmdet's in that form. Not by default: an unknown detector may read a tensor's
-    # memory as NCHW in an op of its own.
+    # equal to mmdet's in that form. ``verify_serving_form``: the form is kept only where the
+    # network's raw outputs on a probe picture at load show it the same network (the generic
+    # path: an unknown detector may read a tensor's memory as NCHW in an op of its own).
     fold_batchnorms: bool = False
     channels_last: bool = False
+    verify_serving_form: bool = False
 
     @property
     def makes_masks(self) -> bool:

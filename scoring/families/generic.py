@@ -56,6 +56,9 @@ DETECTION = GenericFamily(
     model_types=(),
     candidate_counts=GENERIC_CANDIDATE_COUNTS,
     loaders={"torch": "scoring.runtimes.torch_mmdet:load_whole_detector"},
+    fold_batchnorms=True,
+    channels_last=True,
+    verify_serving_form=True,
 )
 SEGMENTATION = GenericFamily(
     name="mmdet-instance-segmentation",
@@ -64,4 +67,7 @@ SEGMENTATION = GenericFamily(
     model_types=(),
     candidate_counts=GENERIC_CANDIDATE_COUNTS,
     loaders={"torch": "scoring.runtimes.torch_mmdet:load_whole_detector"},
+    fold_batchnorms=True,
+    channels_last=True,
+    verify_serving_form=True,
 )

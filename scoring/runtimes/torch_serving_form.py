@@ -11,7 +11,9 @@ a score), which the families' tests against mmdet's ``inference_detector`` bound
 
 Only a detector the runtime owns is put in this form, never one lent to it (a network in the
 middle of its fine-tune) or one handed to a user (``mlflow_model.load_model``); and not where
-the model's settings ask for mmdet's answers bit for bit (``torch_exact``).
+the model's settings ask for mmdet's answers bit for bit (``torch_exact``). A named family takes
+the form once its answers are tested equal to mmdet's in it; a detector no family knows (the
+generic path) takes it only where its raw outputs on a probe picture show it the same network.
 """
 from __future__ import annotations
 
@@ -23,16 +25,105 @@ from torch.nn.modules.batchnorm import _BatchNorm
 def prepare_for_serving(detector: nn.Module, family) -> nn.Module:
     """``detector`` (in eval mode) in the form its family serves in (``Family.fold_batchnorms``,
     ``Family.channels_last``; the latter on a CPU only), unless the model's settings ask for
-    mmdet's exact form (``scoring.settings.TORCH_EXACT``); changed in place."""
+    mmdet's exact form (``scoring.settings.TORCH_EXACT``). Changed in place, except for a family
+    that has its form checked at load (``Family.verify_serving_form``): that returns the
+    detector it checked, or mmdet's own form where the check could not pass."""
     from scoring import settings
 
     if settings.TORCH_EXACT.value():
         return detector
+    if family.verify_serving_form:
+        return _checked_on_a_probe(detector, family)
+    return _put_in_form(detector, family)
+
+
+def _put_in_form(detector: nn.Module, family) -> nn.Module:
     if family.fold_batchnorms:
         fold_batchnorms(detector)
     if family.channels_last and next(detector.parameters()).device.type == "cpu":
         to_channels_last(detector)
     return detector
+
+
+# How far the served form's raw outputs may lie from mmdet's form's on the probe, relative to the
+# largest output: float rounding moves them by about 1e-6 of it.
+PROBE_TOLERANCE = 1e-4
+
+
+def _checked_on_a_probe(detector: nn.Module, family) -> nn.Module:
+    """The detector in its served form where the network's raw outputs (mmdet's ``tensor``
+    mode: backbone, neck, heads, no post-processing) on a probe picture stay within
+    PROBE_TOLERANCE of mmdet's form's; else, and where the network has no tensor mode, mmdet's
+    own form, with a log line saying so. For a detector no family knows: an op of its own may
+    read a tensor's memory as NCHW whatever its layout, or a module may run its norm elsewhere
+    than its registration order says."""
+    import copy
+    import logging
+
+    inputs, samples = _probe(detector)
+    expected = _raw_outputs(detector, inputs, samples)
+    if expected is None:
+        return detector
+    original = copy.deepcopy(detector)
+    served = _put_in_form(detector, family)
+    got = _raw_outputs(served, inputs, samples)
+    if got is not None and _agree(got, expected):
+        return served
+    logging.getLogger(__name__).info(
+        "%s: serving the network as mmdet builds it (folded batch norms or channels-last memory "
+        "changed its outputs on a probe picture)", type(detector).__name__)
+    return original
+
+
+def _probe(detector: nn.Module):
+    """A 256 x 320 picture of noise through the detector's own data preprocessor."""
+    import numpy as np
+    from mmdet.structures import DetDataSample
+
+    pixels = np.random.default_rng(0).integers(0, 256, (3, 256, 320), dtype=np.uint8)
+    sample = DetDataSample(metainfo={"img_shape": (256, 320), "ori_shape": (256, 320),
+                                     "scale_factor": (1.0, 1.0)})
+    device = next(detector.parameters()).device
+    with torch.inference_mode():
+        data = detector.data_preprocessor({"inputs": [torch.from_numpy(pixels).to(device)],
+                                           "data_samples": [sample]}, False)
+    return data["inputs"], data["data_samples"]
+
+
+def _raw_outputs(detector: nn.Module, inputs, samples) -> list[torch.Tensor] | None:
+    """Every tensor of the network's ``tensor``-mode outputs, flattened; None where it has no such
+    mode or answers something else."""
+    try:
+        with torch.inference_mode():
+            outputs = detector(inputs, samples, mode="tensor")
+    except Exception:  # noqa: BLE001 - no tensor mode for this detector: nothing to check against
+        return None
+    flat: list[torch.Tensor] = []
+
+    def walk(value) -> bool:
+        if isinstance(value, torch.Tensor):
+            flat.append(value.float().contiguous())
+            return True
+        if isinstance(value, (list, tuple)):
+            return all(walk(item) for item in value)
+        if isinstance(value, dict):
+            return all(walk(item) for item in value.values())
+        return value is None
+
+    return flat if walk(outputs) and flat else None
+
+
+def _agree(got: list[torch.Tensor], expected: list[torch.Tensor]) -> bool:
+    if len(got) != len(expected):
+        return False
+    for a, b in zip(got, expected):
+        if a.shape != b.shape or not torch.equal(torch.isfinite(a), torch.isfinite(b)):
+            return False
+        finite = torch.isfinite(b)
+        scale = float(b[finite].abs().max()) if bool(finite.any()) else 0.0
+        if bool(finite.any()) and float((a[finite] - b[finite]).abs().max()) > PROBE_TOLERANCE * (1 + scale):
+            return False
+    return True
 
 
 def fold_batchnorms(module: nn.Module) -> int:
