@@ -141,7 +141,8 @@ def test_an_unknown_detector_takes_the_form_only_where_a_probe_shows_the_same_ne
     detector = generic_detector(wrap_neck=reads_nchw)
     inputs, samples = _probe(detector)
     before = _raw_outputs(detector, inputs, samples)
-    served = prepare_for_serving(detector, FAMILIES["mmdet-detection"])
+    served = prepare_for_serving(detector, FAMILIES["mmdet-detection"],
+                                 reload=lambda: generic_detector(wrap_neck=reads_nchw))
     after = _raw_outputs(served, inputs, samples)
     first_conv = served.backbone.conv1.weight
     if reads_nchw:

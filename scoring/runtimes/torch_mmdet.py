@@ -317,7 +317,8 @@ def _loader(runtime_class):
 
         detector, info = load_detector(weights_dir, device, info)
         family = family_of(info)
-        detector = prepare_for_serving(detector, family)
+        detector = prepare_for_serving(
+            detector, family, reload=lambda: load_detector(weights_dir, device, info)[0])
         on_gpu = detector.data_preprocessor.device.type == "cuda"
         return runtime_class(detector, family, info["classes"],
                              PredictParams.from_dict(info["default_params"]),

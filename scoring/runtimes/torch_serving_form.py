@@ -17,23 +17,26 @@ generic path) takes it only where its raw outputs on a probe picture show it the
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 
-def prepare_for_serving(detector: nn.Module, family) -> nn.Module:
+def prepare_for_serving(detector: nn.Module, family,
+                        reload: Callable[[], nn.Module] | None = None) -> nn.Module:
     """``detector`` (in eval mode) in the form its family serves in (``Family.fold_batchnorms``,
     ``Family.channels_last``; the latter on a CPU only), unless the model's settings ask for
-    mmdet's exact form (``scoring.settings.TORCH_EXACT``). Changed in place, except for a family
-    that has its form checked at load (``Family.verify_serving_form``): that returns the
-    detector it checked, or mmdet's own form where the check could not pass."""
+    mmdet's exact form (``scoring.settings.TORCH_EXACT``). Changed in place; for a family that
+    has its form checked at load (``Family.verify_serving_form``), where the check fails,
+    ``reload()`` (the detector loaded afresh) is returned instead."""
     from scoring import settings
 
     if settings.TORCH_EXACT.value():
         return detector
-    if family.verify_serving_form:
-        return _checked_on_a_probe(detector, family)
+    if family.verify_serving_form and reload is not None:
+        return _checked_on_a_probe(detector, family, reload)
     return _put_in_form(detector, family)
 
 
@@ -50,21 +53,20 @@ def _put_in_form(detector: nn.Module, family) -> nn.Module:
 PROBE_TOLERANCE = 1e-4
 
 
-def _checked_on_a_probe(detector: nn.Module, family) -> nn.Module:
+def _checked_on_a_probe(detector: nn.Module, family, reload: Callable[[], nn.Module]) -> nn.Module:
     """The detector in its served form where the network's raw outputs (mmdet's ``tensor``
     mode: backbone, neck, heads, no post-processing) on a probe picture stay within
-    PROBE_TOLERANCE of mmdet's form's; else, and where the network has no tensor mode, mmdet's
-    own form, with a log line saying so. For a detector no family knows: an op of its own may
-    read a tensor's memory as NCHW whatever its layout, or a module may run its norm elsewhere
-    than its registration order says."""
-    import copy
+    PROBE_TOLERANCE of mmdet's form's. Where they do not, mmdet's own form, loaded again by
+    ``reload`` (rather than a copy of the weights kept for the case), with a log line saying so;
+    where the network has no tensor mode, the detector as it is. For a detector no family
+    knows: an op of its own may read a tensor's memory as NCHW whatever its layout, or a module
+    may run its norm elsewhere than its registration order says."""
     import logging
 
     inputs, samples = _probe(detector)
     expected = _raw_outputs(detector, inputs, samples)
     if expected is None:
         return detector
-    original = copy.deepcopy(detector)
     served = _put_in_form(detector, family)
     got = _raw_outputs(served, inputs, samples)
     if got is not None and _agree(got, expected):
@@ -72,7 +74,7 @@ def _checked_on_a_probe(detector: nn.Module, family) -> nn.Module:
     logging.getLogger(__name__).info(
         "%s: serving the network as mmdet builds it (folded batch norms or channels-last memory "
         "changed its outputs on a probe picture)", type(detector).__name__)
-    return original
+    return reload()
 
 
 def _probe(detector: nn.Module):
