@@ -11,6 +11,7 @@ folder layout; ``scoring.runtimes`` loads a saved model for inference.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from dataclasses import dataclass
@@ -304,6 +305,29 @@ def load_predictor(data_dir, device: str | None = None, batch_size: int | None =
     from scoring.runtimes import load_predictor as load
 
     return load(data_dir, device=device, batch_size=batch_size, model_config=model_config)
+
+
+def load_saved_predictor(model_dir, device: str | None = None, batch_size: int | None = None):
+    """The predictor of a saved model folder with the model_config ``mlflow.pyfunc.load_model``
+    would give it (``model_config_at_load``): our own commands (predict, batch, evaluate) load a
+    model as its servers do."""
+    return load_predictor(ModelDir(model_dir).data.path, device, batch_size,
+                          model_config_at_load(model_dir))
+
+
+def model_config_at_load(model_dir) -> dict:
+    """What MLflow hands a saved model's loader as its model_config when none is passed: what the
+    MLmodel records, under MLflow's ``MLFLOW_PYFUNC_INFERENCE_CONFIG`` (JSON) for the keys the
+    MLmodel records, as MLflow's merge does. {} for a model that records none (saved before
+    models recorded one: the environment variables then apply)."""
+    import mlflow.pyfunc
+    from mlflow.models import Model
+
+    mlmodel = ModelDir(model_dir).mlmodel
+    flavors = Model.load(str(mlmodel)).flavors if mlmodel.is_file() else {}
+    recorded = dict((flavors.get("python_function") or {}).get(mlflow.pyfunc.MODEL_CONFIG) or {})
+    overrides = json.loads(os.environ.get("MLFLOW_PYFUNC_INFERENCE_CONFIG") or "{}")
+    return {**recorded, **{key: value for key, value in overrides.items() if key in recorded}}
 
 
 def _load_pyfunc(path, model_config: dict | None = None):

@@ -89,7 +89,6 @@ def run_batch(model_dir: Path, input_path: Path, output: Path, mini_batch_size: 
     from tqdm import tqdm
 
     import mlflow_model
-    from scoring.model_dir import ModelDir
     from scoring.batch_files import file_name, input_entries, score_files
     from scoring.class_filter import check_classes
     from scoring.runner import predict_params
@@ -104,7 +103,7 @@ def run_batch(model_dir: Path, input_path: Path, output: Path, mini_batch_size: 
               "hidden": listing.hidden}
     if not todo:
         return counts
-    predictor = mlflow_model.load_predictor(ModelDir(model_dir).data.path)
+    predictor = mlflow_model.load_saved_predictor(model_dir)
     params = predict_params(predictor, params)  # a bad param fails before any file
     check_classes(predictor.class_names, params)  # so does a class the model does not have
     output.parent.mkdir(parents=True, exist_ok=True)

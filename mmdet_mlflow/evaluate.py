@@ -96,7 +96,7 @@ def evaluate(model_dir, test_data, output_dir, iou_threshold: float = AZURE_IOU_
     masks = task == INSTANCE_SEGMENTATION
     ground_truth, gt_text = _ground_truth(dataset, test_data, masks)
 
-    predictor = predictor or mlflow_model.load_predictor(weights.path, batch_size=batch_size)
+    predictor = predictor or mlflow_model.load_saved_predictor(model_dir, batch_size=batch_size)
     map_score_threshold, params = _scoring_params(predictor, params, map_score_threshold,
                                                   box_score_threshold, masks)
     image_ids = [image["id"] for image in ground_truth["images"]]
@@ -267,6 +267,7 @@ def _score(predictor, records, image_ids, params, category_of, box_score_thresho
     from tqdm import tqdm
 
     from mmdet_mlflow.data import response_boxes
+    from scoring import settings
     from scoring.decode import decode_image
     from scoring.runner import score_images
 
@@ -279,8 +280,10 @@ def _score(predictor, records, image_ids, params, category_of, box_score_thresho
         return image
 
     out = _Scored()
-    with tqdm(total=len(records), desc="evaluate", unit="img", file=sys.stderr,
-              disable=None if progress else True) as bar:
+    # the model's model_config is active while it scores, as when MLflow serves it
+    with settings.using(predictor.model_config), \
+            tqdm(total=len(records), desc="evaluate", unit="img", file=sys.stderr,
+                 disable=None if progress else True) as bar:
         for scored in score_images(predictor, enumerate(records), params,
                                    encode=encode_keeping_rles if masks else encode_boxes,
                                    decode=decode_checked, keep_images=True):

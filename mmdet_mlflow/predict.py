@@ -43,14 +43,14 @@ def predict_files(model_dir: Path, files: Iterable[Path], output: Path,
     from tqdm import tqdm
 
     import mlflow_model
+    from scoring import settings
     from scoring.batch_files import file_name, read_image_file
-    from scoring.model_dir import ModelDir
     from scoring.class_filter import check_classes
     from scoring.runner import predict_params, score_images
     from scoring.schema import OUTPUT_COLUMN
 
     files = list(files)
-    predictor = mlflow_model.load_predictor(ModelDir(model_dir).data.path)
+    predictor = mlflow_model.load_saved_predictor(model_dir)
     params = predict_params(predictor, params)  # mask params of a box-only model: refused here,
     check_classes(predictor.class_names, params)  # and unknown classes, before anything is written
     if visualize_dir:
@@ -63,8 +63,9 @@ def predict_files(model_dir: Path, files: Iterable[Path], output: Path,
     output.parent.mkdir(parents=True, exist_ok=True)
     counts = {"images": 0, "errors": 0, "detections": 0}
     items = ((path, path) for path in files)
-    with open(output, "w") as out, tqdm(total=len(files), unit="img", desc="predict",
-                                        file=sys.stderr, disable=None) as bar:
+    # the model's model_config is active while it scores, as when MLflow serves it
+    with settings.using(predictor.model_config), open(output, "w") as out, \
+            tqdm(total=len(files), unit="img", desc="predict", file=sys.stderr, disable=None) as bar:
         for scored in score_images(predictor, items, params, on_error="yield",
                                    keep_images=bool(visualize_dir),
                                    decode=lambda path, _: read_image_file(path, row=str(path))):

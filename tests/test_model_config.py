@@ -136,6 +136,33 @@ def test_the_azure_scripts_take_model_config_and_mlflows_variable(tiny_model_dir
     assert "model_config max_image_pixels" in record["error"]
 
 
+
+def test_our_commands_load_a_model_with_the_config_mlflow_would_give_it(recorded_model_dir, tmp_path,
+                                                                      tiny_checkpoint, image_files,
+                                                                      no_settings):
+    """predict, batch and evaluate load a saved model as ``mlflow.pyfunc.load_model`` does: what
+    its MLmodel records over the environment, MLflow's variable over that."""
+    import subprocess
+    import sys
+
+    no_settings.setenv(settings.BATCH_SIZE.env, "4")
+    assert mlflow_model.load_saved_predictor(recorded_model_dir).batch_size == 2
+    no_settings.setenv("MLFLOW_PYFUNC_INFERENCE_CONFIG", json.dumps({"batch_size": 5}))
+    assert mlflow_model.load_saved_predictor(recorded_model_dir).batch_size == 5
+    assert _load(recorded_model_dir).get_raw_model().batch_size == 5
+    no_settings.delenv("MLFLOW_PYFUNC_INFERENCE_CONFIG")
+
+    model = tmp_path / "small-pictures-only"
+    mlflow_model.save_model(model, TINY, str(tiny_checkpoint), model_config={"max_image_pixels": 10})
+    for command in ("predict", "batch"):
+        out = tmp_path / f"{command}.jsonl"
+        done = subprocess.run([sys.executable, "-m", "mmdet_mlflow.cli", command, "--model", str(model),
+                               "--input", str(image_files[0]), "--output", str(out)],
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 1, done.stderr[-2000:]
+        (line,) = [json.loads(text) for text in out.read_text().splitlines()]
+        assert "model_config max_image_pixels" in line["error"], line
+
 @pytest.fixture(scope="module")
 def old_model_dir(tmp_path_factory, tiny_model_dir):
     """The tiny model as models were saved before model.json became the one record: the mmdet
