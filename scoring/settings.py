@@ -151,7 +151,8 @@ TORCH_EXACT = Setting("TORCH_EXACT", False, _switch, "1: the torch runtime runs 
                       "as mmdet builds it, its answers bit for bit mmdet's inference_detector's; 0 "
                       "(default): with batch norms folded into their convolutions and, on a CPU, "
                       "channels-last memory, where the model's family is tested in that form "
-                      "(faster; the same answers within float rounding); chosen at load",
+                      "(a detector of no named family: where a probe picture at load shows the "
+                      "same outputs), faster, the same answers within float rounding; chosen at load",
                       "serving, predict, evaluate, batch (torch models)", model_config=True)
 MASK_BOX_MARGIN = Setting("MASK_BOX_MARGIN", None, _cells, "cut each detection's mask to its box "
                           "grown by this many cells of the mask logits (a cell is the mask "
