@@ -30,13 +30,14 @@ def prepare_for_serving(detector: nn.Module, family,
     ``Family.channels_last``; the latter on a CPU only), unless the model's settings ask for
     mmdet's exact form (``scoring.settings.TORCH_EXACT``). Changed in place; for a family that
     has its form checked at load (``Family.verify_serving_form``), where the check fails,
-    ``reload()`` (the detector loaded afresh) is returned instead."""
+    ``reload()`` (the detector loaded afresh) is returned instead, and without a ``reload`` the
+    detector stays as mmdet builds it (nothing to go back to)."""
     from scoring import settings
 
     if settings.TORCH_EXACT.value():
         return detector
-    if family.verify_serving_form and reload is not None:
-        return _checked_on_a_probe(detector, family, reload)
+    if family.verify_serving_form:
+        return detector if reload is None else _checked_on_a_probe(detector, family, reload)
     return _put_in_form(detector, family)
 
 
