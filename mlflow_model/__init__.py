@@ -27,6 +27,9 @@ from scoring.errors import InputError, MmdetMlflowError
 from scoring.model_dir import ModelDir
 
 FLAVOR_NAME = "mmdet"
+# mlflow.pyfunc.MODEL_CONFIG: the python_function entry's key for the recorded model_config (named
+# here so that reading it needs no MLflow import; a test holds the two equal)
+PYFUNC_MODEL_CONFIG_KEY = "config"
 
 
 class SaveModelError(MmdetMlflowError, ValueError):
@@ -320,12 +323,11 @@ def model_config_at_load(model_dir) -> dict:
     MLmodel records, under MLflow's ``MLFLOW_PYFUNC_INFERENCE_CONFIG`` (JSON) for the keys the
     MLmodel records, as MLflow's merge does. {} for a model that records none (saved before
     models recorded one: the environment variables then apply)."""
-    import mlflow.pyfunc
-    from mlflow.models import Model
+    import yaml  # the MLmodel is YAML: read without importing MLflow, seconds our commands need not spend
 
     mlmodel = ModelDir(model_dir).mlmodel
-    flavors = Model.load(str(mlmodel)).flavors if mlmodel.is_file() else {}
-    recorded = dict((flavors.get("python_function") or {}).get(mlflow.pyfunc.MODEL_CONFIG) or {})
+    flavors = (yaml.safe_load(mlmodel.read_text()) or {}).get("flavors") or {} if mlmodel.is_file() else {}
+    recorded = dict((flavors.get("python_function") or {}).get(PYFUNC_MODEL_CONFIG_KEY) or {})
     overrides = json.loads(os.environ.get("MLFLOW_PYFUNC_INFERENCE_CONFIG") or "{}")
     return {**recorded, **{key: value for key, value in overrides.items() if key in recorded}}
 

@@ -145,6 +145,9 @@ def test_our_commands_load_a_model_with_the_config_mlflow_would_give_it(recorded
     import subprocess
     import sys
 
+    import mlflow.pyfunc
+
+    assert mlflow_model.PYFUNC_MODEL_CONFIG_KEY == mlflow.pyfunc.MODEL_CONFIG  # read without MLflow
     no_settings.setenv(settings.BATCH_SIZE.env, "4")
     assert mlflow_model.load_saved_predictor(recorded_model_dir).batch_size == 2
     no_settings.setenv("MLFLOW_PYFUNC_INFERENCE_CONFIG", json.dumps({"batch_size": 5}))
