@@ -59,6 +59,11 @@ def load_config(name_or_path, num_classes: int | None = None):
     except Exception as err:  # a text file, a config of another library, a syntax error
         raise ConfigError(f"{name_or_path} is not an mmdet config: {type(err).__name__}: "
                           f"{str(err).splitlines()[0][:300] if str(err) else ''}") from None
+    # mmengine formats a config's text with yapf (a model folder's config.py, the fine-tune's log
+    # line and the meta of every checkpoint), which took most of a save's time: the same text
+    # unformatted, by mmengine's own format_python_code option, which Config.fromfile does not
+    # pass on for a plain config file.
+    cfg = Config(cfg.to_dict(), cfg_text=cfg.text, filename=cfg.filename, format_python_code=False)
     model = cfg.get("model")
     family = family_of_config(model) if isinstance(model, dict) else None
     if family is None:

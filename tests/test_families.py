@@ -22,6 +22,7 @@ import pytest
 import mlflow_model
 from helpers import b64, config_with_test_scale, make_official_checkpoint, scene_image, write_png
 from scoring.errors import MmdetMlflowError
+from scoring.families import NAMED
 from scoring.model_dir import ModelDir
 
 CLASSES = ["cat", "dog", "bird"]
@@ -314,3 +315,17 @@ def test_a_checkpoint_of_another_family_or_class_count_is_named(tmp_path):
     with pytest.raises(MmdetMlflowError, match="looks like a RTMDet checkpoint .* the config is YOLOF's"):
         mlflow_model.save_model(tmp_path / "b", "yolof_r50-c5_8xb8-1x_coco", str(yolof))
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("name", [name for family in NAMED for name in family.shipped_configs])
+def test_a_dumped_config_reads_back_as_the_config(name, tmp_path):
+    """A model folder's config.py (mmengine's dump of ``load_config``'s config, unformatted) is
+    read by mmengine to the values it was written from, for every config a named family ships
+    (sized for 3 classes, as packaging does)."""
+    from mmengine.config import Config
+
+    from mlflow_model.configs import load_config
+
+    cfg = load_config(name, num_classes=3)
+    cfg.dump(str(tmp_path / "config.py"))
+    assert Config.fromfile(str(tmp_path / "config.py")).to_dict() == cfg.to_dict()
