@@ -30,6 +30,9 @@ class DemoSettings:
     num_images: int = 300
     seed: int = 0
     finetune_args: list[str] = field(default_factory=lambda: ["--recipe", "quick-cpu"])
+    # "auto": bf16 where the CPU computes it natively (AMX, AVX512-BF16), fp32 elsewhere; on the
+    # demo recipe bf16's final segm mAP matched fp32's across seeds (docs/runtimes.md)
+    precision: str = "auto"
     request_images: int = 2
 
 
@@ -136,7 +139,8 @@ def _step_finetune(steps: Steps, folders: DemoFolders, settings: DemoSettings) -
     steps.run("finetune", ["finetune", "--config", CONFIG, "--checkpoint", "none",
                            "--training-data", str(data / "train.jsonl"),
                            "--validation-data", str(data / "validation"),
-                           "--output", str(folders.finetuned), *settings.finetune_args],
+                           "--output", str(folders.finetuned), "--precision", settings.precision,
+                           *settings.finetune_args],
               produces=ModelDir(folders.model_dir).mlmodel, after=("synth",))
 
 
