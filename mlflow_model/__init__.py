@@ -326,7 +326,8 @@ def model_config_at_load(model_dir) -> dict:
     import yaml  # the MLmodel is YAML: read without importing MLflow, seconds our commands need not spend
 
     mlmodel = ModelDir(model_dir).mlmodel
-    flavors = (yaml.safe_load(mlmodel.read_text()) or {}).get("flavors") or {} if mlmodel.is_file() else {}
+    mlmodel_fields = (yaml.safe_load(mlmodel.read_text()) or {}) if mlmodel.is_file() else {}
+    flavors = mlmodel_fields.get("flavors") or {}
     recorded = dict((flavors.get("python_function") or {}).get(PYFUNC_MODEL_CONFIG_KEY) or {})
     overrides = json.loads(os.environ.get("MLFLOW_PYFUNC_INFERENCE_CONFIG") or "{}")
     return {**recorded, **{key: value for key, value in overrides.items() if key in recorded}}

@@ -13,7 +13,7 @@ def add_parser(subparsers):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--finetune-args", default="--recipe quick-cpu",
                    help="extra `mmdet-mlflow finetune` arguments (default: the measured CPU recipe)")
-    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="what the fine-tune computes in (default auto: bf16 where the CPU computes it "
                         "natively, fp32 elsewhere; `mmdet-mlflow finetune --help`)")
     p.set_defaults(handler=run)
@@ -25,4 +25,5 @@ def run(args):
     from mmdet_mlflow.demo import DemoSettings, run_demo
 
     run_demo(DemoSettings(Path(args.output), num_images=args.num_images, seed=args.seed,
-                          finetune_args=shlex.split(args.finetune_args), precision=args.precision))
+                          finetune_args=shlex.split(args.finetune_args),
+                          **({"precision": args.precision} if args.precision else {})))
