@@ -28,8 +28,18 @@ SCRATCH = Path(tempfile.mkdtemp(prefix="mmdet-mlflow-tests-"))
 SCRATCH_VARIABLE = "MMDET_MLFLOW_TESTS_SCRATCH"
 atexit.register(shutil.rmtree, SCRATCH, ignore_errors=True)
 _parents_scratch = os.environ.get(SCRATCH_VARIABLE)
+# Spark's local driver JVMs, of which the Spark tests start several, live for seconds. The JVM's
+# defaults tune for a long-lived server (two JIT compilers, a parallel collector): the first
+# compiler alone and the serial collector, as build tools run their short test JVMs, spend far
+# less CPU on a 2-core machine (docs/architecture.md, "Where the suite's time goes"). Only the
+# `java` launcher reads JDK_JAVA_OPTIONS: jcmd, which writes the fast start's archive, does not.
+# The JVMs' temporary files (Spark's block manager and artifact folders, left behind by a killed
+# JVM) go to the scratch folder too.
+_JVM_OPTIONS = f"-XX:TieredStopAtLevel=1 -XX:+UseSerialGC -Djava.io.tmpdir={SCRATCH}"
 for _variable, _value in {"MLFLOW_TRACKING_URI": "sqlite:///" + str(SCRATCH / "mlflow.db"),
-                          "MMDET_MLFLOW_CACHE": str(SCRATCH / "cache")}.items():
+                          "MMDET_MLFLOW_CACHE": str(SCRATCH / "cache"),
+                          "SPARK_LOCAL_DIRS": str(SCRATCH),
+                          "JDK_JAVA_OPTIONS": _JVM_OPTIONS}.items():
     if _variable not in os.environ or (_parents_scratch and _parents_scratch in os.environ[_variable]):
         os.environ[_variable] = _value
 os.environ[SCRATCH_VARIABLE] = str(SCRATCH)

@@ -298,15 +298,16 @@ def _name(path: str, root: Path) -> str:
     return path[len(prefix):]
 
 
-def test_spark_batch_killed_once_and_rerun_has_one_row_per_picture(tmp_path, tiny_model_dir):
+def test_spark_batch_killed_once_and_rerun_has_one_row_per_picture(tmp_path, tiny_onnx_model_dir):
     """The job is killed (SIGKILL, the driver and its JVM) once the first micro-batch is
     committed and while later ones run; the rerun skips the committed pictures and completes:
     exactly one row per file, the bad ones as error rows naming the file and the problem.
-    Neither run writes anything to the cache (the fast start is off by default)."""
+    Neither run writes anything to the cache (the fast start is off by default). (The ONNX model
+    here: its workers start without torch; the torch model's job is checked against predict.)"""
     root = tmp_path / "input"
     expected = _job_input(root)
     output = tmp_path / "out"
-    cmd = _spark_batch_command(tiny_model_dir, root, output)
+    cmd = _spark_batch_command(tiny_onnx_model_dir, root, output)
     cache = tmp_path / "cache"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MMDET_MLFLOW_CACHE": str(cache)}
     env.pop("MMDET_MLFLOW_SPARK_FAST_START", None)
@@ -340,7 +341,7 @@ def test_spark_batch_killed_once_and_rerun_has_one_row_per_picture(tmp_path, tin
             assert row.error is None and row.boxes is not None and len(row.boxes) <= 5, name
         else:
             assert row.boxes is None and problem in row.error and row.error.startswith(row.path), (name, row.error)
-    assert set(rows["model"]) == {str(tiny_model_dir)}
+    assert set(rows["model"]) == {str(tiny_onnx_model_dir)}
     assert {json.loads(p)["max_detections"] for p in rows["params"]} == {5}
     boxes = [b for b in rows["boxes"] if b is not None and len(b)]
     # the signature's struct: polygon answered, the optional rle null (mask_format "polygon")
@@ -360,7 +361,7 @@ def _spark_batch_command(model: Path, root: Path, output: Path, *more: str) -> l
             "--max-detections", "5", *more]
 
 
-def test_spark_batch_fast_start_says_what_it_writes_before_and_keeps_one_archive(tmp_path, tiny_model_dir):
+def test_spark_batch_fast_start_says_what_it_writes_before_and_keeps_one_archive(tmp_path, tiny_onnx_model_dir):
     """With --fast-start, the first run says where its class-data archive goes and about how
     large it is before Spark starts, removes the archive of another Java or Spark build, and
     writes its own at its end; the next run starts from it and leaves it as it is."""
@@ -374,7 +375,7 @@ def test_spark_batch_fast_start_says_what_it_writes_before_and_keeps_one_archive
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"an archive of another build")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MMDET_MLFLOW_CACHE": str(cache)}
-    cmd = _spark_batch_command(tiny_model_dir, root, tmp_path / "out", "--fast-start")
+    cmd = _spark_batch_command(tiny_onnx_model_dir, root, tmp_path / "out", "--fast-start")
 
     first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-4000:]
@@ -407,23 +408,23 @@ def test_a_fast_started_session_never_stopped_exits_and_writes_nothing(tmp_path)
     assert not list(cache.rglob("*.jsa")) and not list(cache.rglob("*.writing"))
 
 
-def test_spark_batch_boxes_equal_predict(tmp_path, tiny_onnx_model_dir, pictures):
-    """The job's typed boxes are what predict answers for the same pictures (the ONNX model
-    here; the killed-job test runs the torch model), and a rerun with nothing new adds nothing."""
+def test_spark_batch_boxes_equal_predict(tmp_path, tiny_model_dir, pictures):
+    """The job's typed boxes are what predict answers for the same pictures (the torch model
+    here; the killed-job test runs the ONNX model), and a rerun with nothing new adds nothing."""
     from mmdet_mlflow.spark_batch import run_spark_batch
 
     output = tmp_path / "out"
-    counts = run_spark_batch(str(tiny_onnx_model_dir), str(pictures[0].parent), str(output),
+    counts = run_spark_batch(str(tiny_model_dir), str(pictures[0].parent), str(output),
                              master="local[2]", glob="pic[0-3].png", log=lambda message: None)
     assert counts["pictures"] == counts["this_run"] == 4 and counts["errors"] == 0
     assert counts["model_loads"] and max(counts["model_loads"].values()) == 1
     rows = _job_rows(output)
     by_name = {p.rsplit("/", 1)[-1]: b for p, b in zip(rows["path"], rows["boxes"])}
-    expected = _predicted(tiny_onnx_model_dir, [_b64(p) for p in pictures[:4]])
+    expected = _predicted(tiny_model_dir, [_b64(p) for p in pictures[:4]])
     got = [[_arrow_plain(d) for d in by_name[p.name]] for p in pictures[:4]]
     _assert_same(got, expected)
 
-    again = run_spark_batch(str(tiny_onnx_model_dir), str(pictures[0].parent), str(output),
+    again = run_spark_batch(str(tiny_model_dir), str(pictures[0].parent), str(output),
                             master="local[2]", glob="pic[0-3].png", log=lambda message: None)
     assert again["this_run"] == 0 and again["pictures"] == 4
 
