@@ -20,6 +20,11 @@ from helpers import b64, free_port, running
 from mmdet_mlflow import servers
 
 ROOT = Path(__file__).resolve().parent.parent
+# The processes run in a model's venv may cache the bytecode they compile there, as a user's
+# would, even where the suite's shell sets PYTHONDONTWRITEBYTECODE (an empty value unsets it):
+# the venv is installed without bytecode, and each process would otherwise compile every module
+# it imports anew.
+IN_VENV = {"PYTHONDONTWRITEBYTECODE": ""}
 TORCH_STACK = ("torch", "torchvision", "mmcv", "mmdet", "mmengine")
 # what each runtime's model may import, beside the serving set, and what it must not
 SERVING_RUNTIME = {"onnx": "onnxruntime", "openvino": "openvino"}
@@ -46,11 +51,12 @@ def onnx_model_dir(tmp_path_factory, tiny_checkpoint, runtime) -> Path:
 def model_venv(tmp_path_factory, onnx_model_dir, runtime) -> Path:
     """A venv with nothing but the model's requirements.txt, wheels only (what installs fast and
     without a compiler), plus the inference server Azure adds to its images. Not compiled to
-    bytecode at install (about half of pip's time here): Python compiles what a test imports."""
+    bytecode at install (about half of pip's time here): Python compiles what a test imports
+    (``IN_VENV``). pip itself is not installed in it: this venv's pip installs into it."""
     venv = tmp_path_factory.mktemp(f"{runtime}-venv") / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
-    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check",
-           "--only-binary=:all:", "--no-compile"]
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=300)
+    pip = [sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "-q",
+           "--disable-pip-version-check", "--only-binary=:all:", "--no-compile"]
     done = subprocess.run([*pip, "-r", str(onnx_model_dir / "requirements.txt")],
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -107,7 +113,8 @@ def test_loads_and_predicts_in_a_venv_of_its_own_requirements_without_torch(mode
     python = str(model_venv / "bin" / "python")
     others = [r for r in SERVING_RUNTIME.values() if r != SERVING_RUNTIME[runtime]]
     for module in (*TORCH_STACK, *others):
-        missing = subprocess.run([python, "-c", f"import {module}"], capture_output=True, text=True)
+        missing = subprocess.run([python, "-c", f"import {module}"], capture_output=True, text=True,
+                                 env={**os.environ, **IN_VENV})
         assert missing.returncode != 0, f"{module} is importable in the {runtime} model's venv"
     script = ("import json, sys, mlflow.pyfunc, pandas as pd\n"
               "request = json.load(open(sys.argv[2]))['input_data']\n"
@@ -118,7 +125,7 @@ def test_loads_and_predicts_in_a_venv_of_its_own_requirements_without_torch(mode
     request_file.write_text(json.dumps(card_request))
     done = subprocess.run([python, "-c", script, str(onnx_model_dir), str(request_file)],
                           capture_output=True, text=True, timeout=300, cwd=onnx_model_dir.parent,
-                          env={**os.environ, "PYTHONPATH": ""})
+                          env={**os.environ, **IN_VENV, "PYTHONPATH": ""})
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout.splitlines()[-1]) == expected
 
@@ -129,7 +136,7 @@ def test_serves_with_mlflow_models_serve_in_its_venv(model_venv, onnx_model_dir,
     bin_dir = model_venv / "bin"
     cmd = [str(bin_dir / "python"), "-m", "mlflow", "models", "serve", "-m", str(onnx_model_dir),
            "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"]
-    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHONPATH": ""}
+    env = {**IN_VENV, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHONPATH": ""}
     with running(cmd, f"http://127.0.0.1:{port}/ping", tmp_path / "serve.log", env=env):
         url = f"http://127.0.0.1:{port}/invocations"
         answer = requests.post(url, json={"dataframe_split": card_request["input_data"]}, timeout=120)
@@ -158,7 +165,7 @@ def test_azure_no_code_deployment_answers_the_model_card_request(model_venv, onn
     bin_dir = model_venv / "bin"
     cmd = [str(bin_dir / "python"), "-c", servers.AZMLINFSRV_ON_LOOPBACK, "--entry_script", "score.py",
            "--model_dir", str(onnx_model_dir.parent), "--port", str(port)]
-    env = {**servers.azmlinfsrv_env(app), "PATH": f"{bin_dir}:{os.environ['PATH']}",
+    env = {**servers.azmlinfsrv_env(app), **IN_VENV, "PATH": f"{bin_dir}:{os.environ['PATH']}",
            "AZUREML_MODEL_DIR": str(onnx_model_dir.parent), "MLFLOW_MODEL_FOLDER": onnx_model_dir.name}
     with running(cmd, f"http://127.0.0.1:{port}/", tmp_path / "azmlinfsrv.log", cwd=app, env=env):
         answer = requests.post(f"http://127.0.0.1:{port}/score", json=card_request, timeout=120)
