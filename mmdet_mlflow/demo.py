@@ -225,7 +225,8 @@ def _summary(folders: DemoFolders, model_uri: str, headline: dict) -> dict:
                "evaluation": str(folders.evaluation), "metrics": headline,
                "serving_pictures": str(folders.out / "serving"),
                "batch_predictions": str(folders.batch_predictions),
-               "mlflow_ui": f"mlflow ui --backend-store-uri {folders.tracking} --workers 1"}
+               "mlflow_ui": f"MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --backend-store-uri "
+                            f"{folders.tracking} --workers 1"}
     (folders.out / "summary.json").write_text(json.dumps(summary, indent=2))
     for name, value in summary.items():
         print(f"  {name}: {value}")
