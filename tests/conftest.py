@@ -29,13 +29,15 @@ SCRATCH_VARIABLE = "MMDET_MLFLOW_TESTS_SCRATCH"
 atexit.register(shutil.rmtree, SCRATCH, ignore_errors=True)
 _parents_scratch = os.environ.get(SCRATCH_VARIABLE)
 # Spark's local driver JVMs, of which the Spark tests start several, live for seconds. The JVM's
-# defaults tune for a long-lived server (two JIT compilers, a parallel collector): the first
-# compiler alone and the serial collector, as build tools run their short test JVMs, spend far
-# less CPU on a 2-core machine (docs/architecture.md, "Where the suite's time goes"). Only the
-# `java` launcher reads JDK_JAVA_OPTIONS: jcmd, which writes the fast start's archive, does not.
-# The JVMs' temporary files (Spark's block manager and artifact folders, left behind by a killed
-# JVM) go to the scratch folder too.
-_JVM_OPTIONS = f"-XX:TieredStopAtLevel=1 -XX:+UseSerialGC -Djava.io.tmpdir={SCRATCH}"
+# defaults tune for a long-lived server (two JIT compilers, a parallel collector); every test JVM
+# gets the options the Spark fast start gives a local driver (the first compiler alone, the serial
+# collector), which spend far less CPU on a 2-core machine (docs/architecture.md, "Where the
+# suite's time goes"). Only the `java` launcher reads JDK_JAVA_OPTIONS: jcmd, which writes the
+# fast start's archive, does not. The JVMs' temporary files (Spark's block manager and artifact
+# folders, which a killed JVM leaves behind) go to the scratch folder too.
+from mmdet_mlflow.spark_jvm import DRIVER_OPTIONS  # noqa: E402  (light: no torch, no pyspark)
+
+_JVM_OPTIONS = " ".join([*DRIVER_OPTIONS, f"-Djava.io.tmpdir={SCRATCH}"])
 for _variable, _value in {"MLFLOW_TRACKING_URI": "sqlite:///" + str(SCRATCH / "mlflow.db"),
                           "MMDET_MLFLOW_CACHE": str(SCRATCH / "cache"),
                           "SPARK_LOCAL_DIRS": str(SCRATCH),
