@@ -52,7 +52,7 @@ def model_venv(tmp_path_factory, onnx_model_dir, runtime) -> Path:
     """A venv with nothing but the model's requirements.txt, wheels only (what installs fast and
     without a compiler), plus the inference server Azure adds to its images. Not compiled to
     bytecode at install (about half of pip's time here): Python compiles what a test imports
-    (``IN_VENV``). pip itself is not installed in it: this venv's pip installs into it."""
+    (``IN_VENV``). No pip of its own: the suite's pip installs into it (``pip --python``)."""
     venv = tmp_path_factory.mktemp(f"{runtime}-venv") / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=300)
     pip = [sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "-q",
