@@ -87,6 +87,14 @@ def packaged(request, tmp_path_factory):
     return name, config, checkpoint, model_dir
 
 
+@pytest.fixture(scope="module")
+def loaded(packaged):
+    """The family's packaged model as MLflow loads it, loaded once for the tests that ask it."""
+    import mlflow.pyfunc
+
+    return mlflow.pyfunc.load_model(str(packaged[3]))
+
+
 def mmdet_answer(config: Path, checkpoint: Path, picture: Path):
     from mmdet.apis import inference_detector, init_detector
 
@@ -134,14 +142,12 @@ def paired_with_mmdets(answer: list[dict], reference, width: int, height: int) -
         pairs.append((rank, index))
     return pairs
 
-def test_each_family_answers_as_mmdets_inference_detector(packaged, picture_file):
-    import mlflow.pyfunc
-
+def test_each_family_answers_as_mmdets_inference_detector(packaged, loaded, picture_file):
     name, config, checkpoint, model_dir = packaged
     family, task = FAMILY_CONFIGS[name]
     info = json.loads((model_dir / "model" / "model.json").read_text())
     assert (info["family"], info["task"]) == (family, task)
-    model = mlflow.pyfunc.load_model(str(model_dir))
+    model = loaded
     params = config_settings(model_dir / "model" / "config.py")
     if task == "instance-segmentation":
         params["polygon_tolerance"] = 0.0
@@ -192,14 +198,13 @@ def test_the_model_records_its_task_where_mlflow_and_azure_read_it(packaged):
         assert {"polygon", "rle"} <= set(detection) and params["mask_format"] == "polygon"
 
 
-def test_an_object_detection_model_refuses_mask_params_naming_its_task(packaged, picture_file):
+def test_an_object_detection_model_refuses_mask_params_naming_its_task(packaged, loaded, picture_file):
     from mlflow.exceptions import MlflowException
-    import mlflow.pyfunc
 
-    name, _, _, model_dir = packaged
+    name = packaged[0]
     if FAMILY_CONFIGS[name][1] != "object-detection":
         return
-    model = mlflow.pyfunc.load_model(str(model_dir))
+    model = loaded
     frame = pd.DataFrame({"image": [b64(picture_file)]})
     for params, named in (({"mask_format": "polygon"}, "mask_format 'polygon'"),
                           ({"mask_format": "rle"}, "mask_format 'rle'"),
@@ -209,14 +214,11 @@ def test_an_object_detection_model_refuses_mask_params_naming_its_task(packaged,
         assert named in str(refused.value)
 
 
-def test_the_classes_param_acts_before_the_cut_to_max_detections(packaged, picture_file):
+def test_the_classes_param_acts_before_the_cut_to_max_detections(loaded, picture_file):
     """``classes`` with ``max_detections`` m answers the model's best m of those classes: the
     answers at a large ``max_detections`` (beyond what some heads can give: capped, not an
     error), filtered to the class and cut to m. Not the best m of all classes, filtered."""
-    import mlflow.pyfunc
-
-    _, _, _, model_dir = packaged
-    model = mlflow.pyfunc.load_model(str(model_dir))
+    model = loaded
     frame = pd.DataFrame({"image": [b64(picture_file)]})
     settings = {"score_threshold": 0.0, "mask_format": "none"}  # every answer the head gives
     everything = model.predict(frame, params={**settings, "max_detections": 10_000})["boxes"][0]

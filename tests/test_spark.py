@@ -255,6 +255,71 @@ def test_the_model_loads_once_per_python_worker(spark, tiny_model_dir, pictures,
 
 # --- mmdet-mlflow spark-batch --------------------------------------------------------------------
 
+# In this module's session first, then as processes of their own: Spark stops a Python worker
+# that has been idle for a minute, and a new one imports torch and loads the model again.
+
+
+def test_spark_batch_boxes_equal_predict(tmp_path, tiny_model_dir, pictures):
+    """The job's typed boxes are what predict answers for the same pictures (the torch model
+    here; the killed-job test runs the ONNX model), and a rerun with nothing new adds nothing."""
+    from mmdet_mlflow.spark_batch import run_spark_batch
+
+    output = tmp_path / "out"
+    counts = run_spark_batch(str(tiny_model_dir), str(pictures[0].parent), str(output),
+                             master="local[2]", glob="pic[0-3].png", log=lambda message: None)
+    assert counts["pictures"] == counts["this_run"] == 4 and counts["errors"] == 0
+    assert counts["model_loads"] and max(counts["model_loads"].values()) == 1
+    rows = _job_rows(output)
+    by_name = {p.rsplit("/", 1)[-1]: b for p, b in zip(rows["path"], rows["boxes"])}
+    expected = _predicted(tiny_model_dir, [_b64(p) for p in pictures[:4]])
+    got = [[_arrow_plain(d) for d in by_name[p.name]] for p in pictures[:4]]
+    _assert_same(got, expected)
+
+    again = run_spark_batch(str(tiny_model_dir), str(pictures[0].parent), str(output),
+                            master="local[2]", glob="pic[0-3].png", log=lambda message: None)
+    assert again["this_run"] == 0 and again["pictures"] == 4
+
+
+def _arrow_plain(value):
+    """A parquet cell (numpy arrays for lists) as plain lists and dicts."""
+    import numpy as np
+
+    if isinstance(value, dict):  # the typed struct's rle is null where polygons were answered
+        return {k: _arrow_plain(v) for k, v in value.items() if not (k == "rle" and v is None)}
+    if isinstance(value, (list, np.ndarray)):
+        return [_arrow_plain(v) for v in value]
+    return value
+
+
+def test_an_object_detection_model_gives_typed_boxes_without_polygons(spark, tiny_od_model_dir, pictures,
+                                                                      tmp_path):
+    """spark_udf with the object-detection model's signature: a struct per detection of box,
+    label and score, no mask field, equal to predict; spark-batch's typed rows (one schema for
+    every model) carry no polygon and no RLE for it, and the same boxes."""
+    import mlflow.pyfunc
+
+    from mmdet_mlflow.spark_batch import run_spark_batch
+
+    values = [_b64(p) for p in pictures]
+    expected = _predicted(tiny_od_model_dir, values)
+    udf = mlflow.pyfunc.spark_udf(spark, str(tiny_od_model_dir), env_manager="local")
+    assert udf.returnType["boxes"].dataType.elementType.names == ["box", "label", "score"]
+    rows = spark.createDataFrame(pd.DataFrame({"image": values})).select(udf("image").alias("p")).collect()
+    _assert_same([_plain(r.p)["boxes"] for r in rows], expected)
+
+    output = tmp_path / "out"
+    counts = run_spark_batch(str(tiny_od_model_dir), str(pictures[0].parent), str(output),
+                             master="local[2]", log=lambda message: None)
+    assert counts["pictures"] == len(pictures) and counts["errors"] == 0
+    job = _job_rows(output)
+    by_name = {p.rsplit("/", 1)[-1]: b for p, b in zip(job["path"], job["boxes"])}
+    for picture, boxes in zip(pictures, expected):
+        typed = by_name[picture.name]
+        assert all(d["polygon"] is None and d["rle"] is None for d in typed)
+        got = [{k: v for k, v in _arrow_plain(d).items() if k != "polygon"} for d in typed]
+        assert _close(got, boxes)
+
+
 ODD_NAMES = ["with space.png", "ünïcode é.png", "hash#1.png", "percent%20.png", "comma,semi;.png",
              "brackets[1].png", "quote'.png"]
 
@@ -406,67 +471,6 @@ def test_a_fast_started_session_never_stopped_exits_and_writes_nothing(tmp_path)
     assert done.returncode == 0 and "counted" in done.stdout, done.stderr[-3000:]
     assert "class-data archive of about" in done.stderr
     assert not list(cache.rglob("*.jsa")) and not list(cache.rglob("*.writing"))
-
-
-def test_spark_batch_boxes_equal_predict(tmp_path, tiny_model_dir, pictures):
-    """The job's typed boxes are what predict answers for the same pictures (the torch model
-    here; the killed-job test runs the ONNX model), and a rerun with nothing new adds nothing."""
-    from mmdet_mlflow.spark_batch import run_spark_batch
-
-    output = tmp_path / "out"
-    counts = run_spark_batch(str(tiny_model_dir), str(pictures[0].parent), str(output),
-                             master="local[2]", glob="pic[0-3].png", log=lambda message: None)
-    assert counts["pictures"] == counts["this_run"] == 4 and counts["errors"] == 0
-    assert counts["model_loads"] and max(counts["model_loads"].values()) == 1
-    rows = _job_rows(output)
-    by_name = {p.rsplit("/", 1)[-1]: b for p, b in zip(rows["path"], rows["boxes"])}
-    expected = _predicted(tiny_model_dir, [_b64(p) for p in pictures[:4]])
-    got = [[_arrow_plain(d) for d in by_name[p.name]] for p in pictures[:4]]
-    _assert_same(got, expected)
-
-    again = run_spark_batch(str(tiny_model_dir), str(pictures[0].parent), str(output),
-                            master="local[2]", glob="pic[0-3].png", log=lambda message: None)
-    assert again["this_run"] == 0 and again["pictures"] == 4
-
-
-def _arrow_plain(value):
-    """A parquet cell (numpy arrays for lists) as plain lists and dicts."""
-    import numpy as np
-
-    if isinstance(value, dict):  # the typed struct's rle is null where polygons were answered
-        return {k: _arrow_plain(v) for k, v in value.items() if not (k == "rle" and v is None)}
-    if isinstance(value, (list, np.ndarray)):
-        return [_arrow_plain(v) for v in value]
-    return value
-
-
-def test_an_object_detection_model_gives_typed_boxes_without_polygons(spark, tiny_od_model_dir, pictures,
-                                                                      tmp_path):
-    """spark_udf with the object-detection model's signature: a struct per detection of box,
-    label and score, no mask field, equal to predict; spark-batch's typed rows (one schema for
-    every model) carry no polygon and no RLE for it, and the same boxes."""
-    import mlflow.pyfunc
-
-    from mmdet_mlflow.spark_batch import run_spark_batch
-
-    values = [_b64(p) for p in pictures]
-    expected = _predicted(tiny_od_model_dir, values)
-    udf = mlflow.pyfunc.spark_udf(spark, str(tiny_od_model_dir), env_manager="local")
-    assert udf.returnType["boxes"].dataType.elementType.names == ["box", "label", "score"]
-    rows = spark.createDataFrame(pd.DataFrame({"image": values})).select(udf("image").alias("p")).collect()
-    _assert_same([_plain(r.p)["boxes"] for r in rows], expected)
-
-    output = tmp_path / "out"
-    counts = run_spark_batch(str(tiny_od_model_dir), str(pictures[0].parent), str(output),
-                             master="local[2]", log=lambda message: None)
-    assert counts["pictures"] == len(pictures) and counts["errors"] == 0
-    job = _job_rows(output)
-    by_name = {p.rsplit("/", 1)[-1]: b for p, b in zip(job["path"], job["boxes"])}
-    for picture, boxes in zip(pictures, expected):
-        typed = by_name[picture.name]
-        assert all(d["polygon"] is None and d["rle"] is None for d in typed)
-        got = [{k: v for k, v in _arrow_plain(d).items() if k != "polygon"} for d in typed]
-        assert _close(got, boxes)
 
 
 def test_a_local_driver_jvm_gets_the_fast_start_options_only_where_asked_and_they_apply(tmp_path, monkeypatch):
