@@ -318,6 +318,26 @@ def load_saved_predictor(model_dir, device: str | None = None, batch_size: int |
                           model_config_at_load(model_dir))
 
 
+def checked_predict_params(model_dir, params: dict | None):
+    """The predict params a saved model scores with by default (its model.json's defaults)
+    updated with ``params``, refused from model.json alone, before any network loads (seconds):
+    a bad value, mask params of an object-detection model (naming its task), a class the model
+    does not have. None for a folder without model.json: its loader says what it lacks."""
+    from scoring.class_filter import check_classes
+    from scoring.families import family_of
+    from scoring.schema import PredictParams, check_task_params
+
+    weights = ModelDir(model_dir).data
+    if not weights.info_file.is_file():
+        return None
+    info = weights.read_info()
+    check_task_params(family_of(info).task, params)
+    checked = PredictParams.from_dict(info.get("default_params") or {}).updated(params)
+    if info.get("classes"):
+        check_classes(info["classes"], checked)
+    return checked
+
+
 def model_config_at_load(model_dir) -> dict:
     """What MLflow hands a saved model's loader as its model_config when none is passed: what the
     MLmodel records, under MLflow's ``MLFLOW_PYFUNC_INFERENCE_CONFIG`` (JSON) for the keys the

@@ -103,8 +103,9 @@ def run_batch(model_dir: Path, input_path: Path, output: Path, mini_batch_size: 
               "hidden": listing.hidden}
     if not todo:
         return counts
+    mlflow_model.checked_predict_params(model_dir, params)  # a bad param: refused before the load
     predictor = mlflow_model.load_saved_predictor(model_dir)
-    params = predict_params(predictor, params)  # a bad param fails before any file
+    params = predict_params(predictor, params)  # and against the loaded model, before any file
     check_classes(predictor.class_names, params)  # so does a class the model does not have
     output.parent.mkdir(parents=True, exist_ok=True)
     with open(output, "ab") as out, open(progress_file(output), "ab") as progress, \

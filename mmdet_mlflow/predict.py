@@ -50,6 +50,7 @@ def predict_files(model_dir: Path, files: Iterable[Path], output: Path,
     from scoring.schema import OUTPUT_COLUMN
 
     files = list(files)
+    mlflow_model.checked_predict_params(model_dir, params)  # a bad param: refused before the load
     predictor = mlflow_model.load_saved_predictor(model_dir)
     params = predict_params(predictor, params)  # mask params of a box-only model: refused here,
     check_classes(predictor.class_names, params)  # and unknown classes, before anything is written

@@ -73,18 +73,13 @@ class ResolvedModel:
     uri: str  # as the user gave it, for the rows
     local_path: Path  # the MLflow model folder on the driver
     runtime: str
-    default_params: object  # scoring.schema.PredictParams
-    task: str  # what the model serves (scoring.schema.TASKS): the params it takes
-    class_names: tuple[str, ...] = ()
 
 
 def resolve_model(model_uri: str) -> ResolvedModel:
     """Find the model and check, before any Spark work, that it is an mmdet-mlflow model whose
     runtime this code can run: a local folder or any MLflow URI (``runs:/``, ``models:/``)."""
-    from scoring.families import family_of
     from scoring.model_dir import ModelDir
     from scoring.runtimes import runtime_of
-    from scoring.schema import PredictParams
 
     local = Path(model_uri).expanduser()
     if not local.exists():
@@ -103,11 +98,8 @@ def resolve_model(model_uri: str) -> ResolvedModel:
     if not model.data.info_file.is_file():
         raise SparkBatchError(f"{model_uri} is not an mmdet-mlflow model (no {model.data.info_file.name} "
                               f"in its {model.data.path.name}/ folder)")
-    info = model.data.read_info()
-    runtime = runtime_of(info)  # RuntimeNotAvailable (an MmdetMlflowError) for an unknown one
-    defaults = PredictParams.from_dict(info.get("default_params") or {})
-    return ResolvedModel(model_uri, local.resolve(), runtime, defaults, family_of(info).task,
-                         tuple(info.get("classes") or ()))
+    runtime = runtime_of(model.data.read_info())  # RuntimeNotAvailable (an MmdetMlflowError) for an unknown one
+    return ResolvedModel(model_uri, local.resolve(), runtime)
 
 
 def boxes_spark_type():
@@ -293,20 +285,6 @@ def _is_local(path: str) -> bool:
     return "://" not in path and not path.startswith("file:")
 
 
-def checked_params(resolved: ResolvedModel, params: dict | None):
-    """The job's predict params, refused on the driver before any Spark work as a request's
-    are (not row by row on the executors): a bad value, mask params of an object-detection
-    model (naming its task), a class the model does not have."""
-    from scoring.class_filter import check_classes
-    from scoring.schema import check_task_params
-
-    check_task_params(resolved.task, params)
-    predict_params = resolved.default_params.updated(params)
-    if resolved.class_names:
-        check_classes(resolved.class_names, predict_params)
-    return predict_params
-
-
 def run_spark_batch(model: str, input_path: str, output: str, master: str | None = None,
                     glob: str | None = None, jsonl: bool = False, params: dict | None = None,
                     files_per_batch: int = FILES_PER_BATCH,
@@ -319,11 +297,13 @@ def run_spark_batch(model: str, input_path: str, output: str, master: str | None
     pid: loads} in this run). ``fast_start``: see ``spark_session``."""
     from concurrent.futures import ThreadPoolExecutor
 
+    import mlflow_model
     from scoring import settings
 
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
     resolved = resolve_model(model)
-    predict_params = checked_params(resolved, params)
+    # refused on the driver before any Spark work, as a request's are (not row by row on the executors)
+    predict_params = mlflow_model.checked_predict_params(resolved.local_path, params)
     max_file_bytes = max_file_bytes or settings.MAX_REQUEST_BYTES.value()
     if _is_local(input_path) and not Path(input_path).is_dir():
         raise SparkBatchError(f"{input_path} is not a folder")

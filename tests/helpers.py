@@ -4,6 +4,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -19,6 +20,21 @@ TINY_OD = "rtmdet_tiny_8xb32-300e_coco"  # object detection: boxes only
 OD_CLASSES = ("cat", "dog", "bird")  # the object-detection test model's classes
 X = "rtmdet-ins_x_8xb16-300e_coco"
 VENV_BIN = Path(sys.executable).parent
+# What a saved model's network is computed with: a command that refuses bad input from what the
+# model's files say must do so in a process where none of these can be imported.
+NETWORK_LIBRARIES = ("torch", "torchvision", "mmdet", "mmcv", "mmengine", "onnxruntime", "openvino")
+
+
+def cli_without(modules, *args, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``mmdet-mlflow ARGS`` in a process of its own in which ``modules`` cannot be imported
+    (an import of one raises ImportError): what a command must not need, it cannot use."""
+    code = ("import sys\n"
+            f"for name in {tuple(modules)!r}:\n"
+            "    sys.modules[name] = None  # importing it raises ImportError\n"
+            "from mmdet_mlflow.cli import main\n"
+            "sys.exit(main(sys.argv[1:]))\n")
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def make_official_checkpoint(path: Path, config: str = TINY, classes=None, seed: int = 0,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from helpers import odd_entries
+from helpers import NETWORK_LIBRARIES, cli_without, odd_entries
 from hostile_cases import encoded, picture
 
 
@@ -178,8 +178,9 @@ def test_mask_params_of_an_object_detection_model_are_refused_naming_its_task_be
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.png").write_bytes(encoded("PNG", picture(32, 24)))
     output = tmp_path / "out" / "answers.jsonl"
-    done = _cli(command, "--model", tiny_od_model_dir, "--input", tmp_path / "in", "--output", output,
-                "--mask-format", "polygon")
+    # refused from the model's files, before its network loads: where it could not even be imported
+    done = cli_without(NETWORK_LIBRARIES, command, "--model", tiny_od_model_dir, "--input", tmp_path / "in",
+                       "--output", output, "--mask-format", "polygon", timeout=300)
     assert done.returncode == 2, done.stderr[-3000:]
     assert "this model does object-detection" in done.stderr and "mask_format 'polygon'" in done.stderr
     assert "Traceback" not in done.stderr and not (tmp_path / "out").exists()

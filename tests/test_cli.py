@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import OD_CLASSES, TINY, TINY_OD, assert_object_detection_answers
+from helpers import (NETWORK_LIBRARIES, OD_CLASSES, TINY, TINY_OD, assert_object_detection_answers,
+                     cli_without)
 
 
 def cli(*args, cwd=None):
@@ -99,16 +100,10 @@ def test_package_errors_are_one_clear_line(tmp_path, tiny_checkpoint):
 # serving stack for them.
 NOT_IN_THE_DEPLOY_ENVIRONMENT = ("torch", "torchvision", "mmdet", "mmcv", "mmengine", "mlflow",
                                  "numpy", "pandas", "cv2", "PIL", "pycocotools")
-LIGHT_CLI = ("import sys\n"
-             f"for name in {NOT_IN_THE_DEPLOY_ENVIRONMENT!r}:\n"
-             "    sys.modules[name] = None  # importing it raises ImportError\n"
-             "from mmdet_mlflow.cli import main\n"
-             "sys.exit(main(sys.argv[1:]))\n")
 
 
 def light_cli(*args):
-    return subprocess.run([sys.executable, "-c", LIGHT_CLI, *map(str, args)],
-                          capture_output=True, text=True, timeout=600)
+    return cli_without(NOT_IN_THE_DEPLOY_ENVIRONMENT, *args)
 
 
 def test_register_then_deploy_dry_run_without_the_serving_stack(tmp_path, tiny_model_dir):
@@ -193,8 +188,9 @@ def test_predict_answers_rle_or_boxes_alone_for_the_classes_asked(tmp_path, tiny
     assert [[{k: v for k, v in b.items() if k != "rle"} for b in line["boxes"]] for line in found["rle"]] \
         == [line["boxes"] for line in found["none"]]
 
-    done = cli("predict", "--model", tiny_model_dir, "--input", folder, "--output", tmp_path / "x.jsonl",
-               "--classes", "person,unicorn")
+    # refused from the model's files, before its network loads: where it could not even be imported
+    done = cli_without(NETWORK_LIBRARIES, "predict", "--model", tiny_model_dir, "--input", folder,
+                       "--output", tmp_path / "x.jsonl", "--classes", "person,unicorn")
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "does not have: 'unicorn'" in done.stderr + done.stdout
 
