@@ -41,6 +41,9 @@ _JVM_OPTIONS = " ".join([*DRIVER_OPTIONS, f"-Djava.io.tmpdir={SCRATCH}"])
 for _variable, _value in {"MLFLOW_TRACKING_URI": "sqlite:///" + str(SCRATCH / "mlflow.db"),
                           "MMDET_MLFLOW_CACHE": str(SCRATCH / "cache"),
                           "SPARK_LOCAL_DIRS": str(SCRATCH),
+                          # Hypothesis's example database and the constants it collects from our
+                          # modules would otherwise go to .hypothesis/ in the folder pytest started in
+                          "HYPOTHESIS_STORAGE_DIRECTORY": str(SCRATCH / "hypothesis"),
                           "JDK_JAVA_OPTIONS": _JVM_OPTIONS}.items():
     if _variable not in os.environ or (_parents_scratch and _parents_scratch in os.environ[_variable]):
         os.environ[_variable] = _value
